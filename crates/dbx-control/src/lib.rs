@@ -1,0 +1,10 @@
+//! # dbx-control
+//!
+//! Keeps the database in order while the daemon runs, and makes its state visible.
+//! Never on the ingest hot path.
+//!
+//! - `migrate`: the versioned SQL migrations embedded in the binary, applied once each.
+//! - `setup`: `dbx setup` (database, migrations, users, sample data, credentials) and `dbx check`.
+//! - `partitions`: premake, default-partition sweep, archival, retention (issue: control plane).
+//! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
+//! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.

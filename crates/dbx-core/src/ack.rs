@@ -1,0 +1,65 @@
+//! How the batcher tells a connection that a batch is durable.
+//!
+//! Each accepted batch carries an [`AckHandle`], a one-shot sender. The connection
+//! keeps the matching [`AckReceiver`]s in a FIFO in `seq` order and awaits the front
+//! one, which is what delivers acks in order and lets it coalesce every receiver
+//! that has already resolved into one cumulative `ack`.
+//!
+//! A handle dropped without an answer (the daemon is dying) resolves its receiver
+//! with an error: the connection then must not ack that batch, and the gateway
+//! resends it — at-least-once on the wire, exactly-once in the table.
+
+use tokio::sync::oneshot;
+
+use crate::reject::Rejection;
+
+/// What became of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Every row is committed (or fsynced to the spool).
+    Durable,
+    /// Rejected as a whole; nothing of it was or will be written.
+    Rejected(Rejection),
+}
+
+/// The batcher's side: resolve once the batch's fate is known.
+#[derive(Debug)]
+pub struct AckHandle {
+    tx: Option<oneshot::Sender<BatchOutcome>>,
+}
+
+/// The connection's side: resolves to the outcome, or to an error when the handle
+/// was dropped unanswered.
+pub type AckReceiver = oneshot::Receiver<BatchOutcome>;
+
+impl AckHandle {
+    /// A new handle and the receiver the connection keeps.
+    pub fn channel() -> (AckHandle, AckReceiver) {
+        let (tx, rx) = oneshot::channel();
+        (AckHandle { tx: Some(tx) }, rx)
+    }
+
+    /// A handle nobody waits for (UDP datagrams, tests).
+    pub fn detached() -> AckHandle {
+        AckHandle { tx: None }
+    }
+
+    /// Reports the batch durable.
+    pub fn durable(mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(BatchOutcome::Durable);
+        }
+    }
+
+    /// Reports the batch rejected.
+    pub fn reject(mut self, rejection: Rejection) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(BatchOutcome::Rejected(rejection));
+        }
+    }
+
+    /// True when the connection that waits for this handle has gone away.
+    pub fn is_abandoned(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.is_closed())
+    }
+}

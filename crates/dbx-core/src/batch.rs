@@ -1,0 +1,59 @@
+//! A batch of points for one aircraft in one flight session, with everything the
+//! listener resolved from the authenticated key: the unit that travels from the
+//! listener to the batcher over a bounded channel.
+
+use std::time::Instant;
+
+use uuid::Uuid;
+
+use crate::ack::AckHandle;
+use crate::point::Point;
+
+/// Where a batch came from, for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOrigin {
+    /// A TCP (or TLS) connection; acked.
+    Tcp,
+    /// A UDP datagram; never acked.
+    Udp,
+    /// Replayed from the on-disk spool.
+    Spool,
+}
+
+impl BatchOrigin {
+    /// Label value for metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BatchOrigin::Tcp => "tcp",
+            BatchOrigin::Udp => "udp",
+            BatchOrigin::Spool => "spool",
+        }
+    }
+}
+
+/// Points of one aircraft in one flight session, already validated, with the
+/// organization taken from the key (never from the frame).
+#[derive(Debug)]
+pub struct TelemetryBatch {
+    /// The organization the authenticated key belongs to.
+    pub org_id: Uuid,
+    /// The aircraft, resolved within that organization.
+    pub aircraft_id: Uuid,
+    /// The flight session the points belong to.
+    pub session_id: Uuid,
+    /// The points, in the order the gateway sent them.
+    pub points: Vec<Point>,
+    /// Resolved when the batch is durable or rejected.
+    pub ack: AckHandle,
+    /// Where it came from.
+    pub origin: BatchOrigin,
+    /// When the listener received the frame (for ack latency).
+    pub received_at: Instant,
+}
+
+impl TelemetryBatch {
+    /// Approximate encoded size, for byte-based flush thresholds and queue accounting.
+    pub fn approx_copy_bytes(&self) -> usize {
+        self.points.iter().map(Point::approx_copy_bytes).sum()
+    }
+}

@@ -1,0 +1,67 @@
+//! The name of every metric the daemon exports, in one place, so that a rename is
+//! one edit and `deploy/` dashboards and alerts can be checked against this list.
+//!
+//! Prometheus conventions: `dbx_` prefix, base units, `_total` for counters, label
+//! sets bounded to `reason`, `transport`, `trigger`, `kind` and `org`. The HELP text
+//! of each is registered by [`describe`] callers in the binary (via `metrics::describe_*`).
+
+/// Listener: open connections (gauge, label `transport`).
+pub const CONNECTIONS_OPEN: &str = "dbx_connections_open";
+/// Listener: connections accepted (counter, label `transport`).
+pub const CONNECTIONS_TOTAL: &str = "dbx_connections_total";
+/// Listener: connections refused at the connection limit (counter).
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "dbx_connections_refused_total";
+/// Listener: frames received (counter, label `transport`).
+pub const FRAMES_RECEIVED_TOTAL: &str = "dbx_frames_received_total";
+/// Listener: points received and accepted into the pipeline (counter, label `transport`).
+pub const POINTS_RECEIVED_TOTAL: &str = "dbx_points_received_total";
+/// Listener: batches or connections rejected (counter, label `reason` = protocol code).
+pub const REJECTIONS_TOTAL: &str = "dbx_rejections_total";
+/// Listener: failed handshakes (counter, label `reason`).
+pub const AUTH_FAILURES_TOTAL: &str = "dbx_auth_failures_total";
+/// Listener: time TCP reads were paused by the per-organization rate limit (counter, seconds).
+pub const RATE_LIMIT_WAIT_SECONDS_TOTAL: &str = "dbx_rate_limit_wait_seconds_total";
+/// Listener: UDP points dropped over the rate limit (counter).
+pub const RATE_LIMIT_DROPS_TOTAL: &str = "dbx_rate_limit_dropped_points_total";
+/// Listener: UDP datagrams dropped (counter, label `reason`).
+pub const UDP_DROPPED_TOTAL: &str = "dbx_udp_dropped_total";
+/// Listener: frame received → ack sent (histogram, seconds).
+pub const ACK_LATENCY_SECONDS: &str = "dbx_ack_latency_seconds";
+
+/// Batcher: points committed (counter).
+pub const POINTS_WRITTEN_TOTAL: &str = "dbx_points_written_total";
+/// Batcher: points dropped as already stored (counter).
+pub const POINTS_DEDUPLICATED_TOTAL: &str = "dbx_points_deduplicated_total";
+/// Batcher: COPY flushes (counter, label `trigger` = rows | bytes | age | shutdown).
+pub const BATCHES_FLUSHED_TOTAL: &str = "dbx_batches_flushed_total";
+/// Batcher: rows per flush (histogram).
+pub const FLUSH_ROWS: &str = "dbx_flush_rows";
+/// Batcher: bytes per flush (histogram).
+pub const FLUSH_BYTES: &str = "dbx_flush_bytes";
+/// Batcher: COPY + commit duration (histogram, seconds).
+pub const COPY_DURATION_SECONDS: &str = "dbx_copy_duration_seconds";
+/// Batcher: batches waiting in the listener → batcher queue (gauge).
+pub const QUEUE_DEPTH: &str = "dbx_queue_depth";
+/// Batcher: capacity of that queue (gauge).
+pub const QUEUE_CAPACITY: &str = "dbx_queue_capacity";
+/// Batcher: retries (counter, label `kind` = transient | unique_violation).
+pub const RETRIES_TOTAL: &str = "dbx_write_retries_total";
+/// Batcher: pool connections in use (gauge).
+pub const POOL_IN_USE: &str = "dbx_pool_connections_in_use";
+/// Batcher: pool connections idle (gauge).
+pub const POOL_IDLE: &str = "dbx_pool_connections_idle";
+/// Batcher: rows written to the default partition (counter).
+pub const ROWS_TO_DEFAULT_PARTITION_TOTAL: &str = "dbx_rows_default_partition_total";
+/// Batcher: commit → ack handed to the connection (histogram, seconds).
+pub const COMMIT_TO_ACK_SECONDS: &str = "dbx_commit_to_ack_seconds";
+/// Batcher: batches nacked for a data error (counter).
+pub const BATCHES_REJECTED_TOTAL: &str = "dbx_batches_rejected_total";
+
+/// Control: database health indicators (gauges; prefix for `dbx_db_*`).
+pub const DB_PREFIX: &str = "dbx_db_";
+/// Control: partition maintenance runs (counter, label `kind`).
+pub const MAINTENANCE_RUNS_TOTAL: &str = "dbx_maintenance_runs_total";
+/// Control: partition maintenance failures (counter, label `kind`).
+pub const MAINTENANCE_FAILURES_TOTAL: &str = "dbx_maintenance_failures_total";
+/// Process: seconds since start (gauge).
+pub const UPTIME_SECONDS: &str = "dbx_uptime_seconds";
