@@ -8,3 +8,4 @@
 //! - `partitions`: premake, default-partition sweep, archival, retention (issue: control plane).
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
+pub mod cluster;

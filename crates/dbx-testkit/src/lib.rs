@@ -1,4 +1,248 @@
 //! # dbx-testkit
 //!
-//! Dev-only helpers: a private PostgreSQL cluster per test process, a fresh
-//! database per test.
+//! Dev-only helpers for tests that need a real PostgreSQL.
+//!
+//! One private cluster per test process, started on first use from the machine's
+//! own server binaries (see [`dbx_control::cluster`]) in a temporary directory,
+//! on a free port, and gone when the process exits; a fresh database per test.
+//! With `DBX_TEST_DATABASE_URL` set (a superuser, or a role with CREATEDB) the tests
+//! use that server instead and create their databases there.
+//!
+//! A missing PostgreSQL is a test failure with a one-line explanation of what to
+//! install, never a silent skip.
+//!
+//! ```no_run
+//! # async fn t() {
+//! let db = dbx_testkit::TestDb::new().await;
+//! let client = db.client().await;
+//! client.batch_execute("CREATE TABLE t (x int)").await.unwrap();
+//! # }
+//! ```
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use dbx_control::cluster::{random_token, urlencode, ClusterOptions, LocalCluster};
+use tokio_postgres::{Client, NoTls};
+
+pub use dbx_control::cluster::LocalCluster as Cluster;
+
+/// Where the databases of this test process live.
+enum Backend {
+    /// Our own cluster.
+    Local(LocalCluster),
+    /// An existing server named by `DBX_TEST_DATABASE_URL`.
+    External {
+        host: String,
+        port: u16,
+        user: String,
+        password: String,
+    },
+}
+
+impl Backend {
+    fn url_for(&self, user: &str, password: &str, db: &str) -> String {
+        match self {
+            Backend::Local(c) => c.url_for(user, password, db),
+            Backend::External { host, port, .. } => format!(
+                "postgresql://{}:{}@{}:{}/{}",
+                urlencode(user),
+                urlencode(password),
+                host,
+                port,
+                urlencode(db)
+            ),
+        }
+    }
+
+    fn superuser(&self) -> (&str, &str) {
+        match self {
+            Backend::Local(c) => (c.superuser(), c.password()),
+            Backend::External { user, password, .. } => (user, password),
+        }
+    }
+}
+
+fn backend() -> &'static Backend {
+    static BACKEND: OnceLock<Backend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        if let Ok(url) = std::env::var("DBX_TEST_DATABASE_URL") {
+            return external_backend(&url);
+        }
+        let dir = temp_cluster_dir();
+        let cluster = LocalCluster::init(ClusterOptions::for_tests(dir))
+            .unwrap_or_else(|e| panic!("dbx-testkit: {e}"));
+        cluster
+            .start()
+            .unwrap_or_else(|e| panic!("dbx-testkit: {e}"));
+        Backend::Local(cluster)
+    })
+}
+
+fn external_backend(url: &str) -> Backend {
+    let config: tokio_postgres::Config = url
+        .parse()
+        .unwrap_or_else(|e| panic!("dbx-testkit: DBX_TEST_DATABASE_URL is not a valid URL: {e}"));
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".to_string(),
+    };
+    Backend::External {
+        host,
+        port: config.get_ports().first().copied().unwrap_or(5432),
+        user: config.get_user().unwrap_or("postgres").to_string(),
+        password: config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default(),
+    }
+}
+
+/// A fresh temporary directory for this process's cluster; directories left by
+/// earlier processes that died without cleaning up are removed first.
+fn temp_cluster_dir() -> PathBuf {
+    let root = std::env::temp_dir();
+    let pid = std::process::id();
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(old) = name
+                .strip_prefix("dbx-testkit-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: kill with signal 0 only checks whether the process exists.
+                let alive = unsafe { libc::kill(old, 0) } == 0;
+                if !alive {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+    root.join(format!(
+        "dbx-testkit-{pid}-{}",
+        random_token(6).to_lowercase()
+    ))
+}
+
+/// A fresh database for one test, on the process's cluster.
+#[derive(Debug, Clone)]
+pub struct TestDb {
+    name: String,
+}
+
+impl TestDb {
+    /// Creates a fresh, empty database (starting the cluster on first use).
+    pub async fn new() -> TestDb {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let b = tokio::task::spawn_blocking(backend)
+            .await
+            .expect("starting the test cluster");
+        let name = format!(
+            "dbx_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            random_token(4).to_lowercase()
+        );
+        let (user, password) = b.superuser();
+        let admin = connect(&b.url_for(user, password, "postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\" ENCODING 'UTF8'"))
+            .await
+            .unwrap_or_else(|e| panic!("dbx-testkit: creating database {name}: {e}"));
+        TestDb { name }
+    }
+
+    /// The process's cluster (to stop and start it in outage tests). Panics when
+    /// the tests run against `DBX_TEST_DATABASE_URL`, which we do not own.
+    pub fn cluster() -> &'static LocalCluster {
+        match backend() {
+            Backend::Local(c) => c,
+            Backend::External { .. } => {
+                panic!("dbx-testkit: this test stops the server; it cannot run with DBX_TEST_DATABASE_URL")
+            }
+        }
+    }
+
+    /// This database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The superuser's URL to this database.
+    pub fn url(&self) -> String {
+        let (user, password) = backend().superuser();
+        backend().url_for(user, password, &self.name)
+    }
+
+    /// A URL to this database as `user` with `password`.
+    pub fn url_for(&self, user: &str, password: &str) -> String {
+        backend().url_for(user, password, &self.name)
+    }
+
+    /// The superuser's URL to another database of the same server.
+    pub fn server_url(&self, db: &str) -> String {
+        let (user, password) = backend().superuser();
+        backend().url_for(user, password, db)
+    }
+
+    /// A connected client to this database as the superuser.
+    pub async fn client(&self) -> Client {
+        connect(&self.url()).await
+    }
+}
+
+/// Connects to `url` (no TLS), driving the connection on a background task.
+pub async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("dbx-testkit: connecting to the test server: {e}"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn two_databases_are_isolated_and_usable() {
+        let a = TestDb::new().await;
+        let b = TestDb::new().await;
+        assert_ne!(a.name(), b.name());
+        let ca = a.client().await;
+        ca.batch_execute("CREATE TABLE only_in_a (x int); INSERT INTO only_in_a VALUES (41)")
+            .await
+            .unwrap();
+        let v: i32 = ca
+            .query_one("SELECT x + 1 FROM only_in_a", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, 42);
+        let cb = b.client().await;
+        let err = cb.query("SELECT * FROM only_in_a", &[]).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_password_is_refused() {
+        let db = TestDb::new().await;
+        let url = db.url_for("postgres", "definitely-wrong");
+        let err = match tokio_postgres::connect(&url, NoTls).await {
+            Ok(_) => panic!("a wrong password was accepted"),
+            Err(e) => e,
+        };
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
+            "{err:?}"
+        );
+    }
+}
