@@ -9,3 +9,7 @@
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
 pub mod cluster;
+pub mod http;
+pub mod migrate;
+pub mod partitions;
+pub mod setup;

@@ -19,8 +19,9 @@ pub const POINTS_RECEIVED_TOTAL: &str = "dbx_points_received_total";
 pub const REJECTIONS_TOTAL: &str = "dbx_rejections_total";
 /// Listener: failed handshakes (counter, label `reason`).
 pub const AUTH_FAILURES_TOTAL: &str = "dbx_auth_failures_total";
-/// Listener: time TCP reads were paused by the per-organization rate limit (counter, seconds).
-pub const RATE_LIMIT_WAIT_SECONDS_TOTAL: &str = "dbx_rate_limit_wait_seconds_total";
+/// Listener: each pause of TCP reads by the per-organization rate limit (histogram, seconds;
+/// its `_sum` is the total time paused, its `_count` the number of pauses).
+pub const RATE_LIMIT_WAIT_SECONDS: &str = "dbx_rate_limit_wait_seconds";
 /// Listener: UDP points dropped over the rate limit (counter).
 pub const RATE_LIMIT_DROPS_TOTAL: &str = "dbx_rate_limit_dropped_points_total";
 /// Listener: UDP datagrams dropped (counter, label `reason`).

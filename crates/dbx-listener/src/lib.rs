@@ -2,10 +2,195 @@
 //!
 //! Accepts gateways and turns their frames into [`dbx_core::TelemetryBatch`]es on a
 //! bounded channel, then delivers the batcher's verdicts back as `ack`/`nack`.
+//! Builds no SQL for telemetry: it only reads keys, aircraft and session owners,
+//! and records handshakes.
 //!
-//! - `config`: listener settings (binds, limits, timeouts, TLS paths).
-//! - `auth`: the key → organization cache (SHA-256 hashes), refreshed by LISTEN/NOTIFY.
-//! - `connection`: one TCP/TLS connection: framing, handshake, batches, acks in order.
-//! - `tcp` / `udp`: the servers, the connection semaphore, graceful shutdown.
-//! - `ratelimit`: per-organization token buckets.
-//! - `audit`: batched `api_requests` rows for every handshake, off the hot path.
+//! - [`config`]: listener settings (binds, limits, timeouts, TLS paths).
+//! - [`auth`]: the key → organization cache (SHA-256 hashes), refreshed by LISTEN/NOTIFY.
+//! - [`connection`]: one TCP/TLS connection: framing, handshake, batches, acks in order.
+//! - [`tcp`] / [`udp`]: the servers, the connection semaphore.
+//! - [`ratelimit`]: per-organization token buckets.
+//! - [`audit`]: batched `api_requests` rows for every handshake, off the hot path.
+//!
+//! [`Listener`] binds everything and runs it until shutdown, then drains: it stops
+//! accepting and reading, waits for the batcher's verdicts on everything accepted,
+//! sends `error server_shutdown`, and returns once every connection has closed.
+
+pub mod audit;
+pub mod auth;
+pub mod config;
+pub mod connection;
+pub mod ratelimit;
+pub mod tcp;
+pub mod udp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::task::TaskTracker;
+
+use dbx_core::{Shutdown, TelemetryBatch};
+
+pub use audit::HandshakeLog;
+pub use auth::AuthCache;
+pub use config::ListenerConfig;
+use connection::Shared;
+pub use ratelimit::RateLimiter;
+
+/// Failures while starting the listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    /// The configuration is unusable; the message names the key.
+    #[error("{0}")]
+    Config(String),
+    /// A socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// tcp / tls / udp.
+        what: &'static str,
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The bound servers, ready to run.
+pub struct Listener {
+    shared: Shared,
+    tcp: TcpListener,
+    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
+    udp: Option<Arc<UdpSocket>>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("tcp", &self.tcp_addr())
+            .field("tls", &self.tls_addr())
+            .field("udp", &self.udp_addr())
+            .finish()
+    }
+}
+
+async fn bind_tcp(what: &'static str, addr: &str) -> Result<TcpListener, ListenerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ListenerError::Bind {
+            what,
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+impl Listener {
+    /// Validates the config and binds every configured socket (port 0 picks a free
+    /// one: see [`Listener::tcp_addr`] and friends).
+    pub async fn bind(
+        config: ListenerConfig,
+        auth: Arc<AuthCache>,
+        batches: mpsc::Sender<TelemetryBatch>,
+        handshakes: HandshakeLog,
+    ) -> Result<Listener, ListenerError> {
+        config.validate().map_err(ListenerError::Config)?;
+        let tcp = bind_tcp("tcp", &config.tcp_bind).await?;
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let acceptor = tcp::tls_acceptor(cert, key).map_err(ListenerError::Config)?;
+                Some((bind_tcp("tls", &config.tls_bind).await?, acceptor))
+            }
+            _ => None,
+        };
+        let udp = if config.udp_bind.is_empty() {
+            None
+        } else {
+            let s =
+                UdpSocket::bind(&config.udp_bind)
+                    .await
+                    .map_err(|source| ListenerError::Bind {
+                        what: "udp",
+                        addr: config.udp_bind.clone(),
+                        source,
+                    })?;
+            // A larger receive buffer absorbs bursts while the loop is busy.
+            let sock = socket2::SockRef::from(&s);
+            let _ = sock.set_recv_buffer_size(8 << 20);
+            Some(Arc::new(s))
+        };
+        Ok(Listener {
+            shared: Shared {
+                config: Arc::new(config),
+                auth,
+                limiter: Arc::new(RateLimiter::new()),
+                batches,
+                handshakes,
+            },
+            tcp,
+            tls,
+            udp,
+        })
+    }
+
+    /// The plain TCP address.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.local_addr().ok()
+    }
+
+    /// The TLS address, when TLS is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// The UDP address, when UDP is enabled.
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.udp.as_ref().and_then(|s| s.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` fires, then drains every connection and returns.
+    /// The listener's clone of the batch sender is dropped on return, so once every
+    /// connection has ended the batcher sees its queue closed.
+    pub async fn run(self, shutdown: Shutdown) {
+        let Listener {
+            shared,
+            tcp,
+            tls,
+            udp,
+        } = self;
+        let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+        let tracker = TaskTracker::new();
+        let mut servers = Vec::new();
+        servers.push(tokio::spawn(tcp::serve(
+            tcp,
+            None,
+            shared.clone(),
+            limit.clone(),
+            tracker.clone(),
+            shutdown.clone(),
+        )));
+        if let Some((l, acceptor)) = tls {
+            servers.push(tokio::spawn(tcp::serve(
+                l,
+                Some(acceptor),
+                shared.clone(),
+                limit.clone(),
+                tracker.clone(),
+                shutdown.clone(),
+            )));
+        }
+        if let Some(sock) = udp {
+            servers.push(tokio::spawn(udp::serve(
+                sock,
+                shared.clone(),
+                shutdown.clone(),
+            )));
+        }
+        drop(shared);
+        for s in servers {
+            let _ = s.await;
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}

@@ -2,7 +2,77 @@
 //!
 //! The wire protocol of PROTOCOL.md and nothing else: no sockets, no SQL.
 //!
-//! - `codec`: the 4-byte big-endian length-prefixed frame codec (tokio-util `Decoder`/`Encoder`).
-//! - `message`: the client and server messages, decoded from and encoded to one MessagePack map.
-//! - `point`: wire points (map or array form) → validated [`dbx_core::Point`].
-//! - `encode`: encoders for every client message, for the loadgen, tests and Rust gateways.
+//! - [`codec`]: the 4-byte big-endian length-prefixed frame codec (tokio-util `Decoder`/`Encoder`).
+//! - [`message`]: the client and server messages; [`decode_client`] for TCP frame
+//!   bodies, [`decode_datagram`] for UDP, [`decode_server`] for clients.
+//! - [`point`]: wire points (map or array form) → validated [`dbx_core::Point`].
+//! - [`encode`]: encoders for every message, for the daemon, the loadgen, tests and
+//!   Rust gateways.
+//!
+//! ## Choices where PROTOCOL.md is silent
+//! These belong in the project's protocol doc; each is also stated where it is coded.
+//! - A `batch` whose `seq` is missing or not a u64 is `error protocol` (a nack must
+//!   echo a `seq`).
+//! - `hello`: `v` missing or not an unsigned integer → `unsupported_version` (the
+//!   listener compares `v` with [`PROTOCOL_VERSION`]); `key` missing or not a string →
+//!   `unauthorized`; `gateway` not a string, over 64 characters or holding NUL →
+//!   `protocol`. Precedence: duplicate keys, `v`, `gateway`, `key`.
+//! - A defined key twice in one message: `protocol` for `t`, `seq` and hello keys,
+//!   `invalid_batch` for `aircraft`, `session`, `points`. In a point, a known key twice
+//!   or an `extra` key twice (including once in `x` and once at the top) is
+//!   `invalid_point`.
+//! - `aircraft`: a string parsing as a UUID, or 16-byte binary, is an id; any other
+//!   non-empty NUL-free string a registration number.
+//! - Integer point fields (`seq`, `fix`, `sats`, `ts` as microseconds) take integers
+//!   only. Float fields take any number; a value that overflows `real` is
+//!   `invalid_point`. `nil` for `ts`/`seq` is "missing".
+//! - `extra`: see [`point`] for the JSON mapping; the timestamp extension becomes an RFC
+//!   3339 string, other extension types, NaN/infinity, non-UTF-8 strings and NUL are
+//!   `invalid_point`; nesting is limited to 32 levels; no entries at all → NULL.
+//! - Within a point `invalid_point` wins over `out_of_range`; across points the first
+//!   bad point is named; `bad_frame` wins over everything, then connection errors,
+//!   then `invalid_batch`, then point errors.
+//! - UDP: over 65 507 bytes → `frame_too_large`; `seq` may be absent or `nil`.
+
+use std::time::Duration;
+
+pub mod codec;
+pub mod encode;
+pub mod message;
+pub mod point;
+mod reader;
+
+pub use codec::{write_frame, FrameCodec, FrameError};
+pub use encode::{
+    encode_batch, encode_batch_with, encode_bye, encode_datagram, encode_hello, encode_hello_v,
+    encode_ping, encode_server, EncodeError, EncodeOptions, PointForm, TimestampForm,
+};
+pub use message::{
+    decode_client, decode_datagram, decode_server, AircraftRef, Batch, ClientMessage, Datagram,
+    DecodeError, Hello, ServerDecodeError, ServerMessage, MAX_DATAGRAM_BYTES, MAX_GATEWAY_CHARS,
+    PROTOCOL_VERSION,
+};
+
+/// The limits a decoder enforces, from the daemon's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most points in one batch (default 10 000).
+    pub max_points_per_batch: usize,
+    /// Oldest accepted timestamp, relative to now (default 7 days).
+    pub max_past: Duration,
+    /// Newest accepted timestamp, relative to now (default 5 minutes).
+    pub max_future: Duration,
+    /// Largest frame body, the 4-byte prefix not counted (default 1 MiB).
+    pub max_frame_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_points_per_batch: 10_000,
+            max_past: Duration::from_secs(7 * 24 * 3600),
+            max_future: Duration::from_secs(5 * 60),
+            max_frame_bytes: 1 << 20,
+        }
+    }
+}

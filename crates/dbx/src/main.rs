@@ -1,2 +1,64 @@
-//! The `dbx` binary: CLI, configuration, wiring and shutdown order. No business logic.
-fn main() {}
+//! The `dbx` binary: command line, configuration, wiring and shutdown order.
+//! Business logic lives in the library crates; each subcommand here parses its
+//! flags, builds what it needs, runs it, and reports.
+
+mod cmd;
+mod config;
+mod logging;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// High-throughput telemetry ingestion for PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "dbx", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (every key documented in config/dbx.toml).
+    #[arg(long, short = 'c', global = true, env = "DBX_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the database, apply migrations, create users, insert sample data, write credentials.
+    Setup(cmd::setup::SetupArgs),
+    /// Test the connection: server version and the seven tables.
+    Check(cmd::setup::CheckArgs),
+    /// Apply pending migrations, or show their status.
+    Migrate(cmd::setup::MigrateArgs),
+    /// Run the daemon: listener, batcher, control plane, admin HTTP.
+    Serve(cmd::serve::ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Setup(args) => cmd::setup::setup(args).await,
+            Command::Check(args) => cmd::setup::check(cli.config.as_deref(), args).await,
+            Command::Migrate(args) => cmd::setup::migrate(args).await,
+            Command::Serve(args) => cmd::serve::serve(cli.config.as_deref(), args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The batcher's settings: flush thresholds, parallelism, retry policy, partition
+//! granularity and cache bounds. Deserialized from the `[batcher]` section of the
+//! daemon's TOML file (every key optional), then checked by [`BatcherConfig::validate`],
+//! whose error names the offending key so that a bad file fails at start.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How `flight_telemetry` is partitioned; must match what the control plane creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionInterval {
+    /// One partition per UTC day, `flight_telemetry_pYYYYMMDD`.
+    #[default]
+    Daily,
+    /// One partition per UTC hour, `flight_telemetry_pYYYYMMDDHH`.
+    Hourly,
+}
+
+/// Settings of the batcher.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatcherConfig {
+    /// A partition group is flushed when it holds this many rows (the flush then has exactly
+    /// this many). 5000 amortizes the per-transaction cost (session upserts, commit fsync)
+    /// while keeping a flush's COPY under a few milliseconds.
+    pub max_batch_rows: usize,
+    /// A group is flushed when its approximate COPY size reaches this many bytes.
+    pub max_batch_bytes: usize,
+    /// A group is flushed when its oldest row has waited this long (milliseconds): the
+    /// bound on the latency the batcher adds to an ack under light load.
+    pub max_batch_age_ms: u64,
+    /// Parallel COPY transactions (each holds one pool connection while it runs).
+    pub writers: usize,
+    /// Capacity, in batches, of the listener → batcher channel (the binary creates it).
+    pub queue_capacity: usize,
+    /// First delay before retrying a flush after a transient error (milliseconds).
+    pub retry_initial_ms: u64,
+    /// Cap of the exponential retry delay (milliseconds).
+    pub retry_max_ms: u64,
+    /// Partition granularity.
+    pub partition_interval: PartitionInterval,
+    /// Sessions whose high-water mark is kept in memory (bounded; a miss costs nothing
+    /// extra because the mark also comes back from the session upsert).
+    pub session_cache_capacity: usize,
+    /// After the channel closes, how long the batcher may keep writing and retrying what it
+    /// holds before giving up (milliseconds). Unwritten batches are then left unacked.
+    pub shutdown_deadline_ms: u64,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        BatcherConfig {
+            max_batch_rows: 5000,
+            max_batch_bytes: 4 * 1024 * 1024,
+            max_batch_age_ms: 50,
+            writers: 2,
+            queue_capacity: 1024,
+            retry_initial_ms: 100,
+            retry_max_ms: 5000,
+            partition_interval: PartitionInterval::Daily,
+            session_cache_capacity: 100_000,
+            shutdown_deadline_ms: 30_000,
+        }
+    }
+}
+
+/// A setting out of its allowed range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("batcher.{key}: {reason}")]
+pub struct ConfigError {
+    /// The key, as written in the `[batcher]` section.
+    pub key: &'static str,
+    /// Why the value is refused.
+    pub reason: String,
+}
+
+impl BatcherConfig {
+    /// Checks every value; the error names the first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
+            if v == 0 {
+                return Err(ConfigError {
+                    key,
+                    reason: "must be greater than 0".into(),
+                });
+            }
+            Ok(())
+        }
+        positive("max_batch_rows", self.max_batch_rows as u64)?;
+        if self.max_batch_rows > 1_000_000 {
+            return Err(ConfigError {
+                key: "max_batch_rows",
+                reason: format!("{} is above the limit of 1000000", self.max_batch_rows),
+            });
+        }
+        positive("max_batch_bytes", self.max_batch_bytes as u64)?;
+        if self.max_batch_bytes > 512 * 1024 * 1024 {
+            return Err(ConfigError {
+                key: "max_batch_bytes",
+                reason: format!("{} is above the limit of 512 MiB", self.max_batch_bytes),
+            });
+        }
+        positive("max_batch_age_ms", self.max_batch_age_ms)?;
+        positive("writers", self.writers as u64)?;
+        if self.writers > 256 {
+            return Err(ConfigError {
+                key: "writers",
+                reason: format!("{} is above the limit of 256", self.writers),
+            });
+        }
+        positive("queue_capacity", self.queue_capacity as u64)?;
+        positive("retry_initial_ms", self.retry_initial_ms)?;
+        if self.retry_max_ms < self.retry_initial_ms {
+            return Err(ConfigError {
+                key: "retry_max_ms",
+                reason: format!(
+                    "{} is below retry_initial_ms ({})",
+                    self.retry_max_ms, self.retry_initial_ms
+                ),
+            });
+        }
+        positive("session_cache_capacity", self.session_cache_capacity as u64)?;
+        positive("shutdown_deadline_ms", self.shutdown_deadline_ms)?;
+        Ok(())
+    }
+
+    /// `max_batch_age_ms` as a duration.
+    pub fn max_batch_age(&self) -> Duration {
+        Duration::from_millis(self.max_batch_age_ms)
+    }
+
+    /// `shutdown_deadline_ms` as a duration.
+    pub fn shutdown_deadline(&self) -> Duration {
+        Duration::from_millis(self.shutdown_deadline_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(BatcherConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let c = BatcherConfig {
+            writers: 0,
+            ..BatcherConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "writers");
+        assert_eq!(e.to_string(), "batcher.writers: must be greater than 0");
+
+        let c = BatcherConfig {
+            retry_initial_ms: 500,
+            retry_max_ms: 100,
+            ..BatcherConfig::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "retry_max_ms");
+    }
+}

@@ -1,0 +1,282 @@
+//! Flight session bookkeeping done in the same transaction as the telemetry
+//! (PROTOCOL.md "Precise rules"): departure is the stored point with the smallest
+//! `ts`, arrival the largest, the duration their difference, `point_count` the rows
+//! stored, and `total_distance_km` the great-circle sum over consecutive positioned
+//! points in `seq` order.
+//!
+//! A flush first upserts every session it carries ([`UPSERT_SQL`], in session-id
+//! order so that concurrent flushes lock rows in one order and cannot deadlock). The
+//! upsert creates new sessions, refuses sessions of another organization or aircraft
+//! (no row returned), locks the row and returns its current statistics. After the
+//! rows are written, [`SessionUpdate::compute`] folds the rows actually inserted
+//! into those statistics; the distance is extended incrementally from
+//! `(last_latitude, last_longitude)` when every new `seq` is above `last_seq`, and is
+//! recomputed from the table ([`RECOMPUTE_SQL`]) when a late point landed below it.
+//! Only statistics columns are updated, so the audit trigger's WHEN clause skips them.
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+/// Mean Earth radius (km) the protocol fixes for distances.
+pub const EARTH_RADIUS_KM: f64 = 6371.0088;
+
+/// Creates missing sessions, checks ownership, locks and returns the current row.
+/// `updated_at = s.updated_at` changes nothing (and fires no audit) but makes the
+/// conflicting row part of the result, locked.
+pub const UPSERT_SQL: &str = "INSERT INTO dbx_aviation.flight_sessions AS s \
+(session_id, org_id, aircraft_id) \
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) \
+ON CONFLICT (session_id) DO UPDATE SET updated_at = s.updated_at \
+WHERE s.org_id = EXCLUDED.org_id AND s.aircraft_id = EXCLUDED.aircraft_id \
+RETURNING s.session_id, s.last_seq, s.last_latitude, s.last_longitude, \
+s.actual_departure, s.departure_latitude, s.departure_longitude, \
+s.actual_arrival, s.arrival_latitude, s.arrival_longitude, \
+s.total_distance_km, s.point_count";
+
+/// Writes the new statistics of every session of a flush.
+pub const UPDATE_SQL: &str = "UPDATE dbx_aviation.flight_sessions AS s SET \
+actual_departure = u.dep_ts, departure_latitude = u.dep_lat, departure_longitude = u.dep_lon, \
+actual_arrival = u.arr_ts, arrival_latitude = u.arr_lat, arrival_longitude = u.arr_lon, \
+flight_duration_seconds = u.dur, point_count = u.cnt, last_seq = u.last_seq, \
+last_latitude = u.last_lat, last_longitude = u.last_lon, total_distance_km = u.dist, \
+updated_at = now() \
+FROM unnest($1::uuid[], $2::timestamptz[], $3::float8[], $4::float8[], $5::timestamptz[], \
+$6::float8[], $7::float8[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
+$13::float8[]) AS u(session_id, dep_ts, dep_lat, dep_lon, arr_ts, arr_lat, arr_lon, dur, cnt, \
+last_seq, last_lat, last_lon, dist) \
+WHERE s.session_id = u.session_id";
+
+/// Distance and last position of sessions, from the stored rows in `seq` order (the same
+/// haversine as [`haversine_km`]; `least(1, …)` guards asin against rounding above 1).
+pub const RECOMPUTE_SQL: &str = "SELECT session_id, coalesce(sum(d), 0)::float8, \
+max(latitude) FILTER (WHERE rn = 1), max(longitude) FILTER (WHERE rn = 1) FROM ( \
+SELECT session_id, latitude, longitude, \
+row_number() OVER (PARTITION BY session_id ORDER BY seq DESC) AS rn, \
+2 * 6371.0088 * asin(least(1.0, sqrt( \
+power(sin(radians(latitude - lag(latitude) OVER w) / 2), 2) + \
+cos(radians(lag(latitude) OVER w)) * cos(radians(latitude)) * \
+power(sin(radians(longitude - lag(longitude) OVER w) / 2), 2)))) AS d \
+FROM dbx_aviation.flight_telemetry \
+WHERE session_id = ANY($1) AND latitude IS NOT NULL AND longitude IS NOT NULL \
+WINDOW w AS (PARTITION BY session_id ORDER BY seq)) t GROUP BY session_id";
+
+/// Great-circle distance in km between two (latitude, longitude) points in degrees.
+pub fn haversine_km(a: (f64, f64), b: (f64, f64)) -> f64 {
+    let (la1, lo1) = (a.0.to_radians(), a.1.to_radians());
+    let (la2, lo2) = (b.0.to_radians(), b.1.to_radians());
+    let h = ((la2 - la1) / 2.0).sin().powi(2)
+        + la1.cos() * la2.cos() * ((lo2 - lo1) / 2.0).sin().powi(2);
+    2.0 * EARTH_RADIUS_KM * h.sqrt().min(1.0).asin()
+}
+
+/// A session row as the upsert returned it (locked for the rest of the transaction).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionState {
+    /// The session.
+    pub session_id: Uuid,
+    /// Largest stored seq.
+    pub last_seq: Option<i64>,
+    /// Position of the positioned point with the largest seq.
+    pub last_pos: Option<(f64, f64)>,
+    /// Departure time and position.
+    pub departure: Option<(i64, Option<f64>, Option<f64>)>,
+    /// Arrival time and position.
+    pub arrival: Option<(i64, Option<f64>, Option<f64>)>,
+    /// Distance so far.
+    pub distance_km: f64,
+    /// Rows stored so far.
+    pub point_count: i64,
+}
+
+impl SessionState {
+    /// Reads a row of [`UPSERT_SQL`].
+    pub fn from_row(row: &Row) -> Result<Self, tokio_postgres::Error> {
+        let micros = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_micros());
+        let pos = |a: Option<f64>, b: Option<f64>| Some((a?, b?));
+        let dep: Option<DateTime<Utc>> = row.try_get(4)?;
+        let arr: Option<DateTime<Utc>> = row.try_get(7)?;
+        Ok(SessionState {
+            session_id: row.try_get(0)?,
+            last_seq: row.try_get(1)?,
+            last_pos: pos(row.try_get(2)?, row.try_get(3)?),
+            departure: micros(dep)
+                .map(|t| Ok::<_, tokio_postgres::Error>((t, row.try_get(5)?, row.try_get(6)?)))
+                .transpose()?,
+            arrival: micros(arr)
+                .map(|t| Ok::<_, tokio_postgres::Error>((t, row.try_get(8)?, row.try_get(9)?)))
+                .transpose()?,
+            distance_km: row.try_get(10)?,
+            point_count: row.try_get(11)?,
+        })
+    }
+}
+
+/// A row this flush inserted, as far as the statistics care.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InsertedRow {
+    /// Point seq.
+    pub seq: i64,
+    /// Microseconds since the Unix epoch.
+    pub ts: i64,
+    /// Latitude.
+    pub lat: Option<f64>,
+    /// Longitude.
+    pub lon: Option<f64>,
+}
+
+/// New statistics of one session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionUpdate {
+    /// The session.
+    pub session_id: Uuid,
+    /// Departure (earliest point).
+    pub departure: (i64, Option<f64>, Option<f64>),
+    /// Arrival (latest point).
+    pub arrival: (i64, Option<f64>, Option<f64>),
+    /// Arrival − departure, whole seconds (rounded).
+    pub duration_s: i32,
+    /// Stored rows.
+    pub point_count: i64,
+    /// Largest stored seq.
+    pub last_seq: i64,
+    /// Position of the positioned point with the largest seq.
+    pub last_pos: Option<(f64, f64)>,
+    /// Total distance; stale when `recompute` is set.
+    pub distance_km: f64,
+    /// A late point landed below `last_seq`: distance and last position must be
+    /// recomputed from the table.
+    pub recompute: bool,
+}
+
+impl SessionUpdate {
+    /// Folds the rows this flush inserted into `state`; `None` when it inserted none.
+    pub fn compute(state: &SessionState, rows: &mut [InsertedRow]) -> Option<SessionUpdate> {
+        if rows.is_empty() {
+            return None;
+        }
+        rows.sort_unstable_by_key(|r| r.seq);
+        // Departure: smallest ts (ties: the smaller seq, and the stored one first).
+        let mut departure = state.departure;
+        let mut arrival = state.arrival;
+        for r in rows.iter() {
+            if departure.is_none_or(|d| r.ts < d.0) {
+                departure = Some((r.ts, r.lat, r.lon));
+            }
+            if arrival.is_none_or(|a| r.ts > a.0) {
+                arrival = Some((r.ts, r.lat, r.lon));
+            }
+        }
+        let (departure, arrival) = (departure?, arrival?);
+        let duration_us = arrival.0.saturating_sub(departure.0);
+        let duration_s = ((duration_us as f64) / 1e6).round();
+        let duration_s = duration_s.clamp(i32::MIN as f64, i32::MAX as f64) as i32;
+
+        let first_seq = rows[0].seq;
+        let max_seq = rows[rows.len() - 1].seq;
+        let recompute = state.last_seq.is_some_and(|m| first_seq <= m);
+        let mut last_pos = state.last_pos;
+        let mut distance_km = state.distance_km;
+        if !recompute {
+            for r in rows.iter() {
+                if let (Some(lat), Some(lon)) = (r.lat, r.lon) {
+                    if let Some(prev) = last_pos {
+                        distance_km += haversine_km(prev, (lat, lon));
+                    }
+                    last_pos = Some((lat, lon));
+                }
+            }
+        }
+        Some(SessionUpdate {
+            session_id: state.session_id,
+            departure,
+            arrival,
+            duration_s,
+            point_count: state.point_count + rows.len() as i64,
+            last_seq: state.last_seq.map_or(max_seq, |m| m.max(max_seq)),
+            last_pos,
+            distance_km,
+            recompute,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> SessionState {
+        SessionState {
+            session_id: Uuid::nil(),
+            last_seq: None,
+            last_pos: None,
+            departure: None,
+            arrival: None,
+            distance_km: 0.0,
+            point_count: 0,
+        }
+    }
+
+    fn row(seq: i64, ts: i64, pos: Option<(f64, f64)>) -> InsertedRow {
+        InsertedRow {
+            seq,
+            ts,
+            lat: pos.map(|p| p.0),
+            lon: pos.map(|p| p.1),
+        }
+    }
+
+    #[test]
+    fn haversine_known_values() {
+        // One degree of longitude on the equator: R·π/180.
+        let d = haversine_km((0.0, 0.0), (0.0, 1.0));
+        assert!((d - EARTH_RADIUS_KM * std::f64::consts::PI / 180.0).abs() < 1e-9);
+        // Antipodes: half the circumference.
+        let d = haversine_km((0.0, 0.0), (0.0, 180.0));
+        assert!((d - EARTH_RADIUS_KM * std::f64::consts::PI).abs() < 1e-6);
+        assert_eq!(haversine_km((10.0, 20.0), (10.0, 20.0)), 0.0);
+    }
+
+    #[test]
+    fn first_flush_and_incremental_extension() {
+        let mut rows = vec![
+            row(2, 2_000_000, Some((0.0, 1.0))),
+            row(1, 1_000_000, Some((0.0, 0.0))),
+            row(3, 3_500_000, None),
+        ];
+        let u = SessionUpdate::compute(&state(), &mut rows).unwrap();
+        assert_eq!(u.departure, (1_000_000, Some(0.0), Some(0.0)));
+        assert_eq!(u.arrival, (3_500_000, None, None));
+        assert_eq!(u.duration_s, 3); // 2.5 s rounds to 3
+        assert_eq!(u.point_count, 3);
+        assert_eq!(u.last_seq, 3);
+        assert_eq!(u.last_pos, Some((0.0, 1.0)));
+        assert!(!u.recompute);
+        let one_deg = haversine_km((0.0, 0.0), (0.0, 1.0));
+        assert!((u.distance_km - one_deg).abs() < 1e-12);
+
+        let st = SessionState {
+            last_seq: Some(3),
+            last_pos: u.last_pos,
+            departure: Some(u.departure),
+            arrival: Some(u.arrival),
+            distance_km: u.distance_km,
+            point_count: u.point_count,
+            ..state()
+        };
+        let mut rows = vec![row(4, 4_000_000, Some((0.0, 2.0)))];
+        let u2 = SessionUpdate::compute(&st, &mut rows).unwrap();
+        assert!((u2.distance_km - 2.0 * one_deg).abs() < 1e-9);
+        assert_eq!(u2.point_count, 4);
+        assert_eq!(u2.departure.0, 1_000_000);
+        assert_eq!(u2.arrival, (4_000_000, Some(0.0), Some(2.0)));
+
+        // A late point below last_seq asks for a recompute and may move departure.
+        let mut rows = vec![row(0, 500_000, Some((1.0, 0.0)))];
+        let u3 = SessionUpdate::compute(&st, &mut rows).unwrap();
+        assert!(u3.recompute);
+        assert_eq!(u3.departure, (500_000, Some(1.0), Some(0.0)));
+        assert_eq!(u3.last_seq, 3);
+        assert!(SessionUpdate::compute(&st, &mut []).is_none());
+    }
+}

@@ -1,0 +1,631 @@
+//! One flush: the rows of one partition group written in one transaction.
+//!
+//! ```text
+//! BEGIN
+//!   upsert every session of the flush (sorted)  -> foreign sessions, locked rows, marks
+//!   COPY fast rows (seq > mark) straight into the child, or the parent if none
+//!   COPY rows at or below the mark into the TEMP staging table,
+//!     INSERT … SELECT … WHERE NOT EXISTS … ON CONFLICT DO NOTHING RETURNING …
+//!   UPDATE the sessions' statistics (recomputing distance when a late point landed)
+//! COMMIT  -> resolve the ack handles of every batch whose pieces are all committed
+//! ```
+//!
+//! Failures: transient errors retry the same flush forever with capped, jittered
+//! exponential backoff (the batcher stops reading its channel meanwhile: that is the
+//! backpressure); a unique violation on the fast path retries everything through the
+//! staging path; a vanished child refreshes the partition cache; a data error bisects
+//! the flush by batch until the offending batch is alone, and nacks only it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use dbx_core::metrics as m;
+use dbx_core::{Point, RejectCode, Rejection};
+use deadpool_postgres::Transaction;
+use futures::SinkExt;
+use rand::Rng;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::config::BatcherConfig;
+use crate::copy::{CopyEncoder, COLUMNS};
+use crate::dedupe::{
+    copy_staging_sql, insert_from_staging_sql, InFlushDedupe, SessionCache, CREATE_STAGING_SQL,
+};
+use crate::error::AttemptError;
+use crate::partition::{PartitionCache, PartitionKey, LIST_CHILDREN_SQL, PARENT};
+use crate::sessions::{
+    InsertedRow, SessionState, SessionUpdate, RECOMPUTE_SQL, UPDATE_SQL, UPSERT_SQL,
+};
+use crate::stats::Counters;
+use crate::ticket::{Part, Resolved};
+
+/// Why a flush was started (the `trigger` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trigger {
+    /// The group reached `max_batch_rows`.
+    Rows,
+    /// The group reached `max_batch_bytes`.
+    Bytes,
+    /// The group's oldest row reached `max_batch_age`.
+    Age,
+    /// The channel closed.
+    Shutdown,
+}
+
+impl Trigger {
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Rows => "rows",
+            Trigger::Bytes => "bytes",
+            Trigger::Age => "age",
+            Trigger::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A partition group handed to a writer.
+#[derive(Debug)]
+pub(crate) struct FlushJob {
+    pub key: PartitionKey,
+    pub parts: Vec<Part>,
+}
+
+/// State every writer shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: BatcherConfig,
+    pub pool: deadpool_postgres::Pool,
+    pub sessions: Mutex<SessionCache>,
+    pub partitions: Mutex<PartitionCache>,
+    pub encoders: Mutex<Vec<CopyEncoder>>,
+    pub counters: Arc<Counters>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn take_encoder(&self) -> CopyEncoder {
+        lock(&self.encoders).pop().unwrap_or_else(|| {
+            // The approximate size is an upper bound, so a full flush fits without growth.
+            CopyEncoder::new(self.config.max_batch_bytes.min(64 << 20) + (64 << 10))
+        })
+    }
+
+    fn return_encoder(&self, e: CopyEncoder) {
+        lock(&self.encoders).push(e);
+    }
+
+    fn update_pool_gauges(&self) {
+        let s = self.pool.status();
+        metrics::gauge!(m::POOL_IN_USE).set(s.size.saturating_sub(s.available) as f64);
+        metrics::gauge!(m::POOL_IDLE).set(s.available as f64);
+    }
+}
+
+/// Writes one job, bisecting on data errors, and resolves its tickets.
+pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
+    let mut enc = shared.take_encoder();
+    let mut stack = vec![job.parts];
+    while let Some(mut parts) = stack.pop() {
+        match write_with_retries(shared, &mut enc, job.key, &parts).await {
+            Ok(done) => resolve(shared, &parts, done),
+            Err(msg) if parts.len() > 1 => {
+                debug!(parts = parts.len(), error = %msg, "data error, bisecting flush");
+                let right = parts.split_off(parts.len() / 2);
+                stack.push(right);
+                stack.push(parts);
+            }
+            Err(msg) => {
+                let t = &parts[0].ticket;
+                warn!(
+                    org = %t.org, session = %t.session, points = parts[0].points.len(),
+                    error = %msg, "batch rejected by the database"
+                );
+                let r = Rejection::new(
+                    RejectCode::Rejected,
+                    format!("the database rejected the batch: {msg}"),
+                );
+                if t.reject(r) == Resolved::Now {
+                    shared.counters.add(&shared.counters.batches_rejected, 1);
+                    metrics::counter!(m::BATCHES_REJECTED_TOTAL).increment(1);
+                }
+            }
+        }
+        shared.update_pool_gauges();
+    }
+    shared.return_encoder(enc);
+}
+
+/// What a committed attempt did.
+#[derive(Debug, Default)]
+struct Committed {
+    /// Sessions refused as belonging to another organization or aircraft.
+    foreign: HashSet<Uuid>,
+    /// Parts refused because their session was claimed by another aircraft within this flush.
+    mismatched: HashSet<usize>,
+    /// Rows inserted.
+    inserted: u64,
+    /// Points offered for the sessions that were written (foreign ones excluded).
+    offered: u64,
+    /// Rows sent through the parent because no child was known.
+    via_parent: u64,
+    /// New high-water marks.
+    marks: Vec<(Uuid, Option<i64>)>,
+    committed_at: Option<Instant>,
+}
+
+fn resolve(shared: &Shared, parts: &[Part], done: Committed) {
+    let c = &shared.counters;
+    {
+        let mut cache = lock(&shared.sessions);
+        for (s, mark) in &done.marks {
+            cache.put(*s, *mark);
+        }
+    }
+    for (i, p) in parts.iter().enumerate() {
+        let t = &p.ticket;
+        if done.foreign.contains(&t.session) || done.mismatched.contains(&i) {
+            let r = Rejection::new(
+                RejectCode::ForeignSession,
+                format!(
+                    "session {} belongs to another organization or aircraft",
+                    t.session
+                ),
+            );
+            if t.reject(r) == Resolved::Now {
+                c.add(&c.batches_rejected, 1);
+                metrics::counter!(m::BATCHES_REJECTED_TOTAL).increment(1);
+            }
+        } else if t.piece_committed() == Resolved::Now {
+            c.add(&c.batches_acked, 1);
+            if let Some(at) = done.committed_at {
+                metrics::histogram!(m::COMMIT_TO_ACK_SECONDS).record(at.elapsed().as_secs_f64());
+            }
+        }
+    }
+    let dedup = done.offered.saturating_sub(done.inserted);
+    c.add(&c.points_written, done.inserted);
+    c.add(&c.points_deduplicated, dedup);
+    c.add(&c.rows_default_partition, done.via_parent);
+    metrics::counter!(m::POINTS_WRITTEN_TOTAL).increment(done.inserted);
+    metrics::counter!(m::POINTS_DEDUPLICATED_TOTAL).increment(dedup);
+    metrics::counter!(m::ROWS_TO_DEFAULT_PARTITION_TOTAL).increment(done.via_parent);
+}
+
+/// Retries one set of parts until it commits or fails for a data reason (the message).
+async fn write_with_retries(
+    shared: &Shared,
+    enc: &mut CopyEncoder,
+    key: PartitionKey,
+    parts: &[Part],
+) -> Result<Committed, String> {
+    let prepared = Prepared::new(parts);
+    let mut plan: Option<Plan> = None;
+    let mut all_staging = false;
+    let mut missing_streak = 0u32;
+    let mut delay = Duration::from_millis(shared.config.retry_initial_ms);
+    let max_delay = Duration::from_millis(shared.config.retry_max_ms);
+    loop {
+        let started = Instant::now();
+        let err = match attempt(shared, enc, key, &prepared, all_staging, &mut plan).await {
+            Ok(mut done) => {
+                metrics::histogram!(m::COPY_DURATION_SECONDS)
+                    .record(started.elapsed().as_secs_f64());
+                done.committed_at = Some(Instant::now());
+                return Ok(done);
+            }
+            Err(e) => e,
+        };
+        let kind = err.kind();
+        match err {
+            AttemptError::Data(msg) => return Err(msg),
+            AttemptError::UniqueViolation if all_staging => {
+                return Err("duplicate key on the staging path".into())
+            }
+            AttemptError::UniqueViolation => {
+                debug!("unique violation on the fast path, retrying through staging");
+                all_staging = true;
+                plan = None;
+                count_retry(shared, kind);
+                continue;
+            }
+            AttemptError::MissingRelation if missing_streak == 0 => {
+                lock(&shared.partitions).invalidate();
+                missing_streak += 1;
+                count_retry(shared, kind);
+                continue;
+            }
+            AttemptError::MissingRelation => {
+                lock(&shared.partitions).invalidate();
+                warn!("telemetry table missing; retrying (are the migrations applied?)");
+                count_retry(shared, kind);
+            }
+            AttemptError::Transient(msg) => {
+                warn!(error = %msg, retry_in_ms = delay.as_millis() as u64, "transient write error, retrying");
+                count_retry(shared, kind);
+            }
+        }
+        shared.update_pool_gauges();
+        // Full jitter in [delay/2, delay]: spreads reconnect storms of several writers.
+        let jittered = {
+            let lo = delay.as_micros() as u64 / 2;
+            let hi = (delay.as_micros() as u64).max(lo + 1);
+            Duration::from_micros(rand::thread_rng().gen_range(lo..=hi))
+        };
+        tokio::time::sleep(jittered).await;
+        delay = (delay * 2).min(max_delay);
+    }
+}
+
+fn count_retry(shared: &Shared, kind: &'static str) {
+    shared.counters.add(&shared.counters.retries, 1);
+    metrics::counter!(m::RETRIES_TOTAL, "kind" => kind).increment(1);
+}
+
+/// The rows of one session in a flush, deduplicated within the flush.
+#[derive(Debug)]
+struct SessionRows<'a> {
+    session: Uuid,
+    org: Uuid,
+    aircraft: Uuid,
+    /// Points, first occurrence of each seq, in arrival order.
+    rows: Vec<&'a Point>,
+    /// Points offered, duplicates included.
+    offered: usize,
+}
+
+/// The parts of a flush regrouped by session (sorted by id: the lock order).
+#[derive(Debug)]
+struct Prepared<'a> {
+    sessions: Vec<SessionRows<'a>>,
+    /// Parts whose (org, aircraft) differ from their session's first part in this flush.
+    mismatched: HashSet<usize>,
+}
+
+impl<'a> Prepared<'a> {
+    fn new(parts: &'a [Part]) -> Self {
+        let mut by_session: BTreeMap<Uuid, (SessionRows<'a>, InFlushDedupe)> = BTreeMap::new();
+        let mut mismatched = HashSet::new();
+        for (i, p) in parts.iter().enumerate() {
+            let t = &p.ticket;
+            let (s, dedupe) = by_session.entry(t.session).or_insert_with(|| {
+                (
+                    SessionRows {
+                        session: t.session,
+                        org: t.org,
+                        aircraft: t.aircraft,
+                        rows: Vec::new(),
+                        offered: 0,
+                    },
+                    InFlushDedupe::default(),
+                )
+            });
+            if s.org != t.org || s.aircraft != t.aircraft {
+                mismatched.insert(i);
+                continue;
+            }
+            s.offered += p.points.len();
+            s.rows
+                .extend(p.points.iter().filter(|pt| dedupe.admit(pt.seq)));
+        }
+        Prepared {
+            sessions: by_session.into_values().map(|(s, _)| s).collect(),
+            mismatched,
+        }
+    }
+}
+
+/// Which rows go which way, encoded. Valid for the marks and exclusions it was built with.
+#[derive(Debug)]
+struct Plan {
+    marks: HashMap<Uuid, Option<i64>>,
+    excluded: HashSet<Uuid>,
+    all_staging: bool,
+    fast: Option<Bytes>,
+    fast_rows: u64,
+    staging: Option<Bytes>,
+}
+
+impl Plan {
+    fn build(
+        enc: &mut CopyEncoder,
+        prepared: &Prepared<'_>,
+        marks: HashMap<Uuid, Option<i64>>,
+        excluded: HashSet<Uuid>,
+        all_staging: bool,
+    ) -> Plan {
+        let is_fast = |mark: Option<i64>, seq: i64| !all_staging && mark.is_none_or(|m| seq > m);
+        let mut fast_rows = 0u64;
+        enc.begin();
+        for s in prepared
+            .sessions
+            .iter()
+            .filter(|s| !excluded.contains(&s.session))
+        {
+            let mark = marks.get(&s.session).copied().flatten();
+            for p in s.rows.iter().filter(|p| is_fast(mark, p.seq)) {
+                enc.push(&s.org, &s.aircraft, &s.session, p);
+                fast_rows += 1;
+            }
+        }
+        let fast = (fast_rows > 0).then(|| enc.finish());
+        enc.begin();
+        for s in prepared
+            .sessions
+            .iter()
+            .filter(|s| !excluded.contains(&s.session))
+        {
+            let mark = marks.get(&s.session).copied().flatten();
+            for p in s.rows.iter().filter(|p| !is_fast(mark, p.seq)) {
+                enc.push(&s.org, &s.aircraft, &s.session, p);
+            }
+        }
+        let staging = (enc.rows() > 0).then(|| enc.finish());
+        Plan {
+            marks,
+            excluded,
+            all_staging,
+            fast,
+            fast_rows,
+            staging,
+        }
+    }
+
+    fn valid_for(
+        &self,
+        marks: &HashMap<Uuid, Option<i64>>,
+        excluded: &HashSet<Uuid>,
+        all_staging: bool,
+    ) -> bool {
+        self.all_staging == all_staging && &self.excluded == excluded && &self.marks == marks
+    }
+
+    fn encoded_bytes(&self) -> usize {
+        self.fast.as_ref().map_or(0, Bytes::len) + self.staging.as_ref().map_or(0, Bytes::len)
+    }
+}
+
+/// One try: the whole transaction.
+async fn attempt(
+    shared: &Shared,
+    enc: &mut CopyEncoder,
+    key: PartitionKey,
+    prepared: &Prepared<'_>,
+    all_staging: bool,
+    plan: &mut Option<Plan>,
+) -> Result<Committed, AttemptError> {
+    // Plan and encode before taking a connection, with the cached marks as hints.
+    if plan.is_none() {
+        let hints: HashMap<Uuid, Option<i64>> = {
+            let mut cache = lock(&shared.sessions);
+            prepared
+                .sessions
+                .iter()
+                .map(|s| (s.session, cache.get(&s.session).flatten()))
+                .collect()
+        };
+        *plan = Some(Plan::build(
+            enc,
+            prepared,
+            hints,
+            HashSet::new(),
+            all_staging,
+        ));
+    }
+
+    let mut client = shared.pool.get().await?;
+    let tx = client.transaction().await?;
+
+    // 1. Sessions: create, check ownership, lock, read marks and statistics.
+    let ids: Vec<Uuid> = prepared.sessions.iter().map(|s| s.session).collect();
+    let orgs: Vec<Uuid> = prepared.sessions.iter().map(|s| s.org).collect();
+    let airs: Vec<Uuid> = prepared.sessions.iter().map(|s| s.aircraft).collect();
+    let upsert = tx.prepare_cached(UPSERT_SQL).await?;
+    let rows = tx.query(&upsert, &[&ids, &orgs, &airs]).await?;
+    let mut states: HashMap<Uuid, SessionState> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let st = SessionState::from_row(r)?;
+        states.insert(st.session_id, st);
+    }
+    let foreign: HashSet<Uuid> = ids
+        .iter()
+        .filter(|id| !states.contains_key(id))
+        .copied()
+        .collect();
+    let marks: HashMap<Uuid, Option<i64>> = prepared
+        .sessions
+        .iter()
+        .filter_map(|s| states.get(&s.session).map(|st| (s.session, st.last_seq)))
+        .collect();
+
+    // 2. Re-plan when the hints were wrong (restart, another daemon, a foreign session).
+    let plan = match plan {
+        Some(p) if p.valid_for(&marks, &foreign, all_staging) => p,
+        _ => {
+            debug!("session marks differ from the cache, re-planning the flush");
+            plan.insert(Plan::build(
+                enc,
+                prepared,
+                marks,
+                foreign.clone(),
+                all_staging,
+            ))
+        }
+    };
+
+    let (target, via_parent) = resolve_target(shared, &tx, key).await?;
+    let mut inserted: HashMap<Uuid, Vec<InsertedRow>> = HashMap::new();
+
+    // 3. Fast path: rows above the mark, straight into the partition.
+    if let Some(bytes) = plan.fast.clone() {
+        let sql = format!("COPY {target} ({COLUMNS}) FROM STDIN (FORMAT binary)");
+        copy_in(&tx, &sql, bytes).await?;
+        for s in prepared
+            .sessions
+            .iter()
+            .filter(|s| !foreign.contains(&s.session))
+        {
+            let mark = plan.marks.get(&s.session).copied().flatten();
+            let rows = inserted.entry(s.session).or_default();
+            for p in s.rows.iter().filter(|p| mark.is_none_or(|m| p.seq > m)) {
+                rows.push(InsertedRow {
+                    seq: p.seq,
+                    ts: p.ts_micros,
+                    lat: p.lat,
+                    lon: p.lon,
+                });
+            }
+        }
+    }
+    let mut total = plan.fast_rows;
+
+    // 4. Staging path: rows that may already be stored.
+    if let Some(bytes) = plan.staging.clone() {
+        tx.batch_execute(CREATE_STAGING_SQL).await?;
+        copy_in(&tx, &copy_staging_sql(), bytes).await?;
+        let rows = tx.query(&insert_from_staging_sql(&target), &[]).await?;
+        for r in &rows {
+            let ts: DateTime<Utc> = r.try_get(2)?;
+            let session: Uuid = r.try_get(0)?;
+            inserted.entry(session).or_default().push(InsertedRow {
+                seq: r.try_get(1)?,
+                ts: ts.timestamp_micros(),
+                lat: r.try_get(3)?,
+                lon: r.try_get(4)?,
+            });
+        }
+        total += rows.len() as u64;
+    }
+
+    // 5. Statistics.
+    let mut updates: Vec<SessionUpdate> = Vec::with_capacity(inserted.len());
+    for s in &prepared.sessions {
+        let (Some(st), Some(rows)) = (states.get(&s.session), inserted.get_mut(&s.session)) else {
+            continue;
+        };
+        if let Some(u) = SessionUpdate::compute(st, rows) {
+            updates.push(u);
+        }
+    }
+    let late: Vec<Uuid> = updates
+        .iter()
+        .filter(|u| u.recompute)
+        .map(|u| u.session_id)
+        .collect();
+    if !late.is_empty() {
+        let rec = tx.prepare_cached(RECOMPUTE_SQL).await?;
+        let mut found: HashMap<Uuid, (f64, Option<f64>, Option<f64>)> = HashMap::new();
+        for r in tx.query(&rec, &[&late]).await? {
+            found.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?));
+        }
+        for u in updates.iter_mut().filter(|u| u.recompute) {
+            let (d, lat, lon) = found
+                .get(&u.session_id)
+                .copied()
+                .unwrap_or((0.0, None, None));
+            u.distance_km = d;
+            u.last_pos = lat.zip(lon);
+        }
+    }
+    if !updates.is_empty() {
+        write_updates(&tx, &updates).await?;
+    }
+
+    tx.commit().await?;
+
+    let offered = prepared
+        .sessions
+        .iter()
+        .filter(|s| !foreign.contains(&s.session))
+        .map(|s| s.offered as u64)
+        .sum();
+    metrics::histogram!(m::FLUSH_ROWS).record(total as f64);
+    metrics::histogram!(m::FLUSH_BYTES).record(plan.encoded_bytes() as f64);
+    let mut marks: Vec<(Uuid, Option<i64>)> = plan.marks.iter().map(|(s, m)| (*s, *m)).collect();
+    marks.extend(updates.iter().map(|u| (u.session_id, Some(u.last_seq))));
+    Ok(Committed {
+        foreign,
+        mismatched: prepared.mismatched.clone(),
+        inserted: total,
+        offered,
+        via_parent: if via_parent { total } else { 0 },
+        marks,
+        committed_at: None,
+    })
+}
+
+/// The COPY target for `key`: the child when it is known to exist, else the parent.
+async fn resolve_target(
+    shared: &Shared,
+    tx: &Transaction<'_>,
+    key: PartitionKey,
+) -> Result<(String, bool), AttemptError> {
+    let parent = || (PARENT.to_string(), true);
+    let Some(child) = shared.config.partition_interval.child_name(key) else {
+        return Ok(parent());
+    };
+    {
+        let cache = lock(&shared.partitions);
+        if cache.contains(&child) {
+            return Ok((format!("dbx_aviation.{child}"), false));
+        }
+        if !cache.stale(Instant::now()) {
+            return Ok(parent());
+        }
+    }
+    let rows = tx.query(LIST_CHILDREN_SQL, &[]).await?;
+    let mut names = Vec::with_capacity(rows.len());
+    for r in &rows {
+        names.push(r.try_get::<_, String>(0)?);
+    }
+    let mut cache = lock(&shared.partitions);
+    cache.replace(names, Instant::now());
+    if cache.contains(&child) {
+        Ok((format!("dbx_aviation.{child}"), false))
+    } else {
+        Ok(parent())
+    }
+}
+
+async fn copy_in(tx: &Transaction<'_>, sql: &str, data: Bytes) -> Result<u64, AttemptError> {
+    let sink = tx.copy_in::<_, Bytes>(sql).await?;
+    futures::pin_mut!(sink);
+    sink.send(data).await?;
+    Ok(sink.finish().await?)
+}
+
+async fn write_updates(
+    tx: &Transaction<'_>,
+    updates: &[SessionUpdate],
+) -> Result<(), AttemptError> {
+    let ts = |t: i64| DateTime::<Utc>::from_timestamp_micros(t);
+    let ids: Vec<Uuid> = updates.iter().map(|u| u.session_id).collect();
+    let dep_ts: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| ts(u.departure.0)).collect();
+    let dep_lat: Vec<Option<f64>> = updates.iter().map(|u| u.departure.1).collect();
+    let dep_lon: Vec<Option<f64>> = updates.iter().map(|u| u.departure.2).collect();
+    let arr_ts: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| ts(u.arrival.0)).collect();
+    let arr_lat: Vec<Option<f64>> = updates.iter().map(|u| u.arrival.1).collect();
+    let arr_lon: Vec<Option<f64>> = updates.iter().map(|u| u.arrival.2).collect();
+    let dur: Vec<i32> = updates.iter().map(|u| u.duration_s).collect();
+    let cnt: Vec<i64> = updates.iter().map(|u| u.point_count).collect();
+    let last_seq: Vec<i64> = updates.iter().map(|u| u.last_seq).collect();
+    let last_lat: Vec<Option<f64>> = updates.iter().map(|u| u.last_pos.map(|p| p.0)).collect();
+    let last_lon: Vec<Option<f64>> = updates.iter().map(|u| u.last_pos.map(|p| p.1)).collect();
+    let dist: Vec<f64> = updates.iter().map(|u| u.distance_km).collect();
+    let stmt = tx.prepare_cached(UPDATE_SQL).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &ids, &dep_ts, &dep_lat, &dep_lon, &arr_ts, &arr_lat, &arr_lon, &dur, &cnt, &last_seq,
+            &last_lat, &last_lon, &dist,
+        ],
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,745 @@
+//! `dbx setup` and `dbx check`: the seed's `setup_database.py` and its connection
+//! test, made idempotent and honest about what failed.
+//!
+//! Setup connects as a superuser (from `DB_HOST`/`DB_PORT`/`DB_USER`/`DB_PASSWORD`
+//! or `--superuser-url`), creates the database when missing, applies the embedded
+//! migrations, gives the login users random passwords, inserts the seed's sample
+//! data (a test organization and a few aircraft) with an API key for it, writes
+//! `credentials.txt` and `api_key.txt` (mode 0600), and reports the seed's success
+//! checklist item by item. Running it again changes nothing: passwords and the key
+//! are read back from the files it wrote, unless `rotate` asks for new ones.
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Config, NoTls};
+
+use crate::cluster::random_token;
+use crate::migrate;
+
+/// The database the seed names.
+pub const DEFAULT_DATABASE: &str = "dbx_aviation";
+
+/// The seven tables of the seed's connection test, in its order.
+pub const EXPECTED_TABLES: [&str; 7] = [
+    "dbx_aviation.organizations",
+    "dbx_aviation.aircraft_registry",
+    "dbx_aviation.flight_sessions",
+    "dbx_aviation.flight_telemetry",
+    "dbx_aviation.ml_analysis_results",
+    "dbx_aviation.api_requests",
+    "dbx_audit.audit_log",
+];
+
+/// The login users setup gives passwords to, with the group role each belongs to.
+pub const LOGIN_USERS: [(&str, &str); 3] = [
+    ("dbx_api_service", "dbx_app_write"),
+    ("dbx_analytics_service", "dbx_app_read"),
+    ("dbx_ingest_service", "dbx_ingest"),
+];
+
+/// The sample organization's code.
+pub const SAMPLE_ORG_CODE: &str = "DBX-TEST";
+
+/// The seed's troubleshooting hint for a server that cannot be reached.
+const CONNECTION_HINT: &str =
+    "check that PostgreSQL is running (`sudo systemctl status postgresql` \
+     on Linux, `brew services list | grep postgres` on macOS) and listening on that host and port";
+
+/// What can go wrong in setup or check. Each message names what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The connection settings themselves are malformed.
+    #[error("invalid connection settings: {0}")]
+    BadUrl(String),
+    /// Nothing answers at host:port.
+    #[error("cannot reach PostgreSQL at {host}:{port}: {reason}; {CONNECTION_HINT}")]
+    Unreachable {
+        /// Host we tried.
+        host: String,
+        /// Port we tried.
+        port: u16,
+        /// What the socket said.
+        reason: String,
+    },
+    /// Wrong user or password.
+    #[error(
+        "authentication failed for user \"{user}\" at {host}:{port}: {reason} \
+         (reset it as the postgres OS user: `sudo -u postgres psql -c \"ALTER USER {user} PASSWORD '...'\"`)"
+    )]
+    AuthFailed {
+        /// The user.
+        user: String,
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// The server's message.
+        reason: String,
+    },
+    /// The role lacks a privilege setup needs.
+    #[error("permission denied while {doing}: {reason} (the connecting role lacks a privilege; `\\du` in psql lists roles; setup needs a superuser or a role with CREATEDB and CREATEROLE)")]
+    MissingPrivilege {
+        /// The step.
+        doing: String,
+        /// The server's message.
+        reason: String,
+    },
+    /// The database exists but is not ours.
+    #[error(
+        "database \"{database}\" exists but was not made by dbx (it has {tables} tables and no \
+         dbx_aviation.schema_migrations); choose another name with --database or drop it"
+    )]
+    ForeignDatabase {
+        /// The database name.
+        database: String,
+        /// How many user tables it has.
+        tables: i64,
+    },
+    /// The database named by the URL does not exist.
+    #[error(
+        "database \"{0}\" does not exist; run `dbx setup` first (or `createdb -U postgres {0}`)"
+    )]
+    NoDatabase(String),
+    /// A migration failed.
+    #[error(transparent)]
+    Migrate(#[from] migrate::MigrateError),
+    /// Tables of the schema are missing.
+    #[error("{} of the 7 tables are missing: {}; run `dbx setup` (or `dbx migrate`)", .0.len(), .0.join(", "))]
+    MissingTables(Vec<String>),
+    /// Any other database error, with the step.
+    #[error("{doing}: {reason}")]
+    Db {
+        /// The step.
+        doing: String,
+        /// The server's message.
+        reason: String,
+    },
+    /// Writing the credential files failed.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Renders a tokio-postgres error with its server message and SQLSTATE, which its
+/// `Display` ("db error") hides.
+pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+fn db_err(doing: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
+    let doing = doing.into();
+    move |e| {
+        if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+            SetupError::MissingPrivilege {
+                doing,
+                reason: describe_pg_error(&e),
+            }
+        } else {
+            SetupError::Db {
+                doing,
+                reason: describe_pg_error(&e),
+            }
+        }
+    }
+}
+
+/// Connects to `config`, classifying failures into the errors above.
+pub async fn connect(config: &Config) -> Result<Client, SetupError> {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("").to_string();
+    match config.connect(NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "setup connection closed");
+                }
+            });
+            Ok(client)
+        }
+        Err(e) => Err(match e.code() {
+            Some(c)
+                if *c == SqlState::INVALID_PASSWORD
+                    || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+            {
+                SetupError::AuthFailed {
+                    user,
+                    host,
+                    port,
+                    reason: describe_pg_error(&e),
+                }
+            }
+            Some(c) if *c == SqlState::INVALID_CATALOG_NAME => {
+                SetupError::NoDatabase(config.get_dbname().unwrap_or("").to_string())
+            }
+            Some(_) => SetupError::Db {
+                doing: format!("connecting to {host}:{port}"),
+                reason: describe_pg_error(&e),
+            },
+            None => {
+                let reason = describe_pg_error(&e);
+                // Password-less connection attempts to a password-protected server surface
+                // as a client-side "password missing" error; that is an auth failure too.
+                if reason.contains("password") {
+                    SetupError::AuthFailed {
+                        user,
+                        host,
+                        port,
+                        reason,
+                    }
+                } else {
+                    SetupError::Unreachable { host, port, reason }
+                }
+            }
+        }),
+    }
+}
+
+/// Where setup connects and what it writes.
+#[derive(Debug, Clone)]
+pub struct SetupOptions {
+    /// A superuser connection to the server (any database; we switch to ours).
+    pub superuser: Config,
+    /// The database to create and fill (default `dbx_aviation`).
+    pub database: String,
+    /// Where `credentials.txt` and `api_key.txt` go.
+    pub out_dir: PathBuf,
+    /// Make new passwords and a new API key even when the files exist.
+    pub rotate: bool,
+    /// Insert the seed's sample organization and aircraft.
+    pub sample_data: bool,
+}
+
+/// One item of the seed's success checklist.
+#[derive(Debug, Clone)]
+pub struct ChecklistItem {
+    /// The seed's wording.
+    pub label: &'static str,
+    /// `Some(true)` ticked, `Some(false)` failed, `None` not applicable here.
+    pub ok: Option<bool>,
+    /// What we found.
+    pub detail: String,
+}
+
+/// What setup did.
+#[derive(Debug, Clone)]
+pub struct SetupReport {
+    /// The server's version string.
+    pub server_version: String,
+    /// True when setup created the database in this run.
+    pub created_database: bool,
+    /// Migrations applied in this run.
+    pub migrations_applied: Vec<String>,
+    /// Login user → password in effect.
+    pub passwords: Vec<(String, String)>,
+    /// The sample organization's API key, when sample data was asked for.
+    pub api_key: Option<String>,
+    /// URLs for each login user.
+    pub urls: Vec<(String, String)>,
+    /// The seed's checklist.
+    pub checklist: Vec<ChecklistItem>,
+    /// Files written.
+    pub files: Vec<PathBuf>,
+}
+
+impl SetupReport {
+    /// True when no checklist item failed.
+    pub fn all_ok(&self) -> bool {
+        self.checklist.iter().all(|i| i.ok != Some(false))
+    }
+
+    /// The URL of one login user.
+    pub fn url_of(&self, user: &str) -> Option<&str> {
+        self.urls
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, url)| url.as_str())
+    }
+}
+
+impl fmt::Display for SetupReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "🎉 Success Checklist")?;
+        for item in &self.checklist {
+            let mark = match item.ok {
+                Some(true) => "[x]",
+                Some(false) => "[!]",
+                None => "[-]",
+            };
+            writeln!(f, "  {mark} {} — {}", item.label, item.detail)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the whole setup.
+pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
+    let db = &opts.database;
+    if db.is_empty() || db.len() > 63 || db.contains('"') || db.contains('\0') {
+        return Err(SetupError::BadUrl(format!("invalid database name {db:?}")));
+    }
+    let mut maint_cfg = opts.superuser.clone();
+    if maint_cfg.get_dbname().is_none() || maint_cfg.get_dbname() == Some(db.as_str()) {
+        maint_cfg.dbname("postgres");
+    }
+    let maint = connect(&maint_cfg).await?;
+    let server_version: String = maint
+        .query_one("SELECT version()", &[])
+        .await
+        .map_err(db_err("reading the server version"))?
+        .get(0);
+
+    let exists = maint
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[db])
+        .await
+        .map_err(db_err("looking for the database"))?
+        .is_some();
+    if !exists {
+        maint
+            .batch_execute(&format!(
+                "CREATE DATABASE \"{db}\" WITH ENCODING 'UTF8' TEMPLATE template0"
+            ))
+            .await
+            .map_err(db_err(format!("creating database {db}")))?;
+    }
+    drop(maint);
+
+    let mut cfg = opts.superuser.clone();
+    cfg.dbname(db);
+    let mut client = connect(&cfg).await?;
+    if exists {
+        refuse_foreign_database(&client, db).await?;
+    }
+    let applied = migrate::apply(&mut client).await?;
+
+    let passwords = login_passwords(&client, &opts.out_dir, opts.rotate).await?;
+    let api_key = if opts.sample_data {
+        Some(sample_data(&client, &opts.out_dir, opts.rotate).await?)
+    } else {
+        None
+    };
+
+    let (host, port) = host_port(&opts.superuser);
+    let urls: Vec<(String, String)> = passwords
+        .iter()
+        .map(|(user, pw)| {
+            (
+                user.clone(),
+                format!(
+                    "postgresql://{user}:{}@{host}:{port}/{db}",
+                    crate::cluster::urlencode(pw)
+                ),
+            )
+        })
+        .collect();
+    let files = write_files(&opts.out_dir, &urls, api_key.as_deref())?;
+
+    // The checklist: verify rather than assume.
+    let mut checklist = vec![ChecklistItem {
+        label: "PostgreSQL installed and running",
+        ok: Some(true),
+        detail: server_version.split(',').next().unwrap_or("").to_string(),
+    }];
+    checklist.push(ChecklistItem {
+        label: "Database `dbx_aviation` created",
+        ok: Some(true),
+        detail: if exists {
+            format!("{db} already existed")
+        } else {
+            format!("{db} created")
+        },
+    });
+    let missing = missing_tables(&client).await?;
+    checklist.push(ChecklistItem {
+        label: "All tables created successfully",
+        ok: Some(missing.is_empty()),
+        detail: if missing.is_empty() {
+            format!("7 tables; {} migration(s) applied now", applied.len())
+        } else {
+            format!("missing: {}", missing.join(", "))
+        },
+    });
+    let mut login_ok = Vec::new();
+    for (user, url) in &urls {
+        let ok = match url.parse::<Config>() {
+            Ok(c) => match connect(&c).await {
+                Ok(uc) => missing_tables(&uc)
+                    .await
+                    .map(|m| m.is_empty())
+                    .unwrap_or(false),
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        login_ok.push((user.clone(), ok));
+    }
+    checklist.push(ChecklistItem {
+        label: "Application users created with permissions",
+        ok: Some(login_ok.iter().all(|(_, ok)| *ok)),
+        detail: login_ok
+            .iter()
+            .map(|(u, ok)| format!("{u} {}", if *ok { "logs in" } else { "CANNOT log in" }))
+            .collect::<Vec<_>>()
+            .join(", "),
+    });
+    if opts.sample_data {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM dbx_aviation.aircraft_registry a \
+                 JOIN dbx_aviation.organizations o USING (org_id) WHERE o.org_code = $1",
+                &[&SAMPLE_ORG_CODE],
+            )
+            .await
+            .map_err(db_err("counting sample aircraft"))?
+            .get(0);
+        checklist.push(ChecklistItem {
+            label: "Sample data inserted",
+            ok: Some(n > 0),
+            detail: format!("organization {SAMPLE_ORG_CODE} with {n} aircraft"),
+        });
+    }
+    let check_ok = match urls.first().map(|(_, u)| u.parse::<Config>()) {
+        Some(Ok(c)) => check(&c).await.is_ok(),
+        _ => false,
+    };
+    checklist.push(ChecklistItem {
+        label: "Connection test passes",
+        ok: Some(check_ok),
+        detail: "`dbx check` as dbx_api_service".into(),
+    });
+    checklist.push(ChecklistItem {
+        label: "API integration works",
+        ok: None,
+        detail: "checked by the running daemon: `dbx serve`, then GET /api/v2/system/status".into(),
+    });
+    let secured = files.iter().all(|p| {
+        fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o077 == 0)
+            .unwrap_or(false)
+    });
+    checklist.push(ChecklistItem {
+        label: "Credentials files secured",
+        ok: Some(secured),
+        detail: files
+            .iter()
+            .map(|p| format!("{} (0600)", p.display()))
+            .collect::<Vec<_>>()
+            .join(", "),
+    });
+
+    Ok(SetupReport {
+        server_version,
+        created_database: !exists,
+        migrations_applied: applied
+            .iter()
+            .map(|a| {
+                format!(
+                    "{:04}_{} ({} ms)",
+                    a.version,
+                    a.name,
+                    a.duration.as_millis()
+                )
+            })
+            .collect(),
+        passwords,
+        api_key,
+        urls,
+        checklist,
+        files,
+    })
+}
+
+fn host_port(cfg: &Config) -> (String, u16) {
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "localhost".into(),
+    };
+    (host, cfg.get_ports().first().copied().unwrap_or(5432))
+}
+
+/// A database that has tables but no migrations table was made by something else.
+async fn refuse_foreign_database(client: &Client, db: &str) -> Result<(), SetupError> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass('dbx_aviation.schema_migrations') IS NOT NULL, \
+             (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE c.relkind IN ('r','p') AND n.nspname NOT IN ('pg_catalog','information_schema') \
+              AND n.nspname NOT LIKE 'pg_toast%')",
+            &[],
+        )
+        .await
+        .map_err(db_err("inspecting the existing database"))?;
+    let ours: bool = row.get(0);
+    let tables: i64 = row.get(1);
+    if !ours && tables > 0 {
+        return Err(SetupError::ForeignDatabase {
+            database: db.to_string(),
+            tables,
+        });
+    }
+    Ok(())
+}
+
+/// Reads `key = value` lines written by an earlier run.
+fn read_kv(path: &Path) -> Vec<(String, String)> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Passwords for the login users: kept from credentials.txt unless rotating.
+async fn login_passwords(
+    client: &Client,
+    out_dir: &Path,
+    rotate: bool,
+) -> Result<Vec<(String, String)>, SetupError> {
+    let previous = read_kv(&out_dir.join("credentials.txt"));
+    let mut out = Vec::new();
+    for (user, _) in LOGIN_USERS {
+        let key = format!("{user}_password");
+        let pw = previous
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+            .filter(|_| !rotate)
+            .unwrap_or_else(|| random_token(32));
+        // Passwords are alphanumeric, so quoting is safe; the statement is not logged by us.
+        client
+            .batch_execute(&format!("ALTER ROLE {user} WITH LOGIN PASSWORD '{pw}'"))
+            .await
+            .map_err(db_err(format!("setting the password of {user}")))?;
+        out.push((user.to_string(), pw));
+    }
+    Ok(out)
+}
+
+/// Hex SHA-256 of an API key, as stored in `organizations.api_key_hash`.
+pub fn api_key_hash(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// A new API key: `dbx_` and 40 random alphanumerics (≈238 bits).
+pub fn new_api_key() -> String {
+    format!("dbx_{}", random_token(40))
+}
+
+/// The seed's sample data: a test organization and a few aircraft, and its key.
+async fn sample_data(client: &Client, out_dir: &Path, rotate: bool) -> Result<String, SetupError> {
+    let previous = fs::read_to_string(out_dir.join("api_key.txt"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("dbx_"))
+                .map(str::to_string)
+        })
+        .filter(|_| !rotate);
+    let existing: Option<String> = client
+        .query_opt(
+            "SELECT api_key_hash FROM dbx_aviation.organizations WHERE org_code = $1",
+            &[&SAMPLE_ORG_CODE],
+        )
+        .await
+        .map_err(db_err("reading the sample organization"))?
+        .map(|r| r.get(0));
+    let key = match (previous, &existing) {
+        (Some(k), Some(h)) if api_key_hash(&k) == *h => k,
+        _ => new_api_key(),
+    };
+    let hash = api_key_hash(&key);
+    client
+        .execute(
+            "INSERT INTO dbx_aviation.organizations \
+               (org_code, org_name, org_type, subscription_tier, api_key_hash, compliance_level) \
+             VALUES ($1, 'DBX Test Organization', 'drone_operator', 'enterprise', $2, 'standard') \
+             ON CONFLICT (org_code) DO UPDATE SET api_key_hash = EXCLUDED.api_key_hash \
+             WHERE organizations.api_key_hash IS DISTINCT FROM EXCLUDED.api_key_hash",
+            &[&SAMPLE_ORG_CODE, &hash],
+        )
+        .await
+        .map_err(db_err("inserting the sample organization"))?;
+    client
+        .execute(
+            "INSERT INTO dbx_aviation.aircraft_registry \
+               (org_id, registration_number, aircraft_type, manufacturer, model, next_maintenance_date) \
+             SELECT o.org_id, a.reg, a.typ, a.mfr, a.model, CURRENT_DATE + a.due \
+             FROM dbx_aviation.organizations o, (VALUES \
+               ('N101DX', 'quadcopter', 'DBX Aerospace', 'Q-4 Surveyor', 45), \
+               ('N102DX', 'quadcopter', 'DBX Aerospace', 'Q-4 Surveyor', 12), \
+               ('N201DX', 'fixed_wing', 'DBX Aerospace', 'FW-2 Courier', 90), \
+               ('N301DX', 'vtol', 'DBX Aerospace', 'V-3 Hybrid', 5) \
+             ) AS a(reg, typ, mfr, model, due) \
+             WHERE o.org_code = $1 \
+             ON CONFLICT DO NOTHING",
+            &[&SAMPLE_ORG_CODE],
+        )
+        .await
+        .map_err(db_err("inserting the sample aircraft"))?;
+    Ok(key)
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), SetupError> {
+    let io = |source| SetupError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    // An older file keeps its mode on open; tighten it explicitly.
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)
+}
+
+fn write_files(
+    out_dir: &Path,
+    urls: &[(String, String)],
+    api_key: Option<&str>,
+) -> Result<Vec<PathBuf>, SetupError> {
+    fs::create_dir_all(out_dir).map_err(|source| SetupError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let mut creds =
+        String::from("# dbx application users (written by `dbx setup`; keep this file secret)\n");
+    for (user, url) in urls {
+        let pw = url
+            .parse::<Config>()
+            .ok()
+            .and_then(|c| {
+                c.get_password()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+            })
+            .unwrap_or_default();
+        creds.push_str(&format!("{user}_password = {pw}\n{user}_url = {url}\n"));
+    }
+    let creds_path = out_dir.join("credentials.txt");
+    write_private(&creds_path, &creds)?;
+    let mut files = vec![creds_path];
+    if let Some(key) = api_key {
+        let path = out_dir.join("api_key.txt");
+        write_private(
+            &path,
+            &format!("# API key of organization {SAMPLE_ORG_CODE} (only its SHA-256 is in the database)\n{key}\n"),
+        )?;
+        files.push(path);
+    }
+    Ok(files)
+}
+
+/// The seven expected tables that are not there. Asked of the catalog, which every
+/// role may read, so that a role without USAGE on a schema still sees what exists.
+pub async fn missing_tables(client: &Client) -> Result<Vec<String>, SetupError> {
+    let wanted: Vec<String> = EXPECTED_TABLES.iter().map(|s| s.to_string()).collect();
+    let present: Vec<String> = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname FROM pg_catalog.pg_class c \
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND n.nspname || '.' || c.relname = ANY($1)",
+            &[&wanted],
+        )
+        .await
+        .map_err(db_err("looking up tables"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(wanted
+        .into_iter()
+        .filter(|t| !present.contains(t))
+        .collect())
+}
+
+/// What `dbx check` found.
+#[derive(Debug, Clone)]
+pub struct CheckReport {
+    /// `PostgreSQL 15.x` as the seed prints it.
+    pub version: String,
+    /// The seven tables, all present.
+    pub tables: Vec<String>,
+    /// Migrations applied / known to this binary; `None` when this role may not read them.
+    pub migrations: Option<(usize, usize)>,
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "Testing database connection...")?;
+        writeln!(f, "✅ Database connection successful!")?;
+        writeln!(f, "📊 Database version: {}", self.version)?;
+        writeln!(f, "📋 Found {} tables:", self.tables.len())?;
+        for t in &self.tables {
+            writeln!(f, "   - {t}")?;
+        }
+        match self.migrations {
+            Some((applied, known)) => write!(f, "🗂  Migrations: {applied} of {known} applied"),
+            None => write!(f, "🗂  Migrations: not readable by this role"),
+        }
+    }
+}
+
+/// The seed's connection test: version and the seven tables; an error when any is missing.
+pub async fn check(config: &Config) -> Result<CheckReport, SetupError> {
+    let client = connect(config).await?;
+    let full: String = client
+        .query_one("SELECT version()", &[])
+        .await
+        .map_err(db_err("reading the server version"))?
+        .get(0);
+    // "PostgreSQL 15.18 (Debian ...) on x86_64..." → "PostgreSQL 15.18"
+    let version = full
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let missing = missing_tables(&client).await?;
+    if !missing.is_empty() {
+        return Err(SetupError::MissingTables(missing));
+    }
+    let applied = match client
+        .query_one("SELECT count(*) FROM dbx_aviation.schema_migrations", &[])
+        .await
+    {
+        Ok(row) => Some((row.get::<_, i64>(0) as usize, migrate::MIGRATIONS.len())),
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => None,
+        Err(e) => return Err(db_err("reading dbx_aviation.schema_migrations")(e)),
+    };
+    Ok(CheckReport {
+        version,
+        tables: EXPECTED_TABLES.iter().map(|s| s.to_string()).collect(),
+        migrations: applied,
+    })
+}

@@ -1,0 +1,686 @@
+//! The protocol messages, and decoding them from one frame body (or one UDP datagram).
+//!
+//! [`decode_client`] turns a TCP frame body into a [`ClientMessage`] or a
+//! [`DecodeError`] that says whether the answer is a connection-level `error` or a
+//! `nack` of one batch. [`decode_datagram`] does the same for UDP, where there is no
+//! answer. [`decode_server`] is the client side's decoder of server frames.
+//!
+//! Precedence when a frame breaks several rules: `bad_frame` (not exactly one
+//! well-formed map with string keys) first, then connection-level codes, then the
+//! batch's own `invalid_batch` (in the order `aircraft`, `session`, `points`), then the
+//! first bad point.
+//!
+//! Choices where PROTOCOL.md is silent (mirrored in the crate docs):
+//! - A `batch` whose `seq` is missing or not an unsigned 64-bit integer cannot be
+//!   nacked (a nack echoes `seq`, and `ack` is cumulative), so it is the
+//!   connection-level `error protocol`.
+//! - `hello`: `v` missing or not an unsigned integer is `unsupported_version` (the
+//!   decoder does not compare `v` with [`PROTOCOL_VERSION`]: the listener does);
+//!   `key` missing or not a UTF-8 string is `unauthorized`; `gateway` that is not a
+//!   string (or `nil`), longer than 64 characters, or holding a NUL is `protocol`.
+//! - A defined key that appears twice in one message is `protocol` (`t`, `seq`, and
+//!   the `hello` keys) or `invalid_batch` (`aircraft`, `session`, `points`).
+//! - `aircraft`: a string that parses as a UUID (any form `uuid` accepts) or 16-byte
+//!   binary is an aircraft id; any other non-empty string without NUL is a
+//!   registration number. `session`: a UUID string or 16-byte binary.
+//! - UDP: a datagram over 65 507 bytes is `frame_too_large`; `seq` may be absent or
+//!   `nil`; `t`, when present, must be the string `"batch"` (else `protocol`).
+
+use dbx_core::{Point, RejectCode, Rejection};
+use uuid::Uuid;
+
+use crate::point::decode_points;
+use crate::reader::{Malformed, Reader, Token};
+use crate::Limits;
+
+/// The protocol version this crate speaks (`hello.v`, `welcome.v`).
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// Longest `gateway` text accepted in `hello`, in characters.
+pub const MAX_GATEWAY_CHARS: usize = 64;
+
+/// Largest UDP datagram accepted, in bytes.
+pub const MAX_DATAGRAM_BYTES: usize = 65_507;
+
+/// A message from a gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientMessage {
+    /// `hello`: authenticate.
+    Hello(Hello),
+    /// `batch`: telemetry of one aircraft in one flight session.
+    Batch(Batch),
+    /// `ping`: keep-alive, answered with `pong`.
+    Ping,
+    /// `bye`: graceful end.
+    Bye,
+}
+
+/// The `hello` message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version the client speaks (the listener answers `unsupported_version`
+    /// unless it is [`PROTOCOL_VERSION`]).
+    pub v: u64,
+    /// The API key, in clear; only its SHA-256 is ever compared or stored.
+    pub key: String,
+    /// Free text naming the gateway, at most 64 characters.
+    pub gateway: Option<String>,
+}
+
+/// The `batch` message, with its points decoded and validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// Strictly increasing on the connection; echoed exactly in `ack`/`nack`.
+    pub seq: u64,
+    /// The aircraft, as the gateway named it.
+    pub aircraft: AircraftRef,
+    /// The flight session.
+    pub session: Uuid,
+    /// 1..=`max_points_per_batch` valid points.
+    pub points: Vec<Point>,
+}
+
+/// How a batch names its aircraft.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AircraftRef {
+    /// A registration number, resolved within the organization.
+    Registration(String),
+    /// An aircraft UUID (sent as a UUID string or 16-byte binary).
+    Id(Uuid),
+}
+
+/// One UDP datagram: a batch plus the API key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Datagram {
+    /// The API key, in clear.
+    pub key: String,
+    /// The batch sequence number, when the gateway sent one.
+    pub seq: Option<u64>,
+    /// The aircraft, as the gateway named it.
+    pub aircraft: AircraftRef,
+    /// The flight session.
+    pub session: Uuid,
+    /// 1..=`max_points_per_batch` valid points.
+    pub points: Vec<Point>,
+}
+
+/// A message from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMessage {
+    /// Handshake accepted.
+    Welcome {
+        /// Protocol version.
+        v: u64,
+        /// The organization the key belongs to.
+        org: Uuid,
+        /// The server's `max_frame_bytes`.
+        max_frame: u32,
+        /// The server's `max_points_per_batch`.
+        max_points: u32,
+    },
+    /// Every batch with `seq` ≤ this on the connection that was not nacked is durable.
+    Ack {
+        /// Highest acknowledged batch sequence number.
+        seq: u64,
+    },
+    /// This batch was rejected as a whole.
+    Nack {
+        /// The rejected batch.
+        seq: u64,
+        /// Why.
+        code: RejectCode,
+        /// A sentence naming what was wrong and where.
+        msg: String,
+        /// The first bad point, counted from 0.
+        index: Option<u32>,
+    },
+    /// Connection-level error; the server closes right after.
+    Error {
+        /// Why.
+        code: RejectCode,
+        /// A sentence naming what was wrong.
+        msg: String,
+    },
+    /// Answer to `ping`.
+    Pong,
+    /// Answer to `bye`.
+    Bye,
+}
+
+impl ServerMessage {
+    /// The `nack` answering a [`DecodeError::Batch`] or a later rejection.
+    pub fn nack(seq: u64, rejection: Rejection) -> Self {
+        ServerMessage::Nack {
+            seq,
+            code: rejection.code,
+            msg: rejection.msg,
+            index: rejection.index,
+        }
+    }
+
+    /// The `error` frame for a connection-level rejection.
+    pub fn error(rejection: Rejection) -> Self {
+        ServerMessage::Error {
+            code: rejection.code,
+            msg: rejection.msg,
+        }
+    }
+}
+
+/// Why a client frame was refused, and so how to answer it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Answer with an `error` frame and close the connection.
+    #[error("connection error {0}")]
+    Connection(Rejection),
+    /// Answer with a `nack` for `seq`; the connection stays open.
+    #[error("nack of batch {seq}: {rejection}")]
+    Batch {
+        /// The batch's `seq`, echoed in the nack.
+        seq: u64,
+        /// Code, message and index of the first bad point.
+        rejection: Rejection,
+    },
+}
+
+impl DecodeError {
+    /// The rejection, whichever kind of answer it calls for.
+    pub fn rejection(&self) -> &Rejection {
+        match self {
+            DecodeError::Connection(r) => r,
+            DecodeError::Batch { rejection, .. } => rejection,
+        }
+    }
+
+    /// The server frame that answers this error.
+    pub fn to_server_message(&self) -> ServerMessage {
+        match self {
+            DecodeError::Connection(r) => ServerMessage::error(r.clone()),
+            DecodeError::Batch { seq, rejection } => ServerMessage::nack(*seq, rejection.clone()),
+        }
+    }
+}
+
+// Bits of the defined top-level keys, for duplicate detection.
+const K_T: u16 = 1 << 0;
+const K_V: u16 = 1 << 1;
+const K_KEY: u16 = 1 << 2;
+const K_GATEWAY: u16 = 1 << 3;
+const K_SEQ: u16 = 1 << 4;
+const K_AIRCRAFT: u16 = 1 << 5;
+const K_SESSION: u16 = 1 << 6;
+const K_POINTS: u16 = 1 << 7;
+
+/// The top-level entries of a client frame: scalar values as tokens, `points`
+/// decoded (when the message may be a batch).
+#[derive(Default)]
+struct Top<'a> {
+    seen: u16,
+    dup: u16,
+    t: Option<Token<'a>>,
+    v: Option<Token<'a>>,
+    key: Option<Token<'a>>,
+    gateway: Option<Token<'a>>,
+    seq: Option<Token<'a>>,
+    aircraft: Option<Token<'a>>,
+    session: Option<Token<'a>>,
+    points: Option<Result<Vec<Point>, Rejection>>,
+}
+
+fn bad_frame(msg: impl Into<String>) -> Rejection {
+    Rejection::new(RejectCode::BadFrame, msg)
+}
+
+fn malformed(_: Malformed) -> Rejection {
+    bad_frame(
+        "the frame body is not well-formed MessagePack (it ends inside a value or holds the reserved byte 0xc1)",
+    )
+}
+
+/// Walks the top-level map once: checks it is exactly one map with string keys and
+/// nothing after it, and collects the defined keys. Errors are `bad_frame`.
+fn scan<'a>(body: &'a [u8], limits: &Limits, now_micros: i64) -> Result<Top<'a>, Rejection> {
+    if body.is_empty() {
+        return Err(bad_frame("the frame body is empty"));
+    }
+    let mut r = Reader::new(body);
+    let n = match r.next().map_err(malformed)? {
+        Token::Map(n) => n,
+        other => {
+            return Err(bad_frame(format!(
+                "the frame body is {other}, not a MessagePack map"
+            )))
+        }
+    };
+    let mut top = Top::default();
+    for i in 0..n {
+        let key = match r.next().map_err(malformed)? {
+            Token::Str(k) => k,
+            other => {
+                return Err(bad_frame(format!(
+                    "top-level key {i} is {other}; keys must be strings"
+                )))
+            }
+        };
+        let bit = match key {
+            b"t" => K_T,
+            b"v" => K_V,
+            b"key" => K_KEY,
+            b"gateway" => K_GATEWAY,
+            b"seq" => K_SEQ,
+            b"aircraft" => K_AIRCRAFT,
+            b"session" => K_SESSION,
+            b"points" => K_POINTS,
+            _ => 0,
+        };
+        let first = bit != 0 && top.seen & bit == 0;
+        top.seen |= bit;
+        if bit != 0 && !first {
+            top.dup |= bit;
+        }
+        if bit == K_POINTS && first && top.t.is_none_or(|t| t == Token::Str(b"batch")) {
+            top.points = Some(decode_points(&mut r, limits, now_micros).map_err(malformed)?);
+            continue;
+        }
+        let value = r.value().map_err(malformed)?;
+        if !first {
+            continue;
+        }
+        let slot = match bit {
+            K_T => &mut top.t,
+            K_V => &mut top.v,
+            K_KEY => &mut top.key,
+            K_GATEWAY => &mut top.gateway,
+            K_SEQ => &mut top.seq,
+            K_AIRCRAFT => &mut top.aircraft,
+            K_SESSION => &mut top.session,
+            _ => continue,
+        };
+        *slot = Some(value);
+    }
+    if r.remaining() > 0 {
+        return Err(bad_frame(format!(
+            "the frame body has {} trailing bytes after the map",
+            r.remaining()
+        )));
+    }
+    Ok(top)
+}
+
+fn protocol(msg: impl Into<String>) -> Rejection {
+    Rejection::new(RejectCode::Protocol, msg)
+}
+
+fn invalid_batch(msg: impl Into<String>) -> Rejection {
+    Rejection::new(RejectCode::InvalidBatch, msg)
+}
+
+fn dup_name(dup: u16) -> &'static str {
+    const NAMES: [(u16, &str); 8] = [
+        (K_T, "t"),
+        (K_V, "v"),
+        (K_KEY, "key"),
+        (K_GATEWAY, "gateway"),
+        (K_SEQ, "seq"),
+        (K_AIRCRAFT, "aircraft"),
+        (K_SESSION, "session"),
+        (K_POINTS, "points"),
+    ];
+    NAMES
+        .iter()
+        .find(|(b, _)| dup & b != 0)
+        .map_or("?", |(_, n)| n)
+}
+
+/// Decodes one TCP frame body from a gateway.
+///
+/// `now_micros` is the server's clock (microseconds since the epoch), for the
+/// timestamp window of [`Limits`].
+pub fn decode_client(
+    body: &[u8],
+    limits: &Limits,
+    now_micros: i64,
+) -> Result<ClientMessage, DecodeError> {
+    let top = scan(body, limits, now_micros).map_err(DecodeError::Connection)?;
+    let conn = |r: Rejection| Err(DecodeError::Connection(r));
+    if top.dup & K_T != 0 {
+        return conn(protocol("key t appears twice in the message"));
+    }
+    let t = match top.t {
+        None => return conn(protocol("the message has no key t naming its type")),
+        Some(Token::Str(t)) => t,
+        Some(other) => {
+            return conn(protocol(format!(
+                "t = {other} is not a string naming a message type"
+            )))
+        }
+    };
+    match t {
+        b"hello" => decode_hello(&top).map(ClientMessage::Hello),
+        b"batch" => decode_batch(top),
+        b"ping" => Ok(ClientMessage::Ping),
+        b"bye" => Ok(ClientMessage::Bye),
+        _ => conn(protocol(format!(
+            "t = {} is not a client message type (hello, batch, ping, bye)",
+            Token::Str(t)
+        ))),
+    }
+}
+
+fn decode_hello(top: &Top<'_>) -> Result<Hello, DecodeError> {
+    let conn = |r: Rejection| DecodeError::Connection(r);
+    let dup = top.dup & (K_V | K_KEY | K_GATEWAY);
+    if dup != 0 {
+        return Err(conn(protocol(format!(
+            "hello: key {} appears twice",
+            dup_name(dup)
+        ))));
+    }
+    let v = match top.v {
+        Some(Token::UInt(v)) => v,
+        Some(other) => {
+            return Err(conn(Rejection::new(
+                RejectCode::UnsupportedVersion,
+                format!(
+                    "hello: v = {other} is not a protocol version; this server speaks version {PROTOCOL_VERSION}"
+                ),
+            )))
+        }
+        None => {
+            return Err(conn(Rejection::new(
+                RejectCode::UnsupportedVersion,
+                format!("hello: key v is missing; this server speaks version {PROTOCOL_VERSION}"),
+            )))
+        }
+    };
+    let gateway = match top.gateway {
+        None | Some(Token::Nil) => None,
+        Some(tok) => {
+            let s = tok.as_str().ok_or_else(|| {
+                conn(protocol(format!(
+                    "hello: gateway = {tok} is not a UTF-8 string"
+                )))
+            })?;
+            let chars = s.chars().count();
+            if chars > MAX_GATEWAY_CHARS {
+                return Err(conn(protocol(format!(
+                    "hello: gateway is {chars} characters long; at most {MAX_GATEWAY_CHARS} are allowed"
+                ))));
+            }
+            if s.contains('\0') {
+                return Err(conn(protocol(
+                    "hello: gateway contains a NUL character (U+0000)",
+                )));
+            }
+            Some(s.to_owned())
+        }
+    };
+    let key = match top.key.as_ref().and_then(Token::as_str) {
+        Some(k) => k.to_owned(),
+        None => {
+            return Err(conn(Rejection::new(
+                RejectCode::Unauthorized,
+                "hello: key is missing or not a string",
+            )))
+        }
+    };
+    Ok(Hello { v, key, gateway })
+}
+
+fn decode_batch(top: Top<'_>) -> Result<ClientMessage, DecodeError> {
+    let conn = |r: Rejection| DecodeError::Connection(r);
+    if top.dup & K_SEQ != 0 {
+        return Err(conn(protocol("batch: key seq appears twice")));
+    }
+    let seq = match top.seq {
+        Some(Token::UInt(s)) => s,
+        Some(other) => {
+            return Err(conn(protocol(format!(
+                "batch: seq = {other} is not an unsigned 64-bit integer, so the batch cannot be acknowledged"
+            ))))
+        }
+        None => {
+            return Err(conn(protocol(
+                "batch: key seq is missing, so the batch cannot be acknowledged",
+            )))
+        }
+    };
+    batch_body(top, "batch")
+        .map(|(aircraft, session, points)| {
+            ClientMessage::Batch(Batch {
+                seq,
+                aircraft,
+                session,
+                points,
+            })
+        })
+        .map_err(|rejection| DecodeError::Batch { seq, rejection })
+}
+
+/// The nack-level part of a batch (or datagram): aircraft, session, points.
+fn batch_body(top: Top<'_>, what: &str) -> Result<(AircraftRef, Uuid, Vec<Point>), Rejection> {
+    let dup = top.dup & (K_AIRCRAFT | K_SESSION | K_POINTS);
+    if dup != 0 {
+        return Err(invalid_batch(format!(
+            "{what}: key {} appears twice",
+            dup_name(dup)
+        )));
+    }
+    let aircraft = match top.aircraft {
+        Some(tok) => aircraft_ref(tok, what)?,
+        None => return Err(invalid_batch(format!("{what}: key aircraft is missing"))),
+    };
+    let session = match top.session {
+        Some(tok) => uuid_value(tok).ok_or_else(|| {
+            invalid_batch(format!(
+                "{what}: session = {tok} is not a UUID (string or 16-byte binary)"
+            ))
+        })?,
+        None => return Err(invalid_batch(format!("{what}: key session is missing"))),
+    };
+    let points = match top.points {
+        Some(p) => p?,
+        None => return Err(invalid_batch(format!("{what}: key points is missing"))),
+    };
+    Ok((aircraft, session, points))
+}
+
+fn uuid_value(tok: Token<'_>) -> Option<Uuid> {
+    match tok {
+        Token::Str(_) => Uuid::try_parse(tok.as_str()?).ok(),
+        Token::Bin(b) => Uuid::from_slice(b).ok(),
+        _ => None,
+    }
+}
+
+fn aircraft_ref(tok: Token<'_>, what: &str) -> Result<AircraftRef, Rejection> {
+    if let Some(id) = uuid_value(tok) {
+        return Ok(AircraftRef::Id(id));
+    }
+    let bad = |why: &str| invalid_batch(format!("{what}: aircraft = {tok} {why}"));
+    match tok {
+        Token::Str(_) => {
+            let s = tok.as_str().ok_or_else(|| bad("is not valid UTF-8"))?;
+            if s.is_empty() {
+                Err(bad(
+                    "is empty; it must be a registration number or an aircraft UUID",
+                ))
+            } else if s.contains('\0') {
+                Err(bad("contains a NUL character (U+0000)"))
+            } else {
+                Ok(AircraftRef::Registration(s.to_owned()))
+            }
+        }
+        Token::Bin(_) => Err(bad("is not a 16-byte UUID")),
+        _ => Err(bad("is neither a registration number nor an aircraft UUID")),
+    }
+}
+
+/// Decodes one UDP datagram: a map with the `batch` keys (`seq` optional) and `key`.
+pub fn decode_datagram(
+    buf: &[u8],
+    limits: &Limits,
+    now_micros: i64,
+) -> Result<Datagram, Rejection> {
+    if buf.len() > MAX_DATAGRAM_BYTES {
+        return Err(Rejection::new(
+            RejectCode::FrameTooLarge,
+            format!(
+                "the datagram is {} bytes; at most {MAX_DATAGRAM_BYTES} are allowed",
+                buf.len()
+            ),
+        ));
+    }
+    let top = scan(buf, limits, now_micros)?;
+    if top.dup & K_T != 0 {
+        return Err(protocol("datagram: key t appears twice"));
+    }
+    match top.t {
+        None | Some(Token::Str(b"batch")) => {}
+        Some(other) => {
+            return Err(protocol(format!(
+                "datagram: t = {other}; a datagram can only carry a batch"
+            )))
+        }
+    }
+    if top.dup & (K_KEY | K_SEQ) != 0 {
+        return Err(invalid_batch(format!(
+            "datagram: key {} appears twice",
+            dup_name(top.dup & (K_KEY | K_SEQ))
+        )));
+    }
+    let key = match top.key.as_ref().and_then(Token::as_str) {
+        Some(k) => k.to_owned(),
+        None => {
+            return Err(Rejection::new(
+                RejectCode::Unauthorized,
+                "datagram: key is missing or not a string",
+            ))
+        }
+    };
+    let seq = match top.seq {
+        None | Some(Token::Nil) => None,
+        Some(Token::UInt(s)) => Some(s),
+        Some(other) => {
+            return Err(invalid_batch(format!(
+                "datagram: seq = {other} is not an unsigned 64-bit integer"
+            )))
+        }
+    };
+    let (aircraft, session, points) = batch_body(top, "datagram")?;
+    Ok(Datagram {
+        key,
+        seq,
+        aircraft,
+        session,
+        points,
+    })
+}
+
+/// Why a server frame could not be decoded (client side).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServerDecodeError {
+    /// Not exactly one well-formed MessagePack map with string keys.
+    #[error("malformed server frame: {0}")]
+    Malformed(String),
+    /// A key the message type requires is missing or has the wrong type.
+    #[error("server message {t}: key {key} is missing or mistyped")]
+    BadKey {
+        /// The message type.
+        t: String,
+        /// The key.
+        key: &'static str,
+    },
+    /// `t` names no server message this crate knows.
+    #[error("unknown server message type {0:?}")]
+    UnknownType(String),
+    /// `code` is not a code this crate knows.
+    #[error("unknown code {0:?}")]
+    UnknownCode(String),
+}
+
+/// Decodes one server frame body (for clients: the loadgen, tests, Rust gateways).
+pub fn decode_server(body: &[u8]) -> Result<ServerMessage, ServerDecodeError> {
+    let m = |s: &str| ServerDecodeError::Malformed(s.to_owned());
+    let mut r = Reader::new(body);
+    let n = match r.next() {
+        Ok(Token::Map(n)) => n,
+        Ok(_) => return Err(m("not a map")),
+        Err(_) => return Err(m("not well-formed MessagePack")),
+    };
+    let mut fields: [Option<Token<'_>>; 9] = [None; 9];
+    const KEYS: [&str; 9] = [
+        "t",
+        "v",
+        "org",
+        "max_frame",
+        "max_points",
+        "seq",
+        "code",
+        "msg",
+        "index",
+    ];
+    for _ in 0..n {
+        let key = match r.next() {
+            Ok(Token::Str(k)) => k,
+            Ok(_) => return Err(m("a key is not a string")),
+            Err(_) => return Err(m("not well-formed MessagePack")),
+        };
+        let value = r.value().map_err(|_| m("not well-formed MessagePack"))?;
+        if let Some(i) = KEYS.iter().position(|k| k.as_bytes() == key) {
+            fields[i] = Some(value);
+        }
+    }
+    if r.remaining() > 0 {
+        return Err(m("trailing bytes after the map"));
+    }
+    let t = fields[0]
+        .as_ref()
+        .and_then(Token::as_str)
+        .ok_or_else(|| m("no string key t"))?;
+    let bad = |key: &'static str| ServerDecodeError::BadKey {
+        t: t.to_owned(),
+        key,
+    };
+    let uint = |i: usize| match fields[i] {
+        Some(Token::UInt(v)) => Ok(v),
+        _ => Err(bad(KEYS[i])),
+    };
+    let u32_at = |i: usize| uint(i).and_then(|v| u32::try_from(v).map_err(|_| bad(KEYS[i])));
+    let string = |i: usize| {
+        fields[i]
+            .as_ref()
+            .and_then(Token::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| bad(KEYS[i]))
+    };
+    let code = || {
+        let c = string(6)?;
+        RejectCode::parse(&c).ok_or(ServerDecodeError::UnknownCode(c))
+    };
+    Ok(match t {
+        "welcome" => ServerMessage::Welcome {
+            v: uint(1)?,
+            org: fields[2].and_then(uuid_value).ok_or_else(|| bad("org"))?,
+            max_frame: u32_at(3)?,
+            max_points: u32_at(4)?,
+        },
+        "ack" => ServerMessage::Ack { seq: uint(5)? },
+        "nack" => ServerMessage::Nack {
+            seq: uint(5)?,
+            code: code()?,
+            msg: string(7)?,
+            index: match fields[8] {
+                None | Some(Token::Nil) => None,
+                Some(_) => Some(u32_at(8)?),
+            },
+        },
+        "error" => ServerMessage::Error {
+            code: code()?,
+            msg: string(7)?,
+        },
+        "pong" => ServerMessage::Pong,
+        "bye" => ServerMessage::Bye,
+        other => return Err(ServerDecodeError::UnknownType(other.to_owned())),
+    })
+}

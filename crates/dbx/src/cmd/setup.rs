@@ -1,0 +1,251 @@
+//! `dbx setup`, `dbx check` and `dbx migrate`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use dbx_control::{migrate, setup};
+use tokio_postgres::Config as PgConfig;
+
+use crate::config::{self, Config};
+
+/// Flags of `dbx setup`.
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Superuser connection URL; default built from DB_HOST, DB_PORT, DB_USER, DB_PASSWORD.
+    #[arg(long, env = "DBX_SUPERUSER_URL")]
+    superuser_url: Option<String>,
+    /// Database to create and fill.
+    #[arg(long, default_value = setup::DEFAULT_DATABASE)]
+    database: String,
+    /// Directory for credentials.txt and api_key.txt.
+    #[arg(long, default_value = "./database")]
+    out_dir: PathBuf,
+    /// Make new passwords and a new API key even when the files exist.
+    #[arg(long)]
+    rotate: bool,
+    /// Skip the sample organization and aircraft.
+    #[arg(long)]
+    no_sample_data: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Flags of `dbx check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Connection URL; default DATABASE_URL, then the config's database.url.
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
+/// Flags of `dbx migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Connection URL of the database owner or a superuser; default DATABASE_URL.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    action: Option<MigrateAction>,
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateAction {
+    /// Apply pending migrations (the default).
+    Apply,
+    /// List migrations and whether each is applied.
+    Status,
+}
+
+/// Parses a URL, naming the flag or variable it came from when it is malformed.
+pub fn parse_url(url: &str, from: &str) -> anyhow::Result<PgConfig> {
+    url.parse::<PgConfig>()
+        .map_err(|e| anyhow::anyhow!("{from} is not a valid PostgreSQL URL: {e}"))
+}
+
+/// The superuser connection from the flag or the seed's DB_* variables.
+fn superuser_config(args: &SetupArgs) -> anyhow::Result<PgConfig> {
+    if let Some(url) = &args.superuser_url {
+        return parse_url(url, "--superuser-url");
+    }
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut cfg = PgConfig::new();
+    cfg.host(var("DB_HOST").as_deref().unwrap_or("localhost"));
+    let port = match var("DB_PORT") {
+        Some(p) => p
+            .parse::<u16>()
+            .with_context(|| format!("DB_PORT must be a port number, not {p:?}"))?,
+        None => 5432,
+    };
+    cfg.port(port);
+    cfg.user(var("DB_USER").as_deref().unwrap_or("postgres"));
+    if let Some(pw) = var("DB_PASSWORD") {
+        cfg.password(pw);
+    }
+    cfg.dbname("postgres");
+    cfg.connect_timeout(std::time::Duration::from_secs(10));
+    Ok(cfg)
+}
+
+/// `dbx setup`.
+pub async fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
+    let opts = setup::SetupOptions {
+        superuser: superuser_config(&args)?,
+        database: args.database.clone(),
+        out_dir: args.out_dir.clone(),
+        rotate: args.rotate,
+        sample_data: !args.no_sample_data,
+    };
+    let report = setup::setup(&opts).await?;
+    if args.json {
+        let checklist: Vec<_> = report
+            .checklist
+            .iter()
+            .map(|i| serde_json::json!({"item": i.label, "ok": i.ok, "detail": i.detail}))
+            .collect();
+        let out = serde_json::json!({
+            "server_version": report.server_version,
+            "created_database": report.created_database,
+            "migrations_applied": report.migrations_applied,
+            "files": report.files,
+            "checklist": checklist,
+            "ok": report.all_ok(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("Setting up database {} ...", args.database);
+        if report.created_database {
+            println!("  created database {}", args.database);
+        }
+        for m in &report.migrations_applied {
+            println!("  applied migration {m}");
+        }
+        if report.migrations_applied.is_empty() {
+            println!("  migrations: up to date");
+        }
+        for f in &report.files {
+            println!("  wrote {}", f.display());
+        }
+        println!();
+        print!("{report}");
+        if let Some(url) = report.url_of("dbx_ingest_service") {
+            let redacted = redact(url);
+            println!("\nNext: DATABASE_URL={redacted} dbx serve   (full URL in credentials.txt)");
+        }
+    }
+    Ok(if report.all_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A URL with its password replaced, for printing.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn database_url(
+    flag: Option<String>,
+    config_path: Option<&Path>,
+) -> anyhow::Result<(String, String)> {
+    if let Some(u) = flag {
+        return Ok((u, "--database-url".into()));
+    }
+    let cfg: Config = config::load(config_path)?;
+    Ok((cfg.database.url, "DATABASE_URL / database.url".into()))
+}
+
+/// `dbx check`.
+pub async fn check(config_path: Option<&Path>, args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let (url, from) = database_url(args.database_url, config_path)?;
+    let cfg = parse_url(&url, &from)?;
+    match setup::check(&cfg).await {
+        Ok(report) => {
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("Testing database connection...");
+            println!("❌ {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `dbx migrate`.
+pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let Some(url) = args.database_url else {
+        bail!("no database: pass --database-url or set DATABASE_URL (the owner's or a superuser's URL)");
+    };
+    let cfg = parse_url(&url, "--database-url")?;
+    let mut client = setup::connect(&cfg).await?;
+    match args.action.unwrap_or(MigrateAction::Apply) {
+        MigrateAction::Apply => {
+            let applied = migrate::apply(&mut client).await?;
+            if applied.is_empty() {
+                println!(
+                    "migrations: up to date ({} known)",
+                    migrate::MIGRATIONS.len()
+                );
+            }
+            for a in applied {
+                println!(
+                    "applied {:04}_{} in {} ms",
+                    a.version,
+                    a.name,
+                    a.duration.as_millis()
+                );
+            }
+        }
+        MigrateAction::Status => {
+            for s in migrate::status(&client).await? {
+                let state = match s.state {
+                    migrate::MigrationState::Applied {
+                        applied_at,
+                        checksum_matches: true,
+                    } => {
+                        format!("applied {applied_at}")
+                    }
+                    migrate::MigrationState::Applied {
+                        applied_at,
+                        checksum_matches: false,
+                    } => {
+                        format!("applied {applied_at}, CHANGED SINCE (checksum mismatch)")
+                    }
+                    migrate::MigrationState::Pending => "pending".into(),
+                    migrate::MigrationState::UnknownToBinary { applied_at } => {
+                        format!("applied {applied_at} by a newer dbx (unknown to this binary)")
+                    }
+                };
+                println!("{:04}_{:<24} {state}", s.version, s.name);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            redact("postgresql://u:secret@h:5432/db"),
+            "postgresql://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgresql://u@h/db"), "postgresql://u@h/db");
+    }
+}
