@@ -48,15 +48,17 @@ last_seq, last_lat, last_lon, dist) \
 WHERE s.session_id = u.session_id";
 
 /// Distance and last position of sessions, from the stored rows in `seq` order (the same
-/// haversine as [`haversine_km`]; `least(1, …)` guards asin against rounding above 1).
-pub const RECOMPUTE_SQL: &str = "SELECT session_id, coalesce(sum(d), 0)::float8, \
+/// haversine as [`haversine_km`]; `least(1, …)` guards asin against rounding above 1, and
+/// the FILTER skips each session's first point, which has no predecessor).
+pub const RECOMPUTE_SQL: &str = "SELECT session_id, \
+coalesce(sum(2 * 6371.0088 * asin(least(1.0, sqrt( \
+power(sin(radians(latitude - plat) / 2), 2) + \
+cos(radians(plat)) * cos(radians(latitude)) * power(sin(radians(longitude - plon) / 2), 2) \
+)))) FILTER (WHERE plat IS NOT NULL), 0)::float8, \
 max(latitude) FILTER (WHERE rn = 1), max(longitude) FILTER (WHERE rn = 1) FROM ( \
 SELECT session_id, latitude, longitude, \
-row_number() OVER (PARTITION BY session_id ORDER BY seq DESC) AS rn, \
-2 * 6371.0088 * asin(least(1.0, sqrt( \
-power(sin(radians(latitude - lag(latitude) OVER w) / 2), 2) + \
-cos(radians(lag(latitude) OVER w)) * cos(radians(latitude)) * \
-power(sin(radians(longitude - lag(longitude) OVER w) / 2), 2)))) AS d \
+lag(latitude) OVER w AS plat, lag(longitude) OVER w AS plon, \
+row_number() OVER (PARTITION BY session_id ORDER BY seq DESC) AS rn \
 FROM dbx_aviation.flight_telemetry \
 WHERE session_id = ANY($1) AND latitude IS NOT NULL AND longitude IS NOT NULL \
 WINDOW w AS (PARTITION BY session_id ORDER BY seq)) t GROUP BY session_id";

@@ -125,6 +125,7 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
                 let t = &parts[0].ticket;
                 warn!(
                     org = %t.org, session = %t.session, points = parts[0].points.len(),
+                    waited_ms = t.received_at.elapsed().as_millis() as u64,
                     error = %msg, "batch rejected by the database"
                 );
                 let r = Rejection::new(

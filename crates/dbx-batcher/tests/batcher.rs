@@ -416,20 +416,6 @@ async fn session_statistics_follow_the_path_including_a_late_point() {
         ..Point::new(ts, seq)
     };
     let c = fx.client().await;
-    let stats_row = |c: &tokio_postgres::Client| {
-        let c = c;
-        async move {
-            c.query_one(
-                "SELECT actual_departure, departure_latitude, departure_longitude, actual_arrival, \
-                 arrival_latitude, arrival_longitude, flight_duration_seconds, point_count, \
-                 total_distance_km, last_seq, last_latitude, last_longitude \
-                 FROM dbx_aviation.flight_sessions WHERE session_id = $1",
-                &[&s],
-            )
-            .await
-            .unwrap()
-        }
-    };
     let send = |pts: Vec<Point>| {
         let (b, rx) = batch(fx.a, s, pts);
         let tx = tx.clone();
@@ -450,7 +436,7 @@ async fn session_statistics_follow_the_path_including_a_late_point() {
     ])
     .await;
     let d = haversine_km;
-    let r = stats_row(&c).await;
+    let r = session_row(&c, s).await;
     let want = d((0.0, 0.0), (0.0, 1.0)) + d((0.0, 1.0), (1.0, 1.5));
     assert!(
         (r.get::<_, f64>(8) - want).abs() < 1e-9,
@@ -468,7 +454,7 @@ async fn session_statistics_follow_the_path_including_a_late_point() {
     .await;
     drop(tx);
     handle.join().await.unwrap();
-    let r = stats_row(&c).await;
+    let r = session_row(&c, s).await;
     let ts = |i: usize| {
         r.get::<_, chrono::DateTime<chrono::Utc>>(i)
             .timestamp_micros()
@@ -500,7 +486,7 @@ async fn session_statistics_follow_the_path_including_a_late_point() {
     let audits: i64 = c
         .query_one(
             "SELECT count(*) FROM dbx_audit.audit_log WHERE table_name LIKE '%flight_sessions' AND record_id = $1",
-            &[&s.to_string()],
+            &[&s],
         )
         .await
         .unwrap()
@@ -602,4 +588,16 @@ async fn an_invalid_config_is_refused_naming_the_key() {
         .unwrap()
         .unwrap_err();
     assert!(err.to_string().contains("max_batch_rows"), "{err}");
+}
+
+async fn session_row(c: &tokio_postgres::Client, s: Uuid) -> tokio_postgres::Row {
+    c.query_one(
+        "SELECT actual_departure, departure_latitude, departure_longitude, actual_arrival, \
+         arrival_latitude, arrival_longitude, flight_duration_seconds, point_count, \
+         total_distance_km, last_seq, last_latitude, last_longitude \
+         FROM dbx_aviation.flight_sessions WHERE session_id = $1",
+        &[&s],
+    )
+    .await
+    .unwrap()
 }

@@ -7,7 +7,9 @@
 --     into an RLS table for roles subject to RLS), dbx_admin (owns every object below);
 --   * login users dbx_api_service (in dbx_app_write), dbx_analytics_service (in dbx_app_read),
 --     dbx_ingest_service (in dbx_ingest), all WITHOUT a password: `dbx setup` sets passwords later
---     with ALTER ROLE, so no secret is ever part of a migration;
+--     with ALTER ROLE, so no secret is ever part of a migration. Role ATTRIBUTES are never
+--     inherited through membership, so dbx_ingest_service carries BYPASSRLS itself as well (the
+--     group's attribute documents the intent and covers any other member given the attribute);
 --   * schemas dbx_aviation, dbx_analytics, dbx_audit, dbx_archive, owned by dbx_admin;
 --   * CONNECT/TEMP/CREATE on the current database, granted by name through current_database()
 --     so the migration works in any database (tests run many side by side).
@@ -65,7 +67,7 @@ BEGIN
             (4, 'dbx_ingest',     'NOLOGIN BYPASSRLS'),
             (5, 'dbx_api_service',       'LOGIN NOBYPASSRLS'),
             (6, 'dbx_analytics_service', 'LOGIN NOBYPASSRLS'),
-            (7, 'dbx_ingest_service',    'LOGIN NOBYPASSRLS')
+            (7, 'dbx_ingest_service',    'LOGIN BYPASSRLS')
         ) AS v(ord, rolname, attrs)
         ORDER BY ord  -- a fixed order: concurrent migrations queue on the same role first
     LOOP
@@ -78,6 +80,9 @@ BEGIN
 
     IF NOT (SELECT rolbypassrls FROM pg_roles WHERE rolname = 'dbx_ingest') THEN
         ALTER ROLE dbx_ingest BYPASSRLS;
+    END IF;
+    IF NOT (SELECT rolbypassrls FROM pg_roles WHERE rolname = 'dbx_ingest_service') THEN
+        ALTER ROLE dbx_ingest_service BYPASSRLS;
     END IF;
     -- The read and write roles must stay under RLS, whatever someone did to them before.
     IF (SELECT rolbypassrls FROM pg_roles WHERE rolname = 'dbx_app_read') THEN

@@ -82,6 +82,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "lifecycle",
         sql: include_str!("../migrations/0007_lifecycle.sql"),
     },
+    Migration {
+        version: 8,
+        name: "listener",
+        sql: include_str!("../migrations/0008_listener.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").
@@ -448,7 +453,7 @@ mod tests {
     fn versions_are_strictly_increasing_and_named_like_their_files() {
         let mut last = 0;
         for m in MIGRATIONS {
-            assert!(m.version > last, "{m} is out of order");
+            assert_eq!(m.version, last + 1, "{m} is out of order or leaves a gap");
             last = m.version;
             let header = format!("-- {:04} {}:", m.version, m.name);
             assert!(
@@ -456,7 +461,7 @@ mod tests {
                 "{m} must start with the comment block `{header}`"
             );
         }
-        assert_eq!(last, 7);
+        assert_eq!(last as usize, MIGRATIONS.len());
     }
 
     #[test]
@@ -498,7 +503,7 @@ mod tests {
                 ..
             }) => {
                 assert_eq!(version, 99);
-                assert_eq!(latest_known, 7);
+                assert_eq!(latest_known as usize, MIGRATIONS.len());
             }
             other => panic!("expected DatabaseNewer, got {other:?}"),
         }

@@ -130,8 +130,10 @@ pub(crate) fn decode_points(
     let mut points = Vec::with_capacity((n as usize).min(r.remaining()));
     for i in 0..n as usize {
         let start = r.pos();
-        match decode_point(r, i, window) {
-            Ok(p) => points.push(p),
+        // Decoded in place: a Point is a couple of hundred bytes, not worth moving.
+        points.push(Point::default());
+        match decode_point(r, i, window, &mut points[i]) {
+            Ok(()) => {}
             Err(PointError::Malformed) => return Err(Malformed),
             Err(PointError::Reject(rej)) => {
                 // Step over the rest of this point and the points after it, so that the
@@ -145,13 +147,14 @@ pub(crate) fn decode_points(
     Ok(Ok(points))
 }
 
-/// Decodes and validates the point at `index` (map or array form).
+/// Decodes and validates the point at `index` (map or array form) into `p`, which
+/// holds `Point::default()`.
 pub(crate) fn decode_point(
     r: &mut Reader<'_>,
     index: usize,
     window: Window,
-) -> Result<Point, PointError> {
-    let mut p = Point::default();
+    p: &mut Point,
+) -> Result<(), PointError> {
     let mut seen: u32 = 0;
     let mut extra: Option<Extra> = None;
     match r.next()? {
@@ -208,7 +211,7 @@ pub(crate) fn decode_point(
                     ));
                 }
                 seen |= bit;
-                field_value(r, &mut p, &mut seen, &mut extra, field, index)?;
+                field_value(r, p, &mut seen, &mut extra, field, index)?;
             }
         }
         Token::Array(n) => {
@@ -222,7 +225,7 @@ pub(crate) fn decode_point(
             }
             for field in 0..n as usize {
                 seen |= 1 << field;
-                field_value(r, &mut p, &mut seen, &mut extra, field, index)?;
+                field_value(r, p, &mut seen, &mut extra, field, index)?;
             }
         }
         other => {
@@ -244,20 +247,27 @@ pub(crate) fn decode_point(
         p.extra = ex.finish();
     }
     if p.ts_micros < window.min || p.ts_micros > window.max {
-        return Err(PointError::Reject(Rejection::at(
-            RejectCode::OutOfRange,
-            index,
-            format!(
-                "point {index}: ts = {} is outside the accepted window {}..={}",
-                fmt_micros(p.ts_micros),
-                fmt_micros(window.min),
-                fmt_micros(window.max)
-            ),
-        )));
+        return Err(out_of_range(index, p.ts_micros, window));
     }
-    Ok(p)
+    Ok(())
 }
 
+#[cold]
+#[inline(never)]
+fn out_of_range(index: usize, ts: i64, window: Window) -> PointError {
+    PointError::Reject(Rejection::at(
+        RejectCode::OutOfRange,
+        index,
+        format!(
+            "point {index}: ts = {} is outside the accepted window {}..={}",
+            fmt_micros(ts),
+            fmt_micros(window.min),
+            fmt_micros(window.max)
+        ),
+    ))
+}
+
+#[cold]
 fn reject(index: usize, msg: String) -> PointError {
     PointError::Reject(Rejection::at(RejectCode::InvalidPoint, index, msg))
 }
@@ -284,7 +294,7 @@ fn field_value<'a>(
     index: usize,
 ) -> Result<(), PointError> {
     let tok = r.next()?;
-    if tok == Token::Nil {
+    if matches!(tok, Token::Nil) {
         if field <= F_SEQ {
             *seen &= !(1 << field);
         }
@@ -293,46 +303,51 @@ fn field_value<'a>(
     let name = FIELD_NAMES[field];
     match field {
         0 => p.ts_micros = timestamp(tok, index)?,
-        1 => p.seq = match tok {
-            Token::UInt(v) if v <= i64::MAX as u64 => v as i64,
-            Token::UInt(_) => return Err(reject(
-                index,
-                format!(
+        1 => {
+            p.seq =
+                match tok {
+                    Token::UInt(v) if v <= i64::MAX as u64 => v as i64,
+                    Token::UInt(_) => {
+                        return Err(reject(
+                            index,
+                            format!(
                     "point {index}: seq = {tok} does not fit a signed 64-bit integer (at most {})",
                     i64::MAX
                 ),
-            )),
-            Token::Int(_) => {
-                return Err(reject(
-                    index,
-                    format!("point {index}: seq = {tok} is negative; seq is an unsigned integer"),
-                ))
-            }
-            _ => {
-                return Err(reject(
-                    index,
-                    format!("point {index}: seq = {tok} is not an unsigned integer"),
-                ))
-            }
-        },
+                        ))
+                    }
+                    Token::Int(_) => return Err(reject(
+                        index,
+                        format!(
+                            "point {index}: seq = {tok} is negative; seq is an unsigned integer"
+                        ),
+                    )),
+                    _ => {
+                        return Err(reject(
+                            index,
+                            format!("point {index}: seq = {tok} is not an unsigned integer"),
+                        ))
+                    }
+                }
+        }
         2 => p.lat = Some(ranged(tok, index, name, -90.0, 90.0)?),
         3 => p.lon = Some(ranged(tok, index, name, -180.0, 180.0)?),
-        4 => p.alt = Some(real(finite(tok, index, name)?, tok, index, name)?),
+        4 => p.alt = Some(finite_real(tok, index, name)?),
         5 => p.gs = Some(real(non_negative(tok, index, name)?, tok, index, name)?),
-        6 => p.vs = Some(real(finite(tok, index, name)?, tok, index, name)?),
+        6 => p.vs = Some(finite_real(tok, index, name)?),
         7 => p.hdg = Some(ranged(tok, index, name, 0.0, 360.0)? as f32),
-        8 => p.roll = Some(real(finite(tok, index, name)?, tok, index, name)?),
-        9 => p.pitch = Some(real(finite(tok, index, name)?, tok, index, name)?),
-        10 => p.yaw = Some(real(finite(tok, index, name)?, tok, index, name)?),
+        8 => p.roll = Some(finite_real(tok, index, name)?),
+        9 => p.pitch = Some(finite_real(tok, index, name)?),
+        10 => p.yaw = Some(finite_real(tok, index, name)?),
         11 => p.ias = Some(real(non_negative(tok, index, name)?, tok, index, name)?),
-        12 => p.bv = Some(real(finite(tok, index, name)?, tok, index, name)?),
-        13 => p.bi = Some(real(finite(tok, index, name)?, tok, index, name)?),
+        12 => p.bv = Some(finite_real(tok, index, name)?),
+        13 => p.bi = Some(finite_real(tok, index, name)?),
         14 => p.bp = Some(ranged(tok, index, name, 0.0, 100.0)? as f32),
         15 => p.rpm = Some(real_array(r, tok, index, name)?),
         16 => p.cs = Some(real_array(r, tok, index, name)?),
         17 => p.fix = Some(small_int(tok, index, name, 8)?),
         18 => p.sats = Some(small_int(tok, index, name, 255)?),
-        19 => p.temp = Some(real(finite(tok, index, name)?, tok, index, name)?),
+        19 => p.temp = Some(finite_real(tok, index, name)?),
         F_X => {
             let n = match tok {
                 Token::Map(n) => n,
@@ -366,68 +381,74 @@ fn field_value<'a>(
     Ok(())
 }
 
-#[inline]
-fn number(tok: Token<'_>, index: usize, name: &str) -> Result<f64, PointError> {
-    tok.as_f64().ok_or_else(|| {
-        reject(
-            index,
-            format!("point {index}: {name} = {tok} is not a number"),
-        )
-    })
+/// The common rejection of one field: `point {index}: {name} = {value} {why}`.
+/// Cold and out of line, so that the checks around it stay small enough to inline.
+#[cold]
+#[inline(never)]
+fn bad_field(index: usize, name: &str, tok: Token<'_>, why: &str) -> PointError {
+    reject(index, format!("point {index}: {name} = {tok} {why}"))
 }
 
-#[inline]
+#[cold]
+#[inline(never)]
+fn outside(index: usize, name: &str, tok: Token<'_>, lo: f64, hi: f64) -> PointError {
+    reject(index, format!("point {index}: {name} = {tok} is outside {lo}..{hi}"))
+}
+
+#[inline(always)]
+fn number(tok: Token<'_>, index: usize, name: &str) -> Result<f64, PointError> {
+    match tok.as_f64() {
+        Some(v) => Ok(v),
+        None => Err(bad_field(index, name, tok, "is not a number")),
+    }
+}
+
+#[inline(always)]
 fn finite(tok: Token<'_>, index: usize, name: &str) -> Result<f64, PointError> {
     let v = number(tok, index, name)?;
     if v.is_finite() {
         Ok(v)
     } else {
-        Err(reject(
-            index,
-            format!("point {index}: {name} = {tok} is not finite"),
-        ))
+        Err(bad_field(index, name, tok, "is not finite"))
     }
 }
 
-#[inline]
+#[inline(always)]
 fn non_negative(tok: Token<'_>, index: usize, name: &str) -> Result<f64, PointError> {
     let v = finite(tok, index, name)?;
     if v >= 0.0 {
         Ok(v)
     } else {
-        Err(reject(
-            index,
-            format!("point {index}: {name} = {tok} is negative; it must be >= 0"),
-        ))
+        Err(bad_field(index, name, tok, "is negative; it must be >= 0"))
     }
 }
 
-#[inline]
+#[inline(always)]
 fn ranged(tok: Token<'_>, index: usize, name: &str, lo: f64, hi: f64) -> Result<f64, PointError> {
     let v = number(tok, index, name)?;
     // Written so that NaN fails too; both ends are inclusive.
     if v >= lo && v <= hi {
         Ok(v)
     } else {
-        Err(reject(
-            index,
-            format!("point {index}: {name} = {tok} is outside {lo}..{hi}"),
-        ))
+        Err(outside(index, name, tok, lo, hi))
     }
 }
 
 /// Narrows a finite value to the `real` column type, refusing what would overflow.
-#[inline]
+#[inline(always)]
 fn real(v: f64, tok: Token<'_>, index: usize, name: &str) -> Result<f32, PointError> {
     let f = v as f32;
     if f.is_finite() {
         Ok(f)
     } else {
-        Err(reject(
-            index,
-            format!("point {index}: {name} = {tok} does not fit a 32-bit float (real)"),
-        ))
+        Err(bad_field(index, name, tok, "does not fit a 32-bit float (real)"))
     }
+}
+
+/// A finite float field stored as `real`.
+#[inline(always)]
+fn finite_real(tok: Token<'_>, index: usize, name: &str) -> Result<f32, PointError> {
+    real(finite(tok, index, name)?, tok, index, name)
 }
 
 fn real_array(
@@ -456,32 +477,32 @@ fn real_array(
     let mut out = Vec::with_capacity(n as usize);
     for j in 0..n {
         let el = r.next()?;
-        let bad = |why: &str| reject(index, format!("point {index}: {name}[{j}] = {el} {why}"));
-        let v = el.as_f64().ok_or_else(|| bad("is not a number"))?;
-        if !v.is_finite() {
-            return Err(bad("is not finite"));
-        }
-        let f = v as f32;
-        if !f.is_finite() {
-            return Err(bad("does not fit a 32-bit float (real)"));
-        }
-        out.push(f);
+        let v = match el.as_f64() {
+            Some(v) if v.is_finite() && (v as f32).is_finite() => v as f32,
+            _ => return Err(bad_element(index, name, j, el)),
+        };
+        out.push(v);
     }
     Ok(out)
 }
 
-#[inline]
+#[cold]
+#[inline(never)]
+fn bad_element(index: usize, name: &str, j: u32, el: Token<'_>) -> PointError {
+    let why = match el.as_f64() {
+        None => "is not a number",
+        Some(v) if !v.is_finite() => "is not finite",
+        Some(_) => "does not fit a 32-bit float (real)",
+    };
+    reject(index, format!("point {index}: {name}[{j}] = {el} {why}"))
+}
+
+#[inline(always)]
 fn small_int(tok: Token<'_>, index: usize, name: &str, max: u64) -> Result<i16, PointError> {
     match tok {
         Token::UInt(v) if v <= max => Ok(v as i16),
-        Token::UInt(_) | Token::Int(_) => Err(reject(
-            index,
-            format!("point {index}: {name} = {tok} is outside 0..{max}"),
-        )),
-        _ => Err(reject(
-            index,
-            format!("point {index}: {name} = {tok} is not an integer"),
-        )),
+        Token::UInt(_) | Token::Int(_) => Err(outside(index, name, tok, 0.0, max as f64)),
+        _ => Err(bad_field(index, name, tok, "is not an integer")),
     }
 }
 
@@ -665,9 +686,12 @@ fn json_string(out: &mut String, s: &str) {
 
 /// Appends a float as a JSON number, keeping a `.0` on integral values so that the
 /// value still reads back as a float.
-fn json_float<T: std::fmt::Display>(out: &mut String, v: T) {
+fn json_float<T: std::fmt::Display + std::fmt::LowerExp + Into<f64> + Copy>(
+    out: &mut String,
+    v: T,
+) {
     let start = out.len();
-    let _ = write!(out, "{v}");
+    let _ = crate::reader::fmt_float(out, v.into(), &v);
     if !out[start..].contains(['.', 'e', 'E']) {
         out.push_str(".0");
     }
@@ -806,7 +830,14 @@ mod tests {
         json_float(&mut s, 0.1f32);
         s.push(' ');
         json_float(&mut s, -1.5f64);
-        assert_eq!(s, "2.0 0.1 -1.5");
+        s.push(' ');
+        json_float(&mut s, 1e300f64);
+        s.push(' ');
+        json_float(&mut s, -2.5e-7f64);
+        assert_eq!(s, "2.0 0.1 -1.5 1e300 -2.5e-7");
+        for t in s.split(' ') {
+            let _: f64 = serde_json::from_str(t).unwrap();
+        }
     }
 
     #[test]

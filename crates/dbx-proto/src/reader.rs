@@ -71,8 +71,8 @@ impl fmt::Display for Token<'_> {
             Token::Bool(b) => write!(f, "{b}"),
             Token::UInt(v) => write!(f, "{v}"),
             Token::Int(v) => write!(f, "{v}"),
-            Token::F32(v) => write!(f, "{v}"),
-            Token::F64(v) => write!(f, "{v}"),
+            Token::F32(v) => fmt_float(f, f64::from(v), &v),
+            Token::F64(v) => fmt_float(f, v, &v),
             Token::Str(b) => match std::str::from_utf8(b) {
                 Ok(s) if s.chars().count() <= 40 => write!(f, "{s:?}"),
                 Ok(s) => {
@@ -86,6 +86,21 @@ impl fmt::Display for Token<'_> {
             Token::Map(n) => write!(f, "a map of {n} entries"),
             Token::Ext(t, b) => write!(f, "extension type {t} of {} bytes", b.len()),
         }
+    }
+}
+
+/// Writes a float in its shortest round-trip form, with an exponent when plain
+/// notation would run to dozens of digits (`1e300`, not 301 digits).
+pub(crate) fn fmt_float<T: fmt::Display + fmt::LowerExp>(
+    f: &mut impl fmt::Write,
+    magnitude: f64,
+    v: &T,
+) -> fmt::Result {
+    let a = magnitude.abs();
+    if a.is_finite() && a != 0.0 && !(1e-6..1e16).contains(&a) {
+        write!(f, "{v:e}")
+    } else {
+        write!(f, "{v}")
     }
 }
 
@@ -172,8 +187,10 @@ impl<'a> Reader<'a> {
         Ok(Token::Ext(ty, data))
     }
 
-    /// Reads the next value header (and the payload of a scalar).
-    #[inline]
+    /// Reads the next value header (and the payload of a scalar). Always inlined:
+    /// returning the token through memory from an out-of-line call costs a
+    /// store-forwarding stall per field on the hot path.
+    #[inline(always)]
     pub(crate) fn next(&mut self) -> Result<Token<'a>, Malformed> {
         let m = Marker::from_u8(self.u8()?);
         Ok(match m {

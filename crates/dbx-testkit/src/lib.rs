@@ -26,6 +26,14 @@ use std::sync::OnceLock;
 use dbx_control::cluster::{random_token, urlencode, ClusterOptions, LocalCluster};
 use tokio_postgres::{Client, NoTls};
 
+pub mod daemon;
+pub mod fixtures;
+pub mod gateway;
+
+pub use daemon::Daemon;
+pub use fixtures::{Fixture, Org};
+pub use gateway::TestGateway;
+
 pub use dbx_control::cluster::LocalCluster as Cluster;
 
 /// Where the databases of this test process live.
@@ -191,7 +199,36 @@ impl TestDb {
     pub async fn client(&self) -> Client {
         connect(&self.url()).await
     }
+
+    /// A fresh database with every migration applied, and the ingest user's URL
+    /// (its password is a fixed test value, so concurrent tests sharing the
+    /// cluster-wide role never disagree about it).
+    pub async fn migrated() -> (TestDb, String) {
+        let db = TestDb::new().await;
+        let mut client = db.client().await;
+        dbx_control::migrate::apply(&mut client)
+            .await
+            .unwrap_or_else(|e| panic!("dbx-testkit: migrations failed: {e}"));
+        // Roles are cluster-wide and concurrent ALTER ROLEs of one role fail with
+        // "tuple concurrently updated": set the password once per process.
+        static PASSWORD_SET: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+        PASSWORD_SET
+            .get_or_init(|| async {
+                client
+                    .batch_execute(&format!(
+                        "ALTER ROLE dbx_ingest_service WITH LOGIN PASSWORD '{INGEST_TEST_PASSWORD}'"
+                    ))
+                    .await
+                    .unwrap_or_else(|e| panic!("dbx-testkit: setting the ingest password: {e}"));
+            })
+            .await;
+        let url = db.url_for("dbx_ingest_service", INGEST_TEST_PASSWORD);
+        (db, url)
+    }
 }
+
+/// The password every test gives `dbx_ingest_service`.
+pub const INGEST_TEST_PASSWORD: &str = "dbx-ingest-test-password";
 
 /// Connects to `url` (no TLS), driving the connection on a background task.
 pub async fn connect(url: &str) -> Client {

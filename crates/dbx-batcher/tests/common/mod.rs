@@ -37,10 +37,19 @@ pub async fn fixture() -> Fixture {
         .expect("applying the migrations");
     // The daemon's login role; the same password for every test database (roles are
     // cluster-wide and tests run in parallel).
-    client
-        .batch_execute("ALTER ROLE dbx_ingest_service PASSWORD 'batcher-test'")
-        .await
-        .expect("setting the ingest password");
+    {
+        // Once per process: concurrent ALTER ROLE of one role fails with "tuple
+        // concurrently updated".
+        static PASSWORD_SET: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+        PASSWORD_SET
+            .get_or_init(|| async {
+                client
+                    .batch_execute("ALTER ROLE dbx_ingest_service PASSWORD 'batcher-test'")
+                    .await
+                    .expect("setting the ingest password");
+            })
+            .await;
+    }
     let mut tenants = Vec::new();
     for i in 0..2 {
         let org = Uuid::new_v4();
@@ -71,9 +80,14 @@ pub async fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    /// A pool connected as `dbx_ingest_service`, the daemon's role.
+    /// A pool connected as `dbx_ingest_service`, the daemon's login role, acting as
+    /// `dbx_ingest`: BYPASSRLS is a role attribute that membership does not pass on, and
+    /// PostgreSQL refuses COPY FROM into a table with row-level security otherwise.
     pub fn pool(&self, size: usize) -> Pool {
-        pool_for(&self.db.url_for("dbx_ingest_service", "batcher-test"), size)
+        let url = self.db.url_for("dbx_ingest_service", "batcher-test");
+        let mut pg: tokio_postgres::Config = url.parse().expect("test URL");
+        pg.options("-c role=dbx_ingest");
+        pool_from(pg, size)
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
@@ -82,7 +96,10 @@ impl Fixture {
 }
 
 pub fn pool_for(url: &str, size: usize) -> Pool {
-    let pg: tokio_postgres::Config = url.parse().expect("test URL");
+    pool_from(url.parse().expect("test URL"), size)
+}
+
+pub fn pool_from(pg: tokio_postgres::Config, size: usize) -> Pool {
     let mgr = Manager::from_config(
         pg,
         NoTls,
