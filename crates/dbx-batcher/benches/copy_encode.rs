@@ -13,7 +13,7 @@ use std::error::Error;
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dbx_batcher::copy::{CopyEncoder, COLUMNS};
+use dbx_batcher::copy::{send_chunks, CopyEncoder, COLUMNS};
 use dbx_core::Point;
 use futures::SinkExt;
 use postgres_types::{to_sql_checked, IsNull, ToSql, Type};
@@ -76,10 +76,30 @@ impl ToSql for JsonbText<'_> {
 }
 
 const TYPES: [Type; 24] = [
-    Type::UUID, Type::UUID, Type::UUID, Type::TIMESTAMPTZ, Type::INT8, Type::FLOAT8, Type::FLOAT8,
-    Type::FLOAT4, Type::FLOAT4, Type::FLOAT4, Type::FLOAT4, Type::FLOAT4, Type::FLOAT4, Type::FLOAT4,
-    Type::FLOAT4, Type::FLOAT4, Type::FLOAT4, Type::FLOAT4, Type::FLOAT4_ARRAY, Type::FLOAT4_ARRAY,
-    Type::INT2, Type::INT2, Type::FLOAT4, Type::JSONB,
+    Type::UUID,
+    Type::UUID,
+    Type::UUID,
+    Type::TIMESTAMPTZ,
+    Type::INT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4,
+    Type::FLOAT4_ARRAY,
+    Type::FLOAT4_ARRAY,
+    Type::INT2,
+    Type::INT2,
+    Type::FLOAT4,
+    Type::JSONB,
 ];
 
 /// Calls `f` with the 24 values of a row as `ToSql` trait objects.
@@ -91,9 +111,9 @@ fn with_values<R>(
     let ts = DateTime::<Utc>::from_timestamp_micros(p.ts_micros);
     let extra = p.extra.as_deref().map(JsonbText);
     f(&[
-        &ids.0, &ids.1, &ids.2, &ts, &p.seq, &p.lat, &p.lon, &p.alt, &p.gs, &p.vs, &p.hdg,
-        &p.roll, &p.pitch, &p.yaw, &p.ias, &p.bv, &p.bi, &p.bp, &p.rpm, &p.cs, &p.fix, &p.sats,
-        &p.temp, &extra,
+        &ids.0, &ids.1, &ids.2, &ts, &p.seq, &p.lat, &p.lon, &p.alt, &p.gs, &p.vs, &p.hdg, &p.roll,
+        &p.pitch, &p.yaw, &p.ias, &p.bv, &p.bi, &p.bp, &p.rpm, &p.cs, &p.fix, &p.sats, &p.temp,
+        &extra,
     ])
 }
 
@@ -141,7 +161,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("dbx_copy_encoder", |b| {
         b.iter(|| ours_encode(&mut enc, &ids, &pts).len())
     });
-    g.bench_function("tokio_postgres_tosql", |b| b.iter(|| tosql_encode(&ids, &pts).len()));
+    g.bench_function("tokio_postgres_tosql", |b| {
+        b.iter(|| tosql_encode(&ids, &pts).len())
+    });
     g.finish();
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -172,7 +194,9 @@ fn bench(c: &mut Criterion) {
                 let data = ours_encode(&mut enc, &ids, &pts);
                 let sink = client.copy_in::<_, Bytes>(&sql).await.expect("copy");
                 futures::pin_mut!(sink);
-                sink.send(data).await.expect("send");
+                for piece in send_chunks(&data) {
+                    sink.feed(piece).await.expect("send");
+                }
                 sink.finish().await.expect("finish")
             })
         })
@@ -189,8 +213,8 @@ fn bench(c: &mut Criterion) {
                     w.as_mut()
                         .write(&[
                             &ids.0, &ids.1, &ids.2, &ts, &p.seq, &p.lat, &p.lon, &p.alt, &p.gs,
-                            &p.vs, &p.hdg, &p.roll, &p.pitch, &p.yaw, &p.ias, &p.bv, &p.bi,
-                            &p.bp, &p.rpm, &p.cs, &p.fix, &p.sats, &p.temp, &extra,
+                            &p.vs, &p.hdg, &p.roll, &p.pitch, &p.yaw, &p.ias, &p.bv, &p.bi, &p.bp,
+                            &p.rpm, &p.cs, &p.fix, &p.sats, &p.temp, &extra,
                         ])
                         .await
                         .expect("write");

@@ -163,4 +163,14 @@ mod tests {
         };
         assert_eq!(c.validate().unwrap_err().key, "retry_max_ms");
     }
+
+    #[test]
+    fn partial_sections_take_defaults() {
+        let c: BatcherConfig =
+            serde_json::from_str(r#"{"partition_interval": "hourly", "writers": 4}"#).unwrap();
+        assert_eq!(c.partition_interval, PartitionInterval::Hourly);
+        assert_eq!(c.writers, 4);
+        assert_eq!(c.max_batch_rows, 5000);
+        assert!(serde_json::from_str::<BatcherConfig>(r#"{"writer": 4}"#).is_err());
+    }
 }

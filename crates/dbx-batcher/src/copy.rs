@@ -126,6 +126,18 @@ impl CopyEncoder {
     }
 }
 
+/// Size of the CopyData messages a stream is sent in. One message of several MiB
+/// would make the server receive it whole before parsing a row; 64 KiB pieces (zero-copy
+/// slices of the same `Bytes`) let it parse while the rest is still on the wire.
+pub const SEND_CHUNK: usize = 64 * 1024;
+
+/// Zero-copy pieces of `data` of at most [`SEND_CHUNK`] bytes, in order.
+pub fn send_chunks(data: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
+    (0..data.len())
+        .step_by(SEND_CHUNK)
+        .map(move |at| data.slice(at..(at + SEND_CHUNK).min(data.len())))
+}
+
 fn put_uuid(b: &mut BytesMut, u: &Uuid) {
     b.put_i32(16);
     b.put_slice(u.as_bytes());

@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::config::BatcherConfig;
-use crate::copy::{CopyEncoder, COLUMNS};
+use crate::copy::{send_chunks, CopyEncoder, COLUMNS};
 use crate::dedupe::{
     copy_staging_sql, insert_from_staging_sql, InFlushDedupe, SessionCache, CREATE_STAGING_SQL,
 };
@@ -597,7 +597,9 @@ async fn resolve_target(
 async fn copy_in(tx: &Transaction<'_>, sql: &str, data: Bytes) -> Result<u64, AttemptError> {
     let sink = tx.copy_in::<_, Bytes>(sql).await?;
     futures::pin_mut!(sink);
-    sink.send(data).await?;
+    for piece in send_chunks(&data) {
+        sink.feed(piece).await?;
+    }
     Ok(sink.finish().await?)
 }
 

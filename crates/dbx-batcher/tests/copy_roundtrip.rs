@@ -72,7 +72,11 @@ async fn encoder_round_trips_through_postgres() {
     let mut got = Vec::new();
     for r in &rows {
         assert_eq!(
-            (r.get::<_, Uuid>(0), r.get::<_, Uuid>(1), r.get::<_, Uuid>(2)),
+            (
+                r.get::<_, Uuid>(0),
+                r.get::<_, Uuid>(1),
+                r.get::<_, Uuid>(2)
+            ),
             (org, air, ses)
         );
         let ts: DateTime<Utc> = r.get(3);
@@ -103,14 +107,18 @@ async fn encoder_round_trips_through_postgres() {
     }
     let mut want = vec![points[2].clone(), points[0].clone(), points[1].clone()];
     for w in &mut want {
-        w.extra = w
-            .extra
-            .as_deref()
-            .map(|e| serde_json::from_str::<serde_json::Value>(e).unwrap().to_string());
+        w.extra = w.extra.as_deref().map(|e| {
+            serde_json::from_str::<serde_json::Value>(e)
+                .unwrap()
+                .to_string()
+        });
     }
     assert_eq!(got, want);
     // The text forms PostgreSQL shows for the arrays and the document.
-    assert_eq!(rows[0].get::<_, Option<String>>(24).as_deref(), Some("{12000.5}"));
+    assert_eq!(
+        rows[0].get::<_, Option<String>>(24).as_deref(),
+        Some("{12000.5}")
+    );
     assert_eq!(rows[1].get::<_, Option<String>>(24), None);
     assert_eq!(rows[2].get::<_, Option<String>>(24).as_deref(), Some("{}"));
     assert_eq!(

@@ -86,7 +86,10 @@ async fn database_outage_backpressure_then_exactly_once() {
         .expect("starting the cluster");
 
     let (acks, full_seen) = producer.await.unwrap();
-    let stats = handle.join().await.expect("batcher finished within its deadline");
+    let stats = handle
+        .join()
+        .await
+        .expect("batcher finished within its deadline");
     assert!(written_before > 0, "nothing was written before the outage");
     assert!(during.retries > 0, "no retry during the outage: {during:?}");
     assert!(full_seen > 0, "the producer never met a full channel");
@@ -123,6 +126,9 @@ async fn database_outage_backpressure_then_exactly_once() {
             )
             .await
             .unwrap();
-        assert_eq!((r.get::<_, i64>(0), r.get::<_, Option<i64>>(1)), (2000, Some(1999)));
+        assert_eq!(
+            (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1)),
+            (2000, Some(1999))
+        );
     }
 }

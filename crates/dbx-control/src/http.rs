@@ -2,14 +2,18 @@
 //!
 //! - `/metrics`: every metric of the daemon, Prometheus text format with HELP lines;
 //! - `/healthz`: the process is alive (always 200 while it can answer);
-//! - `/readyz`: 200 only when the database answers, the next partition is in place,
-//!   and the listener is accepting; 503 with the failing checks otherwise;
-//! - `/api/v2/system/status`: the seed's status endpoint, as JSON: version, uptime,
-//!   database status with the `system_health` indicators, and ingest figures.
+//! - `/readyz`: 200 only when the database answers, live partitions cover now and the next
+//!   interval, and the listener is accepting; 503 naming the failing checks otherwise;
+//! - `/api/v2/system/status`: the seed's status endpoint, as JSON: version, uptime, database
+//!   status with the live `system_health` indicators, the health collector's last snapshot
+//!   (partitions, bloat, default-partition rows), ingest rates and queue depths.
+//!
+//! Ingest rates come from the daemon's own counters: a sampler reads the rendered exposition
+//! every few seconds, so this crate needs no handle on the listener or the batcher.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -19,9 +23,14 @@ use axum::routing::get;
 use axum::{Json, Router};
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
 use serde_json::{json, Value};
 
+use dbx_core::metrics as m;
 use dbx_core::{SharedClock, Shutdown};
+
+use crate::health::HealthHandle;
+use crate::partitions::Interval;
 
 /// Extra figures for the status endpoint, supplied by the binary (queue depths, ingest totals).
 pub type StatusSource = Arc<dyn Fn() -> Value + Send + Sync>;
@@ -41,6 +50,79 @@ pub struct AdminState {
     pub status: StatusSource,
     /// The clock (for the partition-ahead check).
     pub clock: SharedClock,
+    /// Partition width (what "the next partition" means).
+    pub interval: Interval,
+    /// The health collector's last snapshot.
+    pub health: HealthHandle,
+    /// Ingest rates, kept current by the sampler [`serve`] runs.
+    pub rates: Rates,
+}
+
+/// Ingest totals and per-second rates over the last sampling window.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RateSample {
+    /// `dbx_points_received_total`, all transports.
+    pub points_received_total: f64,
+    /// `dbx_points_written_total`.
+    pub points_written_total: f64,
+    /// Points received per second over the window.
+    pub points_received_per_sec: f64,
+    /// Points committed per second over the window.
+    pub points_written_per_sec: f64,
+    /// The window, seconds (0 before the second sample).
+    pub window_seconds: f64,
+}
+
+/// Shared ingest-rate state.
+#[derive(Debug, Clone, Default)]
+pub struct Rates(Arc<Mutex<(Option<Instant>, RateSample)>>);
+
+impl Rates {
+    /// The latest sample.
+    pub fn get(&self) -> RateSample {
+        self.0.lock().map(|g| g.1.clone()).unwrap_or_default()
+    }
+
+    /// Takes a sample from a rendered exposition.
+    pub fn sample(&self, exposition: &str) {
+        let received = counter_sum(exposition, m::POINTS_RECEIVED_TOTAL);
+        let written = counter_sum(exposition, m::POINTS_WRITTEN_TOTAL);
+        let now = Instant::now();
+        if let Ok(mut g) = self.0.lock() {
+            let (last, prev) = &mut *g;
+            let window = last.map(|l| now.duration_since(l).as_secs_f64()).unwrap_or(0.0);
+            let rate = |cur: f64, old: f64| {
+                if window > 0.0 {
+                    ((cur - old) / window).max(0.0)
+                } else {
+                    0.0
+                }
+            };
+            *prev = RateSample {
+                points_received_per_sec: rate(received, prev.points_received_total),
+                points_written_per_sec: rate(written, prev.points_written_total),
+                points_received_total: received,
+                points_written_total: written,
+                window_seconds: window,
+            };
+            *last = Some(now);
+        }
+    }
+}
+
+/// The sum over every label set of one metric in a text exposition.
+pub fn counter_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                return None;
+            }
+            l.rsplit(' ').next()?.parse::<f64>().ok()
+        })
+        .sum()
 }
 
 impl std::fmt::Debug for AdminState {
@@ -65,9 +147,27 @@ pub async fn serve(
     state: AdminState,
     mut shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let sampler = {
+        let (prometheus, rates, mut stop) = (
+            state.prometheus.clone(),
+            state.rates.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            let mut timer = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = stop.recv() => return,
+                    _ = timer.tick() => rates.sample(&prometheus.render()),
+                }
+            }
+        })
+    };
+    let r = axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.recv().await })
-        .await
+        .await;
+    sampler.abort();
+    r
 }
 
 /// Binds the admin address, naming it on failure.
@@ -117,24 +217,23 @@ async fn db_health(pool: &Pool) -> Result<Vec<(String, Option<i64>, String)>, St
         .unwrap_or_else(|_| Err("timed out after 3 s".into()))
 }
 
-async fn next_partition_ready(s: &AdminState) -> Result<bool, String> {
+/// Live partitions covering now and the next interval: (now covered, next covered).
+async fn partitions_ahead(s: &AdminState) -> Result<(bool, bool), String> {
     let fut = async {
         let client = s.pool.get().await.map_err(|e| e.to_string())?;
-        let tomorrow = (s.clock.now() + chrono::TimeDelta::days(1))
-            .format("%Y%m%d")
-            .to_string();
-        let hour = (s.clock.now() + chrono::TimeDelta::hours(1))
-            .format("%Y%m%d%H")
-            .to_string();
+        let now = s.clock.now();
+        let next = s.interval.floor(now) + s.interval.step();
         let row = client
             .query_one(
-                "SELECT to_regclass('dbx_aviation.flight_telemetry_p' || $1) IS NOT NULL \
-                     OR to_regclass('dbx_aviation.flight_telemetry_p' || $2) IS NOT NULL",
-                &[&tomorrow, &hour],
+                "SELECT count(*) FILTER (WHERE range_start <= $1 AND range_end > $1) > 0,
+                        count(*) FILTER (WHERE range_start <= $2 AND range_end > $2) > 0
+                   FROM dbx_aviation.telemetry_partitions()
+                  WHERE parent = 'dbx_aviation.flight_telemetry' AND NOT is_default",
+                &[&now, &next],
             )
             .await
             .map_err(|e| crate::setup::describe_pg_error(&e))?;
-        Ok(row.get::<_, bool>(0))
+        Ok((row.get::<_, bool>(0), row.get::<_, bool>(1)))
     };
     tokio::time::timeout(Duration::from_secs(3), fut)
         .await
@@ -143,11 +242,12 @@ async fn next_partition_ready(s: &AdminState) -> Result<bool, String> {
 
 async fn readyz(State(s): State<AdminState>) -> Response {
     let mut failing = Vec::new();
-    match next_partition_ready(&s).await {
-        Ok(true) => {}
-        Ok(false) => {
-            failing.push("the next partition of flight_telemetry does not exist yet".to_string())
-        }
+    match partitions_ahead(&s).await {
+        Ok((true, true)) => {}
+        Ok((now, _)) => failing.push(format!(
+            "no live partition of flight_telemetry for {} (premake has not run?)",
+            if now { "the next interval" } else { "now" }
+        )),
         Err(e) => failing.push(format!("database unreachable: {e}")),
     }
     if !s.listener_accepting.load(Ordering::Relaxed) {
@@ -165,19 +265,51 @@ async fn readyz(State(s): State<AdminState>) -> Response {
 }
 
 async fn status(State(s): State<AdminState>) -> Json<Value> {
+    let t = Instant::now();
     let db = match db_health(&s.pool).await {
         Ok(rows) => json!({
             "status": "connected",
+            "latency_ms": t.elapsed().as_secs_f64() * 1000.0,
             "health": rows.iter().map(|(m, v, u)| json!({"metric": m, "value": v, "unit": u})).collect::<Vec<_>>(),
         }),
         Err(e) => json!({"status": "unreachable", "error": e}),
     };
+    let health = s
+        .health
+        .read()
+        .map(|h| serde_json::to_value(&*h).unwrap_or(Value::Null))
+        .unwrap_or(Value::Null);
+    let mut ingest = json!({ "rates": s.rates.get() });
+    if let (Some(obj), Value::Object(extra)) = (ingest.as_object_mut(), (s.status)()) {
+        obj.extend(extra);
+    }
     Json(json!({
         "service": "dbx",
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": s.started.elapsed().as_secs(),
         "listener_accepting": s.listener_accepting.load(Ordering::Relaxed),
         "database": db,
-        "ingest": (s.status)(),
+        "health": health,
+        "ingest": ingest,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_sums_add_label_sets_and_skip_lookalikes() {
+        let text = "# HELP dbx_points_written_total x\n# TYPE dbx_points_written_total counter\n\
+                    dbx_points_written_total 40\n\
+                    dbx_points_received_total{transport=\"tcp\"} 30\n\
+                    dbx_points_received_total{transport=\"udp\"} 12\n\
+                    dbx_points_received_total_other 99\n";
+        assert_eq!(counter_sum(text, m::POINTS_RECEIVED_TOTAL), 42.0);
+        assert_eq!(counter_sum(text, m::POINTS_WRITTEN_TOTAL), 40.0);
+        let r = Rates::default();
+        r.sample(text);
+        assert_eq!(r.get().points_written_total, 40.0);
+        assert_eq!(r.get().window_seconds, 0.0);
+    }
 }

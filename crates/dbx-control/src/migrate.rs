@@ -87,6 +87,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "listener",
         sql: include_str!("../migrations/0008_listener.sql"),
     },
+    Migration {
+        version: 9,
+        name: "maintenance",
+        sql: include_str!("../migrations/0009_maintenance.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").

@@ -1,20 +1,68 @@
-//! Partition upkeep for `flight_telemetry`: keep partitions ready for the next
-//! `premake` intervals and the past `lookback` ones, created at start-up before
-//! the listener opens and then on a timer.
+//! Partition lifecycle of `flight_telemetry`: what pg_partman does, built in, without its
+//! known failure modes. One [`PartitionManager`] per daemon runs five tasks ([`Task`]):
 //!
-//! Each partition is made by `dbx_aviation.ensure_telemetry_partition`, which builds
-//! the table and its indexes standalone and only then attaches it, so the brief
-//! lock on the parent is all ingest ever waits for; every statement runs under
-//! `lock_timeout` and is retried, so maintenance never stalls COPY.
+//! - **premake**: partitions for the next `premake` intervals and the past `lookback` ones
+//!   (UTC days `flight_telemetry_pYYYYMMDD` or hours `_pYYYYMMDDHH`), made at start-up before
+//!   the listener opens and then on a timer, by `dbx_aviation.ensure_telemetry_partition`, which
+//!   builds the table, its CHECK bound, the dedupe key and the indexes on the empty standalone
+//!   table and only then attaches it (SHARE UPDATE EXCLUSIVE on the parent: ingest goes on);
+//! - **sweep**: rows that landed in the default partition (a clock-skewed gateway, a backfill)
+//!   are moved to their proper partition — made for them if needed, standalone, rows moved and
+//!   attached in one transaction — so that a later creation never fails with "updated partition
+//!   constraint for default partition would be violated"; rows of an archived range go to the
+//!   archive parent instead;
+//! - **archive**: live partitions entirely older than `archive_after_days` are detached and
+//!   moved under `dbx_archive.flight_telemetry_archive` (`SET SCHEMA` + `ATTACH`: no row copied).
+//!   `DETACH … CONCURRENTLY` is used when the server allows it, which on PostgreSQL 14–17 means
+//!   never for the live table: it refuses CONCURRENTLY while the parent has a DEFAULT partition
+//!   (and inside a transaction block). With the default partition, the plain DETACH runs in a
+//!   transaction that first locks the old partition itself (nobody writes there, so that wait
+//!   never holds up ingest) and only then the parent, under `lock_timeout`;
+//! - **retention**: per organization `data_retention_days`; a partition (live or archived) is
+//!   dropped only when it ended before every organization's retention; otherwise only the
+//!   expired organizations' rows are deleted, in transactions of at most `retention_chunk_rows`
+//!   rows; then the seed's `enforce_retention_policy()` (sessions, analysis results);
+//! - **refresh**: `REFRESH MATERIALIZED VIEW CONCURRENTLY` of the daily telemetry view.
+//!
+//! Every task is first a [`Plan`] (the SQL it would run, computed read-only from the catalog and
+//! the injected clock, which `--dry-run` prints) and then executed step by step. Every statement
+//! runs under `lock_timeout`; a step that cannot get its locks is retried `lock_attempts` times
+//! with a growing pause and then skipped until the next run, so maintenance never stalls ingest
+//! for longer than one `lock_timeout` and never fails for a busy table.
+//!
+//! Runs are guarded by a session-level advisory lock (`pg_try_advisory_lock`) on the manager's
+//! own connection, which also runs the DDL: with several daemons on one database only one runs
+//! maintenance at a time, and a lost connection drops the lock together with the work.
+//!
+//! The connection's user should be `dbx_maintenance_service` (`[database] admin_url`): the
+//! manager then `SET ROLE dbx_admin`, the owner of every object. With the ingest user only
+//! premake, the live part of the sweep and the refresh are possible (SECURITY DEFINER
+//! functions); archival and retention are skipped with a warning.
 
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
-use deadpool_postgres::Pool;
+use chrono::{DateTime, DurationRound, NaiveDateTime, TimeDelta, Utc};
+use serde::Deserialize;
+use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
 
 use dbx_core::metrics as m;
 use dbx_core::{SharedClock, Shutdown};
+
+use crate::setup::describe_pg_error;
+
+/// Key of the session-level advisory lock that guards maintenance (ASCII "dbx_mnt").
+/// Advisory locks are per database: daemons on different databases never wait on each other.
+pub const MAINTENANCE_LOCK_KEY: i64 = 0x0064_6278_5f6d_6e74;
+
+const LIVE_PARENT: &str = "dbx_aviation.flight_telemetry";
+const ARCHIVE_PARENT: &str = "dbx_archive.flight_telemetry_archive";
+const DEFAULT_PARTITION: &str = "dbx_aviation.flight_telemetry_default";
 
 /// Width of one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +74,8 @@ pub enum Interval {
 }
 
 impl Interval {
-    fn step(self) -> TimeDelta {
+    /// The width as a duration (exact: partitions are UTC, DST never changes them).
+    pub fn step(self) -> TimeDelta {
         match self {
             Interval::Daily => TimeDelta::days(1),
             Interval::Hourly => TimeDelta::hours(1),
@@ -37,47 +86,295 @@ impl Interval {
     pub fn floor(self, t: DateTime<Utc>) -> DateTime<Utc> {
         t.duration_trunc(self.step()).unwrap_or(t)
     }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Interval::Daily => "day",
+            Interval::Hourly => "hour",
+        }
+    }
 }
 
-/// Premake settings.
-#[derive(Debug, Clone)]
-pub struct PremakePolicy {
-    /// Partition width.
-    pub interval: Interval,
-    /// Intervals ahead of the current one.
+/// `[partitions]` of the configuration: partition upkeep. Every interval is in seconds;
+/// 0 turns that task off (premake cannot be turned off).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PartitionsConfig {
+    /// Partitions kept ready ahead of now, in intervals (days, or hours when hourly).
     pub premake: u32,
-    /// Intervals before the current one.
+    /// Partitions kept for the past, in intervals (for late and backfilled points).
     pub lookback: u32,
-    /// `lock_timeout` per statement.
-    pub lock_timeout: Duration,
-    /// Attempts per partition before giving up until the next run.
-    pub attempts: u32,
+    /// How often premake runs, seconds.
+    pub interval_secs: u64,
+    /// `lock_timeout` for each DDL statement, milliseconds (maintenance never stalls ingest).
+    pub lock_timeout_ms: u64,
+    /// Attempts of a step whose locks cannot be had before it is skipped until the next run.
+    pub lock_attempts: u32,
+    /// How often the default partition is swept, seconds (0 = never).
+    pub sweep_interval_secs: u64,
+    /// Live partitions entirely older than this many days are archived (0 = never).
+    pub archive_after_days: u32,
+    /// How often archival runs, seconds (0 = never).
+    pub archive_interval_secs: u64,
+    /// How often retention runs, seconds (0 = never).
+    pub retention_interval_secs: u64,
+    /// Rows deleted per retention transaction (bounded transactions, bounded bloat).
+    pub retention_chunk_rows: u32,
+    /// How often the materialized telemetry view is refreshed (CONCURRENTLY), seconds (0 = never).
+    pub refresh_interval_secs: u64,
 }
 
-/// Failures of partition upkeep.
+impl Default for PartitionsConfig {
+    fn default() -> Self {
+        PartitionsConfig {
+            premake: 4,
+            lookback: 2,
+            interval_secs: 600,
+            lock_timeout_ms: 2_000,
+            lock_attempts: 5,
+            sweep_interval_secs: 300,
+            archive_after_days: 90,
+            archive_interval_secs: 3_600,
+            retention_interval_secs: 3_600,
+            retention_chunk_rows: 10_000,
+            refresh_interval_secs: 900,
+        }
+    }
+}
+
+impl PartitionsConfig {
+    /// Checks what serde cannot: `Err((key, message))` names the bad key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let must = |ok: bool, key: &'static str, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err((key, what.to_string()))
+            }
+        };
+        must(self.premake >= 1, "premake", "must be at least 1")?;
+        must(self.interval_secs >= 1, "interval_secs", "must be at least 1")?;
+        must(
+            self.lock_timeout_ms >= 1,
+            "lock_timeout_ms",
+            "must be at least 1",
+        )?;
+        must(self.lock_attempts >= 1, "lock_attempts", "must be at least 1")?;
+        must(
+            self.retention_chunk_rows >= 1,
+            "retention_chunk_rows",
+            "must be at least 1",
+        )?;
+        Ok(())
+    }
+
+    fn every(&self, task: Task) -> Option<Duration> {
+        let secs = match task {
+            Task::Premake => self.interval_secs.max(1),
+            Task::Sweep => self.sweep_interval_secs,
+            Task::Archive if self.archive_after_days == 0 => 0,
+            Task::Archive => self.archive_interval_secs,
+            Task::Retention => self.retention_interval_secs,
+            Task::Refresh => self.refresh_interval_secs,
+        };
+        (secs > 0).then(|| Duration::from_secs(secs))
+    }
+}
+
+/// One maintenance task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Create the partitions ahead and behind.
+    Premake,
+    /// Move rows out of the default partition.
+    Sweep,
+    /// Move old partitions under the archive parent.
+    Archive,
+    /// Drop or delete what is past retention.
+    Retention,
+    /// Refresh the materialized telemetry view.
+    Refresh,
+}
+
+impl Task {
+    /// Every task, in the order a run does them.
+    pub const ALL: [Task; 5] = [
+        Task::Premake,
+        Task::Sweep,
+        Task::Archive,
+        Task::Retention,
+        Task::Refresh,
+    ];
+
+    /// The `kind` label of the maintenance metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Premake => "premake",
+            Task::Sweep => "sweep",
+            Task::Archive => "archive",
+            Task::Retention => "retention",
+            Task::Refresh => "refresh",
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a step's statements run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepMode {
+    /// All statements in one transaction (all or nothing).
+    Transaction,
+    /// Each statement on its own (`DETACH … CONCURRENTLY` refuses a transaction block).
+    Autocommit,
+}
+
+/// One unit of work of a plan: retried as a whole when a lock cannot be had.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// What it does, for logs and reports.
+    pub what: String,
+    /// The SQL, verbatim (what `--dry-run` prints).
+    pub sql: Vec<String>,
+    /// Transaction or not.
+    pub mode: StepMode,
+    /// Run again while the last statement affected at least this many rows (chunked deletes).
+    pub repeat_while_at_least: Option<u64>,
+    /// Needs the privileges of dbx_admin (the owner), not only the SECURITY DEFINER functions.
+    pub needs_admin: bool,
+}
+
+/// What a task would do now: computed read-only; [`fmt::Display`] prints it as SQL.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The task.
+    pub task: Task,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// Observations that are not SQL (skipped ranges, rows found, disabled tasks).
+    pub notes: Vec<String>,
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "-- {}: {} step(s)", self.task, self.steps.len())?;
+        for n in &self.notes {
+            writeln!(f, "-- note: {n}")?;
+        }
+        for s in &self.steps {
+            writeln!(f, "-- {}", s.what)?;
+            if let Some(n) = s.repeat_while_at_least {
+                writeln!(f, "-- (repeated while a run deletes {n} rows)")?;
+            }
+            if s.mode == StepMode::Transaction {
+                writeln!(f, "BEGIN;")?;
+            }
+            for sql in &s.sql {
+                writeln!(f, "{sql};")?;
+            }
+            if s.mode == StepMode::Transaction {
+                writeln!(f, "COMMIT;")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one task did.
+#[derive(Debug, Clone, Default)]
+pub struct TaskReport {
+    /// The steps completed.
+    pub done: Vec<String>,
+    /// Steps skipped until the next run (locks busy, or privileges missing), with why.
+    pub skipped: Vec<String>,
+    /// Steps that failed for another reason, with the server's message.
+    pub failed: Vec<String>,
+    /// Rows affected (moved or deleted).
+    pub rows: u64,
+    /// The plan's notes.
+    pub notes: Vec<String>,
+}
+
+/// A partition as `dbx partitions list` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionInfo {
+    /// `dbx_aviation` (live) or `dbx_archive`.
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+    /// True for the DEFAULT partition.
+    pub is_default: bool,
+    /// Lower bound (inclusive), `None` for the default partition.
+    pub from: Option<DateTime<Utc>>,
+    /// Upper bound (exclusive).
+    pub to: Option<DateTime<Utc>>,
+    /// The planner's row estimate (`None` before the first ANALYZE).
+    pub rows_estimate: Option<i64>,
+    /// Table + indexes + TOAST, bytes.
+    pub total_bytes: i64,
+    /// A `DETACH … CONCURRENTLY` was interrupted (finalized by the next archival).
+    pub detach_pending: bool,
+}
+
+impl PartitionInfo {
+    /// True in the live table (not archived).
+    pub fn is_live(&self) -> bool {
+        self.schema == "dbx_aviation"
+    }
+
+    fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    fn overlaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> bool {
+        match (self.from, self.to) {
+            (Some(a), Some(b)) => a < to && b > from,
+            _ => false,
+        }
+    }
+}
+
+/// Failures of partition upkeep (a busy lock is not one: the step is skipped).
 #[derive(Debug, thiserror::Error)]
-pub enum PartitionError {
+pub enum MaintenanceError {
+    /// The URL does not parse.
+    #[error("partition upkeep: invalid database URL: {0}")]
+    BadUrl(String),
     /// No connection.
-    #[error("partition upkeep: no database connection: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
-    /// A statement failed for good.
-    #[error("partition upkeep: creating the partition for {from}: {reason}")]
-    Ddl {
-        /// The interval's start.
-        from: DateTime<Utc>,
+    #[error("partition upkeep: cannot connect to PostgreSQL: {0}")]
+    Connect(String),
+    /// A query failed.
+    #[error("partition upkeep: {what}: {reason}")]
+    Db {
+        /// What we were doing.
+        what: String,
         /// The server's message.
         reason: String,
     },
 }
 
-/// The `[from, to)` ranges the policy wants to exist at `now`.
+fn db_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> MaintenanceError {
+    let what = what.into();
+    move |e| MaintenanceError::Db {
+        what,
+        reason: describe_pg_error(&e),
+    }
+}
+
+/// The `[from, to)` ranges wanted at `now`: `lookback` intervals back to `premake` ahead.
 pub fn wanted_ranges(
-    policy: &PremakePolicy,
+    interval: Interval,
+    premake: u32,
+    lookback: u32,
     now: DateTime<Utc>,
 ) -> Vec<(DateTime<Utc>, DateTime<Utc>)> {
-    let step = policy.interval.step();
-    let current = policy.interval.floor(now);
-    (-(policy.lookback as i64)..=policy.premake as i64)
+    let step = interval.step();
+    let current = interval.floor(now);
+    (-(lookback as i64)..=premake as i64)
         .map(|i| {
             let from = current + step * i as i32;
             (from, from + step)
@@ -85,89 +382,905 @@ pub fn wanted_ranges(
         .collect()
 }
 
-/// Creates every missing partition the policy wants; returns the names ensured.
-pub async fn premake(
-    pool: &Pool,
-    policy: &PremakePolicy,
-    now: DateTime<Utc>,
-) -> Result<Vec<String>, PartitionError> {
-    let client = pool.get().await?;
-    client
-        .batch_execute(&format!(
-            "SET lock_timeout = {}",
-            policy.lock_timeout.as_millis().max(1)
-        ))
-        .await
-        .map_err(|e| PartitionError::Ddl {
-            from: now,
-            reason: crate::setup::describe_pg_error(&e),
-        })?;
-    let mut names = Vec::new();
-    for (from, to) in wanted_ranges(policy, now) {
+/// The range a partition name stands for (`flight_telemetry_pYYYYMMDD[HH]`, UTC).
+pub fn range_of_name(name: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let digits = name.strip_prefix("flight_telemetry_p")?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (full, step) = match digits.len() {
+        8 => (format!("{digits}000000"), TimeDelta::days(1)),
+        10 => (format!("{digits}0000"), TimeDelta::hours(1)),
+        _ => return None,
+    };
+    let from = NaiveDateTime::parse_from_str(&full, "%Y%m%d%H%M%S")
+        .ok()?
+        .and_utc();
+    Some((from, from + step))
+}
+
+/// A timestamptz literal independent of the session's TimeZone and DateStyle.
+fn ts_lit(t: DateTime<Utc>) -> String {
+    format!("'{}'::timestamptz", t.format("%Y-%m-%d %H:%M:%S%.f+00"))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(e.code(), Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE
+        || *c == SqlState::T_R_DEADLOCK_DETECTED
+        || *c == SqlState::T_R_SERIALIZATION_FAILURE
+        || *c == SqlState::OBJECT_IN_USE
+        || *c == SqlState::UNIQUE_VIOLATION
+        || *c == SqlState::DUPLICATE_TABLE)
+}
+
+/// The manager's connection: its own, holding the advisory lock while it works.
+struct Conn {
+    client: Client,
+    /// Member of dbx_admin (and switched to it with SET ROLE).
+    admin: bool,
+    /// The login user.
+    user: String,
+    /// This session holds [`MAINTENANCE_LOCK_KEY`].
+    locked: bool,
+}
+
+/// Partition premake, sweep, archival, retention and view refresh; see the module docs.
+pub struct PartitionManager {
+    pg: tokio_postgres::Config,
+    interval: Interval,
+    cfg: PartitionsConfig,
+    clock: SharedClock,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    warned_not_admin: AtomicBool,
+}
+
+impl fmt::Debug for PartitionManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartitionManager")
+            .field("interval", &self.interval)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartitionManager {
+    /// A manager connecting with `pg` (it connects lazily, and again after a lost connection).
+    pub fn new(
+        pg: tokio_postgres::Config,
+        interval: Interval,
+        cfg: PartitionsConfig,
+        clock: SharedClock,
+    ) -> Self {
+        PartitionManager {
+            pg,
+            interval,
+            cfg,
+            clock,
+            conn: tokio::sync::Mutex::new(None),
+            warned_not_admin: AtomicBool::new(false),
+        }
+    }
+
+    /// Same, from a URL.
+    pub fn from_url(
+        url: &str,
+        interval: Interval,
+        cfg: PartitionsConfig,
+        clock: SharedClock,
+    ) -> Result<Self, MaintenanceError> {
+        let pg = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| MaintenanceError::BadUrl(e.to_string()))?;
+        Ok(Self::new(pg, interval, cfg, clock))
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &PartitionsConfig {
+        &self.cfg
+    }
+
+    async fn connect(&self) -> Result<Conn, MaintenanceError> {
+        let mut pg = self.pg.clone();
+        pg.application_name("dbx-maintenance");
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(10));
+        }
+        let (client, connection) = pg
+            .connect(NoTls)
+            .await
+            .map_err(|e| MaintenanceError::Connect(describe_pg_error(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "maintenance connection closed");
+            }
+        });
+        let row = client
+            .query_one(
+                "SELECT current_user::text, pg_has_role(current_user, 'dbx_admin', 'MEMBER')",
+                &[],
+            )
+            .await
+            .map_err(db_err("reading the maintenance user"))?;
+        let user: String = row.get(0);
+        let admin: bool = row.get(1);
+        let mut setup = format!(
+            "SET lock_timeout = {}; SET statement_timeout = 0;",
+            self.cfg.lock_timeout_ms.max(1)
+        );
+        if admin {
+            // Objects made or moved are then owned by dbx_admin, like all the others.
+            setup.push_str(" SET ROLE dbx_admin;");
+        }
+        client
+            .batch_execute(&setup)
+            .await
+            .map_err(db_err("preparing the maintenance session"))?;
+        Ok(Conn {
+            client,
+            admin,
+            user,
+            locked: false,
+        })
+    }
+
+    async fn ensure_conn<'a>(
+        &self,
+        slot: &'a mut Option<Conn>,
+    ) -> Result<&'a mut Conn, MaintenanceError> {
+        if slot.as_ref().is_some_and(|c| c.client.is_closed()) {
+            *slot = None;
+        }
+        if slot.is_none() {
+            *slot = Some(self.connect().await?);
+        }
+        slot.as_mut()
+            .ok_or_else(|| MaintenanceError::Connect("no connection".into()))
+    }
+
+    /// Takes the maintenance advisory lock if no other session holds it; `Ok(true)` when this
+    /// manager holds it now (also when it already did).
+    pub async fn try_acquire(&self) -> Result<bool, MaintenanceError> {
+        let mut slot = self.conn.lock().await;
+        let conn = self.ensure_conn(&mut slot).await?;
+        acquire(conn).await
+    }
+
+    /// Releases the advisory lock (a no-op when not held).
+    pub async fn release(&self) -> Result<(), MaintenanceError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_mut() {
+            release(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// True when the connection's user can do everything (member of dbx_admin).
+    pub async fn is_admin(&self) -> Result<bool, MaintenanceError> {
+        let mut slot = self.conn.lock().await;
+        Ok(self.ensure_conn(&mut slot).await?.admin)
+    }
+
+    /// Closes the connection (releasing the advisory lock with it).
+    pub async fn close(&self) {
+        *self.conn.lock().await = None;
+    }
+
+    /// What `task` would do now, without doing it.
+    pub async fn plan(&self, task: Task) -> Result<Plan, MaintenanceError> {
+        let mut slot = self.conn.lock().await;
+        let conn = self.ensure_conn(&mut slot).await?;
+        self.plan_on(&conn.client, task).await
+    }
+
+    /// Every partition of the live and the archive table.
+    pub async fn list(&self) -> Result<Vec<PartitionInfo>, MaintenanceError> {
+        let mut slot = self.conn.lock().await;
+        let conn = self.ensure_conn(&mut slot).await?;
+        list_partitions(&conn.client).await
+    }
+
+    /// Runs one task under the advisory lock; `Ok(None)` when another session holds it.
+    pub async fn run_task(&self, task: Task) -> Result<Option<TaskReport>, MaintenanceError> {
+        Ok(self
+            .run_tasks(&[task])
+            .await?
+            .and_then(|mut v| v.pop().map(|(_, r)| r)))
+    }
+
+    /// Runs `tasks` in order under one acquisition of the advisory lock; `Ok(None)` when
+    /// another session holds it (nothing was done).
+    pub async fn run_tasks(
+        &self,
+        tasks: &[Task],
+    ) -> Result<Option<Vec<(Task, TaskReport)>>, MaintenanceError> {
+        let mut slot = self.conn.lock().await;
+        let conn = self.ensure_conn(&mut slot).await?;
+        let held_before = conn.locked;
+        if !acquire(conn).await? {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        let mut result = Ok(());
+        for &task in tasks {
+            match self.run_locked(conn, task).await {
+                Ok(report) => {
+                    record(task, &report);
+                    out.push((task, report));
+                }
+                Err(e) => {
+                    metrics::counter!(m::MAINTENANCE_FAILURES_TOTAL, "kind" => task.name())
+                        .increment(1);
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if conn.client.is_closed() {
+            *slot = None;
+        } else if !held_before {
+            // A caller that took the lock itself (try_acquire) releases it itself.
+            release(conn).await?;
+        }
+        result.map(|()| Some(out))
+    }
+
+    /// Start-up premake, before the listener opens. Waits up to 30 s for another daemon's
+    /// maintenance run to finish; past that, creates what is missing anyway (the creation
+    /// function serializes concurrent creators itself, so this is safe, only not exclusive).
+    pub async fn startup(&self) -> Result<TaskReport, MaintenanceError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(report) = self.run_task(Task::Premake).await? {
+                return Ok(report);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        tracing::warn!("another daemon keeps the maintenance lock; creating missing partitions without it");
+        let mut slot = self.conn.lock().await;
+        let conn = self.ensure_conn(&mut slot).await?;
+        let report = self.run_locked(conn, Task::Premake).await?;
+        record(Task::Premake, &report);
+        Ok(report)
+    }
+
+    async fn run_locked(&self, conn: &mut Conn, task: Task) -> Result<TaskReport, MaintenanceError> {
+        let plan = self.plan_on(&conn.client, task).await?;
+        let mut report = TaskReport {
+            notes: plan.notes.clone(),
+            ..TaskReport::default()
+        };
+        for step in &plan.steps {
+            if step.needs_admin && !conn.admin {
+                if !self.warned_not_admin.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        user = %conn.user,
+                        "archival and retention need a member of dbx_admin: set database.admin_url \
+                         to dbx_maintenance_service's URL (credentials.txt); skipping them"
+                    );
+                }
+                report.skipped.push(format!(
+                    "{} (user {} is not a member of dbx_admin)",
+                    step.what, conn.user
+                ));
+                continue;
+            }
+            self.run_step(conn, step, &mut report).await?;
+        }
+        Ok(report)
+    }
+
+    async fn run_step(
+        &self,
+        conn: &mut Conn,
+        step: &Step,
+        report: &mut TaskReport,
+    ) -> Result<(), MaintenanceError> {
+        let attempts = self.cfg.lock_attempts.max(1);
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match client
-                .query_one(
-                    "SELECT dbx_aviation.ensure_telemetry_partition($1, $2)",
-                    &[&from, &to],
-                )
-                .await
-            {
-                Ok(row) => {
-                    names.push(row.get::<_, String>(0));
-                    break;
+            match exec_step(&conn.client, step).await {
+                Ok(rows) => {
+                    report.rows += rows;
+                    if let Some(n) = step.repeat_while_at_least {
+                        if rows >= n {
+                            attempt = 0;
+                            continue;
+                        }
+                    }
+                    report.done.push(step.what.clone());
+                    return Ok(());
                 }
-                Err(e)
-                    if attempt < policy.attempts
-                        && matches!(
-                            e.code(),
-                            Some(c) if *c == SqlState::LOCK_NOT_AVAILABLE
-                                || *c == SqlState::T_R_DEADLOCK_DETECTED
-                                || *c == SqlState::UNIQUE_VIOLATION
-                                || *c == SqlState::DUPLICATE_TABLE
-                        ) =>
-                {
-                    // Someone holds a conflicting lock (or made it at the same time): back off, retry.
-                    tracing::debug!(%from, attempt, "partition DDL waited too long for a lock; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt as u64)).await;
+                Err(e) if conn.client.is_closed() => {
+                    return Err(MaintenanceError::Db {
+                        what: step.what.clone(),
+                        reason: describe_pg_error(&e),
+                    })
+                }
+                Err(e) if retryable(&e) && attempt < attempts => {
+                    tracing::debug!(step = %step.what, attempt, error = %describe_pg_error(&e),
+                        "maintenance step waited too long for a lock; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                }
+                Err(e) if retryable(&e) => {
+                    tracing::warn!(step = %step.what, attempts, error = %describe_pg_error(&e),
+                        "maintenance step skipped: its tables stayed busy; the next run retries");
+                    report
+                        .skipped
+                        .push(format!("{} ({})", step.what, describe_pg_error(&e)));
+                    return Ok(());
                 }
                 Err(e) => {
-                    metrics::counter!(m::MAINTENANCE_FAILURES_TOTAL, "kind" => "premake")
-                        .increment(1);
-                    return Err(PartitionError::Ddl {
-                        from,
-                        reason: crate::setup::describe_pg_error(&e),
-                    });
+                    tracing::warn!(step = %step.what, error = %describe_pg_error(&e), "maintenance step failed");
+                    report
+                        .failed
+                        .push(format!("{}: {}", step.what, describe_pg_error(&e)));
+                    return Ok(());
                 }
             }
         }
     }
-    metrics::counter!(m::MAINTENANCE_RUNS_TOTAL, "kind" => "premake").increment(1);
-    Ok(names)
+
+    async fn plan_on(&self, client: &Client, task: Task) -> Result<Plan, MaintenanceError> {
+        let now = self.clock.now();
+        let parts = list_partitions(client).await?;
+        let mut plan = Plan {
+            task,
+            steps: Vec::new(),
+            notes: Vec::new(),
+        };
+        match task {
+            Task::Premake => self.plan_premake(&parts, now, &mut plan),
+            Task::Sweep => self.plan_sweep(client, &parts, &mut plan).await?,
+            Task::Archive => self.plan_archive(client, &parts, now, &mut plan).await?,
+            Task::Retention => self.plan_retention(client, &parts, now, &mut plan).await?,
+            Task::Refresh => plan.steps.push(Step {
+                what: "refresh dbx_analytics.telemetry_daily_aircraft concurrently".into(),
+                sql: vec!["SELECT dbx_analytics.refresh_telemetry_daily_aircraft(true)".into()],
+                mode: StepMode::Autocommit,
+                repeat_while_at_least: None,
+                needs_admin: false,
+            }),
+        }
+        Ok(plan)
+    }
+
+    fn ensure_step(from: DateTime<Utc>, to: DateTime<Utc>, what: String) -> Step {
+        Step {
+            what,
+            sql: vec![format!(
+                "SELECT dbx_aviation.ensure_telemetry_partition({}, {})",
+                ts_lit(from),
+                ts_lit(to)
+            )],
+            mode: StepMode::Autocommit,
+            repeat_while_at_least: None,
+            needs_admin: false,
+        }
+    }
+
+    fn plan_premake(&self, parts: &[PartitionInfo], now: DateTime<Utc>, plan: &mut Plan) {
+        for (from, to) in wanted_ranges(self.interval, self.cfg.premake, self.cfg.lookback, now) {
+            let exact = parts
+                .iter()
+                .find(|p| !p.is_default && p.from == Some(from) && p.to == Some(to));
+            if let Some(p) = exact {
+                if !p.is_live() {
+                    plan.notes.push(format!(
+                        "[{from}, {to}) is archived ({}); not recreated",
+                        p.qualified()
+                    ));
+                }
+                continue;
+            }
+            if let Some(p) = parts
+                .iter()
+                .find(|p| p.is_live() && !p.is_default && p.overlaps(from, to))
+            {
+                plan.notes.push(format!(
+                    "[{from}, {to}) overlaps {} (partition interval changed?); not created",
+                    p.qualified()
+                ));
+                continue;
+            }
+            plan.steps.push(Self::ensure_step(
+                from,
+                to,
+                format!("create the partition for [{from}, {to})"),
+            ));
+        }
+    }
+
+    async fn default_buckets(
+        client: &Client,
+        interval: Interval,
+        within: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    ) -> Result<Vec<(DateTime<Utc>, i64)>, MaintenanceError> {
+        let (lo, hi) = within.unwrap_or((DateTime::<Utc>::MIN_UTC, DateTime::<Utc>::MAX_UTC));
+        let sql = format!(
+            "SELECT date_trunc('{}', ts AT TIME ZONE 'UTC') AT TIME ZONE 'UTC', count(*)
+               FROM {DEFAULT_PARTITION}
+              WHERE ($1::boolean OR (ts >= $2 AND ts < $3))
+              GROUP BY 1 ORDER BY 1",
+            interval.unit()
+        );
+        let everything = within.is_none();
+        let rows = client
+            .query(&sql, &[&everything, &lo, &hi])
+            .await
+            .map_err(db_err("reading the default partition"))?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn plan_sweep(
+        &self,
+        client: &Client,
+        parts: &[PartitionInfo],
+        plan: &mut Plan,
+    ) -> Result<(), MaintenanceError> {
+        let buckets = Self::default_buckets(client, self.interval, None).await?;
+        let total: i64 = buckets.iter().map(|(_, n)| n).sum();
+        if total > 0 {
+            plan.notes.push(format!(
+                "{total} row(s) in the default partition, in {} range(s)",
+                buckets.len()
+            ));
+        }
+        for (from, n) in buckets {
+            let to = from + self.interval.step();
+            if let Some(a) = parts.iter().find(|p| {
+                !p.is_live()
+                    && !p.is_default
+                    && p.from.is_some_and(|f| f <= from)
+                    && p.to.is_some_and(|t| t >= to)
+            }) {
+                plan.steps.push(Step {
+                    what: format!(
+                        "move {n} default-partition row(s) of [{from}, {to}) to the archived {}",
+                        a.qualified()
+                    ),
+                    sql: vec![format!(
+                        "WITH moved AS (DELETE FROM {DEFAULT_PARTITION} WHERE ts >= {} AND ts < {} RETURNING *) \
+                         INSERT INTO {ARCHIVE_PARENT} SELECT * FROM moved",
+                        ts_lit(from),
+                        ts_lit(to)
+                    )],
+                    mode: StepMode::Transaction,
+                    repeat_while_at_least: None,
+                    needs_admin: true,
+                });
+                continue;
+            }
+            let clash = parts
+                .iter()
+                .any(|p| p.is_live() && !p.is_default && p.overlaps(from, to));
+            if clash && self.interval == Interval::Daily {
+                // Hourly partitions exist in this day (the interval was changed): go by hour.
+                for (h, hn) in
+                    Self::default_buckets(client, Interval::Hourly, Some((from, to))).await?
+                {
+                    let ht = h + Interval::Hourly.step();
+                    plan.steps.push(Self::ensure_step(
+                        h,
+                        ht,
+                        format!("move {hn} default-partition row(s) into the partition for [{h}, {ht})"),
+                    ));
+                }
+                continue;
+            }
+            plan.steps.push(Self::ensure_step(
+                from,
+                to,
+                format!("move {n} default-partition row(s) into the partition for [{from}, {to})"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn plan_archive(
+        &self,
+        client: &Client,
+        parts: &[PartitionInfo],
+        now: DateTime<Utc>,
+        plan: &mut Plan,
+    ) -> Result<(), MaintenanceError> {
+        if self.cfg.archive_after_days == 0 {
+            plan.notes
+                .push("archival is off (partitions.archive_after_days = 0)".into());
+            return Ok(());
+        }
+        let cutoff = now - TimeDelta::days(self.cfg.archive_after_days as i64);
+        let has_default = parts.iter().any(|p| p.is_live() && p.is_default);
+        if has_default {
+            plan.notes.push(
+                "DETACH without CONCURRENTLY: PostgreSQL refuses CONCURRENTLY while the table has a \
+                 DEFAULT partition; the old partition is locked first, the parent last, under lock_timeout"
+                    .into(),
+            );
+        }
+        let archived: Vec<&str> = parts
+            .iter()
+            .filter(|p| !p.is_live())
+            .map(|p| p.name.as_str())
+            .collect();
+        let move_sql = |name: &str, from: DateTime<Utc>, to: DateTime<Utc>| {
+            let q = quote_ident(name);
+            vec![
+                format!("ALTER TABLE dbx_aviation.{q} SET SCHEMA dbx_archive"),
+                // Archived data is read-only for the daemon.
+                format!("REVOKE ALL ON dbx_archive.{q} FROM dbx_ingest"),
+                format!(
+                    "ALTER TABLE {ARCHIVE_PARENT} ATTACH PARTITION dbx_archive.{q} FOR VALUES FROM ({}) TO ({})",
+                    ts_lit(from),
+                    ts_lit(to)
+                ),
+            ]
+        };
+        for p in parts.iter().filter(|p| p.is_live() && !p.is_default) {
+            let (Some(from), Some(to)) = (p.from, p.to) else {
+                continue;
+            };
+            if p.detach_pending {
+                // An interrupted DETACH CONCURRENTLY: finish it, then move the table.
+                plan.steps.push(Step {
+                    what: format!("finish the interrupted detach of {}", p.qualified()),
+                    sql: vec![format!(
+                        "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {} FINALIZE",
+                        p.qualified()
+                    )],
+                    mode: StepMode::Autocommit,
+                    repeat_while_at_least: None,
+                    needs_admin: true,
+                });
+            }
+            if to > cutoff {
+                continue;
+            }
+            if archived.contains(&p.name.as_str()) {
+                plan.notes.push(format!(
+                    "{} is old enough but dbx_archive.{} already exists; left in place",
+                    p.qualified(),
+                    quote_ident(&p.name)
+                ));
+                continue;
+            }
+            let what = format!("archive {} [{from}, {to})", p.qualified());
+            if has_default || p.detach_pending {
+                let mut sql = Vec::new();
+                if !p.detach_pending {
+                    sql.push(format!(
+                        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                        p.qualified()
+                    ));
+                    sql.push(format!(
+                        "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {}",
+                        p.qualified()
+                    ));
+                }
+                sql.extend(move_sql(&p.name, from, to));
+                plan.steps.push(Step {
+                    what,
+                    sql,
+                    mode: StepMode::Transaction,
+                    repeat_while_at_least: None,
+                    needs_admin: true,
+                });
+            } else {
+                plan.steps.push(Step {
+                    what: format!("detach {} concurrently", p.qualified()),
+                    sql: vec![format!(
+                        "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {} CONCURRENTLY",
+                        p.qualified()
+                    )],
+                    mode: StepMode::Autocommit,
+                    repeat_while_at_least: None,
+                    needs_admin: true,
+                });
+                plan.steps.push(Step {
+                    what,
+                    sql: move_sql(&p.name, from, to),
+                    mode: StepMode::Transaction,
+                    repeat_while_at_least: None,
+                    needs_admin: true,
+                });
+            }
+        }
+        // Tables left standalone by an archival interrupted between its two steps.
+        let orphans = client
+            .query(
+                "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = 'dbx_aviation' AND c.relkind = 'r' AND NOT c.relispartition
+                    AND c.relname ~ '^flight_telemetry_p[0-9]{8}([0-9]{2})?$'
+                  ORDER BY 1",
+                &[],
+            )
+            .await
+            .map_err(db_err("looking for detached partitions"))?;
+        for r in orphans {
+            let name: String = r.get(0);
+            let Some((from, to)) = range_of_name(&name) else {
+                continue;
+            };
+            if to > cutoff || archived.contains(&name.as_str()) {
+                plan.notes.push(format!(
+                    "dbx_aviation.{} is a detached partition; left in place",
+                    quote_ident(&name)
+                ));
+                continue;
+            }
+            plan.steps.push(Step {
+                what: format!("archive the detached dbx_aviation.{}", quote_ident(&name)),
+                sql: move_sql(&name, from, to),
+                mode: StepMode::Transaction,
+                repeat_while_at_least: None,
+                needs_admin: true,
+            });
+        }
+        Ok(())
+    }
+
+    async fn plan_retention(
+        &self,
+        client: &Client,
+        parts: &[PartitionInfo],
+        now: DateTime<Utc>,
+        plan: &mut Plan,
+    ) -> Result<(), MaintenanceError> {
+        let orgs: Vec<(Uuid, i32)> = client
+            .query(
+                "SELECT org_id, data_retention_days FROM dbx_aviation.organizations
+                  ORDER BY data_retention_days, org_id",
+                &[],
+            )
+            .await
+            .map_err(db_err("reading the organizations' retention"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let Some(max_days) = orgs.iter().map(|(_, d)| *d).max() else {
+            plan.notes
+                .push("no organization: no telemetry retention to apply".into());
+            return Ok(());
+        };
+        let drop_before = now - TimeDelta::days(max_days as i64);
+        let mut dropped = Vec::new();
+        for p in parts.iter().filter(|p| !p.is_default) {
+            if p.to.is_some_and(|t| t <= drop_before) {
+                dropped.push(p.qualified());
+                plan.steps.push(Step {
+                    what: format!(
+                        "drop {} (ended before every organization's retention, {max_days} days)",
+                        p.qualified()
+                    ),
+                    // The partition first, the parent (taken by DROP) last: see archival.
+                    sql: vec![
+                        format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", p.qualified()),
+                        format!("DROP TABLE {}", p.qualified()),
+                    ],
+                    mode: StepMode::Transaction,
+                    repeat_while_at_least: None,
+                    needs_admin: true,
+                });
+            }
+        }
+        let chunk = self.cfg.retention_chunk_rows.max(1);
+        for (org, days) in &orgs {
+            let cutoff = now - TimeDelta::days(*days as i64);
+            for p in parts.iter() {
+                if dropped.contains(&p.qualified()) {
+                    continue;
+                }
+                let expired = p.is_default || p.from.is_some_and(|f| f < cutoff);
+                if !expired {
+                    continue;
+                }
+                let q = p.qualified();
+                plan.steps.push(Step {
+                    what: format!(
+                        "delete organization {org}'s rows before {cutoff} ({days} days) from {q}"
+                    ),
+                    // ctid batches: a bounded transaction each, and a TID scan for the delete.
+                    sql: vec![format!(
+                        "DELETE FROM {q} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {q} \
+                         WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk}))",
+                        ts_lit(cutoff)
+                    )],
+                    mode: StepMode::Autocommit,
+                    repeat_while_at_least: Some(chunk as u64),
+                    needs_admin: true,
+                });
+            }
+        }
+        plan.steps.push(Step {
+            what: "the seed's enforce_retention_policy() (flight sessions, analysis results; server clock)".into(),
+            sql: vec!["SELECT * FROM dbx_aviation.enforce_retention_policy()".into()],
+            mode: StepMode::Autocommit,
+            repeat_while_at_least: None,
+            needs_admin: true,
+        });
+        Ok(())
+    }
+
+    /// Runs maintenance on its timers until `shutdown`: premake every `interval_secs` (it ran
+    /// at start-up), and sweep, archival, retention and refresh on theirs, starting now. A run
+    /// that finds the advisory lock taken (another daemon) is skipped until the next interval.
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let start = Instant::now();
+        let mut schedule: Vec<(Task, Duration, Instant)> = Task::ALL
+            .iter()
+            .filter_map(|&t| {
+                let every = self.cfg.every(t)?;
+                let first = if t == Task::Premake {
+                    start + every
+                } else {
+                    start + Duration::from_secs(1)
+                };
+                Some((t, every, first))
+            })
+            .collect();
+        loop {
+            let Some(next) = schedule.iter().map(|(_, _, at)| *at).min() else {
+                shutdown.recv().await;
+                return;
+            };
+            tokio::select! {
+                _ = shutdown.recv() => break,
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            let now = Instant::now();
+            let due: Vec<Task> = schedule
+                .iter()
+                .filter(|(_, _, at)| *at <= now)
+                .map(|(t, _, _)| *t)
+                .collect();
+            let outcome = tokio::select! {
+                _ = shutdown.recv() => break,
+                r = self.run_tasks(&due) => r,
+            };
+            let retry_soon = match outcome {
+                Ok(Some(reports)) => {
+                    for (task, r) in reports {
+                        log_report(task, &r);
+                    }
+                    false
+                }
+                Ok(None) => {
+                    tracing::debug!(tasks = ?due, "another daemon holds the maintenance lock; skipped");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "partition maintenance failed; will retry");
+                    self.close().await;
+                    true
+                }
+            };
+            let after = Instant::now();
+            for (t, every, at) in schedule.iter_mut() {
+                if due.contains(t) {
+                    let wait = if retry_soon {
+                        (*every).min(Duration::from_secs(30))
+                    } else {
+                        *every
+                    };
+                    *at = after + wait;
+                }
+            }
+        }
+        // Closing the connection rolls back whatever was cut short and frees the lock.
+        self.close().await;
+    }
 }
 
-/// Runs [`premake`] every `every` until shutdown; failures are logged and retried next time.
-pub async fn run_premake(
-    pool: Pool,
-    policy: PremakePolicy,
-    clock: SharedClock,
-    every: Duration,
-    mut shutdown: Shutdown,
-) {
-    let mut timer = tokio::time::interval(every.max(Duration::from_secs(1)));
-    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.recv() => return,
-            _ = timer.tick() => {
-                match premake(&pool, &policy, clock.now()).await {
-                    Ok(names) => tracing::debug!(partitions = names.len(), "premake done"),
-                    Err(e) => tracing::warn!(error = %e, "premake failed; will retry"),
+fn record(task: Task, r: &TaskReport) {
+    metrics::counter!(m::MAINTENANCE_RUNS_TOTAL, "kind" => task.name()).increment(1);
+    if !r.skipped.is_empty() {
+        metrics::counter!(m::MAINTENANCE_SKIPPED_TOTAL, "kind" => task.name())
+            .increment(r.skipped.len() as u64);
+    }
+    if !r.failed.is_empty() {
+        metrics::counter!(m::MAINTENANCE_FAILURES_TOTAL, "kind" => task.name())
+            .increment(r.failed.len() as u64);
+    }
+}
+
+fn log_report(task: Task, r: &TaskReport) {
+    if !r.done.is_empty() {
+        tracing::info!(task = %task, steps = r.done.len(), rows = r.rows, done = ?r.done, "maintenance done");
+    }
+    if !r.skipped.is_empty() {
+        tracing::warn!(task = %task, skipped = ?r.skipped, "maintenance steps skipped; the next run retries");
+    }
+    if !r.failed.is_empty() {
+        tracing::warn!(task = %task, failed = ?r.failed, "maintenance steps failed");
+    }
+}
+
+async fn acquire(conn: &mut Conn) -> Result<bool, MaintenanceError> {
+    if conn.locked {
+        return Ok(true);
+    }
+    let got: bool = conn
+        .client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&MAINTENANCE_LOCK_KEY])
+        .await
+        .map_err(db_err("taking the maintenance lock"))?
+        .get(0);
+    conn.locked = got;
+    Ok(got)
+}
+
+async fn release(conn: &mut Conn) -> Result<(), MaintenanceError> {
+    if conn.locked {
+        conn.client
+            .query_one("SELECT pg_advisory_unlock($1)", &[&MAINTENANCE_LOCK_KEY])
+            .await
+            .map_err(db_err("releasing the maintenance lock"))?;
+        conn.locked = false;
+    }
+    Ok(())
+}
+
+/// Runs a step once; returns the rows affected by its last statement.
+async fn exec_step(client: &Client, step: &Step) -> Result<u64, tokio_postgres::Error> {
+    let tx = step.mode == StepMode::Transaction;
+    if tx {
+        client.batch_execute("BEGIN").await?;
+    }
+    let mut last = 0;
+    for sql in &step.sql {
+        match client.execute(sql.as_str(), &[]).await {
+            Ok(n) => last = n,
+            Err(e) => {
+                if tx && !client.is_closed() {
+                    let _ = client.batch_execute("ROLLBACK").await;
                 }
+                return Err(e);
             }
         }
     }
+    if tx {
+        client.batch_execute("COMMIT").await?;
+    }
+    Ok(last)
+}
+
+/// Every partition of the live and the archive table, oldest first, the default last.
+pub async fn list_partitions(client: &Client) -> Result<Vec<PartitionInfo>, MaintenanceError> {
+    let rows = client
+        .query(
+            "SELECT tp.partition_schema, tp.partition_name, tp.is_default, tp.range_start, tp.range_end,
+                    CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END,
+                    pg_total_relation_size(c.oid),
+                    coalesce(i.inhdetachpending, false)
+               FROM dbx_aviation.telemetry_partitions() tp
+               JOIN pg_namespace n ON n.nspname = tp.partition_schema
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = tp.partition_name
+               LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
+              ORDER BY tp.range_start NULLS LAST, tp.partition_schema, tp.partition_name",
+            &[],
+        )
+        .await
+        .map_err(db_err("listing partitions"))?;
+    Ok(rows
+        .iter()
+        .map(|r| PartitionInfo {
+            schema: r.get(0),
+            name: r.get(1),
+            is_default: r.get(2),
+            from: r.get(3),
+            to: r.get(4),
+            rows_estimate: r.get(5),
+            total_bytes: r.get(6),
+            detach_pending: r.get(7),
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -177,19 +1290,67 @@ mod tests {
 
     #[test]
     fn wanted_ranges_span_lookback_to_premake_in_utc() {
-        let policy = PremakePolicy {
-            interval: Interval::Daily,
-            premake: 4,
-            lookback: 1,
-            lock_timeout: Duration::from_secs(1),
-            attempts: 3,
-        };
         let now = Utc.with_ymd_and_hms(2026, 1, 30, 23, 59, 0).unwrap();
-        let r = wanted_ranges(&policy, now);
+        let r = wanted_ranges(Interval::Daily, 4, 1, now);
         assert_eq!(r.len(), 6);
         assert_eq!(r[0].0, Utc.with_ymd_and_hms(2026, 1, 29, 0, 0, 0).unwrap());
         // Across the month boundary.
         assert_eq!(r[5].0, Utc.with_ymd_and_hms(2026, 2, 3, 0, 0, 0).unwrap());
         assert_eq!(r[5].1, Utc.with_ymd_and_hms(2026, 2, 4, 0, 0, 0).unwrap());
+        let h = wanted_ranges(Interval::Hourly, 2, 0, now);
+        assert_eq!(h.len(), 3);
+        assert_eq!(h[2].1, Utc.with_ymd_and_hms(2026, 1, 31, 2, 0, 0).unwrap());
+    }
+
+    #[test]
+    fn partition_names_parse_back_to_their_range() {
+        let (f, t) = range_of_name("flight_telemetry_p20260329").unwrap();
+        assert_eq!(f, Utc.with_ymd_and_hms(2026, 3, 29, 0, 0, 0).unwrap());
+        assert_eq!(t - f, TimeDelta::days(1));
+        let (f, t) = range_of_name("flight_telemetry_p2026102501").unwrap();
+        assert_eq!(f, Utc.with_ymd_and_hms(2026, 10, 25, 1, 0, 0).unwrap());
+        assert_eq!(t - f, TimeDelta::hours(1));
+        assert!(range_of_name("flight_telemetry_default").is_none());
+        assert!(range_of_name("flight_telemetry_p2026").is_none());
+        assert!(range_of_name("flight_telemetry_p20261399").is_none());
+    }
+
+    #[test]
+    fn literals_are_utc_and_identifiers_quoted() {
+        let t = Utc.with_ymd_and_hms(2026, 3, 29, 1, 0, 0).unwrap();
+        assert_eq!(ts_lit(t), "'2026-03-29 01:00:00+00'::timestamptz");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn config_validation_names_the_key() {
+        let mut c = PartitionsConfig::default();
+        assert!(c.validate().is_ok());
+        c.retention_chunk_rows = 0;
+        assert_eq!(c.validate().unwrap_err().0, "retention_chunk_rows");
+        let c = PartitionsConfig {
+            archive_after_days: 0,
+            ..PartitionsConfig::default()
+        };
+        assert_eq!(c.every(Task::Archive), None);
+        assert_eq!(c.every(Task::Premake), Some(Duration::from_secs(600)));
+    }
+
+    #[test]
+    fn a_plan_prints_as_sql_with_transactions() {
+        let plan = Plan {
+            task: Task::Archive,
+            steps: vec![Step {
+                what: "x".into(),
+                sql: vec!["LOCK TABLE a".into(), "DROP TABLE a".into()],
+                mode: StepMode::Transaction,
+                repeat_while_at_least: None,
+                needs_admin: true,
+            }],
+            notes: vec!["n".into()],
+        };
+        let s = plan.to_string();
+        assert!(s.contains("BEGIN;\nLOCK TABLE a;\nDROP TABLE a;\nCOMMIT;\n"), "{s}");
+        assert!(s.contains("-- note: n"), "{s}");
     }
 }

@@ -37,10 +37,12 @@ pub const EXPECTED_TABLES: [&str; 7] = [
 ];
 
 /// The login users setup gives passwords to, with the group role each belongs to.
-pub const LOGIN_USERS: [(&str, &str); 3] = [
+pub const LOGIN_USERS: [(&str, &str); 4] = [
     ("dbx_api_service", "dbx_app_write"),
     ("dbx_analytics_service", "dbx_app_read"),
     ("dbx_ingest_service", "dbx_ingest"),
+    // The control plane's user (`[database] admin_url`): archival, retention, sweep.
+    ("dbx_maintenance_service", "dbx_admin"),
 ];
 
 /// The sample organization's code.

@@ -2,7 +2,8 @@
 //! one edit and `deploy/` dashboards and alerts can be checked against this list.
 //!
 //! Prometheus conventions: `dbx_` prefix, base units, `_total` for counters, label
-//! sets bounded to `reason`, `transport`, `trigger`, `kind` and `org`. The HELP text
+//! sets bounded to `reason`, `transport`, `trigger`, `kind`, `org`, and for the control
+//! plane's gauges `schema` (live | archive) and `table` (the dbx tables, partitions summed). The HELP text
 //! of each is registered by [`describe`] callers in the binary (via `metrics::describe_*`).
 
 /// Listener: open connections (gauge, label `transport`).
@@ -66,3 +67,36 @@ pub const MAINTENANCE_RUNS_TOTAL: &str = "dbx_maintenance_runs_total";
 pub const MAINTENANCE_FAILURES_TOTAL: &str = "dbx_maintenance_failures_total";
 /// Process: seconds since start (gauge).
 pub const UPTIME_SECONDS: &str = "dbx_uptime_seconds";
+
+/// Control: partition maintenance steps skipped after their lock attempts ran out
+/// (counter, label `kind`); the next run retries them.
+pub const MAINTENANCE_SKIPPED_TOTAL: &str = "dbx_maintenance_skipped_total";
+
+/// Control: 1 when the last health collection succeeded, 0 when the database did not answer (gauge).
+pub const DB_UP: &str = "dbx_db_up";
+/// Control: `system_health` database_size (gauge, bytes).
+pub const DB_SIZE_BYTES: &str = "dbx_db_size_bytes";
+/// Control: `system_health` active_connections to this database (gauge).
+pub const DB_ACTIVE_CONNECTIONS: &str = "dbx_db_active_connections";
+/// Control: `system_health` slow_queries_count (gauge; only exported while
+/// pg_stat_statements is installed and preloaded).
+pub const DB_SLOW_QUERIES: &str = "dbx_db_slow_queries";
+/// Control: `system_health` cache_hit_ratio as a 0..1 ratio (gauge).
+pub const DB_CACHE_HIT_RATIO: &str = "dbx_db_cache_hit_ratio";
+/// Control: estimated bloat per table (gauge, bytes, label `table`; the partitions of the
+/// live and archive telemetry parents are summed under their parent's name).
+pub const DB_TABLE_BLOAT_BYTES: &str = "dbx_db_table_bloat_bytes";
+/// Control: telemetry partitions (gauge, label `schema` = live | archive; the default partition
+/// is not counted).
+pub const DB_PARTITIONS: &str = "dbx_db_partitions";
+/// Control: lower bound of the oldest partition (gauge, unix seconds, label `schema`).
+pub const DB_PARTITION_OLDEST_START: &str = "dbx_db_partition_oldest_start_timestamp_seconds";
+/// Control: upper bound of the newest partition (gauge, unix seconds, label `schema`).
+pub const DB_PARTITION_NEWEST_END: &str = "dbx_db_partition_newest_end_timestamp_seconds";
+/// Control: seconds from now to the upper bound of the newest live partition (gauge; alert
+/// well before it reaches 0, when points would start landing in the default partition).
+pub const DB_PARTITION_AHEAD_SECONDS: &str = "dbx_db_partition_ahead_seconds";
+/// Control: rows in the default partition (gauge; should be 0, the sweep moves them out).
+pub const DB_DEFAULT_PARTITION_ROWS: &str = "dbx_db_default_partition_rows";
+/// Control: connections of the ingest role's members to this database (gauge).
+pub const DB_INGEST_CONNECTIONS: &str = "dbx_db_ingest_connections";

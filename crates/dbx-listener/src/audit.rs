@@ -90,6 +90,14 @@ impl HandshakeLog {
     }
 }
 
+/// A database error with the server's message, which `Display` ("db error") hides.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
 async fn write(
     pool: &Pool,
     recs: &[HandshakeRecord],
@@ -121,6 +129,7 @@ async fn write(
                AS x(o, e, s, t, i, u)",
             &[&org, &endpoint, &status, &rt, &ip, &ua],
         )
-        .await?;
+        .await
+        .map_err(|e| describe(&e))?;
     Ok(())
 }

@@ -273,6 +273,14 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_file_lists_exactly_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/dbx.toml");
+        let documented: Config = load_with_env(Some(&path), &[]).unwrap();
+        assert_eq!(format!("{documented:?}"), format!("{:?}", Config::default()));
+        documented.validate().unwrap();
+    }
+
+    #[test]
     fn defaults_without_a_file() {
         let c: Config = load_with_env(None, &[]).unwrap();
         assert_eq!(c.http.bind, "127.0.0.1:9898");

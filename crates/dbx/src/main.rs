@@ -32,6 +32,10 @@ enum Command {
     Migrate(cmd::setup::MigrateArgs),
     /// Run the daemon: listener, batcher, control plane, admin HTTP.
     Serve(cmd::serve::ServeArgs),
+    /// Simulate a gateway fleet against a running daemon.
+    Loadgen(cmd::loadgen::LoadgenArgs),
+    /// Everything in one command: private PostgreSQL, setup, daemon, a simulated fleet, a report.
+    Demo(cmd::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +56,8 @@ fn main() -> ExitCode {
             Command::Check(args) => cmd::setup::check(cli.config.as_deref(), args).await,
             Command::Migrate(args) => cmd::setup::migrate(args).await,
             Command::Serve(args) => cmd::serve::serve(cli.config.as_deref(), args).await,
+            Command::Loadgen(args) => cmd::loadgen::loadgen(args).await,
+            Command::Demo(args) => cmd::demo::demo(args).await,
         }
     });
     match result {

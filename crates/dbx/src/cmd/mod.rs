@@ -1,3 +1,5 @@
 //! One module per subcommand group.
 pub mod serve;
 pub mod setup;
+pub mod loadgen;
+pub mod demo;

@@ -1,0 +1,424 @@
+//! The database health collector: on its own connection and its own timer it reads the seed's
+//! `system_health` indicators (database_size, active_connections, slow_queries_count when
+//! pg_stat_statements is loaded, cache_hit_ratio), `table_bloat`, the partitions of the live and
+//! archive tables (count and bounds), the rows sitting in the default partition, how far ahead
+//! the newest live partition reaches, and the ingest role's connections, and exports them as the
+//! `dbx_db_*` gauges of [`dbx_core::metrics`]. The last snapshot is also kept for
+//! `/api/v2/system/status`. When the database does not answer, `dbx_db_up` drops to 0 and the
+//! other gauges keep their last values.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::{Client, NoTls};
+
+use dbx_core::metrics as m;
+use dbx_core::{SharedClock, Shutdown};
+
+use crate::setup::{describe_pg_error, EXPECTED_TABLES};
+
+/// The last collection, shared with the admin endpoint.
+pub type HealthHandle = Arc<RwLock<HealthSnapshot>>;
+
+/// Partitions of one schema.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SchemaPartitions {
+    /// `live` (dbx_aviation) or `archive` (dbx_archive).
+    pub schema: String,
+    /// Partitions, the default one not counted.
+    pub count: i64,
+    /// Lower bound of the oldest.
+    pub oldest_start: Option<DateTime<Utc>>,
+    /// Upper bound of the newest.
+    pub newest_end: Option<DateTime<Utc>>,
+}
+
+/// One collection's results.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HealthSnapshot {
+    /// The last collection succeeded.
+    pub up: bool,
+    /// When the last successful collection ran (collector clock).
+    pub collected_at: Option<DateTime<Utc>>,
+    /// Why the last collection failed, if it did.
+    pub error: Option<String>,
+    /// `system_health.database_size`, bytes.
+    pub database_size_bytes: Option<f64>,
+    /// `system_health.active_connections`.
+    pub active_connections: Option<f64>,
+    /// `system_health.slow_queries_count` (`None` without pg_stat_statements).
+    pub slow_queries_count: Option<f64>,
+    /// `system_health.cache_hit_ratio` as 0..1 (`None` before any read).
+    pub cache_hit_ratio: Option<f64>,
+    /// Estimated bloat per table, bytes (telemetry partitions summed under their parent).
+    pub table_bloat_bytes: BTreeMap<String, i64>,
+    /// Live and archive partitions.
+    pub partitions: Vec<SchemaPartitions>,
+    /// Seconds from now to the newest live partition's upper bound.
+    pub partition_ahead_seconds: Option<f64>,
+    /// Rows in the default partition.
+    pub default_partition_rows: i64,
+    /// Connections of the ingest role's members.
+    pub ingest_connections: i64,
+}
+
+/// Registers the HELP text of every metric this crate exports (call once after installing the
+/// recorder).
+pub fn describe_metrics() {
+    use metrics::{describe_counter as c, describe_gauge as g, Unit};
+    g!(
+        m::DB_UP,
+        "1 when the last database health collection succeeded, else 0."
+    );
+    g!(
+        m::DB_SIZE_BYTES,
+        Unit::Bytes,
+        "Size of the database (system_health.database_size)."
+    );
+    g!(
+        m::DB_ACTIVE_CONNECTIONS,
+        "Connections to the database (system_health.active_connections)."
+    );
+    g!(
+        m::DB_SLOW_QUERIES,
+        "Statements averaging over 100 ms (system_health.slow_queries_count; needs pg_stat_statements)."
+    );
+    g!(
+        m::DB_CACHE_HIT_RATIO,
+        "Share of heap block reads served from shared buffers, 0..1 (system_health.cache_hit_ratio)."
+    );
+    g!(
+        m::DB_TABLE_BLOAT_BYTES,
+        Unit::Bytes,
+        "Estimated bloat per table (table_bloat); telemetry partitions summed under their parent."
+    );
+    g!(
+        m::DB_PARTITIONS,
+        "Telemetry partitions per schema (live, archive), the default partition not counted."
+    );
+    g!(
+        m::DB_PARTITION_OLDEST_START,
+        Unit::Seconds,
+        "Lower bound of the oldest telemetry partition per schema, unix time."
+    );
+    g!(
+        m::DB_PARTITION_NEWEST_END,
+        Unit::Seconds,
+        "Upper bound of the newest telemetry partition per schema, unix time."
+    );
+    g!(
+        m::DB_PARTITION_AHEAD_SECONDS,
+        Unit::Seconds,
+        "Seconds until the newest live partition ends; alert before it nears 0."
+    );
+    g!(
+        m::DB_DEFAULT_PARTITION_ROWS,
+        "Rows in the default telemetry partition (the sweep moves them out)."
+    );
+    g!(
+        m::DB_INGEST_CONNECTIONS,
+        "Connections of members of the dbx_ingest role to the database."
+    );
+    c!(
+        m::MAINTENANCE_SKIPPED_TOTAL,
+        "Partition maintenance steps skipped because their tables stayed locked, by kind."
+    );
+}
+
+/// Polls the database's health on its own connection.
+pub struct HealthCollector {
+    pg: tokio_postgres::Config,
+    clock: SharedClock,
+    interval: Duration,
+    snapshot: HealthHandle,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for HealthCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthCollector")
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A collection that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("health collection: {0}")]
+pub struct HealthError(pub String);
+
+fn qerr(what: &'static str) -> impl Fn(tokio_postgres::Error) -> HealthError {
+    move |e| HealthError(format!("{what}: {}", describe_pg_error(&e)))
+}
+
+impl HealthCollector {
+    /// A collector connecting with `pg`, every `interval`.
+    pub fn new(pg: tokio_postgres::Config, clock: SharedClock, interval: Duration) -> Self {
+        HealthCollector {
+            pg,
+            clock,
+            interval: interval.max(Duration::from_secs(1)),
+            snapshot: Arc::new(RwLock::new(HealthSnapshot::default())),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The shared last snapshot.
+    pub fn handle(&self) -> HealthHandle {
+        self.snapshot.clone()
+    }
+
+    async fn connect(&self) -> Result<Client, HealthError> {
+        let mut pg = self.pg.clone();
+        pg.application_name("dbx-health");
+        if pg.get_connect_timeout().is_none() {
+            pg.connect_timeout(Duration::from_secs(5));
+        }
+        let (client, connection) = pg
+            .connect(NoTls)
+            .await
+            .map_err(|e| HealthError(format!("connecting: {}", describe_pg_error(&e))))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        // A stuck catalog query must not stall the collector forever.
+        client
+            .batch_execute("SET statement_timeout = '10s'")
+            .await
+            .map_err(qerr("preparing the session"))?;
+        Ok(client)
+    }
+
+    /// Collects once, updates the gauges and the snapshot, and returns it.
+    pub async fn collect_once(&self) -> Result<HealthSnapshot, HealthError> {
+        let mut slot = self.client.lock().await;
+        if slot.as_ref().is_some_and(|c| c.is_closed()) {
+            *slot = None;
+        }
+        let result = async {
+            if slot.is_none() {
+                *slot = Some(self.connect().await?);
+            }
+            match slot.as_ref() {
+                Some(c) => collect(c, self.clock.now()).await,
+                None => Err(HealthError("no connection".into())),
+            }
+        }
+        .await;
+        match result {
+            Ok(snap) => {
+                export(&snap);
+                if snap.default_partition_rows > 0 {
+                    tracing::warn!(
+                        rows = snap.default_partition_rows,
+                        "rows in the default telemetry partition (clock-skewed gateway or backfill); the sweep moves them"
+                    );
+                }
+                if let Ok(mut s) = self.snapshot.write() {
+                    *s = snap.clone();
+                }
+                Ok(snap)
+            }
+            Err(e) => {
+                *slot = None;
+                metrics::gauge!(m::DB_UP).set(0.0);
+                if let Ok(mut s) = self.snapshot.write() {
+                    s.up = false;
+                    s.error = Some(e.0.clone());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Collects every `interval` until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut timer = tokio::time::interval(self.interval);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.recv() => return,
+                _ = timer.tick() => {}
+            }
+            let r = tokio::select! {
+                _ = shutdown.recv() => return,
+                r = self.collect_once() => r,
+            };
+            match r {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("database health collection recovered");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "database health collection failed");
+                }
+                Err(e) => tracing::debug!(error = %e, "database health collection still failing"),
+            }
+        }
+    }
+}
+
+/// The table label of a bloat row: telemetry partitions go under their parent.
+fn bloat_table(schema: &str, table: &str) -> String {
+    if table.starts_with("flight_telemetry_p") || table == "flight_telemetry_default" {
+        match schema {
+            "dbx_archive" => "dbx_archive.flight_telemetry_archive".into(),
+            _ => "dbx_aviation.flight_telemetry".into(),
+        }
+    } else {
+        format!("{schema}.{table}")
+    }
+}
+
+async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, HealthError> {
+    let mut s = HealthSnapshot {
+        up: true,
+        collected_at: Some(now),
+        ..HealthSnapshot::default()
+    };
+    for r in c
+        .query(
+            "SELECT metric, value FROM dbx_aviation.system_health",
+            &[],
+        )
+        .await
+        .map_err(qerr("reading system_health"))?
+    {
+        let v: Option<f64> = r.get(1);
+        match r.get::<_, &str>(0) {
+            "database_size" => s.database_size_bytes = v,
+            "active_connections" => s.active_connections = v,
+            "slow_queries_count" => s.slow_queries_count = v,
+            "cache_hit_ratio" => s.cache_hit_ratio = v.map(|p| p / 100.0),
+            _ => {}
+        }
+    }
+    // Every dbx table has a bloat figure, 0 until ANALYZE gave the estimate something to go on.
+    for t in EXPECTED_TABLES {
+        s.table_bloat_bytes.insert(t.to_string(), 0);
+    }
+    s.table_bloat_bytes
+        .insert("dbx_archive.flight_telemetry_archive".into(), 0);
+    for r in c
+        .query(
+            "SELECT schemaname, tablename, bloat_bytes FROM dbx_aviation.table_bloat",
+            &[],
+        )
+        .await
+        .map_err(qerr("reading table_bloat"))?
+    {
+        let key = bloat_table(r.get(0), r.get(1));
+        *s.table_bloat_bytes.entry(key).or_insert(0) += r.get::<_, i64>(2);
+    }
+    let mut live = SchemaPartitions {
+        schema: "live".into(),
+        ..SchemaPartitions::default()
+    };
+    let mut archive = SchemaPartitions {
+        schema: "archive".into(),
+        ..SchemaPartitions::default()
+    };
+    for r in c
+        .query(
+            "SELECT partition_schema, count(*), min(range_start), max(range_end)
+               FROM dbx_aviation.telemetry_partitions() WHERE NOT is_default GROUP BY 1",
+            &[],
+        )
+        .await
+        .map_err(qerr("reading the partitions"))?
+    {
+        let target = match r.get::<_, &str>(0) {
+            "dbx_archive" => &mut archive,
+            _ => &mut live,
+        };
+        target.count = r.get(1);
+        target.oldest_start = r.get(2);
+        target.newest_end = r.get(3);
+    }
+    s.partition_ahead_seconds = live
+        .newest_end
+        .map(|end| (end - now).num_milliseconds() as f64 / 1000.0);
+    s.partitions = vec![live, archive];
+    // Capped: the figure is an alarm, not an inventory, and must stay cheap.
+    s.default_partition_rows = c
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM dbx_aviation.flight_telemetry_default LIMIT 10000000) d",
+            &[],
+        )
+        .await
+        .map_err(qerr("counting default-partition rows"))?
+        .get(0);
+    s.ingest_connections = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid
+              WHERE a.datname = current_database() AND NOT r.rolsuper
+                AND pg_has_role(a.usesysid, 'dbx_ingest', 'MEMBER')",
+            &[],
+        )
+        .await
+        .map_err(qerr("counting ingest connections"))?
+        .get(0);
+    Ok(s)
+}
+
+fn export(s: &HealthSnapshot) {
+    metrics::gauge!(m::DB_UP).set(1.0);
+    let opt = |name: &'static str, v: Option<f64>| {
+        if let Some(v) = v {
+            metrics::gauge!(name).set(v);
+        }
+    };
+    opt(m::DB_SIZE_BYTES, s.database_size_bytes);
+    opt(m::DB_ACTIVE_CONNECTIONS, s.active_connections);
+    opt(m::DB_SLOW_QUERIES, s.slow_queries_count);
+    opt(m::DB_CACHE_HIT_RATIO, s.cache_hit_ratio);
+    opt(m::DB_PARTITION_AHEAD_SECONDS, s.partition_ahead_seconds);
+    for (table, bytes) in &s.table_bloat_bytes {
+        metrics::gauge!(m::DB_TABLE_BLOAT_BYTES, "table" => table.clone()).set(*bytes as f64);
+    }
+    for p in &s.partitions {
+        let schema = p.schema.clone();
+        metrics::gauge!(m::DB_PARTITIONS, "schema" => schema.clone()).set(p.count as f64);
+        if let Some(t) = p.oldest_start {
+            metrics::gauge!(m::DB_PARTITION_OLDEST_START, "schema" => schema.clone())
+                .set(t.timestamp() as f64);
+        }
+        if let Some(t) = p.newest_end {
+            metrics::gauge!(m::DB_PARTITION_NEWEST_END, "schema" => schema)
+                .set(t.timestamp() as f64);
+        }
+    }
+    metrics::gauge!(m::DB_DEFAULT_PARTITION_ROWS).set(s.default_partition_rows as f64);
+    metrics::gauge!(m::DB_INGEST_CONNECTIONS).set(s.ingest_connections as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bloat_of_partitions_goes_under_the_parent() {
+        assert_eq!(
+            bloat_table("dbx_aviation", "flight_telemetry_p20260101"),
+            "dbx_aviation.flight_telemetry"
+        );
+        assert_eq!(
+            bloat_table("dbx_aviation", "flight_telemetry_default"),
+            "dbx_aviation.flight_telemetry"
+        );
+        assert_eq!(
+            bloat_table("dbx_archive", "flight_telemetry_p2026010100"),
+            "dbx_archive.flight_telemetry_archive"
+        );
+        assert_eq!(
+            bloat_table("dbx_audit", "audit_log"),
+            "dbx_audit.audit_log"
+        );
+    }
+}

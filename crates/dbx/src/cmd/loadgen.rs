@@ -1,0 +1,195 @@
+//! `dbx loadgen`: the simulated gateway fleet from the command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use dbx::loadgen::{self, LoadgenConfig, Stats, Transport};
+use dbx_core::ShutdownTrigger;
+use dbx_proto::PointForm;
+
+/// Transport flag values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TransportArg {
+    /// Plain TCP.
+    Tcp,
+    /// TCP with TLS (needs --tls-ca).
+    Tls,
+    /// UDP datagrams.
+    Udp,
+}
+
+/// Point layout flag values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FormArg {
+    /// Maps with short keys.
+    Map,
+    /// Arrays in table order.
+    Array,
+}
+
+/// Flags of `dbx loadgen`.
+#[derive(Debug, Args, Clone)]
+pub struct LoadgenArgs {
+    /// The daemon's address (its TCP, TLS or UDP port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub addr: SocketAddr,
+    /// API key; or use --key-file.
+    #[arg(long, env = "DBX_API_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// File holding the API key (the last line starting with `dbx_`, as `dbx setup` writes it).
+    #[arg(long, default_value = "./database/api_key.txt")]
+    pub key_file: PathBuf,
+    /// Registration numbers to fly, comma-separated (must be registered to the key's organization).
+    #[arg(long, value_delimiter = ',', default_value = "N101DX,N102DX,N201DX,N301DX")]
+    pub aircraft: Vec<String>,
+    /// Gateways (connections).
+    #[arg(long, default_value_t = 4)]
+    pub gateways: usize,
+    /// Aircraft per gateway.
+    #[arg(long, default_value_t = 4)]
+    pub aircraft_per_gateway: usize,
+    /// Points per batch.
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+    /// Unacked batches per gateway.
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
+    /// Target rate for the whole fleet, points per second (0 = as fast as acks allow).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// How long to run, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    /// Stop after exactly this many points in total.
+    #[arg(long)]
+    pub points: Option<u64>,
+    /// Transport.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: TransportArg,
+    /// TLS: CA certificate (PEM) to trust.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS: server name to verify.
+    #[arg(long, default_value = "localhost")]
+    pub tls_name: String,
+    /// Point layout.
+    #[arg(long, value_enum, default_value = "map")]
+    pub form: FormArg,
+    /// Seed for the simulated flights.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LoadgenArgs {
+    /// The engine's configuration, with flag errors naming the flag.
+    pub fn to_config(&self) -> anyhow::Result<LoadgenConfig> {
+        let key = match &self.key {
+            Some(k) => k.clone(),
+            None => {
+                let text = std::fs::read_to_string(&self.key_file).with_context(|| {
+                    format!(
+                        "no --key given and --key-file {} cannot be read (run `dbx setup` first)",
+                        self.key_file.display()
+                    )
+                })?;
+                match text.lines().rev().find(|l| l.trim().starts_with("dbx_")) {
+                    Some(k) => k.trim().to_string(),
+                    None => bail!("--key-file {} holds no API key", self.key_file.display()),
+                }
+            }
+        };
+        if self.gateways == 0 {
+            bail!("--gateways must be at least 1");
+        }
+        if self.aircraft_per_gateway == 0 {
+            bail!("--aircraft-per-gateway must be at least 1");
+        }
+        if self.batch == 0 || self.batch > 10_000 {
+            bail!("--batch must be between 1 and 10000 points");
+        }
+        if self.window == 0 {
+            bail!("--window must be at least 1");
+        }
+        if self.aircraft.iter().all(|a| a.trim().is_empty()) {
+            bail!("--aircraft needs at least one registration number");
+        }
+        if !(self.duration > 0.0 && self.duration.is_finite()) {
+            bail!("--duration must be a positive number of seconds");
+        }
+        if self.rate < 0.0 || !self.rate.is_finite() {
+            bail!("--rate must be 0 (unlimited) or a positive number of points per second");
+        }
+        let transport = match self.transport {
+            TransportArg::Tcp => Transport::Tcp,
+            TransportArg::Tls => Transport::Tls,
+            TransportArg::Udp => Transport::Udp,
+        };
+        let tls = match (transport, &self.tls_ca) {
+            (Transport::Tls, Some(ca)) => Some((self.tls_name.clone(), ca.clone())),
+            (Transport::Tls, None) => bail!("--transport tls needs --tls-ca (the CA certificate to trust)"),
+            _ => None,
+        };
+        Ok(LoadgenConfig {
+            addr: self.addr,
+            transport,
+            tls,
+            key,
+            aircraft: self.aircraft.iter().map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect(),
+            gateways: self.gateways,
+            aircraft_per_gateway: self.aircraft_per_gateway,
+            batch_points: self.batch,
+            window: self.window,
+            rate: (self.rate > 0.0).then_some(self.rate),
+            duration: Duration::from_secs_f64(self.duration),
+            total_points: self.points,
+            form: match self.form {
+                FormArg::Map => PointForm::Map,
+                FormArg::Array => PointForm::Array,
+            },
+            seed: self.seed,
+        })
+    }
+}
+
+/// Runs the fleet with live progress; Ctrl-C stops it and still prints the summary.
+pub async fn run_with_progress(config: LoadgenConfig) -> loadgen::Summary {
+    let stats = Arc::new(Stats::default());
+    let (stop, stop_rx) = ShutdownTrigger::new();
+    let (progress_stop, progress_rx) = ShutdownTrigger::new();
+    let ctrl_c = stop.clone();
+    let ctrl_c_task = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            ctrl_c.fire();
+        }
+    });
+    let progress = tokio::spawn(loadgen::progress(stats.clone(), Duration::from_secs(5), progress_rx));
+    let summary = loadgen::run(config, stats, stop_rx).await;
+    progress_stop.fire();
+    let _ = progress.await;
+    ctrl_c_task.abort();
+    summary
+}
+
+/// `dbx loadgen`.
+pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
+    let config = args.to_config()?;
+    let summary = run_with_progress(config).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{summary}");
+    }
+    Ok(if summary.error.is_some() || summary.points_nacked > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

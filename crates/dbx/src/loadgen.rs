@@ -1,0 +1,663 @@
+//! The load generator: a simulated gateway fleet written against `dbx-proto`.
+//!
+//! Each gateway is one task with one connection, flying `aircraft_per_gateway`
+//! aircraft (one [`FlightSim`] each) and sending their points in batches, round
+//! robin. Up to `window` batches are in flight; acks release them and give the ack
+//! latency (batch written → ack covering it received). With a target rate, sends
+//! are paced; without one, the window alone limits the pace ("as fast as acks
+//! allow"). When a connection breaks or the server says `error`, the gateway
+//! reconnects with backoff and resends every unacked batch first, on new batch
+//! seqs — the daemon drops what it already stored, so the table ends up with each
+//! point exactly once. A `nack` is final: the batch is counted and never resent.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use dbx_core::{Point, Shutdown};
+use dbx_proto::{AircraftRef, EncodeOptions, PointForm, ServerMessage};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use uuid::Uuid;
+
+use crate::sim::FlightSim;
+
+/// How the fleet talks to the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Plain TCP, acknowledged.
+    Tcp,
+    /// TCP with TLS, acknowledged.
+    Tls,
+    /// UDP datagrams, fire-and-forget.
+    Udp,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct LoadgenConfig {
+    /// The daemon's address (TCP, TLS or UDP port per `transport`).
+    pub addr: SocketAddr,
+    /// Transport.
+    pub transport: Transport,
+    /// TLS: the server name to verify and the CA certificate (PEM) to trust.
+    pub tls: Option<(String, std::path::PathBuf)>,
+    /// The API key.
+    pub key: String,
+    /// Registration numbers the fleet flies (cycled when there are more aircraft than names).
+    pub aircraft: Vec<String>,
+    /// Gateways (connections).
+    pub gateways: usize,
+    /// Aircraft per gateway.
+    pub aircraft_per_gateway: usize,
+    /// Points per batch.
+    pub batch_points: usize,
+    /// Unacked batches allowed per gateway.
+    pub window: usize,
+    /// Target rate over the whole fleet, points/s; `None` = as fast as acks allow.
+    pub rate: Option<f64>,
+    /// How long to generate.
+    pub duration: Duration,
+    /// Stop after this many points in total (exact, across the fleet), if set.
+    pub total_points: Option<u64>,
+    /// Map or array points.
+    pub form: PointForm,
+    /// Seed for the flights.
+    pub seed: u64,
+}
+
+/// Counters shared by the fleet and the progress display.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Points written to sockets (first sends only).
+    pub sent: AtomicU64,
+    /// Points acknowledged.
+    pub acked: AtomicU64,
+    /// Points in nacked batches.
+    pub nacked: AtomicU64,
+    /// Points sent again after a reconnect.
+    pub resent: AtomicU64,
+    /// Batches sent.
+    pub batches: AtomicU64,
+    /// Reconnects.
+    pub reconnects: AtomicU64,
+    latency: Mutex<Option<Histogram<u64>>>,
+    /// First fatal error (e.g. the key was refused).
+    pub fatal: Mutex<Option<String>>,
+}
+
+impl Stats {
+    fn record_latency(&self, d: Duration) {
+        let mut h = self.latency.lock().expect("latency lock");
+        let h = h.get_or_insert_with(|| Histogram::new_with_bounds(1, 600_000_000, 3).expect("bounds"));
+        let _ = h.record((d.as_micros() as u64).max(1));
+    }
+
+    /// Ack latency percentile in milliseconds (0 when nothing was acked yet).
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        let h = self.latency.lock().expect("latency lock");
+        h.as_ref().map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Transport used.
+    pub transport: Transport,
+    /// Gateways.
+    pub gateways: usize,
+    /// Aircraft flown.
+    pub aircraft: usize,
+    /// Points per batch.
+    pub batch_points: usize,
+    /// Window per gateway.
+    pub window: usize,
+    /// Target rate (points/s), if any.
+    pub target_rate: Option<f64>,
+    /// Wall time from the first send to the last verdict, seconds.
+    pub duration_secs: f64,
+    /// Points generated and sent.
+    pub points_sent: u64,
+    /// Points acknowledged (TCP/TLS).
+    pub points_acked: u64,
+    /// Points in nacked batches.
+    pub points_nacked: u64,
+    /// Points sent again after reconnects.
+    pub points_resent: u64,
+    /// Batches sent.
+    pub batches_sent: u64,
+    /// Reconnects.
+    pub reconnects: u64,
+    /// Acked points per second (sent per second for UDP).
+    pub throughput_per_sec: f64,
+    /// Ack latency percentiles, milliseconds.
+    pub latency_ms: Latency,
+    /// A fatal error, if the run stopped on one.
+    pub error: Option<String>,
+}
+
+/// Ack latency percentiles in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "loadgen: {} gateways × {} aircraft over {:?}, batches of {}, window {}",
+            self.gateways,
+            self.aircraft / self.gateways.max(1),
+            self.transport,
+            self.batch_points,
+            self.window
+        )?;
+        writeln!(f, "  duration       {:.1} s", self.duration_secs)?;
+        writeln!(f, "  points sent    {}", self.points_sent)?;
+        writeln!(f, "  points acked   {}", self.points_acked)?;
+        writeln!(f, "  points nacked  {}", self.points_nacked)?;
+        writeln!(f, "  resent         {} points over {} reconnects", self.points_resent, self.reconnects)?;
+        writeln!(f, "  throughput     {:.0} points/s", self.throughput_per_sec)?;
+        write!(
+            f,
+            "  ack latency    p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            self.latency_ms.p50, self.latency_ms.p90, self.latency_ms.p99, self.latency_ms.max
+        )?;
+        if let Some(e) = &self.error {
+            write!(f, "\n  stopped on     {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A batch kept until acked.
+#[derive(Debug)]
+struct Pending {
+    aircraft: String,
+    session: Uuid,
+    points: Vec<Point>,
+}
+
+struct InFlight {
+    conn_seq: u64,
+    sent_at: Instant,
+    batch: Pending,
+}
+
+/// Now, µs since the Unix epoch.
+fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// A fleet's share of a total.
+fn share(total: u64, parts: usize, i: usize) -> u64 {
+    let parts = parts as u64;
+    total / parts + u64::from((i as u64) < total % parts)
+}
+
+/// Runs the fleet until the duration (or point total) is reached and every batch
+/// has a verdict, or `stop` fires. Progress goes to `stats` as it happens.
+pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Summary {
+    let config = Arc::new(config);
+    let started = Instant::now();
+    let tls = match (&config.transport, &config.tls) {
+        (Transport::Tls, Some((name, ca))) => match tls_connector(ca) {
+            Ok(c) => Some((c, name.clone())),
+            Err(e) => {
+                *stats.fatal.lock().expect("lock") = Some(e);
+                None
+            }
+        },
+        _ => None,
+    };
+    let failed = stats.fatal.lock().expect("lock").is_some();
+    let mut tasks = Vec::new();
+    if !failed {
+        for g in 0..config.gateways {
+            let config = config.clone();
+            let stats = stats.clone();
+            let stop = stop.clone();
+            let tls = tls.clone();
+            let quota = config.total_points.map(|t| share(t, config.gateways, g));
+            let aircraft: Vec<FlightSim> = (0..config.aircraft_per_gateway)
+                .map(|a| {
+                    let i = g * config.aircraft_per_gateway + a;
+                    let reg = config.aircraft[i % config.aircraft.len()].clone();
+                    FlightSim::new(reg, config.seed.wrapping_mul(1_000_003).wrapping_add(i as u64))
+                })
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                match config.transport {
+                    Transport::Udp => udp_gateway(config, aircraft, quota, stats, stop).await,
+                    _ => tcp_gateway(config, g, aircraft, quota, tls, stats, stop).await,
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let acked = stats.acked.load(Ordering::Relaxed);
+    let sent = stats.sent.load(Ordering::Relaxed);
+    let lat = |q| stats.latency_ms(q);
+    Summary {
+        transport: config.transport,
+        gateways: config.gateways,
+        aircraft: config.gateways * config.aircraft_per_gateway,
+        batch_points: config.batch_points,
+        window: config.window,
+        target_rate: config.rate,
+        duration_secs: secs,
+        points_sent: sent,
+        points_acked: acked,
+        points_nacked: stats.nacked.load(Ordering::Relaxed),
+        points_resent: stats.resent.load(Ordering::Relaxed),
+        batches_sent: stats.batches.load(Ordering::Relaxed),
+        reconnects: stats.reconnects.load(Ordering::Relaxed),
+        throughput_per_sec: if config.transport == Transport::Udp { sent as f64 / secs } else { acked as f64 / secs },
+        latency_ms: Latency {
+            p50: lat(0.5),
+            p90: lat(0.9),
+            p99: lat(0.99),
+            max: lat(1.0),
+        },
+        error: stats.fatal.lock().expect("lock").clone(),
+    }
+}
+
+/// Paces one gateway to its share of the target rate.
+struct Pacer {
+    per_point: Option<Duration>,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(rate: Option<f64>, gateways: usize) -> Self {
+        Pacer {
+            per_point: rate
+                .filter(|r| *r > 0.0)
+                .map(|r| Duration::from_secs_f64(gateways as f64 / r)),
+            next: Instant::now(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.per_point.is_none() || Instant::now() >= self.next
+    }
+
+    fn sent(&mut self, points: usize) {
+        if let Some(p) = self.per_point {
+            // Never bank more than a second of credit after a stall.
+            self.next = self.next.max(Instant::now() - Duration::from_secs(1)) + p * points as u32;
+        }
+    }
+}
+
+/// Generates the next batch of a gateway, round robin over its aircraft.
+struct Generator {
+    aircraft: Vec<FlightSim>,
+    next: usize,
+    left: Option<u64>,
+    deadline: Instant,
+    batch: usize,
+}
+
+impl Generator {
+    fn done(&self) -> bool {
+        self.left == Some(0) || Instant::now() >= self.deadline
+    }
+
+    fn next_batch(&mut self) -> Option<Pending> {
+        if self.done() {
+            return None;
+        }
+        let n = self.left.map_or(self.batch, |l| (l as usize).min(self.batch));
+        let i = self.next % self.aircraft.len();
+        self.next += 1;
+        let sim = &mut self.aircraft[i];
+        let (session, points) = sim.next_batch(n, now_micros());
+        if let Some(l) = &mut self.left {
+            *l -= points.len() as u64;
+        }
+        Some(Pending {
+            aircraft: sim.registration.clone(),
+            session,
+            points,
+        })
+    }
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+async fn connect(
+    config: &LoadgenConfig,
+    tls: &Option<(tokio_rustls::TlsConnector, String)>,
+) -> io::Result<Box<dyn Io>> {
+    let tcp = tokio::net::TcpStream::connect(config.addr).await?;
+    tcp.set_nodelay(true)?;
+    match tls {
+        None => Ok(Box::new(tcp)),
+        Some((connector, name)) => {
+            let name = rustls::pki_types::ServerName::try_from(name.clone())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            Ok(Box::new(connector.connect(name, tcp).await?))
+        }
+    }
+}
+
+fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector, String> {
+    let pem = std::fs::read(ca).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+        roots.add(cert).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// Reads one server message. Cancel-safe (bytes stay in `buf`).
+async fn read_message<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> io::Result<ServerMessage> {
+    loop {
+        if buf.len() >= 4 {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if buf.len() >= 4 + len {
+                buf.advance(4);
+                let body = buf.split_to(len);
+                return dbx_proto::decode_server(&body)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+            }
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn tcp_gateway(
+    config: Arc<LoadgenConfig>,
+    index: usize,
+    aircraft: Vec<FlightSim>,
+    quota: Option<u64>,
+    tls: Option<(tokio_rustls::TlsConnector, String)>,
+    stats: Arc<Stats>,
+    mut stop: Shutdown,
+) {
+    let mut generator = Generator {
+        aircraft,
+        next: 0,
+        left: quota,
+        deadline: Instant::now() + config.duration,
+        batch: config.batch_points.max(1),
+    };
+    let mut pacer = Pacer::new(config.rate, config.gateways);
+    let mut resend: VecDeque<Pending> = VecDeque::new();
+    let opts = EncodeOptions::from(config.form);
+    let mut backoff = Duration::from_millis(100);
+    let stopped = AtomicBool::new(false);
+    let gateway_name = format!("dbx-loadgen/{index}");
+
+    'connection: loop {
+        if stopped.load(Ordering::Relaxed) || (generator.done() && resend.is_empty()) {
+            return;
+        }
+        let stream = match connect(&config, &tls).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "loadgen connect failed; retrying");
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    _ = stop.recv() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        dbx_proto::encode_hello(&mut out, &config.key, Some(&gateway_name));
+        if wr.write_all(&out).await.is_err() {
+            continue;
+        }
+        match read_message(&mut rd, &mut buf).await {
+            Ok(ServerMessage::Welcome { .. }) => backoff = Duration::from_millis(100),
+            Ok(ServerMessage::Error { code, msg }) if code == dbx_core::RejectCode::Unauthorized => {
+                *stats.fatal.lock().expect("lock") = Some(format!("{code}: {msg}"));
+                return;
+            }
+            _ => {
+                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        }
+        let mut conn_seq = 0u64;
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        let mut draining_since: Option<Instant> = None;
+        loop {
+            // Send while the window has room and there is something due.
+            while inflight.len() < config.window && !stopped.load(Ordering::Relaxed) {
+                let (batch, first) = if let Some(b) = resend.pop_front() {
+                    (b, false)
+                } else if pacer.ready() {
+                    match generator.next_batch() {
+                        Some(b) => (b, true),
+                        None => break,
+                    }
+                } else {
+                    break;
+                };
+                conn_seq += 1;
+                out.clear();
+                let aircraft = AircraftRef::Registration(batch.aircraft.clone());
+                if let Err(e) = dbx_proto::encode_batch_with(&mut out, conn_seq, &aircraft, batch.session, &batch.points, opts) {
+                    *stats.fatal.lock().expect("lock") = Some(format!("cannot encode a batch: {e}"));
+                    return;
+                }
+                let n = batch.points.len() as u64;
+                if first {
+                    stats.sent.fetch_add(n, Ordering::Relaxed);
+                    pacer.sent(batch.points.len());
+                } else {
+                    stats.resent.fetch_add(n, Ordering::Relaxed);
+                }
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                inflight.push_back(InFlight { conn_seq, sent_at: Instant::now(), batch });
+                if wr.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+            if inflight.is_empty() && generator.done() && resend.is_empty() {
+                out.clear();
+                dbx_proto::encode_bye(&mut out);
+                let _ = wr.write_all(&out).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), read_message(&mut rd, &mut buf)).await;
+                return;
+            }
+            let wake = if inflight.len() < config.window { Some(pacer.next) } else { None };
+            if stopped.load(Ordering::Relaxed) && draining_since.is_none() {
+                draining_since = Some(Instant::now());
+            }
+            if draining_since.is_some_and(|t| t.elapsed() > Duration::from_secs(30)) {
+                return;
+            }
+            tokio::select! {
+                msg = read_message(&mut rd, &mut buf) => match msg {
+                    Ok(ServerMessage::Ack { seq }) => {
+                        while inflight.front().is_some_and(|f| f.conn_seq <= seq) {
+                            let f = inflight.pop_front().expect("front");
+                            stats.acked.fetch_add(f.batch.points.len() as u64, Ordering::Relaxed);
+                            stats.record_latency(f.sent_at.elapsed());
+                        }
+                    }
+                    Ok(ServerMessage::Nack { seq, code, msg, .. }) => {
+                        if let Some(pos) = inflight.iter().position(|f| f.conn_seq == seq) {
+                            let f = inflight.remove(pos).expect("position");
+                            stats.nacked.fetch_add(f.batch.points.len() as u64, Ordering::Relaxed);
+                            tracing::warn!(seq, %code, "batch nacked: {msg}");
+                        }
+                    }
+                    Ok(ServerMessage::Pong) | Ok(ServerMessage::Bye) | Ok(ServerMessage::Welcome { .. }) => {}
+                    Ok(ServerMessage::Error { code, msg }) => {
+                        tracing::info!(%code, "server closed the connection: {msg}; reconnecting");
+                        requeue(&mut resend, &mut inflight);
+                        stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(backoff).await;
+                        continue 'connection;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection lost; reconnecting");
+                        requeue(&mut resend, &mut inflight);
+                        stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(backoff).await;
+                        continue 'connection;
+                    }
+                },
+                _ = sleep_until(wake) => {}
+                _ = stop.recv(), if !stopped.load(Ordering::Relaxed) => {
+                    stopped.store(true, Ordering::Relaxed);
+                    generator.left = Some(0);
+                }
+            }
+        }
+    }
+}
+
+/// Unacked batches go back to the front of the resend queue, in order.
+fn requeue(resend: &mut VecDeque<Pending>, inflight: &mut VecDeque<InFlight>) {
+    for f in inflight.drain(..).rev() {
+        resend.push_front(f.batch);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn udp_gateway(
+    config: Arc<LoadgenConfig>,
+    aircraft: Vec<FlightSim>,
+    quota: Option<u64>,
+    stats: Arc<Stats>,
+    mut stop: Shutdown,
+) {
+    let sock = match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
+        Ok(s) => s,
+        Err(e) => {
+            *stats.fatal.lock().expect("lock") = Some(format!("udp bind: {e}"));
+            return;
+        }
+    };
+    let mut generator = Generator {
+        aircraft,
+        next: 0,
+        left: quota,
+        deadline: Instant::now() + config.duration,
+        // A datagram holds at most 65 507 bytes: keep batches small.
+        batch: config.batch_points.clamp(1, 200),
+    };
+    let mut pacer = Pacer::new(config.rate, config.gateways);
+    let mut out = BytesMut::with_capacity(65_536);
+    let opts = EncodeOptions::from(config.form);
+    let mut seq = 0u64;
+    loop {
+        if !pacer.ready() {
+            tokio::select! {
+                _ = stop.recv() => return,
+                _ = tokio::time::sleep_until(pacer.next.into()) => {}
+            }
+        }
+        let Some(batch) = generator.next_batch() else { return };
+        seq += 1;
+        out.clear();
+        let aircraft = AircraftRef::Registration(batch.aircraft.clone());
+        if dbx_proto::encode_datagram(&mut out, &config.key, Some(seq), &aircraft, batch.session, &batch.points, opts).is_err() {
+            continue;
+        }
+        if sock.send_to(&out, config.addr).await.is_ok() {
+            stats.sent.fetch_add(batch.points.len() as u64, Ordering::Relaxed);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        pacer.sent(batch.points.len());
+        if stop.is_shutdown() {
+            return;
+        }
+        if config.rate.is_none() {
+            // Unpaced UDP would only measure the kernel's drop rate; yield between sends.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Prints progress every `every` until `stop`: a live line on a terminal
+/// (indicatif), plain lines otherwise.
+pub async fn progress(stats: Arc<Stats>, every: Duration, mut stop: Shutdown) {
+    use std::io::IsTerminal;
+    let bar = if std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(Duration::from_millis(120));
+        Some(b)
+    } else {
+        None
+    };
+    let every = if bar.is_some() { Duration::from_millis(250) } else { every };
+    let started = Instant::now();
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        tokio::select! {
+            _ = stop.recv() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let acked = stats.acked.load(Ordering::Relaxed);
+        let sent = stats.sent.load(Ordering::Relaxed);
+        // UDP has no acks: its progress is what was sent.
+        let done = if acked > 0 { acked } else { sent };
+        let rate = done.saturating_sub(last.1) as f64 / last.0.elapsed().as_secs_f64();
+        last = (Instant::now(), done);
+        let line = format!(
+            "{:>5.1}s  sent {:>10}  acked {:>10}  nacked {:>6}  {:>9.0} points/s  ack p50 {:>6.1} ms  p99 {:>6.1} ms",
+            started.elapsed().as_secs_f64(),
+            sent,
+            acked,
+            stats.nacked.load(Ordering::Relaxed),
+            rate,
+            stats.latency_ms(0.5),
+            stats.latency_ms(0.99)
+        );
+        match &bar {
+            Some(b) => b.set_message(line),
+            None => eprintln!("{line}"),
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+}

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""A minimal dbx gateway in Python, written from docs/protocol.md alone.
+
+It connects over TCP, says hello, streams a short flight of one aircraft in
+batches (map-form points, MessagePack timestamps), keeps every batch until it is
+acked, resends unacked batches after a reconnect, and says bye.
+
+    pip install msgpack
+    python3 examples/python_gateway.py --host 127.0.0.1 --port 7070 \
+        --key "$(tail -1 database/api_key.txt)" --aircraft N101DX --points 1000
+
+Prints one JSON line at the end: {"sent": .., "acked": .., "nacked": .., "session": ..}.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import socket
+import struct
+import sys
+import uuid
+
+import msgpack
+
+
+def send_frame(sock, message):
+    body = msgpack.packb(message, use_bin_type=True, datetime=True)
+    sock.sendall(struct.pack(">I", len(body)) + body)
+
+
+def recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+    return buf
+
+
+def recv_frame(sock):
+    (length,) = struct.unpack(">I", recv_exact(sock, 4))
+    return msgpack.unpackb(recv_exact(sock, length), raw=False, timestamp=3)
+
+
+def flight(n_points, start):
+    """A plausible short flight: climb, cruise, descend; battery draining."""
+    points = []
+    for i in range(n_points):
+        phase = i / max(n_points - 1, 1)
+        alt = 120.0 * math.sin(math.pi * phase)
+        points.append(
+            {
+                "ts": start + datetime.timedelta(milliseconds=100 * i),
+                "seq": i,
+                "lat": 47.3769 + 0.0001 * i,
+                "lon": 8.5417 + 0.00005 * i,
+                "alt": alt,
+                "gs": 15.0,
+                "hdg": 45.0,
+                "bp": 100.0 - 30.0 * phase,
+                "rpm": [5200.0, 5180.0, 5210.0, 5195.0],
+                "fix": 3,
+                "sats": 14,
+                "x": {"gateway": "python-example"},
+            }
+        )
+    return points
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7070)
+    p.add_argument("--key", required=True)
+    p.add_argument("--aircraft", required=True, help="registration number or aircraft UUID")
+    p.add_argument("--points", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=100)
+    args = p.parse_args()
+
+    session = str(uuid.uuid4())
+    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    points = flight(args.points, start)
+    batches = {}
+    for seq, i in enumerate(range(0, len(points), args.batch), start=1):
+        batches[seq] = points[i : i + args.batch]
+
+    acked_upto, nacked, attempts = 0, {}, 0
+    while acked_upto + len(nacked) < len(batches) and attempts < 5:
+        attempts += 1
+        with socket.create_connection((args.host, args.port), timeout=30) as sock:
+            send_frame(sock, {"t": "hello", "v": 1, "key": args.key, "gateway": "python-example"})
+            welcome = recv_frame(sock)
+            if welcome.get("t") != "welcome":
+                print(f"refused: {welcome}", file=sys.stderr)
+                return 2
+            # Batch seq must increase on a connection: resends get fresh seqs.
+            conn_seq, mapping = 0, {}
+            for seq, pts in batches.items():
+                if seq <= acked_upto or seq in nacked:
+                    continue
+                conn_seq += 1
+                mapping[conn_seq] = seq
+                send_frame(
+                    sock,
+                    {"t": "batch", "seq": conn_seq, "aircraft": args.aircraft, "session": session, "points": pts},
+                )
+            answered = 0
+            while answered < conn_seq:
+                msg = recv_frame(sock)
+                if msg["t"] == "ack":
+                    newly = [s for s in mapping if s <= msg["seq"]]
+                    for s in newly:
+                        acked_upto = max(acked_upto, mapping.pop(s))
+                    answered = conn_seq - len(mapping)
+                elif msg["t"] == "nack":
+                    nacked[mapping.pop(msg["seq"])] = msg
+                    answered = conn_seq - len(mapping)
+                elif msg["t"] == "error":
+                    print(f"error: {msg}", file=sys.stderr)
+                    break
+            send_frame(sock, {"t": "bye"})
+            while recv_frame(sock).get("t") != "bye":
+                pass
+
+    sent = sum(len(b) for b in batches.values())
+    acked = sum(len(b) for s, b in batches.items() if s <= acked_upto and s not in nacked)
+    print(json.dumps({"sent": sent, "acked": acked, "nacked": len(nacked), "session": session}))
+    return 0 if acked == sent else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
