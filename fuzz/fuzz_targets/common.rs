@@ -31,7 +31,10 @@ pub fn check_point(p: &Point, limits: &Limits) {
     if let Some(v) = p.lon {
         assert!((-180.0..=180.0).contains(&v));
     }
-    for v in [p.alt, p.vs, p.roll, p.pitch, p.yaw, p.bv, p.bi, p.temp].into_iter().flatten() {
+    for v in [p.alt, p.vs, p.roll, p.pitch, p.yaw, p.bv, p.bi, p.temp]
+        .into_iter()
+        .flatten()
+    {
         assert!(v.is_finite());
     }
     for v in [p.gs, p.ias].into_iter().flatten() {
@@ -69,7 +72,11 @@ pub fn check_batch(seq: u64, aircraft: &AircraftRef, session: Uuid, points: &[Po
     for form in [PointForm::Map, PointForm::Array] {
         for timestamps in [TimestampForm::Ext, TimestampForm::Micros] {
             let mut buf = BytesMut::new();
-            let opts = EncodeOptions { form, timestamps, uuid_as_bin: false };
+            let opts = EncodeOptions {
+                form,
+                timestamps,
+                uuid_as_bin: false,
+            };
             encode_batch_with(&mut buf, seq, aircraft, session, points, opts).expect("re-encodes");
             match decode_client(&buf[4..], &limits, NOW) {
                 Ok(ClientMessage::Batch(b)) => {
@@ -77,7 +84,10 @@ pub fn check_batch(seq: u64, aircraft: &AircraftRef, session: Uuid, points: &[Po
                     assert_eq!(&b.aircraft, aircraft);
                     assert_eq!(b.points.len(), points.len());
                     for (x, y) in b.points.iter().zip(points) {
-                        let strip = |p: &Point| Point { extra: None, ..p.clone() };
+                        let strip = |p: &Point| Point {
+                            extra: None,
+                            ..p.clone()
+                        };
                         assert_eq!(strip(x), strip(y));
                         assert_eq!(x.extra.is_some(), y.extra.is_some());
                     }

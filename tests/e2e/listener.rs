@@ -734,16 +734,35 @@ fn _point_is_used(_: Point) {}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_gateway_works_against_the_daemon() {
     let env = Env::start(&[]).await;
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python_gateway.py");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python_gateway.py");
     let out = tokio::process::Command::new("python3")
         .arg(&script)
-        .args(["--host", "127.0.0.1", "--port", &env.daemon.tcp.port().to_string()])
-        .args(["--key", &env.org.key, "--aircraft", &env.registration, "--points", "1000", "--batch", "250"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &env.daemon.tcp.port().to_string(),
+        ])
+        .args([
+            "--key",
+            &env.org.key,
+            "--aircraft",
+            &env.registration,
+            "--points",
+            "1000",
+            "--batch",
+            "250",
+        ])
         .output()
         .await
         .expect("python3 runs (CI installs the msgpack package)");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(report["acked"], 1000);
     let session: Uuid = report["session"].as_str().unwrap().parse().unwrap();

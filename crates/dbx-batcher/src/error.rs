@@ -78,6 +78,13 @@ pub(crate) fn classify(e: &tokio_postgres::Error) -> AttemptError {
         if *code == SqlState::UNDEFINED_TABLE {
             return AttemptError::MissingRelation;
         }
+        // A missing privilege or an RLS refusal is the deployment's fault, not the
+        // data's: nacking would make gateways drop data that a fixed GRANT (or the
+        // role's BYPASSRLS) would store. Keep the rows and retry, loudly.
+        if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            tracing::error!(error = %msg(), "the ingest role lacks a privilege; rows are kept and retried");
+            return AttemptError::Transient(format!("privilege: {}", msg()));
+        }
         if s.starts_with("08")
             || s.starts_with("53")
             || s.starts_with("57P0")

@@ -601,3 +601,30 @@ async fn session_row(c: &tokio_postgres::Client, s: Uuid) -> tokio_postgres::Row
     .await
     .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_privilege_error_keeps_the_rows_and_never_nacks() {
+    let fx = fixture().await;
+    // dbx_ingest_service without acting as dbx_ingest: subject to row-level security,
+    // which PostgreSQL enforces as an error (42501), not as a data problem.
+    let pool = pool_for(&fx.db.url_for("dbx_ingest_service", "batcher-test"), 2);
+    let cfg = BatcherConfig {
+        shutdown_deadline_ms: 300,
+        ..config()
+    };
+    let (tx, handle) = start(cfg, pool);
+    let (b, rx) = batch(fx.a, Uuid::new_v4(), vec![Point::new(now_micros(), 1)]);
+    tx.send(b).await.unwrap();
+    while handle.stats().retries == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(tx);
+    match handle.join().await {
+        Err(dbx_batcher::BatcherError::ShutdownDeadline { unwritten_batches }) => {
+            assert_eq!(unwritten_batches, 1)
+        }
+        other => panic!("{other:?}"),
+    }
+    // Unanswered: the connection will not ack, the gateway resends later.
+    assert!(rx.await.is_err());
+}

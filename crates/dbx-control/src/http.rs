@@ -191,12 +191,12 @@ async fn metrics_handler(State(s): State<AdminState>) -> Response {
         .into_response()
 }
 
-async fn db_health(pool: &Pool) -> Result<Vec<(String, Option<i64>, String)>, String> {
+async fn db_health(pool: &Pool) -> Result<Vec<(String, Option<f64>, String)>, String> {
     let fut = async {
         let client = pool.get().await.map_err(|e| e.to_string())?;
         let rows = client
             .query(
-                "SELECT metric, value::bigint, unit FROM dbx_aviation.system_health",
+                "SELECT metric, value, unit FROM dbx_aviation.system_health",
                 &[],
             )
             .await
@@ -206,7 +206,7 @@ async fn db_health(pool: &Pool) -> Result<Vec<(String, Option<i64>, String)>, St
             .map(|r| {
                 (
                     r.get::<_, String>(0),
-                    r.get::<_, Option<i64>>(1),
+                    r.get::<_, Option<f64>>(1),
                     r.get::<_, String>(2),
                 )
             })

@@ -5,10 +5,12 @@
 //!
 //! - `migrate`: the versioned SQL migrations embedded in the binary, applied once each.
 //! - `setup`: `dbx setup` (database, migrations, users, sample data, credentials) and `dbx check`.
-//! - `partitions`: premake, default-partition sweep, archival, retention (issue: control plane).
+//! - `partitions`: the `PartitionManager`: premake, default-partition sweep, archival,
+//!   retention, materialized view refresh, under an advisory lock.
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
 pub mod cluster;
+pub mod health;
 pub mod http;
 pub mod migrate;
 pub mod partitions;

@@ -399,6 +399,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                             if let Some(batch) = to_send.take() {
                                 permit.send(batch);
                             }
+                            // The batcher only sees the depth when it receives; when it is
+                            // stalled behind a slow database, this is the live figure.
+                            metrics::gauge!(m::QUEUE_DEPTH)
+                                .set((batches.max_capacity() - batches.capacity()) as f64);
                         }
                         Err(_) => return End::BatcherGone,
                     }

@@ -304,31 +304,32 @@ fn field_value<'a>(
     match field {
         0 => p.ts_micros = timestamp(tok, index)?,
         1 => {
-            p.seq =
-                match tok {
-                    Token::UInt(v) if v <= i64::MAX as u64 => v as i64,
-                    Token::UInt(_) => {
-                        return Err(reject(
-                            index,
-                            format!(
+            p.seq = match tok {
+                Token::UInt(v) if v <= i64::MAX as u64 => v as i64,
+                Token::UInt(_) => {
+                    return Err(reject(
+                        index,
+                        format!(
                     "point {index}: seq = {tok} does not fit a signed 64-bit integer (at most {})",
                     i64::MAX
                 ),
-                        ))
-                    }
-                    Token::Int(_) => return Err(reject(
+                    ))
+                }
+                Token::Int(_) => {
+                    return Err(reject(
                         index,
                         format!(
                             "point {index}: seq = {tok} is negative; seq is an unsigned integer"
                         ),
-                    )),
-                    _ => {
-                        return Err(reject(
-                            index,
-                            format!("point {index}: seq = {tok} is not an unsigned integer"),
-                        ))
-                    }
+                    ))
                 }
+                _ => {
+                    return Err(reject(
+                        index,
+                        format!("point {index}: seq = {tok} is not an unsigned integer"),
+                    ))
+                }
+            }
         }
         2 => p.lat = Some(ranged(tok, index, name, -90.0, 90.0)?),
         3 => p.lon = Some(ranged(tok, index, name, -180.0, 180.0)?),
@@ -392,7 +393,10 @@ fn bad_field(index: usize, name: &str, tok: Token<'_>, why: &str) -> PointError 
 #[cold]
 #[inline(never)]
 fn outside(index: usize, name: &str, tok: Token<'_>, lo: f64, hi: f64) -> PointError {
-    reject(index, format!("point {index}: {name} = {tok} is outside {lo}..{hi}"))
+    reject(
+        index,
+        format!("point {index}: {name} = {tok} is outside {lo}..{hi}"),
+    )
 }
 
 #[inline(always)]
@@ -441,7 +445,12 @@ fn real(v: f64, tok: Token<'_>, index: usize, name: &str) -> Result<f32, PointEr
     if f.is_finite() {
         Ok(f)
     } else {
-        Err(bad_field(index, name, tok, "does not fit a 32-bit float (real)"))
+        Err(bad_field(
+            index,
+            name,
+            tok,
+            "does not fit a 32-bit float (real)",
+        ))
     }
 }
 

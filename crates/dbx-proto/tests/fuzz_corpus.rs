@@ -30,16 +30,32 @@ fn points() -> Vec<Point> {
     vec![a, b]
 }
 
-fn batch_frame(seq: u64, form: PointForm, timestamps: TimestampForm, uuid_as_bin: bool) -> BytesMut {
+fn batch_frame(
+    seq: u64,
+    form: PointForm,
+    timestamps: TimestampForm,
+    uuid_as_bin: bool,
+) -> BytesMut {
     let mut buf = BytesMut::new();
     let aircraft = if uuid_as_bin {
         AircraftRef::Id(Uuid::from_u128(0x1234))
     } else {
         AircraftRef::Registration("N123AB".into())
     };
-    let opts = EncodeOptions { form, timestamps, uuid_as_bin };
-    encode_batch_with(&mut buf, seq, &aircraft, Uuid::parse_str(SESSION).unwrap(), &points(), opts)
-        .unwrap();
+    let opts = EncodeOptions {
+        form,
+        timestamps,
+        uuid_as_bin,
+    };
+    encode_batch_with(
+        &mut buf,
+        seq,
+        &aircraft,
+        Uuid::parse_str(SESSION).unwrap(),
+        &points(),
+        opts,
+    )
+    .unwrap();
     buf
 }
 
@@ -75,15 +91,29 @@ fn write_fuzz_corpus() {
     // point_decoder: bare bodies and datagrams.
     for (i, b) in batches.iter().enumerate() {
         let body = &b[4..];
-        assert!(matches!(decode_client(body, &limits(), NOW), Ok(dbx_proto::ClientMessage::Batch(_))));
+        assert!(matches!(
+            decode_client(body, &limits(), NOW),
+            Ok(dbx_proto::ClientMessage::Batch(_))
+        ));
         std::fs::write(points_dir.join(format!("batch{i}")), body).unwrap();
     }
     for (i, form) in [PointForm::Map, PointForm::Array].into_iter().enumerate() {
         let mut d = BytesMut::new();
-        let opts = EncodeOptions { form, ..EncodeOptions::default() };
+        let opts = EncodeOptions {
+            form,
+            ..EncodeOptions::default()
+        };
         let seq = (i == 0).then_some(9);
-        encode_datagram(&mut d, "secret-key", seq, &AircraftRef::Registration("N1".into()), Uuid::from_u128(5), &points(), opts)
-            .unwrap();
+        encode_datagram(
+            &mut d,
+            "secret-key",
+            seq,
+            &AircraftRef::Registration("N1".into()),
+            Uuid::from_u128(5),
+            &points(),
+            opts,
+        )
+        .unwrap();
         let dg = decode_datagram(&d, &limits(), NOW).unwrap();
         assert_eq!(dg.points, points());
         std::fs::write(points_dir.join(format!("datagram{i}")), &d).unwrap();

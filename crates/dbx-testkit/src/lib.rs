@@ -27,10 +27,12 @@ use dbx_control::cluster::{random_token, urlencode, ClusterOptions, LocalCluster
 use tokio_postgres::{Client, NoTls};
 
 pub mod daemon;
+pub mod env;
 pub mod fixtures;
 pub mod gateway;
 
 pub use daemon::Daemon;
+pub use env::Env;
 pub use fixtures::{Fixture, Org};
 pub use gateway::TestGateway;
 

@@ -19,8 +19,10 @@ pub struct Config {
     pub listener: dbx_listener::ListenerConfig,
     /// Batching and COPY.
     pub batcher: dbx_batcher::BatcherConfig,
-    /// Partition upkeep.
-    pub partitions: PartitionsConfig,
+    /// Partition upkeep: premake, sweep, archival, retention, view refresh.
+    pub partitions: dbx_control::partitions::PartitionsConfig,
+    /// The database health collector.
+    pub health: HealthConfig,
     /// The admin HTTP endpoint.
     pub http: HttpConfig,
     /// Logging.
@@ -33,7 +35,8 @@ pub struct Config {
 pub struct DatabaseConfig {
     /// Connection URL of the ingest user (`DATABASE_URL` overrides it).
     pub url: String,
-    /// Connection URL for the control plane (partition DDL, health); empty = `url`.
+    /// Connection URL for the control plane (partition DDL, archival, retention, health);
+    /// empty = `url`. Should be `dbx_maintenance_service`'s URL.
     pub admin_url: String,
     /// Seconds to wait for a connection.
     pub connect_timeout_secs: u64,
@@ -49,28 +52,17 @@ impl Default for DatabaseConfig {
     }
 }
 
-/// `[partitions]`
+/// `[health]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct PartitionsConfig {
-    /// Partitions kept ready ahead of now, in intervals (days, or hours when hourly).
-    pub premake: u32,
-    /// Partitions kept for the past, in intervals (for late and backfilled points).
-    pub lookback: u32,
-    /// How often upkeep runs, seconds.
+pub struct HealthConfig {
+    /// How often the database health collector polls (seconds); its own connection.
     pub interval_secs: u64,
-    /// `lock_timeout` for each DDL statement, milliseconds (maintenance never stalls ingest).
-    pub lock_timeout_ms: u64,
 }
 
-impl Default for PartitionsConfig {
+impl Default for HealthConfig {
     fn default() -> Self {
-        PartitionsConfig {
-            premake: 4,
-            lookback: 2,
-            interval_secs: 600,
-            lock_timeout_ms: 2_000,
-        }
+        HealthConfig { interval_secs: 15 }
     }
 }
 
@@ -88,8 +80,11 @@ impl Config {
         self.batcher
             .validate()
             .map_err(|e| key_err(&format!("batcher.{}", e.key), e.reason))?;
-        if self.partitions.premake == 0 {
-            return Err(key_err("partitions.premake", "must be at least 1".into()));
+        self.partitions
+            .validate()
+            .map_err(|(key, m)| key_err(&format!("partitions.{key}"), m))?;
+        if self.health.interval_secs == 0 {
+            return Err(key_err("health.interval_secs", "must be at least 1".into()));
         }
         if self.database.url.parse::<tokio_postgres::Config>().is_err() {
             return Err(key_err(
@@ -276,7 +271,10 @@ mod tests {
     fn the_documented_file_lists_exactly_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/dbx.toml");
         let documented: Config = load_with_env(Some(&path), &[]).unwrap();
-        assert_eq!(format!("{documented:?}"), format!("{:?}", Config::default()));
+        assert_eq!(
+            format!("{documented:?}"),
+            format!("{:?}", Config::default())
+        );
         documented.validate().unwrap();
     }
 

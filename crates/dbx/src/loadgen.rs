@@ -95,14 +95,16 @@ pub struct Stats {
 impl Stats {
     fn record_latency(&self, d: Duration) {
         let mut h = self.latency.lock().expect("latency lock");
-        let h = h.get_or_insert_with(|| Histogram::new_with_bounds(1, 600_000_000, 3).expect("bounds"));
+        let h =
+            h.get_or_insert_with(|| Histogram::new_with_bounds(1, 600_000_000, 3).expect("bounds"));
         let _ = h.record((d.as_micros() as u64).max(1));
     }
 
     /// Ack latency percentile in milliseconds (0 when nothing was acked yet).
     pub fn latency_ms(&self, q: f64) -> f64 {
         let h = self.latency.lock().expect("latency lock");
-        h.as_ref().map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
+        h.as_ref()
+            .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
     }
 }
 
@@ -171,8 +173,16 @@ impl std::fmt::Display for Summary {
         writeln!(f, "  points sent    {}", self.points_sent)?;
         writeln!(f, "  points acked   {}", self.points_acked)?;
         writeln!(f, "  points nacked  {}", self.points_nacked)?;
-        writeln!(f, "  resent         {} points over {} reconnects", self.points_resent, self.reconnects)?;
-        writeln!(f, "  throughput     {:.0} points/s", self.throughput_per_sec)?;
+        writeln!(
+            f,
+            "  resent         {} points over {} reconnects",
+            self.points_resent, self.reconnects
+        )?;
+        writeln!(
+            f,
+            "  throughput     {:.0} points/s",
+            self.throughput_per_sec
+        )?;
         write!(
             f,
             "  ack latency    p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
@@ -238,7 +248,10 @@ pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Su
                 .map(|a| {
                     let i = g * config.aircraft_per_gateway + a;
                     let reg = config.aircraft[i % config.aircraft.len()].clone();
-                    FlightSim::new(reg, config.seed.wrapping_mul(1_000_003).wrapping_add(i as u64))
+                    FlightSim::new(
+                        reg,
+                        config.seed.wrapping_mul(1_000_003).wrapping_add(i as u64),
+                    )
                 })
                 .collect();
             tasks.push(tokio::spawn(async move {
@@ -270,7 +283,11 @@ pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Su
         points_resent: stats.resent.load(Ordering::Relaxed),
         batches_sent: stats.batches.load(Ordering::Relaxed),
         reconnects: stats.reconnects.load(Ordering::Relaxed),
-        throughput_per_sec: if config.transport == Transport::Udp { sent as f64 / secs } else { acked as f64 / secs },
+        throughput_per_sec: if config.transport == Transport::Udp {
+            sent as f64 / secs
+        } else {
+            acked as f64 / secs
+        },
         latency_ms: Latency {
             p50: lat(0.5),
             p90: lat(0.9),
@@ -327,7 +344,9 @@ impl Generator {
         if self.done() {
             return None;
         }
-        let n = self.left.map_or(self.batch, |l| (l as usize).min(self.batch));
+        let n = self
+            .left
+            .map_or(self.batch, |l| (l as usize).min(self.batch));
         let i = self.next % self.aircraft.len();
         self.next += 1;
         let sim = &mut self.aircraft[i];
@@ -367,7 +386,9 @@ fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector, Str
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
         let cert = cert.map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
-        roots.add(cert).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
@@ -379,7 +400,10 @@ fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector, Str
 }
 
 /// Reads one server message. Cancel-safe (bytes stay in `buf`).
-async fn read_message<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> io::Result<ServerMessage> {
+async fn read_message<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> io::Result<ServerMessage> {
     loop {
         if buf.len() >= 4 {
             let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
@@ -446,7 +470,9 @@ async fn tcp_gateway(
         }
         match read_message(&mut rd, &mut buf).await {
             Ok(ServerMessage::Welcome { .. }) => backoff = Duration::from_millis(100),
-            Ok(ServerMessage::Error { code, msg }) if code == dbx_core::RejectCode::Unauthorized => {
+            Ok(ServerMessage::Error { code, msg })
+                if code == dbx_core::RejectCode::Unauthorized =>
+            {
                 *stats.fatal.lock().expect("lock") = Some(format!("{code}: {msg}"));
                 return;
             }
@@ -475,8 +501,16 @@ async fn tcp_gateway(
                 conn_seq += 1;
                 out.clear();
                 let aircraft = AircraftRef::Registration(batch.aircraft.clone());
-                if let Err(e) = dbx_proto::encode_batch_with(&mut out, conn_seq, &aircraft, batch.session, &batch.points, opts) {
-                    *stats.fatal.lock().expect("lock") = Some(format!("cannot encode a batch: {e}"));
+                if let Err(e) = dbx_proto::encode_batch_with(
+                    &mut out,
+                    conn_seq,
+                    &aircraft,
+                    batch.session,
+                    &batch.points,
+                    opts,
+                ) {
+                    *stats.fatal.lock().expect("lock") =
+                        Some(format!("cannot encode a batch: {e}"));
                     return;
                 }
                 let n = batch.points.len() as u64;
@@ -487,7 +521,11 @@ async fn tcp_gateway(
                     stats.resent.fetch_add(n, Ordering::Relaxed);
                 }
                 stats.batches.fetch_add(1, Ordering::Relaxed);
-                inflight.push_back(InFlight { conn_seq, sent_at: Instant::now(), batch });
+                inflight.push_back(InFlight {
+                    conn_seq,
+                    sent_at: Instant::now(),
+                    batch,
+                });
                 if wr.write_all(&out).await.is_err() {
                     break;
                 }
@@ -496,10 +534,16 @@ async fn tcp_gateway(
                 out.clear();
                 dbx_proto::encode_bye(&mut out);
                 let _ = wr.write_all(&out).await;
-                let _ = tokio::time::timeout(Duration::from_secs(5), read_message(&mut rd, &mut buf)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), read_message(&mut rd, &mut buf))
+                        .await;
                 return;
             }
-            let wake = if inflight.len() < config.window { Some(pacer.next) } else { None };
+            let wake = if inflight.len() < config.window {
+                Some(pacer.next)
+            } else {
+                None
+            };
             if stopped.load(Ordering::Relaxed) && draining_since.is_none() {
                 draining_since = Some(Instant::now());
             }
@@ -595,15 +639,29 @@ async fn udp_gateway(
                 _ = tokio::time::sleep_until(pacer.next.into()) => {}
             }
         }
-        let Some(batch) = generator.next_batch() else { return };
+        let Some(batch) = generator.next_batch() else {
+            return;
+        };
         seq += 1;
         out.clear();
         let aircraft = AircraftRef::Registration(batch.aircraft.clone());
-        if dbx_proto::encode_datagram(&mut out, &config.key, Some(seq), &aircraft, batch.session, &batch.points, opts).is_err() {
+        if dbx_proto::encode_datagram(
+            &mut out,
+            &config.key,
+            Some(seq),
+            &aircraft,
+            batch.session,
+            &batch.points,
+            opts,
+        )
+        .is_err()
+        {
             continue;
         }
         if sock.send_to(&out, config.addr).await.is_ok() {
-            stats.sent.fetch_add(batch.points.len() as u64, Ordering::Relaxed);
+            stats
+                .sent
+                .fetch_add(batch.points.len() as u64, Ordering::Relaxed);
             stats.batches.fetch_add(1, Ordering::Relaxed);
         }
         pacer.sent(batch.points.len());
@@ -628,7 +686,11 @@ pub async fn progress(stats: Arc<Stats>, every: Duration, mut stop: Shutdown) {
     } else {
         None
     };
-    let every = if bar.is_some() { Duration::from_millis(250) } else { every };
+    let every = if bar.is_some() {
+        Duration::from_millis(250)
+    } else {
+        every
+    };
     let started = Instant::now();
     let mut last = (Instant::now(), 0u64);
     loop {

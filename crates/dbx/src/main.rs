@@ -36,6 +36,8 @@ enum Command {
     Loadgen(cmd::loadgen::LoadgenArgs),
     /// Everything in one command: private PostgreSQL, setup, daemon, a simulated fleet, a report.
     Demo(cmd::demo::DemoArgs),
+    /// Partition upkeep once: list, create, archive, retention, sweep (`--dry-run` prints the SQL).
+    Partitions(cmd::partitions::PartitionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +60,9 @@ fn main() -> ExitCode {
             Command::Serve(args) => cmd::serve::serve(cli.config.as_deref(), args).await,
             Command::Loadgen(args) => cmd::loadgen::loadgen(args).await,
             Command::Demo(args) => cmd::demo::demo(args).await,
+            Command::Partitions(args) => {
+                cmd::partitions::partitions(cli.config.as_deref(), args).await
+            }
         }
     });
     match result {

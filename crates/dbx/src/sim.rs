@@ -69,12 +69,27 @@ impl FlightSim {
         // Climb for the first 15 %, descend over the last 15 %, cruise between.
         let (alt, vs, gs, power) = if phase < 0.15 {
             let p = phase / 0.15;
-            (120.0 * p, 120.0 / (0.15 * FLIGHT_POINTS as f64 * DT), 4.0 + 14.0 * p, 1.0)
+            (
+                120.0 * p,
+                120.0 / (0.15 * FLIGHT_POINTS as f64 * DT),
+                4.0 + 14.0 * p,
+                1.0,
+            )
         } else if phase > 0.85 {
             let p = (1.0 - phase) / 0.15;
-            (120.0 * p, -120.0 / (0.15 * FLIGHT_POINTS as f64 * DT), 4.0 + 14.0 * p, 0.8)
+            (
+                120.0 * p,
+                -120.0 / (0.15 * FLIGHT_POINTS as f64 * DT),
+                4.0 + 14.0 * p,
+                0.8,
+            )
         } else {
-            (120.0 + self.rng.gen_range(-2.0..2.0), self.rng.gen_range(-0.3..0.3), 18.0, 0.6)
+            (
+                120.0 + self.rng.gen_range(-2.0..2.0),
+                self.rng.gen_range(-0.3..0.3),
+                18.0,
+                0.6,
+            )
         };
         self.heading = (self.heading + self.rng.gen_range(-0.5..0.5)).rem_euclid(360.0);
         let d = gs * DT / 6_371_008.8;
@@ -107,7 +122,11 @@ impl FlightSim {
             bv: Some((22.2 * (0.85 + 0.15 * self.battery / 100.0)) as f32),
             bi: Some((25.0 * power) as f32),
             bp: Some(self.battery as f32),
-            rpm: Some((0..4).map(|_| (rpm + r.gen_range(-50.0..50.0)) as f32).collect()),
+            rpm: Some(
+                (0..4)
+                    .map(|_| (rpm + r.gen_range(-50.0..50.0)) as f32)
+                    .collect(),
+            ),
             cs: Some((0..4).map(|_| r.gen_range(-0.2..0.2)).collect()),
             fix: Some(3),
             sats: Some(r.gen_range(9..17)),

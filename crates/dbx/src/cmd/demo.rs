@@ -64,7 +64,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     // 1. PostgreSQL: DATABASE_URL (a superuser) or a private cluster.
     let mut cluster = None;
-    let superuser: tokio_postgres::Config = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+    let superuser: tokio_postgres::Config = match std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
         Some(url) => {
             println!("▶ Using the PostgreSQL server of DATABASE_URL");
             crate::cmd::setup::parse_url(&url, "DATABASE_URL")?
@@ -103,7 +106,8 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 c.port(),
                 c.dir().display()
             );
-            let cfg = crate::cmd::setup::parse_url(&c.superuser_url("postgres"), "the demo cluster URL")?;
+            let cfg =
+                crate::cmd::setup::parse_url(&c.superuser_url("postgres"), "the demo cluster URL")?;
             cluster = Some(c);
             cfg
         }
@@ -118,7 +122,15 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         sample_data: true,
     })
     .await?;
-    println!("▶ dbx setup: {} ({} migrations applied now)", if report.all_ok() { "all checks passed" } else { "SOME CHECKS FAILED" }, report.migrations_applied.len());
+    println!(
+        "▶ dbx setup: {} ({} migrations applied now)",
+        if report.all_ok() {
+            "all checks passed"
+        } else {
+            "SOME CHECKS FAILED"
+        },
+        report.migrations_applied.len()
+    );
     if !report.all_ok() {
         print!("{report}");
         return Ok(ExitCode::FAILURE);
@@ -129,10 +141,16 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let fleet = register_fleet(&admin, args.gateways * args.aircraft_per_gateway).await?;
 
     // 3. The daemon, in this process.
-    let ingest_url = report.url_of("dbx_ingest_service").context("setup wrote no ingest URL")?.to_string();
+    let ingest_url = report
+        .url_of("dbx_ingest_service")
+        .context("setup wrote no ingest URL")?
+        .to_string();
     let mut cfg = Config::default();
     cfg.database.url = ingest_url.clone();
-    cfg.database.admin_url = report.url_of("dbx_maintenance_service").unwrap_or(&ingest_url).to_string();
+    cfg.database.admin_url = report
+        .url_of("dbx_maintenance_service")
+        .unwrap_or(&ingest_url)
+        .to_string();
     cfg.listener.tcp_bind = local_addr(7070);
     cfg.listener.udp_bind = local_addr(7071);
     cfg.http.bind = local_addr(9898);
@@ -140,7 +158,12 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let ready = args.dir.join("ready.json");
     let _ = std::fs::remove_file(&ready);
     let (trigger, shutdown) = ShutdownTrigger::new();
-    let daemon = tokio::spawn(crate::cmd::serve::run(cfg, trigger.clone(), shutdown, Some(ready.clone())));
+    let daemon = tokio::spawn(crate::cmd::serve::run(
+        cfg,
+        trigger.clone(),
+        shutdown,
+        Some(ready.clone()),
+    ));
     let addrs = loop {
         if let Ok(text) = std::fs::read_to_string(&ready) {
             break serde_json::from_str::<serde_json::Value>(&text)?;
@@ -204,7 +227,11 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         tokio::task::spawn_blocking(move || drop(c)).await?;
         println!("▶ PostgreSQL stopped (data kept in {})", args.dir.display());
     }
-    Ok(if summary.error.is_none() && summary.points_acked > 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if summary.error.is_none() && summary.points_acked > 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Registers the demo fleet for the sample organization; returns the registrations.
@@ -254,8 +281,12 @@ fn cell(row: &tokio_postgres::Row, i: usize) -> String {
         Type::INT8 => row.get::<_, Option<i64>>(i).map(|v| v.to_string()),
         Type::INT4 => row.get::<_, Option<i32>>(i).map(|v| v.to_string()),
         Type::FLOAT8 => row.get::<_, Option<f64>>(i).map(|v| format!("{v:.2}")),
-        Type::DATE => row.get::<_, Option<chrono::NaiveDate>>(i).map(|v| v.to_string()),
-        Type::TIMESTAMPTZ => row.get::<_, Option<chrono::DateTime<chrono::Utc>>>(i).map(|v| v.format("%Y-%m-%d %H:%M").to_string()),
+        Type::DATE => row
+            .get::<_, Option<chrono::NaiveDate>>(i)
+            .map(|v| v.to_string()),
+        Type::TIMESTAMPTZ => row
+            .get::<_, Option<chrono::DateTime<chrono::Utc>>>(i)
+            .map(|v| v.format("%Y-%m-%d %H:%M").to_string()),
         _ => match row.try_get::<_, Option<String>>(i) {
             Ok(v) => v,
             // Queries cast what they show to text; anything else is shown as its type.
@@ -272,13 +303,30 @@ fn print_table(title: &str, rows: &[tokio_postgres::Row]) {
         println!("  (no rows)");
         return;
     };
-    let headers: Vec<String> = first.columns().iter().map(|c| c.name().to_string()).collect();
-    let data: Vec<Vec<String>> = rows.iter().map(|r| (0..headers.len()).map(|i| cell(r, i)).collect()).collect();
+    let headers: Vec<String> = first
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    let data: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| (0..headers.len()).map(|i| cell(r, i)).collect())
+        .collect();
     let widths: Vec<usize> = (0..headers.len())
-        .map(|i| data.iter().map(|r| r[i].chars().count()).chain([headers[i].len()]).max().unwrap_or(0))
+        .map(|i| {
+            data.iter()
+                .map(|r| r[i].chars().count())
+                .chain([headers[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |cells: &[String]| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("  {}", parts.join("  "));
     };
     line(&headers);
@@ -299,11 +347,16 @@ async fn report_landed(client: &Client) -> anyhow::Result<()> {
          LEFT JOIN LATERAL (SELECT 1 FROM dbx_aviation.flight_telemetry t WHERE t.tableoid = c.oid) t ON true \
          WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass GROUP BY c.relname, c.oid ORDER BY c.relname")
     .await?;
-    print_table("Rows per partition of dbx_aviation.flight_telemetry", &partitions);
-    let sessions = q("SELECT count(*) AS sessions, sum(point_count)::text AS points, \
+    print_table(
+        "Rows per partition of dbx_aviation.flight_telemetry",
+        &partitions,
+    );
+    let sessions = q(
+        "SELECT count(*) AS sessions, sum(point_count)::text AS points, \
          round(sum(total_distance_km)::numeric, 1)::text AS km_flown, \
          round(avg(flight_duration_seconds)::numeric, 1)::text AS avg_duration_s \
-         FROM dbx_aviation.flight_sessions")
+         FROM dbx_aviation.flight_sessions",
+    )
     .await?;
     print_table("Flight sessions", &sessions);
     let exec = q("SELECT org_name, month, flights, active_aircraft, avg_flight_hours::text, total_distance_km::text, \

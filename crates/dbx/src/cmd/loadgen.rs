@@ -45,7 +45,11 @@ pub struct LoadgenArgs {
     #[arg(long, default_value = "./database/api_key.txt")]
     pub key_file: PathBuf,
     /// Registration numbers to fly, comma-separated (must be registered to the key's organization).
-    #[arg(long, value_delimiter = ',', default_value = "N101DX,N102DX,N201DX,N301DX")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "N101DX,N102DX,N201DX,N301DX"
+    )]
     pub aircraft: Vec<String>,
     /// Gateways (connections).
     #[arg(long, default_value_t = 4)]
@@ -134,7 +138,9 @@ impl LoadgenArgs {
         };
         let tls = match (transport, &self.tls_ca) {
             (Transport::Tls, Some(ca)) => Some((self.tls_name.clone(), ca.clone())),
-            (Transport::Tls, None) => bail!("--transport tls needs --tls-ca (the CA certificate to trust)"),
+            (Transport::Tls, None) => {
+                bail!("--transport tls needs --tls-ca (the CA certificate to trust)")
+            }
             _ => None,
         };
         Ok(LoadgenConfig {
@@ -142,7 +148,12 @@ impl LoadgenArgs {
             transport,
             tls,
             key,
-            aircraft: self.aircraft.iter().map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect(),
+            aircraft: self
+                .aircraft
+                .iter()
+                .map(|a| a.trim().to_string())
+                .filter(|a| !a.is_empty())
+                .collect(),
             gateways: self.gateways,
             aircraft_per_gateway: self.aircraft_per_gateway,
             batch_points: self.batch,
@@ -170,7 +181,11 @@ pub async fn run_with_progress(config: LoadgenConfig) -> loadgen::Summary {
             ctrl_c.fire();
         }
     });
-    let progress = tokio::spawn(loadgen::progress(stats.clone(), Duration::from_secs(5), progress_rx));
+    let progress = tokio::spawn(loadgen::progress(
+        stats.clone(),
+        Duration::from_secs(5),
+        progress_rx,
+    ));
     let summary = loadgen::run(config, stats, stop_rx).await;
     progress_stop.fire();
     let _ = progress.await;

@@ -1,5 +1,6 @@
 //! One module per subcommand group.
+pub mod demo;
+pub mod loadgen;
+pub mod partitions;
 pub mod serve;
 pub mod setup;
-pub mod loadgen;
-pub mod demo;

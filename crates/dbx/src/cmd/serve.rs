@@ -14,7 +14,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 
 use dbx_batcher::{Batcher, PartitionInterval};
-use dbx_control::partitions::{self, Interval, PremakePolicy};
+use dbx_control::health::HealthCollector;
+use dbx_control::partitions::{Interval, PartitionManager};
 use dbx_core::{SharedClock, ShutdownTrigger, SystemClock};
 use dbx_listener::{AuthCache, HandshakeLog, Listener};
 
@@ -206,6 +207,7 @@ pub async fn run(
         .install_recorder()
         .context("installing the metrics recorder")?;
     describe_metrics();
+    dbx_control::health::describe_metrics();
 
     let admin_url = if cfg.database.admin_url.is_empty() {
         cfg.database.url.clone()
@@ -232,26 +234,47 @@ pub async fn run(
     }
 
     // Partitions first, before the listener opens.
-    let policy = PremakePolicy {
-        interval: match cfg.batcher.partition_interval {
-            PartitionInterval::Daily => Interval::Daily,
-            PartitionInterval::Hourly => Interval::Hourly,
-        },
-        premake: cfg.partitions.premake,
-        lookback: cfg.partitions.lookback,
-        lock_timeout: Duration::from_millis(cfg.partitions.lock_timeout_ms),
-        attempts: 5,
+    let interval = match cfg.batcher.partition_interval {
+        PartitionInterval::Daily => Interval::Daily,
+        PartitionInterval::Hourly => Interval::Hourly,
     };
-    let made = partitions::premake(&control_pool, &policy, clock.now()).await?;
-    tracing::info!(partitions = made.len(), "partitions in place");
-    let (control_trigger, control_shutdown) = ShutdownTrigger::new();
-    let premake_task = tokio::spawn(partitions::run_premake(
-        control_pool.clone(),
-        policy,
+    let admin_pg: tokio_postgres::Config = {
+        let mut c: tokio_postgres::Config = admin_url
+            .parse()
+            .context("database.admin_url is not a valid PostgreSQL URL")?;
+        c.connect_timeout(Duration::from_secs(
+            cfg.database.connect_timeout_secs.max(1),
+        ));
+        c
+    };
+    let manager = Arc::new(PartitionManager::new(
+        admin_pg.clone(),
+        interval,
+        cfg.partitions.clone(),
         clock.clone(),
-        Duration::from_secs(cfg.partitions.interval_secs),
-        control_shutdown.clone(),
     ));
+    let made = manager.startup().await?;
+    tracing::info!(
+        created = made.done.len(),
+        skipped = made.skipped.len(),
+        failed = made.failed.len(),
+        "partitions in place"
+    );
+    if !manager.is_admin().await? {
+        tracing::warn!(
+            "database.admin_url's user is not a member of dbx_admin: archival and retention are off; \
+             set database.admin_url to dbx_maintenance_service's URL (credentials.txt)"
+        );
+    }
+    let (control_trigger, control_shutdown) = ShutdownTrigger::new();
+    let maintenance_task = tokio::spawn(manager.clone().run(control_shutdown.clone()));
+    let collector = Arc::new(HealthCollector::new(
+        admin_pg,
+        clock.clone(),
+        Duration::from_secs(cfg.health.interval_secs),
+    ));
+    let health = collector.handle();
+    let collector_task = tokio::spawn(collector.run(control_shutdown.clone()));
 
     let auth = AuthCache::new(service_pool.clone(), cfg.listener.session_cache_capacity);
     auth.reload()
@@ -290,6 +313,9 @@ pub async fn run(
             })
         }),
         clock: clock.clone(),
+        interval,
+        health,
+        rates: Default::default(),
     };
     let http_task = tokio::spawn(dbx_control::http::serve(
         http_listener,
@@ -327,7 +353,7 @@ pub async fn run(
     }
     // 4. Control last.
     control_trigger.fire();
-    let _ = tokio::join!(premake_task, refresher, http_task);
+    let _ = tokio::join!(maintenance_task, collector_task, refresher, http_task);
     tracing::info!("dbx stopped");
     Ok(())
 }

@@ -1,0 +1,95 @@
+//! A complete end-to-end environment: a migrated database, one organization with
+//! an API key and one aircraft, and a real `dbx serve` process against it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::{Daemon, Fixture, Org, TestDb};
+
+/// A migrated database, one organization with one aircraft, and a daemon.
+pub struct Env {
+    /// The test database.
+    pub db: TestDb,
+    /// A superuser connection to it.
+    pub client: Client,
+    /// The organization (with its clear-text key).
+    pub org: Org,
+    /// Its aircraft.
+    pub aircraft: Uuid,
+    /// The aircraft's registration number.
+    pub registration: String,
+    /// The daemon, connected as the ingest user.
+    pub daemon: Daemon,
+}
+
+impl Env {
+    /// Starts everything; `env` goes to the daemon (e.g. `DBX_LISTENER__MAX_CONNECTIONS`).
+    pub async fn start(bin: &Path, env: &[(&str, &str)]) -> Env {
+        Env::start_with_rate(bin, env, None).await
+    }
+
+    /// Same, with the organization limited to `rate` points per second.
+    pub async fn start_with_rate(bin: &Path, env: &[(&str, &str)], rate: Option<i32>) -> Env {
+        let (db, ingest_url) = TestDb::migrated().await;
+        let client = db.client().await;
+        let org = Fixture::org(&client, "ACME", rate).await;
+        let registration = "N100AC".to_string();
+        let aircraft = Fixture::aircraft(&client, org.id, &registration).await;
+        let daemon = Daemon::start(bin, &ingest_url, env).await;
+        Env {
+            db,
+            client,
+            org,
+            aircraft,
+            registration,
+            daemon,
+        }
+    }
+
+    /// Rows of `session` in flight_telemetry.
+    pub async fn rows(&self, session: Uuid) -> i64 {
+        self.client
+            .query_one(
+                "SELECT count(*) FROM dbx_aviation.flight_telemetry WHERE session_id = $1",
+                &[&session],
+            )
+            .await
+            .expect("count rows")
+            .get(0)
+    }
+
+    /// Waits (up to 10 s) until `session` has `n` rows (UDP has no ack to wait for).
+    pub async fn wait_rows(&self, session: Uuid, n: i64) -> i64 {
+        let mut got = 0;
+        for _ in 0..200 {
+            got = self.rows(session).await;
+            if got >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        got
+    }
+
+    /// One metric from the daemon's /metrics, summed over the series whose labels contain `labels`.
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let (_, body) = self.daemon.http_get("/metrics").await;
+        metric_value(&body, name, labels)
+    }
+}
+
+/// Sums the samples of `name` whose label set contains `labels` in a Prometheus exposition.
+pub fn metric_value(exposition: &str, name: &str, labels: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            (*series == name || series.starts_with(&format!("{name}{{"))) && series.contains(labels)
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .sum()
+}
