@@ -622,7 +622,11 @@ async fn shutdown_while_streaming_acks_what_it_accepted() {
                 )
                 .await;
                 while let Some(m) = g
-                    .recv_within(Duration::from_millis(if seq % 8 == 0 { 200 } else { 1 }))
+                    .recv_within(Duration::from_millis(if seq.is_multiple_of(8) {
+                        200
+                    } else {
+                        1
+                    }))
                     .await
                 {
                     match m {

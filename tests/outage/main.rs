@@ -78,7 +78,7 @@ async fn database_outage_pauses_reads_and_loses_nothing() {
             let started = Instant::now();
             wr.write_all(&b).await.unwrap();
             longest_write = longest_write.max(started.elapsed());
-            if seq % 20 == 0 {
+            if seq.is_multiple_of(20) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

@@ -246,6 +246,8 @@ pub struct Step {
     pub repeat_while_at_least: Option<u64>,
     /// Needs the privileges of dbx_admin (the owner), not only the SECURITY DEFINER functions.
     pub needs_admin: bool,
+    /// The last statement's row count is rows moved or deleted (added to the report's `rows`).
+    pub counts_rows: bool,
 }
 
 /// What a task would do now: computed read-only; [`fmt::Display`] prints it as SQL.
@@ -688,7 +690,9 @@ impl PartitionManager {
             attempt += 1;
             match exec_step(&conn.client, step).await {
                 Ok(rows) => {
-                    report.rows += rows;
+                    if step.counts_rows {
+                        report.rows += rows;
+                    }
                     if let Some(n) = step.repeat_while_at_least {
                         if rows >= n {
                             attempt = 0;
@@ -747,6 +751,7 @@ impl PartitionManager {
                 mode: StepMode::Autocommit,
                 repeat_while_at_least: None,
                 needs_admin: false,
+                counts_rows: false,
             }),
         }
         Ok(plan)
@@ -763,6 +768,7 @@ impl PartitionManager {
             mode: StepMode::Autocommit,
             repeat_while_at_least: None,
             needs_admin: false,
+            counts_rows: false,
         }
     }
 
@@ -855,6 +861,7 @@ impl PartitionManager {
                     mode: StepMode::Transaction,
                     repeat_while_at_least: None,
                     needs_admin: true,
+                    counts_rows: true,
                 });
                 continue;
             }
@@ -938,6 +945,7 @@ impl PartitionManager {
                     mode: StepMode::Autocommit,
                     repeat_while_at_least: None,
                     needs_admin: true,
+                    counts_rows: false,
                 });
             }
             if to > cutoff {
@@ -971,6 +979,7 @@ impl PartitionManager {
                     mode: StepMode::Transaction,
                     repeat_while_at_least: None,
                     needs_admin: true,
+                    counts_rows: false,
                 });
             } else {
                 plan.steps.push(Step {
@@ -982,6 +991,7 @@ impl PartitionManager {
                     mode: StepMode::Autocommit,
                     repeat_while_at_least: None,
                     needs_admin: true,
+                    counts_rows: false,
                 });
                 plan.steps.push(Step {
                     what,
@@ -989,6 +999,7 @@ impl PartitionManager {
                     mode: StepMode::Transaction,
                     repeat_while_at_least: None,
                     needs_admin: true,
+                    counts_rows: false,
                 });
             }
         }
@@ -1021,6 +1032,7 @@ impl PartitionManager {
                 mode: StepMode::Transaction,
                 repeat_while_at_least: None,
                 needs_admin: true,
+                counts_rows: false,
             });
         }
         Ok(())
@@ -1067,6 +1079,7 @@ impl PartitionManager {
                     mode: StepMode::Transaction,
                     repeat_while_at_least: None,
                     needs_admin: true,
+                    counts_rows: false,
                 });
             }
         }
@@ -1095,6 +1108,7 @@ impl PartitionManager {
                     mode: StepMode::Autocommit,
                     repeat_while_at_least: Some(chunk as u64),
                     needs_admin: true,
+                    counts_rows: true,
                 });
             }
         }
@@ -1104,6 +1118,7 @@ impl PartitionManager {
             mode: StepMode::Autocommit,
             repeat_while_at_least: None,
             needs_admin: true,
+            counts_rows: false,
         });
         Ok(())
     }
@@ -1346,6 +1361,7 @@ mod tests {
                 mode: StepMode::Transaction,
                 repeat_while_at_least: None,
                 needs_admin: true,
+                counts_rows: false,
             }],
             notes: vec!["n".into()],
         };

@@ -23,6 +23,8 @@ pub struct Env {
     pub registration: String,
     /// The daemon, connected as the ingest user.
     pub daemon: Daemon,
+    /// The ingest user's URL (to start more daemons against the same database).
+    pub ingest_url: String,
 }
 
 impl Env {
@@ -46,6 +48,7 @@ impl Env {
             aircraft,
             registration,
             daemon,
+            ingest_url,
         }
     }
 

@@ -83,6 +83,12 @@ impl TestGateway {
         self.stream.flush().await.expect("flush");
     }
 
+    /// Sends raw bytes, reporting a broken connection instead of panicking.
+    pub async fn send_raw_checked(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
     /// Sends `hello`.
     pub async fn send_hello(&mut self, key: &str) {
         let mut b = BytesMut::new();

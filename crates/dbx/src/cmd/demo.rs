@@ -58,9 +58,10 @@ fn local_addr(preferred: u16) -> String {
 /// `dbx demo`.
 pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
-    let mut log = crate::config::LogConfig::default();
-    log.level = "warn".into();
-    crate::logging::init(&log);
+    crate::logging::init(&crate::config::LogConfig {
+        level: "warn".into(),
+        ..Default::default()
+    });
 
     // 1. PostgreSQL: DATABASE_URL (a superuser) or a private cluster.
     let mut cluster = None;
