@@ -283,10 +283,7 @@ async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, Healt
         ..HealthSnapshot::default()
     };
     for r in c
-        .query(
-            "SELECT metric, value FROM dbx_aviation.system_health",
-            &[],
-        )
+        .query("SELECT metric, value FROM dbx_aviation.system_health", &[])
         .await
         .map_err(qerr("reading system_health"))?
     {
@@ -416,9 +413,6 @@ mod tests {
             bloat_table("dbx_archive", "flight_telemetry_p2026010100"),
             "dbx_archive.flight_telemetry_archive"
         );
-        assert_eq!(
-            bloat_table("dbx_audit", "audit_log"),
-            "dbx_audit.audit_log"
-        );
+        assert_eq!(bloat_table("dbx_audit", "audit_log"), "dbx_audit.audit_log");
     }
 }

@@ -90,7 +90,9 @@ impl Rates {
         let now = Instant::now();
         if let Ok(mut g) = self.0.lock() {
             let (last, prev) = &mut *g;
-            let window = last.map(|l| now.duration_since(l).as_secs_f64()).unwrap_or(0.0);
+            let window = last
+                .map(|l| now.duration_since(l).as_secs_f64())
+                .unwrap_or(0.0);
             let rate = |cur: f64, old: f64| {
                 if window > 0.0 {
                     ((cur - old) / window).max(0.0)

@@ -8,6 +8,7 @@
 //! - `partitions`: the `PartitionManager`: premake, default-partition sweep, archival,
 //!   retention, materialized view refresh, under an advisory lock.
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
+//! - `tenants`: organizations, API keys, aircraft and report search behind `dbx org|key|aircraft|analyses`.
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
 pub mod cluster;
 pub mod health;
@@ -15,3 +16,4 @@ pub mod http;
 pub mod migrate;
 pub mod partitions;
 pub mod setup;
+pub mod tenants;

@@ -40,7 +40,12 @@ async fn setup() -> (TestDb, Client, String) {
     (db, c, url)
 }
 
-fn manager(url: &str, clock: &Arc<ManualClock>, interval: Interval, cfg: PartitionsConfig) -> PartitionManager {
+fn manager(
+    url: &str,
+    clock: &Arc<ManualClock>,
+    interval: Interval,
+    cfg: PartitionsConfig,
+) -> PartitionManager {
     let clock: SharedClock = clock.clone();
     PartitionManager::from_url(url, interval, cfg, clock).expect("manager")
 }
@@ -146,7 +151,8 @@ async fn premake_across_a_month_boundary_and_dst_in_a_non_utc_server_zone() {
         .into_iter()
         .filter(|p| {
             p.is_live()
-                && p.from.is_some_and(|f| f >= utc(2026, 3, 1, 0, 0) && f < utc(2026, 5, 1, 0, 0))
+                && p.from
+                    .is_some_and(|f| f >= utc(2026, 3, 1, 0, 0) && f < utc(2026, 5, 1, 0, 0))
         })
         .collect();
     let names: Vec<&str> = live.iter().map(|p| p.name.as_str()).collect();
@@ -166,7 +172,12 @@ async fn premake_across_a_month_boundary_and_dst_in_a_non_utc_server_zone() {
         let from = utc(2026, 3, 27, 0, 0) + chrono::TimeDelta::days(i as i64);
         assert_eq!(p.from, Some(from), "{}", p.name);
         // Exactly 24 hours, the DST day included: partitions are UTC days.
-        assert_eq!(p.to, Some(from + chrono::TimeDelta::hours(24)), "{}", p.name);
+        assert_eq!(
+            p.to,
+            Some(from + chrono::TimeDelta::hours(24)),
+            "{}",
+            p.name
+        );
     }
     // Points written by a Berlin session land by their UTC instant.
     let o = Uuid::new_v4();
@@ -191,11 +202,39 @@ async fn premake_across_a_month_boundary_and_dst_in_a_non_utc_server_zone() {
         "dbx_aviation.flight_telemetry_p20260331"
     );
     assert_eq!(
-        count(&c, "SELECT count(*) FROM dbx_aviation.flight_telemetry_default").await,
+        count(
+            &c,
+            "SELECT count(*) FROM dbx_aviation.flight_telemetry_default"
+        )
+        .await,
         0
     );
     // A second run has nothing to do.
     assert!(m.plan(Task::Premake).await.unwrap().steps.is_empty());
+    // Indexes were built on the standalone table and adopted by the parent's partitioned
+    // indexes at ATTACH (named after the partition, children of the parent's indexes).
+    let adopted: Vec<String> = c
+        .query(
+            "SELECT parent.relname::text || '<-' || child.relname::text
+               FROM pg_inherits i
+               JOIN pg_class child ON child.oid = i.inhrelid
+               JOIN pg_class parent ON parent.oid = i.inhparent
+              WHERE child.relname LIKE 'flight_telemetry_p20260329%' AND child.relkind = 'i'
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        adopted,
+        [
+            "flight_telemetry_aircraft_ts<-flight_telemetry_p20260329_aircraft_ts",
+            "flight_telemetry_dedupe<-flight_telemetry_p20260329_dedupe",
+        ]
+    );
 
     // Hourly, across the autumn change: 02:00–03:00 local happens twice on 2026-10-25.
     let clock = ManualClock::new(utc(2026, 10, 25, 0, 10));
@@ -211,9 +250,15 @@ async fn premake_across_a_month_boundary_and_dst_in_a_non_utc_server_zone() {
     );
     let r = run(&h, Task::Premake).await;
     assert_eq!(r.done.len(), 5, "{r:?}");
-    for (i, name) in ["2026102423", "2026102500", "2026102501", "2026102502", "2026102503"]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "2026102423",
+        "2026102500",
+        "2026102501",
+        "2026102502",
+        "2026102503",
+    ]
+    .iter()
+    .enumerate()
     {
         let p = h
             .list()
@@ -223,7 +268,10 @@ async fn premake_across_a_month_boundary_and_dst_in_a_non_utc_server_zone() {
             .find(|p| p.name == format!("flight_telemetry_p{name}"))
             .unwrap_or_else(|| panic!("flight_telemetry_p{name} missing"));
         let from = utc(2026, 10, 24, 23, 0) + chrono::TimeDelta::hours(i as i64);
-        assert_eq!((p.from, p.to), (Some(from), Some(from + chrono::TimeDelta::hours(1))));
+        assert_eq!(
+            (p.from, p.to),
+            (Some(from), Some(from + chrono::TimeDelta::hours(1)))
+        );
     }
     // The two 02:30s of that night are an hour apart and go to different partitions.
     point(&berlin, o, 5, "'2026-10-25 02:30:00+02'").await;
@@ -286,7 +334,10 @@ async fn the_sweep_empties_the_default_partition_and_the_next_creation_succeeds(
         routed_to(&c, "2025-12-31 23:00:00+00").await,
         "dbx_aviation.flight_telemetry_p20251231"
     );
-    assert_eq!(count(&c, "SELECT count(*) FROM dbx_aviation.flight_telemetry").await, 4);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dbx_aviation.flight_telemetry").await,
+        4
+    );
     // Nothing left to sweep; and time moving on, premake over those days succeeds.
     assert!(m.plan(Task::Sweep).await.unwrap().steps.is_empty());
     clock.set(utc(2026, 5, 19, 1, 0));
@@ -318,7 +369,13 @@ async fn archival_moves_exactly_the_old_partitions_and_the_archive_parent_sees_t
     for (i, d) in days.iter().enumerate() {
         ensure_day(&c, *d).await;
         for k in 0..=i as i64 {
-            point(&c, o, 10 * i as i64 + k, &format!("'{}'", (*d + chrono::TimeDelta::hours(k + 1)).to_rfc3339())).await;
+            point(
+                &c,
+                o,
+                10 * i as i64 + k,
+                &format!("'{}'", (*d + chrono::TimeDelta::hours(k + 1)).to_rfc3339()),
+            )
+            .await;
         }
     }
     let oid = |name: &'static str| {
@@ -369,10 +426,24 @@ async fn archival_moves_exactly_the_old_partitions_and_the_archive_parent_sees_t
     assert!(exists(&c, "dbx_aviation.flight_telemetry_p20260317").await);
     assert!(exists(&c, "dbx_aviation.flight_telemetry_p20260615").await);
     // 1 + 2 rows archived, 3 + 4 live; the archive parent sees the archived ones.
-    assert_eq!(count(&c, "SELECT count(*) FROM dbx_archive.flight_telemetry_archive").await, 3);
-    assert_eq!(count(&c, "SELECT count(*) FROM dbx_aviation.flight_telemetry").await, 7);
     assert_eq!(
-        count(&c, "SELECT count(*) FROM dbx_archive.flight_telemetry_archive WHERE ts < '2026-01-02'").await,
+        count(
+            &c,
+            "SELECT count(*) FROM dbx_archive.flight_telemetry_archive"
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dbx_aviation.flight_telemetry").await,
+        7
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM dbx_archive.flight_telemetry_archive WHERE ts < '2026-01-02'"
+        )
+        .await,
         1
     );
     // Nothing more to do until time moves on; then the 17th goes too.
@@ -400,7 +471,14 @@ async fn archival_detaches_concurrently_when_there_is_no_default_partition() {
     ), "{plan}");
     let r = run(&m, Task::Archive).await;
     assert_eq!(r.done.len(), 2, "{r:?}");
-    assert_eq!(count(&c, "SELECT count(*) FROM dbx_archive.flight_telemetry_archive").await, 1);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM dbx_archive.flight_telemetry_archive"
+        )
+        .await,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,13 +524,22 @@ async fn retention_with_two_organizations_drops_or_deletes_exactly_what_it_shoul
     point(&c, short, 70, "'2026-04-01 06:00+00'").await; // default partition, expired
     point(&c, long, 71, "'2026-04-01 06:00+00'").await; // default partition, kept
     assert_eq!(
-        count(&c, "SELECT count(*) FROM dbx_aviation.flight_telemetry_default").await,
+        count(
+            &c,
+            "SELECT count(*) FROM dbx_aviation.flight_telemetry_default"
+        )
+        .await,
         2
     );
 
     let r = run(&m, Task::Retention).await;
     assert!(r.skipped.is_empty(), "{r:?}");
-    assert!(r.done.iter().any(|d| d.contains("enforce_retention_policy")), "{r:?}");
+    assert!(
+        r.done
+            .iter()
+            .any(|d| d.contains("enforce_retention_policy")),
+        "{r:?}"
+    );
     // Dropped whole: the archived 02-01 and the live 02-10.
     assert!(!exists(&c, "dbx_archive.flight_telemetry_p20260201").await);
     assert!(!exists(&c, "dbx_aviation.flight_telemetry_p20260210").await);
@@ -504,8 +591,13 @@ async fn under_a_conflicting_lock_maintenance_skips_and_ingest_goes_on() {
         .unwrap();
 
     // Ingest, as the ingest user, refusing to wait for any lock longer than 100 ms.
-    let ingest = dbx_testkit::connect(&db.url_for("dbx_ingest_service", dbx_testkit::INGEST_TEST_PASSWORD)).await;
-    ingest.batch_execute("SET lock_timeout = '100ms'").await.unwrap();
+    let ingest =
+        dbx_testkit::connect(&db.url_for("dbx_ingest_service", dbx_testkit::INGEST_TEST_PASSWORD))
+            .await;
+    ingest
+        .batch_execute("SET lock_timeout = '100ms'")
+        .await
+        .unwrap();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let done = done.clone();
@@ -563,16 +655,50 @@ async fn under_a_conflicting_lock_maintenance_skips_and_ingest_goes_on() {
     assert!(!exists(&c, "dbx_aviation.flight_telemetry_p20260616").await);
     assert!(exists(&c, "dbx_aviation.flight_telemetry_p20260110").await);
     assert_eq!(
-        count(&c, "SELECT count(*) FROM dbx_aviation.flight_telemetry_p20260615").await,
+        count(
+            &c,
+            "SELECT count(*) FROM dbx_aviation.flight_telemetry_p20260615"
+        )
+        .await,
         50 * copies as i64
     );
 
     // The reader goes away: the next run does it all.
     locker.batch_execute("COMMIT").await.unwrap();
-    let reports = m.run_tasks(&[Task::Premake, Task::Archive]).await.unwrap().unwrap();
+    let reports = m
+        .run_tasks(&[Task::Premake, Task::Archive])
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(reports[0].1.done.len(), 3, "{reports:?}");
     assert_eq!(reports[1].1.done.len(), 1, "{reports:?}");
     assert!(exists(&c, "dbx_archive.flight_telemetry_p20260110").await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_ingest_user_premake_runs_and_archival_is_left_alone() {
+    let (db, c, _url) = setup().await;
+    let ingest = db.url_for("dbx_ingest_service", dbx_testkit::INGEST_TEST_PASSWORD);
+    let clock = ManualClock::new(utc(2026, 6, 15, 12, 0));
+    let m = manager(
+        &ingest,
+        &clock,
+        Interval::Daily,
+        PartitionsConfig::default(),
+    );
+    assert!(!m.is_admin().await.unwrap());
+    ensure_day(&c, utc(2026, 1, 1, 0, 0)).await;
+    let r = run(&m, Task::Premake).await;
+    assert_eq!(r.done.len(), 7, "{r:?}");
+    let r = run(&m, Task::Archive).await;
+    assert!(r.done.is_empty() && r.skipped.is_empty(), "{r:?}");
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("not a member of dbx_admin")),
+        "{r:?}"
+    );
+    assert!(exists(&c, "dbx_aviation.flight_telemetry_p20260101").await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -627,14 +753,19 @@ async fn the_health_collector_exports_plausible_gauges() {
     // Two points nobody has a partition for, and one ingest connection.
     point(&c, Uuid::new_v4(), 1, "'2099-01-01 00:00+00'").await;
     point(&c, Uuid::new_v4(), 2, "'2099-01-02 00:00+00'").await;
-    let _ingest = dbx_testkit::connect(&db.url_for("dbx_ingest_service", dbx_testkit::INGEST_TEST_PASSWORD)).await;
+    let _ingest =
+        dbx_testkit::connect(&db.url_for("dbx_ingest_service", dbx_testkit::INGEST_TEST_PASSWORD))
+            .await;
     let clock: SharedClock = Arc::new(SystemClock);
     let h = HealthCollector::new(url.parse().unwrap(), clock, Duration::from_secs(1));
     let s = h.collect_once().await.expect("collect");
     assert!(s.up);
     assert!(s.database_size_bytes.unwrap() > 1_000_000.0, "{s:?}");
     assert!(s.active_connections.unwrap() >= 2.0, "{s:?}");
-    assert!(s.cache_hit_ratio.is_some_and(|r| (0.0..=1.0).contains(&r)), "{s:?}");
+    assert!(
+        s.cache_hit_ratio.is_some_and(|r| (0.0..=1.0).contains(&r)),
+        "{s:?}"
+    );
     assert_eq!(s.default_partition_rows, 2);
     assert_eq!(s.ingest_connections, 1);
     // The migration made today and the next three days.
@@ -643,7 +774,9 @@ async fn the_health_collector_exports_plausible_gauges() {
     assert_eq!(s.partitions[0].schema, "live");
     assert_eq!(s.partitions[0].count, 4);
     assert_eq!(s.partitions[1].count, 0);
-    assert!(s.table_bloat_bytes.contains_key("dbx_aviation.flight_telemetry"));
+    assert!(s
+        .table_bloat_bytes
+        .contains_key("dbx_aviation.flight_telemetry"));
     assert_eq!(h.handle().read().unwrap().default_partition_rows, 2);
 
     let text = prom.render();
@@ -654,8 +787,18 @@ async fn the_health_collector_exports_plausible_gauges() {
     assert_eq!(gauge(&text, "dbx_db_partitions{schema=\"archive\"}"), 0.0);
     assert!(gauge(&text, "dbx_db_size_bytes") > 1_000_000.0);
     assert!(gauge(&text, "dbx_db_partition_ahead_seconds") > 3.0 * 86400.0);
-    assert!(gauge(&text, "dbx_db_partition_newest_end_timestamp_seconds{schema=\"live\"}") > Utc::now().timestamp() as f64);
-    assert!(gauge(&text, "dbx_db_table_bloat_bytes{table=\"dbx_audit.audit_log\"}") >= 0.0);
+    assert!(
+        gauge(
+            &text,
+            "dbx_db_partition_newest_end_timestamp_seconds{schema=\"live\"}"
+        ) > Utc::now().timestamp() as f64
+    );
+    assert!(
+        gauge(
+            &text,
+            "dbx_db_table_bloat_bytes{table=\"dbx_audit.audit_log\"}"
+        ) >= 0.0
+    );
     assert!(text.contains("# HELP dbx_db_cache_hit_ratio "), "{text}");
 
     // The database going away is a 0, not an error that kills anything.

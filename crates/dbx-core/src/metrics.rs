@@ -3,8 +3,9 @@
 //!
 //! Prometheus conventions: `dbx_` prefix, base units, `_total` for counters, label
 //! sets bounded to `reason`, `transport`, `trigger`, `kind`, `org`, and for the control
-//! plane's gauges `schema` (live | archive) and `table` (the dbx tables, partitions summed). The HELP text
-//! of each is registered by [`describe`] callers in the binary (via `metrics::describe_*`).
+//! plane's gauges `schema` (live | archive) and `table` (the dbx tables, partitions
+//! summed). The HELP text of each is registered by [`describe`] callers in the binary
+//! (via `metrics::describe_*`).
 
 /// Listener: open connections (gauge, label `transport`).
 pub const CONNECTIONS_OPEN: &str = "dbx_connections_open";

@@ -260,12 +260,6 @@ pub async fn run(
         failed = made.failed.len(),
         "partitions in place"
     );
-    if !manager.is_admin().await? {
-        tracing::warn!(
-            "database.admin_url's user is not a member of dbx_admin: archival and retention are off; \
-             set database.admin_url to dbx_maintenance_service's URL (credentials.txt)"
-        );
-    }
     let (control_trigger, control_shutdown) = ShutdownTrigger::new();
     let maintenance_task = tokio::spawn(manager.clone().run(control_shutdown.clone()));
     let collector = Arc::new(HealthCollector::new(
