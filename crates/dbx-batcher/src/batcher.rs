@@ -154,7 +154,18 @@ async fn run(
                 }
             }
             msg = rx.recv() => match msg {
-                Some(batch) => d.add_batch(batch),
+                Some(batch) => {
+                    d.add_batch(batch);
+                    // Take what is already queued too, so one flush carries all of it.
+                    let mut more = 0;
+                    while more < DRAIN_BURST {
+                        match rx.try_recv() {
+                            Ok(b) => d.add_batch(b),
+                            Err(_) => break,
+                        }
+                        more += 1;
+                    }
+                }
                 None => break,
             },
             Some(res) = d.tasks.join_next(), if !d.tasks.is_empty() => {
@@ -164,6 +175,9 @@ async fn run(
             }
         }
         metrics::gauge!(m::QUEUE_DEPTH).set(rx.len() as f64);
+        if d.config.flush_when_idle {
+            d.flush_idle();
+        }
         d.dispatch_ready().await?;
     }
 
@@ -206,6 +220,9 @@ async fn run(
         }
     }
 }
+
+/// Batches taken from the queue at once after a receive, before flush decisions.
+const DRAIN_BURST: usize = 256;
 
 async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
@@ -307,6 +324,29 @@ impl Dispatcher {
         }
     }
 
+    /// Gives every idle writer the oldest open group: with writers free, waiting
+    /// for a size or age threshold only adds latency. Under load the writers are
+    /// busy, this does nothing, and groups grow to their thresholds.
+    fn flush_idle(&mut self) {
+        let idle = self
+            .permits
+            .available_permits()
+            .saturating_sub(self.ready.len());
+        if idle == 0 {
+            return;
+        }
+        let mut open: Vec<(Instant, PartitionKey)> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.rows > 0)
+            .map(|(k, g)| (g.opened, *k))
+            .collect();
+        open.sort();
+        for (_, key) in open.into_iter().take(idle) {
+            self.close_group(key, Trigger::Idle);
+        }
+    }
+
     fn close_group(&mut self, key: PartitionKey, trigger: Trigger) {
         let Some(g) = self.groups.remove(&key) else {
             return;
@@ -319,6 +359,7 @@ impl Dispatcher {
             Trigger::Rows => &c.flushes_rows,
             Trigger::Bytes => &c.flushes_bytes,
             Trigger::Age => &c.flushes_age,
+            Trigger::Idle => &c.flushes_idle,
             Trigger::Shutdown => &c.flushes_shutdown,
         };
         c.add(counter, 1);

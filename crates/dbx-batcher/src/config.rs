@@ -33,6 +33,10 @@ pub struct BatcherConfig {
     pub max_batch_age_ms: u64,
     /// Parallel COPY transactions (each holds one pool connection while it runs).
     pub writers: usize,
+    /// Flush a group as soon as a writer is idle instead of waiting for a threshold:
+    /// under light load an ack then waits for one COPY, not for `max_batch_age_ms`;
+    /// under heavy load writers are busy and groups still grow to `max_batch_rows`.
+    pub flush_when_idle: bool,
     /// Capacity, in batches, of the listener → batcher channel (the binary creates it).
     pub queue_capacity: usize,
     /// First delay before retrying a flush after a transient error (milliseconds).
@@ -56,6 +60,7 @@ impl Default for BatcherConfig {
             max_batch_bytes: 4 * 1024 * 1024,
             max_batch_age_ms: 50,
             writers: 2,
+            flush_when_idle: true,
             queue_capacity: 1024,
             retry_initial_ms: 100,
             retry_max_ms: 5000,

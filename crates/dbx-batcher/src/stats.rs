@@ -27,6 +27,8 @@ pub struct BatcherStats {
     pub flushes_bytes: u64,
     /// Flushes started because a group reached `max_batch_age`.
     pub flushes_age: u64,
+    /// Flushes started because a writer was idle.
+    pub flushes_idle: u64,
     /// Flushes started at shutdown.
     pub flushes_shutdown: u64,
     /// Retried attempts (all kinds).
@@ -48,6 +50,7 @@ pub(crate) struct Counters {
     pub flushes_rows: AtomicU64,
     pub flushes_bytes: AtomicU64,
     pub flushes_age: AtomicU64,
+    pub flushes_idle: AtomicU64,
     pub flushes_shutdown: AtomicU64,
     pub retries: AtomicU64,
     pub largest_flush_rows: AtomicU64,
@@ -71,6 +74,7 @@ impl Counters {
             flushes_rows: g(&self.flushes_rows),
             flushes_bytes: g(&self.flushes_bytes),
             flushes_age: g(&self.flushes_age),
+            flushes_idle: g(&self.flushes_idle),
             flushes_shutdown: g(&self.flushes_shutdown),
             retries: g(&self.retries),
             largest_flush_rows: g(&self.largest_flush_rows),

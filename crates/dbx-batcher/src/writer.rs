@@ -52,6 +52,9 @@ pub(crate) enum Trigger {
     Bytes,
     /// The group's oldest row reached `max_batch_age`.
     Age,
+    /// A writer was idle: under light load a group is flushed at once instead of
+    /// waiting for its age, so the batcher adds one COPY, not `max_batch_age`, to an ack.
+    Idle,
     /// The channel closed.
     Shutdown,
 }
@@ -62,6 +65,7 @@ impl Trigger {
             Trigger::Rows => "rows",
             Trigger::Bytes => "bytes",
             Trigger::Age => "age",
+            Trigger::Idle => "idle",
             Trigger::Shutdown => "shutdown",
         }
     }

@@ -85,6 +85,7 @@ async fn flush_by_rows_is_exactly_max_rows() {
     let cfg = BatcherConfig {
         max_batch_rows: 100,
         max_batch_age_ms: 600_000, // only the row count can flush before shutdown
+        flush_when_idle: false, // these test the thresholds themselves
         ..config()
     };
     let (tx, handle) = start(cfg, fx.pool(3));
@@ -134,6 +135,7 @@ async fn flush_by_age_and_by_bytes() {
     let cfg = BatcherConfig {
         max_batch_rows: 10_000,
         max_batch_age_ms: 30,
+        flush_when_idle: false, // these test the thresholds themselves
         ..config()
     };
     let (tx, handle) = start(cfg, fx.pool(2));
@@ -151,6 +153,7 @@ async fn flush_by_age_and_by_bytes() {
         max_batch_rows: 10_000,
         max_batch_bytes: 10_000,
         max_batch_age_ms: 600_000,
+        flush_when_idle: false,
         ..config()
     };
     let (tx, handle) = start(cfg, fx.pool(2));
@@ -319,6 +322,7 @@ async fn a_data_error_nacks_only_its_batch() {
     let fx = fixture().await;
     let cfg = BatcherConfig {
         max_batch_age_ms: 600_000, // all batches end up in one shutdown flush
+        flush_when_idle: false, // these test the thresholds themselves
         ..config()
     };
     let (tx, handle) = start(cfg, fx.pool(2));
@@ -605,19 +609,33 @@ async fn session_row(c: &tokio_postgres::Client, s: Uuid) -> tokio_postgres::Row
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_privilege_error_keeps_the_rows_and_never_nacks() {
     let fx = fixture().await;
-    // dbx_ingest_service without acting as dbx_ingest: subject to row-level security,
-    // which PostgreSQL enforces as an error (42501), not as a data problem.
-    let pool = pool_for(&fx.db.url_for("dbx_ingest_service", "batcher-test"), 2);
+    // A member of dbx_ingest without BYPASSRLS (membership does not pass the attribute
+    // on): row-level security refuses its writes with 42501, a deployment problem.
+    fx.client()
+        .await
+        .batch_execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'batcher_test_norls') THEN \
+             CREATE ROLE batcher_test_norls LOGIN NOBYPASSRLS PASSWORD 'x' IN ROLE dbx_ingest; \
+             END IF; END $$",
+        )
+        .await
+        .unwrap();
+    let pool = pool_for(&fx.db.url_for("batcher_test_norls", "x"), 2);
     let cfg = BatcherConfig {
         shutdown_deadline_ms: 300,
         ..config()
     };
     let (tx, handle) = start(cfg, pool);
-    let (b, rx) = batch(fx.a, Uuid::new_v4(), vec![Point::new(now_micros(), 1)]);
+    let (b, mut rx) = batch(fx.a, Uuid::new_v4(), vec![Point::new(now_micros(), 1)]);
     tx.send(b).await.unwrap();
-    while handle.stats().retries == 0 {
+    for _ in 0..1000 {
+        if handle.stats().retries > 0 {
+            break;
+        }
+        assert!(rx.try_recv().is_err(), "resolved: {:?}", handle.stats());
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(handle.stats().retries > 0, "{:?}", handle.stats());
     drop(tx);
     match handle.join().await {
         Err(dbx_batcher::BatcherError::ShutdownDeadline { unwritten_batches }) => {
@@ -627,4 +645,31 @@ async fn a_privilege_error_keeps_the_rows_and_never_nacks() {
     }
     // Unanswered: the connection will not ack, the gateway resends later.
     assert!(rx.await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_writer_flushes_at_once_instead_of_waiting_for_age() {
+    let fx = fixture().await;
+    // Thresholds that would hold a batch for ten minutes: only the idle trigger can flush.
+    let cfg = BatcherConfig {
+        max_batch_rows: 100_000,
+        max_batch_age_ms: 600_000,
+        flush_when_idle: true,
+        ..config()
+    };
+    let (tx, handle) = start(cfg, fx.pool(3));
+    let s = Uuid::new_v4();
+    let t0 = now_micros();
+    for b in 0..5i64 {
+        let (batch, rx) = batch(fx.a, s, (0..10).map(|k| Point::new(t0 + b * 10 + k, b * 10 + k)).collect());
+        tx.send(batch).await.expect("batcher alive");
+        // Acked while the channel is open and long before any threshold.
+        let verdict = tokio::time::timeout(std::time::Duration::from_secs(30), outcome(rx)).await;
+        assert_eq!(verdict.expect("acked without a threshold"), BatchOutcome::Durable);
+    }
+    let stats = handle.stats();
+    assert!(stats.flushes_idle >= 1, "{stats:?}");
+    assert_eq!((stats.flushes_age, stats.flushes_rows), (0, 0));
+    drop(tx);
+    handle.join().await.expect("clean exit");
 }

@@ -60,7 +60,10 @@ async fn org_create_stores_only_the_hash_and_mirrors_the_primary_key() {
     assert_eq!(created.org.retention_days, 90);
     assert_eq!(created.org.points_per_sec, Some(5000));
     assert!(created.org.active);
-    assert!(!created.org.key_encrypted, "no app.encryption_key: nothing encrypted");
+    assert!(
+        !created.org.key_encrypted,
+        "no app.encryption_key: nothing encrypted"
+    );
 
     let hash = dbx_control::setup::api_key_hash(&created.api_key);
     let row = c
@@ -90,8 +93,14 @@ async fn org_create_stores_only_the_hash_and_mirrors_the_primary_key() {
         .unwrap();
     let v: serde_json::Value = key_audit.get(0);
     assert_eq!(v["label"], "primary");
-    assert!(v.get("key_hash").is_none() && v.get("key_encrypted").is_none(), "{v}");
-    assert_eq!(key_audit.get::<_, Option<String>>(1).as_deref(), Some("dbx org create"));
+    assert!(
+        v.get("key_hash").is_none() && v.get("key_encrypted").is_none(),
+        "{v}"
+    );
+    assert_eq!(
+        key_audit.get::<_, Option<String>>(1).as_deref(),
+        Some("dbx org create")
+    );
 
     // Duplicate code.
     match tenants::create_org(&mut c, &new_org("ACME")).await {
@@ -103,9 +112,14 @@ async fn org_create_stores_only_the_hash_and_mirrors_the_primary_key() {
     bad.retention_days = Some(0);
     let e = tenants::create_org(&mut c, &bad).await.unwrap_err();
     assert!(e.to_string().starts_with("invalid --retention-days"), "{e}");
-    let e = tenants::create_org(&mut c, &new_org("has space")).await.unwrap_err();
+    let e = tenants::create_org(&mut c, &new_org("has space"))
+        .await
+        .unwrap_err();
     assert!(e.to_string().starts_with("invalid --code"), "{e}");
-    assert_eq!(count(&c, "SELECT count(*) FROM dbx_aviation.organizations").await, 1);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dbx_aviation.organizations").await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -165,7 +179,9 @@ async fn key_lifecycle_create_list_revoke_with_errors() {
     tenants::prepare(&c, "key", None).await.unwrap();
     let org = tenants::create_org(&mut c, &new_org("KEYS")).await.unwrap();
 
-    let k1 = tenants::create_key(&mut c, "KEYS", None, None).await.unwrap();
+    let k1 = tenants::create_key(&mut c, "KEYS", None, None)
+        .await
+        .unwrap();
     assert_eq!(k1.key.label, "key-1");
     let k2 = tenants::create_key(&mut c, "KEYS", None, Some(Duration::from_secs(30 * 86_400)))
         .await
@@ -207,7 +223,9 @@ async fn key_lifecycle_create_list_revoke_with_errors() {
         other => panic!("expected UnknownKey, got {other:?}"),
     }
     // A revoked key keeps its label: the next default label is key-3.
-    let k3 = tenants::create_key(&mut c, "KEYS", None, None).await.unwrap();
+    let k3 = tenants::create_key(&mut c, "KEYS", None, None)
+        .await
+        .unwrap();
     assert_eq!(k3.key.label, "key-3");
 
     // An expired key is reported as such.
@@ -218,7 +236,8 @@ async fn key_lifecycle_create_list_revoke_with_errors() {
     .await
     .unwrap();
     let keys = tenants::list_keys(&c, &org.org).await.unwrap();
-    let status: Vec<(&str, KeyStatus)> = keys.iter().map(|k| (k.label.as_str(), k.status)).collect();
+    let status: Vec<(&str, KeyStatus)> =
+        keys.iter().map(|k| (k.label.as_str(), k.status)).collect();
     assert_eq!(
         status,
         [
@@ -301,10 +320,16 @@ async fn primary_key_mirror_follows_plain_sql_writes() {
         Some("api_keys_key_hash_key")
     );
     // Deleting the organization takes its keys along.
-    c.execute("DELETE FROM dbx_aviation.organizations WHERE org_id = $1", &[&org])
-        .await
-        .unwrap();
-    assert_eq!(count(&c, "SELECT count(*) FROM dbx_aviation.api_keys").await, 0);
+    c.execute(
+        "DELETE FROM dbx_aviation.organizations WHERE org_id = $1",
+        &[&org],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dbx_aviation.api_keys").await,
+        0
+    );
 }
 
 async fn primary(c: &Client, org: Uuid) -> (String, bool) {
@@ -335,7 +360,10 @@ async fn notifications_during<F: std::future::Future<Output = ()>>(
             }
         }
     });
-    listener.batch_execute("LISTEN dbx_auth_changed").await.unwrap();
+    listener
+        .batch_execute("LISTEN dbx_auth_changed")
+        .await
+        .unwrap();
     action.await;
     tokio::time::sleep(wait).await;
     let mut n = 0;
@@ -351,7 +379,9 @@ async fn last_used_stamps_neither_notify_nor_audit_but_revocation_does_both() {
     let (db, mut c) = migrated().await;
     tenants::prepare(&c, "key", None).await.unwrap();
     tenants::create_org(&mut c, &new_org("NTF")).await.unwrap();
-    tenants::create_key(&mut c, "NTF", Some("gw"), None).await.unwrap();
+    tenants::create_key(&mut c, "NTF", Some("gw"), None)
+        .await
+        .unwrap();
     let audits = count(&c, "SELECT count(*) FROM dbx_audit.audit_log").await;
 
     // The daemon's stamp, as the ingest role.
@@ -365,8 +395,14 @@ async fn last_used_stamps_neither_notify_nor_audit_but_revocation_does_both() {
         .unwrap();
     })
     .await;
-    assert_eq!(stamped, 0, "a last_used_at stamp must not make daemons reload");
-    assert_eq!(count(&c, "SELECT count(*) FROM dbx_audit.audit_log").await, audits);
+    assert_eq!(
+        stamped, 0,
+        "a last_used_at stamp must not make daemons reload"
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dbx_audit.audit_log").await,
+        audits
+    );
     assert_eq!(
         count(
             &c,
@@ -381,7 +417,10 @@ async fn last_used_stamps_neither_notify_nor_audit_but_revocation_does_both() {
     })
     .await;
     assert_eq!(revoked, 1);
-    assert_eq!(count(&c, "SELECT count(*) FROM dbx_audit.audit_log").await, audits + 1);
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dbx_audit.audit_log").await,
+        audits + 1
+    );
 }
 
 #[tokio::test]
@@ -389,7 +428,9 @@ async fn the_ingest_role_reads_keys_but_only_stamps_last_used() {
     let (_db, mut c) = migrated().await;
     tenants::prepare(&c, "org create", None).await.unwrap();
     tenants::create_org(&mut c, &new_org("PRIV")).await.unwrap();
-    c.batch_execute("SET ROLE dbx_ingest_service").await.unwrap();
+    c.batch_execute("SET ROLE dbx_ingest_service")
+        .await
+        .unwrap();
     let n: i64 = c
         .query_one(
             "SELECT count(*) FROM dbx_aviation.api_keys k JOIN dbx_aviation.organizations o USING (org_id)
@@ -412,7 +453,9 @@ async fn the_ingest_role_reads_keys_but_only_stamps_last_used() {
             "{sql}: {e}"
         );
     }
-    c.batch_execute("RESET ROLE; SET ROLE dbx_analytics_service").await.unwrap();
+    c.batch_execute("RESET ROLE; SET ROLE dbx_analytics_service")
+        .await
+        .unwrap();
     let e = c
         .execute("SELECT key_hash FROM dbx_aviation.api_keys", &[])
         .await
@@ -422,7 +465,9 @@ async fn the_ingest_role_reads_keys_but_only_stamps_last_used() {
         Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
     );
     // An application user is confined by RLS: the CLI refuses it with a clear message.
-    c.batch_execute("RESET ROLE; SET ROLE dbx_api_service").await.unwrap();
+    c.batch_execute("RESET ROLE; SET ROLE dbx_api_service")
+        .await
+        .unwrap();
     match tenants::prepare(&c, "org list", None).await {
         Err(TenantError::NeedsAdmin { user }) => assert_eq!(user, "dbx_api_service"),
         other => panic!("expected NeedsAdmin, got {other:?}"),
@@ -466,11 +511,29 @@ async fn org_update_activate_and_summary() {
         .unwrap_err();
     assert!(e.to_string().contains("nothing to change"), "{e}");
     assert!(matches!(
-        tenants::update_org(&c, "NOPE", &OrgUpdate { name: Some("x".into()), ..Default::default() }).await,
+        tenants::update_org(
+            &c,
+            "NOPE",
+            &OrgUpdate {
+                name: Some("x".into()),
+                ..Default::default()
+            }
+        )
+        .await,
         Err(TenantError::UnknownOrg(_))
     ));
-    assert!(!tenants::set_org_active(&c, "UPD", false).await.unwrap().active);
-    assert!(tenants::set_org_active(&c, "UPD", true).await.unwrap().active);
+    assert!(
+        !tenants::set_org_active(&c, "UPD", false)
+            .await
+            .unwrap()
+            .active
+    );
+    assert!(
+        tenants::set_org_active(&c, "UPD", true)
+            .await
+            .unwrap()
+            .active
+    );
 
     // Activity from the sessions' counters: one recent session of 120 points, one old of 50.
     let ac = tenants::add_aircraft(
@@ -494,7 +557,13 @@ async fn org_update_activate_and_summary() {
     .unwrap();
     let s = tenants::org_summary(&c, "UPD").await.unwrap();
     assert_eq!(
-        (s.aircraft, s.sessions, s.sessions_24h, s.points_24h, s.active_keys),
+        (
+            s.aircraft,
+            s.sessions,
+            s.sessions_24h,
+            s.points_24h,
+            s.active_keys
+        ),
         (1, 2, 1, 120, 1)
     );
     let all = tenants::list_orgs(&c).await.unwrap();
@@ -506,31 +575,41 @@ async fn org_update_activate_and_summary() {
 async fn aircraft_add_list_retire() {
     let (_db, mut c) = migrated().await;
     tenants::prepare(&c, "aircraft", None).await.unwrap();
-    let org = tenants::create_org(&mut c, &new_org("FLEET")).await.unwrap();
+    let org = tenants::create_org(&mut c, &new_org("FLEET"))
+        .await
+        .unwrap();
     let new = |reg: &str| NewAircraft {
         registration: reg.into(),
         aircraft_type: "fixed_wing".into(),
         manufacturer: Some("DBX Aerospace".into()),
         model: Some("FW-2".into()),
     };
-    let a = tenants::add_aircraft(&c, "FLEET", &new("G-ABCD")).await.unwrap();
+    let a = tenants::add_aircraft(&c, "FLEET", &new("G-ABCD"))
+        .await
+        .unwrap();
     assert!(a.active);
     assert_eq!(a.manufacturer.as_deref(), Some("DBX Aerospace"));
-    tenants::add_aircraft(&c, "FLEET", &new("N123AB")).await.unwrap();
+    tenants::add_aircraft(&c, "FLEET", &new("N123AB"))
+        .await
+        .unwrap();
     match tenants::add_aircraft(&c, "FLEET", &new("G-ABCD")).await {
         Err(e @ TenantError::DuplicateRegistration { retired: false, .. }) => {
             assert!(e.to_string().contains("--registration"), "{e}")
         }
         other => panic!("expected DuplicateRegistration, got {other:?}"),
     }
-    let e = tenants::add_aircraft(&c, "FLEET", &new("BAD REG!")).await.unwrap_err();
+    let e = tenants::add_aircraft(&c, "FLEET", &new("BAD REG!"))
+        .await
+        .unwrap_err();
     assert!(e.to_string().starts_with("invalid --registration"), "{e}");
     assert!(matches!(
         tenants::add_aircraft(&c, "NOPE", &new("N1")).await,
         Err(TenantError::UnknownOrg(_))
     ));
 
-    let retired = tenants::retire_aircraft(&c, "FLEET", "G-ABCD").await.unwrap();
+    let retired = tenants::retire_aircraft(&c, "FLEET", "G-ABCD")
+        .await
+        .unwrap();
     assert!(!retired.active);
     assert_eq!(retired.operational_status, "retired");
     match tenants::add_aircraft(&c, "FLEET", &new("G-ABCD")).await {
@@ -544,7 +623,10 @@ async fn aircraft_add_list_retire() {
         Err(TenantError::UnknownAircraft { .. })
     ));
     let list = tenants::list_aircraft(&c, &org.org).await.unwrap();
-    let regs: Vec<(&str, bool)> = list.iter().map(|a| (a.registration.as_str(), a.active)).collect();
+    let regs: Vec<(&str, bool)> = list
+        .iter()
+        .map(|a| (a.registration.as_str(), a.active))
+        .collect();
     assert_eq!(regs, [("G-ABCD", false), ("N123AB", true)]);
     // Audit rows: two INSERTs and one UPDATE, tagged with the command.
     assert_eq!(
@@ -563,7 +645,9 @@ async fn search_ranks_the_better_match_first_using_the_gin_index() {
     let (_db, mut c) = migrated().await;
     tenants::prepare(&c, "analyses search", None).await.unwrap();
     let org = tenants::create_org(&mut c, &new_org("SRCH")).await.unwrap();
-    let other = tenants::create_org(&mut c, &new_org("OTHER")).await.unwrap();
+    let other = tenants::create_org(&mut c, &new_org("OTHER"))
+        .await
+        .unwrap();
     let insert = |org: Uuid, text: &'static str| {
         let c = &c;
         async move {
@@ -595,15 +679,24 @@ async fn search_ranks_the_better_match_first_using_the_gin_index() {
         .unwrap();
     assert_eq!(hits.len(), 1, "both words must match: {hits:?}");
     assert_eq!(hits[0].analysis_id, best);
-    assert!(hits[0].headline.contains("**Battery**") || hits[0].headline.contains("**battery**"), "{}", hits[0].headline);
+    assert!(
+        hits[0].headline.contains("**Battery**") || hits[0].headline.contains("**battery**"),
+        "{}",
+        hits[0].headline
+    );
 
-    let hits = tenants::search_analyses(&c, &org.org, "battery", 10).await.unwrap();
+    let hits = tenants::search_analyses(&c, &org.org, "battery", 10)
+        .await
+        .unwrap();
     let ids: Vec<Uuid> = hits.iter().map(|h| h.analysis_id).collect();
     assert_eq!(ids, [best, weaker], "ranked, other organizations excluded");
     assert!(hits[0].rank > hits[1].rank);
-    // Stemming: "overheat" finds "overheating".
+    // Stemming: "detection" finds "detected".
     assert_eq!(
-        tenants::search_analyses(&c, &org.org, "overheat", 10).await.unwrap().len(),
+        tenants::search_analyses(&c, &org.org, "detection", 10)
+            .await
+            .unwrap()
+            .len(),
         1
     );
     assert!(tenants::search_analyses(&c, &org.org, "hydraulics", 10)
@@ -625,7 +718,8 @@ async fn search_ranks_the_better_match_first_using_the_gin_index() {
         .map(|r| r.get(0))
         .collect();
     assert!(
-        plan.iter().any(|l| l.contains("ml_analysis_results_report_fts")),
+        plan.iter()
+            .any(|l| l.contains("ml_analysis_results_report_fts")),
         "{plan:#?}"
     );
 }
@@ -654,5 +748,8 @@ async fn reads_write_audit_rows() {
     assert_eq!(r.get::<_, Option<Uuid>>(0), Some(org.org.org_id));
     assert_eq!(r.get::<_, String>(2), "dbx_aviation.api_keys");
     assert_eq!(r.get::<_, serde_json::Value>(3)["command"], "key list");
-    assert_eq!(r.get::<_, Option<String>>(4).as_deref(), Some("dbx org list"));
+    assert_eq!(
+        r.get::<_, Option<String>>(4).as_deref(),
+        Some("dbx org list")
+    );
 }

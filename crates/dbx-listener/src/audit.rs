@@ -1,7 +1,9 @@
 //! Every handshake, accepted or refused, recorded in `dbx_aviation.api_requests`
 //! (SCHEMA.md) — in batches, by a background task, never on the hot path. The
 //! queue is bounded: when the database cannot keep up, records are dropped and
-//! counted rather than holding up gateways. The API key is never recorded.
+//! counted rather than holding up gateways. The API key is never recorded; the
+//! label of the key used goes to `api_requests.key_label` (migration 0020; against an
+//! older schema it is folded into `user_agent` as before).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -111,25 +113,44 @@ async fn write(
     let status: Vec<i32> = recs.iter().map(|r| r.status_code).collect();
     let rt: Vec<i32> = recs.iter().map(|r| r.response_time_ms).collect();
     let ip: Vec<String> = recs.iter().map(|r| r.client_ip.to_string()).collect();
-    let ua: Vec<Option<String>> = recs
-        .iter()
-        .map(|r| match (&r.gateway, &r.key_label) {
-            (Some(g), Some(l)) => Some(format!("{g} (key {l})")),
-            (Some(g), None) => Some(g.clone()),
-            (None, Some(l)) => Some(format!("(key {l})")),
-            (None, None) => None,
-        })
-        .collect();
-    client
+    let gateway: Vec<Option<String>> = recs.iter().map(|r| r.gateway.clone()).collect();
+    let label: Vec<Option<String>> = recs.iter().map(|r| r.key_label.clone()).collect();
+    let res = client
         .execute(
             "INSERT INTO dbx_aviation.api_requests \
-               (org_id, endpoint, method, status_code, response_time_ms, client_ip, user_agent) \
-             SELECT o, e, 'HELLO', s, t, i::inet, u \
-             FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[]) \
-               AS x(o, e, s, t, i, u)",
-            &[&org, &endpoint, &status, &rt, &ip, &ua],
+               (org_id, endpoint, method, status_code, response_time_ms, client_ip, user_agent, key_label) \
+             SELECT o, e, 'HELLO', s, t, i::inet, u, l \
+             FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[], $7::text[]) \
+               AS x(o, e, s, t, i, u, l)",
+            &[&org, &endpoint, &status, &rt, &ip, &gateway, &label],
         )
-        .await
-        .map_err(|e| describe(&e))?;
+        .await;
+    match res {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+            // A schema before key_label: the label goes into user_agent.
+            let ua: Vec<Option<String>> = recs
+                .iter()
+                .map(|r| match (&r.gateway, &r.key_label) {
+                    (Some(g), Some(l)) => Some(format!("{g} (key {l})")),
+                    (Some(g), None) => Some(g.clone()),
+                    (None, Some(l)) => Some(format!("(key {l})")),
+                    (None, None) => None,
+                })
+                .collect();
+            client
+                .execute(
+                    "INSERT INTO dbx_aviation.api_requests \
+                       (org_id, endpoint, method, status_code, response_time_ms, client_ip, user_agent) \
+                     SELECT o, e, 'HELLO', s, t, i::inet, u \
+                     FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[]) \
+                       AS x(o, e, s, t, i, u)",
+                    &[&org, &endpoint, &status, &rt, &ip, &ua],
+                )
+                .await
+                .map_err(|e| describe(&e))?;
+        }
+        Err(e) => return Err(describe(&e).into()),
+    }
     Ok(())
 }

@@ -10,10 +10,18 @@
 //! subscribe to [`AuthCache::changes`] to re-check their own key and close
 //! themselves when it was revoked.
 //!
+//! Keys live in `dbx_aviation.api_keys` (several per organization, with expiry and
+//! revocation) and, for compatibility, in `organizations.api_key_hash`; a hash the
+//! key table knows is valid only as the key table says. A reload is also scheduled
+//! for the moment the next key expires, so an expiring key's connections close on time.
+//! Which keys are used is noted here (a counter per open connection, a set of keys
+//! seen since the last flush) and written to `api_keys.last_used_at` in one UPDATE
+//! every couple of seconds by the refresher, never on the hot path.
+//!
 //! Flight sessions are too many to load; their owners are looked up on first use
 //! and remembered in a bounded two-generation cache.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -28,6 +36,12 @@ use dbx_core::Shutdown;
 
 /// The NOTIFY channel the schema's triggers signal on.
 pub const AUTH_CHANNEL: &str = "dbx_auth_changed";
+
+/// How often used keys are stamped in `api_keys.last_used_at`.
+const USAGE_FLUSH_EVERY: Duration = Duration::from_secs(2);
+
+/// How often keys held by open connections are stamped again (they stay "in use").
+const LIVE_RESTAMP_EVERY: Duration = Duration::from_secs(60);
 
 /// Errors talking to the database about auth.
 #[derive(Debug, thiserror::Error)]
@@ -115,13 +129,50 @@ impl<K: std::hash::Hash + Eq, V: Copy> TwoGen<K, V> {
     }
 }
 
+/// Which keys are in use: open connections per key hash, and hashes used since the
+/// last flush to `api_keys.last_used_at`.
+#[derive(Debug, Default)]
+struct Usage {
+    live: HashMap<String, u32>,
+    used: HashSet<String>,
+}
+
+/// Marks a key as in use by one open connection until dropped (see [`AuthCache::track_use`]).
+#[derive(Debug)]
+pub struct KeyInUse {
+    cache: Arc<AuthCache>,
+    hash: String,
+}
+
+impl Drop for KeyInUse {
+    fn drop(&mut self) {
+        let mut u = self.cache.usage.lock().expect("key usage lock");
+        if let Some(n) = u.live.get_mut(&self.hash) {
+            *n -= 1;
+            if *n == 0 {
+                u.live.remove(&self.hash);
+            }
+        }
+    }
+}
+
+/// How long a failed aircraft lookup is remembered before the database is asked again.
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+
 /// The cache, shared by every connection and the UDP server.
 #[derive(Debug)]
 pub struct AuthCache {
     pool: Pool,
     snapshot: RwLock<Arc<AuthSnapshot>>,
     sessions: Mutex<TwoGen<Uuid, SessionOwner>>,
+    /// Aircraft found in the database between two reloads: (org, reference) → id.
+    aircraft_found: Mutex<TwoGen<(Uuid, String), Uuid>>,
+    /// Aircraft not found: (org, reference) → when we last asked.
+    aircraft_missing: Mutex<TwoGen<(Uuid, String), std::time::Instant>>,
     changes: watch::Sender<u64>,
+    usage: Mutex<Usage>,
+    /// When the earliest key of the last reload expires (a reload is due then).
+    next_expiry: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl AuthCache {
@@ -132,7 +183,11 @@ impl AuthCache {
             pool,
             snapshot: RwLock::new(Arc::new(AuthSnapshot::default())),
             sessions: Mutex::new(TwoGen::new(session_cache_capacity)),
+            aircraft_found: Mutex::new(TwoGen::new(10_000)),
+            aircraft_missing: Mutex::new(TwoGen::new(10_000)),
             changes,
+            usage: Mutex::new(Usage::default()),
+            next_expiry: Mutex::new(None),
         })
     }
 
@@ -153,18 +208,125 @@ impl AuthCache {
         Some((hash, grant))
     }
 
+    /// Notes that the key with this hash was used (a UDP datagram, a handshake), for
+    /// `api_keys.last_used_at`; written by the refresher within a few seconds.
+    pub fn note_used(&self, hash: &str) {
+        let mut u = self.usage.lock().expect("key usage lock");
+        if !u.used.contains(hash) {
+            u.used.insert(hash.to_string());
+        }
+    }
+
+    /// Marks the key as used now and in use for as long as the guard lives (one open
+    /// connection): its `last_used_at` keeps being refreshed while it stays connected.
+    pub fn track_use(self: &Arc<Self>, hash: &str) -> KeyInUse {
+        {
+            let mut u = self.usage.lock().expect("key usage lock");
+            *u.live.entry(hash.to_string()).or_insert(0) += 1;
+            u.used.insert(hash.to_string());
+        }
+        KeyInUse {
+            cache: self.clone(),
+            hash: hash.to_string(),
+        }
+    }
+
+    /// Number of open connections holding the key with this hash.
+    pub fn connections_using(&self, hash: &str) -> u32 {
+        let u = self.usage.lock().expect("key usage lock");
+        u.live.get(hash).copied().unwrap_or(0)
+    }
+
+    /// Writes `last_used_at` for the keys used since the last call (and, when
+    /// `include_live`, for every key held by an open connection). Keys the key table
+    /// does not hold are simply not matched.
+    pub async fn flush_usage(&self, include_live: bool) -> Result<usize, AuthError> {
+        let hashes: Vec<String> = {
+            let mut u = self.usage.lock().expect("key usage lock");
+            let mut all = std::mem::take(&mut u.used);
+            if include_live {
+                all.extend(u.live.keys().cloned());
+            }
+            all.into_iter().collect()
+        };
+        if hashes.is_empty() {
+            return Ok(0);
+        }
+        let result = async {
+            let client = self.pool.get().await?;
+            let n = client
+                .execute(
+                    "UPDATE dbx_aviation.api_keys SET last_used_at = now() \
+                     WHERE key_hash = ANY($1) AND (last_used_at IS NULL OR last_used_at < now())",
+                    &[&hashes],
+                )
+                .await?;
+            Ok::<_, AuthError>(n as usize)
+        }
+        .await;
+        match result {
+            Err(AuthError::Db(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) =>
+            {
+                // A schema before the key table: nothing to stamp.
+                Ok(0)
+            }
+            Err(e) => {
+                // Kept for the next attempt: the stamp is late, not lost.
+                let mut u = self.usage.lock().expect("key usage lock");
+                u.used.extend(hashes);
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
+
+    /// Stamps `last_used_at` every couple of seconds until shutdown, then once more.
+    async fn run_usage_flusher(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut tick = tokio::time::interval(USAGE_FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_live = tokio::time::Instant::now();
+        loop {
+            let stop = tokio::select! {
+                _ = shutdown.recv() => true,
+                _ = tick.tick() => false,
+            };
+            let include_live = stop || last_live.elapsed() >= LIVE_RESTAMP_EVERY;
+            if include_live {
+                last_live = tokio::time::Instant::now();
+            }
+            if let Err(e) = self.flush_usage(include_live).await {
+                tracing::debug!(error = %e, "could not stamp api_keys.last_used_at; will retry");
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
     /// Reloads keys and aircraft from the database and tells subscribers.
     pub async fn reload(&self) -> Result<(), AuthError> {
         let client = self.pool.get().await?;
         let mut snap = AuthSnapshot::default();
-        for row in client
-            .query(
-                "SELECT api_key_hash, org_id, ingest_points_per_sec FROM dbx_aviation.organizations \
-                 WHERE is_active AND api_key_hash IS NOT NULL",
+        // Additional keys (rotation) live in dbx_aviation.api_keys when that table exists;
+        // it is then authoritative for every hash it holds, the organization's own included
+        // (a revoked or expired primary key must not come back through organizations).
+        let has_key_table: bool = client
+            .query_one(
+                "SELECT to_regclass('dbx_aviation.api_keys') IS NOT NULL",
                 &[],
             )
             .await?
-        {
+            .get(0);
+        let org_keys_sql = if has_key_table {
+            "SELECT o.api_key_hash, o.org_id, o.ingest_points_per_sec FROM dbx_aviation.organizations o \
+             WHERE o.is_active AND o.api_key_hash IS NOT NULL \
+               AND NOT EXISTS (SELECT 1 FROM dbx_aviation.api_keys k WHERE k.key_hash = lower(o.api_key_hash))"
+        } else {
+            "SELECT api_key_hash, org_id, ingest_points_per_sec FROM dbx_aviation.organizations \
+             WHERE is_active AND api_key_hash IS NOT NULL"
+        };
+        for row in client.query(org_keys_sql, &[]).await? {
             let rate: Option<i32> = row.get(2);
             snap.keys.insert(
                 row.get::<_, String>(0).to_ascii_lowercase(),
@@ -175,18 +337,12 @@ impl AuthCache {
                 },
             );
         }
-        // Additional keys (rotation) live in dbx_aviation.api_keys when that table exists.
-        let has_key_table: bool = client
-            .query_one(
-                "SELECT to_regclass('dbx_aviation.api_keys') IS NOT NULL",
-                &[],
-            )
-            .await?
-            .get(0);
+        let mut next_expiry: Option<f64> = None;
         if has_key_table {
             for row in client
                 .query(
-                    "SELECT k.key_hash, k.org_id, k.label, o.ingest_points_per_sec \
+                    "SELECT k.key_hash, k.org_id, k.label, o.ingest_points_per_sec, \
+                            EXTRACT(EPOCH FROM (k.expires_at - now()))::float8 \
                      FROM dbx_aviation.api_keys k JOIN dbx_aviation.organizations o USING (org_id) \
                      WHERE o.is_active AND k.revoked_at IS NULL \
                        AND (k.expires_at IS NULL OR k.expires_at > now())",
@@ -195,6 +351,10 @@ impl AuthCache {
                 .await?
             {
                 let rate: Option<i32> = row.get(3);
+                // Seconds until expiry by the database's clock, so clock skew does not matter.
+                if let Some(secs) = row.get::<_, Option<f64>>(4) {
+                    next_expiry = Some(next_expiry.map_or(secs, |n| n.min(secs)));
+                }
                 snap.keys.insert(
                     row.get::<_, String>(0).to_ascii_lowercase(),
                     KeyGrant {
@@ -205,6 +365,11 @@ impl AuthCache {
                 );
             }
         }
+        *self.next_expiry.lock().expect("next expiry lock") = next_expiry.map(|secs| {
+            // A little after the instant, so that the reload no longer sees the key.
+            let wait = Duration::from_secs_f64(secs.clamp(0.0, 86_400.0 * 365.0));
+            tokio::time::Instant::now() + wait + Duration::from_millis(50)
+        });
         for row in client
             .query(
                 "SELECT aircraft_id, org_id, registration_number FROM dbx_aviation.aircraft_registry \
@@ -223,6 +388,9 @@ impl AuthCache {
             "auth cache reloaded"
         );
         *self.snapshot.write().expect("auth snapshot lock") = Arc::new(snap);
+        // The snapshot is authoritative again (a retired aircraft must stop resolving).
+        *self.aircraft_found.lock().expect("aircraft cache lock") = TwoGen::new(10_000);
+        *self.aircraft_missing.lock().expect("aircraft cache lock") = TwoGen::new(10_000);
         self.changes.send_modify(|g| *g += 1);
         Ok(())
     }
@@ -236,6 +404,81 @@ impl AuthCache {
             }
             dbx_proto::AircraftRef::Registration(reg) => {
                 snap.aircraft_by_reg.get(&(org, reg.clone())).copied()
+            }
+        }
+    }
+
+    /// Like [`AuthCache::resolve_aircraft`], but a miss asks the database before
+    /// giving up: an aircraft registered a moment ago (its NOTIFY reload still on the
+    /// way) must not get a final `unknown_aircraft`. Misses are remembered for a
+    /// second, so a gateway naming unknown aircraft costs at most one query a second
+    /// per name.
+    pub async fn resolve_aircraft_checked(
+        &self,
+        org: Uuid,
+        aircraft: &dbx_proto::AircraftRef,
+    ) -> Result<Option<Uuid>, AuthError> {
+        if let Some(id) = self.resolve_aircraft(org, aircraft) {
+            return Ok(Some(id));
+        }
+        let name = match aircraft {
+            dbx_proto::AircraftRef::Id(id) => id.to_string(),
+            dbx_proto::AircraftRef::Registration(r) => r.clone(),
+        };
+        let key = (org, name);
+        if let Some(id) = self
+            .aircraft_found
+            .lock()
+            .expect("aircraft cache lock")
+            .get(&key)
+        {
+            return Ok(Some(id));
+        }
+        if let Some(at) = self
+            .aircraft_missing
+            .lock()
+            .expect("aircraft cache lock")
+            .get(&key)
+        {
+            if at.elapsed() < NEGATIVE_TTL {
+                return Ok(None);
+            }
+        }
+        let client = self.pool.get().await?;
+        let row = match aircraft {
+            dbx_proto::AircraftRef::Id(id) => {
+                client
+                    .query_opt(
+                        "SELECT aircraft_id FROM dbx_aviation.aircraft_registry \
+                         WHERE org_id = $1 AND aircraft_id = $2 AND is_active",
+                        &[&org, id],
+                    )
+                    .await?
+            }
+            dbx_proto::AircraftRef::Registration(reg) => {
+                client
+                    .query_opt(
+                        "SELECT aircraft_id FROM dbx_aviation.aircraft_registry \
+                         WHERE org_id = $1 AND registration_number = $2 AND is_active",
+                        &[&org, reg],
+                    )
+                    .await?
+            }
+        };
+        match row.map(|r| r.get::<_, Uuid>(0)) {
+            Some(id) => {
+                self.aircraft_found
+                    .lock()
+                    .expect("aircraft cache lock")
+                    .insert(key, id);
+                Ok(Some(id))
+            }
+            None => {
+                self.aircraft_missing
+                    .lock()
+                    .expect("aircraft cache lock")
+                    .insert(key, std::time::Instant::now());
+                Ok(None)
             }
         }
     }
@@ -311,6 +554,7 @@ impl AuthCache {
         refresh_every: Duration,
         mut shutdown: Shutdown,
     ) {
+        tokio::spawn(self.clone().run_usage_flusher(shutdown.clone()));
         let mut backoff = Duration::from_millis(200);
         loop {
             let session = self.listen_once(&listen_config, refresh_every, shutdown.clone());
@@ -359,6 +603,7 @@ impl AuthCache {
         let mut timer = tokio::time::interval(refresh_every.max(Duration::from_secs(1)));
         timer.tick().await;
         loop {
+            let expiry = *self.next_expiry.lock().expect("next expiry lock");
             tokio::select! {
                 _ = shutdown.recv() => { driver.abort(); return Ok(()); }
                 n = notes.recv() => {
@@ -368,6 +613,10 @@ impl AuthCache {
                     self.reload().await?;
                 }
                 _ = timer.tick() => self.reload().await?,
+                // A key expires: reload so that it is refused and its connections close.
+                _ = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => {
+                    self.reload().await?;
+                }
             }
         }
         match driver.await {

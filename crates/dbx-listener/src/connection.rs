@@ -215,6 +215,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             }
         };
         tracing::debug!(peer = %self.peer, org = %grant.org_id, key = %grant.label, "gateway connected");
+        // Keeps api_keys.last_used_at current while the connection lives.
+        let _in_use = self.shared.auth.track_use(&key_hash);
         let end = self.serve(&key_hash, &grant).await;
         match &end {
             End::Error(code, msg) => {
@@ -515,7 +517,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         received_at: Instant,
     ) -> Result<(TelemetryBatch, AckReceiver, Duration), Rejection> {
         let org = grant.org_id;
-        let aircraft_id = match self.shared.auth.resolve_aircraft(org, &batch.aircraft) {
+        let resolved = match self
+            .shared
+            .auth
+            .resolve_aircraft_checked(org, &batch.aircraft)
+            .await
+        {
+            Ok(r) => r,
+            // The registry is unreachable: fall back to the cache rather than refuse.
+            Err(e) => {
+                tracing::debug!(error = %e, "aircraft lookup failed; using the cache only");
+                self.shared.auth.resolve_aircraft(org, &batch.aircraft)
+            }
+        };
+        let aircraft_id = match resolved {
             Some(id) => id,
             None => match (&batch.aircraft, self.shared.config.auto_register_aircraft) {
                 (dbx_proto::AircraftRef::Registration(reg), true) => {

@@ -50,11 +50,20 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
                 continue;
             }
         };
-        let Some((_, grant)) = shared.auth.authenticate(&dg.key) else {
+        let Some((key_hash, grant)) = shared.auth.authenticate(&dg.key) else {
             drop_datagram(RejectCode::Unauthorized.as_str());
             continue;
         };
-        let Some(aircraft_id) = shared.auth.resolve_aircraft(grant.org_id, &dg.aircraft) else {
+        shared.auth.note_used(&key_hash);
+        let resolved = match shared
+            .auth
+            .resolve_aircraft_checked(grant.org_id, &dg.aircraft)
+            .await
+        {
+            Ok(r) => r,
+            Err(_) => shared.auth.resolve_aircraft(grant.org_id, &dg.aircraft),
+        };
+        let Some(aircraft_id) = resolved else {
             drop_datagram(RejectCode::UnknownAircraft.as_str());
             continue;
         };

@@ -38,6 +38,14 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Partition upkeep once: list, create, archive, retention, sweep (`--dry-run` prints the SQL).
     Partitions(cmd::partitions::PartitionsArgs),
+    /// Organizations (tenants): create, list, show, update, activate, deactivate.
+    Org(cmd::tenants::OrgArgs),
+    /// API keys of an organization: create (rotation), list, revoke.
+    Key(cmd::tenants::KeyArgs),
+    /// Aircraft of an organization: add, list, retire.
+    Aircraft(cmd::tenants::AircraftArgs),
+    /// Analysis results: full-text search over the AI reports.
+    Analyses(cmd::tenants::AnalysesArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +71,10 @@ fn main() -> ExitCode {
             Command::Partitions(args) => {
                 cmd::partitions::partitions(cli.config.as_deref(), args).await
             }
+            Command::Org(args) => cmd::tenants::org(args).await,
+            Command::Key(args) => cmd::tenants::key(args).await,
+            Command::Aircraft(args) => cmd::tenants::aircraft(args).await,
+            Command::Analyses(args) => cmd::tenants::analyses(args).await,
         }
     });
     match result {

@@ -80,14 +80,9 @@ pub async fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    /// A pool connected as `dbx_ingest_service`, the daemon's login role, acting as
-    /// `dbx_ingest`: BYPASSRLS is a role attribute that membership does not pass on, and
-    /// PostgreSQL refuses COPY FROM into a table with row-level security otherwise.
+    /// A pool connected as `dbx_ingest_service`, the daemon's login role.
     pub fn pool(&self, size: usize) -> Pool {
-        let url = self.db.url_for("dbx_ingest_service", "batcher-test");
-        let mut pg: tokio_postgres::Config = url.parse().expect("test URL");
-        pg.options("-c role=dbx_ingest");
-        pool_from(pg, size)
+        pool_for(&self.db.url_for("dbx_ingest_service", "batcher-test"), size)
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {

@@ -4,3 +4,4 @@ pub mod loadgen;
 pub mod partitions;
 pub mod serve;
 pub mod setup;
+pub mod tenants;

@@ -1,0 +1,175 @@
+//! Operations tests (issue 8): the files under `deploy/` are checked against the code and
+//! config they describe, and the procedures they document are run for real.
+//!
+//! - `deploy`: docker-compose, Dockerfile, Prometheus config and alert rules, the Grafana
+//!   dashboard, the systemd unit and the HAProxy config parse, reference only files that
+//!   exist and metrics the daemon exports, and agree with `config/dbx.toml` (ports, limits,
+//!   timeouts); `promtool` and `systemd-analyze` check them too when installed.
+//! - `backup`: a cluster running with `deploy/postgresql/ingest.conf` and
+//!   `deploy/backup/wal-archiving.conf`, `backup.sh base` and `backup.sh dump`, and a
+//!   point-in-time recovery with `restore.sh` to a moment between two ingests.
+//! - `scaleout`: two daemons on one database, both ingesting (with a gateway failing over
+//!   from one to the other), nothing lost or doubled, maintenance under the advisory lock.
+//! - `capacity`: the bytes-per-point measurement quoted in docs/scaling.md.
+
+mod backup;
+mod capacity;
+mod deploy;
+mod scaleout;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The binary under test.
+pub fn dbx_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_dbx"))
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root")
+}
+
+/// A file of the repository, read whole.
+pub fn read(rel: &str) -> String {
+    let p = repo().join(rel);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+/// `config/dbx.toml`, parsed.
+pub fn config() -> toml::Value {
+    read("config/dbx.toml")
+        .parse()
+        .expect("config/dbx.toml parses")
+}
+
+/// A key of `config/dbx.toml` (`section.key`).
+pub fn config_value(path: &str) -> toml::Value {
+    let cfg = config();
+    let (section, key) = path.split_once('.').expect("section.key");
+    cfg.get(section)
+        .and_then(|s| s.get(key))
+        .unwrap_or_else(|| panic!("config/dbx.toml has no {path}"))
+        .clone()
+}
+
+/// The port of a `host:port` bind address in `config/dbx.toml`.
+pub fn config_port(path: &str) -> u16 {
+    let v = config_value(path);
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("{path} is not a string"));
+    s.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("{path} = {s:?} has no port"))
+}
+
+/// An integer key of `config/dbx.toml`.
+pub fn config_int(path: &str) -> i64 {
+    config_value(path)
+        .as_integer()
+        .unwrap_or_else(|| panic!("{path} is not an integer"))
+}
+
+/// Every metric name the daemon can export: the constants of `dbx_core::metrics` (read from
+/// its source, so a new constant needs no edit here), histogram series suffixes for the
+/// histograms, and the `dbx_db_*` names the control plane uses.
+pub fn exported_metrics() -> BTreeSet<String> {
+    let src = read("crates/dbx-core/src/metrics.rs");
+    let mut names = BTreeSet::new();
+    let mut doc = String::new();
+    for line in src.lines() {
+        let t = line.trim();
+        if let Some(d) = t.strip_prefix("///") {
+            doc.push_str(d);
+            continue;
+        }
+        if t.starts_with("pub const ") {
+            if let Some(name) = t.split('"').nth(1).filter(|n| n.starts_with("dbx_")) {
+                if name != "dbx_db_" {
+                    names.insert(name.to_string());
+                    if doc.contains("histogram") {
+                        for suffix in ["_bucket", "_sum", "_count"] {
+                            names.insert(format!("{name}{suffix}"));
+                        }
+                    }
+                }
+            }
+        }
+        doc.clear();
+    }
+    let control = repo().join("crates/dbx-control/src");
+    for entry in std::fs::read_dir(&control).expect("crates/dbx-control/src") {
+        let text = std::fs::read_to_string(entry.expect("dir entry").path()).unwrap_or_default();
+        names.extend(metric_tokens(&text).into_iter().filter(|n| {
+            n.starts_with("dbx_db_") && n.len() > "dbx_db_".len() && !n.ends_with('_')
+        }));
+    }
+    assert!(
+        names.contains("dbx_points_written_total") && names.contains("dbx_db_up"),
+        "metric names not found in dbx_core::metrics: {names:?}"
+    );
+    names
+}
+
+/// Every `dbx_*` identifier in a PromQL expression (or any text).
+pub fn metric_tokens(text: &str) -> BTreeSet<String> {
+    let b = text.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b':';
+    let mut out = BTreeSet::new();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("dbx_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < b.len() && ident(b[end]) {
+            end += 1;
+        }
+        if start == 0 || !ident(b[start - 1]) {
+            out.insert(text[start..end].to_string());
+        }
+        i = end.max(start + 1);
+    }
+    out
+}
+
+/// `promtool` when installed (CI installs Debian's `prometheus` package).
+pub fn promtool() -> Option<PathBuf> {
+    which("promtool")
+}
+
+/// A program on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Runs a command, panicking with its output unless it succeeds; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn metric_tokens_finds_names_only_at_word_starts() {
+    let t = metric_tokens(
+        r#"sum(rate(dbx_points_written_total{job="dbx"}[5m])) / x_dbx_no + dbx_db_up"#,
+    );
+    assert_eq!(
+        t.into_iter().collect::<Vec<_>>(),
+        vec!["dbx_db_up", "dbx_points_written_total"]
+    );
+}
