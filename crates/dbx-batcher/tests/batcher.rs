@@ -85,7 +85,7 @@ async fn flush_by_rows_is_exactly_max_rows() {
     let cfg = BatcherConfig {
         max_batch_rows: 100,
         max_batch_age_ms: 600_000, // only the row count can flush before shutdown
-        flush_when_idle: false, // these test the thresholds themselves
+        flush_when_idle: false,    // these test the thresholds themselves
         ..config()
     };
     let (tx, handle) = start(cfg, fx.pool(3));
@@ -322,7 +322,7 @@ async fn a_data_error_nacks_only_its_batch() {
     let fx = fixture().await;
     let cfg = BatcherConfig {
         max_batch_age_ms: 600_000, // all batches end up in one shutdown flush
-        flush_when_idle: false, // these test the thresholds themselves
+        flush_when_idle: false,    // these test the thresholds themselves
         ..config()
     };
     let (tx, handle) = start(cfg, fx.pool(2));
@@ -661,11 +661,20 @@ async fn an_idle_writer_flushes_at_once_instead_of_waiting_for_age() {
     let s = Uuid::new_v4();
     let t0 = now_micros();
     for b in 0..5i64 {
-        let (batch, rx) = batch(fx.a, s, (0..10).map(|k| Point::new(t0 + b * 10 + k, b * 10 + k)).collect());
+        let (batch, rx) = batch(
+            fx.a,
+            s,
+            (0..10)
+                .map(|k| Point::new(t0 + b * 10 + k, b * 10 + k))
+                .collect(),
+        );
         tx.send(batch).await.expect("batcher alive");
         // Acked while the channel is open and long before any threshold.
         let verdict = tokio::time::timeout(std::time::Duration::from_secs(30), outcome(rx)).await;
-        assert_eq!(verdict.expect("acked without a threshold"), BatchOutcome::Durable);
+        assert_eq!(
+            verdict.expect("acked without a threshold"),
+            BatchOutcome::Durable
+        );
     }
     let stats = handle.stats();
     assert!(stats.flushes_idle >= 1, "{stats:?}");
