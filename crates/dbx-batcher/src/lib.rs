@@ -10,6 +10,7 @@
 //! - [`dedupe`]: per-session high-water marks and the staging path for possible duplicates.
 //! - [`sessions`]: flight session statistics (departure, arrival, count, distance).
 //! - `batcher`: the task that groups batches by partition, applies the flush policy and retries.
+//! - [`spool`]: the crash-safe disk spool between the listener and the batcher (optional).
 //!
 //! The binary wires it: it creates the channel with `queue_capacity`, gives the
 //! receiver to [`Batcher::spawn`] and the senders to the listener, and at shutdown
@@ -22,6 +23,7 @@ pub mod dedupe;
 mod error;
 pub mod partition;
 pub mod sessions;
+pub mod spool;
 mod stats;
 mod ticket;
 mod writer;

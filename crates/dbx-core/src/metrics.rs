@@ -101,3 +101,22 @@ pub const DB_PARTITION_AHEAD_SECONDS: &str = "dbx_db_partition_ahead_seconds";
 pub const DB_DEFAULT_PARTITION_ROWS: &str = "dbx_db_default_partition_rows";
 /// Control: connections of the ingest role's members to this database (gauge).
 pub const DB_INGEST_CONNECTIONS: &str = "dbx_db_ingest_connections";
+
+/// Spool: bytes in segment files (gauge).
+pub const SPOOL_BYTES: &str = "dbx_spool_bytes";
+/// Spool: records in segment files, not yet deleted after commit (gauge).
+pub const SPOOL_RECORDS: &str = "dbx_spool_records";
+/// Spool: segment files (gauge).
+pub const SPOOL_SEGMENTS: &str = "dbx_spool_segments";
+/// Spool: age of the oldest segment still on disk, a bound on its oldest record's (gauge, seconds).
+pub const SPOOL_OLDEST_RECORD_AGE_SECONDS: &str = "dbx_spool_oldest_record_age_seconds";
+/// Spool: records written to the spool, fsynced (counter).
+pub const SPOOL_WRITTEN_RECORDS_TOTAL: &str = "dbx_spool_written_records_total";
+/// Spool: replayed records resolved by the batcher (counter; its rate is the replay rate).
+pub const SPOOL_REPLAYED_RECORDS_TOTAL: &str = "dbx_spool_replayed_records_total";
+/// Spool: torn or corrupt records detected and skipped (counter).
+pub const SPOOL_CORRUPT_RECORDS_TOTAL: &str = "dbx_spool_corrupt_records_total";
+/// Spool: batches that found the spool full or unwritable (counter, label `kind` = block | drop).
+pub const SPOOL_FULL_TOTAL: &str = "dbx_spool_full_total";
+/// Spool: 1 while the gate spools, 0 while it forwards directly (gauge).
+pub const SPOOL_ACTIVE: &str = "dbx_spool_active";

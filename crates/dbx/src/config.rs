@@ -19,6 +19,8 @@ pub struct Config {
     pub listener: dbx_listener::ListenerConfig,
     /// Batching and COPY.
     pub batcher: dbx_batcher::BatcherConfig,
+    /// The crash-safe disk spool (off unless `spool.dir` is set).
+    pub spool: dbx_batcher::spool::SpoolConfig,
     /// Partition upkeep: premake, sweep, archival, retention, view refresh.
     pub partitions: dbx_control::partitions::PartitionsConfig,
     /// The database health collector.
@@ -80,6 +82,9 @@ impl Config {
         self.batcher
             .validate()
             .map_err(|e| key_err(&format!("batcher.{}", e.key), e.reason))?;
+        self.spool
+            .validate()
+            .map_err(|e| key_err(&format!("spool.{}", e.key), e.reason))?;
         self.partitions
             .validate()
             .map_err(|(key, m)| key_err(&format!("partitions.{key}"), m))?;

@@ -320,8 +320,9 @@ impl Pacer {
 
     fn sent(&mut self, points: usize) {
         if let Some(p) = self.per_point {
-            // Never bank more than a second of credit after a stall.
-            self.next = self.next.max(Instant::now() - Duration::from_secs(1)) + p * points as u32;
+            // Bank at most 50 ms of credit after a stall: a gateway at a fixed rate does
+            // not answer a hiccup with a burst of a whole second's points.
+            self.next = self.next.max(Instant::now() - Duration::from_millis(50)) + p * points as u32;
         }
     }
 }

@@ -13,6 +13,7 @@ use clap::Args;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 
+use dbx_batcher::spool::Spool;
 use dbx_batcher::{Batcher, PartitionInterval};
 use dbx_control::health::HealthCollector;
 use dbx_control::partitions::{Interval, PartitionManager};
@@ -136,6 +137,41 @@ fn describe_metrics() {
     c!(
         m::BATCHES_REJECTED_TOTAL,
         "Batches nacked for a data error."
+    );
+    g!(
+        m::SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes in disk spool segment files."
+    );
+    g!(
+        m::SPOOL_RECORDS,
+        "Batches in disk spool segment files (deleted once committed)."
+    );
+    g!(m::SPOOL_SEGMENTS, "Disk spool segment files.");
+    g!(
+        m::SPOOL_OLDEST_RECORD_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest disk spool segment (bounds its oldest record's age)."
+    );
+    c!(
+        m::SPOOL_WRITTEN_RECORDS_TOTAL,
+        "Batches written and fsynced to the disk spool."
+    );
+    c!(
+        m::SPOOL_REPLAYED_RECORDS_TOTAL,
+        "Spooled batches replayed into PostgreSQL (its rate is the replay rate)."
+    );
+    c!(
+        m::SPOOL_CORRUPT_RECORDS_TOTAL,
+        "Torn or corrupt disk spool records detected and skipped."
+    );
+    c!(
+        m::SPOOL_FULL_TOTAL,
+        "Batches that found the disk spool full or unwritable, by kind (block, drop)."
+    );
+    g!(
+        m::SPOOL_ACTIVE,
+        "1 while batches are spooled to disk, 0 while they go to PostgreSQL directly."
     );
     c!(
         m::MAINTENANCE_RUNS_TOTAL,
@@ -285,6 +321,16 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(cfg.batcher.queue_capacity);
     let listener_queue = tx.downgrade();
     let batcher = Batcher::spawn(cfg.batcher.clone(), writer_pool.clone(), rx);
+    // With a spool, a gate sits between the listener's queue and the batcher's.
+    let (tx, spool) = if cfg.spool.enabled() {
+        let (gate_tx, gate_rx) = mpsc::channel(cfg.batcher.queue_capacity);
+        let spool = Spool::start(cfg.spool.clone(), gate_rx, tx)
+            .await
+            .context("starting the disk spool (spool.dir)")?;
+        (gate_tx, Some(spool))
+    } else {
+        (tx, None)
+    };
     let listener = Listener::bind(cfg.listener.clone(), auth, tx, handshakes).await?;
 
     let accepting = Arc::new(AtomicBool::new(false));
@@ -344,6 +390,10 @@ pub async fn run(
     match batcher.join().await {
         Ok(stats) => tracing::info!(?stats, "batcher drained"),
         Err(e) => tracing::error!(error = %e, "batcher did not finish cleanly"),
+    }
+    if let Some(spool) = spool {
+        let stats = spool.join().await;
+        tracing::info!(?stats, "spool closed");
     }
     // 4. Control last.
     control_trigger.fire();

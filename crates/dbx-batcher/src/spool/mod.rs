@@ -1,0 +1,267 @@
+//! The crash-safe disk spool: what keeps acks flowing while PostgreSQL is down or
+//! slower than the gateways, without ever acking a point that is not durable.
+//!
+//! With `spool.dir` set, the binary puts a gate between the listener's queue (A) and
+//! the batcher's (B): listener → A → [`gate`] → B → batcher.
+//! - **Direct** (normal): the gate forwards each batch to B at once, keeping a
+//!   compact encoding of it (and its ack handle) until the batcher resolves it.
+//! - **Spooling**: when a batch handed to the batcher has waited longer than
+//!   `after_ms` for its commit (PostgreSQL unreachable or slower than the input), the
+//!   gate appends every still-unresolved batch it holds and every new batch from A to
+//!   the current segment file, fsyncs once per burst (group commit), and only then
+//!   resolves their ack handles as durable. Forwarded copies still in the batcher are
+//!   written when the database returns; the spooled copy is then a duplicate the
+//!   batcher's `(session, seq)` dedupe drops. Re-spooling what is already in flight is
+//!   what lets acks resume on every connection: acks are cumulative in `seq` order, so
+//!   one batch stuck in the batcher would otherwise hold back its connection's acks
+//!   for the whole outage.
+//! - The gate returns to Direct once commits are happening again and nothing it
+//!   forwarded has waited longer than `after_ms`; the open segment is then sealed.
+//!
+//! The [`replay`] task reads segments oldest first and feeds their records to B as
+//! [`BatchOrigin::Spool`](dbx_core::BatchOrigin) batches with ack handles it keeps,
+//! a bounded number at a time so live traffic keeps its share of B; a sealed segment
+//! whose records are all resolved is deleted. Segments left by a previous run
+//! (crash or not) are replayed at start. A torn or corrupt record is logged, counted
+//! in `dbx_spool_corrupt_records_total` and skipped ([`segment`]); it never stops the
+//! replayer.
+//!
+//! Bounded by `max_bytes`. At the limit, and on a write error such as ENOSPC (the
+//! segment is then cut back and sealed), `when_full` applies to TCP batches:
+//! - `block` (default): the gate keeps the batch and stops reading A, so the
+//!   listener's queue fills and TCP reads pause, as without a spool;
+//! - `drop_newest`: the batch is nacked with code `rejected` and a message naming
+//!   the full spool — the gateway learns at once that it was not stored, instead of
+//!   being disconnected and resending into the same full spool. Counted in
+//!   `dbx_spool_full_total`.
+//!
+//! UDP batches (no ack) are forwarded and, while spooling, spooled like TCP ones
+//! (they were accepted; the disk is the cheapest place to keep them), but never wait
+//! for room: at the limit they are dropped and counted
+//! (`dbx_udp_dropped_total{reason="spool_full"}`), as PROTOCOL.md asks of UDP under
+//! saturation.
+//!
+//! A batch the batcher later rejects (e.g. `foreign_session`, decided in the commit
+//! transaction) after the spool acked it is logged and counted as rejected: the
+//! batcher stays the authority on data errors.
+
+pub mod gate;
+pub mod record;
+pub mod replay;
+pub mod segment;
+mod state;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dbx_core::TelemetryBatch;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub use state::SpoolStats;
+
+/// What the gate does with a TCP batch when the spool is at `max_bytes` (or the
+/// disk refuses a write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Keep the batch and stop reading the listener's queue: TCP backpressure.
+    #[default]
+    Block,
+    /// Nack the batch with code `rejected`; never ack it.
+    DropNewest,
+}
+
+/// `[spool]`: the on-disk spool. Off unless `dir` is set.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Directory of the segment files; empty = no spool (the default). One daemon
+    /// per directory.
+    pub dir: String,
+    /// Bound on the bytes of all segment files together.
+    pub max_bytes: u64,
+    /// What happens at `max_bytes`.
+    pub when_full: WhenFull,
+    /// How long a batch may wait for its commit before the gate starts spooling (ms).
+    pub after_ms: u64,
+    /// A segment is sealed and a new one started past this many bytes.
+    pub segment_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: String::new(),
+            max_bytes: 1024 * 1024 * 1024,
+            when_full: WhenFull::Block,
+            after_ms: 2000,
+            segment_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A spool setting out of its allowed range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("spool.{key}: {reason}")]
+pub struct SpoolConfigError {
+    /// The key, as written in the `[spool]` section.
+    pub key: &'static str,
+    /// Why the value is refused.
+    pub reason: String,
+}
+
+impl SpoolConfig {
+    /// Whether the spool is on.
+    pub fn enabled(&self) -> bool {
+        !self.dir.is_empty()
+    }
+
+    /// Checks every value; the error names the first bad key.
+    pub fn validate(&self) -> Result<(), SpoolConfigError> {
+        let err = |key, reason: &str| {
+            Err(SpoolConfigError {
+                key,
+                reason: reason.into(),
+            })
+        };
+        if self.max_bytes < 64 * 1024 {
+            return err("max_bytes", "must be at least 65536");
+        }
+        if self.after_ms == 0 {
+            return err("after_ms", "must be greater than 0");
+        }
+        if self.segment_bytes < 4096 {
+            return err("segment_bytes", "must be at least 4096");
+        }
+        if self.segment_bytes > 1024 * 1024 * 1024 {
+            return err("segment_bytes", "must be at most 1 GiB");
+        }
+        Ok(())
+    }
+
+    /// `after_ms` as a duration.
+    pub fn after(&self) -> Duration {
+        Duration::from_millis(self.after_ms)
+    }
+}
+
+/// Why the spool could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// A bad setting.
+    #[error(transparent)]
+    Config(#[from] SpoolConfigError),
+    /// The directory could not be created or read.
+    #[error("spool directory {dir}: {source}")]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Starts the spool.
+#[derive(Debug)]
+pub struct Spool;
+
+/// The running spool: the gate and the replayer.
+#[derive(Debug)]
+pub struct SpoolHandle {
+    gate: JoinHandle<()>,
+    replayer: JoinHandle<()>,
+    state: Arc<state::Shared>,
+}
+
+impl Spool {
+    /// Opens `config.dir` (creating it), takes stock of the segments a previous run
+    /// left, and spawns the gate (reading `from_listener`, writing `to_batcher`) and
+    /// the replayer. Both end after `from_listener` closes and what they handed to
+    /// the batcher is resolved; the binary drops the listener's senders, awaits the
+    /// batcher, then [`SpoolHandle::join`].
+    pub async fn start(
+        config: SpoolConfig,
+        from_listener: mpsc::Receiver<TelemetryBatch>,
+        to_batcher: mpsc::Sender<TelemetryBatch>,
+    ) -> Result<SpoolHandle, SpoolError> {
+        config.validate()?;
+        let dir = PathBuf::from(&config.dir);
+        let d = dir.clone();
+        let recovered = tokio::task::spawn_blocking(move || state::recover(&d))
+            .await
+            .map_err(|e| SpoolError::Dir {
+                dir: dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(|source| SpoolError::Dir {
+                dir: dir.clone(),
+                source,
+            })?;
+        let shared = Arc::new(state::Shared::new(dir, recovered));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let replayer = tokio::spawn(replay::run(shared.clone(), to_batcher.clone(), stop_rx));
+        let gate = tokio::spawn(gate::run(
+            config,
+            shared.clone(),
+            from_listener,
+            to_batcher,
+            stop_tx,
+        ));
+        Ok(SpoolHandle {
+            gate,
+            replayer,
+            state: shared,
+        })
+    }
+}
+
+impl SpoolHandle {
+    /// Figures so far.
+    pub fn stats(&self) -> SpoolStats {
+        self.state.stats()
+    }
+
+    /// Waits for the gate and the replayer to finish; returns the final figures.
+    pub async fn join(self) -> SpoolStats {
+        if let Err(e) = self.gate.await {
+            tracing::error!(error = %e, "spool gate task failed");
+        }
+        if let Err(e) = self.replayer.await {
+            tracing::error!(error = %e, "spool replayer task failed");
+        }
+        self.state.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_off() {
+        let c = SpoolConfig::default();
+        assert!(!c.enabled());
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.after(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let c = SpoolConfig {
+            after_ms: 0,
+            ..SpoolConfig::default()
+        };
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "spool.after_ms: must be greater than 0"
+        );
+        let c = SpoolConfig {
+            max_bytes: 10,
+            ..SpoolConfig::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "max_bytes");
+    }
+}

@@ -1,0 +1,366 @@
+//! The replayer: reads segments oldest first and hands their records to the batcher
+//! as `BatchOrigin::Spool` batches, at most a window at a time so that live traffic
+//! keeps its share of the batcher's queue; deletes a segment once it is sealed, read
+//! to its end, and every record of it has a verdict. Corrupt and torn records are
+//! counted and skipped; the open segment is read up to what the gate has fsynced.
+//!
+//! A record whose verdict never comes (the batcher stopped) keeps its segment on
+//! disk: the next start replays it, and the batcher's dedupe drops what was stored.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dbx_core::metrics as m;
+use dbx_core::{AckHandle, BatchOrigin, BatchOutcome, TelemetryBatch};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use super::record::{decode_batch, SpooledBatch};
+use super::segment::{self, Next};
+use super::state::Shared;
+
+/// Records read per blocking read.
+const READ_RECORDS: usize = 64;
+/// Payload bytes read per blocking read (one record may exceed it).
+const READ_BYTES: usize = 4 * 1024 * 1024;
+/// Poll interval while caught up with the open segment (a wake-up also comes from the gate).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+type Verdict =
+    Pin<Box<dyn Future<Output = (u64, Result<BatchOutcome, oneshot::error::RecvError>)> + Send>>;
+
+/// Where the replayer is in one segment.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Records handed to the batcher without a verdict yet.
+    outstanding: u64,
+    /// Read to its sealed end.
+    read_done: bool,
+    /// A record got no verdict, or the file could not be read or deleted: keep it.
+    keep: bool,
+}
+
+/// The segment being read.
+struct Reading {
+    id: u64,
+    file: Arc<File>,
+    offset: u64,
+}
+
+/// What one blocking read found.
+struct Chunk {
+    records: Vec<(u64, Vec<u8>)>,
+    offset: u64,
+    corrupt: Vec<(u64, &'static str)>,
+    /// Reached `limit` (or a torn tail, which ends the readable part).
+    at_end: bool,
+    torn: bool,
+}
+
+fn read_chunk(file: &File, mut offset: u64, limit: u64) -> std::io::Result<Chunk> {
+    let mut c = Chunk {
+        records: Vec::new(),
+        offset,
+        corrupt: Vec::new(),
+        at_end: false,
+        torn: false,
+    };
+    let mut bytes = 0;
+    while c.records.len() < READ_RECORDS && bytes < READ_BYTES {
+        match segment::read_next(file, offset, limit)? {
+            Next::Record {
+                offset: at,
+                payload,
+                end,
+            } => {
+                bytes += payload.len();
+                c.records.push((at, payload));
+                offset = end;
+            }
+            Next::Corrupt { offset: at, end } => {
+                c.corrupt.push((at, "bad CRC"));
+                offset = end;
+            }
+            Next::Torn { offset: at, reason } => {
+                c.corrupt.push((at, reason));
+                c.torn = true;
+                c.at_end = true;
+                break;
+            }
+            Next::End => {
+                c.at_end = true;
+                break;
+            }
+        }
+    }
+    c.offset = offset;
+    Ok(c)
+}
+
+struct Replayer {
+    shared: Arc<Shared>,
+    progress: BTreeMap<u64, Progress>,
+    reading: Option<Reading>,
+    /// Segments below this id are read to their end.
+    next_segment: u64,
+    ready: VecDeque<(u64, SpooledBatch)>,
+    verdicts: FuturesUnordered<Verdict>,
+    /// Caught up with everything durable: wait for the gate.
+    idle: bool,
+}
+
+/// The replayer task.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<TelemetryBatch>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let window = (tx.max_capacity() / 2).clamp(1, 256);
+    let mut r = Replayer {
+        shared,
+        progress: BTreeMap::new(),
+        reading: None,
+        next_segment: 0,
+        ready: VecDeque::new(),
+        verdicts: FuturesUnordered::new(),
+        idle: false,
+    };
+    let mut tx = Some(tx);
+    loop {
+        if tx.is_some() && r.ready.is_empty() && !r.idle {
+            r.read_more().await;
+        }
+        if tx.is_none() && r.verdicts.is_empty() {
+            break;
+        }
+        r.shared.caught_up.store(
+            r.idle && r.ready.is_empty() && r.verdicts.is_empty(),
+            Ordering::Relaxed,
+        );
+        let can_send = r.verdicts.len() < window && !r.ready.is_empty();
+        let sender = tx.clone();
+        tokio::select! {
+            biased;
+            Some((seg, res)) = r.verdicts.next(), if !r.verdicts.is_empty() => r.on_verdict(seg, res).await,
+            changed = stop.changed(), if tx.is_some() => {
+                if changed.is_err() || *stop.borrow() {
+                    // Stop feeding the batcher; what is not resolved stays on disk.
+                    tx = None;
+                    r.ready.clear();
+                }
+            }
+            permit = reserve(&sender), if can_send && sender.is_some() => match permit {
+                Some(p) => r.send(p),
+                None => {
+                    tx = None;
+                    r.ready.clear();
+                }
+            },
+            _ = r.shared.written.notified(), if r.idle => r.idle = false,
+            _ = tokio::time::sleep(IDLE_POLL), if r.idle => r.idle = false,
+        }
+    }
+    info!(stats = ?r.shared.stats(), "spool replayer finished");
+}
+
+async fn reserve(
+    tx: &Option<mpsc::Sender<TelemetryBatch>>,
+) -> Option<mpsc::Permit<'_, TelemetryBatch>> {
+    match tx {
+        Some(tx) => tx.reserve().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+impl Replayer {
+    fn send(&mut self, permit: mpsc::Permit<'_, TelemetryBatch>) {
+        let Some((seg, b)) = self.ready.pop_front() else {
+            return;
+        };
+        let (ack, verdict) = AckHandle::channel();
+        permit.send(TelemetryBatch {
+            org_id: b.org_id,
+            aircraft_id: b.aircraft_id,
+            session_id: b.session_id,
+            points: b.points,
+            ack,
+            origin: BatchOrigin::Spool,
+            received_at: Instant::now(),
+        });
+        self.progress.entry(seg).or_default().outstanding += 1;
+        self.verdicts
+            .push(Box::pin(async move { (seg, verdict.await) }));
+    }
+
+    async fn on_verdict(&mut self, seg: u64, res: Result<BatchOutcome, oneshot::error::RecvError>) {
+        let p = self.progress.entry(seg).or_default();
+        p.outstanding = p.outstanding.saturating_sub(1);
+        match res {
+            Ok(BatchOutcome::Durable) => {
+                self.shared.committed();
+                self.shared.replayed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::SPOOL_REPLAYED_RECORDS_TOTAL).increment(1);
+            }
+            Ok(BatchOutcome::Rejected(r)) => {
+                self.shared.committed();
+                self.shared.replayed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::SPOOL_REPLAYED_RECORDS_TOTAL).increment(1);
+                warn!(
+                    segment = seg, code = r.code.as_str(), msg = %r.msg,
+                    "the database rejected a spooled batch; its points are not stored"
+                );
+            }
+            Err(_) => p.keep = true,
+        }
+        self.maybe_delete(seg).await;
+    }
+
+    /// Deletes `seg` when it is sealed, read, and fully resolved.
+    async fn maybe_delete(&mut self, seg: u64) {
+        let Some(p) = self.progress.get(&seg) else {
+            return;
+        };
+        if !p.read_done || p.outstanding > 0 || p.keep {
+            return;
+        }
+        let sealed = self
+            .shared
+            .lock()
+            .segments
+            .get(&seg)
+            .is_some_and(|s| s.sealed);
+        if !sealed {
+            return;
+        }
+        let path = self.shared.dir.join(segment::file_name(seg));
+        match tokio::task::spawn_blocking(move || std::fs::remove_file(&path)).await {
+            Ok(Ok(())) => {
+                self.progress.remove(&seg);
+                self.shared.lock().segments.remove(&seg);
+                self.shared.deleted.fetch_add(1, Ordering::Relaxed);
+                self.shared.freed.notify_one();
+                self.shared.publish_gauges();
+            }
+            Ok(Err(e)) => {
+                error!(segment = seg, error = %e, "cannot delete a replayed spool segment; it will be replayed again at the next start");
+                if let Some(p) = self.progress.get_mut(&seg) {
+                    p.keep = true;
+                }
+            }
+            Err(e) => error!(segment = seg, error = %e, "segment delete task failed"),
+        }
+    }
+
+    /// Reads the next records into `ready`, or sets `idle` when there is nothing
+    /// durable left to read.
+    async fn read_more(&mut self) {
+        if self.reading.is_none() {
+            let next = self
+                .shared
+                .lock()
+                .segments
+                .range(self.next_segment..)
+                .next()
+                .map(|(id, _)| *id);
+            let Some(id) = next else {
+                self.idle = true;
+                return;
+            };
+            let path = self.shared.dir.join(segment::file_name(id));
+            match tokio::task::spawn_blocking(move || File::open(path)).await {
+                Ok(Ok(f)) => {
+                    self.reading = Some(Reading {
+                        id,
+                        file: Arc::new(f),
+                        offset: segment::HEADER_BYTES,
+                    });
+                }
+                other => {
+                    error!(segment = id, result = ?other.map(|r| r.map(|_| ())), "cannot open a spool segment; skipping it (kept on disk)");
+                    self.progress.entry(id).or_default().keep = true;
+                    self.next_segment = id + 1;
+                    return;
+                }
+            }
+        }
+        let Some(reading) = &self.reading else {
+            return;
+        };
+        let id = reading.id;
+        let (limit, sealed) = match self.shared.lock().segments.get(&id) {
+            Some(s) => (s.durable_len, s.sealed),
+            None => (0, true),
+        };
+        let file = reading.file.clone();
+        let offset = reading.offset;
+        let chunk = match tokio::task::spawn_blocking(move || read_chunk(&file, offset, limit))
+            .await
+        {
+            Ok(Ok(c)) => c,
+            other => {
+                error!(segment = id, result = ?other.map(|r| r.map(|_| ())), "cannot read a spool segment; skipping it (kept on disk)");
+                self.progress.entry(id).or_default().keep = true;
+                self.finish_segment(id).await;
+                return;
+            }
+        };
+        // A tear in the open segment is counted once, after the gate sealed it.
+        let counted = if chunk.torn && !sealed {
+            chunk.corrupt.len() - 1
+        } else {
+            chunk.corrupt.len()
+        };
+        for (at, reason) in &chunk.corrupt[..counted] {
+            warn!(
+                segment = id,
+                offset = at,
+                reason,
+                "skipping a corrupt spool record"
+            );
+        }
+        self.shared.count_corrupt(counted as u64);
+        for (at, payload) in chunk.records {
+            match decode_batch(&payload) {
+                Ok(b) => self.ready.push_back((id, b)),
+                Err(e) => {
+                    warn!(segment = id, offset = at, error = %e, "skipping an undecodable spool record");
+                    self.shared.count_corrupt(1);
+                }
+            }
+        }
+        if let Some(r) = &mut self.reading {
+            r.offset = chunk.offset;
+        }
+        if chunk.torn && !sealed {
+            // Damage inside what the gate fsynced: have it start a new segment, then
+            // finish this one as sealed (the rest of it is unreadable either way).
+            error!(
+                segment = id,
+                "the open spool segment is damaged; asking the gate to seal it"
+            );
+            self.shared.lock().seal_requested = Some(id);
+            self.idle = true;
+            return;
+        }
+        if chunk.at_end {
+            if sealed {
+                self.finish_segment(id).await;
+            } else if self.ready.is_empty() {
+                self.idle = true;
+            }
+        }
+    }
+
+    async fn finish_segment(&mut self, id: u64) {
+        self.reading = None;
+        self.next_segment = id + 1;
+        self.progress.entry(id).or_default().read_done = true;
+        self.maybe_delete(id).await;
+    }
+}

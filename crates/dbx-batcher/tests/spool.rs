@@ -1,0 +1,329 @@
+//! The spool gate and replayer against a stand-in for the batcher that the test
+//! drives by hand (stall it, then let it commit): spooling when the batcher stalls,
+//! acks only after the fsync, segment rotation, deletion after every record of a
+//! segment has its verdict, replay of what a previous run left (torn tail
+//! included), and `when_full`. The real batcher and PostgreSQL are exercised with
+//! the daemon in tests/spool.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use dbx_batcher::spool::record::encode_batch;
+use dbx_batcher::spool::segment::{self, frame_record, SegmentWriter};
+use dbx_batcher::spool::{Spool, SpoolConfig, WhenFull};
+use dbx_core::{
+    AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, RejectCode, TelemetryBatch,
+};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+const SESSION: Uuid = Uuid::from_u128(0x5e55_1011);
+
+fn batch(seq: i64, points: usize) -> (TelemetryBatch, AckReceiver) {
+    let (ack, rx) = AckHandle::channel();
+    let pts = (0..points as i64)
+        .map(|i| {
+            let mut p = Point::new(1_700_000_000_000_000 + seq * 1000 + i, seq * 1000 + i);
+            p.lat = Some(47.0);
+            p.extra = Some("{\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}".into());
+            p
+        })
+        .collect();
+    (
+        TelemetryBatch {
+            org_id: Uuid::from_u128(1),
+            aircraft_id: Uuid::from_u128(2),
+            session_id: SESSION,
+            points: pts,
+            ack,
+            origin: BatchOrigin::Tcp,
+            received_at: Instant::now(),
+        },
+        rx,
+    )
+}
+
+fn config(dir: &Path) -> SpoolConfig {
+    SpoolConfig {
+        dir: dir.to_string_lossy().into_owned(),
+        max_bytes: 64 * 1024 * 1024,
+        when_full: WhenFull::Block,
+        after_ms: 200,
+        segment_bytes: 8192,
+    }
+}
+
+fn segments(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            segment::parse_name(&e.as_ref().unwrap().file_name().to_string_lossy()).is_some()
+        })
+        .count()
+}
+
+/// Commits everything that reaches it, recording the points' seqs and origins.
+fn commit_all(
+    mut rx: mpsc::Receiver<TelemetryBatch>,
+) -> tokio::task::JoinHandle<(HashSet<i64>, usize)> {
+    tokio::spawn(async move {
+        let mut seen = HashSet::new();
+        let mut replayed = 0;
+        while let Some(b) = rx.recv().await {
+            if b.origin == BatchOrigin::Spool {
+                replayed += 1;
+            }
+            seen.extend(b.points.iter().map(|p| p.seq));
+            b.ack.durable();
+        }
+        (seen, replayed)
+    })
+}
+
+async fn outcome(rx: AckReceiver) -> Option<BatchOutcome> {
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("a verdict within 10 s")
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_batcher_is_spooled_acked_then_replayed_and_segments_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_tx, a_rx) = mpsc::channel(16);
+    let (b_tx, b_rx) = mpsc::channel(4);
+    let spool = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
+
+    // The batcher takes nothing: after after_ms the gate spools, and acks come.
+    let started = Instant::now();
+    let mut acks = Vec::new();
+    for seq in 0..100 {
+        let (b, rx) = batch(seq, 10);
+        a_tx.send(b).await.unwrap();
+        acks.push(rx);
+    }
+    for rx in acks {
+        assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "not before after_ms"
+    );
+    let st = spool.stats();
+    assert!(st.spooled_records >= 96, "{st:?}"); // all but what sat in B unresolved... and those too
+    assert!(st.segments >= 2, "segment_bytes forced rotation: {st:?}");
+    assert!(segments(dir.path()) >= 2);
+
+    // The batcher comes back: everything is replayed, each segment deleted once resolved.
+    let consumer = commit_all(b_rx);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segments(dir.path()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "segments left: {:?}",
+            spool.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // New batches now go straight through.
+    let (b, rx) = batch(1000, 1);
+    a_tx.send(b).await.unwrap();
+    assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
+    drop(a_tx);
+    let st = spool.join().await;
+    let (seen, replayed) = consumer.await.unwrap();
+    for seq in 0..100i64 {
+        for i in 0..10 {
+            assert!(
+                seen.contains(&(seq * 1000 + i)),
+                "point {seq}/{i} never reached the batcher"
+            );
+        }
+    }
+    assert!(seen.contains(&1_000_000));
+    assert!(replayed >= 96, "replayed {replayed}");
+    assert_eq!(
+        (st.segments, st.bytes, st.corrupt_records),
+        (0, 0, 0),
+        "{st:?}"
+    );
+    assert!(st.deleted_segments >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_left_by_a_crash_are_replayed_and_a_torn_tail_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    // A previous run: two segments, the second ending in a half-written record.
+    for (id, seqs) in [(0u64, 0..5i64), (1, 5..8)] {
+        let mut w = SegmentWriter::create(dir.path(), id, 1).unwrap();
+        let mut framed = Vec::new();
+        for seq in seqs {
+            let (b, _) = batch(seq, 3);
+            let mut p = Vec::new();
+            encode_batch(b.org_id, b.aircraft_id, b.session_id, &b.points, &mut p);
+            frame_record(&p, &mut framed);
+        }
+        w.append(&framed).unwrap();
+        if id == 1 {
+            let mut torn = Vec::new();
+            frame_record(&[7u8; 100], &mut torn);
+            torn.truncate(60);
+            w.append(&torn).unwrap();
+        }
+    }
+    // And a file cut before its header: nothing in it was ever acked.
+    std::fs::write(dir.path().join(segment::file_name(2)), b"DBX").unwrap();
+
+    let (a_tx, a_rx) = mpsc::channel(16);
+    let (b_tx, b_rx) = mpsc::channel(4);
+    let spool = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
+    let consumer = commit_all(b_rx);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while segments(dir.path()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "segments left: {:?}",
+            spool.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(a_tx);
+    let st = spool.join().await;
+    let (seen, replayed) = consumer.await.unwrap();
+    assert_eq!(replayed, 8);
+    let want: HashSet<i64> = (0..8i64)
+        .flat_map(|s| (0..3).map(move |i| s * 1000 + i))
+        .collect();
+    assert_eq!(seen, want);
+    assert_eq!(st.corrupt_records, 1, "{st:?}");
+    assert_eq!(st.replayed_records, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_full_drop_newest_nacks_and_never_acks_what_is_not_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        max_bytes: 64 * 1024,
+        when_full: WhenFull::DropNewest,
+        segment_bytes: 1024 * 1024,
+        ..config(dir.path())
+    };
+    let (a_tx, a_rx) = mpsc::channel(64);
+    let (b_tx, _b_rx) = mpsc::channel(2);
+    let spool = Spool::start(cfg, a_rx, b_tx).await.unwrap();
+    let mut acks = Vec::new();
+    for seq in 0..60 {
+        let (b, rx) = batch(seq, 20); // ~2.3 KB each: about 27 fit
+        a_tx.send(b).await.unwrap();
+        acks.push(rx);
+    }
+    let (mut durable, mut rejected) = (0, 0);
+    for rx in acks {
+        match outcome(rx).await {
+            Some(BatchOutcome::Durable) => durable += 1,
+            Some(BatchOutcome::Rejected(r)) => {
+                assert_eq!(r.code, RejectCode::Rejected);
+                assert!(r.msg.contains("spool is full"), "{}", r.msg);
+                rejected += 1;
+            }
+            None => panic!("dropped without a verdict"),
+        }
+    }
+    let st = spool.stats();
+    assert!(
+        durable > 10 && rejected > 10,
+        "{durable} durable, {rejected} rejected"
+    );
+    assert_eq!(st.full, rejected as u64);
+    assert!(st.bytes <= 64 * 1024, "{st:?}");
+    // Every durable one is on disk: the batcher holds at most its queue's 2 + in flight,
+    // the rest must be in the spool's records.
+    assert!(
+        st.records + 2 >= durable as u64,
+        "{st:?} vs {durable} durable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_full_block_stops_reading_until_the_spool_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SpoolConfig {
+        max_bytes: 64 * 1024,
+        segment_bytes: 16 * 1024,
+        ..config(dir.path())
+    };
+    let (a_tx, a_rx) = mpsc::channel(4);
+    let (b_tx, b_rx) = mpsc::channel(2);
+    let spool = Spool::start(cfg, a_rx, b_tx).await.unwrap();
+    let mut acks = Vec::new();
+    let mut blocked_at = None;
+    for seq in 0..80 {
+        let (b, rx) = batch(seq, 20);
+        acks.push(rx);
+        match tokio::time::timeout(Duration::from_secs(3), a_tx.send(b)).await {
+            Ok(r) => r.unwrap(),
+            Err(_) => {
+                blocked_at = Some(seq);
+                acks.pop();
+                break;
+            }
+        }
+    }
+    let blocked_at = blocked_at.unwrap_or_else(|| {
+        panic!(
+            "the gate stopped reading at the limit: {:?} {:?}",
+            spool.stats(),
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .collect::<Vec<_>>()
+        )
+    });
+    assert!(blocked_at > 20, "blocked only at {blocked_at}");
+    let st = spool.stats();
+    assert!(st.full >= 1 && st.bytes <= 64 * 1024, "{st:?}");
+    // Nothing beyond what is on disk (or in the batcher's queue) was acked.
+    let mut durable = 0;
+    let mut waiting = Vec::new();
+    for mut rx in acks {
+        match rx.try_recv() {
+            Ok(BatchOutcome::Durable) => durable += 1,
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => waiting.push(rx),
+        }
+    }
+    let mut acks = waiting;
+    assert!(durable as u64 <= st.records + 2, "{durable} acked, {st:?}");
+
+    // The batcher comes back: the spool drains and everything gets its ack.
+    let consumer = commit_all(b_rx);
+    for seq in blocked_at..80 {
+        let (b, rx) = batch(seq, 20);
+        a_tx.send(b).await.unwrap();
+        acks.push(rx);
+    }
+    for rx in acks {
+        assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
+    }
+    // Acked from the spool is not yet replayed: wait for the spool to empty.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segments(dir.path()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "segments left: {:?}",
+            spool.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(a_tx);
+    let st = spool.join().await;
+    assert!(st.full >= 1 && st.deleted_segments >= 1, "{st:?}");
+    let (seen, _) = consumer.await.unwrap();
+    for seq in 0..80i64 {
+        assert!(
+            seen.contains(&(seq * 1000 + 19)),
+            "batch {seq} never reached the batcher"
+        );
+    }
+}
