@@ -322,7 +322,8 @@ impl Pacer {
         if let Some(p) = self.per_point {
             // Bank at most 50 ms of credit after a stall: a gateway at a fixed rate does
             // not answer a hiccup with a burst of a whole second's points.
-            self.next = self.next.max(Instant::now() - Duration::from_millis(50)) + p * points as u32;
+            self.next =
+                self.next.max(Instant::now() - Duration::from_millis(50)) + p * points as u32;
         }
     }
 }
