@@ -5,106 +5,19 @@
 //!
 //! `DBX_SOAK=1` runs a longer version (more batches, more kills).
 
-use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::collections::HashSet;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::BytesMut;
 use dbx_core::Point;
-use dbx_proto::{AircraftRef, EncodeOptions, PointForm, ServerMessage};
 use dbx_testkit::gateway::{now_micros, points};
-use dbx_testkit::{Daemon, Env, TestGateway};
+use dbx_testkit::{Daemon, Env};
 use rand::Rng;
 use tokio::sync::watch;
 use uuid::Uuid;
 
 fn dbx_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_dbx"))
-}
-
-/// A gateway that keeps every batch until it sees it acked, and resends the rest
-/// after every reconnect (on new batch seqs, as the protocol requires).
-async fn resilient_gateway(
-    addr: SocketAddr,
-    key: String,
-    aircraft: Uuid,
-    batches: Vec<(Uuid, Vec<Point>)>,
-    acked_tx: watch::Sender<HashSet<usize>>,
-) -> u32 {
-    let mut acked: HashSet<usize> = HashSet::new();
-    let mut reconnects = 0;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while acked.len() < batches.len() {
-        assert!(
-            Instant::now() < deadline,
-            "gave up: {} of {} acked",
-            acked.len(),
-            batches.len()
-        );
-        let Ok(Ok(tcp)) =
-            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-                .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut g = TestGateway::over(Box::new(tcp));
-        g.send_hello(&key).await;
-        match g.recv_within(Duration::from_secs(5)).await {
-            Some(ServerMessage::Welcome { .. }) => {}
-            _ => {
-                reconnects += 1;
-                continue;
-            }
-        }
-        // conn seq → batch index, for what is in flight on this connection.
-        let mut inflight: BTreeMap<u64, usize> = BTreeMap::new();
-        let mut todo = (0..batches.len())
-            .filter(|i| !acked.contains(i))
-            .collect::<Vec<_>>()
-            .into_iter();
-        let mut seq = 0u64;
-        'conn: loop {
-            while inflight.len() < 8 {
-                let Some(i) = todo.next() else { break };
-                seq += 1;
-                let mut b = BytesMut::new();
-                let (session, pts) = &batches[i];
-                dbx_proto::encode_batch_with(
-                    &mut b,
-                    seq,
-                    &AircraftRef::Id(aircraft),
-                    *session,
-                    pts,
-                    EncodeOptions::from(PointForm::Map),
-                )
-                .unwrap();
-                g.send_raw_checked(&b).await.ok();
-                inflight.insert(seq, i);
-                // A gateway's pace, so that kills land while it still has work.
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            if inflight.is_empty() {
-                break 'conn;
-            }
-            match g.recv_within(Duration::from_secs(10)).await {
-                Some(ServerMessage::Ack { seq: upto }) => {
-                    let done: Vec<u64> = inflight.range(..=upto).map(|(s, _)| *s).collect();
-                    for s in done {
-                        acked.insert(inflight.remove(&s).expect("in flight"));
-                    }
-                    acked_tx.send_replace(acked.clone());
-                }
-                Some(ServerMessage::Nack { seq, msg, .. }) => panic!("batch {seq} nacked: {msg}"),
-                _ => break 'conn, // killed, or shutting down: reconnect and resend
-            }
-        }
-        if acked.len() < batches.len() {
-            reconnects += 1;
-        }
-    }
-    reconnects
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,11 +50,12 @@ async fn sigkill_at_random_moments_loses_no_acked_point_and_stores_each_once() {
     let total_points = (n_batches * 100) as i64;
 
     let (acked_tx, mut acked_rx) = watch::channel(HashSet::new());
-    let gw = tokio::spawn(resilient_gateway(
+    let gw = tokio::spawn(dbx_testkit::gateway::resend_until_acked(
         env.daemon.tcp,
         env.org.key.clone(),
         env.aircraft,
         batches.clone(),
+        Duration::from_millis(2),
         acked_tx,
     ));
 

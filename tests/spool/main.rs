@@ -450,82 +450,6 @@ async fn outage_keeps_acks_flowing_and_full_spools_block_or_nack() {
     );
 }
 
-/// Keeps every batch until it is acked; resends the rest after each reconnect.
-async fn resilient_gateway(
-    addr: SocketAddr,
-    key: String,
-    aircraft: Uuid,
-    batches: Vec<(Uuid, Vec<Point>)>,
-    acked_tx: watch::Sender<HashSet<usize>>,
-) {
-    let mut acked: HashSet<usize> = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while acked.len() < batches.len() {
-        assert!(
-            Instant::now() < deadline,
-            "gave up: {} of {} acked",
-            acked.len(),
-            batches.len()
-        );
-        let Ok(Ok(tcp)) =
-            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-                .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut g = TestGateway::over(Box::new(tcp));
-        g.send_hello(&key).await;
-        if !matches!(
-            g.recv_within(Duration::from_secs(5)).await,
-            Some(ServerMessage::Welcome { .. })
-        ) {
-            continue;
-        }
-        let mut inflight: BTreeMap<u64, usize> = BTreeMap::new();
-        let mut todo = (0..batches.len())
-            .filter(|i| !acked.contains(i))
-            .collect::<Vec<_>>()
-            .into_iter();
-        let mut seq = 0u64;
-        loop {
-            while inflight.len() < 8 {
-                let Some(i) = todo.next() else { break };
-                seq += 1;
-                let mut b = BytesMut::new();
-                let (session, pts) = &batches[i];
-                dbx_proto::encode_batch_with(
-                    &mut b,
-                    seq,
-                    &AircraftRef::Id(aircraft),
-                    *session,
-                    pts,
-                    EncodeOptions::from(PointForm::Map),
-                )
-                .unwrap();
-                g.send_raw_checked(&b).await.ok();
-                inflight.insert(seq, i);
-                // A steady trickle, so the kill finds it mid-stream.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if inflight.is_empty() {
-                break;
-            }
-            match g.recv_within(Duration::from_secs(10)).await {
-                Some(ServerMessage::Ack { seq: upto }) => {
-                    let done: Vec<u64> = inflight.range(..=upto).map(|(s, _)| *s).collect();
-                    for s in done {
-                        acked.insert(inflight.remove(&s).expect("in flight"));
-                    }
-                    acked_tx.send_replace(acked.clone());
-                }
-                Some(ServerMessage::Nack { seq, msg, .. }) => panic!("batch {seq} nacked: {msg}"),
-                _ => break,
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_spooling_loses_no_acked_point() {
     let _turn = CLUSTER.lock().await;
@@ -556,11 +480,12 @@ async fn sigkill_while_spooling_loses_no_acked_point() {
         })
         .collect();
     let (acked_tx, mut acked_rx) = watch::channel(HashSet::new());
-    let gw = tokio::spawn(resilient_gateway(
+    let gw = tokio::spawn(dbx_testkit::gateway::resend_until_acked(
         env.daemon.tcp,
         env.org.key.clone(),
         env.aircraft,
         batches.clone(),
+        Duration::from_millis(5),
         acked_tx,
     ));
 

@@ -2,14 +2,16 @@
 //! for end-to-end tests. It sends exactly what it is told (including malformed
 //! bytes) and reads server messages one frame at a time.
 
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use dbx_core::Point;
 use dbx_proto::{AircraftRef, EncodeOptions, PointForm, ServerMessage};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use uuid::Uuid;
 
 /// Anything a gateway can talk over (plain TCP or a TLS stream).
@@ -243,4 +245,92 @@ pub fn now_micros() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+/// A gateway that keeps every batch until it sees it acked, and resends the rest
+/// after every reconnect (on new batch seqs, as the protocol requires), sending one
+/// batch per `pace` with up to 8 in flight. Publishes the acked batch indexes on
+/// `acked_tx` as they come; returns how often it reconnected. Panics on a nack, or
+/// when not everything is acked within 300 s.
+pub async fn resend_until_acked(
+    addr: SocketAddr,
+    key: String,
+    aircraft: Uuid,
+    batches: Vec<(Uuid, Vec<Point>)>,
+    pace: Duration,
+    acked_tx: watch::Sender<HashSet<usize>>,
+) -> u32 {
+    let mut acked: HashSet<usize> = HashSet::new();
+    let mut reconnects = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while acked.len() < batches.len() {
+        assert!(
+            Instant::now() < deadline,
+            "gave up: {} of {} acked",
+            acked.len(),
+            batches.len()
+        );
+        let Ok(Ok(tcp)) =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut g = TestGateway::over(Box::new(tcp));
+        g.send_hello(&key).await;
+        match g.recv_within(Duration::from_secs(5)).await {
+            Some(ServerMessage::Welcome { .. }) => {}
+            _ => {
+                reconnects += 1;
+                continue;
+            }
+        }
+        // conn seq → batch index, for what is in flight on this connection.
+        let mut inflight: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut todo = (0..batches.len())
+            .filter(|i| !acked.contains(i))
+            .collect::<Vec<_>>()
+            .into_iter();
+        let mut seq = 0u64;
+        'conn: loop {
+            while inflight.len() < 8 {
+                let Some(i) = todo.next() else { break };
+                seq += 1;
+                let mut b = BytesMut::new();
+                let (session, pts) = &batches[i];
+                dbx_proto::encode_batch_with(
+                    &mut b,
+                    seq,
+                    &AircraftRef::Id(aircraft),
+                    *session,
+                    pts,
+                    EncodeOptions::from(PointForm::Map),
+                )
+                .unwrap();
+                g.send_raw_checked(&b).await.ok();
+                inflight.insert(seq, i);
+                // A gateway's pace, so that a test's kills land while it still has work.
+                tokio::time::sleep(pace).await;
+            }
+            if inflight.is_empty() {
+                break 'conn;
+            }
+            match g.recv_within(Duration::from_secs(10)).await {
+                Some(ServerMessage::Ack { seq: upto }) => {
+                    let done: Vec<u64> = inflight.range(..=upto).map(|(s, _)| *s).collect();
+                    for s in done {
+                        acked.insert(inflight.remove(&s).expect("in flight"));
+                    }
+                    acked_tx.send_replace(acked.clone());
+                }
+                Some(ServerMessage::Nack { seq, msg, .. }) => panic!("batch {seq} nacked: {msg}"),
+                _ => break 'conn, // killed, or shutting down: reconnect and resend
+            }
+        }
+        if acked.len() < batches.len() {
+            reconnects += 1;
+        }
+    }
+    reconnects
 }
