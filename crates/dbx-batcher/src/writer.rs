@@ -346,32 +346,25 @@ impl Plan {
         all_staging: bool,
     ) -> Plan {
         let is_fast = |mark: Option<i64>, seq: i64| !all_staging && mark.is_none_or(|m| seq > m);
-        let mut fast_rows = 0u64;
-        enc.begin();
-        for s in prepared
-            .sessions
-            .iter()
-            .filter(|s| !excluded.contains(&s.session))
-        {
-            let mark = marks.get(&s.session).copied().flatten();
-            for p in s.rows.iter().filter(|p| is_fast(mark, p.seq)) {
-                enc.push(&s.org, &s.aircraft, &s.session, p);
-                fast_rows += 1;
+        // One pass per path: rows above their session's mark go the fast path, the rest
+        // (possible duplicates, late points) through staging.
+        let mut encode = |fast_path: bool| {
+            enc.begin();
+            for s in prepared
+                .sessions
+                .iter()
+                .filter(|s| !excluded.contains(&s.session))
+            {
+                let mark = marks.get(&s.session).copied().flatten();
+                for p in s.rows.iter().filter(|p| is_fast(mark, p.seq) == fast_path) {
+                    enc.push(&s.org, &s.aircraft, &s.session, p);
+                }
             }
-        }
-        let fast = (fast_rows > 0).then(|| enc.finish());
-        enc.begin();
-        for s in prepared
-            .sessions
-            .iter()
-            .filter(|s| !excluded.contains(&s.session))
-        {
-            let mark = marks.get(&s.session).copied().flatten();
-            for p in s.rows.iter().filter(|p| !is_fast(mark, p.seq)) {
-                enc.push(&s.org, &s.aircraft, &s.session, p);
-            }
-        }
-        let staging = (enc.rows() > 0).then(|| enc.finish());
+            let rows = enc.rows() as u64;
+            ((rows > 0).then(|| enc.finish()), rows)
+        };
+        let (fast, fast_rows) = encode(true);
+        let (staging, _) = encode(false);
         Plan {
             marks,
             excluded,
