@@ -3,7 +3,6 @@
 
 mod common;
 
-use chrono::{DateTime, Utc};
 use dbx_batcher::copy::{CopyEncoder, COLUMNS};
 use dbx_core::Point;
 use dbx_testkit::TestDb;
@@ -79,31 +78,7 @@ async fn encoder_round_trips_through_postgres() {
             ),
             (org, air, ses)
         );
-        let ts: DateTime<Utc> = r.get(3);
-        let extra: Option<serde_json::Value> = r.get(23);
-        got.push(Point {
-            ts_micros: ts.timestamp_micros(),
-            seq: r.get(4),
-            lat: r.get(5),
-            lon: r.get(6),
-            alt: r.get(7),
-            gs: r.get(8),
-            vs: r.get(9),
-            hdg: r.get(10),
-            roll: r.get(11),
-            pitch: r.get(12),
-            yaw: r.get(13),
-            ias: r.get(14),
-            bv: r.get(15),
-            bi: r.get(16),
-            bp: r.get(17),
-            rpm: r.get(18),
-            cs: r.get(19),
-            fix: r.get(20),
-            sats: r.get(21),
-            temp: r.get(22),
-            extra: extra.map(|v| v.to_string()),
-        });
+        got.push(common::point_from_row(r));
     }
     let mut want = vec![points[2].clone(), points[0].clone(), points[1].clone()];
     for w in &mut want {

@@ -255,38 +255,7 @@ pub async fn read_points(
         .await
         .expect("reading telemetry");
     rows.iter()
-        .map(|r| {
-            let ts: DateTime<Utc> = r.get(3);
-            let extra: Option<serde_json::Value> = r.get(23);
-            (
-                r.get::<_, String>(0),
-                r.get(1),
-                r.get(2),
-                Point {
-                    ts_micros: ts.timestamp_micros(),
-                    seq: r.get(4),
-                    lat: r.get(5),
-                    lon: r.get(6),
-                    alt: r.get(7),
-                    gs: r.get(8),
-                    vs: r.get(9),
-                    hdg: r.get(10),
-                    roll: r.get(11),
-                    pitch: r.get(12),
-                    yaw: r.get(13),
-                    ias: r.get(14),
-                    bv: r.get(15),
-                    bi: r.get(16),
-                    bp: r.get(17),
-                    rpm: r.get(18),
-                    cs: r.get(19),
-                    fix: r.get(20),
-                    sats: r.get(21),
-                    temp: r.get(22),
-                    extra: extra.map(|v| v.to_string()),
-                },
-            )
-        })
+        .map(|r| (r.get::<_, String>(0), r.get(1), r.get(2), point_from_row(r)))
         .collect()
 }
 
@@ -301,4 +270,33 @@ pub async fn count(c: &tokio_postgres::Client, sql: &str, session: Uuid) -> i64 
 pub fn day_partition(ts_micros: i64) -> String {
     let t = DateTime::<Utc>::from_timestamp_micros(ts_micros).expect("timestamp in range");
     format!("dbx_aviation.flight_telemetry_p{}", t.format("%Y%m%d"))
+}
+
+/// A point read back from a row with the contract's column order (column 3 = ts).
+pub fn point_from_row(r: &tokio_postgres::Row) -> Point {
+    let ts: chrono::DateTime<chrono::Utc> = r.get(3);
+    let extra: Option<serde_json::Value> = r.get(23);
+    Point {
+        ts_micros: ts.timestamp_micros(),
+        seq: r.get(4),
+        lat: r.get(5),
+        lon: r.get(6),
+        alt: r.get(7),
+        gs: r.get(8),
+        vs: r.get(9),
+        hdg: r.get(10),
+        roll: r.get(11),
+        pitch: r.get(12),
+        yaw: r.get(13),
+        ias: r.get(14),
+        bv: r.get(15),
+        bi: r.get(16),
+        bp: r.get(17),
+        rpm: r.get(18),
+        cs: r.get(19),
+        fix: r.get(20),
+        sats: r.get(21),
+        temp: r.get(22),
+        extra: extra.map(|v| v.to_string()),
+    }
 }
