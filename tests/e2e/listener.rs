@@ -598,7 +598,20 @@ async fn tls_serves_the_same_protocol() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_while_streaming_acks_what_it_accepted() {
-    let mut env = Env::start(&[]).await;
+    shutdown_while_streaming(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_the_spool_on_drains_in_order_too() {
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().display().to_string();
+    shutdown_while_streaming(&[("DBX_SPOOL__DIR", dir.as_str())]).await;
+}
+
+/// SIGTERM while five gateways stream: every gateway ends with `server_shutdown`,
+/// the daemon exits 0, and every batch a gateway saw acked is in the table.
+async fn shutdown_while_streaming(daemon_env: &[(&str, &str)]) {
+    let mut env = Env::start(daemon_env).await;
     let addr = env.daemon.tcp;
     let mut clients = Vec::new();
     for c in 0..5 {
