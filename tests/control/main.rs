@@ -180,8 +180,15 @@ async fn metrics_carry_every_db_gauge_pass_promtool_and_the_status_and_cli_answe
             .await
             .unwrap()
             .get::<_, bool>(0);
+        // The sweep moves the rows, then attaches the partition: wait for a collection
+        // taken after both (the newest live partition then ends in 2099).
+        let far_future = chrono::Utc::now().timestamp() as f64 + 70.0 * 365.0 * 86400.0;
+        let attached = s
+            .get("dbx_db_partition_newest_end_timestamp_seconds{schema=\"live\"}")
+            .is_some_and(|v| *v > far_future);
         if s.get("dbx_db_up") == Some(&1.0)
             && swept
+            && attached
             && s.get("dbx_db_default_partition_rows") == Some(&0.0)
         {
             break (text, s);
