@@ -445,7 +445,10 @@ async fn main() {
         .args(["serve", "--ready-file"])
         .arg(&ready)
         .env("DATABASE_URL", &ingest)
-        .env("DBX_DATABASE__ADMIN_URL", report.url_of("dbx_maintenance_service").unwrap_or(&ingest))
+        .env(
+            "DBX_DATABASE__ADMIN_URL",
+            report.url_of("dbx_maintenance_service").unwrap_or(&ingest),
+        )
         .env("DBX_LISTENER__TCP_BIND", "127.0.0.1:0")
         .env("DBX_LISTENER__UDP_BIND", "")
         .env("DBX_HTTP__BIND", "127.0.0.1:0")
