@@ -327,3 +327,20 @@ async fn when_full_block_stops_reading_until_the_spool_drains() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_directory_is_locked_against_a_second_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_a_tx, a_rx) = mpsc::channel(4);
+    let (b_tx, _b_rx) = mpsc::channel(4);
+    let first = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
+    let (_c_tx, c_rx) = mpsc::channel(4);
+    let (d_tx, _d_rx) = mpsc::channel(4);
+    let err = Spool::start(config(dir.path()), c_rx, d_tx)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("in use by another dbx"), "{msg}");
+    assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    drop(first);
+}

@@ -162,6 +162,34 @@ pub enum SpoolError {
         /// Why.
         source: std::io::Error,
     },
+    /// Another process (another dbx) holds the directory's lock.
+    #[error(
+        "spool.dir {0} is in use by another dbx process (its LOCK file is held); \
+         give every daemon its own spool directory"
+    )]
+    Locked(PathBuf),
+}
+
+/// Takes the spool directory's exclusive lock (`LOCK`, an advisory `flock`): two
+/// daemons appending to and deleting each other's segments would lose data. The
+/// kernel releases it when the process ends, however it ends.
+fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, SpoolError> {
+    let io = |source| SpoolError::Dir {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(SpoolError::Locked(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
 }
 
 /// Starts the spool.
@@ -174,6 +202,8 @@ pub struct SpoolHandle {
     gate: JoinHandle<()>,
     replayer: JoinHandle<()>,
     state: Arc<state::Shared>,
+    /// Held for as long as the spool runs (see `lock_dir`).
+    _lock: std::fs::File,
 }
 
 impl Spool {
@@ -189,6 +219,7 @@ impl Spool {
     ) -> Result<SpoolHandle, SpoolError> {
         config.validate()?;
         let dir = PathBuf::from(&config.dir);
+        let lock = lock_dir(&dir)?;
         let d = dir.clone();
         let recovered = tokio::task::spawn_blocking(move || state::recover(&d))
             .await
@@ -214,6 +245,7 @@ impl Spool {
             gate,
             replayer,
             state: shared,
+            _lock: lock,
         })
     }
 }
