@@ -245,15 +245,13 @@ async fn when_full_drop_newest_nacks_and_never_acks_what_is_not_on_disk() {
     );
 }
 
-/// Reproduces an open bug (issue 7): in roughly one run in ten, after a full-spool
-/// episode one acked record is left in the last segment and never replayed (seen:
-/// spooled_records 80, replayed_records 79, records 1), so the directory never empties.
-/// The record is on disk and is replayed at the next start, but until then it is not
-/// in the table. Ignored so that CI stays deterministic; run it with
-/// `cargo test -p dbx-batcher --test spool -- --ignored` (in a loop) while fixing.
+/// `block` at the limit: the gate stops reading (the sender blocks), acks only what
+/// is on disk, and once the batcher is back everything drains and the directory
+/// empties. It once caught a replayer stall (one acked record left in the last
+/// segment until the next start, about one run in ten), now pinned down
+/// deterministically by `spool::replay`'s unit test.
 /// `block` backpressure itself is also covered by tests/spool (a real daemon).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "reproduces the open spool replay bug of issue 7 (about one run in ten)"]
 async fn when_full_block_stops_reading_until_the_spool_drains() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = SpoolConfig {
@@ -308,7 +306,7 @@ async fn when_full_block_stops_reading_until_the_spool_drains() {
 
     // The batcher comes back: the spool drains and everything gets its ack.
     let consumer = commit_all(b_rx);
-    for seq in blocked_at..80 {
+    for seq in blocked_at..blocked_at + 40 {
         let (b, rx) = batch(seq, 20);
         a_tx.send(b).await.unwrap();
         acks.push(rx);

@@ -133,7 +133,11 @@ pub(crate) async fn run(
     };
     let mut tx = Some(tx);
     loop {
-        if tx.is_some() && r.ready.is_empty() && !r.idle {
+        // Read until there is something to send or nothing durable is left: a read
+        // that only finishes a segment leaves no wake-up behind (no verdict pending,
+        // and `written` is only awaited while idle), so waiting after it would stall
+        // the replay until the next start.
+        while tx.is_some() && r.ready.is_empty() && !r.idle {
             r.read_more().await;
         }
         if tx.is_none() && r.verdicts.is_empty() {
@@ -257,8 +261,9 @@ impl Replayer {
         }
     }
 
-    /// Reads the next records into `ready`, or sets `idle` when there is nothing
-    /// durable left to read.
+    /// Makes one step of progress: reads the next records into `ready`, finishes
+    /// (and moves past) a segment read to its sealed end, skips undecodable records,
+    /// or sets `idle` when there is nothing durable left to read.
     async fn read_more(&mut self) {
         if self.reading.is_none() {
             let next = self
@@ -362,5 +367,96 @@ impl Replayer {
         self.next_segment = id + 1;
         self.progress.entry(id).or_default().read_done = true;
         self.maybe_delete(id).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::record::encode_batch;
+    use crate::spool::segment::{frame_record, SegmentWriter};
+    use crate::spool::state::{SegInfo, State};
+    use dbx_core::Point;
+    use uuid::Uuid;
+
+    /// Stands in for the batcher: resolves every batch it receives as durable.
+    fn accept_all(mut rx: mpsc::Receiver<TelemetryBatch>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                b.ack.durable();
+            }
+        })
+    }
+
+    /// Appends one record to `w` and publishes it, as the gate's `write` does.
+    fn append(shared: &Shared, w: &mut SegmentWriter) {
+        let mut payload = Vec::new();
+        let point = Point {
+            seq: 1,
+            ..Point::default()
+        };
+        encode_batch(
+            Uuid::nil(),
+            Uuid::nil(),
+            Uuid::nil(),
+            &[point],
+            &mut payload,
+        );
+        let mut framed = Vec::new();
+        frame_record(&payload, &mut framed);
+        w.append(&framed).unwrap();
+        let mut st = shared.lock();
+        let s = st.segments.entry(w.id).or_insert(SegInfo {
+            durable_len: 0,
+            records: 0,
+            sealed: false,
+            created_micros: 0,
+        });
+        s.durable_len = w.len;
+        s.records += 1;
+        drop(st);
+        shared.written.notify_one();
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The open segment is replayed and resolved completely, then sealed (as the
+    /// gate does when the spool is full): with nothing outstanding, the replayer
+    /// must still go on to the next segment the gate opens.
+    #[tokio::test]
+    async fn sealing_a_fully_replayed_segment_does_not_stall_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(Shared::new(dir.path().to_path_buf(), State::default()));
+        let (tx, rx) = mpsc::channel(8);
+        let batcher = accept_all(rx);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(shared.clone(), tx, stop_rx));
+
+        let mut w0 = SegmentWriter::create(dir.path(), 0, 0).unwrap();
+        append(&shared, &mut w0);
+        let replayed = || shared.replayed.load(Ordering::Relaxed);
+        wait_for("the first record", || replayed() == 1).await;
+
+        // Seal it with every record resolved; it must be deleted.
+        shared.lock().segments.get_mut(&0).unwrap().sealed = true;
+        shared.written.notify_one();
+        wait_for("segment 0 to be deleted", || {
+            shared.deleted.load(Ordering::Relaxed) == 1
+        })
+        .await;
+
+        let mut w1 = SegmentWriter::create(dir.path(), 1, 0).unwrap();
+        append(&shared, &mut w1);
+        wait_for("the record in segment 1", || replayed() == 2).await;
+
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        batcher.abort();
     }
 }
