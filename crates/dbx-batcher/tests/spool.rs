@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use dbx_batcher::spool::record::encode_batch;
 use dbx_batcher::spool::segment::{self, frame_record, SegmentWriter};
-use dbx_batcher::spool::{Spool, SpoolConfig, WhenFull};
+use dbx_batcher::spool::{inspect, rejected, requeue_rejected, Spool, SpoolConfig, WhenFull};
 use dbx_core::{
-    AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, RejectCode, TelemetryBatch,
+    AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, RejectCode, Rejection, TelemetryBatch,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -51,6 +51,7 @@ fn config(dir: &Path) -> SpoolConfig {
         when_full: WhenFull::Block,
         after_ms: 200,
         segment_bytes: 8192,
+        ..SpoolConfig::default()
     }
 }
 
@@ -161,7 +162,7 @@ async fn segments_left_by_a_crash_are_replayed_and_a_torn_tail_is_skipped() {
         for seq in seqs {
             let (b, _) = batch(seq, 3);
             let mut p = Vec::new();
-            encode_batch(b.org_id, b.aircraft_id, b.session_id, &b.points, &mut p);
+            encode_batch(b.org_id, b.aircraft_id, b.session_id, &b.points, 1, &mut p);
             frame_record(&p, &mut framed);
         }
         w.append(&framed).unwrap();
@@ -351,4 +352,95 @@ async fn a_spool_directory_is_locked_against_a_second_daemon() {
     assert!(msg.contains("in use by another dbx"), "{msg}");
     assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     drop(first);
+}
+
+/// A batch the spool acked and the batcher then refuses on replay (a data error
+/// decided at commit, such as `foreign_session`) is kept as a dead letter with its
+/// reason before its segment is deleted; `requeue_rejected` moves it back into the
+/// spool, and the next start replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_replays_become_dead_letters_and_requeue_replays_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_tx, a_rx) = mpsc::channel(16);
+    let (b_tx, b_rx) = mpsc::channel(4);
+    let spool = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
+    // The batcher is stalled: everything is acked from the spool.
+    let mut acks = Vec::new();
+    for seq in 0..30 {
+        let (b, rx) = batch(seq, 5);
+        a_tx.send(b).await.unwrap();
+        acks.push(rx);
+    }
+    for rx in acks {
+        assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
+    }
+    // It comes back and refuses the odd batches, forwarded or replayed.
+    let consumer = tokio::spawn(async move {
+        let mut rx = b_rx;
+        let mut refused = 0;
+        while let Some(b) = rx.recv().await {
+            if (b.points[0].seq / 1000) % 2 == 1 {
+                refused += 1;
+                b.ack.reject(Rejection::new(
+                    RejectCode::ForeignSession,
+                    "session belongs to another aircraft",
+                ));
+            } else {
+                b.ack.durable();
+            }
+        }
+        refused
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segments(dir.path()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "spool not drained: {:?}",
+            spool.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(a_tx);
+    let st = spool.join().await;
+    assert!(consumer.await.unwrap() >= 15);
+    assert_eq!(st.rejected_records, 15, "{st:?}");
+
+    let reasons = rejected::read_reasons(&dir.path().join(rejected::DIR)).unwrap();
+    let mut kept: Vec<i64> = reasons
+        .iter()
+        .map(|r| r.seq_range.unwrap().0 / 1000)
+        .collect();
+    kept.sort();
+    assert_eq!(kept, (0..30).filter(|s| s % 2 == 1).collect::<Vec<_>>());
+    assert!(reasons
+        .iter()
+        .all(|r| r.code == "foreign_session" && r.session_id == SESSION && r.points == 5));
+    let report = inspect(dir.path()).unwrap();
+    assert_eq!((report.segments.len(), report.rejected_records), (0, 15));
+    assert!(!report.in_use);
+
+    // Requeued, they are replayed at the next start (and accepted this time).
+    let (records, _files) = requeue_rejected(dir.path()).unwrap();
+    assert_eq!(records, 15);
+    assert_eq!(inspect(dir.path()).unwrap().rejected_records, 0);
+    let (a_tx, a_rx) = mpsc::channel(16);
+    let (b_tx, b_rx) = mpsc::channel(4);
+    let spool = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
+    assert!(inspect(dir.path()).unwrap().in_use);
+    let consumer = commit_all(b_rx);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segments(dir.path()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "requeued not drained: {:?}",
+            spool.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(a_tx);
+    let st = spool.join().await;
+    let (seen, replayed) = consumer.await.unwrap();
+    assert_eq!((replayed, st.rejected_records), (15, 0));
+    let batches: HashSet<i64> = seen.iter().map(|s| s / 1000).collect();
+    assert_eq!(batches, (0..30).filter(|s| s % 2 == 1).collect());
 }

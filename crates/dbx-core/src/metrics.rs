@@ -108,7 +108,7 @@ pub const SPOOL_BYTES: &str = "dbx_spool_bytes";
 pub const SPOOL_RECORDS: &str = "dbx_spool_records";
 /// Spool: segment files (gauge).
 pub const SPOOL_SEGMENTS: &str = "dbx_spool_segments";
-/// Spool: age of the oldest segment still on disk, a bound on its oldest record's (gauge, seconds).
+/// Spool: how long the oldest spooled batch not yet written to PostgreSQL has waited since the daemon accepted it; 0 when none waits (gauge, seconds).
 pub const SPOOL_OLDEST_RECORD_AGE_SECONDS: &str = "dbx_spool_oldest_record_age_seconds";
 /// Spool: records written to the spool, fsynced (counter).
 pub const SPOOL_WRITTEN_RECORDS_TOTAL: &str = "dbx_spool_written_records_total";
@@ -116,7 +116,11 @@ pub const SPOOL_WRITTEN_RECORDS_TOTAL: &str = "dbx_spool_written_records_total";
 pub const SPOOL_REPLAYED_RECORDS_TOTAL: &str = "dbx_spool_replayed_records_total";
 /// Spool: torn or corrupt records detected and skipped (counter).
 pub const SPOOL_CORRUPT_RECORDS_TOTAL: &str = "dbx_spool_corrupt_records_total";
-/// Spool: batches that found the spool full or unwritable (counter, label `kind` = block | drop).
+/// Spool: batches that found the spool full or unwritable (counter, label `kind` = block | drop | rejected).
 pub const SPOOL_FULL_TOTAL: &str = "dbx_spool_full_total";
 /// Spool: 1 while the gate spools, 0 while it forwards directly (gauge).
 pub const SPOOL_ACTIVE: &str = "dbx_spool_active";
+/// Spool: acked batches the database refused on replay, kept as dead letters (counter).
+pub const SPOOL_REJECTED_RECORDS_TOTAL: &str = "dbx_spool_rejected_records_total";
+/// Spool: bytes of the dead letters under `spool.dir/rejected/` (gauge).
+pub const SPOOL_REJECTED_BYTES: &str = "dbx_spool_rejected_bytes";

@@ -46,6 +46,8 @@ enum Command {
     Aircraft(cmd::tenants::AircraftArgs),
     /// Analysis results: full-text search over the AI reports.
     Analyses(cmd::tenants::AnalysesArgs),
+    /// The disk spool: status, dead letters (batches refused on replay), requeue.
+    Spool(cmd::spool::SpoolArgs),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
             Command::Key(args) => cmd::tenants::key(args).await,
             Command::Aircraft(args) => cmd::tenants::aircraft(args).await,
             Command::Analyses(args) => cmd::tenants::analyses(args).await,
+            Command::Spool(args) => cmd::spool::spool(cli.config.as_deref(), args).await,
         }
     });
     match result {

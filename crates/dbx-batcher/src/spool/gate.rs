@@ -44,6 +44,8 @@ struct Forwarded {
     client: Option<AckHandle>,
     /// The spool encoding, kept while `client` is unanswered.
     payload: Option<Vec<u8>>,
+    /// Written to the spool (and acked from it) while in the batcher.
+    spooled: bool,
     sent: Instant,
 }
 
@@ -77,7 +79,15 @@ struct Gate {
 
 fn encode(b: &TelemetryBatch) -> Vec<u8> {
     let mut out = Vec::new();
-    encode_batch(b.org_id, b.aircraft_id, b.session_id, &b.points, &mut out);
+    let accepted = now_micros() - b.received_at.elapsed().as_micros() as i64;
+    encode_batch(
+        b.org_id,
+        b.aircraft_id,
+        b.session_id,
+        &b.points,
+        accepted,
+        &mut out,
+    );
     out
 }
 
@@ -215,6 +225,7 @@ impl Gate {
             Forwarded {
                 client: payload.as_ref().map(|_| client),
                 payload,
+                spooled: false,
                 sent: Instant::now(),
             },
         );
@@ -237,10 +248,13 @@ impl Gate {
                 self.shared.committed();
                 match f.client {
                     Some(c) => c.reject(r),
-                    None => warn!(
+                    // Its spooled copy is replayed, refused again, and kept as a
+                    // dead letter; the replayer logs it then.
+                    None if f.spooled => info!(
                         code = r.code.as_str(), msg = %r.msg,
-                        "the database rejected a batch the spool had already acked; its points are not stored"
+                        "the database refused a batch the spool had already acked; its spooled copy will be kept as a dead letter"
                     ),
+                    None => {}
                 }
             }
             // The batcher went away without a verdict: no ack (the gateway resends),
@@ -331,6 +345,7 @@ impl Gate {
             for id in ids {
                 if let Some(f) = self.forwarded.get_mut(&id) {
                     f.payload = None;
+                    f.spooled = true;
                     if let Some(c) = f.client.take() {
                         c.durable();
                     }

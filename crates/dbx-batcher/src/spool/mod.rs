@@ -41,12 +41,14 @@
 //! (`dbx_udp_dropped_total{reason="spool_full"}`), as PROTOCOL.md asks of UDP under
 //! saturation.
 //!
-//! A batch the batcher later rejects (e.g. `foreign_session`, decided in the commit
-//! transaction) after the spool acked it is logged and counted as rejected: the
-//! batcher stays the authority on data errors.
+//! A spooled batch the batcher refuses on replay (e.g. `foreign_session`, decided in
+//! the commit transaction) after the spool acked it is kept as a dead letter
+//! ([`rejected`]) before its segment is deleted: the batcher stays the authority on
+//! data errors, and an acked batch is still never thrown away.
 
 pub mod gate;
 pub mod record;
+pub mod rejected;
 pub mod replay;
 pub mod segment;
 mod state;
@@ -89,6 +91,9 @@ pub struct SpoolConfig {
     pub after_ms: u64,
     /// A segment is sealed and a new one started past this many bytes.
     pub segment_bytes: u64,
+    /// Bound on the dead letters under `dir/rejected/`: acked batches the database
+    /// refused on replay.
+    pub rejected_max_bytes: u64,
 }
 
 impl Default for SpoolConfig {
@@ -99,6 +104,7 @@ impl Default for SpoolConfig {
             when_full: WhenFull::Block,
             after_ms: 2000,
             segment_bytes: 64 * 1024 * 1024,
+            rejected_max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -138,6 +144,9 @@ impl SpoolConfig {
         }
         if self.segment_bytes > 1024 * 1024 * 1024 {
             return err("segment_bytes", "must be at most 1 GiB");
+        }
+        if self.rejected_max_bytes < 64 * 1024 {
+            return err("rejected_max_bytes", "must be at least 65536");
         }
         Ok(())
     }
@@ -192,6 +201,84 @@ fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, SpoolError> {
     }
 }
 
+/// One segment file, as [`inspect`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentReport {
+    /// Its id (the file name's number).
+    pub id: u64,
+    /// Bytes in the file.
+    pub bytes: u64,
+    /// Records in it, counted from their length words.
+    pub records: u64,
+    /// When it was created (unix µs); `None` for a header that is not ours.
+    pub created_micros: Option<i64>,
+}
+
+/// What a spool directory holds, for `dbx spool status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpoolReport {
+    /// Segments waiting for replay, oldest first.
+    pub segments: Vec<SegmentReport>,
+    /// Dead letters: records and bytes under `rejected/`.
+    pub rejected_records: u64,
+    /// Bytes of the dead-letter segment files.
+    pub rejected_bytes: u64,
+    /// A running daemon holds the directory's lock.
+    pub in_use: bool,
+}
+
+/// Reads what `dir` holds without changing anything (safe while a daemon runs; the
+/// open segment may grow meanwhile).
+pub fn inspect(dir: &std::path::Path) -> std::io::Result<SpoolReport> {
+    let mut segments = Vec::new();
+    let mut in_use = false;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == "LOCK" {
+            let f = std::fs::File::open(entry.path())?;
+            in_use = matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock));
+            continue;
+        }
+        let Some(id) = name.to_str().and_then(segment::parse_name) else {
+            continue;
+        };
+        let file = std::fs::File::open(entry.path())?;
+        let bytes = file.metadata()?.len();
+        segments.push(SegmentReport {
+            id,
+            bytes,
+            records: segment::count_records(&file, bytes),
+            created_micros: segment::read_header(&file, bytes),
+        });
+    }
+    segments.sort_by_key(|s| s.id);
+    let dead = dir.join(rejected::DIR);
+    let mut rejected_records = 0;
+    let mut rejected_bytes = 0;
+    for (_, path, len) in rejected::segments(&dead)? {
+        rejected_records += segment::count_records(&std::fs::File::open(path)?, len);
+        rejected_bytes += len;
+    }
+    Ok(SpoolReport {
+        segments,
+        rejected_records,
+        rejected_bytes,
+        in_use,
+    })
+}
+
+/// Moves the dead letters of `dir` back into the spool for the next daemon start to
+/// replay (once their cause is fixed); refused while a daemon runs on `dir`. Returns
+/// the records and segment files moved.
+pub fn requeue_rejected(dir: &std::path::Path) -> Result<(u64, u64), SpoolError> {
+    let _lock = lock_dir(dir)?;
+    rejected::requeue(dir).map_err(|source| SpoolError::Dir {
+        dir: dir.to_path_buf(),
+        source,
+    })
+}
+
 /// Starts the spool.
 #[derive(Debug)]
 pub struct Spool;
@@ -221,19 +308,30 @@ impl Spool {
         let dir = PathBuf::from(&config.dir);
         let lock = lock_dir(&dir)?;
         let d = dir.clone();
-        let recovered = tokio::task::spawn_blocking(move || state::recover(&d))
-            .await
-            .map_err(|e| SpoolError::Dir {
-                dir: dir.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?
-            .map_err(|source| SpoolError::Dir {
-                dir: dir.clone(),
-                source,
-            })?;
+        let (rejected_max, segment_bytes) = (config.rejected_max_bytes, config.segment_bytes);
+        let recovered = tokio::task::spawn_blocking(move || {
+            let st = state::recover(&d)?;
+            let dead = rejected::DeadLetters::open(&d, rejected_max, segment_bytes)?;
+            Ok::<_, std::io::Error>((st, dead))
+        })
+        .await
+        .map_err(|e| SpoolError::Dir {
+            dir: dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|source| SpoolError::Dir {
+            dir: dir.clone(),
+            source,
+        })?;
+        let (recovered, dead) = recovered;
         let shared = Arc::new(state::Shared::new(dir, recovered));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let replayer = tokio::spawn(replay::run(shared.clone(), to_batcher.clone(), stop_rx));
+        let replayer = tokio::spawn(replay::run(
+            shared.clone(),
+            dead,
+            to_batcher.clone(),
+            stop_rx,
+        ));
         let gate = tokio::spawn(gate::run(
             config,
             shared.clone(),

@@ -2,9 +2,11 @@
 //! organization, aircraft, session and points in a compact little-endian binary form
 //! of our own (the batcher parses no wire bytes, so not MessagePack).
 //!
-//! Layout, version 1:
+//! Layout, version 2 (version 1, written by earlier releases, lacks `accepted` and
+//! is still read):
 //! ```text
-//! u8 version (1) | 16 org | 16 aircraft | 16 session | u32 n_points | n × point
+//! u8 version (2) | i64 accepted (unix µs) | 16 org | 16 aircraft | 16 session
+//!   | u32 n_points | n × point
 //! point: i64 ts_micros | i64 seq | u32 presence mask (bit i = optional field i)
 //!        | the present fields in order: lat f64, lon f64, alt..bp f32 × 11,
 //!          rpm (u16 n, n × f32), cs (u16 n, n × f32), fix i16, sats i16, temp f32,
@@ -17,8 +19,10 @@
 use dbx_core::Point;
 use uuid::Uuid;
 
-/// The payload format version this code writes and reads.
-pub const PAYLOAD_VERSION: u8 = 1;
+/// The payload format version this code writes.
+pub const PAYLOAD_VERSION: u8 = 2;
+/// The first format, without `accepted`: still read, never written.
+const PAYLOAD_VERSION_1: u8 = 1;
 
 /// Smallest encoded point: ts, seq and the presence mask.
 const MIN_POINT_BYTES: usize = 8 + 8 + 4;
@@ -37,6 +41,8 @@ pub struct SpooledBatch {
     pub session_id: Uuid,
     /// The points, in the order they were received.
     pub points: Vec<Point>,
+    /// When the daemon accepted the batch (unix µs); `None` in version 1 records.
+    pub accepted_micros: Option<i64>,
 }
 
 /// Why a payload could not be decoded.
@@ -69,16 +75,19 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
-/// Appends the payload of one batch to `out`.
+/// Appends the payload of one batch to `out`; `accepted_micros` is when the daemon
+/// accepted it (unix µs), what `dbx_spool_oldest_record_age_seconds` measures from.
 pub fn encode_batch(
     org_id: Uuid,
     aircraft_id: Uuid,
     session_id: Uuid,
     points: &[Point],
+    accepted_micros: i64,
     out: &mut Vec<u8>,
 ) {
-    out.reserve(1 + 48 + 4 + points.len() * 64);
+    out.reserve(1 + 8 + 48 + 4 + points.len() * 64);
     out.push(PAYLOAD_VERSION);
+    out.extend_from_slice(&accepted_micros.to_le_bytes());
     out.extend_from_slice(org_id.as_bytes());
     out.extend_from_slice(aircraft_id.as_bytes());
     out.extend_from_slice(session_id.as_bytes());
@@ -209,10 +218,11 @@ pub fn decode_batch(payload: &[u8]) -> Result<SpooledBatch, DecodeError> {
         buf: payload,
         pos: 0,
     };
-    let version = c.array::<1>()?[0];
-    if version != PAYLOAD_VERSION {
-        return Err(DecodeError::Version(version));
-    }
+    let accepted_micros = match c.array::<1>()?[0] {
+        PAYLOAD_VERSION => Some(c.i64()?),
+        PAYLOAD_VERSION_1 => None,
+        v => return Err(DecodeError::Version(v)),
+    };
     let org_id = c.uuid()?;
     let aircraft_id = c.uuid()?;
     let session_id = c.uuid()?;
@@ -230,6 +240,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<SpooledBatch, DecodeError> {
         aircraft_id,
         session_id,
         points,
+        accepted_micros,
     })
 }
 
@@ -336,20 +347,21 @@ mod tests {
     fn same(a: &[Point], b: &[Point]) -> bool {
         let mut ea = Vec::new();
         let mut eb = Vec::new();
-        encode_batch(Uuid::nil(), Uuid::nil(), Uuid::nil(), a, &mut ea);
-        encode_batch(Uuid::nil(), Uuid::nil(), Uuid::nil(), b, &mut eb);
+        encode_batch(Uuid::nil(), Uuid::nil(), Uuid::nil(), a, 0, &mut ea);
+        encode_batch(Uuid::nil(), Uuid::nil(), Uuid::nil(), b, 0, &mut eb);
         ea == eb && a.len() == b.len()
     }
 
     proptest! {
         #[test]
         fn round_trip(points in proptest::collection::vec(any_point(), 0..20),
-                      ids in any::<[u128; 3]>()) {
+                      ids in any::<[u128; 3]>(), accepted in any::<i64>()) {
             let (o, a, s) = (Uuid::from_u128(ids[0]), Uuid::from_u128(ids[1]), Uuid::from_u128(ids[2]));
             let mut buf = Vec::new();
-            encode_batch(o, a, s, &points, &mut buf);
+            encode_batch(o, a, s, &points, accepted, &mut buf);
             let back = decode_batch(&buf).unwrap();
             prop_assert_eq!((back.org_id, back.aircraft_id, back.session_id), (o, a, s));
+            prop_assert_eq!(back.accepted_micros, Some(accepted));
             prop_assert!(same(&back.points, &points));
             // Field by field where equality is meaningful.
             for (x, y) in back.points.iter().zip(&points) {
@@ -365,7 +377,7 @@ mod tests {
         #[test]
         fn every_truncation_is_an_error(points in proptest::collection::vec(any_point(), 1..5)) {
             let mut buf = Vec::new();
-            encode_batch(Uuid::nil(), Uuid::nil(), Uuid::nil(), &points, &mut buf);
+            encode_batch(Uuid::nil(), Uuid::nil(), Uuid::nil(), &points, 7, &mut buf);
             for cut in 0..buf.len() {
                 prop_assert!(decode_batch(&buf[..cut]).is_err());
             }
@@ -381,16 +393,40 @@ mod tests {
             Uuid::nil(),
             Uuid::nil(),
             std::slice::from_ref(&p),
+            9,
             &mut buf,
         );
-        assert_eq!(buf.len(), 1 + 48 + 4 + MIN_POINT_BYTES);
+        assert_eq!(buf.len(), 1 + 8 + 48 + 4 + MIN_POINT_BYTES);
         assert_eq!(decode_batch(&buf).unwrap().points, vec![p]);
+    }
+
+    /// Records written by the first release (version 1, no `accepted`) still replay.
+    #[test]
+    fn version_1_records_are_still_read() {
+        let p = Point::new(1_700_000_000_000_000, 42);
+        let mut v2 = Vec::new();
+        encode_batch(
+            Uuid::from_u128(1),
+            Uuid::from_u128(2),
+            Uuid::from_u128(3),
+            std::slice::from_ref(&p),
+            9,
+            &mut v2,
+        );
+        // Version 1 is version 2 without the eight bytes of `accepted`.
+        let mut v1 = vec![PAYLOAD_VERSION_1];
+        v1.extend_from_slice(&v2[9..]);
+        let back = decode_batch(&v1).unwrap();
+        assert_eq!(back.accepted_micros, None);
+        assert_eq!(back.session_id, Uuid::from_u128(3));
+        assert_eq!(back.points, vec![p]);
+        assert_eq!(decode_batch(&[3]), Err(DecodeError::Version(3)));
     }
 
     #[test]
     fn huge_counts_are_refused_before_allocating() {
         let mut buf = vec![PAYLOAD_VERSION];
-        buf.extend_from_slice(&[0u8; 48]);
+        buf.extend_from_slice(&[0u8; 8 + 48]);
         buf.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
             decode_batch(&buf),

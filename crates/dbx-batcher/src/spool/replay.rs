@@ -3,9 +3,16 @@
 //! keeps its share of the batcher's queue; deletes a segment once it is sealed, read
 //! to its end, and every record of it has a verdict. Corrupt and torn records are
 //! counted and skipped; the open segment is read up to what the gate has fsynced.
+//! A record the database refuses is copied to the [dead letters](super::rejected)
+//! first.
 //!
-//! A record whose verdict never comes (the batcher stopped) keeps its segment on
-//! disk: the next start replays it, and the batcher's dedupe drops what was stored.
+//! A record whose verdict never comes (the batcher stopped), or that could not be
+//! kept as a dead letter, keeps its segment on disk: the next start replays it, and
+//! the batcher's dedupe drops what was stored.
+//!
+//! It also publishes when the oldest batch still waiting for PostgreSQL was accepted
+//! (`dbx_spool_oldest_record_age_seconds`): the oldest of the records it has read
+//! and not yet seen resolved, since every record not read yet is younger.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -16,12 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dbx_core::metrics as m;
-use dbx_core::{AckHandle, BatchOrigin, BatchOutcome, TelemetryBatch};
+use dbx_core::{AckHandle, BatchOrigin, BatchOutcome, Rejection, TelemetryBatch};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::record::{decode_batch, SpooledBatch};
+use super::rejected::{DeadLetters, Kept};
 use super::segment::{self, Next};
 use super::state::Shared;
 
@@ -33,12 +41,30 @@ const READ_BYTES: usize = 4 * 1024 * 1024;
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
 type Verdict =
-    Pin<Box<dyn Future<Output = (u64, Result<BatchOutcome, oneshot::error::RecvError>)> + Send>>;
+    Pin<Box<dyn Future<Output = (Sent, Result<BatchOutcome, oneshot::error::RecvError>)> + Send>>;
+
+/// Where a record handed to the batcher came from.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    seg: u64,
+    /// Its offset in the segment, to read it again should the database refuse it.
+    offset: u64,
+    /// When the daemon accepted it (unix µs).
+    accepted: i64,
+}
+
+/// A record read and decoded, not yet handed to the batcher.
+struct Pending {
+    sent: Sent,
+    batch: SpooledBatch,
+}
 
 /// Where the replayer is in one segment.
 #[derive(Debug, Default)]
 struct Progress {
-    /// Records handed to the batcher without a verdict yet.
+    /// Records read from it without a verdict yet: waiting in `ready` or in the
+    /// batcher. Counted from the read, not the send: a segment read to its end is
+    /// otherwise deleted while its last records are only in memory.
     outstanding: u64,
     /// Read to its sealed end.
     read_done: bool,
@@ -109,19 +135,25 @@ struct Replayer {
     reading: Option<Reading>,
     /// Segments below this id are read to their end.
     next_segment: u64,
-    ready: VecDeque<(u64, SpooledBatch)>,
+    ready: VecDeque<Pending>,
     verdicts: FuturesUnordered<Verdict>,
+    /// When the records in `verdicts` were accepted (a multiset: time → count).
+    in_flight_accepted: BTreeMap<i64, u32>,
     /// Caught up with everything durable: wait for the gate.
     idle: bool,
+    /// `None` only after a dead-letter write task panicked.
+    dead: Option<DeadLetters>,
 }
 
 /// The replayer task.
 pub(crate) async fn run(
     shared: Arc<Shared>,
+    dead: DeadLetters,
     tx: mpsc::Sender<TelemetryBatch>,
     mut stop: watch::Receiver<bool>,
 ) {
     let window = (tx.max_capacity() / 2).clamp(1, 256);
+    shared.rejected_bytes.store(dead.bytes(), Ordering::Relaxed);
     let mut r = Replayer {
         shared,
         progress: BTreeMap::new(),
@@ -129,7 +161,9 @@ pub(crate) async fn run(
         next_segment: 0,
         ready: VecDeque::new(),
         verdicts: FuturesUnordered::new(),
+        in_flight_accepted: BTreeMap::new(),
         idle: false,
+        dead: Some(dead),
     };
     let mut tx = Some(tx);
     loop {
@@ -147,11 +181,12 @@ pub(crate) async fn run(
             r.idle && r.ready.is_empty() && r.verdicts.is_empty(),
             Ordering::Relaxed,
         );
+        r.publish_oldest_waiting();
         let can_send = r.verdicts.len() < window && !r.ready.is_empty();
         let sender = tx.clone();
         tokio::select! {
             biased;
-            Some((seg, res)) = r.verdicts.next(), if !r.verdicts.is_empty() => r.on_verdict(seg, res).await,
+            Some((sent, res)) = r.verdicts.next(), if !r.verdicts.is_empty() => r.on_verdict(sent, res).await,
             changed = stop.changed(), if tx.is_some() => {
                 if changed.is_err() || *stop.borrow() {
                     // Stop feeding the batcher; what is not resolved stays on disk.
@@ -170,6 +205,8 @@ pub(crate) async fn run(
             _ = tokio::time::sleep(IDLE_POLL), if r.idle => r.idle = false,
         }
     }
+    r.ready.clear();
+    r.publish_oldest_waiting();
     info!(stats = ?r.shared.stats(), "spool replayer finished");
 }
 
@@ -183,8 +220,19 @@ async fn reserve(
 }
 
 impl Replayer {
+    /// Publishes when the oldest record read and not yet resolved was accepted.
+    fn publish_oldest_waiting(&self) {
+        let oldest = self
+            .ready
+            .iter()
+            .map(|p| p.sent.accepted)
+            .chain(self.in_flight_accepted.keys().next().copied())
+            .min();
+        self.shared.set_oldest_waiting(oldest);
+    }
+
     fn send(&mut self, permit: mpsc::Permit<'_, TelemetryBatch>) {
-        let Some((seg, b)) = self.ready.pop_front() else {
+        let Some(Pending { sent, batch: b }) = self.ready.pop_front() else {
             return;
         };
         let (ack, verdict) = AckHandle::channel();
@@ -197,32 +245,108 @@ impl Replayer {
             origin: BatchOrigin::Spool,
             received_at: Instant::now(),
         });
-        self.progress.entry(seg).or_default().outstanding += 1;
+        *self.in_flight_accepted.entry(sent.accepted).or_default() += 1;
         self.verdicts
-            .push(Box::pin(async move { (seg, verdict.await) }));
+            .push(Box::pin(async move { (sent, verdict.await) }));
     }
 
-    async fn on_verdict(&mut self, seg: u64, res: Result<BatchOutcome, oneshot::error::RecvError>) {
+    async fn on_verdict(
+        &mut self,
+        sent: Sent,
+        res: Result<BatchOutcome, oneshot::error::RecvError>,
+    ) {
+        if let Some(n) = self.in_flight_accepted.get_mut(&sent.accepted) {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight_accepted.remove(&sent.accepted);
+            }
+        }
+        let seg = sent.seg;
         let p = self.progress.entry(seg).or_default();
         p.outstanding = p.outstanding.saturating_sub(1);
-        match res {
+        let keep = match res {
             Ok(BatchOutcome::Durable) => {
                 self.shared.committed();
                 self.shared.replayed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::SPOOL_REPLAYED_RECORDS_TOTAL).increment(1);
+                false
             }
             Ok(BatchOutcome::Rejected(r)) => {
                 self.shared.committed();
                 self.shared.replayed.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!(m::SPOOL_REPLAYED_RECORDS_TOTAL).increment(1);
-                warn!(
-                    segment = seg, code = r.code.as_str(), msg = %r.msg,
-                    "the database rejected a spooled batch; its points are not stored"
-                );
+                !self.keep_rejected(sent, &r).await
             }
-            Err(_) => p.keep = true,
+            Err(_) => true,
+        };
+        if keep {
+            self.progress.entry(seg).or_default().keep = true;
         }
         self.maybe_delete(seg).await;
+    }
+
+    /// Copies a record the database refused to the dead letters. `false` when it
+    /// could not be: its segment must then stay in the spool.
+    async fn keep_rejected(&mut self, sent: Sent, r: &Rejection) -> bool {
+        let Some(mut dead) = self.dead.take() else {
+            error!(segment = sent.seg, "the dead-letter store is unavailable; keeping the refused batch's segment in the spool");
+            return false;
+        };
+        let path = self.shared.dir.join(segment::file_name(sent.seg));
+        let (code, msg) = (r.code.as_str(), r.msg.clone());
+        let copied = tokio::task::spawn_blocking(move || {
+            let kept = (|| {
+                let file = File::open(&path)?;
+                let len = file.metadata()?.len();
+                match segment::read_next(&file, sent.offset, len)? {
+                    Next::Record { payload, .. } => dead.keep(&payload, code, &msg),
+                    _ => Err(std::io::Error::other(
+                        "the record no longer reads back intact",
+                    )),
+                }
+            })();
+            (dead, kept)
+        })
+        .await;
+        let kept = match copied {
+            Ok((dead, kept)) => {
+                self.shared
+                    .rejected_bytes
+                    .store(dead.bytes(), Ordering::Relaxed);
+                self.dead = Some(dead);
+                kept
+            }
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        match kept {
+            Ok(Kept::Stored) => {
+                self.shared.rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(m::SPOOL_REJECTED_RECORDS_TOTAL).increment(1);
+                warn!(
+                    segment = sent.seg, code, msg = %r.msg,
+                    "the database refused a batch the spool had acked; kept under rejected/ \
+                     in the spool directory (`dbx spool rejected` lists it, `dbx spool requeue` replays it)"
+                );
+                true
+            }
+            Ok(Kept::Full) => {
+                metrics::counter!(m::SPOOL_FULL_TOTAL, "kind" => "rejected").increment(1);
+                error!(
+                    segment = sent.seg, code, msg = %r.msg,
+                    "the database refused a batch the spool had acked and spool.rejected_max_bytes is reached; \
+                     its segment stays in the spool (replayed at the next start)"
+                );
+                false
+            }
+            Err(e) => {
+                error!(
+                    segment = sent.seg, code, msg = %r.msg, error = %e,
+                    "the database refused a batch the spool had acked and it cannot be kept under rejected/; \
+                     its segment stays in the spool (replayed at the next start)"
+                );
+                false
+            }
+        }
     }
 
     /// Deletes `seg` when it is sealed, read, and fully resolved.
@@ -298,9 +422,9 @@ impl Replayer {
             return;
         };
         let id = reading.id;
-        let (limit, sealed) = match self.shared.lock().segments.get(&id) {
-            Some(s) => (s.durable_len, s.sealed),
-            None => (0, true),
+        let (limit, sealed, created) = match self.shared.lock().segments.get(&id) {
+            Some(s) => (s.durable_len, s.sealed, s.created_micros),
+            None => (0, true, 0),
         };
         let file = reading.file.clone();
         let offset = reading.offset;
@@ -332,7 +456,18 @@ impl Replayer {
         self.shared.count_corrupt(counted as u64);
         for (at, payload) in chunk.records {
             match decode_batch(&payload) {
-                Ok(b) => self.ready.push_back((id, b)),
+                Ok(batch) => {
+                    self.progress.entry(id).or_default().outstanding += 1;
+                    self.ready.push_back(Pending {
+                        sent: Sent {
+                            seg: id,
+                            offset: at,
+                            // Version 1 records: the segment's creation bounds it.
+                            accepted: batch.accepted_micros.unwrap_or(created),
+                        },
+                        batch,
+                    });
+                }
                 Err(e) => {
                     warn!(segment = id, offset = at, error = %e, "skipping an undecodable spool record");
                     self.shared.count_corrupt(1);
@@ -400,6 +535,7 @@ mod tests {
             Uuid::nil(),
             Uuid::nil(),
             &[point],
+            0,
             &mut payload,
         );
         let mut framed = Vec::new();
@@ -426,6 +562,40 @@ mod tests {
         }
     }
 
+    /// A sealed segment read to its end in one go must stay on disk while its
+    /// records wait in memory for room in the batcher's queue: they are acked, and a
+    /// crash then would lose them.
+    #[tokio::test]
+    async fn a_segment_is_not_deleted_while_its_records_are_only_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(Shared::new(dir.path().to_path_buf(), State::default()));
+        let mut w = SegmentWriter::create(dir.path(), 0, 0).unwrap();
+        for _ in 0..3 {
+            append(&shared, &mut w);
+        }
+        shared.lock().segments.get_mut(&0).unwrap().sealed = true;
+        // A batcher that takes one batch and then nothing: the rest waits in `ready`.
+        let (tx, mut rx) = mpsc::channel(1);
+        let dead = DeadLetters::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(shared.clone(), dead, tx, stop_rx));
+        let first = rx.recv().await.unwrap();
+        first.ack.durable();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            w.path.exists(),
+            "the segment was deleted with two of its records unresolved"
+        );
+        assert_eq!(shared.replayed.load(Ordering::Relaxed), 1);
+        // The batcher resumes: both arrive, and only then the file goes.
+        let batcher = accept_all(rx);
+        wait_for("the segment to be deleted", || !w.path.exists()).await;
+        assert_eq!(shared.replayed.load(Ordering::Relaxed), 3);
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        batcher.abort();
+    }
+
     /// The open segment is replayed and resolved completely, then sealed (as the
     /// gate does when the spool is full): with nothing outstanding, the replayer
     /// must still go on to the next segment the gate opens.
@@ -436,7 +606,8 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let batcher = accept_all(rx);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(shared.clone(), tx, stop_rx));
+        let dead = DeadLetters::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let task = tokio::spawn(run(shared.clone(), dead, tx, stop_rx));
 
         let mut w0 = SegmentWriter::create(dir.path(), 0, 0).unwrap();
         append(&shared, &mut w0);

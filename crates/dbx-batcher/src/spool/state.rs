@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,8 @@ pub(crate) struct SegInfo {
     pub records: u64,
     /// No more appends: the replayer may treat its end as final and delete it.
     pub sealed: bool,
-    /// When it was created (unix micros), the bound on its oldest record's age.
+    /// When it was created (unix micros): when its version 1 records (which carry
+    /// no acceptance time) count as accepted.
     pub created_micros: i64,
 }
 
@@ -62,6 +63,8 @@ pub struct SpoolStats {
     pub full: u64,
     /// Segments deleted since start.
     pub deleted_segments: u64,
+    /// Records the database refused on replay, kept as dead letters, since start.
+    pub rejected_records: u64,
 }
 
 /// State shared by the gate and the replayer.
@@ -83,6 +86,12 @@ pub(crate) struct Shared {
     pub corrupt: AtomicU64,
     pub full: AtomicU64,
     pub deleted: AtomicU64,
+    pub rejected: AtomicU64,
+    /// Bytes in the dead-letter store.
+    pub rejected_bytes: AtomicU64,
+    /// Replayer → gauges: when the oldest batch still waiting for PostgreSQL was
+    /// accepted (unix µs); `i64::MAX` when none waits.
+    oldest_waiting: AtomicI64,
 }
 
 impl Shared {
@@ -100,6 +109,9 @@ impl Shared {
             corrupt: AtomicU64::new(0),
             full: AtomicU64::new(0),
             deleted: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            rejected_bytes: AtomicU64::new(0),
+            oldest_waiting: AtomicI64::new(i64::MAX),
         }
     }
 
@@ -127,6 +139,20 @@ impl Shared {
         }
     }
 
+    /// Notes when the oldest batch still waiting for PostgreSQL was accepted.
+    pub fn set_oldest_waiting(&self, accepted_micros: Option<i64>) {
+        self.oldest_waiting
+            .store(accepted_micros.unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// How long the oldest batch still waiting for PostgreSQL has waited.
+    pub fn oldest_waiting_age(&self) -> Duration {
+        match self.oldest_waiting.load(Ordering::Relaxed) {
+            i64::MAX => Duration::ZERO,
+            at => Duration::from_micros((now_micros() - at).max(0) as u64),
+        }
+    }
+
     pub fn count_corrupt(&self, n: u64) {
         self.corrupt.fetch_add(n, Ordering::Relaxed);
         metrics::counter!(m::SPOOL_CORRUPT_RECORDS_TOTAL).increment(n);
@@ -143,25 +169,27 @@ impl Shared {
             corrupt_records: self.corrupt.load(Ordering::Relaxed),
             full: self.full.load(Ordering::Relaxed),
             deleted_segments: self.deleted.load(Ordering::Relaxed),
+            rejected_records: self.rejected.load(Ordering::Relaxed),
         }
     }
 
     /// Sets the `dbx_spool_*` gauges.
     pub fn publish_gauges(&self) {
-        let (segments, bytes, records, oldest) = {
+        let (segments, bytes, records) = {
             let st = self.lock();
             (
                 st.segments.len(),
                 st.bytes(),
                 st.segments.values().map(|s| s.records).sum::<u64>(),
-                st.segments.values().map(|s| s.created_micros).min(),
             )
         };
         metrics::gauge!(m::SPOOL_SEGMENTS).set(segments as f64);
         metrics::gauge!(m::SPOOL_BYTES).set(bytes as f64);
         metrics::gauge!(m::SPOOL_RECORDS).set(records as f64);
-        let age = oldest.map_or(0.0, |c| ((now_micros() - c).max(0) as f64) / 1e6);
-        metrics::gauge!(m::SPOOL_OLDEST_RECORD_AGE_SECONDS).set(age);
+        metrics::gauge!(m::SPOOL_OLDEST_RECORD_AGE_SECONDS)
+            .set(self.oldest_waiting_age().as_secs_f64());
+        metrics::gauge!(m::SPOOL_REJECTED_BYTES)
+            .set(self.rejected_bytes.load(Ordering::Relaxed) as f64);
     }
 }
 

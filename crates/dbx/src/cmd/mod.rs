@@ -4,4 +4,5 @@ pub mod loadgen;
 pub mod partitions;
 pub mod serve;
 pub mod setup;
+pub mod spool;
 pub mod tenants;

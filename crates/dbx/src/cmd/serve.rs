@@ -151,7 +151,7 @@ fn describe_metrics() {
     g!(
         m::SPOOL_OLDEST_RECORD_AGE_SECONDS,
         Unit::Seconds,
-        "Age of the oldest disk spool segment (bounds its oldest record's age)."
+        "How long the oldest spooled batch not yet in PostgreSQL has waited since it was accepted (0 when none waits)."
     );
     c!(
         m::SPOOL_WRITTEN_RECORDS_TOTAL,
@@ -167,11 +167,20 @@ fn describe_metrics() {
     );
     c!(
         m::SPOOL_FULL_TOTAL,
-        "Batches that found the disk spool full or unwritable, by kind (block, drop)."
+        "Batches that found the disk spool full or unwritable, by kind (block, drop; rejected: the dead-letter store was full)."
     );
     g!(
         m::SPOOL_ACTIVE,
         "1 while batches are spooled to disk, 0 while they go to PostgreSQL directly."
+    );
+    c!(
+        m::SPOOL_REJECTED_RECORDS_TOTAL,
+        "Acked batches the database refused on replay, kept as dead letters under spool.dir/rejected/."
+    );
+    g!(
+        m::SPOOL_REJECTED_BYTES,
+        Unit::Bytes,
+        "Bytes of the dead letters under spool.dir/rejected/."
     );
     c!(
         m::MAINTENANCE_RUNS_TOTAL,
