@@ -320,28 +320,35 @@ impl Gate {
         self.shared.publish_gauges();
     }
 
-    /// Spools every forwarded batch whose client still waits, and acks it.
+    /// Spools every forwarded batch whose client still waits, and acks it: one
+    /// group commit per segment's worth, until all are written or the spool is full.
     async fn spool_in_flight(&mut self) {
-        let room = self.room();
-        let mut framed = Vec::new();
-        let mut ids = Vec::new();
-        for (id, f) in &self.forwarded {
-            let (Some(_), Some(p)) = (&f.client, &f.payload) else {
-                continue;
-            };
-            if p.len() > segment::MAX_RECORD_BYTES as usize {
-                continue;
+        loop {
+            let room = self.room();
+            let mut segment_room = None;
+            let mut framed = Vec::new();
+            let mut ids = Vec::new();
+            for (id, f) in &self.forwarded {
+                let (Some(_), Some(p)) = (&f.client, &f.payload) else {
+                    continue;
+                };
+                if p.len() > segment::MAX_RECORD_BYTES as usize {
+                    continue;
+                }
+                let grown = (framed.len() + 8 + p.len()) as u64;
+                let segment_room = *segment_room.get_or_insert_with(|| self.segment_room(grown));
+                if grown > room
+                    || framed.len() >= BURST_BYTES
+                    || (!framed.is_empty() && grown > segment_room)
+                {
+                    break;
+                }
+                segment::frame_record(p, &mut framed);
+                ids.push(*id);
             }
-            if (framed.len() + 8 + p.len()) as u64 > room || framed.len() >= BURST_BYTES {
-                break;
+            if ids.is_empty() || self.write(framed, ids.len() as u64).await.is_err() {
+                return;
             }
-            segment::frame_record(p, &mut framed);
-            ids.push(*id);
-        }
-        if ids.is_empty() {
-            return;
-        }
-        if self.write(framed, ids.len() as u64).await.is_ok() {
             for id in ids {
                 if let Some(f) = self.forwarded.get_mut(&id) {
                     f.payload = None;
@@ -354,6 +361,17 @@ impl Gate {
         }
     }
 
+    /// Bytes a group commit that starts with a framed record of `first` bytes may
+    /// take: what is left in the open segment when the record fits there, else a
+    /// fresh segment's room (`write` then opens one). Only a single record larger
+    /// than `segment_bytes` makes a segment exceed it.
+    fn segment_room(&self, first: u64) -> u64 {
+        match &self.writer {
+            Some(w) if w.len + first <= self.cfg.segment_bytes => self.cfg.segment_bytes - w.len,
+            _ => self.cfg.segment_bytes.saturating_sub(segment::HEADER_BYTES),
+        }
+    }
+
     /// Bytes the spool may still grow by (a new segment's header included).
     fn room(&self) -> u64 {
         let used = self.shared.lock().bytes() + segment::HEADER_BYTES;
@@ -361,9 +379,17 @@ impl Gate {
     }
 
     /// Spooling mode: writes the held batches that fit, acks them after the fsync,
-    /// and applies `when_full` to the rest.
+    /// and applies `when_full` to the rest. One group commit per burst and per
+    /// segment, back to back until every held batch is placed.
     async fn spool_held(&mut self, tx: &mpsc::Sender<TelemetryBatch>) {
+        while self.spool_burst(tx).await && !self.held.is_empty() {}
+    }
+
+    /// One group commit of the held batches; `false` when nothing more can be
+    /// written now (the spool is full or the write failed).
+    async fn spool_burst(&mut self, tx: &mpsc::Sender<TelemetryBatch>) -> bool {
         let room = self.room();
+        let mut segment_room = None;
         let mut framed = Vec::new();
         let mut taken: Vec<Held> = Vec::new();
         let mut oversize = Vec::new();
@@ -374,8 +400,10 @@ impl Gate {
                 oversize.push(h);
                 continue;
             }
-            if framed.len() >= BURST_BYTES {
-                // The rest goes in the next group commit.
+            let grown = (framed.len() + 8 + p.len()) as u64;
+            let segment_room = *segment_room.get_or_insert_with(|| self.segment_room(grown));
+            if framed.len() >= BURST_BYTES || (!framed.is_empty() && grown > segment_room) {
+                // The rest goes in the next group commit (in the next segment).
                 self.held.push_front(h);
                 break;
             }
@@ -415,6 +443,7 @@ impl Gate {
         if no_room && !self.held.is_empty() {
             self.full();
         }
+        !no_room
     }
 
     /// The spool cannot take the held batches now.
@@ -479,11 +508,11 @@ impl Gate {
     }
 
     async fn write_inner(&mut self, framed: Vec<u8>, n: u64) -> std::io::Result<()> {
-        if self
-            .writer
-            .as_ref()
-            .is_some_and(|w| w.len >= self.cfg.segment_bytes)
-        {
+        // The same rule as `segment_room`: a burst that does not fit in what is left
+        // of a segment holding records goes to a fresh one.
+        if self.writer.as_ref().is_some_and(|w| {
+            w.len > segment::HEADER_BYTES && w.len + framed.len() as u64 > self.cfg.segment_bytes
+        }) {
             self.seal();
         }
         let mut w = match self.writer.take() {
