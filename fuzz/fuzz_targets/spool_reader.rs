@@ -39,6 +39,22 @@ fuzz_target!(|data: &[u8]| {
         }
         assert!(steps <= data.len() + 1);
     }
+    // The walker (resync after lost framing included) always moves forward.
+    let mut walker = segment::Walker::new(segment::HEADER_BYTES.min(len));
+    let mut steps = 0;
+    loop {
+        let before = walker.offset;
+        match walker.next(data, len).expect("in-memory reads cannot fail within bounds") {
+            segment::Step::Record { .. }
+            | segment::Step::Corrupt { .. }
+            | segment::Step::Resynced { .. } => {
+                assert!(walker.offset > before && walker.offset <= len);
+            }
+            segment::Step::Torn { .. } | segment::Step::End => break,
+        }
+        steps += 1;
+        assert!(steps <= data.len() + 1);
+    }
     // The payload decoder on its own, on raw bytes.
     let _ = decode_batch(data);
 });

@@ -11,6 +11,9 @@
 //! - `sigkill_while_spooling_loses_no_acked_point`: the daemon is killed while it acks
 //!   from the spool, restarted on the same spool once PostgreSQL is back, and every
 //!   batch the gateway saw acked is in the table exactly once.
+//! - `refused_replays_are_kept_as_dead_letters_and_can_be_requeued`: a batch acked
+//!   from the spool and refused on replay (`foreign_session`) is kept under
+//!   `rejected/`, listed by `dbx spool rejected`, and `dbx spool requeue` replays it.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -546,4 +549,132 @@ async fn sigkill_while_spooling_loses_no_acked_point() {
         "acked {at_stop} before the outage, {} at the kill; {replayed} records replayed after restart",
         acked_at_kill.len()
     );
+}
+
+/// Runs `dbx spool --dir <dir> <args>`; (exit success, stdout, stderr).
+fn spool_cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(dbx_bin())
+        .arg("spool")
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// While PostgreSQL is down, two aircraft of one organization send batches of the
+/// same new session; the listener cannot check ownership, so both are acked from the
+/// spool. On replay the second is refused (`foreign_session`, decided at commit): it
+/// is kept as a dead letter, listed by `dbx spool rejected`, and `dbx spool requeue`
+/// (refused while the daemon runs) hands it to the next start, which refuses and
+/// keeps it again. Nothing acked is silently gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_replays_are_kept_as_dead_letters_and_can_be_requeued() {
+    let _turn = CLUSTER.lock().await;
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().display().to_string();
+    let daemon_env = [
+        ("DBX_SPOOL__DIR", dir.as_str()),
+        ("DBX_SPOOL__AFTER_MS", "300"),
+        ("DBX_BATCHER__MAX_BATCH_AGE_MS", "20"),
+        ("DBX_BATCHER__RETRY_MAX_MS", "300"),
+    ];
+    let mut env = Env::start(dbx_bin(), &daemon_env).await;
+    let first = env.aircraft;
+    let second = dbx_testkit::Fixture::aircraft(&env.client, env.org.id, "N200AC").await;
+    let base = now_micros() - 3600 * 1_000_000;
+    let mut gw = TestGateway::hello(env.daemon.tcp, &env.org.key).await.0;
+    // Both aircraft known to the daemon while the database is up.
+    for (seq, aircraft) in [(1, first), (2, second)] {
+        let pts = points(5, seq as i64 * 1000, base);
+        gw.send_batch(
+            seq,
+            &AircraftRef::Id(aircraft),
+            Uuid::new_v4(),
+            &pts,
+            PointForm::Map,
+        )
+        .await;
+    }
+    assert_eq!(gw.await_verdicts(2).await, (2, vec![]));
+
+    stop_db().await;
+    let shared = Uuid::new_v4();
+    let mine = points(10, 0, base + 1_000_000);
+    let theirs = points(10, 100, base + 2_000_000);
+    gw.send_batch(3, &AircraftRef::Id(first), shared, &mine, PointForm::Map)
+        .await;
+    gw.send_batch(4, &AircraftRef::Id(second), shared, &theirs, PointForm::Map)
+        .await;
+    let verdicts = tokio::time::timeout(Duration::from_secs(20), gw.await_verdicts(4))
+        .await
+        .expect("acked from the spool while PostgreSQL is down");
+    assert_eq!(verdicts, (4, vec![]));
+    start_db().await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while env.metric("dbx_spool_rejected_records_total", "").await < 1.0
+        || segment_files(spool.path()) > 0
+    {
+        assert!(Instant::now() < deadline, "the refused batch was not kept");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The test's own connection did not survive the restart.
+    let client = dbx_testkit::connect(&env.db.url()).await;
+    assert_eq!(
+        rows(&client, &[shared]).await,
+        (10, 10),
+        "the first claimant's batch is stored"
+    );
+    assert!(env.metric("dbx_spool_rejected_bytes", "").await > 0.0);
+
+    let (ok, out, err) = spool_cli(spool.path(), &["rejected", "--json"]);
+    assert!(ok, "{err}");
+    let entries: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 1, "{out}");
+    let e = &entries[0];
+    assert_eq!(e["code"], "foreign_session");
+    assert_eq!(e["session_id"], shared.to_string());
+    assert_eq!(e["aircraft_id"], second.to_string());
+    assert_eq!(e["points"], 10);
+    assert_eq!(e["seq_range"], serde_json::json!([100, 109]));
+    let (ok, out, _) = spool_cli(spool.path(), &["status"]);
+    assert!(ok);
+    assert!(out.contains("in use by a running daemon: yes"), "{out}");
+    assert!(out.contains("dead letters (rejected/): 1 batches"), "{out}");
+    let (ok, _, err) = spool_cli(spool.path(), &["requeue"]);
+    assert!(
+        !ok && err.contains("in use by another dbx process"),
+        "{err}"
+    );
+
+    // Stopped, requeued, restarted: replayed, refused again, kept again.
+    env.daemon.signal(libc::SIGTERM);
+    env.daemon.wait(Duration::from_secs(20)).await;
+    let (ok, out, err) = spool_cli(spool.path(), &["requeue"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("requeued 1 batches"), "{out}");
+    assert_eq!(segment_files(spool.path()), 1);
+    env.daemon = Daemon::start(dbx_bin(), &env.ingest_url, &daemon_env).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.metric("dbx_spool_rejected_records_total", "").await < 1.0
+        || segment_files(spool.path()) > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the requeued batch was not replayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, out, _) = spool_cli(spool.path(), &["rejected", "--json"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert_eq!(rows(&client, &[shared]).await, (10, 10));
 }

@@ -212,6 +212,23 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Bytes [`plausible_start`] looks at.
+pub const PLAUSIBLE_PREFIX_BYTES: usize = 9;
+
+/// Whether `prefix` (a payload's first bytes) could start a record this code
+/// writes: version 2 and an acceptance time between 2000 and 2200. The spool
+/// reader's resync uses it to skip almost every position of damaged bytes without
+/// a CRC over them (version 1 records are never found by a resync).
+pub fn plausible_start(prefix: &[u8]) -> bool {
+    const Y2000: i64 = 946_684_800_000_000;
+    const Y2200: i64 = 7_258_118_400_000_000;
+    let Some(&[v, a0, a1, a2, a3, a4, a5, a6, a7]) = prefix.first_chunk::<9>() else {
+        return false;
+    };
+    let accepted = i64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
+    v == PAYLOAD_VERSION && (Y2000..Y2200).contains(&accepted)
+}
+
 /// Decodes one payload written by [`encode_batch`].
 pub fn decode_batch(payload: &[u8]) -> Result<SpooledBatch, DecodeError> {
     let mut c = Cursor {

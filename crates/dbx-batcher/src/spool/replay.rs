@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 
 use super::record::{decode_batch, SpooledBatch};
 use super::rejected::{DeadLetters, Kept};
-use super::segment::{self, Next};
+use super::segment::{self, Next, Step, Walker};
 use super::state::Shared;
 
 /// Records read per blocking read.
@@ -76,56 +76,54 @@ struct Progress {
 struct Reading {
     id: u64,
     file: Arc<File>,
-    offset: u64,
+    walker: Walker,
 }
 
 /// What one blocking read found.
 struct Chunk {
     records: Vec<(u64, Vec<u8>)>,
-    offset: u64,
-    corrupt: Vec<(u64, &'static str)>,
+    walker: Walker,
+    /// Damage skipped: (offset, what).
+    corrupt: Vec<(u64, String)>,
     /// Reached `limit` (or a torn tail, which ends the readable part).
     at_end: bool,
     torn: bool,
 }
 
-fn read_chunk(file: &File, mut offset: u64, limit: u64) -> std::io::Result<Chunk> {
+fn read_chunk(file: &File, mut walker: Walker, limit: u64) -> std::io::Result<Chunk> {
     let mut c = Chunk {
         records: Vec::new(),
-        offset,
+        walker,
         corrupt: Vec::new(),
         at_end: false,
         torn: false,
     };
     let mut bytes = 0;
     while c.records.len() < READ_RECORDS && bytes < READ_BYTES {
-        match segment::read_next(file, offset, limit)? {
-            Next::Record {
-                offset: at,
-                payload,
-                end,
-            } => {
+        match walker.next(file, limit)? {
+            Step::Record { offset, payload } => {
                 bytes += payload.len();
-                c.records.push((at, payload));
-                offset = end;
+                c.records.push((offset, payload));
             }
-            Next::Corrupt { offset: at, end } => {
-                c.corrupt.push((at, "bad CRC"));
-                offset = end;
-            }
-            Next::Torn { offset: at, reason } => {
-                c.corrupt.push((at, reason));
+            Step::Corrupt { offset } => c.corrupt.push((offset, "bad CRC".into())),
+            Step::Resynced { offset, to, reason } => c.corrupt.push((
+                offset,
+                format!("{reason}; resumed at the next intact record, offset {to}"),
+            )),
+            Step::Torn { offset, reason } => {
+                c.corrupt
+                    .push((offset, format!("{reason}; nothing intact follows")));
                 c.torn = true;
                 c.at_end = true;
                 break;
             }
-            Next::End => {
+            Step::End => {
                 c.at_end = true;
                 break;
             }
         }
     }
-    c.offset = offset;
+    c.walker = walker;
     Ok(c)
 }
 
@@ -407,7 +405,7 @@ impl Replayer {
                     self.reading = Some(Reading {
                         id,
                         file: Arc::new(f),
-                        offset: segment::HEADER_BYTES,
+                        walker: Walker::new(segment::HEADER_BYTES),
                     });
                 }
                 other => {
@@ -427,8 +425,8 @@ impl Replayer {
             None => (0, true, 0),
         };
         let file = reading.file.clone();
-        let offset = reading.offset;
-        let chunk = match tokio::task::spawn_blocking(move || read_chunk(&file, offset, limit))
+        let walker = reading.walker;
+        let chunk = match tokio::task::spawn_blocking(move || read_chunk(&file, walker, limit))
             .await
         {
             Ok(Ok(c)) => c,
@@ -475,7 +473,7 @@ impl Replayer {
             }
         }
         if let Some(r) = &mut self.reading {
-            r.offset = chunk.offset;
+            r.walker = chunk.walker;
         }
         if chunk.torn && !sealed {
             // Damage inside what the gate fsynced: have it start a new segment, then

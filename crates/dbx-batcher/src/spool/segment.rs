@@ -9,11 +9,15 @@
 //! ```
 //! The CRC covers the length word too, so a flipped length is caught as well as a
 //! flipped payload byte. Records are only ever appended; a crash can therefore only
-//! tear the tail. The reader treats the two cases differently: a record whose CRC
-//! fails but whose length is plausible is skipped on its own (framing is intact);
-//! a length of zero, above [`MAX_RECORD_BYTES`] or past the end of a sealed file
-//! means framing is lost, and the rest of that segment is skipped (a torn tail).
-//! Neither ever stops the replayer.
+//! tear the tail. The reader ([`Walker`]) treats the two cases differently: a
+//! record whose CRC fails but whose length is plausible is skipped on its own
+//! (framing is intact); a length of zero, above [`MAX_RECORD_BYTES`] or past the
+//! end of the readable part means framing is lost. Then it [`resync`]s: it searches
+//! the rest of the segment for the next intact record (a plausible payload start,
+//! then a matching CRC) and goes on from there, so damage in the middle of a
+//! segment (a bad sector, not a crash) costs only the damaged records. When nothing
+//! intact follows, the rest is a torn tail and is skipped. Neither ever stops the
+//! replayer.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -183,13 +187,174 @@ pub fn read_next<S: Source + ?Sized>(src: &S, offset: u64, limit: u64) -> io::Re
     })
 }
 
+/// Bytes of a payload's start that [`resync`] checks before it computes a CRC.
+pub const PROBE_BYTES: usize = super::record::PLAUSIBLE_PREFIX_BYTES;
+
+/// Finds the first offset in `from..limit` where an intact record starts, reading
+/// the segment in blocks. A candidate needs a possible length, a payload start that
+/// [`record::plausible_start`](super::record::plausible_start) accepts (which rules
+/// out all but a few positions in random bytes), and a matching CRC.
+pub fn resync<S: Source + ?Sized>(src: &S, from: u64, limit: u64) -> io::Result<Option<u64>> {
+    const BLOCK: u64 = 1 << 20;
+    let need = RECORD_HEADER_BYTES + PROBE_BYTES as u64;
+    let mut buf = Vec::new();
+    let mut start = from;
+    while start + RECORD_HEADER_BYTES < limit {
+        let end = (start + BLOCK + need).min(limit);
+        buf.resize((end - start) as usize, 0);
+        src.read_exact_at(&mut buf, start)?;
+        // Candidates whose probe may run past this block are left to the next one
+        // (which starts at the first of them), except in the last block.
+        let last_block = end == limit;
+        let candidates = if last_block {
+            buf.len() - RECORD_HEADER_BYTES as usize
+        } else {
+            buf.len() - need as usize + 1
+        };
+        for i in 0..candidates {
+            let at = start + i as u64;
+            let len = u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+            if len == 0
+                || len > MAX_RECORD_BYTES
+                || at + RECORD_HEADER_BYTES + u64::from(len) > limit
+            {
+                continue;
+            }
+            let probe_at = i + RECORD_HEADER_BYTES as usize;
+            let probe = &buf[probe_at..(probe_at + PROBE_BYTES).min(buf.len())];
+            if !super::record::plausible_start(probe) {
+                continue;
+            }
+            if let Next::Record { .. } = read_next(src, at, limit)? {
+                return Ok(Some(at));
+            }
+        }
+        if last_block {
+            break;
+        }
+        start += candidates as u64;
+    }
+    Ok(None)
+}
+
+/// What [`Walker::next`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// An intact record.
+    Record {
+        /// Its offset.
+        offset: u64,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
+    /// A record with a wrong CRC, skipped on its own.
+    Corrupt {
+        /// Its offset.
+        offset: u64,
+    },
+    /// Framing was lost at `offset`; reading goes on at `to`, the next intact record.
+    Resynced {
+        /// Where the damage starts.
+        offset: u64,
+        /// Where the next intact record starts.
+        to: u64,
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// Framing was lost at `offset` and nothing intact follows: the end.
+    Torn {
+        /// Where it starts.
+        offset: u64,
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// The end of the readable part.
+    End,
+}
+
+/// Reads a segment's records in order, skipping damage (see the module overview).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Walker {
+    /// Where the next read starts.
+    pub offset: u64,
+    /// The first record of the current run of corrupt ones: when framing is lost
+    /// after them, their lengths were not to be trusted either, so the search
+    /// starts there.
+    bad_from: Option<u64>,
+}
+
+impl Walker {
+    /// A walker at `offset` (the first record is at [`HEADER_BYTES`]).
+    pub fn new(offset: u64) -> Walker {
+        Walker {
+            offset,
+            bad_from: None,
+        }
+    }
+
+    /// The next step in a segment whose readable part ends at `limit`.
+    pub fn next<S: Source + ?Sized>(&mut self, src: &S, limit: u64) -> io::Result<Step> {
+        Ok(match read_next(src, self.offset, limit)? {
+            Next::Record {
+                offset,
+                payload,
+                end,
+            } => {
+                self.bad_from = None;
+                self.offset = end;
+                Step::Record { offset, payload }
+            }
+            Next::Corrupt { offset, end } => {
+                self.bad_from.get_or_insert(offset);
+                self.offset = end;
+                Step::Corrupt { offset }
+            }
+            Next::Torn { offset, reason } => {
+                let from = self.bad_from.unwrap_or(offset);
+                match resync(src, from + 1, limit)? {
+                    Some(to) => {
+                        self.bad_from = None;
+                        self.offset = to;
+                        Step::Resynced {
+                            offset: from,
+                            to,
+                            reason,
+                        }
+                    }
+                    None => Step::Torn {
+                        offset: from,
+                        reason,
+                    },
+                }
+            }
+            // A corrupt record whose damaged length pointed exactly at the end: what
+            // it covered may still hold intact records.
+            Next::End => match self.bad_from.take() {
+                Some(from) => match resync(src, from + 1, limit)? {
+                    Some(to) => {
+                        self.offset = to;
+                        Step::Resynced {
+                            offset: from,
+                            to,
+                            reason: "a corrupt record reaching the end",
+                        }
+                    }
+                    None => Step::End,
+                },
+                None => Step::End,
+            },
+        })
+    }
+}
+
 /// Everything a whole segment holds, read as the replayer reads it (tests, the fuzz
 /// target, and the record count at start-up).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Scan {
     /// Payloads of the intact records, in order.
     pub records: Vec<Vec<u8>>,
-    /// Records skipped for a bad CRC, plus one for a torn tail.
+    /// Records skipped for a bad CRC, plus one for each loss of framing (resynced
+    /// or a torn tail).
     pub corrupt: u64,
     /// Whether the segment ended in a torn tail.
     pub torn: bool,
@@ -204,23 +369,17 @@ pub fn scan<S: Source + ?Sized>(src: &S, len: u64) -> io::Result<Scan> {
         s.bad_header = true;
         return Ok(s);
     }
-    let mut at = HEADER_BYTES;
+    let mut walker = Walker::new(HEADER_BYTES);
     loop {
-        match read_next(src, at, len)? {
-            Next::Record { payload, end, .. } => {
-                s.records.push(payload);
-                at = end;
-            }
-            Next::Corrupt { end, .. } => {
-                s.corrupt += 1;
-                at = end;
-            }
-            Next::Torn { .. } => {
+        match walker.next(src, len)? {
+            Step::Record { payload, .. } => s.records.push(payload),
+            Step::Corrupt { .. } | Step::Resynced { .. } => s.corrupt += 1,
+            Step::Torn { .. } => {
                 s.corrupt += 1;
                 s.torn = true;
                 return Ok(s);
             }
-            Next::End => return Ok(s),
+            Step::End => return Ok(s),
         }
     }
 }
@@ -390,6 +549,118 @@ mod tests {
         // Cut exactly at a record boundary: nothing is torn.
         let s = scan(&seg[..full - 8 - 14], (full - 8 - 14) as u64).unwrap();
         assert_eq!((s.records.len(), s.torn), (2, false));
+    }
+
+    /// A segment of `n` real batch payloads of varied sizes, and where each record
+    /// starts and ends.
+    fn real_segment(n: usize) -> (Vec<u8>, Vec<Vec<u8>>, Vec<(usize, usize)>) {
+        let mut seg = header(123).to_vec();
+        let mut payloads = Vec::new();
+        let mut spans = Vec::new();
+        for i in 0..n {
+            let points: Vec<dbx_core::Point> = (0..(i % 7 + 1) as i64)
+                .map(|s| dbx_core::Point::new(1_700_000_000_000_000 + s, i as i64 * 100 + s))
+                .collect();
+            let mut p = Vec::new();
+            let id = uuid::Uuid::from_u128(i as u128);
+            super::super::record::encode_batch(id, id, id, &points, 1_700_000_000_000_000, &mut p);
+            let start = seg.len();
+            frame_record(&p, &mut seg);
+            spans.push((start, seg.len()));
+            payloads.push(p);
+        }
+        (seg, payloads, spans)
+    }
+
+    #[test]
+    fn an_impossible_length_mid_segment_loses_only_that_record() {
+        let (mut seg, payloads, spans) = real_segment(6);
+        seg[spans[2].0..spans[2].0 + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        let s = scan(seg.as_slice(), seg.len() as u64).unwrap();
+        let mut want = payloads.clone();
+        want.remove(2);
+        assert_eq!(s.records, want);
+        assert_eq!((s.corrupt, s.torn), (1, false));
+    }
+
+    #[test]
+    fn a_length_pointing_elsewhere_or_at_the_end_loses_only_that_record() {
+        let (seg, payloads, spans) = real_segment(6);
+        let (start, _) = spans[1];
+        // Longer by exactly what follows (the wrong end is the file's end), and
+        // longer by a little (the wrong end is inside the next record).
+        for new_len in [seg.len() - start - 8, spans[2].0 - start - 8 + 10] {
+            let mut bad = seg.clone();
+            bad[start..start + 4].copy_from_slice(&(new_len as u32).to_le_bytes());
+            let s = scan(bad.as_slice(), bad.len() as u64).unwrap();
+            let mut want = payloads.clone();
+            want.remove(1);
+            assert_eq!(s.records, want, "length {new_len}");
+            assert!(!s.torn, "length {new_len}");
+        }
+    }
+
+    /// The search reads in 1 MiB blocks: the next intact record is found wherever
+    /// it falls relative to a block's end.
+    #[test]
+    fn resync_finds_records_across_block_boundaries() {
+        let (seg, payloads, spans) = real_segment(12_000);
+        const BLOCK: usize = 1 << 20;
+        let k = spans.iter().position(|(a, _)| *a > BLOCK + 4096).unwrap();
+        for d in [-2i64, -1, 0, 1, 2, 9, 17] {
+            let next = spans[k].0;
+            let from = (next as i64 - 1 - BLOCK as i64 - d) as usize;
+            let mut bad = seg.clone();
+            bad[from..next].fill(0);
+            let s = scan(bad.as_slice(), bad.len() as u64).unwrap();
+            let first_lost = spans.iter().position(|(_, b)| *b > from).unwrap();
+            assert_eq!(s.records.len(), first_lost + (payloads.len() - k), "d {d}");
+            assert_eq!(s.records.last(), payloads.last(), "d {d}");
+            assert_eq!(s.records[first_lost], payloads[k], "d {d}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Damage anywhere (a zeroed or scribbled span, as from a bad sector) costs
+        /// only the records it touches: every record outside it is read back, in
+        /// order, and nothing else is.
+        #[test]
+        fn damage_costs_only_the_records_it_touches(
+            n in 2usize..12,
+            at in 0.0f64..1.0,
+            width in 1usize..600,
+            fill in proptest::option::of(proptest::num::u8::ANY),
+            seed in proptest::num::u64::ANY,
+        ) {
+            let (mut seg, payloads, spans) = real_segment(n);
+            let body = HEADER_BYTES as usize..seg.len();
+            let from = body.start + ((body.len() as f64) * at) as usize;
+            let to = (from + width).min(seg.len());
+            let mut x = seed | 1;
+            for b in &mut seg[from..to] {
+                *b = fill.unwrap_or_else(|| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                });
+            }
+            let s = scan(seg.as_slice(), seg.len() as u64).unwrap();
+            let want: Vec<Vec<u8>> = payloads
+                .iter()
+                .zip(&spans)
+                .filter(|(_, (a, b))| *b <= from || *a >= to)
+                .map(|(p, _)| p.clone())
+                .collect();
+            // Records the damage left unchanged (random bytes equal to the old) count too.
+            let intact: Vec<&Vec<u8>> = s.records.iter().collect();
+            for w in &want {
+                proptest::prop_assert!(intact.contains(&w), "lost an undamaged record");
+            }
+            for r in &s.records {
+                proptest::prop_assert!(payloads.contains(r), "invented a record");
+            }
+        }
     }
 
     #[test]
