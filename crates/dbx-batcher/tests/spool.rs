@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use dbx_batcher::spool::record::encode_batch;
 use dbx_batcher::spool::segment::{self, frame_record, SegmentWriter};
-use dbx_batcher::spool::{inspect, rejected, requeue_rejected, Spool, SpoolConfig, WhenFull};
+use dbx_batcher::spool::{
+    inspect, rejected, requeue_rejected, Spool, SpoolConfig, SpoolHandle, WhenFull,
+};
 use dbx_core::{
     AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, RejectCode, Rejection, TelemetryBatch,
 };
@@ -62,6 +64,19 @@ fn segments(dir: &Path) -> usize {
             segment::parse_name(&e.as_ref().unwrap().file_name().to_string_lossy()).is_some()
         })
         .count()
+}
+
+/// Waits until no segment file is left in `dir`, failing with the spool's figures.
+async fn wait_drained(dir: &Path, spool: &SpoolHandle, within: Duration) {
+    let deadline = Instant::now() + within;
+    while segments(dir) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "segments left: {:?}",
+            spool.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Commits everything that reaches it, recording the points' seqs and origins.
@@ -128,15 +143,7 @@ async fn a_stalled_batcher_is_spooled_acked_then_replayed_and_segments_deleted()
 
     // The batcher comes back: everything is replayed, each segment deleted once resolved.
     let consumer = commit_all(b_rx);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while segments(dir.path()) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "segments left: {:?}",
-            spool.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_drained(dir.path(), &spool, Duration::from_secs(20)).await;
     // New batches now go straight through.
     let (b, rx) = batch(1000, 1);
     a_tx.send(b).await.unwrap();
@@ -190,15 +197,7 @@ async fn segments_left_by_a_crash_are_replayed_and_a_torn_tail_is_skipped() {
     let (b_tx, b_rx) = mpsc::channel(4);
     let spool = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
     let consumer = commit_all(b_rx);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while segments(dir.path()) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "segments left: {:?}",
-            spool.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_drained(dir.path(), &spool, Duration::from_secs(10)).await;
     drop(a_tx);
     let st = spool.join().await;
     let (seen, replayed) = consumer.await.unwrap();
@@ -326,15 +325,7 @@ async fn when_full_block_stops_reading_until_the_spool_drains() {
         assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
     }
     // Acked from the spool is not yet replayed: wait for the spool to empty.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while segments(dir.path()) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "segments left: {:?}",
-            spool.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_drained(dir.path(), &spool, Duration::from_secs(20)).await;
     drop(a_tx);
     let st = spool.join().await;
     assert!(st.full >= 1 && st.deleted_segments >= 1, "{st:?}");
@@ -401,15 +392,7 @@ async fn refused_replays_become_dead_letters_and_requeue_replays_them() {
         }
         refused
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while segments(dir.path()) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "spool not drained: {:?}",
-            spool.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_drained(dir.path(), &spool, Duration::from_secs(20)).await;
     drop(a_tx);
     let st = spool.join().await;
     assert!(consumer.await.unwrap() >= 15);
@@ -438,15 +421,7 @@ async fn refused_replays_become_dead_letters_and_requeue_replays_them() {
     let spool = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
     assert!(inspect(dir.path()).unwrap().in_use);
     let consumer = commit_all(b_rx);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while segments(dir.path()) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "requeued not drained: {:?}",
-            spool.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_drained(dir.path(), &spool, Duration::from_secs(20)).await;
     drop(a_tx);
     let st = spool.join().await;
     let (seen, replayed) = consumer.await.unwrap();

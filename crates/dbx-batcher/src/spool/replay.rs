@@ -594,6 +594,56 @@ mod tests {
         batcher.abort();
     }
 
+    /// `dbx_spool_oldest_record_age_seconds` follows the oldest batch read and not
+    /// yet resolved, from when it was accepted, and drops to 0 once all are.
+    #[tokio::test]
+    async fn the_oldest_waiting_batch_is_measured_from_its_acceptance() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(Shared::new(dir.path().to_path_buf(), State::default()));
+        let mut w = SegmentWriter::create(dir.path(), 0, 0).unwrap();
+        let accepted = crate::spool::state::now_micros() - 30_000_000;
+        let mut payload = Vec::new();
+        let point = Point::new(accepted, 1);
+        encode_batch(
+            Uuid::nil(),
+            Uuid::nil(),
+            Uuid::nil(),
+            &[point],
+            accepted,
+            &mut payload,
+        );
+        let mut framed = Vec::new();
+        frame_record(&payload, &mut framed);
+        w.append(&framed).unwrap();
+        shared.lock().segments.insert(
+            0,
+            SegInfo {
+                durable_len: w.len,
+                records: 1,
+                sealed: true,
+                created_micros: 0,
+            },
+        );
+        assert_eq!(shared.oldest_waiting_age(), Duration::ZERO);
+        let (tx, mut rx) = mpsc::channel(1);
+        let dead = DeadLetters::open(dir.path(), 1 << 20, 1 << 20).unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(shared.clone(), dead, tx, stop_rx));
+        let batch = rx.recv().await.unwrap();
+        wait_for("the age to be published", || {
+            shared.oldest_waiting_age() >= Duration::from_secs(30)
+        })
+        .await;
+        assert!(shared.oldest_waiting_age() < Duration::from_secs(60));
+        batch.ack.durable();
+        wait_for("the age to drop to 0", || {
+            shared.oldest_waiting_age() == Duration::ZERO
+        })
+        .await;
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
     /// The open segment is replayed and resolved completely, then sealed (as the
     /// gate does when the spool is full): with nothing outstanding, the replayer
     /// must still go on to the next segment the gate opens.
