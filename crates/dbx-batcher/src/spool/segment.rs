@@ -190,27 +190,35 @@ pub fn read_next<S: Source + ?Sized>(src: &S, offset: u64, limit: u64) -> io::Re
 /// Bytes of a payload's start that [`resync`] checks before it computes a CRC.
 pub const PROBE_BYTES: usize = super::record::PLAUSIBLE_PREFIX_BYTES;
 
-/// Finds the first offset in `from..limit` where an intact record starts, reading
-/// the segment in blocks. A candidate needs a possible length, a payload start that
+/// Finds the first offset in `from..before` where an intact record (ending by
+/// `limit`) starts, reading the segment in blocks. A candidate needs a possible
+/// length, a payload start that
 /// [`record::plausible_start`](super::record::plausible_start) accepts (which rules
 /// out all but a few positions in random bytes), and a matching CRC.
-pub fn resync<S: Source + ?Sized>(src: &S, from: u64, limit: u64) -> io::Result<Option<u64>> {
+pub fn resync<S: Source + ?Sized>(
+    src: &S,
+    from: u64,
+    before: u64,
+    limit: u64,
+) -> io::Result<Option<u64>> {
     const BLOCK: u64 = 1 << 20;
     let need = RECORD_HEADER_BYTES + PROBE_BYTES as u64;
+    let before = before.min(limit.saturating_sub(RECORD_HEADER_BYTES));
     let mut buf = Vec::new();
     let mut start = from;
-    while start + RECORD_HEADER_BYTES < limit {
+    while start < before {
         let end = (start + BLOCK + need).min(limit);
         buf.resize((end - start) as usize, 0);
         src.read_exact_at(&mut buf, start)?;
         // Candidates whose probe may run past this block are left to the next one
         // (which starts at the first of them), except in the last block.
         let last_block = end == limit;
-        let candidates = if last_block {
-            buf.len() - RECORD_HEADER_BYTES as usize
+        let in_block = if last_block {
+            buf.len() - RECORD_HEADER_BYTES as usize + 1
         } else {
             buf.len() - need as usize + 1
         };
+        let candidates = in_block.min((before - start) as usize);
         for i in 0..candidates {
             let at = start + i as u64;
             let len = u32::from_le_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
@@ -247,7 +255,8 @@ pub enum Step {
         /// Its payload.
         payload: Vec<u8>,
     },
-    /// A record with a wrong CRC, skipped on its own.
+    /// A record with a wrong CRC, skipped on its own. When its length was damaged
+    /// too, reading goes on at the first intact record inside the span it claimed.
     Corrupt {
         /// Its offset.
         offset: u64,
@@ -273,23 +282,17 @@ pub enum Step {
 }
 
 /// Reads a segment's records in order, skipping damage (see the module overview).
+/// Its offset only ever moves forward, and no record is yielded twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Walker {
     /// Where the next read starts.
     pub offset: u64,
-    /// The first record of the current run of corrupt ones: when framing is lost
-    /// after them, their lengths were not to be trusted either, so the search
-    /// starts there.
-    bad_from: Option<u64>,
 }
 
 impl Walker {
     /// A walker at `offset` (the first record is at [`HEADER_BYTES`]).
     pub fn new(offset: u64) -> Walker {
-        Walker {
-            offset,
-            bad_from: None,
-        }
+        Walker { offset }
     }
 
     /// The next step in a segment whose readable part ends at `limit`.
@@ -300,49 +303,23 @@ impl Walker {
                 payload,
                 end,
             } => {
-                self.bad_from = None;
                 self.offset = end;
                 Step::Record { offset, payload }
             }
             Next::Corrupt { offset, end } => {
-                self.bad_from.get_or_insert(offset);
-                self.offset = end;
+                // The CRC covers the length: when it was the length that was damaged,
+                // intact records may hide in the span it claims.
+                self.offset = resync(src, offset + 1, end, limit)?.unwrap_or(end);
                 Step::Corrupt { offset }
             }
-            Next::Torn { offset, reason } => {
-                let from = self.bad_from.unwrap_or(offset);
-                match resync(src, from + 1, limit)? {
-                    Some(to) => {
-                        self.bad_from = None;
-                        self.offset = to;
-                        Step::Resynced {
-                            offset: from,
-                            to,
-                            reason,
-                        }
-                    }
-                    None => Step::Torn {
-                        offset: from,
-                        reason,
-                    },
+            Next::Torn { offset, reason } => match resync(src, offset + 1, limit, limit)? {
+                Some(to) => {
+                    self.offset = to;
+                    Step::Resynced { offset, to, reason }
                 }
-            }
-            // A corrupt record whose damaged length pointed exactly at the end: what
-            // it covered may still hold intact records.
-            Next::End => match self.bad_from.take() {
-                Some(from) => match resync(src, from + 1, limit)? {
-                    Some(to) => {
-                        self.offset = to;
-                        Step::Resynced {
-                            offset: from,
-                            to,
-                            reason: "a corrupt record reaching the end",
-                        }
-                    }
-                    None => Step::End,
-                },
-                None => Step::End,
+                None => Step::Torn { offset, reason },
             },
+            Next::End => Step::End,
         })
     }
 }
@@ -620,6 +597,23 @@ mod tests {
         }
     }
 
+    /// A length damaged to cover the next records (their bytes intact): the CRC
+    /// fails, and the records inside the claimed span are still read.
+    #[test]
+    fn records_hidden_by_a_damaged_length_are_still_read() {
+        let (seg, payloads, spans) = real_segment(6);
+        let (start, _) = spans[1];
+        let mut bad = seg.clone();
+        // Exactly over records 1 to 3: the walker would land on record 4.
+        let covers = spans[3].1 - start - 8;
+        bad[start..start + 4].copy_from_slice(&(covers as u32).to_le_bytes());
+        let s = scan(bad.as_slice(), bad.len() as u64).unwrap();
+        let mut want = payloads.clone();
+        want.remove(1);
+        assert_eq!(s.records, want);
+        assert_eq!((s.corrupt, s.torn), (1, false));
+    }
+
     proptest::proptest! {
         /// Damage anywhere (a zeroed or scribbled span, as from a bad sector) costs
         /// only the records it touches: every record outside it is read back, in
@@ -657,8 +651,13 @@ mod tests {
             for w in &want {
                 proptest::prop_assert!(intact.contains(&w), "lost an undamaged record");
             }
+            // Nothing invented, nothing twice, in order.
+            let mut last = None;
             for r in &s.records {
-                proptest::prop_assert!(payloads.contains(r), "invented a record");
+                let i = payloads.iter().position(|p| p == r);
+                proptest::prop_assert!(i.is_some(), "invented a record");
+                proptest::prop_assert!(last < i, "out of order or twice");
+                last = i;
             }
         }
     }
