@@ -528,9 +528,12 @@ mod tests {
         assert_eq!((s.records.len(), s.torn), (2, false));
     }
 
+    /// Where a record starts and ends in a segment.
+    type Span = (usize, usize);
+
     /// A segment of `n` real batch payloads of varied sizes, and where each record
     /// starts and ends.
-    fn real_segment(n: usize) -> (Vec<u8>, Vec<Vec<u8>>, Vec<(usize, usize)>) {
+    fn real_segment(n: usize) -> (Vec<u8>, Vec<Vec<u8>>, Vec<Span>) {
         let mut seg = header(123).to_vec();
         let mut payloads = Vec::new();
         let mut spans = Vec::new();
