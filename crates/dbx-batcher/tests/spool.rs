@@ -6,103 +6,16 @@
 //! the daemon in tests/spool.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dbx_batcher::spool::record::encode_batch;
 use dbx_batcher::spool::segment::{self, frame_record, SegmentWriter};
-use dbx_batcher::spool::{
-    inspect, rejected, requeue_rejected, Spool, SpoolConfig, SpoolHandle, WhenFull,
-};
-use dbx_core::{
-    AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, RejectCode, Rejection, TelemetryBatch,
-};
+use dbx_batcher::spool::{inspect, rejected, requeue_rejected, Spool, SpoolConfig, WhenFull};
+use dbx_core::{BatchOutcome, RejectCode, Rejection};
 use tokio::sync::mpsc;
-use uuid::Uuid;
 
-const SESSION: Uuid = Uuid::from_u128(0x5e55_1011);
-
-fn batch(seq: i64, points: usize) -> (TelemetryBatch, AckReceiver) {
-    let (ack, rx) = AckHandle::channel();
-    let pts = (0..points as i64)
-        .map(|i| {
-            let mut p = Point::new(1_700_000_000_000_000 + seq * 1000 + i, seq * 1000 + i);
-            p.lat = Some(47.0);
-            p.extra = Some("{\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}".into());
-            p
-        })
-        .collect();
-    (
-        TelemetryBatch {
-            org_id: Uuid::from_u128(1),
-            aircraft_id: Uuid::from_u128(2),
-            session_id: SESSION,
-            points: pts,
-            ack,
-            origin: BatchOrigin::Tcp,
-            received_at: Instant::now(),
-        },
-        rx,
-    )
-}
-
-fn config(dir: &Path) -> SpoolConfig {
-    SpoolConfig {
-        dir: dir.to_string_lossy().into_owned(),
-        max_bytes: 64 * 1024 * 1024,
-        when_full: WhenFull::Block,
-        after_ms: 200,
-        segment_bytes: 8192,
-        ..SpoolConfig::default()
-    }
-}
-
-fn segments(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter(|e| {
-            segment::parse_name(&e.as_ref().unwrap().file_name().to_string_lossy()).is_some()
-        })
-        .count()
-}
-
-/// Waits until no segment file is left in `dir`, failing with the spool's figures.
-async fn wait_drained(dir: &Path, spool: &SpoolHandle, within: Duration) {
-    let deadline = Instant::now() + within;
-    while segments(dir) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "segments left: {:?}",
-            spool.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Commits everything that reaches it, recording the points' seqs and origins.
-fn commit_all(
-    mut rx: mpsc::Receiver<TelemetryBatch>,
-) -> tokio::task::JoinHandle<(HashSet<i64>, usize)> {
-    tokio::spawn(async move {
-        let mut seen = HashSet::new();
-        let mut replayed = 0;
-        while let Some(b) = rx.recv().await {
-            if b.origin == BatchOrigin::Spool {
-                replayed += 1;
-            }
-            seen.extend(b.points.iter().map(|p| p.seq));
-            b.ack.durable();
-        }
-        (seen, replayed)
-    })
-}
-
-async fn outcome(rx: AckReceiver) -> Option<BatchOutcome> {
-    tokio::time::timeout(Duration::from_secs(10), rx)
-        .await
-        .expect("a verdict within 10 s")
-        .ok()
-}
+mod spool_kit;
+use spool_kit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_batcher_is_spooled_acked_then_replayed_and_segments_deleted() {
