@@ -569,10 +569,12 @@ fn spool_cli(dir: &Path, args: &[&str]) -> (bool, String, String) {
 
 /// While PostgreSQL is down, two aircraft of one organization send batches of the
 /// same new session; the listener cannot check ownership, so both are acked from the
-/// spool. On replay the second is refused (`foreign_session`, decided at commit): it
-/// is kept as a dead letter, listed by `dbx spool rejected`, and `dbx spool requeue`
-/// (refused while the daemon runs) hands it to the next start, which refuses and
-/// keeps it again. Nothing acked is silently gone.
+/// spool. When it is back, the first commit makes its aircraft the session's owner
+/// (which one depends on the writers' race) and the other batch is refused
+/// (`foreign_session`, decided at commit): it is kept as a dead letter, listed by
+/// `dbx spool rejected`, and `dbx spool requeue` (refused while the daemon runs)
+/// hands it to the next start, which refuses and keeps it again. Nothing acked is
+/// silently gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_replays_are_kept_as_dead_letters_and_can_be_requeued() {
     let _turn = CLUSTER.lock().await;
@@ -629,8 +631,21 @@ async fn refused_replays_are_kept_as_dead_letters_and_can_be_requeued() {
     assert_eq!(
         rows(&client, &[shared]).await,
         (10, 10),
-        "the first claimant's batch is stored"
+        "one batch is stored"
     );
+    let owner: Uuid = client
+        .query_one(
+            "SELECT aircraft_id FROM dbx_aviation.flight_sessions WHERE session_id = $1",
+            &[&shared],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (loser, loser_seqs) = if owner == first {
+        (second, [100, 109])
+    } else {
+        (first, [0, 9])
+    };
     assert!(env.metric("dbx_spool_rejected_bytes", "").await > 0.0);
 
     let (ok, out, err) = spool_cli(spool.path(), &["rejected", "--json"]);
@@ -643,9 +658,9 @@ async fn refused_replays_are_kept_as_dead_letters_and_can_be_requeued() {
     let e = &entries[0];
     assert_eq!(e["code"], "foreign_session");
     assert_eq!(e["session_id"], shared.to_string());
-    assert_eq!(e["aircraft_id"], second.to_string());
+    assert_eq!(e["aircraft_id"], loser.to_string());
     assert_eq!(e["points"], 10);
-    assert_eq!(e["seq_range"], serde_json::json!([100, 109]));
+    assert_eq!(e["seq_range"], serde_json::json!(loser_seqs));
     let (ok, out, _) = spool_cli(spool.path(), &["status"]);
     assert!(ok);
     assert!(out.contains("in use by a running daemon: yes"), "{out}");

@@ -15,6 +15,11 @@
 //! backpressure); a unique violation on the fast path retries everything through the
 //! staging path; a vanished child refreshes the partition cache; a data error bisects
 //! the flush by batch until the offending batch is alone, and nacks only it.
+//!
+//! A session claimed by two aircraft (or organizations) within one flush goes to the
+//! database under its first claim; the other claims are nacked `foreign_session` when
+//! that claim is the owner's, and written again in a flush of their own when the
+//! database says the session belongs to someone else (the owner may be among them).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -118,7 +123,34 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
     let mut stack = vec![job.parts];
     while let Some(mut parts) = stack.pop() {
         match write_with_retries(shared, &mut enc, job.key, &parts).await {
-            Ok(done) => resolve(shared, &parts, done),
+            Ok(mut done) => {
+                // A session two aircraft claimed within this flush went to the database
+                // under its first claimant. When the database said it belongs to someone
+                // else, the other claimants' batches may be the owner's: they are written
+                // again in a flush of their own instead of being refused with the loser.
+                let again: HashSet<usize> = done
+                    .mismatched
+                    .iter()
+                    .copied()
+                    .filter(|&i| done.foreign.contains(&parts[i].ticket.session))
+                    .collect();
+                done.mismatched.retain(|i| !again.contains(i));
+                resolve(shared, &parts, done, &again);
+                if !again.is_empty() {
+                    debug!(
+                        batches = again.len(),
+                        "a session claimed by two aircraft in one flush; writing the other claims again"
+                    );
+                    stack.push(
+                        parts
+                            .into_iter()
+                            .enumerate()
+                            .filter(|(i, _)| again.contains(i))
+                            .map(|(_, p)| p)
+                            .collect(),
+                    );
+                }
+            }
             Err(msg) if parts.len() > 1 => {
                 debug!(parts = parts.len(), error = %msg, "data error, bisecting flush");
                 let right = parts.split_off(parts.len() / 2);
@@ -165,7 +197,9 @@ struct Committed {
     committed_at: Option<Instant>,
 }
 
-fn resolve(shared: &Shared, parts: &[Part], done: Committed) {
+/// Resolves the tickets of `parts` after a commit, except those in `skip` (written
+/// again in another flush).
+fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usize>) {
     let c = &shared.counters;
     {
         let mut cache = lock(&shared.sessions);
@@ -175,6 +209,9 @@ fn resolve(shared: &Shared, parts: &[Part], done: Committed) {
     }
     for (i, p) in parts.iter().enumerate() {
         let t = &p.ticket;
+        if skip.contains(&i) {
+            continue;
+        }
         if done.foreign.contains(&t.session) || done.mismatched.contains(&i) {
             let r = Rejection::new(
                 RejectCode::ForeignSession,

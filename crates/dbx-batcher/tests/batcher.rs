@@ -407,6 +407,41 @@ async fn a_foreign_session_is_nacked_and_not_written() {
     assert_eq!((r.get::<_, Uuid>(0), r.get::<_, i64>(1)), (fx.a.org, 1));
 }
 
+/// Two claimants of one session in the same flush, the owner second: the flush goes
+/// to the database under the first claim, which is refused, and the owner's batch is
+/// written again on its own instead of being refused with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_one_flush_the_sessions_owner_is_stored_whoever_came_first() {
+    let fx = fixture().await;
+    let cfg = BatcherConfig {
+        // Both batches wait in one group for the age threshold.
+        flush_when_idle: false,
+        max_batch_age_ms: 500,
+        ..config()
+    };
+    let (tx, handle) = start(cfg, fx.pool(2));
+    let s = Uuid::new_v4();
+    let t0 = now_micros();
+    let (b, rx) = batch(fx.a, s, vec![Point::new(t0, 1)]);
+    tx.send(b).await.unwrap();
+    assert_eq!(outcome(rx).await, BatchOutcome::Durable);
+    let (intruder, intruder_rx) = batch(fx.b, s, vec![Point::new(t0 + 1, 2)]);
+    let (owner, owner_rx) = batch(fx.a, s, vec![Point::new(t0 + 2, 3)]);
+    tx.send(intruder).await.unwrap();
+    tx.send(owner).await.unwrap();
+    match outcome(intruder_rx).await {
+        BatchOutcome::Rejected(r) => assert_eq!(r.code, RejectCode::ForeignSession),
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(outcome(owner_rx).await, BatchOutcome::Durable);
+    drop(tx);
+    handle.join().await.unwrap();
+    let c = fx.client().await;
+    let got = read_points(&c, s).await;
+    assert_eq!(got.iter().map(|p| p.3.seq).collect::<Vec<_>>(), vec![1, 3]);
+    assert!(got.iter().all(|p| p.1 == fx.a.org));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_statistics_follow_the_path_including_a_late_point() {
     let fx = fixture().await;

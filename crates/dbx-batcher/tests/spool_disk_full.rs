@@ -6,8 +6,8 @@
 //!
 //! What must hold: no panic; nothing acked that is not whole on disk (the segment is
 //! cut back to its last fsynced length, so no torn or corrupt record is left); the
-//! batches the failed write held are retried (in a fresh segment) and acked then;
-//! and when the batcher returns, every batch reaches it.
+//! batches the failed write held are retried (in a fresh segment, in smaller group
+//! commits) and acked then; and when the batcher returns, every batch reaches it.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -46,19 +46,21 @@ async fn a_refused_write_acks_nothing_unwritten_and_is_retried() {
         segment_bytes: 1024 * 1024,
         ..config(dir.path())
     };
-    let (a_tx, a_rx) = mpsc::channel(16);
-    let (b_tx, b_rx) = mpsc::channel(4);
-    let spool = Spool::start(cfg, a_rx, b_tx).await.unwrap();
-
-    // The batcher is stalled: everything goes to the spool, ≈ 300 KiB in all, so
-    // at least three write errors on the way (each after a 1 s pause).
+    // Every batch is queued before the spool starts, so that its first group
+    // commit (≈ 300 KiB) is larger than any file may be: retrying that same burst
+    // would fail forever; smaller ones must be tried.
     let n = 300;
+    let (a_tx, a_rx) = mpsc::channel(n as usize);
     let mut acks = Vec::new();
     for seq in 0..n {
         let (b, rx) = batch(seq, 10);
         acks.push(rx);
         a_tx.send(b).await.unwrap();
     }
+    // The batcher is stalled: everything goes to the spool, with several write
+    // errors on the way (each after a 1 s pause).
+    let (b_tx, b_rx) = mpsc::channel(4);
+    let spool = Spool::start(cfg, a_rx, b_tx).await.unwrap();
     for rx in acks {
         let verdict = tokio::time::timeout(Duration::from_secs(30), rx)
             .await

@@ -30,6 +30,10 @@ use super::{SpoolConfig, WhenFull};
 const BURST_BATCHES: usize = 512;
 /// Most payload bytes written in one group commit.
 const BURST_BYTES: usize = 16 * 1024 * 1024;
+/// After a refused write the next group commit is this many times smaller (down to
+/// one record), so that what still fits on the disk is written instead of the same
+/// large burst failing again and again; it grows back by doubling after each success.
+const BURST_SHRINK_ON_ERROR: usize = 4;
 /// How often the gate re-evaluates its mode and publishes gauges.
 const TICK: Duration = Duration::from_millis(50);
 /// Pause before writing again after a write error.
@@ -75,6 +79,8 @@ struct Gate {
     /// Set while the spool is full or unwritable: no write is tried before then
     /// (or before the replayer frees room).
     retry_at: Option<Instant>,
+    /// The current bound on a group commit's bytes (see `BURST_SHRINK_ON_ERROR`).
+    burst_bytes: usize,
 }
 
 fn encode(b: &TelemetryBatch) -> Vec<u8> {
@@ -113,6 +119,7 @@ pub(crate) async fn run(
         verdicts: FuturesUnordered::new(),
         held: VecDeque::new(),
         retry_at: None,
+        burst_bytes: BURST_BYTES,
     };
     metrics::gauge!(m::SPOOL_ACTIVE).set(0.0);
     g.shared.publish_gauges();
@@ -338,7 +345,7 @@ impl Gate {
                 let grown = (framed.len() + 8 + p.len()) as u64;
                 let segment_room = *segment_room.get_or_insert_with(|| self.segment_room(grown));
                 if grown > room
-                    || framed.len() >= BURST_BYTES
+                    || framed.len() >= self.burst_bytes
                     || (!framed.is_empty() && grown > segment_room)
                 {
                     break;
@@ -402,7 +409,7 @@ impl Gate {
             }
             let grown = (framed.len() + 8 + p.len()) as u64;
             let segment_room = *segment_room.get_or_insert_with(|| self.segment_room(grown));
-            if framed.len() >= BURST_BYTES || (!framed.is_empty() && grown > segment_room) {
+            if framed.len() >= self.burst_bytes || (!framed.is_empty() && grown > segment_room) {
                 // The rest goes in the next group commit (in the next segment).
                 self.held.push_front(h);
                 break;
@@ -496,13 +503,17 @@ impl Gate {
 
     /// Appends `framed` (`n` records) to the open segment, opening one if needed,
     /// and fsyncs. On error nothing of it may be acked: the segment is sealed at
-    /// its last good length and writes pause for a while.
+    /// its last good length, writes pause for a while, and the next burst is smaller.
     async fn write(&mut self, framed: Vec<u8>, n: u64) -> std::io::Result<()> {
         let res = self.write_inner(framed, n).await;
-        if let Err(e) = &res {
-            error!(error = %e, dir = %self.shared.dir.display(), "spool write failed; treating the spool as full");
-            self.seal();
-            self.retry_at = Some(Instant::now() + WRITE_ERROR_BACKOFF);
+        match &res {
+            Ok(()) => self.burst_bytes = (self.burst_bytes * 2).min(BURST_BYTES),
+            Err(e) => {
+                error!(error = %e, dir = %self.shared.dir.display(), "spool write failed; treating the spool as full");
+                self.seal();
+                self.retry_at = Some(Instant::now() + WRITE_ERROR_BACKOFF);
+                self.burst_bytes = (self.burst_bytes / BURST_SHRINK_ON_ERROR).max(1);
+            }
         }
         res
     }
