@@ -88,14 +88,16 @@ async fn two_daemons_on_one_database_lose_nothing_double_nothing_and_maintain_on
     let premakes_before =
         metric_sum(&[&a, &b], "dbx_maintenance_runs_total", "kind=\"premake\"").await;
 
-    // Work for the sweep: rows 20 days back, where no partition exists (lookback is 2).
+    // Work for the sweep: rows 20 days back, where no partition exists (lookback is 2),
+    // all within one day whatever the time of the run (one sweep step, one log line).
     const PLANTED: i64 = 500;
     let planted = Uuid::new_v4();
     client
         .execute(
             "INSERT INTO dbx_aviation.flight_telemetry (org_id, aircraft_id, session_id, ts, seq)
              SELECT $1, (SELECT aircraft_id FROM dbx_aviation.aircraft_registry WHERE org_id = $1),
-                    $2, now() - interval '20 days' + g * interval '1 s', g
+                    $2, date_trunc('day', now() - interval '20 days') + interval '1 hour'
+                        + g * interval '1 s', g
                FROM generate_series(1, $3::bigint) g",
             &[&org.id, &planted, &PLANTED],
         )
