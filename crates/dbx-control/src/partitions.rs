@@ -258,6 +258,21 @@ pub struct Step {
     pub counts_rows: bool,
 }
 
+impl Step {
+    /// A step that needs dbx_admin's privileges, runs once and counts no rows (most
+    /// DDL steps).
+    fn admin(mode: StepMode, what: String, sql: Vec<String>) -> Step {
+        Step {
+            what,
+            sql,
+            mode,
+            repeat_while_at_least: None,
+            needs_admin: true,
+            counts_rows: false,
+        }
+    }
+}
+
 /// What a task would do now: computed read-only; [`fmt::Display`] prints it as SQL.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -957,17 +972,14 @@ impl PartitionManager {
             };
             if p.detach_pending {
                 // An interrupted DETACH CONCURRENTLY: finish it, then move the table.
-                plan.steps.push(Step {
-                    what: format!("finish the interrupted detach of {}", p.qualified()),
-                    sql: vec![format!(
+                plan.steps.push(Step::admin(
+                    StepMode::Autocommit,
+                    format!("finish the interrupted detach of {}", p.qualified()),
+                    vec![format!(
                         "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {} FINALIZE",
                         p.qualified()
                     )],
-                    mode: StepMode::Autocommit,
-                    repeat_while_at_least: None,
-                    needs_admin: true,
-                    counts_rows: false,
-                });
+                ));
             }
             if to > cutoff {
                 continue;
@@ -994,34 +1006,22 @@ impl PartitionManager {
                     ));
                 }
                 sql.extend(move_sql(&p.name, from, to));
-                plan.steps.push(Step {
-                    what,
-                    sql,
-                    mode: StepMode::Transaction,
-                    repeat_while_at_least: None,
-                    needs_admin: true,
-                    counts_rows: false,
-                });
+                plan.steps
+                    .push(Step::admin(StepMode::Transaction, what, sql));
             } else {
-                plan.steps.push(Step {
-                    what: format!("detach {} concurrently", p.qualified()),
-                    sql: vec![format!(
+                plan.steps.push(Step::admin(
+                    StepMode::Autocommit,
+                    format!("detach {} concurrently", p.qualified()),
+                    vec![format!(
                         "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {} CONCURRENTLY",
                         p.qualified()
                     )],
-                    mode: StepMode::Autocommit,
-                    repeat_while_at_least: None,
-                    needs_admin: true,
-                    counts_rows: false,
-                });
-                plan.steps.push(Step {
+                ));
+                plan.steps.push(Step::admin(
+                    StepMode::Transaction,
                     what,
-                    sql: move_sql(&p.name, from, to),
-                    mode: StepMode::Transaction,
-                    repeat_while_at_least: None,
-                    needs_admin: true,
-                    counts_rows: false,
-                });
+                    move_sql(&p.name, from, to),
+                ));
             }
         }
         // Tables left standalone by an archival interrupted between its two steps.
@@ -1047,14 +1047,11 @@ impl PartitionManager {
                 ));
                 continue;
             }
-            plan.steps.push(Step {
-                what: format!("archive the detached dbx_aviation.{}", quote_ident(&name)),
-                sql: move_sql(&name, from, to),
-                mode: StepMode::Transaction,
-                repeat_while_at_least: None,
-                needs_admin: true,
-                counts_rows: false,
-            });
+            plan.steps.push(Step::admin(
+                StepMode::Transaction,
+                format!("archive the detached dbx_aviation.{}", quote_ident(&name)),
+                move_sql(&name, from, to),
+            ));
         }
         Ok(())
     }
@@ -1078,14 +1075,11 @@ impl PartitionManager {
             .map(|r| (r.get(0), r.get(1)))
             .collect();
         // The seed's retention of sessions and analysis results, last.
-        let seed_step = Step {
-            what: "the seed's enforce_retention_policy() (flight sessions, analysis results; server clock)".into(),
-            sql: vec!["SELECT * FROM dbx_aviation.enforce_retention_policy()".into()],
-            mode: StepMode::Autocommit,
-            repeat_while_at_least: None,
-            needs_admin: true,
-            counts_rows: false,
-        };
+        let seed_step = Step::admin(
+            StepMode::Autocommit,
+            "the seed's enforce_retention_policy() (flight sessions, analysis results; server clock)".into(),
+            vec!["SELECT * FROM dbx_aviation.enforce_retention_policy()".into()],
+        );
         let Some(max_days) = orgs.iter().map(|(_, d)| *d).max() else {
             plan.notes
                 .push("no organization: no telemetry retention to apply".into());
@@ -1097,21 +1091,18 @@ impl PartitionManager {
         for p in parts.iter().filter(|p| !p.is_default) {
             if p.to.is_some_and(|t| t <= drop_before) {
                 dropped.push(p.qualified());
-                plan.steps.push(Step {
-                    what: format!(
+                plan.steps.push(Step::admin(
+                    StepMode::Transaction,
+                    format!(
                         "drop {} (ended before every organization's retention, {max_days} days)",
                         p.qualified()
                     ),
                     // The partition first, the parent (taken by DROP) last: see archival.
-                    sql: vec![
+                    vec![
                         format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", p.qualified()),
                         format!("DROP TABLE {}", p.qualified()),
                     ],
-                    mode: StepMode::Transaction,
-                    repeat_while_at_least: None,
-                    needs_admin: true,
-                    counts_rows: false,
-                });
+                ));
             }
         }
         let chunk = self.cfg.retention_chunk_rows.max(1);
