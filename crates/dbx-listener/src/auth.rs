@@ -445,26 +445,19 @@ impl AuthCache {
             }
         }
         let client = self.pool.get().await?;
-        let row = match aircraft {
-            dbx_proto::AircraftRef::Id(id) => {
-                client
-                    .query_opt(
-                        "SELECT aircraft_id FROM dbx_aviation.aircraft_registry \
-                         WHERE org_id = $1 AND aircraft_id = $2 AND is_active",
-                        &[&org, id],
-                    )
-                    .await?
-            }
-            dbx_proto::AircraftRef::Registration(reg) => {
-                client
-                    .query_opt(
-                        "SELECT aircraft_id FROM dbx_aviation.aircraft_registry \
-                         WHERE org_id = $1 AND registration_number = $2 AND is_active",
-                        &[&org, reg],
-                    )
-                    .await?
-            }
+        let (column, value): (&str, &(dyn tokio_postgres::types::ToSql + Sync)) = match aircraft {
+            dbx_proto::AircraftRef::Id(id) => ("aircraft_id", id),
+            dbx_proto::AircraftRef::Registration(reg) => ("registration_number", reg),
         };
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT aircraft_id FROM dbx_aviation.aircraft_registry \
+                     WHERE org_id = $1 AND {column} = $2 AND is_active"
+                ),
+                &[&org, value],
+            )
+            .await?;
         match row.map(|r| r.get::<_, Uuid>(0)) {
             Some(id) => {
                 self.aircraft_found
