@@ -16,6 +16,9 @@ use dbx_control::partitions::{Interval, PartitionManager, PartitionsConfig, Task
 use dbx_core::{ManualClock, SharedClock, SystemClock};
 use dbx_testkit::TestDb;
 
+mod common;
+use common::{count, new_org};
+
 const MAINT_PASSWORD: &str = "dbx-maintenance-test-password";
 
 fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
@@ -86,13 +89,6 @@ async fn point(c: &Client, org: Uuid, seq: i64, ts: &str) {
     .unwrap_or_else(|e| panic!("inserting a point at {ts}: {e}"));
 }
 
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
-
 async fn exists(c: &Client, rel: &str) -> bool {
     c.query_one(&format!("SELECT to_regclass('{rel}') IS NOT NULL"), &[])
         .await
@@ -110,18 +106,6 @@ async fn routed_to(c: &Client, ts: &str) -> String {
     )
     .await
     .unwrap_or_else(|e| panic!("finding {ts}: {e}"))
-    .get(0)
-}
-
-async fn new_org(c: &Client, code: &str, days: i32) -> Uuid {
-    c.query_one(
-        "INSERT INTO dbx_aviation.organizations (org_code, org_name, org_type, api_key_hash, data_retention_days)
-         VALUES ($1::text, $1::text || ' Inc', 'drone_operator', dbx_aviation.generate_api_key_hash($1), $2)
-         RETURNING org_id",
-        &[&code, &days],
-    )
-    .await
-    .unwrap()
     .get(0)
 }
 

@@ -16,6 +16,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
+mod common;
+use common::{count, new_org};
+
 /// Password every test gives the login users (the same everywhere: roles are cluster-wide).
 const TEST_PASSWORD: &str = "dbx-schema-test-pw";
 
@@ -49,18 +52,6 @@ async fn connect_as(db: &TestDb, superuser: &Client, user: &str) -> Client {
         })
         .await;
     dbx_testkit::connect(&db.url_for(user, TEST_PASSWORD)).await
-}
-
-async fn new_org(c: &Client, code: &str, retention_days: i32) -> Uuid {
-    c.query_one(
-        "INSERT INTO dbx_aviation.organizations (org_code, org_name, org_type, api_key_hash, data_retention_days)
-         VALUES ($1::text, $1::text || ' Inc', 'drone_operator', dbx_aviation.generate_api_key_hash($1), $2)
-         RETURNING org_id",
-        &[&code, &retention_days],
-    )
-    .await
-    .unwrap()
-    .get(0)
 }
 
 /// `next_maintenance` is an SQL expression (e.g. `current_date - 5`, `NULL`).
@@ -143,13 +134,6 @@ async fn day_partition(c: &Client, days_from_today: i32) -> String {
     .await
     .unwrap()
     .get(0)
-}
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
 }
 
 fn sqlstate(e: &tokio_postgres::Error) -> Option<&SqlState> {

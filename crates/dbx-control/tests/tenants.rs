@@ -11,6 +11,9 @@ use futures::StreamExt;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use uuid::Uuid;
 
+mod common;
+use common::count;
+
 async fn migrated() -> (TestDb, Client) {
     let db = TestDb::new().await;
     let mut client = db.client().await;
@@ -18,10 +21,6 @@ async fn migrated() -> (TestDb, Client) {
         .await
         .unwrap_or_else(|e| panic!("migrating: {e}"));
     (db, client)
-}
-
-async fn count(c: &Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 fn new_org(code: &str) -> NewOrg {
