@@ -24,12 +24,7 @@ fn dbx_bin() -> &'static Path {
 async fn sigkill_at_random_moments_loses_no_acked_point_and_stores_each_once() {
     let soak = std::env::var("DBX_SOAK").is_ok();
     let (n_batches, kills) = if soak { (3000, 12) } else { (300, 3) };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let bind = format!("127.0.0.1:{port}");
+    let bind = dbx_testkit::daemon::fixed_loopback_bind();
     let daemon_env = [
         ("DBX_LISTENER__TCP_BIND", bind.as_str()),
         ("DBX_BATCHER__MAX_BATCH_AGE_MS", "20"),

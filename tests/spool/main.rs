@@ -457,12 +457,7 @@ async fn outage_keeps_acks_flowing_and_full_spools_block_or_nack() {
 async fn sigkill_while_spooling_loses_no_acked_point() {
     let _turn = CLUSTER.lock().await;
     let spool = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let bind = format!("127.0.0.1:{port}");
+    let bind = dbx_testkit::daemon::fixed_loopback_bind();
     let dir = spool.path().display().to_string();
     let daemon_env = [
         ("DBX_LISTENER__TCP_BIND", bind.as_str()),

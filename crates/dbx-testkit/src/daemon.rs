@@ -134,6 +134,16 @@ impl Drop for Daemon {
     }
 }
 
+/// A loopback address on a port free right now, for a daemon that must come back on the
+/// same port after a restart (`DBX_LISTENER__TCP_BIND`); port 0 would move it.
+pub fn fixed_loopback_bind() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
 /// A minimal HTTP/1.1 GET (no client library needed for three admin endpoints).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
