@@ -283,18 +283,21 @@ async fn wal_archiving_base_backup_dump_and_point_in_time_restore() {
     )
     .expect("password file");
     pg_dir(&restored_dir);
-    let out = as_pg("bash")
-        .arg(script("restore.sh"))
-        .arg("--base")
-        .arg(&base)
-        .arg("--wal")
-        .arg(&wal)
-        .arg("--target-time")
-        .arg(&target)
-        .arg("--pgdata")
-        .arg(restored_dir.join("pgdata"))
-        .output()
-        .expect("restore.sh");
+    let restore = || {
+        as_pg("bash")
+            .arg(script("restore.sh"))
+            .arg("--base")
+            .arg(&base)
+            .arg("--wal")
+            .arg(&wal)
+            .arg("--target-time")
+            .arg(&target)
+            .arg("--pgdata")
+            .arg(restored_dir.join("pgdata"))
+            .output()
+            .expect("restore.sh")
+    };
+    let out = restore();
     assert!(
         out.status.success(),
         "restore.sh failed:\n{}",
@@ -302,18 +305,7 @@ async fn wal_archiving_base_backup_dump_and_point_in_time_restore() {
     );
     assert!(restored_dir.join("pgdata/recovery.signal").is_file());
     // restore.sh refuses a non-empty target.
-    let again = as_pg("bash")
-        .arg(script("restore.sh"))
-        .args(["--base"])
-        .arg(&base)
-        .arg("--wal")
-        .arg(&wal)
-        .arg("--target-time")
-        .arg(&target)
-        .arg("--pgdata")
-        .arg(restored_dir.join("pgdata"))
-        .output()
-        .expect("restore.sh");
+    let again = restore();
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("is not empty"));
 
