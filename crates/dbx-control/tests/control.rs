@@ -708,9 +708,18 @@ async fn two_managers_on_one_database_only_one_holds_the_advisory_lock() {
     assert!(b.try_acquire().await.unwrap());
     assert!(!a.try_acquire().await.unwrap());
     assert_eq!(count(&c, holders).await, 1);
-    // A manager that dies takes its lock with it.
+    // A manager that dies takes its lock with it. The server frees the lock when b's backend
+    // exits, which happens after b's socket closes, not before `close` returns: wait for it.
     b.close().await;
-    assert!(a.try_acquire().await.unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !a.try_acquire().await.unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b's lock outlived its connection by 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!b.try_acquire().await.unwrap());
 }
 
 fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
