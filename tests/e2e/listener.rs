@@ -71,18 +71,16 @@ async fn full_session_hello_batches_acks_bye_with_rows_and_session_stats() {
     g.send_bye().await;
     assert_eq!(g.recv().await, Some(ServerMessage::Bye));
     assert!(g.closed_within(Duration::from_secs(5)).await);
-    // The handshake was recorded, and no key reached the log.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let n: i64 = env
-        .client
-        .query_one(
-            "SELECT count(*) FROM dbx_aviation.api_requests WHERE org_id = $1 AND status_code = 200 \
-             AND client_ip = '127.0.0.1'::inet AND user_agent LIKE 'dbx-testkit%'",
-            &[&env.org.id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    // The handshake was recorded (within the recorder's flush second), and no key reached the log.
+    let n = dbx_testkit::wait_count(
+        &env.client,
+        "SELECT count(*) FROM dbx_aviation.api_requests WHERE org_id = $1 AND status_code = 200 \
+         AND client_ip = '127.0.0.1'::inet AND user_agent LIKE 'dbx-testkit%'",
+        &[&env.org.id],
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(n, 1);
     assert!(!env.daemon.log().contains(&env.org.key));
 }
@@ -95,13 +93,14 @@ async fn wrong_key_is_unauthorized_and_recorded() {
     let m = g.recv().await;
     assert_eq!(error_code(&m), Some(RejectCode::Unauthorized), "{m:?}");
     assert!(g.closed_within(Duration::from_secs(5)).await);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let n: i64 = env
-        .client
-        .query_one("SELECT count(*) FROM dbx_aviation.api_requests WHERE status_code = 401 AND org_id IS NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = dbx_testkit::wait_count(
+        &env.client,
+        "SELECT count(*) FROM dbx_aviation.api_requests WHERE status_code = 401 AND org_id IS NULL",
+        &[],
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
     assert_eq!(n, 1);
     assert!(
         env.metric("dbx_auth_failures_total", "reason=\"unauthorized\"")
@@ -690,6 +689,18 @@ async fn shutdown_while_streaming(daemon_env: &[(&str, &str)]) {
 async fn a_deactivated_organization_is_disconnected_within_seconds() {
     let env = Env::start(&[]).await;
     let (mut g, _) = TestGateway::hello(env.daemon.tcp, &env.org.key).await;
+    // The cache the daemon authenticates from: one key, one aircraft, loaded just now.
+    assert_eq!(env.metric("dbx_auth_keys", "").await, 1.0);
+    assert_eq!(env.metric("dbx_auth_aircraft", "").await, 1.0);
+    let loaded_at = env
+        .metric("dbx_auth_last_reload_timestamp_seconds", "")
+        .await;
+    assert!(
+        (now_micros() as f64 / 1e6 - loaded_at).abs() < 60.0,
+        "{loaded_at}"
+    );
+    let reloads = env.metric("dbx_auth_reloads_total", "").await;
+    assert!(reloads >= 1.0);
     env.client
         .execute(
             "UPDATE dbx_aviation.organizations SET is_active = false WHERE org_id = $1",
@@ -711,7 +722,6 @@ async fn a_deactivated_organization_is_disconnected_within_seconds() {
     let (mut n, _) =
         TestGateway::hello_within(env.daemon.tcp, &other.key, Duration::from_secs(5)).await;
     Fixture::aircraft(&env.client, other.id, "N555NW").await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
     n.send_batch(
         1,
         &AircraftRef::Registration("N555NW".into()),
@@ -721,6 +731,21 @@ async fn a_deactivated_organization_is_disconnected_within_seconds() {
     )
     .await;
     assert_eq!(n.recv().await, Some(ServerMessage::Ack { seq: 1 }));
+    // The NOTIFY reloads brought the cache up to date: ACME's key gone, NEWCO's in, and
+    // both aircraft (an aircraft of an inactive organization stays registered).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = (
+            env.metric("dbx_auth_keys", "").await,
+            env.metric("dbx_auth_aircraft", "").await,
+        );
+        if now == (1.0, 2.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "cache sizes {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(env.metric("dbx_auth_reloads_total", "").await >= reloads + 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

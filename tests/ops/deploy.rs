@@ -316,6 +316,10 @@ fn alert_rules_cover_the_issue_and_use_only_exported_metrics() {
         ("DbxSpoolFull", "dbx_spool_full_total"),
         ("DbxSpoolDeadLetters", "dbx_spool_rejected_records_total"),
         ("DbxSpoolCorruptRecords", "dbx_spool_corrupt_records_total"),
+        (
+            "DbxAuthCacheStale",
+            "dbx_auth_last_reload_timestamp_seconds",
+        ),
         ("DbxDatabaseUnreachable", "dbx_db_up"),
         ("DbxCacheHitRatioLow", "dbx_db_cache_hit_ratio"),
         (

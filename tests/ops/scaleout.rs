@@ -210,21 +210,28 @@ async fn two_daemons_on_one_database_lose_nothing_double_nothing_and_maintain_on
         .expect("moved")
         .get(0);
     assert_eq!(moved, PLANTED, "planted rows lost or doubled by the sweep");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let movers: Vec<String> = [&a, &b]
-        .iter()
-        .flat_map(|d| {
-            d.log()
-                .lines()
-                .filter(|l| {
-                    l.contains("maintenance done")
-                        && l.contains("sweep")
-                        && l.contains(&format!("move {PLANTED} default-partition row"))
-                })
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    // The run is logged when all its tasks are done, a moment after the commit.
+    let movers = || -> Vec<String> {
+        [&a, &b]
+            .iter()
+            .flat_map(|d| {
+                d.log()
+                    .lines()
+                    .filter(|l| {
+                        l.contains("maintenance done")
+                            && l.contains("sweep")
+                            && l.contains(&format!("move {PLANTED} default-partition row"))
+                    })
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while movers().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let movers = movers();
     assert_eq!(
         movers.len(),
         1,

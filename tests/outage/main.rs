@@ -87,6 +87,8 @@ async fn database_outage_pauses_reads_and_loses_nothing() {
 
     // Let some batches land, then take the database away for a few seconds.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let reloads_before = env.metric("dbx_auth_reloads_total", "").await;
+    assert!(reloads_before >= 1.0, "the key cache was loaded at start");
     tokio::task::spawn_blocking(|| TestDb::cluster().stop().unwrap())
         .await
         .unwrap();
@@ -136,4 +138,15 @@ async fn database_outage_pauses_reads_and_loses_nothing() {
         env.daemon.log().contains("retry") || env.daemon.log().contains("transient"),
         "retries were logged"
     );
+    // The key cache's refresher lost its connection, counted it, and reloaded once back.
+    assert!(env.metric("dbx_auth_refresh_failures_total", "").await >= 1.0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.metric("dbx_auth_reloads_total", "").await <= reloads_before {
+        assert!(
+            Instant::now() < deadline,
+            "the key cache was not reloaded after the outage:\n{}",
+            env.daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

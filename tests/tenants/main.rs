@@ -123,14 +123,7 @@ async fn count(c: &Client, sql: &str) -> i64 {
 
 /// Polls `sql` (a count) until it reaches `n`, for up to `within`.
 async fn wait_count(c: &Client, sql: &str, n: i64, within: Duration) -> i64 {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let got = count(c, sql).await;
-        if got >= n || tokio::time::Instant::now() > deadline {
-            return got;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    dbx_testkit::wait_count(c, sql, &[], n, within).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,7 +282,8 @@ async fn org_created_while_the_daemon_runs_ingests_and_deactivation_closes_its_c
     let (mut g, _) = TestGateway::hello_within(env.daemon.tcp, &key, Duration::from_secs(5)).await;
     assert_eq!(send_and_ack(&mut g, 2, "N1NEW", session).await, 2);
 
-    // Retire: its telemetry is refused.
+    // Retire: its telemetry is refused once the daemon's cache has one aircraft less.
+    let known = env.metric("dbx_auth_aircraft", "").await;
     let retired = ok_json(
         &url,
         &[
@@ -304,7 +298,14 @@ async fn org_created_while_the_daemon_runs_ingests_and_deactivation_closes_its_c
     .await;
     assert_eq!(retired["active"], false);
     assert_eq!(retired["operational_status"], "retired");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while env.metric("dbx_auth_aircraft", "").await >= known {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reload after the retirement"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let pts = points(5, 1000, now_micros() - 10_000_000);
     g.send_batch(
         3,

@@ -30,6 +30,18 @@ pub const RATE_LIMIT_DROPS_TOTAL: &str = "dbx_rate_limit_dropped_points_total";
 pub const UDP_DROPPED_TOTAL: &str = "dbx_udp_dropped_total";
 /// Listener: frame received → ack sent (histogram, seconds).
 pub const ACK_LATENCY_SECONDS: &str = "dbx_ack_latency_seconds";
+/// Listener: reloads of the key and aircraft cache that succeeded (counter).
+pub const AUTH_RELOADS_TOTAL: &str = "dbx_auth_reloads_total";
+/// Listener: failures of the task keeping that cache fresh (lost LISTEN connection, failed
+/// reload; it retries with backoff, the previous snapshot stays in force) (counter).
+pub const AUTH_REFRESH_FAILURES_TOTAL: &str = "dbx_auth_refresh_failures_total";
+/// Listener: when the cache was last reloaded successfully (gauge, unix seconds; alert when it
+/// falls behind, as revocations and new aircraft then do not take effect).
+pub const AUTH_LAST_RELOAD_TIMESTAMP_SECONDS: &str = "dbx_auth_last_reload_timestamp_seconds";
+/// Listener: API keys the cache accepts (gauge).
+pub const AUTH_KEYS: &str = "dbx_auth_keys";
+/// Listener: active aircraft the cache knows (gauge).
+pub const AUTH_AIRCRAFT: &str = "dbx_auth_aircraft";
 
 /// Batcher: points committed (counter).
 pub const POINTS_WRITTEN_TOTAL: &str = "dbx_points_written_total";

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
 
-use dbx_core::Shutdown;
+use dbx_core::{Clock, Shutdown, SystemClock};
 
 /// The NOTIFY channel the schema's triggers signal on.
 pub const AUTH_CHANNEL: &str = "dbx_auth_changed";
@@ -304,8 +304,21 @@ impl AuthCache {
         }
     }
 
-    /// Reloads keys and aircraft from the database and tells subscribers.
+    /// Reloads keys and aircraft from the database and tells subscribers; on failure
+    /// the previous snapshot stays in force.
     pub async fn reload(&self) -> Result<(), AuthError> {
+        use dbx_core::metrics as m;
+        let snap = self.load_snapshot().await?;
+        metrics::counter!(m::AUTH_RELOADS_TOTAL).increment(1);
+        metrics::gauge!(m::AUTH_LAST_RELOAD_TIMESTAMP_SECONDS)
+            .set(SystemClock.now().timestamp_millis() as f64 / 1000.0);
+        metrics::gauge!(m::AUTH_KEYS).set(snap.keys.len() as f64);
+        metrics::gauge!(m::AUTH_AIRCRAFT).set(snap.aircraft_org.len() as f64);
+        Ok(())
+    }
+
+    /// Reads the snapshot, installs it and returns it.
+    async fn load_snapshot(&self) -> Result<Arc<AuthSnapshot>, AuthError> {
         let client = self.pool.get().await?;
         let mut snap = AuthSnapshot::default();
         // Additional keys (rotation) live in dbx_aviation.api_keys when that table exists;
@@ -387,12 +400,13 @@ impl AuthCache {
             aircraft = snap.aircraft_org.len(),
             "auth cache reloaded"
         );
-        *self.snapshot.write().expect("auth snapshot lock") = Arc::new(snap);
+        let snap = Arc::new(snap);
+        *self.snapshot.write().expect("auth snapshot lock") = snap.clone();
         // The snapshot is authoritative again (a retired aircraft must stop resolving).
         *self.aircraft_found.lock().expect("aircraft cache lock") = TwoGen::new(10_000);
         *self.aircraft_missing.lock().expect("aircraft cache lock") = TwoGen::new(10_000);
         self.changes.send_modify(|g| *g += 1);
-        Ok(())
+        Ok(snap)
     }
 
     /// The aircraft a batch names, if it belongs to `org`.
@@ -548,16 +562,23 @@ impl AuthCache {
         mut shutdown: Shutdown,
     ) {
         tokio::spawn(self.clone().run_usage_flusher(shutdown.clone()));
-        let mut backoff = Duration::from_millis(200);
+        const FIRST_RETRY: Duration = Duration::from_millis(200);
+        let mut backoff = FIRST_RETRY;
         loop {
+            let started = tokio::time::Instant::now();
             let session = self.listen_once(&listen_config, refresh_every, shutdown.clone());
             tokio::select! {
                 _ = shutdown.recv() => return,
                 res = session => {
                     if let Err(e) = res {
-                        tracing::warn!(error = %e, "auth change listener lost its connection; retrying");
+                        metrics::counter!(dbx_core::metrics::AUTH_REFRESH_FAILURES_TOTAL).increment(1);
+                        tracing::warn!(error = %e, retry_in = ?backoff, "auth change listener lost its connection; retrying");
                     }
                 }
+            }
+            // A session that lasted was healthy: the next outage starts the backoff afresh.
+            if started.elapsed() > refresh_every.max(Duration::from_secs(30)) {
+                backoff = FIRST_RETRY;
             }
             tokio::select! {
                 _ = shutdown.recv() => return,

@@ -9,6 +9,9 @@ use uuid::Uuid;
 
 use crate::{Daemon, Fixture, Org, TestDb};
 
+const SESSION_ROWS: &str =
+    "SELECT count(*) FROM dbx_aviation.flight_telemetry WHERE session_id = $1";
+
 /// A migrated database, one organization with one aircraft, and a daemon.
 pub struct Env {
     /// The test database.
@@ -55,10 +58,7 @@ impl Env {
     /// Rows of `session` in flight_telemetry.
     pub async fn rows(&self, session: Uuid) -> i64 {
         self.client
-            .query_one(
-                "SELECT count(*) FROM dbx_aviation.flight_telemetry WHERE session_id = $1",
-                &[&session],
-            )
+            .query_one(SESSION_ROWS, &[&session])
             .await
             .expect("count rows")
             .get(0)
@@ -66,15 +66,8 @@ impl Env {
 
     /// Waits (up to 10 s) until `session` has `n` rows (UDP has no ack to wait for).
     pub async fn wait_rows(&self, session: Uuid, n: i64) -> i64 {
-        let mut got = 0;
-        for _ in 0..200 {
-            got = self.rows(session).await;
-            if got >= n {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        got
+        let within = Duration::from_secs(10);
+        crate::wait_count(&self.client, SESSION_ROWS, &[&session], n, within).await
     }
 
     /// One metric from the daemon's /metrics, summed over the series whose labels contain `labels`.

@@ -243,6 +243,30 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// Polls `sql` (a single `count(*)`, with `params`) every 50 ms until it reaches `n` or
+/// `within` has passed; the last count. For what the daemon writes off the ack path
+/// (handshake records, key stamps) and what UDP stores without an ack.
+pub async fn wait_count(
+    c: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    n: i64,
+    within: std::time::Duration,
+) -> i64 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let got: i64 = c
+            .query_one(sql, params)
+            .await
+            .unwrap_or_else(|e| panic!("dbx-testkit: {sql}: {e}"))
+            .get(0);
+        if got >= n || tokio::time::Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,6 +98,21 @@ fn describe_metrics() {
         Unit::Seconds,
         "Frame received to ack sent."
     );
+    c!(
+        m::AUTH_RELOADS_TOTAL,
+        "Successful reloads of the key and aircraft cache."
+    );
+    c!(
+        m::AUTH_REFRESH_FAILURES_TOTAL,
+        "Failures of the key and aircraft cache refresher (it retries; the previous cache stays in force)."
+    );
+    g!(
+        m::AUTH_LAST_RELOAD_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "Unix time of the last successful key and aircraft cache reload."
+    );
+    g!(m::AUTH_KEYS, "API keys the daemon accepts.");
+    g!(m::AUTH_AIRCRAFT, "Active aircraft the daemon knows.");
     c!(m::POINTS_WRITTEN_TOTAL, "Points committed to PostgreSQL.");
     c!(
         m::POINTS_DEDUPLICATED_TOTAL,
