@@ -83,6 +83,57 @@ struct Gate {
     burst_bytes: usize,
 }
 
+/// One group commit being assembled: records framed back to back, bounded by the
+/// spool's room, the current burst size, and what is left of the segment the burst
+/// will land in.
+struct Burst {
+    framed: Vec<u8>,
+    /// Bytes the spool may still grow by.
+    room: u64,
+    /// The current bound on a burst's bytes (shrunk after a write error).
+    burst_bytes: usize,
+    /// Bytes the burst may take in its segment, known once the first record is seen.
+    segment_room: Option<u64>,
+}
+
+/// Where a record goes.
+#[derive(Debug, PartialEq, Eq)]
+enum Fit {
+    /// Framed into this burst.
+    Taken,
+    /// The burst is complete (its bytes, or its segment's end): in the next one.
+    NextBurst,
+    /// Past `spool.max_bytes`: the spool is full.
+    NoRoom,
+}
+
+impl Burst {
+    fn new(room: u64, burst_bytes: usize) -> Self {
+        Burst {
+            framed: Vec::new(),
+            room,
+            burst_bytes,
+            segment_room: None,
+        }
+    }
+
+    /// Frames `payload` if it belongs in this burst; `segment_room` is asked once,
+    /// with the first record's framed size (see `Gate::segment_room`).
+    fn add(&mut self, payload: &[u8], segment_room: impl FnOnce(u64) -> u64) -> Fit {
+        let grown = self.framed.len() as u64 + segment::RECORD_HEADER_BYTES + payload.len() as u64;
+        let in_segment = *self.segment_room.get_or_insert_with(|| segment_room(grown));
+        if self.framed.len() >= self.burst_bytes || (!self.framed.is_empty() && grown > in_segment)
+        {
+            return Fit::NextBurst;
+        }
+        if grown > self.room {
+            return Fit::NoRoom;
+        }
+        segment::frame_record(payload, &mut self.framed);
+        Fit::Taken
+    }
+}
+
 fn encode(b: &TelemetryBatch) -> Vec<u8> {
     let mut out = Vec::new();
     let accepted = now_micros() - b.received_at.elapsed().as_micros() as i64;
@@ -331,9 +382,7 @@ impl Gate {
     /// group commit per segment's worth, until all are written or the spool is full.
     async fn spool_in_flight(&mut self) {
         loop {
-            let room = self.room();
-            let mut segment_room = None;
-            let mut framed = Vec::new();
+            let mut burst = Burst::new(self.room(), self.burst_bytes);
             let mut ids = Vec::new();
             for (id, f) in &self.forwarded {
                 let (Some(_), Some(p)) = (&f.client, &f.payload) else {
@@ -342,18 +391,12 @@ impl Gate {
                 if p.len() > segment::MAX_RECORD_BYTES as usize {
                     continue;
                 }
-                let grown = (framed.len() + 8 + p.len()) as u64;
-                let segment_room = *segment_room.get_or_insert_with(|| self.segment_room(grown));
-                if grown > room
-                    || framed.len() >= self.burst_bytes
-                    || (!framed.is_empty() && grown > segment_room)
-                {
+                if burst.add(p, |first| self.segment_room(first)) != Fit::Taken {
                     break;
                 }
-                segment::frame_record(p, &mut framed);
                 ids.push(*id);
             }
-            if ids.is_empty() || self.write(framed, ids.len() as u64).await.is_err() {
+            if ids.is_empty() || self.write(burst.framed, ids.len() as u64).await.is_err() {
                 return;
             }
             for id in ids {
@@ -395,9 +438,7 @@ impl Gate {
     /// One group commit of the held batches; `false` when nothing more can be
     /// written now (the spool is full or the write failed).
     async fn spool_burst(&mut self, tx: &mpsc::Sender<TelemetryBatch>) -> bool {
-        let room = self.room();
-        let mut segment_room = None;
-        let mut framed = Vec::new();
+        let mut burst = Burst::new(self.room(), self.burst_bytes);
         let mut taken: Vec<Held> = Vec::new();
         let mut oversize = Vec::new();
         let mut no_room = false;
@@ -407,20 +448,19 @@ impl Gate {
                 oversize.push(h);
                 continue;
             }
-            let grown = (framed.len() + 8 + p.len()) as u64;
-            let segment_room = *segment_room.get_or_insert_with(|| self.segment_room(grown));
-            if framed.len() >= self.burst_bytes || (!framed.is_empty() && grown > segment_room) {
+            match burst.add(p, |first| self.segment_room(first)) {
+                Fit::Taken => taken.push(h),
                 // The rest goes in the next group commit (in the next segment).
-                self.held.push_front(h);
-                break;
+                Fit::NextBurst => {
+                    self.held.push_front(h);
+                    break;
+                }
+                Fit::NoRoom => {
+                    self.held.push_front(h);
+                    no_room = true;
+                    break;
+                }
             }
-            if (framed.len() + 8 + p.len()) as u64 > room {
-                self.held.push_front(h);
-                no_room = true;
-                break;
-            }
-            segment::frame_record(p, &mut framed);
-            taken.push(h);
         }
         for h in oversize {
             // Larger than any record may be: it can only wait for the database.
@@ -433,7 +473,7 @@ impl Gate {
             }
         }
         if !taken.is_empty() {
-            match self.write(framed, taken.len() as u64).await {
+            match self.write(burst.framed, taken.len() as u64).await {
                 Ok(()) => {
                     for h in taken {
                         h.batch.ack.durable();
