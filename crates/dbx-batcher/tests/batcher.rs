@@ -386,10 +386,7 @@ async fn a_foreign_session_is_nacked_and_not_written() {
     let (b2, rx2) = batch(fx.b, other, vec![Point::new(t0 + 1, 1)]);
     tx.send(b1).await.unwrap();
     tx.send(b2).await.unwrap();
-    match outcome(rx1).await {
-        BatchOutcome::Rejected(r) => assert_eq!(r.code, RejectCode::ForeignSession),
-        o => panic!("{o:?}"),
-    }
+    assert_eq!(rejection(rx1).await, RejectCode::ForeignSession);
     assert_eq!(outcome(rx2).await, BatchOutcome::Durable);
     drop(tx);
     handle.join().await.unwrap();
@@ -429,10 +426,7 @@ async fn in_one_flush_the_sessions_owner_is_stored_whoever_came_first() {
     let (owner, owner_rx) = batch(fx.a, s, vec![Point::new(t0 + 2, 3)]);
     tx.send(intruder).await.unwrap();
     tx.send(owner).await.unwrap();
-    match outcome(intruder_rx).await {
-        BatchOutcome::Rejected(r) => assert_eq!(r.code, RejectCode::ForeignSession),
-        o => panic!("{o:?}"),
-    }
+    assert_eq!(rejection(intruder_rx).await, RejectCode::ForeignSession);
     assert_eq!(outcome(owner_rx).await, BatchOutcome::Durable);
     drop(tx);
     handle.join().await.unwrap();

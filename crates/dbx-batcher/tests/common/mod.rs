@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use dbx_batcher::{Batcher, BatcherConfig, BatcherHandle};
-use dbx_core::{AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, TelemetryBatch};
+use dbx_core::{
+    AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, RejectCode, TelemetryBatch,
+};
 use dbx_testkit::TestDb;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::Rng;
@@ -147,6 +149,14 @@ pub async fn outcome(rx: AckReceiver) -> BatchOutcome {
         .await
         .expect("no outcome within 60 s")
         .expect("ack handle dropped unanswered")
+}
+
+/// The code of a batch's rejection; fails the test on any other outcome.
+pub async fn rejection(rx: AckReceiver) -> RejectCode {
+    match outcome(rx).await {
+        BatchOutcome::Rejected(r) => r.code,
+        o => panic!("expected a rejection, got {o:?}"),
+    }
 }
 
 /// Now, truncated to the microsecond.
