@@ -10,7 +10,7 @@ use dbx_control::partitions::MAINTENANCE_LOCK_KEY;
 use dbx_proto::{AircraftRef, PointForm};
 use dbx_testkit::env::metric_value;
 use dbx_testkit::gateway::{now_micros, points};
-use dbx_testkit::{Daemon, Fixture, TestDb, TestGateway};
+use dbx_testkit::{wait_until, Daemon, Fixture, TestDb, TestGateway};
 use uuid::Uuid;
 
 use crate::dbx_bin;
@@ -191,16 +191,15 @@ async fn two_daemons_on_one_database_lose_nothing_double_nothing_and_maintain_on
         .execute("SELECT pg_advisory_unlock($1)", &[&MAINTENANCE_LOCK_KEY])
         .await
         .expect("unlock");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while in_default(&client).await > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the sweep did not run within 20 s:\n{}\n{}",
-            a.log(),
-            b.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            in_default(&client).await == 0
+        })
+        .await,
+        "the sweep did not run within 20 s:\n{}\n{}",
+        a.log(),
+        b.log()
+    );
     let moved: i64 = client
         .query_one(
             "SELECT count(*) FROM dbx_aviation.flight_telemetry WHERE session_id = $1",
@@ -227,10 +226,7 @@ async fn two_daemons_on_one_database_lose_nothing_double_nothing_and_maintain_on
             })
             .collect()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while movers().is_empty() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(Duration::from_secs(20), || async { !movers().is_empty() }).await;
     let movers = movers();
     assert_eq!(
         movers.len(),

@@ -140,13 +140,12 @@ async fn database_outage_pauses_reads_and_loses_nothing() {
     );
     // The key cache's refresher lost its connection, counted it, and reloaded once back.
     assert!(env.metric("dbx_auth_refresh_failures_total", "").await >= 1.0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env.metric("dbx_auth_reloads_total", "").await <= reloads_before {
-        assert!(
-            Instant::now() < deadline,
-            "the key cache was not reloaded after the outage:\n{}",
-            env.daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        dbx_testkit::wait_until(Duration::from_secs(30), || async {
+            env.metric("dbx_auth_reloads_total", "").await > reloads_before
+        })
+        .await,
+        "the key cache was not reloaded after the outage:\n{}",
+        env.daemon.log()
+    );
 }

@@ -26,7 +26,7 @@ use bytes::BytesMut;
 use dbx_core::Point;
 use dbx_proto::{AircraftRef, EncodeOptions, PointForm, ServerMessage};
 use dbx_testkit::gateway::{now_micros, points};
-use dbx_testkit::{Daemon, Env, TestDb, TestGateway};
+use dbx_testkit::{wait_until, Daemon, Env, TestDb, TestGateway};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Semaphore};
 use uuid::Uuid;
@@ -213,19 +213,16 @@ async fn gateway(
 }
 
 fn segment_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".seg"))
-            })
-            .count()
-        })
-        .unwrap_or(0)
+    dbx_batcher::spool::segment::list(dir).map_or(0, |s| s.len())
 }
 
 fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
     v.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// The daemon kept a dead letter and its spool holds no segment any more.
+async fn kept_and_drained(env: &Env, spool: &Path) -> bool {
+    env.metric("dbx_spool_rejected_records_total", "").await >= 1.0 && segment_files(spool) == 0
 }
 
 async fn rows(client: &tokio_postgres::Client, sessions: &[Uuid]) -> (i64, i64) {
@@ -382,15 +379,14 @@ async fn outage_keeps_acks_flowing_and_full_spools_block_or_nack() {
     // Acked from the spool is not committed yet: wait for the replayers to empty
     // every spool, then every acked point is stored exactly once.
     for dir in [&roomy, &small_block, &small_drop] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while segment_files(dir) > 0 {
-            assert!(
-                Instant::now() < deadline,
-                "spool {} not drained",
-                dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        assert!(
+            wait_until(Duration::from_secs(60), || async {
+                segment_files(dir) == 0
+            })
+            .await,
+            "spool {} not drained",
+            dir.display()
+        );
     }
     let client = dbx_testkit::connect(&env.db.url()).await;
     let sessions: Vec<Uuid> = ends.iter().map(|e| e.session).collect();
@@ -518,11 +514,13 @@ async fn sigkill_while_spooling_loses_no_acked_point() {
         .expect("gateway finishes")
         .unwrap();
     // The restarted daemon replays what the killed one acked from its spool.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while segment_files(spool.path()) > 0 {
-        assert!(Instant::now() < deadline, "spool not drained");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            segment_files(spool.path()) == 0
+        })
+        .await,
+        "spool not drained"
+    );
     let replayed = env.metric("dbx_spool_replayed_records_total", "").await;
     assert!(replayed > 0.0, "the restart replayed the spool");
     let client = dbx_testkit::connect(&env.db.url()).await;
@@ -614,13 +612,14 @@ async fn refused_replays_are_kept_as_dead_letters_and_can_be_requeued() {
     assert_eq!(verdicts, (4, vec![]));
     start_db().await;
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while env.metric("dbx_spool_rejected_records_total", "").await < 1.0
-        || segment_files(spool.path()) > 0
-    {
-        assert!(Instant::now() < deadline, "the refused batch was not kept");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(60), || kept_and_drained(
+            &env,
+            spool.path()
+        ))
+        .await,
+        "the refused batch was not kept"
+    );
     // The test's own connection did not survive the restart.
     let client = dbx_testkit::connect(&env.db.url()).await;
     assert_eq!(
@@ -674,16 +673,14 @@ async fn refused_replays_are_kept_as_dead_letters_and_can_be_requeued() {
     assert!(out.contains("requeued 1 batches"), "{out}");
     assert_eq!(segment_files(spool.path()), 1);
     env.daemon = Daemon::start(dbx_bin(), &env.ingest_url, &daemon_env).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while env.metric("dbx_spool_rejected_records_total", "").await < 1.0
-        || segment_files(spool.path()) > 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the requeued batch was not replayed"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(30), || kept_and_drained(
+            &env,
+            spool.path()
+        ))
+        .await,
+        "the requeued batch was not replayed"
+    );
     let (_, out, _) = spool_cli(spool.path(), &["rejected", "--json"]);
     assert_eq!(out.lines().count(), 1, "{out}");
     assert_eq!(rows(&client, &[shared]).await, (10, 10));

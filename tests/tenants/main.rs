@@ -11,7 +11,7 @@ use std::time::Duration;
 use dbx_core::RejectCode;
 use dbx_proto::{AircraftRef, PointForm, ServerMessage};
 use dbx_testkit::gateway::{now_micros, points};
-use dbx_testkit::{Fixture, TestDb, TestGateway};
+use dbx_testkit::{wait_until, Fixture, TestDb, TestGateway};
 use serde_json::Value;
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -89,16 +89,10 @@ async fn hello_answer(addr: std::net::SocketAddr, key: &str) -> Option<ServerMes
 
 /// Waits (up to `within`) until hello with `key` is refused with `error unauthorized`.
 async fn refused_within(addr: std::net::SocketAddr, key: &str, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if error_code(&hello_answer(addr, key).await) == Some(RejectCode::Unauthorized) {
-            return true;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(within, || async {
+        error_code(&hello_answer(addr, key).await) == Some(RejectCode::Unauthorized)
+    })
+    .await
 }
 
 /// Sends one batch of `n` points for `registration` and waits for its verdict.
@@ -298,14 +292,13 @@ async fn org_created_while_the_daemon_runs_ingests_and_deactivation_closes_its_c
     .await;
     assert_eq!(retired["active"], false);
     assert_eq!(retired["operational_status"], "retired");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while env.metric("dbx_auth_aircraft", "").await >= known {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no reload after the retirement"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            env.metric("dbx_auth_aircraft", "").await < known
+        })
+        .await,
+        "no reload after the retirement"
+    );
     let pts = points(5, 1000, now_micros() - 10_000_000);
     g.send_batch(
         3,

@@ -44,14 +44,8 @@ async fn a_stalled_batcher_is_spooled_acked_then_replayed_and_segments_deleted()
     assert!(st.segments >= 2, "segment_bytes forced rotation: {st:?}");
     assert!(segments(dir.path()) >= 2);
     // A burst is split at segment_bytes, whatever the timing.
-    for e in std::fs::read_dir(dir.path()).unwrap() {
-        let e = e.unwrap();
-        if segment::parse_name(&e.file_name().to_string_lossy()).is_some() {
-            assert!(
-                e.metadata().unwrap().len() <= 8192,
-                "{e:?} exceeds segment_bytes"
-            );
-        }
+    for f in segment::list(dir.path()).unwrap() {
+        assert!(f.len <= 8192, "{f:?} exceeds segment_bytes");
     }
 
     // The batcher comes back: everything is replayed, each segment deleted once resolved.

@@ -74,17 +74,13 @@ async fn a_refused_write_acks_nothing_unwritten_and_is_retried() {
     // Every acked batch is whole on disk: no segment past the limit, none torn or
     // corrupt, and every seq in one of them.
     let mut on_disk = HashSet::new();
-    let mut files = 0;
-    for e in std::fs::read_dir(dir.path()).unwrap() {
-        let e = e.unwrap();
-        if segment::parse_name(&e.file_name().to_string_lossy()).is_none() {
-            continue;
-        }
-        files += 1;
-        let bytes = std::fs::read(e.path()).unwrap();
-        assert!(bytes.len() as u64 <= FILE_LIMIT, "{e:?}");
+    let segments = segment::list(dir.path()).unwrap();
+    let files = segments.len();
+    for f in &segments {
+        let bytes = std::fs::read(&f.path).unwrap();
+        assert!(bytes.len() as u64 <= FILE_LIMIT, "{f:?}");
         let scan = segment::scan(bytes.as_slice(), bytes.len() as u64).unwrap();
-        assert_eq!((scan.corrupt, scan.torn), (0, false), "{e:?}");
+        assert_eq!((scan.corrupt, scan.torn), (0, false), "{f:?}");
         for p in scan.records {
             on_disk.extend(
                 decode_batch(&p)

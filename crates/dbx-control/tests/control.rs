@@ -711,14 +711,14 @@ async fn two_managers_on_one_database_only_one_holds_the_advisory_lock() {
     // A manager that dies takes its lock with it. The server frees the lock when b's backend
     // exits, which happens after b's socket closes, not before `close` returns: wait for it.
     b.close().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !a.try_acquire().await.unwrap() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "b's lock outlived its connection by 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let a = &a;
+    assert!(
+        dbx_testkit::wait_until(Duration::from_secs(10), || async move {
+            a.try_acquire().await.unwrap()
+        })
+        .await,
+        "b's lock outlived its connection by 10 s"
+    );
     assert!(!b.try_acquire().await.unwrap());
 }
 

@@ -243,8 +243,32 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
-/// Polls `sql` (a single `count(*)`, with `params`) every 50 ms until it reaches `n` or
-/// `within` has passed; the last count. For what the daemon writes off the ack path
+/// How often [`wait_until`] and [`wait_count`] look again.
+const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Polls `check` until it holds or `within` has passed; whether it held. For what
+/// happens after the event a test can observe (a backend exiting after its socket
+/// closed, a NOTIFY reload, a replay), so that a test waits for a signal instead of
+/// sleeping a fixed time. Callers assert on the result with their own message.
+pub async fn wait_until<F, Fut>(within: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls `sql` (a single `count(*)`, with `params`) until it reaches `n` or `within`
+/// has passed; the last count. For what the daemon writes off the ack path
 /// (handshake records, key stamps) and what UDP stores without an ack.
 pub async fn wait_count(
     c: &Client,
@@ -253,18 +277,18 @@ pub async fn wait_count(
     n: i64,
     within: std::time::Duration,
 ) -> i64 {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let got: i64 = c
+    let got = &std::sync::atomic::AtomicI64::new(0);
+    wait_until(within, || async move {
+        let count: i64 = c
             .query_one(sql, params)
             .await
             .unwrap_or_else(|e| panic!("dbx-testkit: {sql}: {e}"))
             .get(0);
-        if got >= n || tokio::time::Instant::now() > deadline {
-            return got;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        got.store(count, std::sync::atomic::Ordering::Relaxed);
+        count >= n
+    })
+    .await;
+    got.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(test)]

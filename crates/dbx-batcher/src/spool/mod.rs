@@ -179,20 +179,30 @@ pub enum SpoolError {
     Locked(PathBuf),
 }
 
+/// The file in `spool.dir` a running daemon holds locked.
+const LOCK_FILE: &str = "LOCK";
+
+impl SpoolError {
+    /// Wraps an I/O error on `dir` (for `map_err`).
+    fn dir(dir: &std::path::Path) -> impl Fn(std::io::Error) -> SpoolError + Copy + '_ {
+        move |source| SpoolError::Dir {
+            dir: dir.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// Takes the spool directory's exclusive lock (`LOCK`, an advisory `flock`): two
 /// daemons appending to and deleting each other's segments would lose data. The
 /// kernel releases it when the process ends, however it ends.
 fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, SpoolError> {
-    let io = |source| SpoolError::Dir {
-        dir: dir.to_path_buf(),
-        source,
-    };
+    let io = SpoolError::dir(dir);
     std::fs::create_dir_all(dir).map_err(io)?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join("LOCK"))
+        .open(dir.join(LOCK_FILE))
         .map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
@@ -230,35 +240,26 @@ pub struct SpoolReport {
 /// Reads what `dir` holds without changing anything (safe while a daemon runs; the
 /// open segment may grow meanwhile).
 pub fn inspect(dir: &std::path::Path) -> std::io::Result<SpoolReport> {
+    let in_use = match std::fs::File::open(dir.join(LOCK_FILE)) {
+        Ok(f) => matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
     let mut segments = Vec::new();
-    let mut in_use = false;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if name == "LOCK" {
-            let f = std::fs::File::open(entry.path())?;
-            in_use = matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock));
-            continue;
-        }
-        let Some(id) = name.to_str().and_then(segment::parse_name) else {
-            continue;
-        };
-        let file = std::fs::File::open(entry.path())?;
-        let bytes = file.metadata()?.len();
+    for s in segment::list(dir)? {
+        let file = std::fs::File::open(&s.path)?;
         segments.push(SegmentReport {
-            id,
-            bytes,
-            records: segment::count_records(&file, bytes),
-            created_micros: segment::read_header(&file, bytes),
+            id: s.id,
+            bytes: s.len,
+            records: segment::count_records(&file, s.len),
+            created_micros: segment::read_header(&file, s.len),
         });
     }
-    segments.sort_by_key(|s| s.id);
-    let dead = dir.join(rejected::DIR);
     let mut rejected_records = 0;
     let mut rejected_bytes = 0;
-    for (_, path, len) in rejected::segments(&dead)? {
-        rejected_records += segment::count_records(&std::fs::File::open(path)?, len);
-        rejected_bytes += len;
+    for s in segment::list(&dir.join(rejected::DIR))? {
+        rejected_records += segment::count_records(&std::fs::File::open(&s.path)?, s.len);
+        rejected_bytes += s.len;
     }
     Ok(SpoolReport {
         segments,
@@ -273,10 +274,7 @@ pub fn inspect(dir: &std::path::Path) -> std::io::Result<SpoolReport> {
 /// the records and segment files moved.
 pub fn requeue_rejected(dir: &std::path::Path) -> Result<(u64, u64), SpoolError> {
     let _lock = lock_dir(dir)?;
-    rejected::requeue(dir).map_err(|source| SpoolError::Dir {
-        dir: dir.to_path_buf(),
-        source,
-    })
+    rejected::requeue(dir).map_err(SpoolError::dir(dir))
 }
 
 /// Starts the spool.
@@ -315,14 +313,8 @@ impl Spool {
             Ok::<_, std::io::Error>((st, dead))
         })
         .await
-        .map_err(|e| SpoolError::Dir {
-            dir: dir.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-        .map_err(|source| SpoolError::Dir {
-            dir: dir.clone(),
-            source,
-        })?;
+        .map_err(|e| SpoolError::dir(&dir)(std::io::Error::other(e.to_string())))?
+        .map_err(SpoolError::dir(&dir))?;
         let (recovered, dead) = recovered;
         let shared = Arc::new(state::Shared::new(dir, recovered));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -76,24 +76,6 @@ pub struct DeadLetters {
     writer: Option<SegmentWriter>,
 }
 
-/// The segment files of a dead-letter directory, oldest first, with their sizes.
-pub fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf, u64)>> {
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        if let Some(id) = entry.file_name().to_str().and_then(segment::parse_name) {
-            out.push((id, entry.path(), entry.metadata()?.len()));
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
 /// Reads `reasons.jsonl` of a dead-letter directory; a line cut by a crash is
 /// skipped.
 pub fn read_reasons(dir: &Path) -> io::Result<Vec<RejectedEntry>> {
@@ -112,10 +94,10 @@ impl DeadLetters {
     /// Takes stock of `<spool_dir>/rejected` (created on the first write).
     pub fn open(spool_dir: &Path, max_bytes: u64, segment_bytes: u64) -> io::Result<DeadLetters> {
         let dir = spool_dir.join(DIR);
-        let existing = segments(&dir)?;
+        let existing = segment::list(&dir)?;
         Ok(DeadLetters {
-            bytes: existing.iter().map(|(_, _, len)| len).sum(),
-            next_id: existing.last().map_or(0, |(id, _, _)| id + 1),
+            bytes: existing.iter().map(|s| s.len).sum(),
+            next_id: existing.last().map_or(0, |s| s.id + 1),
             dir,
             max_bytes,
             segment_bytes,
@@ -198,19 +180,14 @@ impl DeadLetters {
 /// spool's lock. Returns the records and segments moved.
 pub fn requeue(spool_dir: &Path) -> io::Result<(u64, u64)> {
     let dir = spool_dir.join(DIR);
-    let mut next_id = 0;
-    for entry in std::fs::read_dir(spool_dir)? {
-        if let Some(id) = entry?.file_name().to_str().and_then(segment::parse_name) {
-            next_id = next_id.max(id + 1);
-        }
+    let first_id = segment::list(spool_dir)?.last().map_or(0, |s| s.id + 1);
+    let dead = segment::list(&dir)?;
+    let mut records = 0;
+    for (id, s) in (first_id..).zip(&dead) {
+        records += segment::count_records(&File::open(&s.path)?, s.len);
+        std::fs::rename(&s.path, spool_dir.join(segment::file_name(id)))?;
     }
-    let (mut records, mut moved) = (0, 0);
-    for (_, path, len) in segments(&dir)? {
-        records += segment::count_records(&File::open(&path)?, len);
-        std::fs::rename(&path, spool_dir.join(segment::file_name(next_id)))?;
-        next_id += 1;
-        moved += 1;
-    }
+    let moved = dead.len() as u64;
     if dir.join(REASONS).exists() {
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
         std::fs::rename(
@@ -266,7 +243,7 @@ mod tests {
         SegmentWriter::create(spool.path(), 4, 0).unwrap();
         assert_eq!(requeue(spool.path()).unwrap(), (1, 1));
         assert!(spool.path().join(segment::file_name(5)).exists());
-        assert!(segments(&spool.path().join(DIR)).unwrap().is_empty());
+        assert!(segment::list(&spool.path().join(DIR)).unwrap().is_empty());
         assert!(read_reasons(&spool.path().join(DIR)).unwrap().is_empty());
     }
 

@@ -553,11 +553,8 @@ mod tests {
     }
 
     async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let held = dbx_testkit::wait_until(Duration::from_secs(5), || std::future::ready(done()));
+        assert!(held.await, "timed out waiting for {what}");
     }
 
     /// A sealed segment read to its end in one go must stay on disk while its

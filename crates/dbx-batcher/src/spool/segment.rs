@@ -48,6 +48,41 @@ pub fn parse_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// One segment file of a directory, as [`list`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SegmentFile {
+    /// Its id (the number in its name).
+    pub id: u64,
+    /// Its path.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub len: u64,
+}
+
+/// The segment files of `dir`, by id; none when `dir` does not exist. Other files
+/// (`LOCK`, `*.bad`, `rejected/`) are not segments.
+pub fn list(dir: &Path) -> io::Result<Vec<SegmentFile>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if let Some(id) = entry.file_name().to_str().and_then(parse_name) {
+            let len = entry.metadata()?.len();
+            out.push(SegmentFile {
+                id,
+                path: entry.path(),
+                len,
+            });
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The CRC of a record: over its length word and its payload.
 pub fn record_crc(payload: &[u8]) -> u32 {
     let len = (payload.len() as u32).to_le_bytes();

@@ -208,15 +208,8 @@ pub(crate) fn now_micros() -> i64 {
 pub(crate) fn recover(dir: &Path) -> std::io::Result<State> {
     std::fs::create_dir_all(dir)?;
     let mut st = State::default();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(id) = name.to_str().and_then(segment::parse_name) else {
-            continue;
-        };
-        let path = entry.path();
+    for segment::SegmentFile { id, path, len } in segment::list(dir)? {
         let file = std::fs::File::open(&path)?;
-        let len = file.metadata()?.len();
         st.next_id = st.next_id.max(id + 1);
         if len < segment::HEADER_BYTES {
             info!(path = %path.display(), len, "removing a segment cut short at creation");

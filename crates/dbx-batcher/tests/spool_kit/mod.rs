@@ -51,25 +51,16 @@ pub fn config(dir: &Path) -> SpoolConfig {
 }
 
 pub fn segments(dir: &Path) -> usize {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter(|e| {
-            segment::parse_name(&e.as_ref().unwrap().file_name().to_string_lossy()).is_some()
-        })
-        .count()
+    segment::list(dir).unwrap().len()
 }
 
 /// Waits until no segment file is left in `dir`, failing with the spool's figures.
 pub async fn wait_drained(dir: &Path, spool: &SpoolHandle, within: Duration) {
-    let deadline = Instant::now() + within;
-    while segments(dir) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "segments left: {:?}",
-            spool.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        dbx_testkit::wait_until(within, || async { segments(dir) == 0 }).await,
+        "segments left: {:?}",
+        spool.stats()
+    );
 }
 
 /// Commits everything that reaches it, recording the points' seqs and origins.
