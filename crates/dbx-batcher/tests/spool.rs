@@ -26,12 +26,7 @@ async fn a_stalled_batcher_is_spooled_acked_then_replayed_and_segments_deleted()
 
     // The batcher takes nothing: after after_ms the gate spools, and acks come.
     let started = Instant::now();
-    let mut acks = Vec::new();
-    for seq in 0..100 {
-        let (b, rx) = batch(seq, 10);
-        a_tx.send(b).await.unwrap();
-        acks.push(rx);
-    }
+    let acks = send_batches(&a_tx, 0..100, 10).await;
     for rx in acks {
         assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
     }
@@ -129,12 +124,7 @@ async fn when_full_drop_newest_nacks_and_never_acks_what_is_not_on_disk() {
     let (a_tx, a_rx) = mpsc::channel(64);
     let (b_tx, _b_rx) = mpsc::channel(2);
     let spool = Spool::start(cfg, a_rx, b_tx).await.unwrap();
-    let mut acks = Vec::new();
-    for seq in 0..60 {
-        let (b, rx) = batch(seq, 20); // ~2.3 KB each: about 27 fit
-        a_tx.send(b).await.unwrap();
-        acks.push(rx);
-    }
+    let acks = send_batches(&a_tx, 0..60, 20).await; // ~2.3 KB each: about 27 fit
     let (mut durable, mut rejected) = (0, 0);
     for rx in acks {
         match outcome(rx).await {
@@ -223,11 +213,7 @@ async fn when_full_block_stops_reading_until_the_spool_drains() {
 
     // The batcher comes back: the spool drains and everything gets its ack.
     let consumer = commit_all(b_rx);
-    for seq in blocked_at..blocked_at + 40 {
-        let (b, rx) = batch(seq, 20);
-        a_tx.send(b).await.unwrap();
-        acks.push(rx);
-    }
+    acks.extend(send_batches(&a_tx, blocked_at..blocked_at + 40, 20).await);
     for rx in acks {
         assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
     }
@@ -273,12 +259,7 @@ async fn refused_replays_become_dead_letters_and_requeue_replays_them() {
     let (b_tx, b_rx) = mpsc::channel(4);
     let spool = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
     // The batcher is stalled: everything is acked from the spool.
-    let mut acks = Vec::new();
-    for seq in 0..30 {
-        let (b, rx) = batch(seq, 5);
-        a_tx.send(b).await.unwrap();
-        acks.push(rx);
-    }
+    let acks = send_batches(&a_tx, 0..30, 5).await;
     for rx in acks {
         assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
     }

@@ -51,12 +51,7 @@ async fn a_refused_write_acks_nothing_unwritten_and_is_retried() {
     // would fail forever; smaller ones must be tried.
     let n = 300;
     let (a_tx, a_rx) = mpsc::channel(n as usize);
-    let mut acks = Vec::new();
-    for seq in 0..n {
-        let (b, rx) = batch(seq, 10);
-        acks.push(rx);
-        a_tx.send(b).await.unwrap();
-    }
+    let acks = send_batches(&a_tx, 0..n, 10).await;
     // The batcher is stalled: everything goes to the spool, with several write
     // errors on the way (each after a 1 s pause).
     let (b_tx, b_rx) = mpsc::channel(4);

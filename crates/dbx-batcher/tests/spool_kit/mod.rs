@@ -81,6 +81,21 @@ pub fn commit_all(
     })
 }
 
+/// Sends a batch of `points` points for each seq in `seqs` into `tx`; their ack receivers.
+pub async fn send_batches(
+    tx: &mpsc::Sender<TelemetryBatch>,
+    seqs: std::ops::Range<i64>,
+    points: usize,
+) -> Vec<AckReceiver> {
+    let mut acks = Vec::new();
+    for seq in seqs {
+        let (b, rx) = batch(seq, points);
+        tx.send(b).await.unwrap();
+        acks.push(rx);
+    }
+    acks
+}
+
 pub async fn outcome(rx: AckReceiver) -> Option<BatchOutcome> {
     tokio::time::timeout(Duration::from_secs(10), rx)
         .await
