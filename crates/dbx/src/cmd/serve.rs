@@ -205,6 +205,10 @@ fn describe_metrics() {
         m::MAINTENANCE_FAILURES_TOTAL,
         "Partition maintenance failures, by kind."
     );
+    c!(
+        m::API_REQUESTS_EXPIRED_TOTAL,
+        "api_requests rows deleted by their retention (partitions.api_requests_retention_days)."
+    );
     g!(
         m::UPTIME_SECONDS,
         Unit::Seconds,
