@@ -216,7 +216,11 @@ fn describe_metrics() {
     );
     c!(
         dbx_listener::audit::API_REQUESTS_DROPPED_TOTAL,
-        "Handshake records not written to api_requests."
+        "Handshake records not written to api_requests, by reason (queue_full, pending_full, write_failed)."
+    );
+    c!(
+        dbx_listener::audit::API_REQUESTS_COLLAPSED_TOTAL,
+        "Refused handshakes counted in an earlier api_requests row of the same flush window (same client IP, status, transport)."
     );
 }
 
