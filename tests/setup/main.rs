@@ -29,25 +29,32 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     )
 }
 
+/// A test database (for its server), an output directory, and the arguments of
+/// `dbx setup` creating database `<test db>_<suffix>` on that server (`args[4]`).
+async fn fresh_setup(suffix: &str) -> (TestDb, tempfile::TempDir, Vec<String>) {
+    let db = TestDb::new().await;
+    let out = tempfile::tempdir().unwrap();
+    let args = vec![
+        "setup".to_string(),
+        "--superuser-url".into(),
+        db.server_url("postgres"),
+        "--database".into(),
+        format!("{}_{suffix}", db.name()),
+        "--out-dir".into(),
+        out.path().display().to_string(),
+    ];
+    (db, out, args)
+}
+
 /// Roles are cluster-wide: setup tests that set passwords run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_then_check_prints_the_seven_tables_and_is_idempotent() {
     let _guard = SERIAL.lock().await;
-    let db = TestDb::new().await;
-    let name = format!("{}_app", db.name());
-    let out = tempfile::tempdir().unwrap();
-    let su = db.server_url("postgres");
-    let args = [
-        "setup",
-        "--superuser-url",
-        &su,
-        "--database",
-        &name,
-        "--out-dir",
-        out.path().to_str().unwrap(),
-    ];
+    let (db, out, args) = fresh_setup("app").await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let name = args[4];
     let (ok, text) = run(&args, &[]);
     assert!(ok, "{text}");
     assert!(text.contains(&format!("created database {name}")), "{text}");
@@ -60,7 +67,7 @@ async fn setup_then_check_prints_the_seven_tables_and_is_idempotent() {
     let creds = std::fs::read_to_string(out.path().join("credentials.txt")).unwrap();
     let key = std::fs::read_to_string(out.path().join("api_key.txt")).unwrap();
     // Only the hash of the key is stored.
-    let client = dbx_testkit::connect(&db.server_url(&name)).await;
+    let client = dbx_testkit::connect(&db.server_url(name)).await;
     let key_line = key.lines().find(|l| l.starts_with("dbx_")).unwrap();
     let stored: String = client
         .query_one(
@@ -252,25 +259,13 @@ async fn log_every_statement(db: &TestDb, on: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passwords_reach_the_server_only_as_scram_verifiers() {
     let _guard = SERIAL.lock().await;
-    let db = TestDb::new().await;
-    let name = format!("{}_scram", db.name());
-    let out = tempfile::tempdir().unwrap();
-    let su = db.server_url("postgres");
+    let (db, out, args) = fresh_setup("scram").await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let name = args[4];
     log_every_statement(&db, true).await;
     let log_path = TestDb::cluster().dir().join("postgres.log");
     let log_before = std::fs::read_to_string(&log_path).unwrap_or_default().len();
-    let (ok, text) = run(
-        &[
-            "setup",
-            "--superuser-url",
-            &su,
-            "--database",
-            &name,
-            "--out-dir",
-            out.path().to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (ok, text) = run(&args, &[]);
     log_every_statement(&db, false).await;
     assert!(ok, "{text}");
     let log = std::fs::read_to_string(&log_path).unwrap();
@@ -278,7 +273,7 @@ async fn passwords_reach_the_server_only_as_scram_verifiers() {
     let creds = std::fs::read_to_string(out.path().join("credentials.txt")).unwrap();
     let pws = passwords(&creds);
     assert_eq!(pws.len(), dbx_control::setup::LOGIN_USERS.len(), "{creds}");
-    let client = dbx_testkit::connect(&db.server_url(&name)).await;
+    let client = dbx_testkit::connect(&db.server_url(name)).await;
     for (user, pw) in &pws {
         assert!(
             !log.contains(pw.as_str()),
@@ -324,19 +319,8 @@ async fn passwords_reach_the_server_only_as_scram_verifiers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_that_are_not_plain_tokens_are_refused_without_echoing_them() {
     let _guard = SERIAL.lock().await;
-    let db = TestDb::new().await;
-    let name = format!("{}_badcreds", db.name());
-    let out = tempfile::tempdir().unwrap();
-    let su = db.server_url("postgres");
-    let args = [
-        "setup",
-        "--superuser-url",
-        &su,
-        "--database",
-        &name,
-        "--out-dir",
-        out.path().to_str().unwrap(),
-    ];
+    let (db, out, args) = fresh_setup("badcreds").await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let creds_path = out.path().join("credentials.txt");
     let long = "x".repeat(200);
     for bad in [

@@ -323,6 +323,16 @@ fn mode(p: &std::path::Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
 }
 
+/// Starts a spool on `dir` that must be refused; the error.
+async fn start_refused(dir: &std::path::Path) -> String {
+    let (_a, a_rx) = mpsc::channel(4);
+    let (b_tx, _b) = mpsc::channel(4);
+    Spool::start(config(dir), a_rx, b_tx)
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
 /// Refuses every batch that reaches it (a database that says no to each replay).
 fn refuse_all(mut rx: mpsc::Receiver<TelemetryBatch>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -399,12 +409,7 @@ async fn symlinks_planted_in_the_spool_are_refused_not_followed() {
 
     // LOCK
     symlink(&precious, dir.join("LOCK")).unwrap();
-    let (_a, a_rx) = mpsc::channel(4);
-    let (b_tx, _b) = mpsc::channel(4);
-    let err = Spool::start(config(&dir), a_rx, b_tx)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = start_refused(&dir).await;
     assert!(
         err.contains("LOCK") && err.contains("symbolic link") && err.contains("refusing to follow"),
         "{err}"
@@ -448,12 +453,7 @@ async fn symlinks_planted_in_the_spool_are_refused_not_followed() {
     let elsewhere = root.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
     symlink(&elsewhere, &rejected).unwrap();
-    let (_a, a_rx) = mpsc::channel(4);
-    let (b_tx, _b) = mpsc::channel(4);
-    let err = Spool::start(config(&dir), a_rx, b_tx)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = start_refused(&dir).await;
     assert!(
         err.contains("rejected") && err.contains("symbolic link"),
         "{err}"
