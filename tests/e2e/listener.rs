@@ -110,6 +110,51 @@ async fn wrong_key_is_unauthorized_and_recorded() {
     assert!(!env.daemon.log().contains("dbx_not_a_real_key"));
 }
 
+/// A peer retrying a wrong key costs one api_requests row per flush window, not one per try:
+/// 60 refused handshakes from 127.0.0.1 within about a second are at most a few rows whose
+/// `request_count`s add up to 60; accepted handshakes keep a row each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_handshakes_from_one_address_are_aggregated_accepted_ones_are_not() {
+    let env = Env::start(&[]).await;
+    let tries = (0..60).map(|_| async {
+        let mut g = TestGateway::connect(env.daemon.tcp).await;
+        g.send_hello("dbx_not_a_real_key").await;
+        error_code(&g.recv().await)
+    });
+    let answers = futures::future::join_all(tries).await;
+    assert!(answers.iter().all(|a| *a == Some(RejectCode::Unauthorized)));
+    for _ in 0..3 {
+        let (mut g, _) = TestGateway::hello(env.daemon.tcp, &env.org.key).await;
+        g.send_bye().await;
+    }
+    let refused = "SELECT coalesce(sum(request_count), 0)::bigint FROM dbx_aviation.api_requests \
+                   WHERE status_code = 401 AND client_ip = '127.0.0.1'::inet AND org_id IS NULL";
+    let n = dbx_testkit::wait_count(&env.client, refused, &[], 60, Duration::from_secs(10)).await;
+    assert_eq!(n, 60);
+    let rows: i64 = env
+        .client
+        .query_one(
+            "SELECT count(*) FROM dbx_aviation.api_requests WHERE status_code = 401",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!((1..=3).contains(&rows), "{rows} rows for 60 refusals");
+    let accepted = "SELECT count(*) FROM dbx_aviation.api_requests \
+                    WHERE status_code = 200 AND request_count = 1 AND org_id = $1";
+    let n = dbx_testkit::wait_count(
+        &env.client,
+        accepted,
+        &[&env.org.id],
+        3,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(n, 3);
+    assert!(env.metric("dbx_api_requests_collapsed_total", "").await >= 57.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_hello_within_the_timeout_is_an_error() {
     let env = Env::start(&[("DBX_LISTENER__HANDSHAKE_TIMEOUT_MS", "300")]).await;

@@ -10,7 +10,8 @@ use std::process::Command;
 use serde_norway::Value as Yaml;
 
 use crate::{
-    config_int, config_port, exported_metrics, metric_tokens, promtool, read, repo, run_ok, which,
+    config_int, config_port, config_value, exported_metrics, metric_tokens, promtool, read, repo,
+    run_ok, which,
 };
 
 fn yaml(rel: &str) -> Yaml {
@@ -190,6 +191,54 @@ fn compose_file_parses_references_existing_files_and_matches_the_config_ports() 
         .flat_map(|s| strings(get(&s, &["targets"])))
         .collect();
     assert_eq!(targets, vec![format!("dbx:{http}")]);
+
+    // Off loopback the admin endpoint needs admin.token_file: the compose secret, which
+    // Prometheus presents as its bearer token.
+    let token_file = admin_token_file();
+    assert_eq!(
+        get(dbx, &["environment", "DBX_ADMIN__TOKEN_FILE"]).as_str(),
+        Some(token_file.as_str())
+    );
+    let secret = token_file
+        .strip_prefix("/run/secrets/")
+        .expect("a compose secret");
+    for svc in ["dbx", "prometheus"] {
+        let sources: Vec<String> = get(services, &[svc, "secrets"])
+            .as_sequence()
+            .expect("secrets list")
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .or_else(|| s.get("source").and_then(Yaml::as_str))
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        assert!(sources.iter().any(|s| s == secret), "{svc}: {sources:?}");
+    }
+    let declared = get(&c, &["secrets", secret]);
+    assert!(
+        declared.get("environment").is_some() || declared.get("file").is_some(),
+        "secret {secret} has no source"
+    );
+    let auth = get(&prom, &["scrape_configs"])
+        .as_sequence()
+        .expect("scrape_configs")
+        .iter()
+        .find(|j| j.get("job_name").and_then(Yaml::as_str) == Some("dbx"))
+        .and_then(|j| j.get("authorization"))
+        .cloned()
+        .expect("the dbx job presents a bearer token");
+    assert_eq!(get(&auth, &["type"]).as_str(), Some("Bearer"));
+    assert_eq!(
+        get(&auth, &["credentials_file"]).as_str(),
+        Some(token_file.as_str())
+    );
+}
+
+/// Where the container image and the compose stack expect the admin token.
+fn admin_token_file() -> String {
+    "/run/secrets/dbx_admin_token".to_string()
 }
 
 #[test]
@@ -241,6 +290,16 @@ fn dockerfile_copies_existing_files_runs_unprivileged_and_exposes_the_config_por
         "DBX_HTTP__BIND=0.0.0.0:{}",
         config_port("http.bind")
     )));
+    // Every interface: the daemon then requires admin.token_file, so the image names one.
+    assert!(
+        runtime.contains(&format!("DBX_ADMIN__TOKEN_FILE={}", admin_token_file())),
+        "{runtime}"
+    );
+    assert_eq!(
+        config_value("admin.token_file").as_str(),
+        Some(""),
+        "the documented default stays loopback-only without a token"
+    );
     assert!(repo()
         .join("deploy/docker/Dockerfile.dockerignore")
         .is_file());
@@ -361,11 +420,24 @@ fn promtool_accepts_the_config_the_rules_and_their_unit_tests() {
         return;
     };
     let dir = repo().join("deploy/prometheus");
-    run_ok(
-        Command::new(&promtool)
-            .current_dir(&dir)
-            .args(["check", "config", "prometheus.yml"]),
-    );
+    // promtool checks that the bearer token file exists: check a copy whose
+    // credentials_file is a real file here, the rest unchanged.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let token = tmp.path().join("dbx_admin_token");
+    std::fs::write(&token, "promtool-check-token-0123456789").expect("token file");
+    let config = read("deploy/prometheus/prometheus.yml");
+    assert!(config.contains(&admin_token_file()));
+    std::fs::write(
+        tmp.path().join("prometheus.yml"),
+        config.replace(&admin_token_file(), &token.display().to_string()),
+    )
+    .expect("config copy");
+    std::fs::copy(dir.join("alerts.yml"), tmp.path().join("alerts.yml")).expect("rules copy");
+    run_ok(Command::new(&promtool).current_dir(tmp.path()).args([
+        "check",
+        "config",
+        "prometheus.yml",
+    ]));
     run_ok(
         Command::new(&promtool)
             .current_dir(&dir)
@@ -563,6 +635,9 @@ fn haproxy_config_balances_the_config_ports_with_readyz_checks() {
     assert!(text.contains(&format!("bind :{tls}\n")));
     assert!(text.contains("    mode tcp\n"));
     assert_eq!(text.matches("option httpchk GET /readyz").count(), 2);
+    // The checks carry no secret: /readyz's status code is open without the admin token.
+    assert!(!text.to_ascii_lowercase().contains("authorization"));
+    assert!(read("crates/dbx-control/src/http.rs").contains(r#"path == "/readyz""#));
     assert_eq!(text.matches(&format!("check port {http}")).count(), 2);
     let servers: Vec<&str> = text
         .lines()

@@ -29,25 +29,32 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     )
 }
 
+/// A test database (for its server), an output directory, and the arguments of
+/// `dbx setup` creating database `<test db>_<suffix>` on that server (`args[4]`).
+async fn fresh_setup(suffix: &str) -> (TestDb, tempfile::TempDir, Vec<String>) {
+    let db = TestDb::new().await;
+    let out = tempfile::tempdir().unwrap();
+    let args = vec![
+        "setup".to_string(),
+        "--superuser-url".into(),
+        db.server_url("postgres"),
+        "--database".into(),
+        format!("{}_{suffix}", db.name()),
+        "--out-dir".into(),
+        out.path().display().to_string(),
+    ];
+    (db, out, args)
+}
+
 /// Roles are cluster-wide: setup tests that set passwords run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_then_check_prints_the_seven_tables_and_is_idempotent() {
     let _guard = SERIAL.lock().await;
-    let db = TestDb::new().await;
-    let name = format!("{}_app", db.name());
-    let out = tempfile::tempdir().unwrap();
-    let su = db.server_url("postgres");
-    let args = [
-        "setup",
-        "--superuser-url",
-        &su,
-        "--database",
-        &name,
-        "--out-dir",
-        out.path().to_str().unwrap(),
-    ];
+    let (db, out, args) = fresh_setup("app").await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let name = args[4];
     let (ok, text) = run(&args, &[]);
     assert!(ok, "{text}");
     assert!(text.contains(&format!("created database {name}")), "{text}");
@@ -60,7 +67,7 @@ async fn setup_then_check_prints_the_seven_tables_and_is_idempotent() {
     let creds = std::fs::read_to_string(out.path().join("credentials.txt")).unwrap();
     let key = std::fs::read_to_string(out.path().join("api_key.txt")).unwrap();
     // Only the hash of the key is stored.
-    let client = dbx_testkit::connect(&db.server_url(&name)).await;
+    let client = dbx_testkit::connect(&db.server_url(name)).await;
     let key_line = key.lines().find(|l| l.starts_with("dbx_")).unwrap();
     let stored: String = client
         .query_one(
@@ -211,4 +218,136 @@ async fn a_missing_privilege_is_reported_as_such() {
         text.contains("permission denied while creating database dbx_weak_db"),
         "{text}"
     );
+}
+
+/// The `<user>_password` values of a credentials.txt.
+fn passwords(creds: &str) -> Vec<(String, String)> {
+    creds
+        .lines()
+        .filter_map(|l| l.split_once(" = "))
+        .filter_map(|(k, v)| Some((k.strip_suffix("_password")?.to_string(), v.to_string())))
+        .collect()
+}
+
+/// Waits until new sessions see `log_statement = all` (pg_reload_conf is asynchronous).
+async fn log_every_statement(db: &TestDb, on: bool) {
+    let c = db.client().await;
+    let (sql, want) = if on {
+        ("ALTER SYSTEM SET log_statement = 'all'", "all")
+    } else {
+        ("ALTER SYSTEM RESET log_statement", "none")
+    };
+    c.batch_execute(sql).await.unwrap();
+    c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let seen = dbx_testkit::wait_until(std::time::Duration::from_secs(10), || async {
+        let fresh = db.client().await;
+        let v: String = fresh
+            .query_one("SHOW log_statement", &[])
+            .await
+            .unwrap()
+            .get(0);
+        v == want
+    })
+    .await;
+    assert!(seen, "log_statement did not become {want}");
+}
+
+/// `dbx setup` never sends a password: with `log_statement = all` the server log holds its
+/// ALTER ROLE statements, each with a SCRAM-SHA-256 verifier and none with a password;
+/// pg_authid stores the verifiers; every login user logs in with the password of
+/// credentials.txt (and not with another: the cluster authenticates TCP with SCRAM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_reach_the_server_only_as_scram_verifiers() {
+    let _guard = SERIAL.lock().await;
+    let (db, out, args) = fresh_setup("scram").await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let name = args[4];
+    log_every_statement(&db, true).await;
+    let log_path = TestDb::cluster().dir().join("postgres.log");
+    let log_before = std::fs::read_to_string(&log_path).unwrap_or_default().len();
+    let (ok, text) = run(&args, &[]);
+    log_every_statement(&db, false).await;
+    assert!(ok, "{text}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let log = &log[log_before..];
+    let creds = std::fs::read_to_string(out.path().join("credentials.txt")).unwrap();
+    let pws = passwords(&creds);
+    assert_eq!(pws.len(), dbx_control::setup::LOGIN_USERS.len(), "{creds}");
+    let client = dbx_testkit::connect(&db.server_url(name)).await;
+    for (user, pw) in &pws {
+        assert!(
+            !log.contains(pw.as_str()),
+            "{user}'s password is in the server log"
+        );
+        assert!(!text.contains(pw.as_str()), "{user}'s password was printed");
+        assert!(
+            log.contains(&format!(
+                "ALTER ROLE {user} WITH LOGIN PASSWORD 'SCRAM-SHA-256$4096:"
+            )),
+            "no logged ALTER ROLE for {user}:\n{log}"
+        );
+        let stored: String = client
+            .query_one(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+                &[user],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(stored.starts_with("SCRAM-SHA-256$"), "{user}: {stored}");
+        let url = creds
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{user}_url = ")))
+            .unwrap();
+        let user_client = dbx_testkit::connect(url).await;
+        let who: String = user_client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(&who, user);
+        let wrong = url.replace(&format!(":{pw}@"), ":not-the-password@");
+        assert!(tokio_postgres::connect(&wrong, tokio_postgres::NoTls)
+            .await
+            .is_err());
+    }
+}
+
+/// A credentials.txt value that is not a plain token (quotes, whitespace, backslashes,
+/// non-ASCII, too long) is refused before any role is touched, naming the file and the
+/// key and never showing the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_that_are_not_plain_tokens_are_refused_without_echoing_them() {
+    let _guard = SERIAL.lock().await;
+    let (db, out, args) = fresh_setup("badcreds").await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let creds_path = out.path().join("credentials.txt");
+    let long = "x".repeat(200);
+    for bad in [
+        "pw'); DROP ROLE dbx_admin; --",
+        "two words here1234",
+        "back\\slash0123456789",
+        "n\u{f6}n-ascii-0123456789",
+        long.as_str(),
+    ] {
+        std::fs::write(
+            &creds_path,
+            format!("dbx_api_service_password = Abcdefgh12345678\ndbx_ingest_service_password = {bad}\n"),
+        )
+        .unwrap();
+        let (ok, text) = run(&args, &[]);
+        assert!(!ok, "{bad:?} accepted:\n{text}");
+        assert!(
+            text.contains(&creds_path.display().to_string())
+                && text.contains("dbx_ingest_service_password")
+                && text.contains("not a plain token"),
+            "{text}"
+        );
+        assert!(!text.contains(bad), "the value was echoed:\n{text}");
+    }
+    // Nothing was set: the roles still refuse the plain token that was fine.
+    let url = db.url_for("dbx_api_service", "Abcdefgh12345678");
+    assert!(tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .is_err());
 }

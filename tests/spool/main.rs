@@ -685,3 +685,123 @@ async fn refused_replays_are_kept_as_dead_letters_and_can_be_requeued() {
     assert_eq!(out.lines().count(), 1, "{out}");
     assert_eq!(rows(&client, &[shared]).await, (10, 10));
 }
+
+/// A spool segment is trusted no more than a gateway: records replayed after a restart go
+/// through the ownership check of the commit transaction like live batches. A segment left
+/// in the spool (planted, tampered, or older than a retired aircraft) with records of one
+/// organization claiming another organization's aircraft, or its session, is refused into
+/// `rejected/` (`unknown_aircraft`, `foreign_session`) and nothing of it is written; the
+/// good record beside them is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_records_are_held_to_the_tenants_aircraft_and_sessions() {
+    use dbx_batcher::spool::record::encode_batch;
+    use dbx_batcher::spool::segment::{self, frame_record, SegmentWriter};
+    let _turn = CLUSTER.lock().await;
+    let spool = tempfile::tempdir().unwrap();
+    let dir = spool.path().display().to_string();
+    let daemon_env = [
+        ("DBX_SPOOL__DIR", dir.as_str()),
+        ("DBX_BATCHER__MAX_BATCH_AGE_MS", "20"),
+    ];
+    let mut env = Env::start(dbx_bin(), &daemon_env).await;
+    // Another tenant, with an aircraft and a session of its own.
+    let other = dbx_testkit::Fixture::org(&env.client, "OTHER", None).await;
+    let other_aircraft = dbx_testkit::Fixture::aircraft(&env.client, other.id, "N900OT").await;
+    let base = now_micros() - 3600 * 1_000_000;
+    let theirs = Uuid::new_v4();
+    let mut gw = TestGateway::hello_within(env.daemon.tcp, &other.key, Duration::from_secs(5))
+        .await
+        .0;
+    gw.send_batch(
+        1,
+        &AircraftRef::Id(other_aircraft),
+        theirs,
+        &points(5, 0, base),
+        PointForm::Map,
+    )
+    .await;
+    assert_eq!(gw.await_verdicts(1).await, (1, vec![]));
+    drop(gw);
+    env.daemon.signal(libc::SIGTERM);
+    env.daemon.wait(Duration::from_secs(20)).await;
+
+    // The planted segment: all three records say they were accepted for env.org.
+    let (stolen, good) = (Uuid::new_v4(), Uuid::new_v4());
+    let claims = [
+        (other_aircraft, stolen, 100), // another organization's aircraft
+        (env.aircraft, theirs, 200),   // another organization's session
+        (env.aircraft, good, 300),     // its own: written
+    ];
+    let id = segment::list(spool.path())
+        .unwrap()
+        .last()
+        .map_or(0, |s| s.id + 1);
+    let mut w = SegmentWriter::create(spool.path(), id, now_micros()).unwrap();
+    let mut framed = Vec::new();
+    for (aircraft, session, seq) in claims {
+        let mut payload = Vec::new();
+        let pts = points(5, seq, base + 1_000_000);
+        encode_batch(
+            env.org.id,
+            aircraft,
+            session,
+            &pts,
+            now_micros(),
+            &mut payload,
+        );
+        frame_record(&payload, &mut framed);
+    }
+    w.append(&framed).unwrap();
+    drop(w);
+
+    env.daemon = Daemon::start(dbx_bin(), &env.ingest_url, &daemon_env).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            env.metric("dbx_spool_rejected_records_total", "").await >= 2.0
+                && segment_files(spool.path()) == 0
+        })
+        .await,
+        "the planted records were not refused into rejected/:\n{}",
+        env.daemon.log()
+    );
+    let reasons = dbx_batcher::spool::rejected::read_reasons(
+        &spool.path().join(dbx_batcher::spool::rejected::DIR),
+    )
+    .unwrap();
+    let mut codes: Vec<(String, Uuid)> = reasons
+        .iter()
+        .map(|r| (r.code.clone(), r.session_id))
+        .collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        vec![
+            ("foreign_session".to_string(), theirs),
+            ("unknown_aircraft".to_string(), stolen)
+        ]
+    );
+    assert!(reasons.iter().all(|r| r.org_id == env.org.id));
+    // Never written: no row under the stolen aircraft, the other tenant's session untouched.
+    let client = &env.client;
+    assert_eq!(rows(client, &[stolen]).await, (0, 0));
+    assert_eq!(rows(client, &[theirs]).await, (5, 5));
+    assert_eq!(rows(client, &[good]).await, (5, 5));
+    let sessions: i64 = client
+        .query_one(
+            "SELECT count(*) FROM dbx_aviation.flight_sessions WHERE session_id = $1",
+            &[&stolen],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sessions, 0);
+    let owner: Uuid = client
+        .query_one(
+            "SELECT org_id FROM dbx_aviation.flight_sessions WHERE session_id = $1",
+            &[&theirs],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, other.id);
+}

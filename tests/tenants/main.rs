@@ -707,11 +707,8 @@ async fn cli_errors_are_clear_and_name_the_flag() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--database-url"), "{}", stderr(&o));
     // An application user is refused with an explanation.
-    c.batch_execute("ALTER ROLE dbx_api_service WITH LOGIN PASSWORD 'tenants-test-pw'")
-        .await
-        .unwrap();
     let (_, err) = fails(
-        &db.url_for("dbx_api_service", "tenants-test-pw"),
+        &login_url(&db, &c, "dbx_api_service").await,
         &["org", "list"],
     )
     .await;
@@ -735,6 +732,80 @@ async fn cli_errors_are_clear_and_name_the_flag() {
         )
         .await,
         1
+    );
+}
+
+/// The URL of login user `user` (dbx_api_service or dbx_maintenance_service). Their passwords
+/// are set once per process: roles are cluster-wide and concurrent ALTER ROLEs of one role
+/// fail with "tuple concurrently updated".
+async fn login_url(db: &TestDb, c: &Client, user: &str) -> String {
+    static PASSWORDS: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    PASSWORDS
+        .get_or_init(|| async {
+            c.batch_execute(
+                "ALTER ROLE dbx_api_service WITH LOGIN PASSWORD 'tenants-test-pw';
+                 ALTER ROLE dbx_maintenance_service WITH LOGIN PASSWORD 'tenants-test-pw'",
+            )
+            .await
+            .unwrap();
+        })
+        .await;
+    db.url_for(user, "tenants-test-pw")
+}
+
+/// Only the owner mints API keys (migration 0033): `dbx key create` works with an owner's URL
+/// (dbx_maintenance_service, a member of dbx_admin) and the new key is accepted by a daemon;
+/// the application user (dbx_api_service, in dbx_app_write) is refused by the CLI and, going
+/// around it with plain SQL, by PostgreSQL: permission denied, nothing minted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_mints_api_keys() {
+    let env = dbx_testkit::Env::start(dbx_bin(), &[]).await;
+    let c = &env.client;
+    let owner = login_url(&env.db, c, "dbx_maintenance_service").await;
+    let created = ok_json(
+        &owner,
+        &[
+            "key",
+            "create",
+            "--org",
+            &env.org.code,
+            "--label",
+            "by-owner",
+        ],
+    )
+    .await;
+    let key = created["api_key"].as_str().unwrap().to_string();
+    assert_eq!(created["key"]["label"], "by-owner");
+    TestGateway::hello_within(env.daemon.tcp, &key, Duration::from_secs(5)).await;
+
+    let app = login_url(&env.db, c, "dbx_api_service").await;
+    let (_, err) = fails(&app, &["key", "create", "--org", &env.org.code]).await;
+    assert!(err.contains("row-level security"), "{err}");
+    let api = dbx_testkit::connect(&app).await;
+    api.batch_execute("BEGIN").await.unwrap();
+    api.execute("SELECT dbx_aviation.set_org_context($1)", &[&env.org.id])
+        .await
+        .unwrap();
+    let e = api
+        .execute(
+            "INSERT INTO dbx_aviation.api_keys (org_id, label, key_hash) VALUES ($1, 'minted', repeat('a', 64))",
+            &[&env.org.id],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{e}"
+    );
+    api.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM dbx_aviation.api_keys WHERE label = 'minted' OR key_hash = repeat('a', 64)"
+        )
+        .await,
+        0
     );
 }
 

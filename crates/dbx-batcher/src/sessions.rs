@@ -7,7 +7,13 @@
 //! A flush first upserts every session it carries ([`UPSERT_SQL`], in session-id
 //! order so that concurrent flushes lock rows in one order and cannot deadlock). The
 //! upsert creates new sessions, refuses sessions of another organization or aircraft
-//! (no row returned), locks the row and returns its current statistics. After the
+//! and claims whose aircraft is not an active aircraft of the batch's (active)
+//! organization (no row returned), locks the row and returns its current statistics.
+//! The listener checks the same for live batches from its cache; here it is checked
+//! again, in the transaction that writes the rows, for every batch — which is what
+//! covers batches replayed from the disk spool after a restart (an aircraft retired,
+//! an organization deactivated, or a tampered segment meanwhile). [`ACTIVE_AIRCRAFT_SQL`]
+//! then tells the two refusals apart (`unknown_aircraft` or `foreign_session`). After the
 //! rows are written, [`SessionUpdate::compute`] folds the rows actually inserted
 //! into those statistics; the distance is extended incrementally from
 //! `(last_latitude, last_longitude)` when every new `seq` is above `last_seq`, and is
@@ -22,17 +28,41 @@ use uuid::Uuid;
 pub const EARTH_RADIUS_KM: f64 = 6371.0088;
 
 /// Creates missing sessions, checks ownership, locks and returns the current row.
-/// `updated_at = s.updated_at` changes nothing (and fires no audit) but makes the
-/// conflicting row part of the result, locked.
+/// A claim (session, organization, aircraft) is only considered when the aircraft is an
+/// active aircraft of that organization and the organization is active (two primary-key
+/// lookups per session of the flush). `updated_at = s.updated_at` changes nothing (and
+/// fires no audit) but makes the conflicting row part of the result, locked.
 pub const UPSERT_SQL: &str = "INSERT INTO dbx_aviation.flight_sessions AS s \
 (session_id, org_id, aircraft_id) \
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) \
+SELECT u.session_id, u.org_id, u.aircraft_id \
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS u(session_id, org_id, aircraft_id) \
+JOIN dbx_aviation.aircraft_registry a \
+ON a.aircraft_id = u.aircraft_id AND a.org_id = u.org_id AND a.is_active \
+JOIN dbx_aviation.organizations o ON o.org_id = u.org_id AND o.is_active \
 ON CONFLICT (session_id) DO UPDATE SET updated_at = s.updated_at \
 WHERE s.org_id = EXCLUDED.org_id AND s.aircraft_id = EXCLUDED.aircraft_id \
 RETURNING s.session_id, s.last_seq, s.last_latitude, s.last_longitude, \
 s.actual_departure, s.departure_latitude, s.departure_longitude, \
 s.actual_arrival, s.arrival_latitude, s.arrival_longitude, \
 s.total_distance_km, s.point_count";
+
+/// Of the claims (session, organization, aircraft) the upsert refused, the sessions whose
+/// aircraft is an active aircraft of an active organization: those were refused because
+/// the session belongs to someone else (`foreign_session`); the others name an aircraft
+/// that is not the organization's, retired, or of an inactive organization
+/// (`unknown_aircraft`). Runs only when the upsert refused something.
+pub const ACTIVE_AIRCRAFT_SQL: &str = "SELECT u.session_id \
+FROM unnest($1::uuid[], $2::uuid[], $3::uuid[]) AS u(session_id, org_id, aircraft_id) \
+JOIN dbx_aviation.aircraft_registry a \
+ON a.aircraft_id = u.aircraft_id AND a.org_id = u.org_id AND a.is_active \
+JOIN dbx_aviation.organizations o ON o.org_id = u.org_id AND o.is_active";
+
+/// True when row-level security would hide aircraft or organizations from this role (an
+/// ingest role without BYPASSRLS, a deployment error): the ownership check would then
+/// refuse every claim, so the writer retries instead of nacking.
+pub const RLS_HIDES_OWNERS_SQL: &str = "SELECT \
+row_security_active('dbx_aviation.aircraft_registry') \
+OR row_security_active('dbx_aviation.organizations')";
 
 /// Writes the new statistics of every session of a flush.
 pub const UPDATE_SQL: &str = "UPDATE dbx_aviation.flight_sessions AS s SET \

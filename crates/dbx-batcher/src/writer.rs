@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! BEGIN
-//!   upsert every session of the flush (sorted)  -> foreign sessions, locked rows, marks
+//!   upsert every session of the flush (sorted)  -> refused claims (foreign sessions,
+//!                                                  unknown aircraft), locked rows, marks
 //!   COPY fast rows (seq > mark) straight into the child, or the parent if none
 //!   COPY rows at or below the mark into the TEMP staging table,
 //!     INSERT … SELECT … WHERE NOT EXISTS … ON CONFLICT DO NOTHING RETURNING …
@@ -19,7 +20,13 @@
 //! A session claimed by two aircraft (or organizations) within one flush goes to the
 //! database under its first claim; the other claims are nacked `foreign_session` when
 //! that claim is the owner's, and written again in a flush of their own when the
-//! database says the session belongs to someone else (the owner may be among them).
+//! database refused the first claim (the session belongs to someone else, or the
+//! claim's aircraft is not the organization's: the owner may be among the others).
+//!
+//! Ownership is decided here for every batch, live or replayed from the spool: a claim
+//! whose aircraft is not an active aircraft of its active organization is nacked
+//! `unknown_aircraft`, one whose session belongs to another organization or aircraft
+//! `foreign_session` (see [`crate::sessions`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,7 +50,8 @@ use crate::dedupe::{
 use crate::error::AttemptError;
 use crate::partition::{PartitionCache, PartitionKey, LIST_CHILDREN_SQL, PARENT};
 use crate::sessions::{
-    InsertedRow, SessionState, SessionUpdate, RECOMPUTE_SQL, UPDATE_SQL, UPSERT_SQL,
+    InsertedRow, SessionState, SessionUpdate, ACTIVE_AIRCRAFT_SQL, RECOMPUTE_SQL,
+    RLS_HIDES_OWNERS_SQL, UPDATE_SQL, UPSERT_SQL,
 };
 use crate::stats::Counters;
 use crate::ticket::{Part, Resolved};
@@ -132,7 +140,7 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
                     .mismatched
                     .iter()
                     .copied()
-                    .filter(|&i| done.foreign.contains(&parts[i].ticket.session))
+                    .filter(|&i| done.refused(&parts[i].ticket.session))
                     .collect();
                 done.mismatched.retain(|i| !again.contains(i));
                 resolve(shared, &parts, done, &again);
@@ -184,17 +192,51 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
 struct Committed {
     /// Sessions refused as belonging to another organization or aircraft.
     foreign: HashSet<Uuid>,
+    /// Sessions refused because the claim's aircraft is not an active aircraft of its
+    /// (active) organization.
+    unknown_aircraft: HashSet<Uuid>,
     /// Parts refused because their session was claimed by another aircraft within this flush.
     mismatched: HashSet<usize>,
     /// Rows inserted.
     inserted: u64,
-    /// Points offered for the sessions that were written (foreign ones excluded).
+    /// Points offered for the sessions that were written (refused ones excluded).
     offered: u64,
     /// Rows sent through the parent because no child was known.
     via_parent: u64,
     /// New high-water marks.
     marks: Vec<(Uuid, Option<i64>)>,
     committed_at: Option<Instant>,
+}
+
+impl Committed {
+    /// The database refused the flush's claim on `session`.
+    fn refused(&self, session: &Uuid) -> bool {
+        self.foreign.contains(session) || self.unknown_aircraft.contains(session)
+    }
+}
+
+/// The nack of a part the commit refused: its aircraft, or its session.
+fn refusal(done: &Committed, part: usize, t: &crate::ticket::Ticket) -> Option<Rejection> {
+    if done.unknown_aircraft.contains(&t.session) {
+        Some(Rejection::new(
+            RejectCode::UnknownAircraft,
+            format!(
+                "aircraft {} is not an active aircraft of organization {} (unknown, retired, \
+                 another organization's, or the organization is inactive)",
+                t.aircraft, t.org
+            ),
+        ))
+    } else if done.foreign.contains(&t.session) || done.mismatched.contains(&part) {
+        Some(Rejection::new(
+            RejectCode::ForeignSession,
+            format!(
+                "session {} belongs to another organization or aircraft",
+                t.session
+            ),
+        ))
+    } else {
+        None
+    }
 }
 
 /// Resolves the tickets of `parts` after a commit, except those in `skip` (written
@@ -212,14 +254,7 @@ fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usiz
         if skip.contains(&i) {
             continue;
         }
-        if done.foreign.contains(&t.session) || done.mismatched.contains(&i) {
-            let r = Rejection::new(
-                RejectCode::ForeignSession,
-                format!(
-                    "session {} belongs to another organization or aircraft",
-                    t.session
-                ),
-            );
+        if let Some(r) = refusal(&done, i, t) {
             if t.reject(r) == Resolved::Now {
                 c.add(&c.batches_rejected, 1);
                 metrics::counter!(m::BATCHES_REJECTED_TOTAL).increment(1);
@@ -468,11 +503,12 @@ async fn attempt(
         let st = SessionState::from_row(r)?;
         states.insert(st.session_id, st);
     }
-    let foreign: HashSet<Uuid> = ids
+    let refused: HashSet<Uuid> = ids
         .iter()
         .filter(|id| !states.contains_key(id))
         .copied()
         .collect();
+    let foreign = foreign_among(&tx, prepared, &refused).await?;
     let marks: HashMap<Uuid, Option<i64>> = prepared
         .sessions
         .iter()
@@ -481,14 +517,14 @@ async fn attempt(
 
     // 2. Re-plan when the hints were wrong (restart, another daemon, a foreign session).
     let plan = match plan {
-        Some(p) if p.valid_for(&marks, &foreign, all_staging) => p,
+        Some(p) if p.valid_for(&marks, &refused, all_staging) => p,
         _ => {
             debug!("session marks differ from the cache, re-planning the flush");
             plan.insert(Plan::build(
                 enc,
                 prepared,
                 marks,
-                foreign.clone(),
+                refused.clone(),
                 all_staging,
             ))
         }
@@ -504,7 +540,7 @@ async fn attempt(
         for s in prepared
             .sessions
             .iter()
-            .filter(|s| !foreign.contains(&s.session))
+            .filter(|s| !refused.contains(&s.session))
         {
             let mark = plan.marks.get(&s.session).copied().flatten();
             let rows = inserted.entry(s.session).or_default();
@@ -577,7 +613,7 @@ async fn attempt(
     let offered = prepared
         .sessions
         .iter()
-        .filter(|s| !foreign.contains(&s.session))
+        .filter(|s| !refused.contains(&s.session))
         .map(|s| s.offered as u64)
         .sum();
     metrics::histogram!(m::FLUSH_ROWS).record(total as f64);
@@ -585,6 +621,7 @@ async fn attempt(
     let mut marks: Vec<(Uuid, Option<i64>)> = plan.marks.iter().map(|(s, m)| (*s, *m)).collect();
     marks.extend(updates.iter().map(|u| (u.session_id, Some(u.last_seq))));
     Ok(Committed {
+        unknown_aircraft: refused.difference(&foreign).copied().collect(),
         foreign,
         mismatched: prepared.mismatched.clone(),
         inserted: total,
@@ -593,6 +630,43 @@ async fn attempt(
         marks,
         committed_at: None,
     })
+}
+
+/// Of the sessions the upsert `refused`, those whose claim names an active aircraft of an
+/// active organization: refused because the session is someone else's. The rest name an
+/// aircraft the organization does not (or no longer) have. A role that row-level security
+/// confines cannot tell: that is a transient error (retried, never nacked).
+async fn foreign_among(
+    tx: &Transaction<'_>,
+    prepared: &Prepared<'_>,
+    refused: &HashSet<Uuid>,
+) -> Result<HashSet<Uuid>, AttemptError> {
+    if refused.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let hidden: bool = tx.query_one(RLS_HIDES_OWNERS_SQL, &[]).await?.try_get(0)?;
+    if hidden {
+        // Like the 42501 the INSERT itself would raise: keep the rows, retry, never nack.
+        return Err(AttemptError::Transient(
+            "row-level security hides aircraft_registry from this role: the ingest role needs \
+             BYPASSRLS (migration 0001 gives it to dbx_ingest_service)"
+                .into(),
+        ));
+    }
+    let claims: Vec<&SessionRows<'_>> = prepared
+        .sessions
+        .iter()
+        .filter(|s| refused.contains(&s.session))
+        .collect();
+    let ids: Vec<Uuid> = claims.iter().map(|s| s.session).collect();
+    let orgs: Vec<Uuid> = claims.iter().map(|s| s.org).collect();
+    let airs: Vec<Uuid> = claims.iter().map(|s| s.aircraft).collect();
+    let stmt = tx.prepare_cached(ACTIVE_AIRCRAFT_SQL).await?;
+    let mut foreign = HashSet::with_capacity(ids.len());
+    for r in tx.query(&stmt, &[&ids, &orgs, &airs]).await? {
+        foreign.insert(r.try_get(0)?);
+    }
+    Ok(foreign)
 }
 
 /// The COPY target for `key`: the child when it is known to exist, else the parent.

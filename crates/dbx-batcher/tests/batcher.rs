@@ -404,6 +404,96 @@ async fn a_foreign_session_is_nacked_and_not_written() {
     assert_eq!((r.get::<_, Uuid>(0), r.get::<_, i64>(1)), (fx.a.org, 1));
 }
 
+/// The writer checks ownership itself, in the commit transaction, for every batch: a claim
+/// naming another organization's aircraft, a retired aircraft, or an aircraft of an
+/// inactive organization is nacked `unknown_aircraft` and nothing of it is written (no
+/// row, no session), while a good batch in the same flush is stored; a session of another
+/// organization stays `foreign_session`. An intruder first in a flush does not take the
+/// owner down with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_on_aircraft_the_organization_does_not_have_are_nacked_unknown_aircraft() {
+    let fx = fixture().await;
+    let cfg = BatcherConfig {
+        // Every batch of a round waits in one group, so each case shares a flush.
+        flush_when_idle: false,
+        max_batch_age_ms: 300,
+        ..config()
+    };
+    let (tx, handle) = start(cfg, fx.pool(2));
+    let c = fx.client().await;
+    let t0 = now_micros();
+    // Organization A claiming B's aircraft, next to A's good batch.
+    let stolen = Tenant {
+        org: fx.a.org,
+        aircraft: fx.b.aircraft,
+    };
+    let (s_bad, s_good) = (Uuid::new_v4(), Uuid::new_v4());
+    let (bad, bad_rx) = batch(stolen, s_bad, vec![Point::new(t0, 1)]);
+    let (good, good_rx) = batch(fx.a, s_good, vec![Point::new(t0, 1)]);
+    tx.send(bad).await.unwrap();
+    tx.send(good).await.unwrap();
+    assert_eq!(rejection(bad_rx).await, RejectCode::UnknownAircraft);
+    assert_eq!(outcome(good_rx).await, BatchOutcome::Durable);
+    // The intruder first, the owner second, on the owner's session.
+    let (intruder, intruder_rx) = batch(stolen, s_good, vec![Point::new(t0 + 1, 2)]);
+    let (owner, owner_rx) = batch(fx.a, s_good, vec![Point::new(t0 + 2, 3)]);
+    tx.send(intruder).await.unwrap();
+    tx.send(owner).await.unwrap();
+    assert_eq!(rejection(intruder_rx).await, RejectCode::UnknownAircraft);
+    assert_eq!(outcome(owner_rx).await, BatchOutcome::Durable);
+    // B's own session, claimed by A with A's aircraft: foreign_session as before.
+    let s_b = Uuid::new_v4();
+    let (b_own, b_rx) = batch(fx.b, s_b, vec![Point::new(t0, 1)]);
+    tx.send(b_own).await.unwrap();
+    assert_eq!(outcome(b_rx).await, BatchOutcome::Durable);
+    let (taken, taken_rx) = batch(fx.a, s_b, vec![Point::new(t0 + 1, 2)]);
+    tx.send(taken).await.unwrap();
+    assert_eq!(rejection(taken_rx).await, RejectCode::ForeignSession);
+    // A retired aircraft, then an inactive organization: even on an existing session.
+    c.execute(
+        "UPDATE dbx_aviation.aircraft_registry SET is_active = false WHERE aircraft_id = $1",
+        &[&fx.a.aircraft],
+    )
+    .await
+    .unwrap();
+    let (retired, retired_rx) = batch(fx.a, s_good, vec![Point::new(t0 + 3, 4)]);
+    tx.send(retired).await.unwrap();
+    assert_eq!(rejection(retired_rx).await, RejectCode::UnknownAircraft);
+    c.execute(
+        "UPDATE dbx_aviation.organizations SET is_active = false WHERE org_id = $1",
+        &[&fx.b.org],
+    )
+    .await
+    .unwrap();
+    let (inactive, inactive_rx) = batch(fx.b, s_b, vec![Point::new(t0 + 3, 4)]);
+    tx.send(inactive).await.unwrap();
+    assert_eq!(rejection(inactive_rx).await, RejectCode::UnknownAircraft);
+    drop(tx);
+    handle.join().await.unwrap();
+
+    assert!(read_points(&c, s_bad).await.is_empty());
+    let sessions: i64 = c
+        .query_one(
+            "SELECT count(*) FROM dbx_aviation.flight_sessions WHERE session_id = $1",
+            &[&s_bad],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sessions, 0);
+    let good: Vec<i64> = read_points(&c, s_good)
+        .await
+        .iter()
+        .map(|p| p.3.seq)
+        .collect();
+    assert_eq!(good, vec![1, 3]);
+    let b_rows = read_points(&c, s_b).await;
+    assert_eq!(b_rows.len(), 1);
+    assert!(b_rows
+        .iter()
+        .all(|p| p.1 == fx.b.org && p.2 == fx.b.aircraft));
+}
+
 /// Two claimants of one session in the same flush, the owner second: the flush goes
 /// to the database under the first claim, which is refused, and the owner's batch is
 /// written again on its own instead of being refused with it.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use dbx_batcher::spool::record::encode_batch;
 use dbx_batcher::spool::segment::{self, frame_record, SegmentWriter};
 use dbx_batcher::spool::{inspect, rejected, requeue_rejected, Spool, SpoolConfig, WhenFull};
-use dbx_core::{BatchOutcome, RejectCode, Rejection};
+use dbx_core::{BatchOutcome, RejectCode, Rejection, TelemetryBatch};
 use tokio::sync::mpsc;
 
 mod spool_kit;
@@ -316,4 +316,163 @@ async fn refused_replays_become_dead_letters_and_requeue_replays_them() {
     assert_eq!((replayed, st.rejected_records), (15, 0));
     let batches: HashSet<i64> = seen.iter().map(|s| s / 1000).collect();
     assert_eq!(batches, (0..30).filter(|s| s % 2 == 1).collect());
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// Starts a spool on `dir` that must be refused; the error.
+async fn start_refused(dir: &std::path::Path) -> String {
+    let (_a, a_rx) = mpsc::channel(4);
+    let (b_tx, _b) = mpsc::channel(4);
+    Spool::start(config(dir), a_rx, b_tx)
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
+/// Refuses every batch that reaches it (a database that says no to each replay).
+fn refuse_all(mut rx: mpsc::Receiver<TelemetryBatch>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            b.ack
+                .reject(Rejection::new(RejectCode::ForeignSession, "not yours"));
+        }
+    })
+}
+
+/// The spool's files are the daemon's alone: a new directory (and its parents) is made
+/// 0700, an existing one open to others is tightened to 0700, and the segments, `LOCK`,
+/// `rejected/` and `rejected/reasons.jsonl` are 0600 / 0700 whatever the umask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_files_are_owner_only_and_a_loose_directory_is_tightened() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let fresh = root.path().join("made/by/the/spool");
+    let (_a, a_rx) = mpsc::channel(4);
+    let (b_tx, _b) = mpsc::channel(4);
+    let first = Spool::start(config(&fresh), a_rx, b_tx).await.unwrap();
+    assert_eq!(mode(&fresh), 0o700);
+    assert_eq!(mode(&root.path().join("made")), 0o700);
+    drop(first);
+
+    let dir = root.path().join("loose");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (a_tx, a_rx) = mpsc::channel(16);
+    let (b_tx, b_rx) = mpsc::channel(4);
+    let spool = Spool::start(config(&dir), a_rx, b_tx).await.unwrap();
+    assert_eq!(
+        mode(&dir),
+        0o700,
+        "an existing world-writable spool dir is tightened"
+    );
+    // The batcher is stalled: the batches are acked from segment files.
+    for rx in send_batches(&a_tx, 0..6, 5).await {
+        assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
+    }
+    let segs = segment::list(&dir).unwrap();
+    assert!(!segs.is_empty());
+    for s in &segs {
+        assert_eq!(mode(&s.path), 0o600, "{}", s.path.display());
+    }
+    assert_eq!(mode(&dir.join("LOCK")), 0o600);
+    // Refused on replay: dead letters, just as private.
+    let consumer = refuse_all(b_rx);
+    wait_drained(&dir, &spool, Duration::from_secs(20)).await;
+    drop(a_tx);
+    let st = spool.join().await;
+    consumer.await.unwrap();
+    assert!(st.rejected_records >= 6, "{st:?}");
+    let rejected = dir.join(rejected::DIR);
+    assert_eq!(mode(&rejected), 0o700);
+    assert_eq!(mode(&rejected.join(rejected::REASONS)), 0o600);
+    for s in segment::list(&rejected).unwrap() {
+        assert_eq!(mode(&s.path), 0o600, "{}", s.path.display());
+    }
+}
+
+/// A symbolic link planted at `LOCK`, at `rejected/reasons.jsonl` or as `rejected/` is
+/// refused with an error naming it, and whatever it points to is left untouched; one
+/// planted under a segment's name is not taken for a segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_planted_in_the_spool_are_refused_not_followed() {
+    use std::os::unix::fs::symlink;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("spool");
+    std::fs::create_dir(&dir).unwrap();
+    let precious = root.path().join("precious");
+    std::fs::write(&precious, "precious\n").unwrap();
+    let untouched = || assert_eq!(std::fs::read_to_string(&precious).unwrap(), "precious\n");
+
+    // LOCK
+    symlink(&precious, dir.join("LOCK")).unwrap();
+    let err = start_refused(&dir).await;
+    assert!(
+        err.contains("LOCK") && err.contains("symbolic link") && err.contains("refusing to follow"),
+        "{err}"
+    );
+    untouched();
+    assert!(inspect(&dir)
+        .unwrap_err()
+        .to_string()
+        .contains("symbolic link"));
+    std::fs::remove_file(dir.join("LOCK")).unwrap();
+
+    // rejected/reasons.jsonl: the record is not kept (its segment stays in the spool).
+    let rejected = dir.join(rejected::DIR);
+    std::fs::create_dir(&rejected).unwrap();
+    symlink(&precious, rejected.join(rejected::REASONS)).unwrap();
+    let mut dead = rejected::DeadLetters::open(&dir, 1 << 20, 8192).unwrap();
+    let (b, _) = batch(1, 3);
+    let mut payload = Vec::new();
+    encode_batch(
+        b.org_id,
+        b.aircraft_id,
+        b.session_id,
+        &b.points,
+        1,
+        &mut payload,
+    );
+    let err = dead
+        .keep(&payload, "foreign_session", "x")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("reasons.jsonl") && err.contains("symbolic link"),
+        "{err}"
+    );
+    untouched();
+    let err = rejected::read_reasons(&rejected).unwrap_err().to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+
+    // rejected/ itself
+    std::fs::remove_dir_all(&rejected).unwrap();
+    let elsewhere = root.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    symlink(&elsewhere, &rejected).unwrap();
+    let err = start_refused(&dir).await;
+    assert!(
+        err.contains("rejected") && err.contains("symbolic link"),
+        "{err}"
+    );
+    assert!(requeue_rejected(&dir).is_err());
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    std::fs::remove_file(&rejected).unwrap();
+
+    // A link under a segment's name is no segment: never read, never deleted through.
+    let real = root.path().join("real.seg");
+    {
+        let mut w = SegmentWriter::create(root.path(), 0, 1).unwrap();
+        let mut framed = Vec::new();
+        frame_record(&payload, &mut framed);
+        w.append(&framed).unwrap();
+        std::fs::rename(&w.path, &real).unwrap();
+    }
+    symlink(&real, dir.join(segment::file_name(3))).unwrap();
+    assert!(segment::list(&dir).unwrap().is_empty());
+    assert!(inspect(&dir).unwrap().segments.is_empty());
+    assert!(real.exists());
 }

@@ -10,14 +10,24 @@
 //!
 //! Ingest rates come from the daemon's own counters: a sampler reads the rendered exposition
 //! every few seconds, so this crate needs no handle on the listener or the batcher.
+//!
+//! With an [`AdminToken`] (`admin.token_file`; required whenever `http.bind` is not a
+//! loopback address) every request must carry `Authorization: Bearer <token>`, compared in
+//! constant time; others get 401 and are counted in `dbx_admin_unauthorized_total`. Two
+//! exceptions keep load balancers and orchestrators working without the secret:
+//! `/healthz` (it says only "ok"), and the status code of `/readyz` — without the token
+//! its body is only `ready` / `not ready`, the failing checks (which name database errors)
+//! are shown to token holders alone.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -25,6 +35,8 @@ use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use dbx_core::metrics as m;
 use dbx_core::{SharedClock, Shutdown};
@@ -56,6 +68,152 @@ pub struct AdminState {
     pub health: HealthHandle,
     /// Ingest rates, kept current by the sampler [`serve`] runs.
     pub rates: Rates,
+    /// The bearer token requests must carry; `None`: the endpoint is open (loopback only).
+    pub token: Option<Arc<AdminToken>>,
+}
+
+/// Shortest and longest token accepted from `admin.token_file`, bytes.
+const TOKEN_LEN: std::ops::RangeInclusive<usize> = 16..=4096;
+
+/// The admin endpoint's bearer token. Only its SHA-256 is kept, and a presented token is
+/// compared by digest in constant time, so neither its length nor a matching prefix shows
+/// in the response time.
+pub struct AdminToken {
+    digest: [u8; 32],
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+/// Why `admin.token_file` cannot be used; every message names the file, never the token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    /// It cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Someone other than its owner may change it.
+    #[error(
+        "{path} is writable by its group or by other users (mode {mode:04o}); make it 0600 or 0400"
+    )]
+    Writable {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Its content is not a usable token.
+    #[error("{path}: {problem} (the token is the file's content, surrounding whitespace ignored: 16 to 4096 visible ASCII characters)")]
+    Content {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: &'static str,
+    },
+}
+
+impl AdminToken {
+    /// A token from its text (tests and [`AdminToken::read`]).
+    pub fn new(token: &str) -> Self {
+        AdminToken {
+            digest: Sha256::digest(token.as_bytes()).into(),
+        }
+    }
+
+    /// Reads the token file: a regular file (symbolic links are followed: orchestrators
+    /// mount secrets that way) not writable by group or others, holding 16 to 4096 visible
+    /// ASCII characters. Returns the token and whether group or others may read the file,
+    /// which the caller warns about: container secret mounts often are, a host file should
+    /// not be.
+    pub fn read(path: &Path) -> Result<(AdminToken, bool), TokenFileError> {
+        use std::os::unix::fs::PermissionsExt;
+        let io = |source| TokenFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        let content = |problem| TokenFileError::Content {
+            path: path.to_path_buf(),
+            problem,
+        };
+        if !meta.is_file() {
+            return Err(content("not a regular file"));
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(TokenFileError::Writable {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        if meta.len() > 64 * 1024 {
+            return Err(content("it is larger than 64 KiB"));
+        }
+        let text = std::fs::read(path).map_err(io)?;
+        let token = std::str::from_utf8(&text)
+            .map_err(|_| content("it is not ASCII text"))?
+            .trim();
+        if token.is_empty() {
+            return Err(content("it is empty"));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(content(
+                "it holds whitespace, control or non-ASCII characters",
+            ));
+        }
+        if !TOKEN_LEN.contains(&token.len()) {
+            return Err(content(
+                "it is shorter than 16 or longer than 4096 characters",
+            ));
+        }
+        Ok((AdminToken::new(token), mode & 0o044 != 0))
+    }
+
+    /// True when `headers` carry `Authorization: Bearer <this token>`.
+    pub fn admits(&self, headers: &HeaderMap) -> bool {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, rest) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            });
+        let Some(presented) = presented else {
+            return false;
+        };
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        digest.ct_eq(&self.digest).into()
+    }
+}
+
+/// Whether a request may see everything: no token configured, or the right one presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Authorized(bool);
+
+/// The bearer-token gate in front of every route (see the module docs for the two
+/// exceptions).
+async fn require_token(State(s): State<AdminState>, mut req: Request, next: Next) -> Response {
+    let ok = s.token.as_ref().is_none_or(|t| t.admits(req.headers()));
+    let path = req.uri().path();
+    if ok || path == "/healthz" || path == "/readyz" {
+        req.extensions_mut().insert(Authorized(ok));
+        return next.run(req).await;
+    }
+    metrics::counter!(m::ADMIN_UNAUTHORIZED_TOTAL).increment(1);
+    tracing::debug!(path, "admin request without a valid bearer token refused");
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"dbx admin\"")],
+        "unauthorized: this endpoint needs Authorization: Bearer <admin.token_file's token>\n",
+    )
+        .into_response()
 }
 
 /// Ingest totals and per-second rates over the last sampling window.
@@ -140,6 +298,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v2/system/status", get(status))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .with_state(state)
 }
 
@@ -242,7 +404,11 @@ async fn partitions_ahead(s: &AdminState) -> Result<(bool, bool), String> {
         .unwrap_or_else(|_| Err("timed out after 3 s".into()))
 }
 
-async fn readyz(State(s): State<AdminState>) -> Response {
+async fn readyz(
+    State(s): State<AdminState>,
+    authorized: Option<axum::Extension<Authorized>>,
+) -> Response {
+    let details = authorized.is_some_and(|axum::Extension(Authorized(ok))| ok);
     let mut failing = Vec::new();
     match partitions_ahead(&s).await {
         Ok((true, true)) => {}
@@ -257,12 +423,14 @@ async fn readyz(State(s): State<AdminState>) -> Response {
     }
     if failing.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
-    } else {
+    } else if details {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", failing.join("; ")),
         )
             .into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
     }
 }
 
@@ -313,5 +481,70 @@ mod tests {
         r.sample(text);
         assert_eq!(r.get().points_written_total, 40.0);
         assert_eq!(r.get().window_seconds, 0.0);
+    }
+
+    fn auth(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_is_admitted() {
+        let t = AdminToken::new("s3cret-token-0123456789");
+        assert!(t.admits(&auth("Bearer s3cret-token-0123456789")));
+        assert!(t.admits(&auth("bearer s3cret-token-0123456789")));
+        for bad in [
+            "Bearer s3cret-token-012345678",
+            "Bearer s3cret-token-01234567890",
+            "Bearer ",
+            "Basic s3cret-token-0123456789",
+            "s3cret-token-0123456789",
+        ] {
+            assert!(!t.admits(&auth(bad)), "{bad}");
+        }
+        assert!(!t.admits(&HeaderMap::new()));
+        assert_eq!(format!("{t:?}"), "AdminToken(..)");
+    }
+
+    #[test]
+    fn the_token_file_is_checked_and_its_content_never_shown() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let p = write("ok", "  abcdefghijklmnop0123\n", 0o600);
+        let (t, readable) = AdminToken::read(&p).unwrap();
+        assert!(t.admits(&auth("Bearer abcdefghijklmnop0123")) && !readable);
+        let (_, readable) =
+            AdminToken::read(&write("shared", "abcdefghijklmnop0123", 0o644)).unwrap();
+        assert!(
+            readable,
+            "group/other readable is reported (the caller warns)"
+        );
+        for (name, text, mode, want) in [
+            ("gw", "abcdefghijklmnop0123", 0o620, "writable"),
+            ("ow", "abcdefghijklmnop0123", 0o602, "writable"),
+            ("empty", " \n", 0o600, "empty"),
+            ("short", "abc", 0o600, "shorter than 16"),
+            ("space", "abcdefgh ijklmnop0123", 0o600, "whitespace"),
+            ("utf", "abcdefghijklmnop0123\u{e9}", 0o600, "non-ASCII"),
+        ] {
+            let e = AdminToken::read(&write(name, text, mode))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want) && e.contains(name), "{name}: {e}");
+            assert!(!e.contains("abcdefgh"), "the token was shown: {e}");
+        }
+        let e = AdminToken::read(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = AdminToken::read(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read") && e.contains("missing"), "{e}");
     }
 }

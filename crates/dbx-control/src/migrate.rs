@@ -97,6 +97,21 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "tenants",
         sql: include_str!("../migrations/0020_tenants.sql"),
     },
+    Migration {
+        version: 31,
+        name: "request_log",
+        sql: include_str!("../migrations/0031_request_log.sql"),
+    },
+    Migration {
+        version: 32,
+        name: "org_context",
+        sql: include_str!("../migrations/0032_org_context.sql"),
+    },
+    Migration {
+        version: 33,
+        name: "key_grants",
+        sql: include_str!("../migrations/0033_key_grants.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").

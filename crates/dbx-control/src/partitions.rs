@@ -1,5 +1,6 @@
 //! Partition lifecycle of `flight_telemetry`: what pg_partman does, built in, without its
-//! known failure modes. One [`PartitionManager`] per daemon runs five tasks ([`Task`]):
+//! known failure modes, and the expiry of the request log. One [`PartitionManager`] per
+//! daemon runs six tasks ([`Task`]):
 //!
 //! - **premake**: partitions for the next `premake` intervals and the past `lookback` ones
 //!   (UTC days `flight_telemetry_pYYYYMMDD` or hours `_pYYYYMMDDHH`), made at start-up before
@@ -22,7 +23,12 @@
 //!   dropped only when it ended before every organization's retention; otherwise only the
 //!   expired organizations' rows are deleted, in transactions of at most `retention_chunk_rows`
 //!   rows; then the seed's `enforce_retention_policy()` (sessions, analysis results);
-//! - **refresh**: `REFRESH MATERIALIZED VIEW CONCURRENTLY` of the daily telemetry view.
+//! - **refresh**: `REFRESH MATERIALIZED VIEW CONCURRENTLY` of the daily telemetry view;
+//! - **api_requests**: rows of `dbx_aviation.api_requests` (one per gateway handshake, refused
+//!   ones aggregated) older than `api_requests_retention_days` are deleted, oldest first,
+//!   `retention_chunk_rows` per transaction through the `created_at` index
+//!   (`api_requests_created`), so no run holds a long lock or scans the whole table; the rows
+//!   deleted are counted in `dbx_api_requests_expired_total`.
 //!
 //! Every task is first a [`Plan`] (the SQL it would run, computed read-only from the catalog and
 //! the injected clock, which `--dry-run` prints) and then executed step by step. Every statement
@@ -122,6 +128,9 @@ pub struct PartitionsConfig {
     pub retention_chunk_rows: u32,
     /// How often the materialized telemetry view is refreshed (CONCURRENTLY), seconds (0 = never).
     pub refresh_interval_secs: u64,
+    /// Rows of `dbx_aviation.api_requests` older than this many days are deleted (0 = kept
+    /// forever); runs every `retention_interval_secs`, `retention_chunk_rows` per transaction.
+    pub api_requests_retention_days: u32,
 }
 
 impl Default for PartitionsConfig {
@@ -138,6 +147,7 @@ impl Default for PartitionsConfig {
             retention_interval_secs: 3_600,
             retention_chunk_rows: 10_000,
             refresh_interval_secs: 900,
+            api_requests_retention_days: 30,
         }
     }
 }
@@ -184,6 +194,8 @@ impl PartitionsConfig {
             Task::Archive => self.archive_interval_secs,
             Task::Retention => self.retention_interval_secs,
             Task::Refresh => self.refresh_interval_secs,
+            Task::RequestLog if self.api_requests_retention_days == 0 => 0,
+            Task::RequestLog => self.retention_interval_secs,
         };
         (secs > 0).then(|| Duration::from_secs(secs))
     }
@@ -202,16 +214,19 @@ pub enum Task {
     Retention,
     /// Refresh the materialized telemetry view.
     Refresh,
+    /// Delete `api_requests` rows past `api_requests_retention_days`.
+    RequestLog,
 }
 
 impl Task {
     /// Every task, in the order a run does them.
-    pub const ALL: [Task; 5] = [
+    pub const ALL: [Task; 6] = [
         Task::Premake,
         Task::Sweep,
         Task::Archive,
         Task::Retention,
         Task::Refresh,
+        Task::RequestLog,
     ];
 
     /// The `kind` label of the maintenance metrics.
@@ -222,6 +237,7 @@ impl Task {
             Task::Archive => "archive",
             Task::Retention => "retention",
             Task::Refresh => "refresh",
+            Task::RequestLog => "api_requests",
         }
     }
 }
@@ -788,8 +804,37 @@ impl PartitionManager {
                 needs_admin: false,
                 counts_rows: false,
             }),
+            Task::RequestLog => self.plan_request_log(now, &mut plan),
         }
         Ok(plan)
+    }
+
+    /// Deletes expired `api_requests` rows, oldest first, in chunks: `ORDER BY created_at
+    /// LIMIT n` walks the `api_requests_created` index, so each transaction reads only the
+    /// rows it deletes (a TID scan) however large the table, and holds its row locks briefly.
+    fn plan_request_log(&self, now: DateTime<Utc>, plan: &mut Plan) {
+        let days = self.cfg.api_requests_retention_days;
+        if days == 0 {
+            plan.notes.push(
+                "api_requests are kept forever (partitions.api_requests_retention_days = 0)".into(),
+            );
+            return;
+        }
+        let cutoff = now - TimeDelta::days(days as i64);
+        let chunk = self.cfg.retention_chunk_rows.max(1);
+        plan.steps.push(Step {
+            what: format!("delete api_requests rows before {cutoff} ({days} days)"),
+            sql: vec![format!(
+                "DELETE FROM dbx_aviation.api_requests WHERE ctid = ANY (ARRAY(\
+                 SELECT ctid FROM dbx_aviation.api_requests WHERE created_at < {} \
+                 ORDER BY created_at LIMIT {chunk}))",
+                ts_lit(cutoff)
+            )],
+            mode: StepMode::Autocommit,
+            repeat_while_at_least: Some(chunk as u64),
+            needs_admin: true,
+            counts_rows: true,
+        });
     }
 
     fn ensure_step(from: DateTime<Utc>, to: DateTime<Utc>, what: String) -> Step {
@@ -1210,6 +1255,9 @@ impl PartitionManager {
 
 fn record(task: Task, r: &TaskReport) {
     metrics::counter!(m::MAINTENANCE_RUNS_TOTAL, "kind" => task.name()).increment(1);
+    if task == Task::RequestLog {
+        metrics::counter!(m::API_REQUESTS_EXPIRED_TOTAL).increment(r.rows);
+    }
     if !r.skipped.is_empty() {
         metrics::counter!(m::MAINTENANCE_SKIPPED_TOTAL, "kind" => task.name())
             .increment(r.skipped.len() as u64);

@@ -8,6 +8,13 @@
 //! `credentials.txt` and `api_key.txt` (mode 0600), and reports the seed's success
 //! checklist item by item. Running it again changes nothing: passwords and the key
 //! are read back from the files it wrote, unless `rotate` asks for new ones.
+//!
+//! Passwords never travel in clear: setup computes each user's SCRAM-SHA-256 verifier
+//! itself and sends only that (`ALTER ROLE … PASSWORD 'SCRAM-SHA-256$…'`), so neither the
+//! statement text, the server log (even with `log_statement = all`) nor
+//! pg_stat_statements ever holds a password. A password read back from `credentials.txt`
+//! must be a plain token ([`plain_token_problem`]); anything else is refused naming the
+//! file and the key, never the value.
 
 use std::fmt;
 use std::fs;
@@ -121,6 +128,19 @@ pub enum SetupError {
         doing: String,
         /// The server's message.
         reason: String,
+    },
+    /// A value of credentials.txt is not a plain token (the value itself is never shown).
+    #[error(
+        "{path}: the value of {key} is not a plain token: {problem}; use {PLAIN_TOKEN_RULE}, \
+         or delete the line (or run with --rotate) to have a new one generated"
+    )]
+    BadCredential {
+        /// The file.
+        path: PathBuf,
+        /// The key whose value is refused.
+        key: String,
+        /// What is wrong with it.
+        problem: &'static str,
     },
     /// Writing the credential files failed.
     #[error("writing {path}: {source}")]
@@ -520,28 +540,67 @@ fn read_kv(path: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Passwords for the login users: kept from credentials.txt unless rotating.
+/// Shortest and longest password setup accepts from credentials.txt.
+const PLAIN_TOKEN_LEN: std::ops::RangeInclusive<usize> = 16..=128;
+/// What a plain token is, for error messages.
+const PLAIN_TOKEN_RULE: &str = "16 to 128 ASCII letters, digits, '-', '_', '.' or '~'";
+
+/// Why `value` is not a plain token (16 to 128 ASCII letters, digits, `-`, `_`, `.`, `~`:
+/// nothing a URL, a shell or SQL would need to escape), or `None` when it is one. The
+/// reason never quotes the value.
+pub fn plain_token_problem(value: &str) -> Option<&'static str> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~');
+    if value.is_empty() {
+        Some("it is empty")
+    } else if !value.is_ascii() {
+        Some("it contains non-ASCII characters")
+    } else if value.chars().any(|c| c.is_ascii_whitespace()) {
+        Some("it contains whitespace")
+    } else if value.chars().any(|c| matches!(c, '\'' | '"' | '`' | '\\')) {
+        Some("it contains a quote or a backslash")
+    } else if !value.chars().all(plain) {
+        Some("it contains punctuation or control characters")
+    } else if value.len() > *PLAIN_TOKEN_LEN.end() {
+        Some("it is longer than 128 characters")
+    } else if value.len() < *PLAIN_TOKEN_LEN.start() {
+        Some("it is shorter than 16 characters")
+    } else {
+        None
+    }
+}
+
+/// Passwords for the login users: kept from credentials.txt unless rotating. Each is
+/// sent as a SCRAM-SHA-256 verifier computed here, never in clear.
 async fn login_passwords(
     client: &Client,
     out_dir: &Path,
     rotate: bool,
 ) -> Result<Vec<(String, String)>, SetupError> {
-    let previous = read_kv(&out_dir.join("credentials.txt"));
+    let path = out_dir.join("credentials.txt");
+    let previous = read_kv(&path);
+    // Every kept value is checked before any role is touched.
     let mut out = Vec::new();
     for (user, _) in LOGIN_USERS {
         let key = format!("{user}_password");
-        let pw = previous
+        let kept = previous
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, v)| v.clone())
-            .filter(|_| !rotate)
-            .unwrap_or_else(|| random_token(32));
-        // Passwords are alphanumeric, so quoting is safe; the statement is not logged by us.
+            .filter(|_| !rotate);
+        if let Some(problem) = kept.as_deref().and_then(plain_token_problem) {
+            return Err(SetupError::BadCredential { path, key, problem });
+        }
+        out.push((user.to_string(), kept.unwrap_or_else(|| random_token(32))));
+    }
+    for (user, pw) in &out {
+        // The verifier's alphabet (digits, base64, `$`, `:`, `-`) needs no SQL escaping.
+        let verifier = postgres_protocol::password::scram_sha_256(pw.as_bytes());
         client
-            .batch_execute(&format!("ALTER ROLE {user} WITH LOGIN PASSWORD '{pw}'"))
+            .batch_execute(&format!(
+                "ALTER ROLE {user} WITH LOGIN PASSWORD '{verifier}'"
+            ))
             .await
             .map_err(db_err(format!("setting the password of {user}")))?;
-        out.push((user.to_string(), pw));
     }
     Ok(out)
 }
@@ -744,4 +803,35 @@ pub async fn check(config: &Config) -> Result<CheckReport, SetupError> {
         tables: EXPECTED_TABLES.iter().map(|s| s.to_string()).collect(),
         migrations: applied,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_token_problem;
+
+    #[test]
+    fn only_plain_tokens_are_accepted_and_the_reason_never_quotes_the_value() {
+        assert_eq!(plain_token_problem("Abcdefgh12345678"), None);
+        assert_eq!(plain_token_problem(&"a".repeat(128)), None);
+        assert_eq!(plain_token_problem("a-b_c.d~e0123456789"), None);
+        for (bad, why) in [
+            ("", "empty"),
+            ("secretsecret';DROP_ROLE_x;--", "quote"),
+            ("secret\"secretsecret", "quote"),
+            ("secretsecret\\secret", "backslash"),
+            ("secret secretsecret", "whitespace"),
+            ("secret\tsecretsecret", "whitespace"),
+            ("sécretsecretsecret", "non-ASCII"),
+            ("secret$secretsecret", "punctuation"),
+            ("secret\u{7}secretsecret", "control"),
+            ("abc123", "shorter than 16"),
+        ] {
+            let p = plain_token_problem(bad).unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(p.contains(why), "{bad:?}: {p}");
+            assert!(bad.is_empty() || !p.contains(bad), "{p}");
+        }
+        assert!(plain_token_problem(&"a".repeat(129))
+            .unwrap()
+            .contains("longer than 128"));
+    }
 }

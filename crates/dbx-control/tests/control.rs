@@ -547,6 +547,100 @@ async fn retention_with_two_organizations_drops_or_deletes_exactly_what_it_shoul
     assert_eq!(r.rows, 0, "{r:?}");
 }
 
+/// The request log's retention: rows of api_requests older than
+/// `api_requests_retention_days` (by the injected clock) are deleted, oldest first, in
+/// transactions of `retention_chunk_rows` that walk the created_at index, never the table;
+/// younger rows stay, a second run deletes nothing, and the rows are counted in
+/// `dbx_api_requests_expired_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_requests_past_their_retention_are_deleted_in_chunks_through_the_index() {
+    let prom = recorder();
+    let (_db, c, url) = setup().await;
+    let clock = ManualClock::new(utc(2026, 6, 15, 12, 0)); // cutoff 2026-05-16 12:00
+    let cfg = PartitionsConfig {
+        retention_chunk_rows: 5,
+        ..PartitionsConfig::default()
+    };
+    assert_eq!(cfg.api_requests_retention_days, 30);
+    let m = manager(&url, &clock, Interval::Daily, cfg);
+    c.batch_execute(
+        "INSERT INTO dbx_aviation.api_requests (endpoint, method, status_code, created_at)
+         SELECT 'tcp:hello', 'HELLO', 200, '2026-06-01 00:00+00'::timestamptz + i * interval '1 second'
+           FROM generate_series(1, 20000) i;
+         INSERT INTO dbx_aviation.api_requests (endpoint, method, status_code, request_count, created_at)
+         SELECT 'tcp:hello', 'HELLO', 401, 3, '2026-04-01 00:00+00'::timestamptz + i * interval '1 day'
+           FROM generate_series(0, 11) i;               -- 04-01 .. 04-12: expired
+         INSERT INTO dbx_aviation.api_requests (endpoint, method, status_code, created_at)
+         VALUES ('tcp:hello', 'HELLO', 200, '2026-05-16 11:59+00'),  -- expired
+                ('tcp:hello', 'HELLO', 200, '2026-05-16 12:01+00');  -- kept
+         ANALYZE dbx_aviation.api_requests;",
+    )
+    .await
+    .unwrap();
+
+    // Each chunk reads only what it deletes: an index scan in created_at order.
+    let plan = m.plan(Task::RequestLog).await.unwrap();
+    let sql = plan.steps[0].sql[0].clone();
+    assert!(
+        sql.contains("ORDER BY created_at LIMIT 5") && sql.contains("2026-05-16 12:00:00"),
+        "{sql}"
+    );
+    let inner = sql
+        .split_once("ARRAY(")
+        .and_then(|(_, r)| r.strip_suffix("))"))
+        .expect("the chunk's SELECT");
+    let explained: Vec<String> = c
+        .query(&format!("EXPLAIN {inner}"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let explained = explained.join("\n");
+    assert!(
+        explained.contains("api_requests_created") && !explained.contains("Seq Scan"),
+        "{explained}"
+    );
+
+    let before = prom.render();
+    let expired_total = |text: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix("dbx_api_requests_expired_total ")?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    let r = run(&m, Task::RequestLog).await;
+    assert_eq!(r.rows, 13, "{r:?}");
+    assert!(r.skipped.is_empty(), "{r:?}");
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM dbx_aviation.api_requests WHERE created_at < '2026-05-16 12:00+00'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dbx_aviation.api_requests").await,
+        20_001
+    );
+    assert_eq!(expired_total(&prom.render()) - expired_total(&before), 13.0);
+    let again = run(&m, Task::RequestLog).await;
+    assert_eq!(again.rows, 0, "{again:?}");
+
+    // 0 keeps them forever: no step, and the timer never schedules it.
+    let keep = PartitionsConfig {
+        api_requests_retention_days: 0,
+        ..PartitionsConfig::default()
+    };
+    let m = manager(&url, &clock, Interval::Daily, keep);
+    let plan = m.plan(Task::RequestLog).await.unwrap();
+    assert!(plan.steps.is_empty() && !plan.notes.is_empty(), "{plan}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_conflicting_lock_maintenance_skips_and_ingest_goes_on() {
     let (db, c, url) = setup().await;

@@ -1096,6 +1096,8 @@ async fn rls_shows_the_analytics_service_only_its_organization() {
         count(&analyst, "SELECT count(*) FROM dbx_aviation.organizations").await,
         0
     );
+    // The context is transaction-scoped (0032): set inside the reader's transaction.
+    analyst.batch_execute("BEGIN").await.unwrap();
     analyst
         .execute("SELECT dbx_aviation.set_org_context($1)", &[&a])
         .await
@@ -1129,8 +1131,39 @@ async fn rls_shows_the_analytics_service_only_its_organization() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(org_ids, vec![a]);
+    analyst.batch_execute("COMMIT").await.unwrap();
+    // The connection, as a pool would hand it to the next user, carries no tenant any more.
+    assert_eq!(
+        count(&analyst, "SELECT count(*) FROM dbx_aviation.organizations").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &analyst,
+            "SELECT count(*) FROM dbx_aviation.flight_telemetry"
+        )
+        .await,
+        0
+    );
+    // Nor after a rollback, nor when set outside a transaction block (it then lasts for its
+    // own statement only: fail closed).
+    analyst.batch_execute("BEGIN").await.unwrap();
+    analyst
+        .execute("SELECT dbx_aviation.set_org_context($1)", &[&a])
+        .await
+        .unwrap();
+    analyst.batch_execute("ROLLBACK").await.unwrap();
+    analyst
+        .execute("SELECT dbx_aviation.set_org_context($1)", &[&a])
+        .await
+        .unwrap();
+    assert_eq!(
+        count(&analyst, "SELECT count(*) FROM dbx_aviation.organizations").await,
+        0
+    );
 
     // Switching the context switches the view.
+    analyst.batch_execute("BEGIN").await.unwrap();
     analyst
         .execute("SELECT dbx_aviation.set_org_context($1)", &[&b])
         .await
@@ -1141,6 +1174,7 @@ async fn rls_shows_the_analytics_service_only_its_organization() {
         .unwrap()
         .get(0);
     assert_eq!(code, "RLS-B");
+    analyst.batch_execute("COMMIT").await.unwrap();
 
     // Readers cannot see key material, write, read the raw materialized view or the audit log.
     for sql in [
@@ -1160,6 +1194,7 @@ async fn rls_shows_the_analytics_service_only_its_organization() {
 
     // A writer under org A cannot write a row for org B (the policy's WITH CHECK).
     let api = connect_as(&db, &c, "dbx_api_service").await;
+    api.batch_execute("BEGIN").await.unwrap();
     api.execute("SELECT dbx_aviation.set_org_context($1)", &[&a])
         .await
         .unwrap();
@@ -1171,6 +1206,10 @@ async fn rls_shows_the_analytics_service_only_its_organization() {
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "{e}");
+    api.batch_execute("ROLLBACK; BEGIN").await.unwrap();
+    api.execute("SELECT dbx_aviation.set_org_context($1)", &[&a])
+        .await
+        .unwrap();
     let n = api
         .execute(
             "INSERT INTO dbx_aviation.aircraft_registry (org_id, registration_number, aircraft_type) VALUES ($1, 'RA2', 'y')",
@@ -1179,6 +1218,7 @@ async fn rls_shows_the_analytics_service_only_its_organization() {
         .await
         .unwrap();
     assert_eq!(n, 1);
+    api.batch_execute("COMMIT").await.unwrap();
     // ... and its write is audited by the definer trigger although it cannot read the trail.
     assert_eq!(
         count(
@@ -1188,6 +1228,74 @@ async fn rls_shows_the_analytics_service_only_its_organization() {
         )
         .await,
         1
+    );
+}
+
+/// Only the owner mints API keys (0033). The application user (dbx_api_service, in
+/// dbx_app_write), in its own organization's context, can neither insert a key nor turn a row
+/// into a new key (key_hash, or revoked_at back to NULL), nor create an organization or change
+/// one's key (both mirrored into api_keys by a definer trigger); it may still delete a key
+/// (withdrawing access) and edit an organization's other columns.
+#[tokio::test]
+async fn the_application_user_cannot_mint_an_api_key() {
+    let (db, c) = migrated().await;
+    let a = new_org(&c, "MINT-A", 365).await;
+    c.execute(
+        "UPDATE dbx_aviation.api_keys SET revoked_at = now() WHERE org_id = $1",
+        &[&a],
+    )
+    .await
+    .unwrap();
+    let keys_before = count(&c, "SELECT count(*) FROM dbx_aviation.api_keys").await;
+    let api = connect_as(&db, &c, "dbx_api_service").await;
+    api.batch_execute("BEGIN").await.unwrap();
+    api.execute("SELECT dbx_aviation.set_org_context($1)", &[&a])
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO dbx_aviation.api_keys (org_id, label, key_hash) VALUES ($1, 'minted', repeat('a', 64))",
+        "UPDATE dbx_aviation.api_keys SET key_hash = repeat('b', 64) WHERE org_id = $1",
+        "UPDATE dbx_aviation.api_keys SET revoked_at = NULL WHERE org_id = $1",
+        "UPDATE dbx_aviation.organizations SET api_key_hash = repeat('c', 64) WHERE org_id = $1",
+        "INSERT INTO dbx_aviation.organizations (org_id, org_code, org_name, org_type, api_key_hash)
+         VALUES ($1, 'MINT-B', 'x', 'y', repeat('d', 64))",
+    ] {
+        api.batch_execute("SAVEPOINT attempt").await.unwrap();
+        let e = api.execute(sql, &[&a]).await.unwrap_err();
+        assert_eq!(
+            sqlstate(&e),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {e}"
+        );
+        api.batch_execute("ROLLBACK TO SAVEPOINT attempt")
+            .await
+            .unwrap();
+    }
+    let renamed = api
+        .execute(
+            "UPDATE dbx_aviation.organizations SET org_name = 'Renamed', api_rate_limit = 5 WHERE org_id = $1",
+            &[&a],
+        )
+        .await
+        .unwrap();
+    assert_eq!(renamed, 1);
+    let deleted = api
+        .execute("DELETE FROM dbx_aviation.api_keys WHERE org_id = $1", &[&a])
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    api.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM dbx_aviation.api_keys").await,
+        keys_before - 1
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM dbx_aviation.organizations WHERE org_code = 'MINT-B' OR api_key_hash ~ '^(.)\\1+$'"
+        )
+        .await,
+        0
     );
 }
 

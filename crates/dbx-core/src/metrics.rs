@@ -85,6 +85,14 @@ pub const UPTIME_SECONDS: &str = "dbx_uptime_seconds";
 /// (counter, label `kind`); the next run retries them.
 pub const MAINTENANCE_SKIPPED_TOTAL: &str = "dbx_maintenance_skipped_total";
 
+/// Control: admin HTTP requests refused for a missing or wrong bearer token
+/// (`admin.token_file`) (counter).
+pub const ADMIN_UNAUTHORIZED_TOTAL: &str = "dbx_admin_unauthorized_total";
+
+/// Control: `dbx_aviation.api_requests` rows deleted by their retention
+/// (`partitions.api_requests_retention_days`) (counter).
+pub const API_REQUESTS_EXPIRED_TOTAL: &str = "dbx_api_requests_expired_total";
+
 /// Control: 1 when the last health collection succeeded, 0 when the database did not answer (gauge).
 pub const DB_UP: &str = "dbx_db_up";
 /// Control: `system_health` database_size (gauge, bytes).

@@ -27,6 +27,8 @@ pub struct Config {
     pub health: HealthConfig,
     /// The admin HTTP endpoint.
     pub http: HttpConfig,
+    /// Access to the admin HTTP endpoint.
+    pub admin: AdminConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -91,6 +93,17 @@ impl Config {
         if self.health.interval_secs == 0 {
             return Err(key_err("health.interval_secs", "must be at least 1".into()));
         }
+        if self.admin.token_file.is_empty() && !loopback_only(&self.http.bind) {
+            return Err(key_err(
+                "admin.token_file",
+                format!(
+                    "must be set when http.bind ({}) is not a loopback address: /metrics and \
+                     /api/v2/system/status would be open to the network (a file holding the \
+                     bearer token, e.g. `openssl rand -hex 32 > /etc/dbx/admin_token`)",
+                    self.http.bind
+                ),
+            ));
+        }
         if self.database.url.parse::<tokio_postgres::Config>().is_err() {
             return Err(key_err(
                 "database.url",
@@ -114,6 +127,53 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             bind: "127.0.0.1:9898".into(),
+        }
+    }
+}
+
+/// True when every address `bind` resolves to is a loopback address. A name that does
+/// not resolve counts as loopback here: binding it fails later with its own error.
+pub fn loopback_only(bind: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    match bind.to_socket_addrs() {
+        Ok(addrs) => addrs.into_iter().all(|a| a.ip().is_loopback()),
+        Err(_) => true,
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A file holding the bearer token of the admin endpoint; required when `http.bind`
+    /// is not a loopback address; empty = no token (open endpoint, loopback only).
+    pub token_file: String,
+}
+
+impl AdminConfig {
+    /// Reads the token file (`None` when none is configured); the error names the key and
+    /// the file. Warns when group or others may read it.
+    pub fn load_token(&self) -> Result<Option<dbx_control::http::AdminToken>, ConfigError> {
+        if self.token_file.is_empty() {
+            return Ok(None);
+        }
+        let path = Path::new(&self.token_file);
+        match dbx_control::http::AdminToken::read(path) {
+            Ok((token, readable_by_others)) => {
+                if readable_by_others {
+                    tracing::warn!(
+                        file = %path.display(),
+                        "admin.token_file is readable by its group or other users; make it 0600 \
+                         unless it is a container secret mount"
+                    );
+                }
+                Ok(Some(token))
+            }
+            Err(e) => Err(ConfigError::Key {
+                key: "admin.token_file".into(),
+                message: e.to_string(),
+                from_env: None,
+            }),
         }
     }
 }
@@ -312,6 +372,35 @@ mod tests {
         assert_eq!(c.log.level, "debug");
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.database.url, "postgresql://u@h/d");
+    }
+
+    #[test]
+    fn a_non_loopback_admin_endpoint_needs_a_token_file() {
+        let with = |bind: &str, token_file: &str| Config {
+            http: HttpConfig { bind: bind.into() },
+            admin: AdminConfig {
+                token_file: token_file.into(),
+            },
+            ..Config::default()
+        };
+        for open in ["0.0.0.0:9898", "[::]:9898", "192.0.2.10:9898"] {
+            let e = with(open, "").validate().unwrap_err().to_string();
+            assert!(e.contains("admin.token_file") && e.contains(open), "{e}");
+            with(open, "/etc/dbx/admin_token").validate().unwrap();
+        }
+        for local in ["127.0.0.1:9898", "[::1]:0", "localhost:9898"] {
+            with(local, "").validate().unwrap();
+        }
+        let e = with("127.0.0.1:0", "/nonexistent/admin_token")
+            .admin
+            .load_token()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("admin.token_file") && e.contains("/nonexistent/admin_token"),
+            "{e}"
+        );
+        assert!(AdminConfig::default().load_token().unwrap().is_none());
     }
 
     #[test]

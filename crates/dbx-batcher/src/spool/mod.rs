@@ -50,6 +50,7 @@ pub mod gate;
 pub mod record;
 pub mod rejected;
 pub mod replay;
+mod secure;
 pub mod segment;
 mod state;
 
@@ -194,16 +195,19 @@ impl SpoolError {
 
 /// Takes the spool directory's exclusive lock (`LOCK`, an advisory `flock`): two
 /// daemons appending to and deleting each other's segments would lose data. The
-/// kernel releases it when the process ends, however it ends.
+/// kernel releases it when the process ends, however it ends. The directory is made
+/// private first, and `LOCK` is never followed if it is a symbolic link ([`secure`]).
 fn lock_dir(dir: &std::path::Path) -> Result<std::fs::File, SpoolError> {
     let io = SpoolError::dir(dir);
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(LOCK_FILE))
-        .map_err(io)?;
+    secure::private_dir(dir).map_err(io)?;
+    let file = secure::open_nofollow(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true),
+        &dir.join(LOCK_FILE),
+    )
+    .map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(SpoolError::Locked(dir.to_path_buf())),
@@ -240,11 +244,12 @@ pub struct SpoolReport {
 /// Reads what `dir` holds without changing anything (safe while a daemon runs; the
 /// open segment may grow meanwhile).
 pub fn inspect(dir: &std::path::Path) -> std::io::Result<SpoolReport> {
-    let in_use = match std::fs::File::open(dir.join(LOCK_FILE)) {
-        Ok(f) => matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => return Err(e),
-    };
+    let in_use =
+        match secure::open_nofollow(std::fs::OpenOptions::new().read(true), &dir.join(LOCK_FILE)) {
+            Ok(f) => matches!(f.try_lock_shared(), Err(std::fs::TryLockError::WouldBlock)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
+        };
     let mut segments = Vec::new();
     for s in segment::list(dir)? {
         let file = std::fs::File::open(&s.path)?;

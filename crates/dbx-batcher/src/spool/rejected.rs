@@ -76,11 +76,12 @@ pub struct DeadLetters {
     writer: Option<SegmentWriter>,
 }
 
-/// Reads `reasons.jsonl` of a dead-letter directory; a line cut by a crash is
-/// skipped.
+/// Reads `reasons.jsonl` of a dead-letter directory (never through a symbolic link); a
+/// line cut by a crash is skipped.
 pub fn read_reasons(dir: &Path) -> io::Result<Vec<RejectedEntry>> {
-    let text = match std::fs::read_to_string(dir.join(REASONS)) {
-        Ok(t) => t,
+    let mut text = String::new();
+    match super::secure::open_nofollow(OpenOptions::new().read(true), &dir.join(REASONS)) {
+        Ok(mut f) => io::Read::read_to_string(&mut f, &mut text)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
@@ -94,6 +95,7 @@ impl DeadLetters {
     /// Takes stock of `<spool_dir>/rejected` (created on the first write).
     pub fn open(spool_dir: &Path, max_bytes: u64, segment_bytes: u64) -> io::Result<DeadLetters> {
         let dir = spool_dir.join(DIR);
+        super::secure::not_a_symlink(&dir)?;
         let existing = segment::list(&dir)?;
         Ok(DeadLetters {
             bytes: existing.iter().map(|s| s.len).sum(),
@@ -128,7 +130,7 @@ impl DeadLetters {
             return Ok(Kept::Full);
         }
         if new_segment {
-            std::fs::create_dir_all(&self.dir)?;
+            super::secure::private_subdir(&self.dir)?;
             let w = SegmentWriter::create(&self.dir, self.next_id, super::state::now_micros())?;
             self.next_id += 1;
             self.bytes += w.len;
@@ -164,10 +166,10 @@ impl DeadLetters {
         };
         let mut line = serde_json::to_vec(&entry).map_err(io::Error::other)?;
         line.push(b'\n');
-        let mut reasons = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(REASONS))?;
+        let mut reasons = super::secure::open_nofollow(
+            OpenOptions::new().create(true).append(true),
+            &self.dir.join(REASONS),
+        )?;
         reasons.write_all(&line)?;
         reasons.sync_data()?;
         Ok(Kept::Stored)
@@ -180,6 +182,7 @@ impl DeadLetters {
 /// spool's lock. Returns the records and segments moved.
 pub fn requeue(spool_dir: &Path) -> io::Result<(u64, u64)> {
     let dir = spool_dir.join(DIR);
+    super::secure::not_a_symlink(&dir)?;
     let first_id = segment::list(spool_dir)?.last().map_or(0, |s| s.id + 1);
     let dead = segment::list(&dir)?;
     let mut records = 0;

@@ -21,7 +21,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Magic at the start of every segment (the last two bytes are the format version).
@@ -60,7 +60,8 @@ pub struct SegmentFile {
 }
 
 /// The segment files of `dir`, by id; none when `dir` does not exist. Other files
-/// (`LOCK`, `*.bad`, `rejected/`) are not segments.
+/// (`LOCK`, `*.bad`, `rejected/`) are not segments, and neither is anything under a
+/// segment's name that is not a regular file (a symbolic link is never followed).
 pub fn list(dir: &Path) -> io::Result<Vec<SegmentFile>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -71,7 +72,13 @@ pub fn list(dir: &Path) -> io::Result<Vec<SegmentFile>> {
     for entry in entries {
         let entry = entry?;
         if let Some(id) = entry.file_name().to_str().and_then(parse_name) {
-            let len = entry.metadata()?.len();
+            // DirEntry::metadata does not follow symbolic links.
+            let meta = entry.metadata()?;
+            if !meta.is_file() {
+                tracing::warn!(path = %entry.path().display(), "not a regular file; ignored (a spool segment never is a link)");
+                continue;
+            }
+            let len = meta.len();
             out.push(SegmentFile {
                 id,
                 path: entry.path(),
@@ -435,10 +442,12 @@ impl SegmentWriter {
     /// so that records appended later are reachable after a crash.
     pub fn create(dir: &Path, id: u64, created_micros: i64) -> io::Result<SegmentWriter> {
         let path = dir.join(file_name(id));
+        // O_EXCL: an existing file, or a symbolic link planted under the name, is refused.
         let mut file = OpenOptions::new()
             .write(true)
             .read(true)
             .create_new(true)
+            .mode(super::secure::FILE_MODE)
             .open(&path)?;
         let res = (|| {
             file.write_all(&header(created_micros))?;

@@ -206,7 +206,7 @@ pub(crate) fn now_micros() -> i64 {
 /// acked and is removed; one whose header is not ours is renamed `*.bad` and left
 /// for an operator.
 pub(crate) fn recover(dir: &Path) -> std::io::Result<State> {
-    std::fs::create_dir_all(dir)?;
+    super::secure::private_dir(dir)?;
     let mut st = State::default();
     for segment::SegmentFile { id, path, len } in segment::list(dir)? {
         let file = std::fs::File::open(&path)?;

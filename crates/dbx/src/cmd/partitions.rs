@@ -1,6 +1,7 @@
-//! `dbx partitions list|create|archive|retention|sweep`: the control plane's partition tasks,
-//! run once from the command line (each under the same advisory lock as the daemon's timers,
-//! so it never races a running daemon), or with `--dry-run` printing the SQL it would run.
+//! `dbx partitions list|create|archive|retention|sweep|api-requests`: the control plane's
+//! maintenance tasks, run once from the command line (each under the same advisory lock as
+//! the daemon's timers, so it never races a running daemon), or with `--dry-run` printing the
+//! SQL it would run.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -58,6 +59,16 @@ enum PartitionsAction {
     },
     /// Move rows out of the default partition into their own partitions.
     Sweep,
+    /// Delete api_requests rows older than partitions.api_requests_retention_days, oldest
+    /// first, in bounded transactions.
+    ApiRequests {
+        /// Days kept (default: partitions.api_requests_retention_days).
+        #[arg(long)]
+        days: Option<u32>,
+        /// Rows per delete transaction (default: partitions.retention_chunk_rows).
+        #[arg(long)]
+        chunk_rows: Option<u32>,
+    },
 }
 
 /// `dbx partitions …`.
@@ -95,6 +106,14 @@ pub async fn partitions(
             Some(Task::Retention)
         }
         PartitionsAction::Sweep => Some(Task::Sweep),
+        PartitionsAction::ApiRequests { days, chunk_rows } => {
+            if days == Some(0) {
+                bail!("--days must be at least 1");
+            }
+            pcfg.api_requests_retention_days = days.unwrap_or(pcfg.api_requests_retention_days);
+            pcfg.retention_chunk_rows = chunk_rows.unwrap_or(pcfg.retention_chunk_rows);
+            Some(Task::RequestLog)
+        }
     };
     if let Err((key, message)) = pcfg.validate() {
         bail!("partitions.{key} {message}");

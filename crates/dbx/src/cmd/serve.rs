@@ -205,6 +205,14 @@ fn describe_metrics() {
         m::MAINTENANCE_FAILURES_TOTAL,
         "Partition maintenance failures, by kind."
     );
+    c!(
+        m::ADMIN_UNAUTHORIZED_TOTAL,
+        "Admin HTTP requests refused for a missing or wrong bearer token (admin.token_file)."
+    );
+    c!(
+        m::API_REQUESTS_EXPIRED_TOTAL,
+        "api_requests rows deleted by their retention (partitions.api_requests_retention_days)."
+    );
     g!(
         m::UPTIME_SECONDS,
         Unit::Seconds,
@@ -212,7 +220,11 @@ fn describe_metrics() {
     );
     c!(
         dbx_listener::audit::API_REQUESTS_DROPPED_TOTAL,
-        "Handshake records not written to api_requests."
+        "Handshake records not written to api_requests, by reason (queue_full, pending_full, write_failed)."
+    );
+    c!(
+        dbx_listener::audit::API_REQUESTS_COLLAPSED_TOTAL,
+        "Refused handshakes counted in an earlier api_requests row of the same flush window (same client IP, status, transport)."
     );
 }
 
@@ -259,6 +271,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let started = Instant::now();
     let clock: SharedClock = Arc::new(SystemClock);
+    let admin_token = cfg.admin.load_token()?.map(Arc::new);
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -361,6 +374,14 @@ pub async fn run(
     let (http_listener, http_addr) = dbx_control::http::bind(&cfg.http.bind)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
+    // Config validation resolved http.bind already; this covers a name that resolved
+    // differently at bind time.
+    if admin_token.is_none() && !http_addr.ip().is_loopback() {
+        bail!(
+            "config key `admin.token_file`: must be set when http.bind ({http_addr}) is not a \
+             loopback address"
+        );
+    }
     // A weak handle: the status endpoint must not keep the batcher's queue open at shutdown.
     let queue = listener_queue.clone();
     let queue_capacity = cfg.batcher.queue_capacity;
@@ -380,6 +401,7 @@ pub async fn run(
         interval,
         health,
         rates: Default::default(),
+        token: admin_token,
     };
     let http_task = tokio::spawn(dbx_control::http::serve(
         http_listener,
