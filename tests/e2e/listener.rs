@@ -822,10 +822,12 @@ fn _point_is_used(_: Point) {}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_gateway_works_against_the_daemon() {
+    // The test environment's Python (scripts/test makes it, with the pinned msgpack).
+    let python = dbx_testkit::prereq::python();
     let env = Env::start(&[]).await;
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python_gateway.py");
-    let out = tokio::process::Command::new("python3")
+    let out = tokio::process::Command::new(python)
         .arg(&script)
         .args([
             "--host",
@@ -845,7 +847,7 @@ async fn the_python_example_gateway_works_against_the_daemon() {
         ])
         .output()
         .await
-        .expect("python3 runs (CI installs the msgpack package)");
+        .expect("the test Python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -1,7 +1,8 @@
 //! The files under `deploy/` against the code and `config/dbx.toml`: they cannot be run here
-//! (no container engine, no systemd as PID 1, no HAProxy), so every fact they share with the
-//! daemon — ports, limits, timeouts, metric names, referenced files — is checked instead,
-//! and the validators that are installed (`promtool`, `systemd-analyze`, `haproxy`) run.
+//! (no container engine, no systemd as PID 1, no HAProxy serving), so every fact they share
+//! with the daemon — ports, limits, timeouts, metric names, referenced files — is checked
+//! instead, and their own validators (`promtool`, `systemd-analyze`, `haproxy -c`) run on
+//! them; those are programs of `scripts/test-tools`, which `scripts/test` installs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -9,9 +10,10 @@ use std::process::Command;
 
 use serde_norway::Value as Yaml;
 
+use dbx_testkit::prereq::tool;
+
 use crate::{
-    config_int, config_port, config_value, exported_metrics, metric_tokens, promtool, read, repo,
-    run_ok, which,
+    config_int, config_port, config_value, exported_metrics, metric_tokens, read, repo, run_ok,
 };
 
 fn yaml(rel: &str) -> Yaml {
@@ -413,12 +415,7 @@ fn alert_rules_cover_the_issue_and_use_only_exported_metrics() {
 
 #[test]
 fn promtool_accepts_the_config_the_rules_and_their_unit_tests() {
-    let Some(promtool) = promtool() else {
-        eprintln!(
-            "promtool not installed (apt-get install prometheus): YAML parsed by the other tests only"
-        );
-        return;
-    };
+    let promtool = tool("promtool");
     let dir = repo().join("deploy/prometheus");
     // promtool checks that the bearer token file exists: check a copy whose
     // credentials_file is a real file here, the rest unchanged.
@@ -604,25 +601,23 @@ fn systemd_unit_is_hardened_and_agrees_with_the_config() {
         .lines()
         .any(|l| l.starts_with("DBX_DATABASE__ADMIN_URL=")));
 
-    if let Some(sa) = which("systemd-analyze") {
-        let out = Command::new(sa)
-            .arg("verify")
-            .arg(repo().join("deploy/systemd/dbx.service"))
-            .output()
-            .expect("systemd-analyze");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The binary is not installed here; anything else is a mistake in the unit.
-        let problems: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.contains("/usr/local/bin/dbx") && !l.trim().is_empty())
-            .filter(|l| !l.contains("Failed to") || l.contains("dbx.service"))
-            .collect();
-        assert!(problems.is_empty(), "systemd-analyze verify:\n{text}");
-    }
+    let out = Command::new(tool("systemd-analyze"))
+        .arg("verify")
+        .arg(repo().join("deploy/systemd/dbx.service"))
+        .output()
+        .expect("systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The binary is not installed here; anything else is a mistake in the unit.
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("/usr/local/bin/dbx") && !l.trim().is_empty())
+        .filter(|l| !l.contains("Failed to") || l.contains("dbx.service"))
+        .collect();
+    assert!(problems.is_empty(), "systemd-analyze verify:\n{text}");
 }
 
 #[test]
@@ -661,18 +656,16 @@ fn haproxy_config_balances_the_config_ports_with_readyz_checks() {
     // Per-server maxconn stays under the daemon's own limit, so HAProxy queues instead
     // of the daemon refusing.
     assert!(text.contains("maxconn 9000") && 9000 < config_int("listener.max_connections"));
-    if let Some(haproxy) = which("haproxy") {
-        let out = Command::new(haproxy)
-            .args(["-c", "-f"])
-            .arg(repo().join("deploy/haproxy/haproxy.cfg"))
-            .output()
-            .expect("haproxy -c");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let out = Command::new(tool("haproxy"))
+        .args(["-c", "-f"])
+        .arg(repo().join("deploy/haproxy/haproxy.cfg"))
+        .output()
+        .expect("haproxy -c");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -4,17 +4,21 @@
 //! - `deploy`: docker-compose, Dockerfile, Prometheus config and alert rules, the Grafana
 //!   dashboard, the systemd unit and the HAProxy config parse, reference only files that
 //!   exist and metrics the daemon exports, and agree with `config/dbx.toml` (ports, limits,
-//!   timeouts); `promtool` and `systemd-analyze` check them too when installed.
+//!   timeouts); `promtool`, `systemd-analyze` and `haproxy` check them too (programs of
+//!   `scripts/test-tools`, which `scripts/test` installs).
 //! - `backup`: a cluster running with `deploy/postgresql/ingest.conf` and
 //!   `deploy/backup/wal-archiving.conf`, `backup.sh base` and `backup.sh dump`, and a
 //!   point-in-time recovery with `restore.sh` to a moment between two ingests.
 //! - `scaleout`: two daemons on one database, both ingesting (with a gateway failing over
 //!   from one to the other), nothing lost or doubled, maintenance under the advisory lock.
 //! - `capacity`: the bytes-per-point measurement quoted in docs/scaling.md.
+//! - `prereqs`: `scripts/prereqs`, which `scripts/test` runs first, brings the programs of
+//!   `scripts/test-tools` and the Python environment; the suite runs with them.
 
 mod backup;
 mod capacity;
 mod deploy;
+mod prereqs;
 mod scaleout;
 
 use std::collections::BTreeSet;
@@ -134,18 +138,6 @@ pub fn metric_tokens(text: &str) -> BTreeSet<String> {
         i = end.max(start + 1);
     }
     out
-}
-
-/// `promtool` when installed (CI installs Debian's `prometheus` package).
-pub fn promtool() -> Option<PathBuf> {
-    which("promtool")
-}
-
-/// A program on PATH.
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
 }
 
 /// Runs a command, panicking with its output unless it succeeds; returns stdout.

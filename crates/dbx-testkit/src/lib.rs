@@ -9,7 +9,8 @@
 //! use that server instead and create their databases there.
 //!
 //! A missing PostgreSQL is a test failure with a one-line explanation of what to
-//! install, never a silent skip.
+//! install, never a silent skip; so is a missing program or Python environment of
+//! [`prereq`] (the ones `scripts/test` brings).
 //!
 //! ```no_run
 //! # async fn t() {
@@ -30,6 +31,7 @@ pub mod daemon;
 pub mod env;
 pub mod fixtures;
 pub mod gateway;
+pub mod prereq;
 
 pub use daemon::Daemon;
 pub use env::Env;
