@@ -48,7 +48,7 @@ pub const MQTT_MESSAGES_RECEIVED_TOTAL: &str = "dbx_mqtt_messages_received_total
 /// MQTT input: QoS 1 messages acknowledged (PUBACK sent after the batcher's verdict) (counter).
 pub const MQTT_MESSAGES_ACKED_TOTAL: &str = "dbx_mqtt_messages_acked_total";
 /// MQTT input: messages rejected, by the decoder or the batcher (counter, label `reason` =
-/// protocol code, or `bad_topic`).
+/// protocol code).
 pub const MQTT_MESSAGES_REJECTED_TOTAL: &str = "dbx_mqtt_messages_rejected_total";
 /// MQTT input: rejection notices published to the dead-letter topic (counter).
 pub const MQTT_DEAD_LETTERS_TOTAL: &str = "dbx_mqtt_dead_letters_published_total";
