@@ -26,11 +26,13 @@ use std::sync::OnceLock;
 use dbx_control::cluster::{random_token, urlencode, ClusterOptions, LocalCluster};
 use tokio_postgres::{Client, NoTls};
 
+pub mod broker;
 pub mod daemon;
 pub mod env;
 pub mod fixtures;
 pub mod gateway;
 
+pub use broker::TestBroker;
 pub use daemon::Daemon;
 pub use env::Env;
 pub use fixtures::{Fixture, Org};
