@@ -204,8 +204,14 @@ async fn messages_from_paho_and_mosquitto_pub_land_with_every_column() {
     let s1 = Uuid::new_v4();
     let p = full_point(7);
     let mut payload = BytesMut::new();
-    dbx_proto::encode_batch_payload(&mut payload, Some(1), s1, &[p.clone()], Default::default())
-        .unwrap();
+    dbx_proto::encode_batch_payload(
+        &mut payload,
+        Some(1),
+        s1,
+        std::slice::from_ref(&p),
+        Default::default(),
+    )
+    .unwrap();
     let out = f.mosquitto_pub(
         "ACME",
         &format!("dbx/ACME/{}/telemetry", f.n100),
@@ -524,11 +530,17 @@ async fn the_deployed_acl_keeps_org_b_out_of_org_a() {
     let beta_sub = f.mosquitto_sub("BETA", "dbx/ACME/rejected", 1, 5);
     let acme_sub = f.mosquitto_sub("ACME", "dbx/ACME/rejected", 1, 20);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(f.mosquitto_pub("ACME", "dbx/ACME/N100AC/telemetry", 1, b"not a batch").status.success());
+    assert!(f
+        .mosquitto_pub("ACME", "dbx/ACME/N100AC/telemetry", 1, b"not a batch")
+        .status
+        .success());
     let (ok, text) = finish(acme_sub);
     assert!(ok && text.contains("bad_frame"), "{text}");
     let (ok, text) = finish(beta_sub);
-    assert!(!ok && !text.contains("bad_frame"), "BETA read ACME's notice: {text}");
+    assert!(
+        !ok && !text.contains("bad_frame"),
+        "BETA read ACME's notice: {text}"
+    );
     // And no anonymous client gets in at all.
     let anon = Command::new("mosquitto_pub")
         .args([

@@ -83,7 +83,7 @@ enum Outgoing {
 #[derive(Debug)]
 enum Refusal {
     /// Refused: counted, logged, noticed, acknowledged.
-    Rejected(About, Rejection),
+    Rejected(Box<(About, Rejection)>),
     /// A QoS 0 message dropped for load (already counted).
     Dropped,
 }
@@ -391,7 +391,7 @@ impl Processor {
         if !qos1 {
             match admitted {
                 Ok((batch, _)) => self.offer_best_effort(batch),
-                Err(Refusal::Rejected(about, r)) => self.reject(&about, &r, true),
+                Err(Refusal::Rejected(refused)) => self.reject(&refused.0, &refused.1, true),
                 Err(Refusal::Dropped) => {}
             }
             return;
@@ -402,7 +402,10 @@ impl Processor {
                 self.offer(TelemetryBatch { ack, ..batch });
                 (Verdict::Waiting(rx), about)
             }
-            Err(Refusal::Rejected(about, r)) => (Verdict::Known(BatchOutcome::Rejected(r)), about),
+            Err(Refusal::Rejected(refused)) => {
+                let (about, r) = *refused;
+                (Verdict::Known(BatchOutcome::Rejected(r)), about)
+            }
             Err(Refusal::Dropped) => unreachable!("QoS 1 messages are never dropped"),
         };
         self.fifo.push_back(InFlight {
@@ -448,8 +451,12 @@ impl Processor {
         let parts = s.pattern.parts(&topic);
         let dead_letter = s.dead_letter.as_ref().and_then(|d| d.render(parts));
         let mut about = About::new(&topic, dead_letter, u8::from(qos1), &p.payload);
-        let fail =
-            |about: About, r: Rejection| Err(Refusal::Rejected(about.with_hash(&p.payload), r));
+        let fail = |about: About, r: Rejection| {
+            Err(Refusal::Rejected(Box::new((
+                about.with_hash(&p.payload),
+                r,
+            ))))
+        };
         let Some(parts) = parts else {
             return fail(about, bad_topic(&topic, &s.pattern));
         };
