@@ -26,7 +26,7 @@ use std::fmt;
 use dbx_core::{RejectCode, Rejection};
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use crate::message::{decode_batch_map_unbounded, BatchMap};
+use crate::message::{check_payload_size, decode_batch_map_unbounded, BatchMap};
 use crate::Limits;
 
 /// Decodes a JSON `batch` object (see the module doc) into the same [`BatchMap`] as
@@ -36,16 +36,7 @@ pub fn decode_json_batch_map(
     limits: &Limits,
     now_micros: i64,
 ) -> Result<BatchMap, Rejection> {
-    if text.len() > limits.max_frame_bytes {
-        return Err(Rejection::new(
-            RejectCode::FrameTooLarge,
-            format!(
-                "the payload is {} bytes; at most {} are allowed",
-                text.len(),
-                limits.max_frame_bytes
-            ),
-        ));
-    }
+    check_payload_size(text.len(), limits)?;
     let packed = transcode(text)?;
     decode_batch_map_unbounded(&packed, limits, now_micros)
 }

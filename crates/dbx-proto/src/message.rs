@@ -611,17 +611,22 @@ pub fn decode_batch_map(
     limits: &Limits,
     now_micros: i64,
 ) -> Result<BatchMap, Rejection> {
-    if buf.len() > limits.max_frame_bytes {
+    check_payload_size(buf.len(), limits)?;
+    decode_batch_map_unbounded(buf, limits, now_micros)
+}
+
+/// A payload is at most `max_frame_bytes` long, like a TCP frame body.
+pub(crate) fn check_payload_size(len: usize, limits: &Limits) -> Result<(), Rejection> {
+    if len > limits.max_frame_bytes {
         return Err(Rejection::new(
             RejectCode::FrameTooLarge,
             format!(
-                "the payload is {} bytes; at most {} are allowed",
-                buf.len(),
+                "the payload is {len} bytes; at most {} are allowed",
                 limits.max_frame_bytes
             ),
         ));
     }
-    decode_batch_map_unbounded(buf, limits, now_micros)
+    Ok(())
 }
 
 /// [`decode_batch_map`] without the size check (the JSON path checks the size of the

@@ -649,16 +649,7 @@ async fn udp_gateway(
     let mut out = BytesMut::with_capacity(65_536);
     let opts = EncodeOptions::from(config.form);
     let mut seq = 0u64;
-    loop {
-        if !pacer.ready() {
-            tokio::select! {
-                _ = stop.recv() => return,
-                _ = tokio::time::sleep_until(pacer.next.into()) => {}
-            }
-        }
-        let Some(batch) = generator.next_batch() else {
-            return;
-        };
+    while let Some(batch) = next_paced(&mut pacer, &mut generator, &mut stop).await {
         seq += 1;
         out.clear();
         let aircraft = AircraftRef::Registration(batch.aircraft.clone());
@@ -690,6 +681,22 @@ async fn udp_gateway(
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// The next batch once the pacer allows it; `None` when the generator is done or
+/// `stop` fired while waiting.
+async fn next_paced(
+    pacer: &mut Pacer,
+    generator: &mut Generator,
+    stop: &mut Shutdown,
+) -> Option<Pending> {
+    if !pacer.ready() {
+        tokio::select! {
+            _ = stop.recv() => return None,
+            _ = tokio::time::sleep_until(pacer.next.into()) => {}
+        }
+    }
+    generator.next_batch()
 }
 
 /// Prints progress every `every` until `stop`: a live line on a terminal

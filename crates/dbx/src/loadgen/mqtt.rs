@@ -21,6 +21,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 
 use super::{Generator, LoadgenConfig, Pacer, Stats};
+
 use crate::sim::FlightSim;
 
 /// Where and as whom the MQTT fleet publishes.
@@ -159,14 +160,8 @@ pub(super) async fn gateway(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut sent = 0u64;
     let mut seq = 0u64;
-    while !stop.is_shutdown() && stats.fatal.lock().expect("lock").is_none() {
-        if !pacer.ready() {
-            tokio::select! {
-                _ = stop.recv() => break,
-                _ = tokio::time::sleep_until(pacer.next.into()) => {}
-            }
-        }
-        let Some(batch) = generator.next_batch() else {
+    while stats.fatal.lock().expect("lock").is_none() && !stop.is_shutdown() {
+        let Some(batch) = super::next_paced(&mut pacer, &mut generator, &mut stop).await else {
             break;
         };
         seq += 1;
