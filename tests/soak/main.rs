@@ -96,6 +96,7 @@ async fn soak_at_a_fixed_rate_keeps_memory_flat_and_loses_nothing() {
         total_points: None,
         form: dbx_proto::PointForm::Map,
         seed: 99,
+        mqtt: None,
     };
     let run = tokio::spawn(loadgen::run(config, stats.clone(), stop_rx));
     let (end_outages, mut ended) = tokio::sync::watch::channel(false);

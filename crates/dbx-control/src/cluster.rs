@@ -67,7 +67,7 @@ pub enum ClusterError {
     },
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClusterError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ClusterError {
     let what = what.into();
     move |source| ClusterError::Io { what, source }
 }
@@ -409,17 +409,34 @@ fn unprivileged_user() -> Result<Option<(u32, u32)>, ClusterError> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
-    let name = std::ffi::CString::new("postgres").expect("static name");
+    user_ids("postgres")
+        .map(Some)
+        .ok_or(ClusterError::NoUnprivilegedUser)
+}
+
+/// The uid and gid of the user `name`, if it exists.
+pub(crate) fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(name).ok()?;
     // SAFETY: getpwnam returns a pointer to static storage or null; we copy the ids at once.
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
     if pw.is_null() {
-        return Err(ClusterError::NoUnprivilegedUser);
+        return None;
     }
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-    Ok(Some((uid, gid)))
+    Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) })
 }
 
 fn command(program: &Path, run_as: Option<(u32, u32)>) -> Command {
+    // SIGQUIT makes the postmaster shut down immediately, taking its backends along.
+    command_dying_with_us(program, run_as, libc::SIGQUIT)
+}
+
+/// A command that runs as `run_as` (when given; we must be root) and receives
+/// `death_signal` when this process dies. Spawn it with [`spawn_kept`].
+pub(crate) fn command_dying_with_us(
+    program: &Path,
+    run_as: Option<(u32, u32)>,
+    death_signal: libc::c_int,
+) -> Command {
     let mut cmd = Command::new(program);
     // The server must not inherit our locale quirks; --no-locale covers initdb.
     cmd.env("LC_ALL", "C");
@@ -436,8 +453,7 @@ fn command(program: &Path, run_as: Option<(u32, u32)>) -> Command {
                 }
             }
             // After setuid (which clears it): die with the keeper thread, i.e. with us.
-            // SIGQUIT makes the postmaster shut down immediately, taking its backends along.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT);
+            libc::prctl(libc::PR_SET_PDEATHSIG, death_signal);
             if libc::getppid() != parent {
                 libc::_exit(1);
             }
@@ -450,7 +466,7 @@ fn command(program: &Path, run_as: Option<(u32, u32)>) -> Command {
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
 
 /// Spawns `cmd` from the process-long keeper thread (see the module doc).
-fn spawn_kept(cmd: Command) -> io::Result<Child> {
+pub(crate) fn spawn_kept(cmd: Command) -> io::Result<Child> {
     static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let keeper = KEEPER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();
@@ -479,14 +495,14 @@ fn spawn_kept(cmd: Command) -> io::Result<Child> {
         .map_err(|_| io::Error::other("keeper thread gone"))?
 }
 
-fn free_port() -> Result<u16, ClusterError> {
+pub(crate) fn free_port() -> Result<u16, ClusterError> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
     Ok(l.local_addr()
         .map_err(io_err("finding a free port"))?
         .port())
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<(), ClusterError> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> Result<(), ClusterError> {
     let mut f = fs::File::create(path).map_err(io_err(format!("writing {}", path.display())))?;
     f.write_all(contents.as_bytes())
         .map_err(io_err(format!("writing {}", path.display())))?;
@@ -494,7 +510,7 @@ fn write_private(path: &Path, contents: &str) -> Result<(), ClusterError> {
         .map_err(io_err(format!("chmod {}", path.display())))
 }
 
-fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), ClusterError> {
+pub(crate) fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), ClusterError> {
     let c = |p: &Path| {
         let s = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
             .map_err(|e| io_err(format!("path {}", p.display()))(io::Error::other(e)))?;

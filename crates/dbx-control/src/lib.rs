@@ -10,6 +10,7 @@
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
 //! - `tenants`: organizations, API keys, aircraft and report search behind `dbx org|key|aircraft|analyses`.
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
+pub mod broker;
 pub mod cluster;
 pub mod health;
 pub mod http;

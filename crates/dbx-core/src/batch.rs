@@ -18,6 +18,10 @@ pub enum BatchOrigin {
     Udp,
     /// Replayed from the on-disk spool.
     Spool,
+    /// An MQTT QoS 1 message; acknowledged (PUBACK) once durable.
+    Mqtt,
+    /// An MQTT QoS 0 message; never acknowledged, best effort like UDP.
+    MqttBestEffort,
 }
 
 impl BatchOrigin {
@@ -27,7 +31,15 @@ impl BatchOrigin {
             BatchOrigin::Tcp => "tcp",
             BatchOrigin::Udp => "udp",
             BatchOrigin::Spool => "spool",
+            BatchOrigin::Mqtt => "mqtt",
+            BatchOrigin::MqttBestEffort => "mqtt_qos0",
         }
+    }
+
+    /// True for batches nobody waits for (UDP, MQTT QoS 0): they are dropped and counted
+    /// rather than spooled or waited for when the daemon is saturated.
+    pub const fn is_best_effort(self) -> bool {
+        matches!(self, BatchOrigin::Udp | BatchOrigin::MqttBestEffort)
     }
 }
 

@@ -43,6 +43,32 @@ pub const AUTH_KEYS: &str = "dbx_auth_keys";
 /// Listener: active aircraft the cache knows (gauge).
 pub const AUTH_AIRCRAFT: &str = "dbx_auth_aircraft";
 
+/// MQTT input: messages received from the broker (counter, label `kind` = qos0 | qos1).
+pub const MQTT_MESSAGES_RECEIVED_TOTAL: &str = "dbx_mqtt_messages_received_total";
+/// MQTT input: QoS 1 messages acknowledged (PUBACK sent after the batcher's verdict) (counter).
+pub const MQTT_MESSAGES_ACKED_TOTAL: &str = "dbx_mqtt_messages_acked_total";
+/// MQTT input: messages rejected, by the decoder or the batcher (counter, label `reason` =
+/// protocol code).
+pub const MQTT_MESSAGES_REJECTED_TOTAL: &str = "dbx_mqtt_messages_rejected_total";
+/// MQTT input: rejection notices published to the dead-letter topic (counter).
+pub const MQTT_DEAD_LETTERS_TOTAL: &str = "dbx_mqtt_dead_letters_published_total";
+/// MQTT input: messages dropped without a verdict (counter, label `reason` = saturated |
+/// rate_limited | spool_full | dead_letter_overflow); QoS 0 only, and dead-letter notices.
+pub const MQTT_DROPPED_TOTAL: &str = "dbx_mqtt_dropped_total";
+/// MQTT input: QoS 1 messages received and not yet acknowledged (gauge).
+pub const MQTT_IN_FLIGHT: &str = "dbx_mqtt_in_flight_messages";
+/// MQTT input: 1 while connected to the broker and subscribed, else 0 (gauge).
+pub const MQTT_CONNECTED: &str = "dbx_mqtt_connected";
+/// MQTT input: lost or failed broker connections (counter; each is followed by a reconnect).
+pub const MQTT_RECONNECTS_TOTAL: &str = "dbx_mqtt_reconnects_total";
+/// MQTT input: reconnects on which the broker had no session for us any more (counter; QoS 1
+/// messages it held for us were lost at the broker).
+pub const MQTT_SESSIONS_LOST_TOTAL: &str = "dbx_mqtt_sessions_lost_total";
+/// MQTT input: messages the broker delivered again (DUP flag) (counter).
+pub const MQTT_REDELIVERED_TOTAL: &str = "dbx_mqtt_redelivered_total";
+/// MQTT input: message received → PUBACK handed to the client (histogram, seconds).
+pub const MQTT_ACK_LATENCY_SECONDS: &str = "dbx_mqtt_ack_latency_seconds";
+
 /// Batcher: points committed (counter).
 pub const POINTS_WRITTEN_TOTAL: &str = "dbx_points_written_total";
 /// Batcher: points dropped as already stored (counter).

@@ -65,10 +65,21 @@ pub struct KeyGrant {
     pub points_per_sec: Option<u32>,
 }
 
+/// An active organization found by its `org_code` (inputs that name the organization
+/// instead of presenting a key: MQTT topics, whose access the broker's ACL controls).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgGrant {
+    /// The organization.
+    pub org_id: Uuid,
+    /// Points per second allowed for the organization; `None` = unlimited.
+    pub points_per_sec: Option<u32>,
+}
+
 /// One consistent view of keys and aircraft.
 #[derive(Debug, Default, Clone)]
 pub struct AuthSnapshot {
     keys: HashMap<String, KeyGrant>,
+    orgs_by_code: HashMap<String, OrgGrant>,
     aircraft_by_reg: HashMap<(Uuid, String), Uuid>,
     aircraft_org: HashMap<Uuid, Uuid>,
 }
@@ -82,6 +93,11 @@ impl AuthSnapshot {
     /// Number of active keys.
     pub fn key_count(&self) -> usize {
         self.keys.len()
+    }
+
+    /// The active organization whose `org_code` is exactly `code`.
+    pub fn org_by_code(&self, code: &str) -> Option<&OrgGrant> {
+        self.orgs_by_code.get(code)
     }
 }
 
@@ -383,6 +399,23 @@ impl AuthCache {
             let wait = Duration::from_secs_f64(secs.clamp(0.0, 86_400.0 * 365.0));
             tokio::time::Instant::now() + wait + Duration::from_millis(50)
         });
+        for row in client
+            .query(
+                "SELECT org_code, org_id, ingest_points_per_sec FROM dbx_aviation.organizations \
+                 WHERE is_active",
+                &[],
+            )
+            .await?
+        {
+            let rate: Option<i32> = row.get(2);
+            snap.orgs_by_code.insert(
+                row.get(0),
+                OrgGrant {
+                    org_id: row.get(1),
+                    points_per_sec: rate.filter(|r| *r > 0).map(|r| r as u32),
+                },
+            );
+        }
         for row in client
             .query(
                 "SELECT aircraft_id, org_id, registration_number FROM dbx_aviation.aircraft_registry \

@@ -32,7 +32,7 @@ use dbx_core::{
 use dbx_proto::{ClientMessage, DecodeError, FrameCodec, FrameError, ServerMessage};
 
 use crate::audit::{HandshakeLog, HandshakeRecord};
-use crate::auth::{AuthCache, KeyGrant, SessionOwner};
+use crate::auth::{AuthCache, KeyGrant};
 use crate::ratelimit::RateLimiter;
 use crate::ListenerConfig;
 
@@ -517,63 +517,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         received_at: Instant,
     ) -> Result<(TelemetryBatch, AckReceiver, Duration), Rejection> {
         let org = grant.org_id;
-        let resolved = match self
-            .shared
-            .auth
-            .resolve_aircraft_checked(org, &batch.aircraft)
-            .await
-        {
-            Ok(r) => r,
-            // The registry is unreachable: fall back to the cache rather than refuse.
-            Err(e) => {
-                tracing::debug!(error = %e, "aircraft lookup failed; using the cache only");
-                self.shared.auth.resolve_aircraft(org, &batch.aircraft)
-            }
-        };
-        let aircraft_id = match resolved {
-            Some(id) => id,
-            None => match (&batch.aircraft, self.shared.config.auto_register_aircraft) {
-                (dbx_proto::AircraftRef::Registration(reg), true) => {
-                    self.shared.auth.register_aircraft(org, reg).await.map_err(|e| {
-                        tracing::warn!(error = %e, "auto-registration failed");
-                        Rejection::new(RejectCode::UnknownAircraft, format!("aircraft {reg:?} is not registered and could not be registered automatically"))
-                    })?
-                }
-                (a, _) => {
-                    return Err(Rejection::new(
-                        RejectCode::UnknownAircraft,
-                        format!("aircraft {} is not registered to this organization", aircraft_name(a)),
-                    ))
-                }
-            },
-        };
-        let claimant = SessionOwner {
-            org_id: org,
-            aircraft_id,
-        };
-        let owner = match self
-            .shared
-            .auth
-            .session_owner(batch.session, claimant)
-            .await
-        {
-            Ok(o) => o,
-            Err(e) => {
-                // Not knowing is not a reason to refuse: the batcher's upsert makes the
-                // ownership check final inside the same transaction as the rows.
-                tracing::debug!(error = %e, "session lookup failed; deferring the ownership check to the batcher");
-                claimant
-            }
-        };
-        if owner != claimant {
-            return Err(Rejection::new(
-                RejectCode::ForeignSession,
-                format!(
-                    "session {} belongs to another organization or aircraft",
-                    batch.session
-                ),
-            ));
-        }
+        let aircraft_id = crate::admit::resolve_target(
+            &self.shared.auth,
+            org,
+            &batch.aircraft,
+            batch.session,
+            self.shared.config.auto_register_aircraft,
+        )
+        .await?;
         let points = batch.points.len();
         let wait = self
             .shared
@@ -670,13 +621,6 @@ fn message_name(m: &ClientMessage) -> &'static str {
         ClientMessage::Batch(_) => "batch",
         ClientMessage::Ping => "ping",
         ClientMessage::Bye => "bye",
-    }
-}
-
-fn aircraft_name(a: &dbx_proto::AircraftRef) -> String {
-    match a {
-        dbx_proto::AircraftRef::Registration(r) => format!("{r:?}"),
-        dbx_proto::AircraftRef::Id(id) => id.to_string(),
     }
 }
 

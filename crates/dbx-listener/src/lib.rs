@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: listener settings (binds, limits, timeouts, TLS paths).
 //! - [`auth`]: the key → organization cache (SHA-256 hashes), refreshed by LISTEN/NOTIFY.
+//! - [`admit`]: aircraft and session ownership of a batch, for every input (MQTT too).
 //! - [`connection`]: one TCP/TLS connection: framing, handshake, batches, acks in order.
 //! - [`tcp`] / [`udp`]: the servers, the connection semaphore.
 //! - [`ratelimit`]: per-organization token buckets.
@@ -16,6 +17,7 @@
 //! accepting and reading, waits for the batcher's verdicts on everything accepted,
 //! sends `error server_shutdown`, and returns once every connection has closed.
 
+pub mod admit;
 pub mod audit;
 pub mod auth;
 pub mod config;
@@ -131,6 +133,12 @@ impl Listener {
             tls,
             udp,
         })
+    }
+
+    /// The per-organization rate limiter, for other inputs (MQTT) to share: an
+    /// organization's `ingest_points_per_sec` covers all its traffic.
+    pub fn rate_limiter(&self) -> Arc<RateLimiter> {
+        self.shared.limiter.clone()
     }
 
     /// The plain TCP address.

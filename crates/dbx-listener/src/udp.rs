@@ -11,7 +11,6 @@ use tokio::net::UdpSocket;
 use dbx_core::metrics as m;
 use dbx_core::{AckHandle, BatchOrigin, RejectCode, Shutdown, TelemetryBatch};
 
-use crate::auth::SessionOwner;
 use crate::connection::{now_micros, Shared};
 
 /// Largest UDP payload (PROTOCOL.md).
@@ -55,31 +54,21 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             continue;
         };
         shared.auth.note_used(&key_hash);
-        let resolved = match shared
-            .auth
-            .resolve_aircraft_checked(grant.org_id, &dg.aircraft)
-            .await
+        let aircraft_id = match crate::admit::resolve_target(
+            &shared.auth,
+            grant.org_id,
+            &dg.aircraft,
+            dg.session,
+            false,
+        )
+        .await
         {
-            Ok(r) => r,
-            Err(_) => shared.auth.resolve_aircraft(grant.org_id, &dg.aircraft),
+            Ok(id) => id,
+            Err(r) => {
+                drop_datagram(r.code.as_str());
+                continue;
+            }
         };
-        let Some(aircraft_id) = resolved else {
-            drop_datagram(RejectCode::UnknownAircraft.as_str());
-            continue;
-        };
-        let claimant = SessionOwner {
-            org_id: grant.org_id,
-            aircraft_id,
-        };
-        let owner = shared
-            .auth
-            .session_owner(dg.session, claimant)
-            .await
-            .unwrap_or(claimant);
-        if owner != claimant {
-            drop_datagram(RejectCode::ForeignSession.as_str());
-            continue;
-        }
         let n = dg.points.len();
         if !shared
             .limiter

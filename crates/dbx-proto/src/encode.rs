@@ -451,6 +451,39 @@ fn batch_tail(
         AircraftRef::Registration(r) => put_str(b, r),
         AircraftRef::Id(id) => put_uuid(b, id, opts.uuid_as_bin),
     }
+    session_and_points(b, session, points, opts)
+}
+
+/// Appends one batch map as an MQTT message payload (no length prefix, no `t`, no
+/// `aircraft`: the topic names the organization and the aircraft): the optional `seq`,
+/// `session` and `points`. On error nothing is appended.
+pub fn encode_batch_payload(
+    b: &mut BytesMut,
+    seq: Option<u64>,
+    session: Uuid,
+    points: &[Point],
+    opts: EncodeOptions,
+) -> Result<(), EncodeError> {
+    let start = b.len();
+    put_map_len(b, if seq.is_some() { 3 } else { 2 });
+    if let Some(s) = seq {
+        put_str(b, "seq");
+        put_uint(b, s);
+    }
+    let out = session_and_points(b, session, points, opts);
+    if out.is_err() {
+        b.truncate(start);
+    }
+    out
+}
+
+/// `session` and `points` entries.
+fn session_and_points(
+    b: &mut BytesMut,
+    session: Uuid,
+    points: &[Point],
+    opts: EncodeOptions,
+) -> Result<(), EncodeError> {
     put_str(b, "session");
     put_uuid(b, &session, opts.uuid_as_bin);
     put_str(b, "points");

@@ -8,6 +8,9 @@
 //! - [`point`]: wire points (map or array form) → validated [`dbx_core::Point`].
 //! - [`encode`]: encoders for every message, for the daemon, the loadgen, tests and
 //!   Rust gateways.
+//! - [`decode_batch_map`] / [`decode_json_batch_map`]: one `batch` map carried as the
+//!   payload of an input without connections (MQTT), in MessagePack or JSON, through
+//!   the same decoder, limits and point rules.
 //!
 //! ## Choices where PROTOCOL.md is silent
 //! These belong in the project's protocol doc; each is also stated where it is coded.
@@ -38,19 +41,22 @@ use std::time::Duration;
 
 pub mod codec;
 pub mod encode;
+pub mod json;
 pub mod message;
 pub mod point;
 mod reader;
 
 pub use codec::{write_frame, FrameCodec, FrameError};
 pub use encode::{
-    encode_batch, encode_batch_with, encode_bye, encode_datagram, encode_hello, encode_hello_v,
-    encode_ping, encode_server, EncodeError, EncodeOptions, PointForm, TimestampForm,
+    encode_batch, encode_batch_payload, encode_batch_with, encode_bye, encode_datagram,
+    encode_hello, encode_hello_v, encode_ping, encode_server, EncodeError, EncodeOptions,
+    PointForm, TimestampForm,
 };
+pub use json::decode_json_batch_map;
 pub use message::{
-    decode_client, decode_datagram, decode_server, AircraftRef, Batch, ClientMessage, Datagram,
-    DecodeError, Hello, ServerDecodeError, ServerMessage, MAX_DATAGRAM_BYTES, MAX_GATEWAY_CHARS,
-    PROTOCOL_VERSION,
+    decode_batch_map, decode_client, decode_datagram, decode_server, parse_aircraft, AircraftRef,
+    Batch, BatchMap, ClientMessage, Datagram, DecodeError, Hello, ServerDecodeError, ServerMessage,
+    MAX_DATAGRAM_BYTES, MAX_GATEWAY_CHARS, PROTOCOL_VERSION,
 };
 
 /// The limits a decoder enforces, from the daemon's configuration.

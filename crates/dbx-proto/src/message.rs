@@ -532,17 +532,7 @@ pub fn decode_datagram(
         ));
     }
     let top = scan(buf, limits, now_micros)?;
-    if top.dup & K_T != 0 {
-        return Err(protocol("datagram: key t appears twice"));
-    }
-    match top.t {
-        None | Some(Token::Str(b"batch")) => {}
-        Some(other) => {
-            return Err(protocol(format!(
-                "datagram: t = {other}; a datagram can only carry a batch"
-            )))
-        }
-    }
+    standalone_type(&top, "datagram")?;
     if top.dup & (K_KEY | K_SEQ) != 0 {
         return Err(invalid_batch(format!(
             "datagram: key {} appears twice",
@@ -558,15 +548,7 @@ pub fn decode_datagram(
             ))
         }
     };
-    let seq = match top.seq {
-        None | Some(Token::Nil) => None,
-        Some(Token::UInt(s)) => Some(s),
-        Some(other) => {
-            return Err(invalid_batch(format!(
-                "datagram: seq = {other} is not an unsigned 64-bit integer"
-            )))
-        }
-    };
+    let seq = optional_seq(&top, "datagram")?;
     let (aircraft, session, points) = batch_body(top, "datagram")?;
     Ok(Datagram {
         key,
@@ -575,6 +557,109 @@ pub fn decode_datagram(
         session,
         points,
     })
+}
+
+/// `t` of a map that carries one batch outside a TCP connection (UDP, MQTT): absent,
+/// or the string `"batch"`.
+fn standalone_type(top: &Top<'_>, what: &str) -> Result<(), Rejection> {
+    if top.dup & K_T != 0 {
+        return Err(protocol(format!("{what}: key t appears twice")));
+    }
+    match top.t {
+        None | Some(Token::Str(b"batch")) => Ok(()),
+        Some(other) => Err(protocol(format!(
+            "{what}: t = {other}; a {what} can only carry a batch"
+        ))),
+    }
+}
+
+/// The optional `seq` of such a map: absent, `nil`, or an unsigned 64-bit integer.
+fn optional_seq(top: &Top<'_>, what: &str) -> Result<Option<u64>, Rejection> {
+    match top.seq {
+        None | Some(Token::Nil) => Ok(None),
+        Some(Token::UInt(s)) => Ok(Some(s)),
+        Some(other) => Err(invalid_batch(format!(
+            "{what}: seq = {other} is not an unsigned 64-bit integer"
+        ))),
+    }
+}
+
+/// A `batch` map that arrived without a connection around it (an MQTT message): the
+/// organization and the aircraft come from where it arrived (the topic), not from a key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchMap {
+    /// The batch sequence number, when the map has one (informational: duplicates are
+    /// dropped by the points' own `(session, seq)`).
+    pub seq: Option<u64>,
+    /// The aircraft, when the map names one (the input checks that it agrees with the
+    /// aircraft it learnt elsewhere).
+    pub aircraft: Option<AircraftRef>,
+    /// The flight session.
+    pub session: Uuid,
+    /// 1..=`max_points_per_batch` valid points.
+    pub points: Vec<Point>,
+}
+
+/// Decodes a MessagePack `batch` map carried as a message payload by an input without
+/// connections (MQTT): the keys, limits and point rules of a TCP `batch`, with `t`
+/// optional (when present it must be `"batch"`), `seq` optional and `aircraft`
+/// optional. A payload over `limits.max_frame_bytes` is `frame_too_large`; one that is
+/// not exactly one MessagePack map with string keys is `bad_frame`; the rest as for a
+/// TCP batch (`invalid_batch`, `invalid_point` with its index, `out_of_range`).
+pub fn decode_batch_map(
+    buf: &[u8],
+    limits: &Limits,
+    now_micros: i64,
+) -> Result<BatchMap, Rejection> {
+    check_payload_size(buf.len(), limits)?;
+    decode_batch_map_unbounded(buf, limits, now_micros)
+}
+
+/// A payload is at most `max_frame_bytes` long, like a TCP frame body.
+pub(crate) fn check_payload_size(len: usize, limits: &Limits) -> Result<(), Rejection> {
+    if len > limits.max_frame_bytes {
+        return Err(Rejection::new(
+            RejectCode::FrameTooLarge,
+            format!(
+                "the payload is {len} bytes; at most {} are allowed",
+                limits.max_frame_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// [`decode_batch_map`] without the size check (the JSON path checks the size of the
+/// JSON text, not of the MessagePack it becomes).
+pub(crate) fn decode_batch_map_unbounded(
+    buf: &[u8],
+    limits: &Limits,
+    now_micros: i64,
+) -> Result<BatchMap, Rejection> {
+    let mut top = scan(buf, limits, now_micros)?;
+    standalone_type(&top, "payload")?;
+    if top.dup & K_SEQ != 0 {
+        return Err(invalid_batch("payload: key seq appears twice"));
+    }
+    let seq = optional_seq(&top, "payload")?;
+    let named = top.aircraft.is_some();
+    // batch_body wants an aircraft: a placeholder stands in for an absent one and is
+    // dropped below, so that every other rule is checked by the same code as TCP's.
+    top.aircraft.get_or_insert(Token::Str(b"-"));
+    let (aircraft, session, points) = batch_body(top, "payload")?;
+    Ok(BatchMap {
+        seq,
+        aircraft: named.then_some(aircraft),
+        session,
+        points,
+    })
+}
+
+/// Parses an aircraft named outside a message (a level of an MQTT topic) with the
+/// rules of the `aircraft` key: a UUID is an id, any other non-empty string without
+/// NUL a registration number. `what` names the place in the rejection message.
+pub fn parse_aircraft(s: &str, what: &str) -> Result<AircraftRef, Rejection> {
+    aircraft_ref(Token::Str(s.as_bytes()), what)
 }
 
 /// Why a server frame could not be decoded (client side).

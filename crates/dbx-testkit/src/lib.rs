@@ -27,12 +27,14 @@ use std::sync::OnceLock;
 use dbx_control::cluster::{random_token, urlencode, ClusterOptions, LocalCluster};
 use tokio_postgres::{Client, NoTls};
 
+pub mod broker;
 pub mod daemon;
 pub mod env;
 pub mod fixtures;
 pub mod gateway;
 pub mod prereq;
 
+pub use broker::TestBroker;
 pub use daemon::Daemon;
 pub use env::Env;
 pub use fixtures::{Fixture, Org};

@@ -19,6 +19,8 @@ pub struct Config {
     pub listener: dbx_listener::ListenerConfig,
     /// Batching and COPY.
     pub batcher: dbx_batcher::BatcherConfig,
+    /// The MQTT input (off unless `mqtt.url` is set).
+    pub mqtt: dbx_mqtt::MqttConfig,
     /// The crash-safe disk spool (off unless `spool.dir` is set).
     pub spool: dbx_batcher::spool::SpoolConfig,
     /// Partition upkeep: premake, sweep, archival, retention, view refresh.
@@ -84,6 +86,9 @@ impl Config {
         self.batcher
             .validate()
             .map_err(|e| key_err(&format!("batcher.{}", e.key), e.reason))?;
+        self.mqtt
+            .validate()
+            .map_err(|e| key_err(&format!("mqtt.{}", e.key), e.reason))?;
         self.spool
             .validate()
             .map_err(|e| key_err(&format!("spool.{}", e.key), e.reason))?;

@@ -27,6 +27,9 @@ use uuid::Uuid;
 
 use crate::sim::FlightSim;
 
+mod mqtt;
+pub use mqtt::MqttTarget;
+
 /// How the fleet talks to the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,6 +40,8 @@ pub enum Transport {
     Tls,
     /// UDP datagrams, fire-and-forget.
     Udp,
+    /// MQTT 5 QoS 1 messages through a broker ("acked" = taken by the broker).
+    Mqtt,
 }
 
 /// What to generate.
@@ -70,6 +75,8 @@ pub struct LoadgenConfig {
     pub form: PointForm,
     /// Seed for the flights.
     pub seed: u64,
+    /// The broker, for [`Transport::Mqtt`].
+    pub mqtt: Option<MqttTarget>,
 }
 
 /// Counters shared by the fleet and the progress display.
@@ -257,6 +264,7 @@ pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Su
             tasks.push(tokio::spawn(async move {
                 match config.transport {
                     Transport::Udp => udp_gateway(config, aircraft, quota, stats, stop).await,
+                    Transport::Mqtt => mqtt::gateway(config, g, aircraft, quota, stats, stop).await,
                     _ => tcp_gateway(config, g, aircraft, quota, tls, stats, stop).await,
                 }
             }));
@@ -384,6 +392,13 @@ async fn connect(
 }
 
 fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector, String> {
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(
+        tls_client_config(ca)?,
+    )))
+}
+
+/// A rustls client configuration trusting the PEM certificates in `ca`.
+fn tls_client_config(ca: &std::path::Path) -> Result<rustls::ClientConfig, String> {
     let pem = std::fs::read(ca).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -398,7 +413,7 @@ fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector, Str
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+    Ok(cfg)
 }
 
 /// Reads one server message. Cancel-safe (bytes stay in `buf`).
@@ -634,16 +649,7 @@ async fn udp_gateway(
     let mut out = BytesMut::with_capacity(65_536);
     let opts = EncodeOptions::from(config.form);
     let mut seq = 0u64;
-    loop {
-        if !pacer.ready() {
-            tokio::select! {
-                _ = stop.recv() => return,
-                _ = tokio::time::sleep_until(pacer.next.into()) => {}
-            }
-        }
-        let Some(batch) = generator.next_batch() else {
-            return;
-        };
+    while let Some(batch) = next_paced(&mut pacer, &mut generator, &mut stop).await {
         seq += 1;
         out.clear();
         let aircraft = AircraftRef::Registration(batch.aircraft.clone());
@@ -675,6 +681,22 @@ async fn udp_gateway(
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// The next batch once the pacer allows it; `None` when the generator is done or
+/// `stop` fired while waiting.
+async fn next_paced(
+    pacer: &mut Pacer,
+    generator: &mut Generator,
+    stop: &mut Shutdown,
+) -> Option<Pending> {
+    if !pacer.ready() {
+        tokio::select! {
+            _ = stop.recv() => return None,
+            _ = tokio::time::sleep_until(pacer.next.into()) => {}
+        }
+    }
+    generator.next_batch()
 }
 
 /// Prints progress every `every` until `stop`: a live line on a terminal

@@ -148,8 +148,8 @@ fn encode(b: &TelemetryBatch) -> Vec<u8> {
     out
 }
 
-fn is_udp(b: &TelemetryBatch) -> bool {
-    b.origin == BatchOrigin::Udp
+fn is_best_effort(b: &TelemetryBatch) -> bool {
+    b.origin.is_best_effort()
 }
 
 /// The gate task.
@@ -268,7 +268,7 @@ impl Gate {
         else {
             return;
         };
-        let payload = if is_udp(&batch) {
+        let payload = if is_best_effort(&batch) {
             None
         } else {
             Some(payload.unwrap_or_else(|| encode(&batch)))
@@ -506,8 +506,12 @@ impl Gate {
         let mut keep = VecDeque::new();
         let when_full = self.cfg.when_full;
         for mut h in self.held.drain(..) {
-            if is_udp(&h.batch) {
-                metrics::counter!(m::UDP_DROPPED_TOTAL, "reason" => "spool_full").increment(1);
+            if is_best_effort(&h.batch) {
+                let dropped = match h.batch.origin {
+                    BatchOrigin::Udp => m::UDP_DROPPED_TOTAL,
+                    _ => m::MQTT_DROPPED_TOTAL,
+                };
+                metrics::counter!(dropped, "reason" => "spool_full").increment(1);
                 metrics::counter!(m::SPOOL_FULL_TOTAL, "kind" => "drop").increment(1);
                 self.shared.full.fetch_add(1, Ordering::Relaxed);
                 continue;

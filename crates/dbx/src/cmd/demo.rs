@@ -45,6 +45,41 @@ pub struct DemoArgs {
     /// Exit after the report instead of serving until Ctrl-C (the default when not on a terminal).
     #[arg(long)]
     exit: bool,
+    /// Fly the fleet through a private Mosquitto broker (MQTT 5, QoS 1) that dbx
+    /// subscribes to, instead of dbx's own TCP protocol. Needs `mosquitto` installed.
+    #[arg(long)]
+    mqtt: bool,
+}
+
+/// The demo's private broker and how the fleet and dbx log in to it.
+struct DemoBroker {
+    broker: dbx_control::broker::LocalBroker,
+    password: String,
+}
+
+/// Starts the demo's broker with users for dbx and the sample organization, or says in
+/// one line how to install Mosquitto.
+fn start_broker(dir: &std::path::Path) -> anyhow::Result<Option<DemoBroker>> {
+    use dbx_control::broker::{BrokerOptions, LocalBroker};
+    let password = dbx_control::cluster::random_token(24);
+    let users = ["dbx", setup::SAMPLE_ORG_CODE]
+        .iter()
+        .map(|u| (u.to_string(), password.clone()))
+        .collect();
+    let dir = dir.join("mosquitto");
+    let _ = std::fs::remove_dir_all(&dir);
+    match LocalBroker::start(BrokerOptions {
+        dir,
+        users,
+        tls: None,
+    }) {
+        Ok(broker) => Ok(Some(DemoBroker { broker, password })),
+        Err(e) if e.to_string().contains("mosquitto not found") => {
+            eprintln!("dbx demo --mqtt needs Mosquitto: `sudo apt-get install mosquitto mosquitto-clients` (Debian/Ubuntu), `brew install mosquitto` (macOS)");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A port on 127.0.0.1: `preferred` when free, else any free one.
@@ -62,6 +97,23 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         level: "warn".into(),
         ..Default::default()
     });
+
+    // 0. With --mqtt, the broker first: without Mosquitto there is nothing to show.
+    let broker = if args.mqtt {
+        match start_broker(&args.dir)? {
+            Some(b) => {
+                println!(
+                    "▶ Mosquitto (deploy/mosquitto/ configuration) on {} (data in {})",
+                    b.broker.url(),
+                    b.broker.dir().display()
+                );
+                Some(b)
+            }
+            None => return Ok(ExitCode::FAILURE),
+        }
+    } else {
+        None
+    };
 
     // 1. PostgreSQL: DATABASE_URL (a superuser) or a private cluster.
     let mut cluster = None;
@@ -155,6 +207,12 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     cfg.listener.tcp_bind = local_addr(7070);
     cfg.listener.udp_bind = local_addr(7071);
     cfg.http.bind = local_addr(9898);
+    if let Some(b) = &broker {
+        cfg.mqtt.url = b.broker.url();
+        cfg.mqtt.username = "dbx".into();
+        cfg.mqtt.password = b.password.clone();
+        cfg.mqtt.client_id = "dbx-demo".into();
+    }
     cfg.validate()?;
     let ready = args.dir.join("ready.json");
     let _ = std::fs::remove_file(&ready);
@@ -178,6 +236,15 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let tcp = addrs["tcp"].as_str().unwrap_or_default().to_string();
     let http = addrs["http"].as_str().unwrap_or_default().to_string();
     println!("▶ dbx serving gateways on {tcp}, admin on http://{http}");
+    if let Some(b) = &broker {
+        wait_subscribed(&http).await;
+        println!(
+            "▶ dbx subscribed to dbx/+/+/telemetry on {}; the fleet publishes as {}",
+            b.broker.url(),
+            setup::SAMPLE_ORG_CODE
+        );
+    }
+    let rows_before = telemetry_rows(&admin).await?;
 
     // 4. The fleet.
     println!(
@@ -204,9 +271,28 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         form: crate::cmd::loadgen::FormArg::Map,
         seed: rand::random(),
         json: false,
+        broker: None,
+        org_code: None,
+        mqtt_user: None,
+        mqtt_password: String::new(),
+        topic: "dbx/{org_code}/{aircraft}/telemetry".into(),
+    };
+    let lg = match &broker {
+        Some(b) => LoadgenArgs {
+            transport: crate::cmd::loadgen::TransportArg::Mqtt,
+            broker: Some(b.broker.url()),
+            org_code: Some(setup::SAMPLE_ORG_CODE.into()),
+            mqtt_password: b.password.clone(),
+            ..lg
+        },
+        None => lg,
     };
     let summary = run_with_progress(lg.to_config()?).await;
     println!("{summary}");
+    let landed = wait_landed(&admin, rows_before, summary.points_sent).await?;
+    if broker.is_some() {
+        println!("▶ {landed} of {} points published through the broker are committed (each acknowledged to the broker only after its commit)", summary.points_sent);
+    }
 
     // 5. What landed.
     analyses_for_new_sessions(&admin).await?;
@@ -228,11 +314,60 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         tokio::task::spawn_blocking(move || drop(c)).await?;
         println!("▶ PostgreSQL stopped (data kept in {})", args.dir.display());
     }
-    Ok(if summary.error.is_none() && summary.points_acked > 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    drop(broker);
+    Ok(
+        if summary.error.is_none() && summary.points_acked > 0 && landed > 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
+
+/// Waits (up to 30 s) until the daemon's MQTT input is subscribed.
+async fn wait_subscribed(http: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Ok(body) = http_get(http, "/metrics").await {
+            if body.lines().any(|l| l.starts_with("dbx_mqtt_connected 1")) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("dbx did not subscribe to the broker within 30 s; the report will show what landed");
+}
+
+/// A bare HTTP/1.1 GET of the admin endpoint.
+async fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn telemetry_rows(client: &Client) -> anyhow::Result<i64> {
+    Ok(client
+        .query_one("SELECT count(*) FROM dbx_aviation.flight_telemetry", &[])
+        .await?
+        .get(0))
+}
+
+/// Waits (up to 30 s) for `sent` points beyond `before` to be committed; how many were.
+async fn wait_landed(client: &Client, before: i64, sent: u64) -> anyhow::Result<i64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let landed = telemetry_rows(client).await? - before;
+        if landed >= sent as i64 || std::time::Instant::now() > deadline {
+            return Ok(landed);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Registers the demo fleet for the sample organization; returns the registrations.

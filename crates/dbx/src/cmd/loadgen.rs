@@ -21,6 +21,8 @@ pub enum TransportArg {
     Tls,
     /// UDP datagrams.
     Udp,
+    /// MQTT 5 QoS 1 messages through a broker (needs --broker and --org-code).
+    Mqtt,
 }
 
 /// Point layout flag values.
@@ -90,13 +92,36 @@ pub struct LoadgenArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
+    /// MQTT: the broker, mqtt://host:port or mqtts://host:port (with --tls-ca).
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// MQTT: the organization's code (the topic's {org_code}).
+    #[arg(long)]
+    pub org_code: Option<String>,
+    /// MQTT: user name at the broker (default: the organization's code).
+    #[arg(long)]
+    pub mqtt_user: Option<String>,
+    /// MQTT: password at the broker.
+    #[arg(
+        long,
+        env = "DBX_MQTT_PASSWORD",
+        hide_env_values = true,
+        default_value = ""
+    )]
+    pub mqtt_password: String,
+    /// MQTT: topic pattern.
+    #[arg(long, default_value = "dbx/{org_code}/{aircraft}/telemetry")]
+    pub topic: String,
 }
 
 impl LoadgenArgs {
     /// The engine's configuration, with flag errors naming the flag.
     pub fn to_config(&self) -> anyhow::Result<LoadgenConfig> {
+        let mqtt = matches!(self.transport, TransportArg::Mqtt);
         let key = match &self.key {
             Some(k) => k.clone(),
+            // MQTT gateways authenticate to the broker, not with an API key.
+            None if mqtt => String::new(),
             None => {
                 let text = std::fs::read_to_string(&self.key_file).with_context(|| {
                     format!(
@@ -135,9 +160,32 @@ impl LoadgenArgs {
             TransportArg::Tcp => Transport::Tcp,
             TransportArg::Tls => Transport::Tls,
             TransportArg::Udp => Transport::Udp,
+            TransportArg::Mqtt => Transport::Mqtt,
+        };
+        let target = if mqtt {
+            let Some(url) = self.broker.clone() else {
+                bail!("--transport mqtt needs --broker mqtt://host:port");
+            };
+            dbx_mqtt::BrokerAddr::parse(&url).map_err(|m| anyhow::anyhow!("--broker {m}"))?;
+            let Some(org_code) = self.org_code.clone().filter(|c| !c.is_empty()) else {
+                bail!("--transport mqtt needs --org-code (the organization's code, the topic's {{org_code}})");
+            };
+            dbx_mqtt::topic::TopicPattern::parse(&self.topic)
+                .map_err(|m| anyhow::anyhow!("--topic {m}"))?;
+            Some(loadgen::MqttTarget {
+                url,
+                username: self.mqtt_user.clone().unwrap_or_else(|| org_code.clone()),
+                password: self.mqtt_password.clone(),
+                org_code,
+                topic: self.topic.clone(),
+            })
+        } else {
+            None
         };
         let tls = match (transport, &self.tls_ca) {
-            (Transport::Tls, Some(ca)) => Some((self.tls_name.clone(), ca.clone())),
+            (Transport::Tls | Transport::Mqtt, Some(ca)) => {
+                Some((self.tls_name.clone(), ca.clone()))
+            }
             (Transport::Tls, None) => {
                 bail!("--transport tls needs --tls-ca (the CA certificate to trust)")
             }
@@ -166,6 +214,7 @@ impl LoadgenArgs {
                 FormArg::Array => PointForm::Array,
             },
             seed: self.seed,
+            mqtt: target,
         })
     }
 }

@@ -218,6 +218,7 @@ fn describe_metrics() {
         Unit::Seconds,
         "Seconds since the daemon started."
     );
+    describe_mqtt_metrics();
     c!(
         dbx_listener::audit::API_REQUESTS_DROPPED_TOTAL,
         "Handshake records not written to api_requests, by reason (queue_full, pending_full, write_failed)."
@@ -225,6 +226,57 @@ fn describe_metrics() {
     c!(
         dbx_listener::audit::API_REQUESTS_COLLAPSED_TOTAL,
         "Refused handshakes counted in an earlier api_requests row of the same flush window (same client IP, status, transport)."
+    );
+}
+
+/// HELP texts of the MQTT input's metrics.
+fn describe_mqtt_metrics() {
+    use dbx_core::metrics as m;
+    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
+    c!(
+        m::MQTT_MESSAGES_RECEIVED_TOTAL,
+        "MQTT messages received from the broker, by kind (qos0, qos1)."
+    );
+    c!(
+        m::MQTT_MESSAGES_ACKED_TOTAL,
+        "MQTT QoS 1 messages acknowledged (PUBACK after the points were durable, or after a rejection notice)."
+    );
+    c!(
+        m::MQTT_MESSAGES_REJECTED_TOTAL,
+        "MQTT messages refused by the decoder or the batcher, by protocol code."
+    );
+    c!(
+        m::MQTT_DEAD_LETTERS_TOTAL,
+        "Rejection notices published to the MQTT dead-letter topic."
+    );
+    c!(
+        m::MQTT_DROPPED_TOTAL,
+        "MQTT QoS 0 messages (and notices) dropped without a verdict, by reason."
+    );
+    g!(
+        m::MQTT_IN_FLIGHT,
+        "MQTT QoS 1 messages received and not yet acknowledged."
+    );
+    g!(
+        m::MQTT_CONNECTED,
+        "1 while connected to the MQTT broker and subscribed, else 0."
+    );
+    c!(
+        m::MQTT_RECONNECTS_TOTAL,
+        "Lost or failed MQTT broker connections (each followed by a reconnect)."
+    );
+    c!(
+        m::MQTT_SESSIONS_LOST_TOTAL,
+        "Reconnects on which the broker no longer had dbx's session (messages it held were lost)."
+    );
+    c!(
+        m::MQTT_REDELIVERED_TOTAL,
+        "MQTT messages the broker delivered again (DUP flag)."
+    );
+    h!(
+        m::MQTT_ACK_LATENCY_SECONDS,
+        Unit::Seconds,
+        "MQTT message received to PUBACK handed to the client."
     );
 }
 
@@ -368,7 +420,22 @@ pub async fn run(
     } else {
         (tx, None)
     };
-    let listener = Listener::bind(cfg.listener.clone(), auth, tx, handshakes).await?;
+    let listener =
+        Listener::bind(cfg.listener.clone(), auth.clone(), tx.clone(), handshakes).await?;
+    // The MQTT input feeds the same queue, shares the rate limits and the tenant checks.
+    let mqtt = if cfg.mqtt.enabled() {
+        let shared = dbx_mqtt::Shared {
+            auth,
+            limiter: listener.rate_limiter(),
+            batches: tx,
+            limits: cfg.listener.limits(),
+            auto_register_aircraft: cfg.listener.auto_register_aircraft,
+        };
+        Some(dbx_mqtt::MqttInput::start(&cfg.mqtt, shared)?)
+    } else {
+        drop((auth, tx));
+        None
+    };
 
     let accepting = Arc::new(AtomicBool::new(false));
     let (http_listener, http_addr) = dbx_control::http::bind(&cfg.http.bind)
@@ -414,6 +481,7 @@ pub async fn run(
         "tls": listener.tls_addr().map(|a| a.to_string()),
         "udp": listener.udp_addr().map(|a| a.to_string()),
         "http": http_addr.to_string(),
+        "mqtt_client_id": cfg.mqtt.enabled().then(|| cfg.mqtt.client_id()),
         "pid": std::process::id(),
     });
     tracing::info!(
@@ -428,8 +496,12 @@ pub async fn run(
     }
 
     // 1–2. Runs until shutdown, then stops accepting and reading, and waits for
-    //      every connection to receive the verdicts on what it sent.
+    //      every connection (and the MQTT input) to receive the verdicts on what it sent.
+    let mqtt_task = mqtt.map(|m| tokio::spawn(m.run(shutdown.clone())));
     listener.run(shutdown).await;
+    if let Some(t) = mqtt_task {
+        let _ = t.await;
+    }
     accepting.store(false, Ordering::Relaxed);
     drop(trigger);
     // 3. Every sender is gone: the batcher writes out what it holds and exits.

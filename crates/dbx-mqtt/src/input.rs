@@ -1,0 +1,569 @@
+//! The input task: messages in, batches to the batcher, PUBACKs back once durable.
+//!
+//! Each QoS 1 message is decoded, its organization found from the topic's org code, its
+//! aircraft and session admitted like any TCP batch ([`dbx_listener::admit`]), and the
+//! batch handed to the batcher with an [`AckHandle`]. The message then waits in a FIFO in
+//! arrival order; the front is acknowledged when the batcher says it is durable (MQTT
+//! requires PUBACKs in the order the PUBLISHes arrived). A message refused by the decoder
+//! or the batcher is acknowledged too, after its rejection notice was queued on the same
+//! connection (see [`crate::notice`]). QoS 0 messages are best effort: nobody waits for
+//! them, and they are dropped and counted when the batcher's queue is full.
+//!
+//! Bounds: the broker sends at most `max_in_flight` unacknowledged QoS 1 messages (the
+//! Receive Maximum); when the batcher is behind, verdicts stop, acknowledgements stop, and
+//! so does the broker. As a guard against a broker that ignores the limit, the input stops
+//! taking messages from the pump at twice that many, and the pump stops reading.
+//!
+//! When the connection is lost, the messages still in the FIFO are no longer
+//! acknowledged: the broker redelivers them on the new connection, they are processed
+//! again, and the table's `(session, seq)` dedupe stores each point once.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::{Filter, Publish, PublishProperties, RetainForwardRule};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use dbx_core::metrics as m;
+use dbx_core::{
+    AckHandle, AckReceiver, BatchOrigin, BatchOutcome, RejectCode, Rejection, Shutdown,
+    TelemetryBatch,
+};
+use dbx_listener::{AuthCache, RateLimiter};
+use dbx_proto::Limits;
+
+use crate::client::PumpEvent;
+use crate::notice::{self, About};
+use crate::topic::{DeadLetterTopic, TopicParts, TopicPattern};
+
+/// What the input needs besides its channels.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) pattern: TopicPattern,
+    pub(crate) dead_letter: Option<DeadLetterTopic>,
+    pub(crate) subscription: String,
+    pub(crate) qos: QoS,
+    pub(crate) limits: Limits,
+    pub(crate) auto_register: bool,
+    pub(crate) client_id: String,
+    pub(crate) max_in_flight: usize,
+    pub(crate) drain: Duration,
+}
+
+/// A QoS 1 message waiting for its verdict.
+#[derive(Debug)]
+struct InFlight {
+    pkid: u16,
+    /// The connection it arrived on; only the current one's messages are acknowledged.
+    generation: u64,
+    verdict: Verdict,
+    received_at: Instant,
+    about: About,
+}
+
+#[derive(Debug)]
+enum Verdict {
+    Waiting(AckReceiver),
+    Known(BatchOutcome),
+}
+
+/// A request for the broker, queued in order until the client's channel takes it.
+#[derive(Debug, Clone)]
+enum Outgoing {
+    Subscribe,
+    Ack(u16),
+    Notice { topic: String, payload: Vec<u8> },
+}
+
+/// Why a message was not admitted.
+#[derive(Debug)]
+enum Refusal {
+    /// Refused: counted, logged, noticed, acknowledged.
+    Rejected(Box<(About, Rejection)>),
+    /// A QoS 0 message dropped for load (already counted).
+    Dropped,
+}
+
+/// Why the input stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    Drained,
+    DrainTimeout,
+    BatcherGone,
+    PumpGone,
+}
+
+/// The input's state, owned by its one task.
+pub(crate) struct Processor {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) auth: Arc<AuthCache>,
+    pub(crate) limiter: Arc<RateLimiter>,
+    pub(crate) batches: mpsc::Sender<TelemetryBatch>,
+    pub(crate) client: AsyncClient,
+    pub(crate) events: mpsc::Receiver<PumpEvent>,
+    /// Set before the DISCONNECT at the end, so that the pump knows it was ours.
+    pub(crate) leaving: Arc<std::sync::atomic::AtomicBool>,
+    fifo: VecDeque<InFlight>,
+    parked: VecDeque<TelemetryBatch>,
+    outbox: VecDeque<Outgoing>,
+    generation: u64,
+    connected_once: bool,
+    paused_until: Option<tokio::time::Instant>,
+}
+
+/// Resolves when the front entry's verdict is known (`None`: the batcher dropped it).
+/// Cancel-safe: nothing is removed until the caller pops it.
+async fn front_outcome(fifo: &mut VecDeque<InFlight>) -> Option<BatchOutcome> {
+    let front = fifo.front_mut()?;
+    match &mut front.verdict {
+        Verdict::Known(o) => Some(o.clone()),
+        Verdict::Waiting(rx) => rx.await.ok(),
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Processor {
+    pub(crate) fn new(
+        settings: Arc<Settings>,
+        auth: Arc<AuthCache>,
+        limiter: Arc<RateLimiter>,
+        batches: mpsc::Sender<TelemetryBatch>,
+        client: AsyncClient,
+        events: mpsc::Receiver<PumpEvent>,
+        leaving: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        Processor {
+            settings,
+            auth,
+            limiter,
+            batches,
+            client,
+            events,
+            leaving,
+            fifo: VecDeque::new(),
+            parked: VecDeque::new(),
+            outbox: VecDeque::new(),
+            generation: 0,
+            connected_once: false,
+            paused_until: None,
+        }
+    }
+
+    /// Runs until shutdown, then drains: takes no new message, waits (bounded) for the
+    /// verdicts on those in flight and acknowledges them, and disconnects, leaving the
+    /// session (and whatever is still unacknowledged) with the broker.
+    pub(crate) async fn run(mut self, mut shutdown: Shutdown) {
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let batches = self.batches.clone();
+        let stop = loop {
+            self.flush_outbox();
+            metrics::gauge!(m::MQTT_IN_FLIGHT).set(self.fifo.len() as f64);
+            if drain_until.is_some() && self.fifo.is_empty() && self.parked.is_empty() {
+                break Stop::Drained;
+            }
+            let now = tokio::time::Instant::now();
+            let paused = self.paused_until.is_some_and(|t| t > now);
+            let can_take = drain_until.is_some()
+                || (!paused && self.fifo.len() < 2 * self.settings.max_in_flight);
+            let retry_outbox = (!self.outbox.is_empty()).then(|| now + Duration::from_millis(10));
+            tokio::select! {
+                biased;
+                outcome = front_outcome(&mut self.fifo), if !self.fifo.is_empty() => {
+                    if !self.settle(outcome) {
+                        break Stop::BatcherGone;
+                    }
+                }
+                permit = batches.reserve(), if !self.parked.is_empty() => match permit {
+                    Ok(p) => p.send(self.parked.pop_front().expect("parked batch")),
+                    Err(_) => break Stop::BatcherGone,
+                },
+                _ = shutdown.recv(), if drain_until.is_none() => {
+                    tracing::info!(in_flight = self.fifo.len(), "mqtt input draining");
+                    drain_until = Some(now + self.settings.drain);
+                }
+                ev = self.events.recv(), if can_take => match ev {
+                    Some(ev) => self.on_event(ev, drain_until.is_some()).await,
+                    None => break Stop::PumpGone,
+                },
+                _ = sleep_until(drain_until), if drain_until.is_some() => break Stop::DrainTimeout,
+                _ = sleep_until(retry_outbox), if retry_outbox.is_some() => {}
+                _ = sleep_until(self.paused_until), if paused => self.paused_until = None,
+            }
+        };
+        self.finish(stop).await;
+    }
+
+    /// Leaves the broker: queued acknowledgements out, then DISCONNECT (the session and
+    /// anything unacknowledged stay with the broker for `session_expiry_secs`).
+    async fn finish(mut self, stop: Stop) {
+        match stop {
+            Stop::Drained => {}
+            Stop::DrainTimeout => tracing::warn!(
+                unanswered = self.fifo.len(),
+                "mqtt drain deadline passed; the broker redelivers the unacknowledged messages on the next start"
+            ),
+            Stop::BatcherGone => tracing::error!("the batcher stopped; mqtt input leaving without acknowledging what is in flight"),
+            Stop::PumpGone => tracing::error!("the mqtt client stopped"),
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        self.outbox.retain(|o| !matches!(o, Outgoing::Subscribe));
+        while !self.outbox.is_empty() && tokio::time::Instant::now() < deadline {
+            self.flush_outbox();
+            // Keep the pump moving (it may be waiting to hand over an event).
+            let _ = tokio::time::timeout(Duration::from_millis(10), self.events.recv()).await;
+        }
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Release);
+        let _ = self.client.try_disconnect();
+        // Until the pump has sent the DISCONNECT (it then drops its sender).
+        while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let PumpEvent::Lost { reply, .. } = ev {
+                drop(reply);
+                break;
+            }
+        }
+        metrics::gauge!(m::MQTT_CONNECTED).set(0.0);
+        metrics::gauge!(m::MQTT_IN_FLIGHT).set(0.0);
+        tracing::info!("mqtt input stopped");
+    }
+
+    /// Hands queued requests to the client while its channel has room, in order.
+    fn flush_outbox(&mut self) {
+        while let Some(o) = self.outbox.front() {
+            let sent = match o {
+                Outgoing::Subscribe => {
+                    let mut f = Filter::new(self.settings.subscription.clone(), self.settings.qos);
+                    f.retain_forward_rule = RetainForwardRule::OnNewSubscribe;
+                    self.client.try_subscribe_many([f])
+                }
+                Outgoing::Ack(pkid) => {
+                    let mut p = Publish::new("", QoS::AtLeastOnce, Vec::new(), None);
+                    p.pkid = *pkid;
+                    self.client.try_ack(&p)
+                }
+                Outgoing::Notice { topic, payload } => {
+                    let props = PublishProperties {
+                        content_type: Some("application/json".into()),
+                        payload_format_indicator: Some(1),
+                        ..PublishProperties::default()
+                    };
+                    self.client.try_publish_with_properties(
+                        topic.clone(),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload.clone(),
+                        props,
+                    )
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+            if let Some(Outgoing::Notice { .. }) = self.outbox.pop_front() {
+                metrics::counter!(m::MQTT_DEAD_LETTERS_TOTAL).increment(1);
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: PumpEvent, draining: bool) {
+        match ev {
+            PumpEvent::Message(p) if draining => {
+                // Not acknowledged: the broker redelivers it after the restart.
+                tracing::trace!(pkid = p.pkid, "message left to the broker while draining");
+            }
+            PumpEvent::Message(p) => self.on_message(p).await,
+            PumpEvent::Connected { session_present } => {
+                if !session_present && self.connected_once {
+                    metrics::counter!(m::MQTT_SESSIONS_LOST_TOTAL).increment(1);
+                    tracing::warn!("the broker had no session for this client any more; QoS 1 messages it held for it are lost (raise mqtt.session_expiry_secs or the broker's persistence)");
+                }
+                tracing::info!(session_present, "connected to the mqtt broker");
+                self.connected_once = true;
+                // Always (re)subscribe: a resumed session keeps it, a new one needs it, and
+                // a changed topic in the config takes effect.
+                self.outbox.push_front(Outgoing::Subscribe);
+            }
+            PumpEvent::Subscribed(Ok(())) => {
+                metrics::gauge!(m::MQTT_CONNECTED).set(1.0);
+                tracing::info!(filter = %self.settings.subscription, "subscribed");
+            }
+            PumpEvent::Subscribed(Err(reason)) => {
+                metrics::gauge!(m::MQTT_CONNECTED).set(0.0);
+                tracing::error!(filter = %self.settings.subscription, %reason, "the broker refused the subscription (check its ACL for dbx's user)");
+            }
+            PumpEvent::Lost { error, hint, reply } => {
+                self.generation += 1;
+                self.outbox.retain(|o| !matches!(o, Outgoing::Ack(_)));
+                metrics::gauge!(m::MQTT_CONNECTED).set(0.0);
+                metrics::counter!(m::MQTT_RECONNECTS_TOTAL).increment(1);
+                match hint {
+                    Some(h) => tracing::error!(%error, "mqtt connection failed: {h}"),
+                    None => {
+                        tracing::warn!(%error, in_flight = self.fifo.len(), "mqtt connection lost; reconnecting (unacknowledged messages will be redelivered)")
+                    }
+                }
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Takes the verdict of the front entry, and of every resolved entry behind it.
+    /// False when the batcher went away without a verdict.
+    fn settle(&mut self, first: Option<BatchOutcome>) -> bool {
+        let mut outcome = first;
+        loop {
+            let Some(o) = outcome.take() else {
+                return false;
+            };
+            let e = self.fifo.pop_front().expect("front exists");
+            if e.generation == self.generation {
+                self.answer(e, o);
+            }
+            outcome = match self.fifo.front_mut().map(|f| &mut f.verdict) {
+                Some(Verdict::Known(o)) => Some(o.clone()),
+                Some(Verdict::Waiting(rx)) => match rx.try_recv() {
+                    Ok(o) => Some(o),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return true,
+                    Err(_) => None,
+                },
+                None => return true,
+            };
+        }
+    }
+
+    /// PUBACK for a settled message, after its notice when it was refused.
+    fn answer(&mut self, e: InFlight, outcome: BatchOutcome) {
+        if let BatchOutcome::Rejected(r) = &outcome {
+            if r.code == RejectCode::ForeignSession {
+                if let Some(s) = e.about.session {
+                    self.auth.forget_session(s);
+                }
+            }
+            self.reject(&e.about, r, false);
+        }
+        metrics::histogram!(m::MQTT_ACK_LATENCY_SECONDS)
+            .record(e.received_at.elapsed().as_secs_f64());
+        metrics::counter!(m::MQTT_MESSAGES_ACKED_TOTAL).increment(1);
+        self.outbox.push_back(Outgoing::Ack(e.pkid));
+    }
+
+    /// Counts, logs and queues the notice of a refused message. Notices of QoS 0 messages
+    /// are dropped when the outbox is full (nothing bounds how many of them arrive).
+    fn reject(&mut self, about: &About, r: &Rejection, best_effort: bool) {
+        metrics::counter!(m::MQTT_MESSAGES_REJECTED_TOTAL, "reason" => r.code.as_str())
+            .increment(1);
+        tracing::info!(topic = %about.topic, code = %r.code, index = ?r.index, "mqtt message refused: {}", r.msg);
+        let Some(topic) = &about.dead_letter else {
+            return;
+        };
+        if best_effort && self.outbox.len() >= 2 * self.settings.max_in_flight {
+            metrics::counter!(m::MQTT_DROPPED_TOTAL, "reason" => "dead_letter_overflow")
+                .increment(1);
+            return;
+        }
+        let payload = notice::render(about, r, &self.settings.client_id);
+        self.outbox.push_back(Outgoing::Notice {
+            topic: topic.clone(),
+            payload,
+        });
+    }
+
+    async fn on_message(&mut self, p: Publish) {
+        let qos1 = p.qos != QoS::AtMostOnce;
+        metrics::counter!(m::MQTT_MESSAGES_RECEIVED_TOTAL, "kind" => if qos1 { "qos1" } else { "qos0" })
+            .increment(1);
+        metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => "mqtt").increment(1);
+        if p.dup {
+            metrics::counter!(m::MQTT_REDELIVERED_TOTAL).increment(1);
+        }
+        let received_at = Instant::now();
+        let admitted = self.admit(&p, qos1, received_at).await;
+        if !qos1 {
+            match admitted {
+                Ok((batch, _)) => self.offer_best_effort(batch),
+                Err(Refusal::Rejected(refused)) => self.reject(&refused.0, &refused.1, true),
+                Err(Refusal::Dropped) => {}
+            }
+            return;
+        }
+        let (verdict, about) = match admitted {
+            Ok((batch, about)) => {
+                let (ack, rx) = AckHandle::channel();
+                self.offer(TelemetryBatch { ack, ..batch });
+                (Verdict::Waiting(rx), about)
+            }
+            Err(Refusal::Rejected(refused)) => {
+                let (about, r) = *refused;
+                (Verdict::Known(BatchOutcome::Rejected(r)), about)
+            }
+            Err(Refusal::Dropped) => unreachable!("QoS 1 messages are never dropped"),
+        };
+        self.fifo.push_back(InFlight {
+            pkid: p.pkid,
+            generation: self.generation,
+            verdict,
+            received_at,
+            about,
+        });
+    }
+
+    /// A QoS 1 batch goes to the batcher, or waits its turn behind earlier ones.
+    fn offer(&mut self, batch: TelemetryBatch) {
+        if !self.parked.is_empty() {
+            self.parked.push_back(batch);
+            return;
+        }
+        match self.batches.try_send(batch) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(b)) | Err(mpsc::error::TrySendError::Closed(b)) => {
+                self.parked.push_back(b)
+            }
+        }
+    }
+
+    /// A QoS 0 batch goes to the batcher if there is room now, else it is dropped.
+    fn offer_best_effort(&mut self, batch: TelemetryBatch) {
+        if self.batches.try_send(batch).is_err() {
+            metrics::counter!(m::MQTT_DROPPED_TOTAL, "reason" => "saturated").increment(1);
+        }
+    }
+
+    /// Decodes and admits a message: the batch for the batcher (with a detached ack
+    /// handle) and what a later notice would say, or the rejection.
+    async fn admit(
+        &mut self,
+        p: &Publish,
+        qos1: bool,
+        received_at: Instant,
+    ) -> Result<(TelemetryBatch, About), Refusal> {
+        let s = self.settings.clone();
+        let topic = String::from_utf8_lossy(&p.topic);
+        let parts = s.pattern.parts(&topic);
+        let dead_letter = s.dead_letter.as_ref().and_then(|d| d.render(parts));
+        let mut about = About::new(&topic, dead_letter, u8::from(qos1), &p.payload);
+        let fail = |about: About, r: Rejection| {
+            Err(Refusal::Rejected(Box::new((
+                about.with_hash(&p.payload),
+                r,
+            ))))
+        };
+        let Some(parts) = parts else {
+            return fail(about, bad_topic(&topic, &s.pattern));
+        };
+        let (org, rate) = match self.auth.snapshot().org_by_code(parts.org_code) {
+            Some(g) => (g.org_id, g.points_per_sec),
+            None => return fail(about, unknown_org(parts)),
+        };
+        let (aircraft, map) = match decode(p, parts, &s.limits) {
+            Ok(ok) => ok,
+            Err(r) => return fail(about, r),
+        };
+        about.seq = map.seq;
+        about.session = Some(map.session);
+        let aircraft_id = match dbx_listener::admit::resolve_target(
+            &self.auth,
+            org,
+            &aircraft,
+            map.session,
+            s.auto_register,
+        )
+        .await
+        {
+            Ok(id) => id,
+            Err(r) => return fail(about, r),
+        };
+        let n = map.points.len();
+        if !self.charge(org, rate, n, qos1) {
+            metrics::counter!(m::RATE_LIMIT_DROPS_TOTAL).increment(n as u64);
+            metrics::counter!(m::MQTT_DROPPED_TOTAL, "reason" => "rate_limited").increment(1);
+            return Err(Refusal::Dropped);
+        }
+        metrics::counter!(m::POINTS_RECEIVED_TOTAL, "transport" => "mqtt").increment(n as u64);
+        let batch = TelemetryBatch {
+            org_id: org,
+            aircraft_id,
+            session_id: map.session,
+            points: map.points,
+            ack: AckHandle::detached(),
+            origin: if qos1 {
+                BatchOrigin::Mqtt
+            } else {
+                BatchOrigin::MqttBestEffort
+            },
+            received_at,
+        };
+        Ok((batch, about))
+    }
+
+    /// Applies the organization's rate limit: QoS 1 always passes and pauses the input
+    /// for the debt (the broker then holds the rest); QoS 0 passes only if it fits.
+    fn charge(&mut self, org: Uuid, rate: Option<u32>, points: usize, qos1: bool) -> bool {
+        if !qos1 {
+            return self.limiter.try_acquire(org, rate, points);
+        }
+        let wait = self.limiter.acquire(org, rate, points);
+        if !wait.is_zero() {
+            metrics::histogram!(m::RATE_LIMIT_WAIT_SECONDS).record(wait.as_secs_f64());
+            self.paused_until = Some(tokio::time::Instant::now() + wait);
+        }
+        true
+    }
+}
+
+/// The payload as a batch map (MessagePack, or JSON when it starts with `{`), and the
+/// aircraft: the topic's, which a payload's own `aircraft` must agree with.
+fn decode(
+    p: &Publish,
+    parts: TopicParts<'_>,
+    limits: &Limits,
+) -> Result<(dbx_proto::AircraftRef, dbx_proto::BatchMap), Rejection> {
+    let aircraft = dbx_proto::parse_aircraft(parts.aircraft, "topic")?;
+    let now = chrono::Utc::now().timestamp_micros();
+    let json = p.payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let map = if json {
+        dbx_proto::decode_json_batch_map(&p.payload, limits, now)?
+    } else {
+        dbx_proto::decode_batch_map(&p.payload, limits, now)?
+    };
+    if let Some(named) = &map.aircraft {
+        if *named != aircraft {
+            return Err(Rejection::new(
+                RejectCode::InvalidBatch,
+                format!(
+                    "payload: aircraft {named:?} differs from the topic's {:?}; leave it out or name the same aircraft the same way",
+                    parts.aircraft
+                ),
+            ));
+        }
+    }
+    Ok((aircraft, map))
+}
+
+fn bad_topic(topic: &str, pattern: &TopicPattern) -> Rejection {
+    let shown: String = topic.chars().take(64).collect();
+    Rejection::new(
+        RejectCode::InvalidBatch,
+        format!(
+            "topic {shown:?} does not match the pattern (filter {}); nothing was stored",
+            pattern.filter()
+        ),
+    )
+}
+
+fn unknown_org(parts: TopicParts<'_>) -> Rejection {
+    let shown: String = parts.org_code.chars().take(64).collect();
+    Rejection::new(
+        RejectCode::Unauthorized,
+        format!("no active organization has the code {shown:?}"),
+    )
+}
