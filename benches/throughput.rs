@@ -488,6 +488,7 @@ async fn main() {
         out_dir: work.path().join("credentials"),
         rotate: false,
         sample_data: true,
+        postgis: Default::default(),
     })
     .await
     .expect("setup");

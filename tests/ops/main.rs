@@ -12,12 +12,15 @@
 //! - `scaleout`: two daemons on one database, both ingesting (with a gateway failing over
 //!   from one to the other), nothing lost or doubled, maintenance under the advisory lock.
 //! - `capacity`: the bytes-per-point measurement quoted in docs/scaling.md.
+//! - `postgis`: flights ingested into a database on the schema's PostGIS branch answer
+//!   distance and radius queries that agree with what the daemon computed.
 //! - `prereqs`: `scripts/prereqs`, which `scripts/test` runs first, brings the programs of
 //!   `scripts/test-tools` and the Python environment; the suite runs with them.
 
 mod backup;
 mod capacity;
 mod deploy;
+mod postgis;
 mod prereqs;
 mod scaleout;
 

@@ -4,7 +4,9 @@
 //!
 //! The script itself runs here for real in a sandbox: a copy of `scripts/` and a PATH of the
 //! base programs it uses, where only what would change the machine is a stand-in (`apt-get`,
-//! `python3` and the venv's Python log their arguments; `id` answers the uid under test).
+//! `python3` and the venv's Python log their arguments; `id` answers the uid under test; a
+//! PostgreSQL of another major version than the machine's, named by `DBX_PG_BINDIR`, has the
+//! share directory where extensions are looked for).
 //! So both branches — root installs, a user gets the install command — are proven on any
 //! machine, and repeated runs are shown to do nothing. The other tests here check the real
 //! environment the suite runs with, and that no test starts a program the list misses.
@@ -13,7 +15,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use dbx_testkit::prereq::{find_on_path, python, tool, tool_specs};
+use dbx_testkit::prereq::{
+    find_on_path, pg_extension, python, tool, tool_specs, ToolKind, ToolSpec, PG_EXTENSION_PREFIX,
+};
 
 use crate::{read, repo, run_ok};
 
@@ -34,20 +38,35 @@ const BASE_PROGRAMS: &[&str] = &[
 ];
 
 /// Stands in for apt-get: logs its arguments; `install` puts the stand-ins of the packages'
-/// programs (`$SANDBOX/packages`: "package program" lines) into the sandbox's bin.
+/// programs (`$SANDBOX/packages`: "package program" lines) into the sandbox's bin, and the
+/// control files of their PostgreSQL extensions ("package pg-extension:name") into the
+/// sandbox server's share directory.
 const APT_GET: &str = r#"#!/usr/bin/env bash
 echo "$*" >>"$SANDBOX/apt.log"
 [[ " $* " == *" install "* ]] || exit 0
 for arg; do
     touch "$SANDBOX/installed-$arg"
     while read -r package program; do
-        if [[ $package == "$arg" ]]; then
+        if [[ $package == "$arg" && $program == pg-extension:* ]]; then
+            touch "$SANDBOX/pgshare/extension/${program#pg-extension:}.control"
+        elif [[ $package == "$arg" ]]; then
             cp "$SANDBOX/stubs/$program" "$SANDBOX/bin/$program"
             chmod +x "$SANDBOX/bin/$program"
         fi
     done <"$SANDBOX/packages"
 done
 "#;
+
+/// The major version of the sandbox's PostgreSQL: not the machine's, so that a package name
+/// is shown to follow the server found.
+const SANDBOX_PG_MAJOR: u32 = 17;
+
+/// Stands in for the sandbox server's `postgres`.
+const POSTGRES: &str = "#!/usr/bin/env bash\necho 'postgres (PostgreSQL) 17.2 (Debian 17.2-1)'\n";
+
+/// Stands in for the sandbox server's `pg_config`.
+const PG_CONFIG: &str =
+    "#!/usr/bin/env bash\n[[ $1 == --sharedir ]] && echo \"$SANDBOX/pgshare\"\n";
 
 /// Stands in for the machine's python3: `-m venv DIR` makes DIR/bin/python, failing the way
 /// Debian's python3 does until python3-venv is installed.
@@ -86,7 +105,7 @@ impl Sandbox {
     fn new() -> Sandbox {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Sandbox { dir };
-        for sub in ["repo/scripts", "bin", "stubs"] {
+        for sub in ["repo/scripts", "bin", "stubs", "pgbin", "pgshare/extension"] {
             std::fs::create_dir_all(s.path(sub)).expect("mkdir");
         }
         for f in ["prereqs", "test-tools", "requirements-test.txt"] {
@@ -103,14 +122,22 @@ impl Sandbox {
         }
         let mut packages = String::new();
         for spec in tool_specs() {
-            packages.push_str(&format!("{} {}\n", spec.package, spec.program));
-            let stub = if spec.program == "python3" {
+            let package = package(&spec);
+            if spec.kind == ToolKind::PgExtension {
+                packages.push_str(&format!("{package} {PG_EXTENSION_PREFIX}{}\n", spec.name));
+                continue;
+            }
+            packages.push_str(&format!("{package} {}\n", spec.name));
+            let stub = if spec.name == "python3" {
                 PYTHON3
             } else {
                 PROGRAM
             };
-            s.write(&format!("stubs/{}", spec.program), stub);
+            s.write(&format!("stubs/{}", spec.name), stub);
         }
+        s.write("pgbin/postgres", POSTGRES);
+        s.write("pgbin/initdb", PROGRAM);
+        s.write("pgbin/pg_config", PG_CONFIG);
         s.write("packages", &packages);
         s.write("stubs/venv-python", VENV_PYTHON);
         s.write("bin/apt-get", APT_GET);
@@ -129,12 +156,24 @@ impl Sandbox {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
 
-    /// Puts the stand-in of a program of `scripts/test-tools` on the sandbox's PATH.
-    fn install(&self, program: &str) {
-        self.write(
-            &format!("bin/{program}"),
-            &std::fs::read_to_string(self.path(&format!("stubs/{program}"))).expect("stub"),
-        );
+    /// Puts the stand-in of a line of `scripts/test-tools` in place: a program on the
+    /// sandbox's PATH, an extension's control file in its server's share directory.
+    fn install(&self, spec: &ToolSpec) {
+        let text = match spec.kind {
+            ToolKind::PgExtension => String::new(),
+            ToolKind::Program => {
+                std::fs::read_to_string(self.path(&format!("stubs/{}", spec.name))).expect("stub")
+            }
+        };
+        self.write(&self.installed_path(spec), &text);
+    }
+
+    /// Where a line of `scripts/test-tools` is when installed, relative to the sandbox.
+    fn installed_path(&self, spec: &ToolSpec) -> String {
+        match spec.kind {
+            ToolKind::PgExtension => format!("pgshare/extension/{}.control", spec.name),
+            ToolKind::Program => format!("bin/{}", spec.name),
+        }
     }
 
     /// `scripts/prereqs` with `args`, as uid `uid`.
@@ -143,6 +182,7 @@ impl Sandbox {
             .args(args)
             .env_clear()
             .env("PATH", self.path("bin"))
+            .env("DBX_PG_BINDIR", self.path("pgbin"))
             .env("SANDBOX", self.dir.path())
             .env("FAKE_UID", uid.to_string())
             .output()
@@ -159,9 +199,14 @@ impl Sandbox {
     }
 }
 
+/// The Debian package of a line of `scripts/test-tools` for the sandbox's server.
+fn package(spec: &ToolSpec) -> String {
+    spec.package_for(SANDBOX_PG_MAJOR)
+}
+
 /// Every Debian package of `scripts/test-tools`, sorted, as `scripts/prereqs` names them.
 fn all_packages() -> String {
-    let set: BTreeSet<String> = tool_specs().into_iter().map(|s| s.package).collect();
+    let set: BTreeSet<String> = tool_specs().iter().map(package).collect();
     set.into_iter().collect::<Vec<_>>().join(" ")
 }
 
@@ -180,12 +225,23 @@ fn prereqs_as_a_user_names_each_missing_program_its_checks_and_the_install_comma
     assert!(!out.status.success(), "{stderr}");
     assert!(stdout.is_empty(), "no variables when failing: {stdout}");
     for spec in tool_specs() {
+        let what = match spec.kind {
+            ToolKind::Program => String::new(),
+            ToolKind::PgExtension => format!("PostgreSQL {SANDBOX_PG_MAJOR} extension, "),
+        };
         let line = format!(
-            "  {} (Debian package {}), needed by {}",
-            spec.program, spec.package, spec.needed_by
+            "  {} ({what}Debian package {}), needed by {}",
+            spec.name,
+            package(&spec),
+            spec.needed_by
         );
         assert!(stderr.contains(&line), "{line:?} not in:\n{stderr}");
     }
+    assert!(
+        all_packages().contains(&format!("postgresql-{SANDBOX_PG_MAJOR}-postgis-3")),
+        "the extension's package follows the server found: {}",
+        all_packages()
+    );
     assert!(stderr.contains("(not root)"), "{stderr}");
     let command = format!(
         "  sudo apt-get install -y --no-install-recommends {}\n",
@@ -212,7 +268,7 @@ fn prereqs_as_root_installs_the_missing_packages_and_makes_the_venv_once() {
     let install = format!("install --no-install-recommends {}", all_packages());
     assert!(apt.lines().any(|l| l.ends_with(&install)), "{apt}");
     for spec in tool_specs() {
-        assert!(sb.path("bin").join(&spec.program).is_file());
+        assert!(sb.path(&sb.installed_path(&spec)).is_file(), "{spec:?}");
     }
     let venv = sb.path("repo/target/pyenv");
     let made = format!("python3 -m venv --clear {}", venv.display());
@@ -256,7 +312,7 @@ fn prereqs_as_root_installs_the_missing_packages_and_makes_the_venv_once() {
 fn prereqs_installs_python3_venv_when_python3_lacks_venv_and_asks_for_it_as_a_user() {
     let sb = Sandbox::new();
     for spec in tool_specs() {
-        sb.install(&spec.program);
+        sb.install(&spec);
     }
     // As a user: the venv cannot be made; the message says what to install.
     let out = sb.run(1000, &[]);
@@ -285,9 +341,35 @@ fn prereqs_installs_python3_venv_when_python3_lacks_venv_and_asks_for_it_as_a_us
 }
 
 #[test]
-fn every_program_of_scripts_test_tools_is_installed() {
+fn prereqs_installs_only_what_is_missing_a_program_or_an_extension() {
+    for missing in ["postgis", "haproxy"] {
+        let sb = Sandbox::new();
+        let specs = tool_specs();
+        for spec in specs.iter().filter(|s| s.name != missing) {
+            sb.install(spec);
+        }
+        let out = sb.run(0, &[]);
+        let (_, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        let spec = specs.iter().find(|s| s.name == missing).expect("listed");
+        let apt = sb.log("apt.log");
+        let install = format!("install --no-install-recommends {}", package(spec));
+        assert!(apt.lines().any(|l| l.ends_with(&install)), "{apt}");
+        assert!(sb.path(&sb.installed_path(spec)).is_file());
+        // Installed now: a second run does nothing.
+        let out = sb.run(0, &[]);
+        assert!(out.status.success());
+        assert_eq!(sb.log("apt.log"), apt);
+    }
+}
+
+#[test]
+fn every_program_and_extension_of_scripts_test_tools_is_installed() {
     for spec in tool_specs() {
-        tool(&spec.program);
+        match spec.kind {
+            ToolKind::Program => tool(&spec.name),
+            ToolKind::PgExtension => pg_extension(&spec.name),
+        };
     }
 }
 

@@ -119,6 +119,78 @@ async fn setup_then_check_prints_the_seven_tables_and_is_idempotent() {
     );
 }
 
+/// Whether `flight_sessions` of database `name` has the PostGIS endpoints.
+async fn has_endpoints(db: &TestDb, name: &str) -> bool {
+    let client = dbx_testkit::connect(&db.server_url(name)).await;
+    dbx_control::postgis::PostgisState::read(&client)
+        .await
+        .unwrap()
+        .endpoints
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_takes_the_postgis_branch_when_offered_and_the_plain_one_when_told() {
+    let _guard = SERIAL.lock().await;
+    // The machine's server offers PostGIS (scripts/test installs it): auto takes it, and the
+    // checklist says so.
+    let (db, _out, args) = fresh_setup("gis").await;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, text) = run(&args, &[]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("[x] Geospatial data support (with PostGIS) — PostGIS 3.")
+            && text.contains("geography endpoints on flight_sessions with GiST indexes"),
+        "{text}"
+    );
+    assert!(has_endpoints(&db, args[4]).await);
+    // off, by flag or by DBX_POSTGIS: the plain branch on the same server.
+    for (suffix, extra, env) in [
+        ("flag", Some("--postgis=off"), None),
+        ("env", None, Some(("DBX_POSTGIS", "off"))),
+    ] {
+        let (db, _out, args) = fresh_setup(suffix).await;
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend(extra);
+        let (ok, text) = run(&args, &env.into_iter().collect::<Vec<_>>());
+        assert!(ok, "{text}");
+        assert!(
+            text.contains("[-] Geospatial data support (with PostGIS) — not used (postgis = off)"),
+            "{text}"
+        );
+        assert!(!has_endpoints(&db, args[4]).await);
+        // A database's branch is chosen once: require now fails, naming why, changing nothing.
+        let mut require: Vec<&str> = args[..7].to_vec();
+        require.extend(["--postgis", "require"]);
+        let (ok, text) = run(&require, &[]);
+        assert!(!ok, "{text}");
+        assert!(text.contains("was set up without PostGIS"), "{text}");
+        assert!(!has_endpoints(&db, args[4]).await);
+    }
+    let (ok, text) = run(&["setup", "--postgis", "maybe"], &[]);
+    assert!(!ok && text.contains("use off, auto or require"), "{text}");
+    // dbx migrate takes the same choice.
+    let (db, _out, args) = fresh_setup("migrate").await;
+    let name = &args[4];
+    let client = db.client().await;
+    client
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .unwrap();
+    let (ok, text) = run(
+        &[
+            "migrate",
+            "--postgis",
+            "off",
+            "--database-url",
+            &db.server_url(name),
+        ],
+        &[],
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("postgis: not used (postgis = off)"), "{text}");
+    assert!(!has_endpoints(&db, name).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_reads_the_seeds_db_variables_and_explains_failures() {
     let db = TestDb::new().await;

@@ -4,6 +4,7 @@
 //! Never on the ingest hot path.
 //!
 //! - `migrate`: the versioned SQL migrations embedded in the binary, applied once each.
+//! - `postgis`: the optional PostGIS branch of the schema and the operator's choice of it.
 //! - `setup`: `dbx setup` (database, migrations, users, sample data, credentials) and `dbx check`.
 //! - `partitions`: the `PartitionManager`: premake, default-partition sweep, archival,
 //!   retention, materialized view refresh, under an advisory lock.
@@ -16,5 +17,6 @@ pub mod health;
 pub mod http;
 pub mod migrate;
 pub mod partitions;
+pub mod postgis;
 pub mod setup;
 pub mod tenants;

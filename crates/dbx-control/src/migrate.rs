@@ -7,7 +7,9 @@
 //! applied migration was edited afterwards or the database is newer than the binary.
 //! Every transaction of the runner holds the same transaction-level advisory lock, so two
 //! daemons starting at once against one database serialize instead of racing. [`status`]
-//! reports, read-only, which migrations are applied and which are pending.
+//! reports, read-only, which migrations are applied and which are pending. [`apply_with`]
+//! takes the operator's PostGIS choice, which the runner enforces around the migrations that
+//! predate it ([`crate::postgis`]).
 //!
 //! The runner must connect as a superuser: the first migration creates cluster-wide roles (one
 //! with BYPASSRLS) and extensions. Later migrations `SET LOCAL ROLE dbx_admin` so that every
@@ -20,6 +22,8 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
+
+use crate::postgis::{self, PostgisError, PostgisMode, PostgisState};
 
 /// One embedded migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +241,9 @@ pub enum MigrateError {
         #[source]
         source: PgError,
     },
+    /// The PostGIS choice cannot be honoured here; nothing was applied.
+    #[error(transparent)]
+    Postgis(#[from] PostgisError),
     /// Any other database error (connection, bookkeeping table, lock).
     #[error("database error while migrating: {0}")]
     Postgres(#[from] PgError),
@@ -345,8 +352,18 @@ fn verify(recorded: &[Recorded]) -> Result<(), MigrateError> {
 /// Errors without applying anything when an applied migration was changed
 /// ([`MigrateError::ChecksumMismatch`]) or the database knows a migration this binary does not
 /// ([`MigrateError::DatabaseNewer`]). A failing migration is rolled back and reported as
-/// [`MigrateError::Failed`]; the ones before it stay applied.
+/// [`MigrateError::Failed`]; the ones before it stay applied. PostGIS is used when the server
+/// offers it ([`PostgisMode::Auto`]; see [`apply_with`]).
 pub async fn apply(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
+    apply_with(client, PostgisMode::Auto).await
+}
+
+/// [`apply`] with the operator's PostGIS choice: a choice the server or the database cannot
+/// honour is refused before anything is applied ([`MigrateError::Postgis`]).
+pub async fn apply_with(
+    client: &mut Client,
+    postgis: PostgisMode,
+) -> Result<Vec<Applied>, MigrateError> {
     {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
@@ -354,6 +371,11 @@ pub async fn apply(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
         tx.batch_execute(BOOTSTRAP_SQL).await?;
         let rec = recorded(&tx).await?;
         verify(&rec)?;
+        let state = PostgisState::read(&tx).await?;
+        let endpoints_applied = rec
+            .iter()
+            .any(|r| r.version == postgis::ENDPOINTS_MIGRATION);
+        postgis::check(postgis, &state, endpoints_applied)?;
         tx.commit().await?;
     }
 
@@ -381,13 +403,15 @@ pub async fn apply(client: &mut Client) -> Result<Vec<Applied>, MigrateError> {
             continue;
         }
         tracing::info!(version = m.version, name = m.name, "applying migration");
-        tx.batch_execute(m.sql)
+        let failed = |e| MigrateError::Failed {
+            version: m.version,
+            name: m.name.to_owned(),
+            source: PgError::from(e),
+        };
+        postgis::before_migration(&tx, m.version, postgis)
             .await
-            .map_err(|e| MigrateError::Failed {
-                version: m.version,
-                name: m.name.to_owned(),
-                source: PgError::from(e),
-            })?;
+            .map_err(failed)?;
+        tx.batch_execute(m.sql).await.map_err(failed)?;
         // Migrations SET LOCAL ROLE dbx_admin; the bookkeeping row is the runner's.
         tx.batch_execute("RESET ROLE").await?;
         tx.execute(

@@ -6,7 +6,8 @@
 //! migrations, gives the login users random passwords, inserts the seed's sample
 //! data (a test organization and a few aircraft) with an API key for it, writes
 //! `credentials.txt` and `api_key.txt` (mode 0600), and reports the seed's success
-//! checklist item by item. Running it again changes nothing: passwords and the key
+//! checklist item by item, including which branch of the schema PostGIS gave
+//! ([`SetupOptions::postgis`]: `off`, `auto` (the default) or `require`). Running it again changes nothing: passwords and the key
 //! are read back from the files it wrote, unless `rotate` asks for new ones.
 //!
 //! Passwords never travel in clear: setup computes each user's SCRAM-SHA-256 verifier
@@ -28,6 +29,7 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use crate::cluster::random_token;
 use crate::migrate;
+use crate::postgis::{PostgisMode, PostgisState};
 
 /// The database the seed names.
 pub const DEFAULT_DATABASE: &str = "dbx_aviation";
@@ -257,6 +259,8 @@ pub struct SetupOptions {
     pub rotate: bool,
     /// Insert the seed's sample organization and aircraft.
     pub sample_data: bool,
+    /// Whether the schema uses PostGIS (geography endpoints on flight_sessions).
+    pub postgis: PostgisMode,
 }
 
 /// One item of the seed's success checklist.
@@ -279,6 +283,8 @@ pub struct SetupReport {
     pub created_database: bool,
     /// Migrations applied in this run.
     pub migrations_applied: Vec<String>,
+    /// Which branch of the schema PostGIS gave, in words.
+    pub postgis: String,
     /// Login user → password in effect.
     pub passwords: Vec<(String, String)>,
     /// The sample organization's API key, when sample data was asked for.
@@ -359,7 +365,10 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
     if exists {
         refuse_foreign_database(&client, db).await?;
     }
-    let applied = migrate::apply(&mut client).await?;
+    let applied = migrate::apply_with(&mut client, opts.postgis).await?;
+    let postgis = PostgisState::read(&client)
+        .await
+        .map_err(db_err("reading the PostGIS state"))?;
 
     let passwords = login_passwords(&client, &opts.out_dir, opts.rotate).await?;
     let api_key = if opts.sample_data {
@@ -407,6 +416,11 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
         } else {
             format!("missing: {}", missing.join(", "))
         },
+    });
+    checklist.push(ChecklistItem {
+        label: "Geospatial data support (with PostGIS)",
+        ok: postgis.endpoints.then_some(true),
+        detail: postgis.describe(opts.postgis),
     });
     let mut login_ok = Vec::new();
     for (user, url) in &urls {
@@ -490,6 +504,7 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
                 )
             })
             .collect(),
+        postgis: postgis.describe(opts.postgis),
         passwords,
         api_key,
         urls,
@@ -506,14 +521,17 @@ fn host_port(cfg: &Config) -> (String, u16) {
     (host, cfg.get_ports().first().copied().unwrap_or(5432))
 }
 
-/// A database that has tables but no migrations table was made by something else.
+/// A database that has tables but no migrations table was made by something else. Tables
+/// of extensions (PostGIS's `spatial_ref_sys`, from a template database) do not count.
 async fn refuse_foreign_database(client: &Client, db: &str) -> Result<(), SetupError> {
     let row = client
         .query_one(
             "SELECT to_regclass('dbx_aviation.schema_migrations') IS NOT NULL, \
              (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
               WHERE c.relkind IN ('r','p') AND n.nspname NOT IN ('pg_catalog','information_schema') \
-              AND n.nspname NOT LIKE 'pg_toast%')",
+              AND n.nspname NOT LIKE 'pg_toast%' \
+              AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                              AND d.objid = c.oid AND d.deptype = 'e'))",
             &[],
         )
         .await

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use dbx_control::cluster::{random_token, urlencode, ClusterOptions, LocalCluster};
+use dbx_control::postgis::PostgisMode;
 use tokio_postgres::{Client, NoTls};
 
 pub mod broker;
@@ -208,11 +209,17 @@ impl TestDb {
 
     /// A fresh database with every migration applied, and the ingest user's URL
     /// (its password is a fixed test value, so concurrent tests sharing the
-    /// cluster-wide role never disagree about it).
+    /// cluster-wide role never disagree about it). PostGIS is used when the server offers
+    /// it, as `dbx setup` does by default.
     pub async fn migrated() -> (TestDb, String) {
+        TestDb::migrated_with(PostgisMode::Auto).await
+    }
+
+    /// [`TestDb::migrated`] on the branch of the schema `postgis` chooses.
+    pub async fn migrated_with(postgis: PostgisMode) -> (TestDb, String) {
         let db = TestDb::new().await;
         let mut client = db.client().await;
-        dbx_control::migrate::apply(&mut client)
+        dbx_control::migrate::apply_with(&mut client, postgis)
             .await
             .unwrap_or_else(|e| panic!("dbx-testkit: migrations failed: {e}"));
         // Roles are cluster-wide and concurrent ALTER ROLEs of one role fail with

@@ -173,6 +173,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         out_dir: args.dir.join("credentials"),
         rotate: false,
         sample_data: true,
+        postgis: Default::default(),
     })
     .await?;
     println!(

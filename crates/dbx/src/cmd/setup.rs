@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use dbx_control::postgis::PostgisMode;
 use dbx_control::{migrate, setup};
 use tokio_postgres::Config as PgConfig;
 
@@ -28,6 +29,11 @@ pub struct SetupArgs {
     /// Skip the sample organization and aircraft.
     #[arg(long)]
     no_sample_data: bool,
+    /// PostGIS for the schema (geography endpoints on flight_sessions with GiST indexes):
+    /// `auto` uses it when the server offers it, `require` fails without it, `off` never uses
+    /// it. Chosen when the schema is created.
+    #[arg(long, env = "DBX_POSTGIS", default_value_t = PostgisMode::Auto)]
+    postgis: PostgisMode,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -47,6 +53,9 @@ pub struct MigrateArgs {
     /// Connection URL of the database owner or a superuser; default DATABASE_URL.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// PostGIS for the schema, as for `dbx setup` (it matters when the schema is created).
+    #[arg(long, env = "DBX_POSTGIS", default_value_t = PostgisMode::Auto)]
+    postgis: PostgisMode,
     #[command(subcommand)]
     action: Option<MigrateAction>,
 }
@@ -97,6 +106,7 @@ pub async fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
         out_dir: args.out_dir.clone(),
         rotate: args.rotate,
         sample_data: !args.no_sample_data,
+        postgis: args.postgis,
     };
     let report = setup::setup(&opts).await?;
     if args.json {
@@ -109,6 +119,7 @@ pub async fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
             "server_version": report.server_version,
             "created_database": report.created_database,
             "migrations_applied": report.migrations_applied,
+            "postgis": report.postgis,
             "files": report.files,
             "checklist": checklist,
             "ok": report.all_ok(),
@@ -193,7 +204,7 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let mut client = setup::connect(&cfg).await?;
     match args.action.unwrap_or(MigrateAction::Apply) {
         MigrateAction::Apply => {
-            let applied = migrate::apply(&mut client).await?;
+            let applied = migrate::apply_with(&mut client, args.postgis).await?;
             if applied.is_empty() {
                 println!(
                     "migrations: up to date ({} known)",
@@ -208,6 +219,8 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
                     a.duration.as_millis()
                 );
             }
+            let postgis = dbx_control::postgis::PostgisState::read(&client).await?;
+            println!("postgis: {}", postgis.describe(args.postgis));
         }
         MigrateAction::Status => {
             for s in migrate::status(&client).await? {
