@@ -1,8 +1,9 @@
-//! The files under `deploy/` against the code and `config/dbx.toml`: they cannot be run here
-//! (no container engine, no systemd as PID 1, no HAProxy serving), so every fact they share
-//! with the daemon — ports, limits, timeouts, metric names, referenced files — is checked
-//! instead, and their own validators (`promtool`, `systemd-analyze`, `haproxy -c`) run on
-//! them; those are programs of `scripts/test-tools`, which `scripts/test` installs.
+//! The files under `deploy/` against the code and `config/dbx.toml`: every fact they share
+//! with the daemon — ports, limits, timeouts, metric names, referenced files — is checked, and
+//! their own validators (`promtool`, `systemd-analyze`, `haproxy -c`) run on them; those are
+//! programs of `scripts/test-tools`, which `scripts/test` installs. The compose stack and the
+//! systemd unit cannot run here (no container engine, no systemd as PID 1); Prometheus and
+//! HAProxy do, with these files, in `tests/live`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

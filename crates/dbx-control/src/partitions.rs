@@ -639,9 +639,18 @@ impl PartitionManager {
         tasks: &[Task],
     ) -> Result<Option<Vec<(Task, TaskReport)>>, MaintenanceError> {
         let mut slot = self.conn.lock().await;
-        let conn = self.ensure_conn(&mut slot).await?;
+        // A run that cannot even connect or ask for the lock (the database is down) is a
+        // failure of each of its tasks, as much as a step failing inside it.
+        let count_failed = |e: MaintenanceError| {
+            for &task in tasks {
+                metrics::counter!(m::MAINTENANCE_FAILURES_TOTAL, "kind" => task.name())
+                    .increment(1);
+            }
+            e
+        };
+        let conn = self.ensure_conn(&mut slot).await.map_err(count_failed)?;
         let held_before = conn.locked;
-        if !acquire(conn).await? {
+        if !acquire(conn).await.map_err(count_failed)? {
             return Ok(None);
         }
         let mut out = Vec::new();

@@ -141,6 +141,88 @@ fn temp_cluster_dir() -> PathBuf {
     ))
 }
 
+/// A PostgreSQL cluster of one test's own, in its own temporary directory: for a test that
+/// stops its server, or needs server settings of its own (`shared_preload_libraries`), while
+/// the other tests of the process keep the shared cluster. Stopped and removed when dropped.
+#[derive(Debug)]
+pub struct OwnCluster {
+    cluster: Option<LocalCluster>,
+    dir: PathBuf,
+}
+
+impl OwnCluster {
+    /// Initialises and starts a cluster with the test settings plus `settings`
+    /// (`-c name=value`).
+    pub async fn start(settings: &[(&str, &str)]) -> OwnCluster {
+        let dir = temp_cluster_dir();
+        let mut options = ClusterOptions::for_tests(dir.clone());
+        options
+            .settings
+            .extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let cluster = tokio::task::spawn_blocking(move || {
+            let c = LocalCluster::init(options).unwrap_or_else(|e| panic!("dbx-testkit: {e}"));
+            c.start().unwrap_or_else(|e| panic!("dbx-testkit: {e}"));
+            c
+        })
+        .await
+        .expect("starting a test cluster");
+        OwnCluster {
+            cluster: Some(cluster),
+            dir,
+        }
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> &LocalCluster {
+        self.cluster
+            .as_ref()
+            .expect("the cluster lives as long as OwnCluster")
+    }
+
+    /// Stops the server (a fast shutdown: connections are cut, nothing is lost).
+    pub fn stop(&self) {
+        tokio::task::block_in_place(|| self.cluster().stop())
+            .unwrap_or_else(|e| panic!("dbx-testkit: stopping the test cluster: {e}"));
+    }
+
+    /// Starts the server again, on the same port.
+    pub fn restart(&self) {
+        tokio::task::block_in_place(|| self.cluster().start())
+            .unwrap_or_else(|e| panic!("dbx-testkit: starting the test cluster again: {e}"));
+    }
+
+    /// Creates database `name` with every migration applied and the ingest user's password
+    /// set; returns the superuser's URL to it and the ingest user's.
+    pub async fn migrated(&self, name: &str) -> (String, String) {
+        let c = self.cluster();
+        let admin = connect(&c.superuser_url("postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\" ENCODING 'UTF8'"))
+            .await
+            .unwrap_or_else(|e| panic!("dbx-testkit: creating database {name}: {e}"));
+        let url = c.superuser_url(name);
+        let mut client = connect(&url).await;
+        dbx_control::migrate::apply(&mut client)
+            .await
+            .unwrap_or_else(|e| panic!("dbx-testkit: migrations failed: {e}"));
+        client
+            .batch_execute(&format!(
+                "ALTER ROLE dbx_ingest_service WITH LOGIN PASSWORD '{INGEST_TEST_PASSWORD}'"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("dbx-testkit: setting the ingest password: {e}"));
+        let ingest = c.url_for("dbx_ingest_service", INGEST_TEST_PASSWORD, name);
+        (url, ingest)
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        drop(self.cluster.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A fresh database for one test, on the process's cluster.
 #[derive(Debug, Clone)]
 pub struct TestDb {
