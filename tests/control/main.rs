@@ -125,29 +125,7 @@ fn check_exposition(text: &str) {
 
 /// `promtool check metrics` on the exposition: whether it passed, and what promtool said.
 fn promtool(text: &str) -> (bool, String) {
-    use std::io::Write;
-    let mut child = Command::new(dbx_testkit::prereq::tool("promtool"))
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("starting promtool");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(text.as_bytes())
-        .expect("feeding promtool");
-    let out = child.wait_with_output().expect("promtool");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    dbx_testkit::env::promtool_check_metrics(text)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -604,17 +604,9 @@ async fn tls_serves_the_same_protocol() {
     ])
     .await;
     let tls_addr = env.daemon.tls.expect("TLS port bound");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
-    let stream = connector
+    let stream = dbx::loadgen::tls_connector(&cert_path)
+        .unwrap()
         .connect(
             rustls::pki_types::ServerName::try_from("localhost").unwrap(),
             tcp,

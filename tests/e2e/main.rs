@@ -3,6 +3,7 @@
 
 mod admin;
 mod listener;
+mod orgs;
 
 use std::path::Path;
 

@@ -24,7 +24,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use dbx_core::Point;
@@ -425,19 +424,12 @@ async fn haproxy_fails_gateways_over_and_readyz_takes_a_daemon_out_of_rotation()
     );
 
     // 4. TLS through HAProxy, verified end to end (to b: a is down).
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).expect("root");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = TcpStream::connect(h.front.tls)
         .await
         .expect("connect TLS frontend");
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let stream = dbx::loadgen::tls_connector(&cert_path)
+        .expect("trust the daemon's certificate")
         .connect(name, tcp)
         .await
         .expect("TLS handshake with the daemon through haproxy");

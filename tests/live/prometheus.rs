@@ -95,7 +95,8 @@ fn faster(d: &str) -> String {
     )
 }
 
-/// `expr` with every range and subquery duration (`[5m]`, `[6h:5m]`) made faster.
+/// `expr` with every range and subquery duration (`[5m]`, `[6h:5m]`) and every `offset`
+/// made faster.
 fn faster_ranges(expr: &str) -> String {
     let mut out = String::new();
     let mut rest = expr;
@@ -107,7 +108,17 @@ fn faster_ranges(expr: &str) -> String {
         rest = &rest[close..];
     }
     out.push_str(rest);
-    out
+    let mut parts = out.split("offset ");
+    let mut scaled = parts.next().unwrap_or_default().to_string();
+    for part in parts {
+        let end = part
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(part.len());
+        scaled.push_str("offset ");
+        scaled.push_str(&faster(&part[..end]));
+        scaled.push_str(&part[end..]);
+    }
+    scaled
 }
 
 fn get_mut<'a>(v: &'a mut Yaml, key: &str) -> &'a mut Yaml {
@@ -179,7 +190,7 @@ fn alerts_yml() -> (String, Vec<String>) {
     (serde_norway::to_string(&rules).expect("YAML"), names)
 }
 
-/// Every query of the Grafana dashboard, with its `$instance` variable set to All.
+/// Every query of the Grafana dashboard, with its variables (`$instance`, `$org`) set to All.
 fn dashboard_exprs() -> Vec<String> {
     fn walk(v: &Value, out: &mut Vec<String>) {
         match v {
@@ -197,12 +208,28 @@ fn dashboard_exprs() -> Vec<String> {
     }
     let dash: Value =
         serde_json::from_str(&read("deploy/grafana/dbx-dashboard.json")).expect("dashboard");
-    let all = dash["templating"]["list"][0]["allValue"]
-        .as_str()
-        .expect("the instance variable's All value");
+    let vars: Vec<(String, String)> = dash["templating"]["list"]
+        .as_array()
+        .expect("variables")
+        .iter()
+        .map(|v| {
+            let all = v["allValue"].as_str().expect("an All value");
+            (
+                format!("${}", v["name"].as_str().expect("name")),
+                all.to_string(),
+            )
+        })
+        .collect();
+    assert!(vars.len() >= 2, "{vars:?}");
     let mut out = Vec::new();
     walk(&dash["panels"], &mut out);
-    out.iter().map(|e| e.replace("$instance", all)).collect()
+    out.into_iter()
+        .map(|e| {
+            let e = vars.iter().fold(e, |e, (var, all)| e.replace(var, all));
+            assert!(!e.contains('$'), "a dashboard variable left in {e}");
+            e
+        })
+        .collect()
 }
 
 /// A running Prometheus.
@@ -232,7 +259,7 @@ impl Prometheus {
         data["result"].as_array().cloned().unwrap_or_default()
     }
 
-    /// (alertname, instance) → state of the active (pending or firing) alerts.
+    /// (alertname, its org or instance) → state of the active (pending or firing) alerts.
     async fn alerts(&self) -> BTreeMap<(String, String), String> {
         let data = self.api("/api/v1/alerts", &[]).await;
         data["alerts"]
@@ -240,11 +267,28 @@ impl Prometheus {
             .expect("alerts")
             .iter()
             .map(|a| {
-                let label = |k: &str| a["labels"][k].as_str().unwrap_or_default().to_string();
+                let label = |k: &str| a["labels"][k].as_str().map(str::to_string);
+                let subject = label("org").or_else(|| label("instance"));
                 (
-                    (label("alertname"), label("instance")),
+                    (
+                        label("alertname").unwrap_or_default(),
+                        subject.unwrap_or_default(),
+                    ),
                     a["state"].as_str().unwrap_or_default().to_string(),
                 )
+            })
+            .collect()
+    }
+
+    /// The value of each series of `q`, by its `org` label.
+    async fn by_org(&self, q: &str) -> BTreeMap<String, f64> {
+        self.query(q)
+            .await
+            .iter()
+            .map(|s| {
+                let org = s["metric"]["org"].as_str().unwrap_or_default().to_string();
+                let v = s["value"][1].as_str().and_then(|v| v.parse().ok());
+                (org, v.unwrap_or(f64::NAN))
             })
             .collect()
     }
@@ -438,13 +482,28 @@ async fn skip_a_maintenance_step(url: &str, daemons: [&Daemon; 2]) {
         .await
         .expect("newest partition")
         .get(0);
-    // Two statements: a DROP in the string of a BEGIN would be part of its transaction.
+    // Under the maintenance lock (so that no premake recreates the partition in between),
+    // drop the partition, then hold the default partition from another session (a DROP in
+    // that transaction would hold the parent table until its end).
+    let locker = dbx_testkit::connect(url).await;
+    let key = dbx_control::partitions::MAINTENANCE_LOCK_KEY;
+    locker
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .expect("maintenance lock");
     c.batch_execute(&format!("DROP TABLE dbx_aviation.{newest}"))
         .await
         .expect("drop the newest partition");
-    c.batch_execute("BEGIN; LOCK TABLE dbx_aviation.flight_telemetry_default IN ACCESS SHARE MODE")
+    locker
+        .batch_execute(
+            "BEGIN; LOCK TABLE dbx_aviation.flight_telemetry_default IN ACCESS SHARE MODE",
+        )
         .await
         .expect("lock the default partition");
+    locker
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .expect("maintenance unlock");
     let skipped = poll(Duration::from_secs(20), || async {
         let mut n = 0.0;
         for d in daemons {
@@ -453,7 +512,7 @@ async fn skip_a_maintenance_step(url: &str, daemons: [&Daemon; 2]) {
         (n > 0.0).then_some(())
     })
     .await;
-    c.batch_execute("COMMIT").await.expect("release");
+    locker.batch_execute("COMMIT").await.expect("release");
     assert!(
         skipped.is_some(),
         "no maintenance step was skipped (dropped {newest})\n{}\n{}",
@@ -574,6 +633,7 @@ async fn prometheus_scrapes_the_daemons_the_dashboard_has_data_and_the_outage_al
     .await;
     assert!(waited.is_some(), "no rate-limit pause or drop");
     let slow = (land(slow_tcp).await, land(slow_udp).await);
+    let slow_landed = Instant::now();
     assert!(
         slow.0.points_acked > 0 && slow.0.error.is_none(),
         "{}",
@@ -676,6 +736,46 @@ async fn prometheus_scrapes_the_daemons_the_dashboard_has_data_and_the_outage_al
         .collect();
     assert_eq!(empty, allowed, "dashboard queries without data");
 
+    // Per organization: both are there under their codes, with what each did.
+    let orgs = prom
+        .by_org("sum by (org) (dbx_org_points_received_total)")
+        .await;
+    assert_eq!(
+        orgs.keys().collect::<Vec<_>>(),
+        ["FLEET", "SLOW"],
+        "{orgs:?}"
+    );
+    let refused = prom.by_org("sum by (org) (dbx_org_rejections_total)").await;
+    assert!(
+        refused["FLEET"] >= 2.0 && refused["SLOW"] >= 1.0,
+        "{refused:?}"
+    );
+    let paused = prom
+        .by_org("sum by (org) (dbx_org_rate_limit_wait_seconds_sum)")
+        .await;
+    assert!(paused["SLOW"] > 0.0, "{paused:?}");
+    // SLOW stopped sending when its fleets landed: DbxOrgStoppedSending fires for it (after
+    // its scaled 15 minutes of silence), not for FLEET, which sends on.
+    let stopped = poll(Duration::from_secs(60), || async {
+        let active = prom.alerts().await;
+        let slow = active.get(&("DbxOrgStoppedSending".into(), "SLOW".into()));
+        (slow.map(String::as_str) == Some("firing")).then_some(active)
+    })
+    .await;
+    let active = match stopped {
+        Some(a) => a,
+        None => panic!("SLOW not stopped: {:?}", prom.alerts().await),
+    };
+    assert!(
+        !active.contains_key(&("DbxOrgStoppedSending".into(), "FLEET".into())),
+        "{active:?}"
+    );
+    // Not before its scaled silence (less two scrape intervals: the last points arrived a
+    // little before the fleets reported landing).
+    let silent = slow_landed.elapsed().as_secs_f64();
+    let least = seconds(&faster("15m")) - 2.0 * seconds(&faster("15s"));
+    assert!(silent >= least, "fired after {silent} s");
+
     // The fleets: everything acked, nothing refused, across the outage.
     for (name, f) in [("a", fleet_a), ("b", fleet_b)] {
         let s = land(f).await;
@@ -691,5 +791,15 @@ async fn prometheus_scrapes_the_daemons_the_dashboard_has_data_and_the_outage_al
     eprintln!(
         "prometheus: the whole test took {:.1} s",
         started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn durations_of_ranges_subqueries_and_offsets_are_made_faster() {
+    assert_eq!(seconds("1h30m"), 5400.0);
+    assert_eq!(seconds("500ms"), 0.5);
+    assert_eq!(
+        faster_ranges("increase(x[1h] offset 15m) > 0 and rate(y{a=~\"b|c\"}[5m]) and z[6h:5m]"),
+        "increase(x[120000ms] offset 30000ms) > 0 and rate(y{a=~\"b|c\"}[10000ms]) and z[720000ms:10000ms]"
     );
 }

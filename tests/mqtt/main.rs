@@ -398,6 +398,17 @@ async fn a_bad_payload_lands_in_the_dead_letter_topic_with_its_reason() {
     );
     // Refused messages are acknowledged too (MQTT has no nack).
     assert_eq!(metric(&body, "dbx_mqtt_messages_acked_total", ""), 4.0);
+    // Per organization (the topic's): every payload's bytes, the one batch accepted, the
+    // three refused.
+    let acme = "org=\"ACME\"";
+    let bytes = bad_point.len() + 3 + unknown.len() + good.len();
+    assert_eq!(
+        metric(&body, "dbx_org_received_bytes_total", acme),
+        bytes as f64
+    );
+    assert_eq!(metric(&body, "dbx_org_batches_received_total", acme), 1.0);
+    assert_eq!(metric(&body, "dbx_org_points_received_total", acme), 1.0);
+    assert_eq!(metric(&body, "dbx_org_rejections_total", acme), 3.0);
 }
 
 /// Streams `count` × 10 points with paho while `disrupt` runs once `trigger` rows are in;

@@ -393,6 +393,7 @@ fn alert_rules_cover_the_issue_and_use_only_exported_metrics() {
             "DbxBackupTooOld",
             "dbx_backup_last_success_timestamp_seconds",
         ),
+        ("DbxOrgStoppedSending", "dbx_org_points_received_total"),
     ] {
         let expr = by_name
             .get(alert)
@@ -495,22 +496,40 @@ fn dashboard_queries_only_exported_metrics_and_has_the_issue_panels() {
         .iter()
         .any(|e| e.starts_with("histogram_quantile(0.99")
             && e.contains("dbx_ack_latency_seconds_bucket")));
-    // Per-organization throughput: no such metric exists, and the panel says so.
+    // Per organization: a row of panels using every dbx_org_* metric, summed by org, after
+    // the Ingest row; an `org` variable filters them.
     let panels = dash["panels"].as_array().expect("panels");
-    let per_org = panels
+    let titles: Vec<&str> = panels
         .iter()
-        .find(|p| {
-            p["title"]
-                .as_str()
-                .unwrap_or("")
-                .contains("per-organization")
-        })
-        .expect("a per-organization panel");
-    assert!(per_org["description"]
-        .as_str()
-        .unwrap_or("")
-        .contains("no per-organization counter"));
-    assert!(!used.iter().any(|m| m.contains("org")), "{used:?}");
+        .filter(|p| p["type"] == "row")
+        .map(|p| p["title"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(&titles[..2], ["Ingest", "Organizations"], "{titles:?}");
+    let org_metrics: BTreeSet<&String> =
+        known.iter().filter(|m| m.starts_with("dbx_org_")).collect();
+    assert!(org_metrics.len() >= 5, "{org_metrics:?}");
+    for m in org_metrics {
+        if m.ends_with("_bucket")
+            || m.ends_with("_count")
+            || m.as_str() == "dbx_org_rate_limit_wait_seconds"
+        {
+            continue;
+        }
+        let e = exprs
+            .iter()
+            .find(|e| metric_tokens(e).contains(m))
+            .unwrap_or_else(|| panic!("no panel queries {m}"));
+        assert!(
+            e.contains("sum by (org)") || m.as_str() == "dbx_org_labels",
+            "{m}: {e}"
+        );
+    }
+    let vars = dash["templating"]["list"].as_array().expect("variables");
+    assert!(vars.iter().any(|v| v["name"] == "org"
+        && v["definition"]
+            .as_str()
+            .unwrap_or("")
+            .contains("dbx_org_points_received_total")));
     // Every panel's datasource is the provisioned one.
     let ds = yaml("deploy/grafana/provisioning/datasources/prometheus.yml");
     let uid = get(&ds, &["datasources"])[0]["uid"]

@@ -43,6 +43,24 @@ pub const AUTH_KEYS: &str = "dbx_auth_keys";
 /// Listener: active aircraft the cache knows (gauge).
 pub const AUTH_AIRCRAFT: &str = "dbx_auth_aircraft";
 
+/// Per organization (label `org` = its org code; past `metrics.max_org_labels`
+/// organizations, `other`): points accepted into the pipeline, all inputs (counter).
+pub const ORG_POINTS_RECEIVED_TOTAL: &str = "dbx_org_points_received_total";
+/// Per organization: batches accepted into the pipeline (counter, label `org`).
+pub const ORG_BATCHES_RECEIVED_TOTAL: &str = "dbx_org_batches_received_total";
+/// Per organization: bytes received from its gateways — frames, datagrams, MQTT payloads —
+/// whatever became of them (counter, label `org`).
+pub const ORG_RECEIVED_BYTES_TOTAL: &str = "dbx_org_received_bytes_total";
+/// Per organization: batches refused — nacked, or datagrams dropped for a reason of its own
+/// (counter, label `org`).
+pub const ORG_REJECTIONS_TOTAL: &str = "dbx_org_rejections_total";
+/// Per organization: each pause of its input for its rate limit (histogram, seconds, label
+/// `org`, two buckets; its `_sum` is the time paused).
+pub const ORG_RATE_LIMIT_WAIT_SECONDS: &str = "dbx_org_rate_limit_wait_seconds";
+/// Organizations with a label of their own in the per-organization metrics (gauge; at
+/// `metrics.max_org_labels` further ones count under `other`).
+pub const ORG_LABELS: &str = "dbx_org_labels";
+
 /// MQTT input: messages received from the broker (counter, label `kind` = qos0 | qos1).
 pub const MQTT_MESSAGES_RECEIVED_TOTAL: &str = "dbx_mqtt_messages_received_total";
 /// MQTT input: QoS 1 messages acknowledged (PUBACK sent after the batcher's verdict) (counter).

@@ -80,6 +80,7 @@ pub struct OrgGrant {
 pub struct AuthSnapshot {
     keys: HashMap<String, KeyGrant>,
     orgs_by_code: HashMap<String, OrgGrant>,
+    org_codes: HashMap<Uuid, String>,
     aircraft_by_reg: HashMap<(Uuid, String), Uuid>,
     aircraft_org: HashMap<Uuid, Uuid>,
 }
@@ -98,6 +99,11 @@ impl AuthSnapshot {
     /// The active organization whose `org_code` is exactly `code`.
     pub fn org_by_code(&self, code: &str) -> Option<&OrgGrant> {
         self.orgs_by_code.get(code)
+    }
+
+    /// The `org_code` of an active organization.
+    pub fn org_code(&self, org: Uuid) -> Option<&str> {
+        self.org_codes.get(&org).map(String::as_str)
     }
 }
 
@@ -408,10 +414,12 @@ impl AuthCache {
             .await?
         {
             let rate: Option<i32> = row.get(2);
+            let (code, org_id): (String, Uuid) = (row.get(0), row.get(1));
+            snap.org_codes.insert(org_id, code.clone());
             snap.orgs_by_code.insert(
-                row.get(0),
+                code,
                 OrgGrant {
-                    org_id: row.get(1),
+                    org_id,
                     points_per_sec: rate.filter(|r| *r > 0).map(|r| r as u32),
                 },
             );

@@ -33,6 +33,7 @@ use dbx_proto::{ClientMessage, DecodeError, FrameCodec, FrameError, ServerMessag
 
 use crate::audit::{HandshakeLog, HandshakeRecord};
 use crate::auth::{AuthCache, KeyGrant};
+use crate::orgmetrics::{OrgCounters, OrgMetrics};
 use crate::ratelimit::RateLimiter;
 use crate::ListenerConfig;
 
@@ -134,6 +135,8 @@ pub struct Shared {
     pub batches: mpsc::Sender<TelemetryBatch>,
     /// api_requests recorder.
     pub handshakes: HandshakeLog,
+    /// Per-organization metrics.
+    pub org_metrics: Arc<OrgMetrics>,
 }
 
 /// One batch waiting for its verdict.
@@ -217,7 +220,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         tracing::debug!(peer = %self.peer, org = %grant.org_id, key = %grant.label, "gateway connected");
         // Keeps api_keys.last_used_at current while the connection lives.
         let _in_use = self.shared.auth.track_use(&key_hash);
-        let end = self.serve(&key_hash, &grant).await;
+        let org = self
+            .shared
+            .org_metrics
+            .for_org(grant.org_id, &self.shared.auth);
+        let end = self.serve(&key_hash, &grant, &org).await;
         match &end {
             End::Error(code, msg) => {
                 metrics::counter!(m::REJECTIONS_TOTAL, "reason" => code.as_str()).increment(1);
@@ -349,7 +356,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         Ok((hash, grant))
     }
 
-    async fn serve(&mut self, key_hash: &str, grant: &KeyGrant) -> End {
+    async fn serve(&mut self, key_hash: &str, grant: &KeyGrant, org: &OrgCounters) -> End {
         let cfg = self.shared.config.clone();
         let limits = cfg.limits();
         let mut pending: VecDeque<Pending> = VecDeque::new();
@@ -387,7 +394,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 outcome = front_outcome(&mut pending), if !pending.is_empty() => {
                     match outcome {
                         Some(o) => {
-                            if let Err(e) = self.deliver(&mut pending, o).await {
+                            if let Err(e) = self.deliver(&mut pending, o, org).await {
                                 return End::Io(e);
                             }
                         }
@@ -453,6 +460,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     };
                     idle_deadline = tokio::time::Instant::now() + cfg.idle_timeout();
                     metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => self.transport).increment(1);
+                    org.received_bytes(dbx_proto::codec::PREFIX_LEN + frame.len());
                     let received_at = Instant::now();
                     match dbx_proto::decode_client(&frame, &limits, now_micros()) {
                         Ok(ClientMessage::Batch(batch)) => {
@@ -466,10 +474,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                             let session = batch.session;
                             match self.accept(grant, batch, received_at).await {
                                 Ok((tb, rx, wait)) => {
+                                    org.accepted(tb.points.len());
                                     pending.push_back(Pending { seq, verdict: Verdict::Waiting(rx), received_at, session });
                                     to_send = Some(tb);
                                     if !wait.is_zero() {
                                         metrics::histogram!(m::RATE_LIMIT_WAIT_SECONDS).record(wait.as_secs_f64());
+                                        org.rate_limited(wait);
                                         resume_reads_at = Some(tokio::time::Instant::now() + wait);
                                     }
                                 }
@@ -555,6 +565,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         &mut self,
         pending: &mut VecDeque<Pending>,
         first: BatchOutcome,
+        org: &OrgCounters,
     ) -> io::Result<()> {
         let mut outcome = Some(first);
         let mut ack_upto: Option<(u64, Instant)> = None;
@@ -573,6 +584,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     if r.code == RejectCode::ForeignSession {
                         self.shared.auth.forget_session(p.session);
                     }
+                    org.rejected();
                     self.conn
                         .write_message(&ServerMessage::Nack {
                             seq: p.seq,

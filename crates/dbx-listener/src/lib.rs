@@ -11,6 +11,7 @@
 //! - [`connection`]: one TCP/TLS connection: framing, handshake, batches, acks in order.
 //! - [`tcp`] / [`udp`]: the servers, the connection semaphore.
 //! - [`ratelimit`]: per-organization token buckets.
+//! - [`orgmetrics`]: per-organization metrics and their label policy, for every input.
 //! - [`audit`]: batched `api_requests` rows for every handshake, off the hot path.
 //!
 //! [`Listener`] binds everything and runs it until shutdown, then drains: it stops
@@ -22,6 +23,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod orgmetrics;
 pub mod ratelimit;
 pub mod tcp;
 pub mod udp;
@@ -39,6 +41,7 @@ pub use audit::HandshakeLog;
 pub use auth::AuthCache;
 pub use config::ListenerConfig;
 use connection::Shared;
+pub use orgmetrics::{OrgCounters, OrgMetrics};
 pub use ratelimit::RateLimiter;
 
 /// Failures while starting the listener.
@@ -95,6 +98,7 @@ impl Listener {
         auth: Arc<AuthCache>,
         batches: mpsc::Sender<TelemetryBatch>,
         handshakes: HandshakeLog,
+        org_metrics: Arc<OrgMetrics>,
     ) -> Result<Listener, ListenerError> {
         config.validate().map_err(ListenerError::Config)?;
         let tcp = bind_tcp("tcp", &config.tcp_bind).await?;
@@ -128,6 +132,7 @@ impl Listener {
                 limiter: Arc::new(RateLimiter::new()),
                 batches,
                 handshakes,
+                org_metrics,
             },
             tcp,
             tls,

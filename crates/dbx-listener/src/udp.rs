@@ -54,6 +54,8 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             continue;
         };
         shared.auth.note_used(&key_hash);
+        let org = shared.org_metrics.for_org(grant.org_id, &shared.auth);
+        org.received_bytes(len);
         let aircraft_id = match crate::admit::resolve_target(
             &shared.auth,
             grant.org_id,
@@ -66,6 +68,7 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             Ok(id) => id,
             Err(r) => {
                 drop_datagram(r.code.as_str());
+                org.rejected();
                 continue;
             }
         };
@@ -76,6 +79,7 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
         {
             metrics::counter!(m::RATE_LIMIT_DROPS_TOTAL).increment(n as u64);
             drop_datagram("rate_limited");
+            org.rejected();
             continue;
         }
         let batch = TelemetryBatch {
@@ -91,6 +95,7 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             Ok(()) => {
                 metrics::counter!(m::POINTS_RECEIVED_TOTAL, "transport" => "udp")
                     .increment(n as u64);
+                org.accepted(n);
             }
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => drop_datagram("saturated"),
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,

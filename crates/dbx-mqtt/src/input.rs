@@ -33,7 +33,7 @@ use dbx_core::{
     AckHandle, AckReceiver, BatchOrigin, BatchOutcome, RejectCode, Rejection, Shutdown,
     TelemetryBatch,
 };
-use dbx_listener::{AuthCache, RateLimiter};
+use dbx_listener::{AuthCache, OrgCounters, OrgMetrics, RateLimiter};
 use dbx_proto::Limits;
 
 use crate::client::PumpEvent;
@@ -103,6 +103,7 @@ pub(crate) struct Processor {
     pub(crate) auth: Arc<AuthCache>,
     pub(crate) limiter: Arc<RateLimiter>,
     pub(crate) batches: mpsc::Sender<TelemetryBatch>,
+    pub(crate) org_metrics: Arc<OrgMetrics>,
     pub(crate) client: AsyncClient,
     pub(crate) events: mpsc::Receiver<PumpEvent>,
     /// Set before the DISCONNECT at the end, so that the pump knows it was ours.
@@ -135,18 +136,17 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 impl Processor {
     pub(crate) fn new(
         settings: Arc<Settings>,
-        auth: Arc<AuthCache>,
-        limiter: Arc<RateLimiter>,
-        batches: mpsc::Sender<TelemetryBatch>,
+        shared: crate::Shared,
         client: AsyncClient,
         events: mpsc::Receiver<PumpEvent>,
         leaving: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         Processor {
             settings,
-            auth,
-            limiter,
-            batches,
+            auth: shared.auth,
+            limiter: shared.limiter,
+            batches: shared.batches,
+            org_metrics: shared.org_metrics,
             client,
             events,
             leaving,
@@ -362,6 +362,9 @@ impl Processor {
     fn reject(&mut self, about: &About, r: &Rejection, best_effort: bool) {
         metrics::counter!(m::MQTT_MESSAGES_REJECTED_TOTAL, "reason" => r.code.as_str())
             .increment(1);
+        if let Some(org) = &about.org {
+            org.rejected();
+        }
         tracing::info!(topic = %about.topic, code = %r.code, index = ?r.index, "mqtt message refused: {}", r.msg);
         let Some(topic) = &about.dead_letter else {
             return;
@@ -464,6 +467,9 @@ impl Processor {
             Some(g) => (g.org_id, g.points_per_sec),
             None => return fail(about, unknown_org(parts)),
         };
+        let counters = self.org_metrics.for_org(org, &self.auth);
+        counters.received_bytes(p.payload.len());
+        about.org = Some(counters.clone());
         let (aircraft, map) = match decode(p, parts, &s.limits) {
             Ok(ok) => ok,
             Err(r) => return fail(about, r),
@@ -483,12 +489,14 @@ impl Processor {
             Err(r) => return fail(about, r),
         };
         let n = map.points.len();
-        if !self.charge(org, rate, n, qos1) {
+        if !self.charge((org, &counters), rate, n, qos1) {
             metrics::counter!(m::RATE_LIMIT_DROPS_TOTAL).increment(n as u64);
             metrics::counter!(m::MQTT_DROPPED_TOTAL, "reason" => "rate_limited").increment(1);
+            counters.rejected();
             return Err(Refusal::Dropped);
         }
         metrics::counter!(m::POINTS_RECEIVED_TOTAL, "transport" => "mqtt").increment(n as u64);
+        counters.accepted(n);
         let batch = TelemetryBatch {
             org_id: org,
             aircraft_id,
@@ -507,13 +515,20 @@ impl Processor {
 
     /// Applies the organization's rate limit: QoS 1 always passes and pauses the input
     /// for the debt (the broker then holds the rest); QoS 0 passes only if it fits.
-    fn charge(&mut self, org: Uuid, rate: Option<u32>, points: usize, qos1: bool) -> bool {
+    fn charge(
+        &mut self,
+        (org, counters): (Uuid, &OrgCounters),
+        rate: Option<u32>,
+        points: usize,
+        qos1: bool,
+    ) -> bool {
         if !qos1 {
             return self.limiter.try_acquire(org, rate, points);
         }
         let wait = self.limiter.acquire(org, rate, points);
         if !wait.is_zero() {
             metrics::histogram!(m::RATE_LIMIT_WAIT_SECONDS).record(wait.as_secs_f64());
+            counters.rate_limited(wait);
             self.paused_until = Some(tokio::time::Instant::now() + wait);
         }
         true

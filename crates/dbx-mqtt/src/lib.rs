@@ -73,6 +73,8 @@ pub struct Shared {
     pub limits: Limits,
     /// Register unknown registrations for the topic's organization.
     pub auto_register_aircraft: bool,
+    /// Per-organization metrics (the listener's: one label policy for every input).
+    pub org_metrics: Arc<dbx_listener::OrgMetrics>,
 }
 
 impl MqttInput {
@@ -105,15 +107,7 @@ impl MqttInput {
         let pump = tokio::spawn(client::pump(eventloop, tx, backoff, leaving.clone()));
         tracing::info!(broker = %cfg.url, client_id = %settings.client_id, filter = %settings.subscription, "mqtt input starting");
         Ok(MqttInput {
-            processor: input::Processor::new(
-                settings,
-                shared.auth,
-                shared.limiter,
-                shared.batches,
-                client,
-                rx,
-                leaving,
-            ),
+            processor: input::Processor::new(settings, shared, client, rx, leaving),
             pump,
         })
     }

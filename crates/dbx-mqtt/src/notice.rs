@@ -32,6 +32,8 @@ pub(crate) struct About {
     /// The batch `seq` and session, when the payload could be decoded that far.
     pub(crate) seq: Option<u64>,
     pub(crate) session: Option<Uuid>,
+    /// The per-organization metrics of the topic's organization, once it is known.
+    pub(crate) org: Option<std::sync::Arc<dbx_listener::OrgCounters>>,
 }
 
 impl About {
@@ -45,6 +47,7 @@ impl About {
             payload_sha256: None,
             seq: None,
             session: None,
+            org: None,
         }
     }
 

@@ -89,3 +89,32 @@ pub fn metric_value(exposition: &str, name: &str, labels: &str) -> f64 {
         .filter_map(|(_, v)| v.parse::<f64>().ok())
         .sum()
 }
+
+/// `promtool check metrics` (a program of `scripts/test-tools`) on an exposition: whether it
+/// passed, and what promtool said.
+pub fn promtool_check_metrics(exposition: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(crate::prereq::tool("promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("feeding promtool");
+    let out = child.wait_with_output().expect("promtool");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

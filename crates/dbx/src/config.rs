@@ -27,6 +27,8 @@ pub struct Config {
     pub partitions: dbx_control::partitions::PartitionsConfig,
     /// The database health collector.
     pub health: HealthConfig,
+    /// The daemon's own metrics.
+    pub metrics: MetricsConfig,
     /// The admin HTTP endpoint.
     pub http: HttpConfig,
     /// Access to the admin HTTP endpoint.
@@ -72,6 +74,27 @@ impl Default for HealthConfig {
     }
 }
 
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Organizations with a label of their own in the per-organization metrics; past it,
+    /// further ones are counted under `org="other"`.
+    pub max_org_labels: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_org_labels: 1000,
+        }
+    }
+}
+
+/// Most organizations `metrics.max_org_labels` may label: every label costs a handful of
+/// series in every scrape.
+pub const MAX_ORG_LABELS_LIMIT: usize = 100_000;
+
 impl Config {
     /// Checks what serde cannot; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -95,6 +118,12 @@ impl Config {
         self.partitions
             .validate()
             .map_err(|(key, m)| key_err(&format!("partitions.{key}"), m))?;
+        if self.metrics.max_org_labels > MAX_ORG_LABELS_LIMIT {
+            return Err(key_err(
+                "metrics.max_org_labels",
+                format!("must be at most {MAX_ORG_LABELS_LIMIT}"),
+            ));
+        }
         if self.health.interval_secs == 0 {
             return Err(key_err("health.interval_secs", "must be at least 1".into()));
         }
@@ -406,6 +435,26 @@ mod tests {
             "{e}"
         );
         assert!(AdminConfig::default().load_token().unwrap().is_none());
+    }
+
+    #[test]
+    fn the_org_label_cap_is_bounded_and_named() {
+        let c: Config =
+            load_with_env(None, &env(&[("DBX_METRICS__MAX_ORG_LABELS", "25")])).unwrap();
+        assert_eq!(c.metrics.max_org_labels, 25);
+        c.validate().unwrap();
+        let too_many = Config {
+            metrics: MetricsConfig {
+                max_org_labels: MAX_ORG_LABELS_LIMIT + 1,
+            },
+            ..Config::default()
+        };
+        let e = too_many.validate().unwrap_err().to_string();
+        assert!(e.contains("metrics.max_org_labels"), "{e}");
+        let e = load_with_env::<Config>(None, &env(&[("DBX_METRICS__MAX_ORG_LABELS", "-1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics.max_org_labels"), "{e}");
     }
 
     #[test]

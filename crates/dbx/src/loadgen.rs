@@ -391,7 +391,9 @@ async fn connect(
     }
 }
 
-fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector, String> {
+/// A TLS connector trusting the PEM certificates in `ca`, as a gateway verifies dbx (tests
+/// use it too); the error names the file.
+pub fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector, String> {
     Ok(tokio_rustls::TlsConnector::from(Arc::new(
         tls_client_config(ca)?,
     )))

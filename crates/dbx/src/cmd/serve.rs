@@ -18,7 +18,7 @@ use dbx_batcher::{Batcher, PartitionInterval};
 use dbx_control::health::HealthCollector;
 use dbx_control::partitions::{Interval, PartitionManager};
 use dbx_core::{SharedClock, ShutdownTrigger, SystemClock};
-use dbx_listener::{AuthCache, HandshakeLog, Listener};
+use dbx_listener::{AuthCache, HandshakeLog, Listener, OrgMetrics};
 
 use crate::config::{self, Config};
 
@@ -219,6 +219,7 @@ fn describe_metrics() {
         "Seconds since the daemon started."
     );
     describe_mqtt_metrics();
+    describe_org_metrics();
     c!(
         dbx_listener::audit::API_REQUESTS_DROPPED_TOTAL,
         "Handshake records not written to api_requests, by reason (queue_full, pending_full, write_failed)."
@@ -226,6 +227,38 @@ fn describe_metrics() {
     c!(
         dbx_listener::audit::API_REQUESTS_COLLAPSED_TOTAL,
         "Refused handshakes counted in an earlier api_requests row of the same flush window (same client IP, status, transport)."
+    );
+}
+
+/// HELP texts of the per-organization metrics.
+fn describe_org_metrics() {
+    use dbx_core::metrics as m;
+    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
+    c!(
+        m::ORG_POINTS_RECEIVED_TOTAL,
+        "Points accepted into the pipeline, by organization (org code; past metrics.max_org_labels organizations, other)."
+    );
+    c!(
+        m::ORG_BATCHES_RECEIVED_TOTAL,
+        "Batches accepted into the pipeline, by organization."
+    );
+    c!(
+        m::ORG_RECEIVED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes received from an organization's gateways (frames, datagrams, MQTT payloads), by organization."
+    );
+    c!(
+        m::ORG_REJECTIONS_TOTAL,
+        "Batches refused (nacked, or datagrams dropped for a reason of the organization's own), by organization."
+    );
+    h!(
+        m::ORG_RATE_LIMIT_WAIT_SECONDS,
+        Unit::Seconds,
+        "Pauses of an organization's input for its rate limit, by organization."
+    );
+    g!(
+        m::ORG_LABELS,
+        "Organizations with a label of their own in the per-organization metrics (at metrics.max_org_labels, others count as other)."
     );
 }
 
@@ -329,6 +362,14 @@ pub async fn run(
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ])
         .context("metric buckets")?
+        // One histogram per organization: few buckets, so its series stay few.
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                dbx_core::metrics::ORG_RATE_LIMIT_WAIT_SECONDS.into(),
+            ),
+            &[0.1, 1.0],
+        )
+        .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     describe_metrics();
@@ -420,8 +461,15 @@ pub async fn run(
     } else {
         (tx, None)
     };
-    let listener =
-        Listener::bind(cfg.listener.clone(), auth.clone(), tx.clone(), handshakes).await?;
+    let org_metrics = OrgMetrics::new(cfg.metrics.max_org_labels);
+    let listener = Listener::bind(
+        cfg.listener.clone(),
+        auth.clone(),
+        tx.clone(),
+        handshakes,
+        org_metrics.clone(),
+    )
+    .await?;
     // The MQTT input feeds the same queue, shares the rate limits and the tenant checks.
     let mqtt = if cfg.mqtt.enabled() {
         let shared = dbx_mqtt::Shared {
@@ -430,6 +478,7 @@ pub async fn run(
             batches: tx,
             limits: cfg.listener.limits(),
             auto_register_aircraft: cfg.listener.auto_register_aircraft,
+            org_metrics,
         };
         Some(dbx_mqtt::MqttInput::start(&cfg.mqtt, shared)?)
     } else {
