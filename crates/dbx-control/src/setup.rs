@@ -7,8 +7,9 @@
 //! data (a test organization and a few aircraft) with an API key for it, writes
 //! `credentials.txt` and `api_key.txt` (mode 0600), and reports the seed's success
 //! checklist item by item, including which branch of the schema PostGIS gave
-//! ([`SetupOptions::postgis`]: `off`, `auto` (the default) or `require`). Running it again changes nothing: passwords and the key
-//! are read back from the files it wrote, unless `rotate` asks for new ones.
+//! ([`SetupOptions::postgis`]: `off`, `auto` (the default) or `require`). Running it again
+//! changes nothing: passwords and the key are read back from the files it wrote, unless
+//! `rotate` asks for new ones.
 //!
 //! Passwords never travel in clear: setup computes each user's SCRAM-SHA-256 verifier
 //! itself and sends only that (`ALTER ROLE … PASSWORD 'SCRAM-SHA-256$…'`), so neither the
