@@ -97,6 +97,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "tenants",
         sql: include_str!("../migrations/0020_tenants.sql"),
     },
+    Migration {
+        version: 40,
+        name: "sessions",
+        sql: include_str!("../migrations/0040_sessions.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").

@@ -139,6 +139,7 @@ pub fn batch(t: Tenant, session: Uuid, points: Vec<Point>) -> (TelemetryBatch, A
             ack,
             origin: BatchOrigin::Tcp,
             received_at: Instant::now(),
+            ends_session: false,
         },
         rx,
     )
