@@ -242,21 +242,6 @@ async fn completer_role(env: &dbx_testkit::Env) -> String {
     name
 }
 
-fn pool(url: &str) -> deadpool_postgres::Pool {
-    let mgr = deadpool_postgres::Manager::from_config(
-        url.parse().expect("test URL"),
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    deadpool_postgres::Pool::builder(mgr)
-        .max_size(1)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
-        .expect("pool")
-}
-
 async fn set_login(env: &dbx_testkit::Env, role: &str, on: bool) {
     let login = if on { "LOGIN" } else { "NOLOGIN" };
     env.client
@@ -302,7 +287,7 @@ async fn idle_sessions_are_completed_after_the_timeout_with_the_clock_under_cont
     let clock = ManualClock::new(Utc::now());
     let shared: SharedClock = clock.clone();
     let cfg = SessionsConfig::default();
-    let completer = SessionCompleter::new(pool(&url), cfg, shared);
+    let completer = SessionCompleter::new(dbx_testkit::pool(&url, 1), cfg, shared);
     let thirty = TimeDelta::seconds(1800);
     let start = clock.now();
 

@@ -118,17 +118,15 @@ mod tests {
     use super::*;
     use dbx_core::{BatchOutcome, RejectCode};
 
+    fn ticket(h: AckHandle) -> Ticket {
+        let nil = Uuid::nil();
+        Ticket::new(nil, nil, nil, h, Instant::now(), BatchOrigin::Tcp)
+    }
+
     #[test]
     fn durable_after_last_piece() {
         let (h, mut rx) = AckHandle::channel();
-        let t = Ticket::new(
-            Uuid::nil(),
-            Uuid::nil(),
-            Uuid::nil(),
-            h,
-            Instant::now(),
-            BatchOrigin::Tcp,
-        );
+        let t = ticket(h);
         t.add_piece();
         t.add_piece();
         assert_eq!(t.piece_committed(), Resolved::Nothing);
@@ -140,14 +138,7 @@ mod tests {
     #[test]
     fn rejection_wins_once() {
         let (h, mut rx) = AckHandle::channel();
-        let t = Ticket::new(
-            Uuid::nil(),
-            Uuid::nil(),
-            Uuid::nil(),
-            h,
-            Instant::now(),
-            BatchOrigin::Tcp,
-        );
+        let t = ticket(h);
         t.add_piece();
         t.add_piece();
         let r = Rejection::new(RejectCode::Rejected, "bad");

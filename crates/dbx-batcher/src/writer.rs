@@ -242,23 +242,21 @@ fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usiz
         if skip.contains(&i) {
             continue;
         }
-        if done.foreign.contains(&t.session) || done.mismatched.contains(&i) {
-            let r = Rejection::new(
+        let refusal = if done.foreign.contains(&t.session) || done.mismatched.contains(&i) {
+            Some((
                 RejectCode::ForeignSession,
-                format!(
-                    "session {} belongs to another organization or aircraft",
-                    t.session
-                ),
-            );
-            refuse(shared, t, r);
+                "belongs to another organization or aircraft",
+            ))
         } else if done.settled.get(&i) == Some(&Settled::Closed) {
-            let r = Rejection::new(
+            Some((
                 RejectCode::SessionClosed,
-                format!(
-                    "session {} is completed; it takes no new points (start a new session)",
-                    t.session
-                ),
-            );
+                "is completed; it takes no new points (start a new session)",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, why)) = refusal {
+            let r = Rejection::new(code, format!("session {} {why}", t.session));
             refuse(shared, t, r);
         } else if t.piece_committed() == Resolved::Now {
             c.add(&c.batches_acked, 1);
