@@ -150,6 +150,12 @@ impl SessionCompleter {
             .get()
             .await
             .map_err(|e| CompleterError::Connect(e.to_string()))?;
+        // A pooled connection may have died since its last use: only an answer counts as
+        // the database being reachable.
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| CompleterError::Db(describe_pg_error(&e)))?;
         let now = self.clock.now();
         let since = *self.reachable_since().get_or_insert(now);
         if now - since < idle {
