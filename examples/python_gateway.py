@@ -3,13 +3,15 @@
 
 It connects over TCP, says hello, streams a short flight of one aircraft in
 batches (map-form points, MessagePack timestamps), keeps every batch until it is
-acked, resends unacked batches after a reconnect, and says bye.
+acked, ends the flight session with `end` (protocol 1.1) once the flight is over,
+resends whatever was not acked (the `end` included) after a reconnect, and says bye.
 
     pip install msgpack
     python3 examples/python_gateway.py --host 127.0.0.1 --port 7070 \
         --key "$(tail -1 database/api_key.txt)" --aircraft N101DX --points 1000
 
-Prints one JSON line at the end: {"sent": .., "acked": .., "nacked": .., "session": ..}.
+Prints one JSON line at the end:
+{"sent": .., "acked": .., "nacked": .., "ended": true|false, "session": ..}.
 """
 
 import argparse
@@ -86,48 +88,66 @@ def main():
     for seq, i in enumerate(range(0, len(points), args.batch), start=1):
         batches[seq] = points[i : i + args.batch]
 
-    acked_upto, nacked, attempts = 0, {}, 0
-    while acked_upto + len(nacked) < len(batches) and attempts < 5:
+    # `ended` is None until the end has a verdict: True when acked, False when nacked.
+    acked, nacked, ended, attempts = set(), {}, None, 0
+    while ended is None and attempts < 5:
         attempts += 1
-        with socket.create_connection((args.host, args.port), timeout=30) as sock:
-            send_frame(sock, {"t": "hello", "v": 1, "key": args.key, "gateway": "python-example"})
-            welcome = recv_frame(sock)
-            if welcome.get("t") != "welcome":
-                print(f"refused: {welcome}", file=sys.stderr)
-                return 2
-            # Batch seq must increase on a connection: resends get fresh seqs.
-            conn_seq, mapping = 0, {}
-            for seq, pts in batches.items():
-                if seq <= acked_upto or seq in nacked:
-                    continue
-                conn_seq += 1
-                mapping[conn_seq] = seq
-                send_frame(
-                    sock,
-                    {"t": "batch", "seq": conn_seq, "aircraft": args.aircraft, "session": session, "points": pts},
-                )
-            answered = 0
-            while answered < conn_seq:
-                msg = recv_frame(sock)
-                if msg["t"] == "ack":
-                    newly = [s for s in mapping if s <= msg["seq"]]
-                    for s in newly:
-                        acked_upto = max(acked_upto, mapping.pop(s))
-                    answered = conn_seq - len(mapping)
-                elif msg["t"] == "nack":
-                    nacked[mapping.pop(msg["seq"])] = msg
-                    answered = conn_seq - len(mapping)
-                elif msg["t"] == "error":
-                    print(f"error: {msg}", file=sys.stderr)
-                    break
-            send_frame(sock, {"t": "bye"})
-            while recv_frame(sock).get("t") != "bye":
-                pass
+        try:
+            ended = stream(args, session, batches, acked, nacked)
+        except (ConnectionError, OSError) as e:
+            print(f"connection lost ({e}); reconnecting and resending what was not acked", file=sys.stderr)
 
     sent = sum(len(b) for b in batches.values())
-    acked = sum(len(b) for s, b in batches.items() if s <= acked_upto and s not in nacked)
-    print(json.dumps({"sent": sent, "acked": acked, "nacked": len(nacked), "session": session}))
-    return 0 if acked == sent else 1
+    acked_points = sum(len(batches[s]) for s in acked)
+    print(json.dumps({"sent": sent, "acked": acked_points, "nacked": len(nacked), "ended": bool(ended), "session": session}))
+    return 0 if acked_points == sent and ended else 1
+
+
+def stream(args, session, batches, acked, nacked):
+    """One connection: sends every batch not acked yet, then `end`; returns whether the
+    end was acked (None when the server closed before answering it)."""
+    with socket.create_connection((args.host, args.port), timeout=30) as sock:
+        send_frame(sock, {"t": "hello", "v": 1, "key": args.key, "gateway": "python-example"})
+        welcome = recv_frame(sock)
+        if welcome.get("t") != "welcome":
+            print(f"refused: {welcome}", file=sys.stderr)
+            sys.exit(2)
+        # seq must increase on a connection, across batches and end: resends get fresh seqs.
+        conn_seq, mapping = 0, {}
+        for seq, pts in batches.items():
+            if seq in acked or seq in nacked:
+                continue
+            conn_seq += 1
+            mapping[conn_seq] = seq
+            send_frame(
+                sock,
+                {"t": "batch", "seq": conn_seq, "aircraft": args.aircraft, "session": session, "points": pts},
+            )
+        # The flight is over: end its session. The server writes it after the batches
+        # above and acknowledges it in seq order like them; sending it again is harmless.
+        conn_seq += 1
+        end_seq = conn_seq
+        send_frame(sock, {"t": "end", "seq": end_seq, "session": session})
+        ended = None
+        while ended is None:
+            msg = recv_frame(sock)
+            if msg["t"] == "ack":
+                for s in [s for s in mapping if s <= msg["seq"]]:
+                    acked.add(mapping.pop(s))
+                if msg["seq"] >= end_seq:
+                    ended = True
+            elif msg["t"] == "nack" and msg["seq"] == end_seq:
+                print(f"end refused: {msg}", file=sys.stderr)
+                ended = False
+            elif msg["t"] == "nack":
+                nacked[mapping.pop(msg["seq"])] = msg
+            elif msg["t"] == "error":
+                print(f"error: {msg}", file=sys.stderr)
+                return None
+        send_frame(sock, {"t": "bye"})
+        while recv_frame(sock).get("t") != "bye":
+            pass
+        return ended
 
 
 if __name__ == "__main__":

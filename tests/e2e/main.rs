@@ -3,6 +3,7 @@
 
 mod admin;
 mod listener;
+mod sessions;
 
 use std::path::Path;
 

@@ -91,6 +91,7 @@ async fn run_once(s: &Setup, flush_rows: usize) -> Duration {
             ack,
             origin: BatchOrigin::Tcp,
             received_at: Instant::now(),
+            ends_session: false,
         })
         .await
         .expect("batcher alive");

@@ -8,6 +8,8 @@
 //! - `partitions`: the `PartitionManager`: premake, default-partition sweep, archival,
 //!   retention, materialized view refresh, under an advisory lock.
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
+//! - `sessions`: the `SessionCompleter`, which completes flight sessions idle for
+//!   `sessions.idle_timeout_secs` (protocol 1.1).
 //! - `tenants`: organizations, API keys, aircraft and report search behind `dbx org|key|aircraft|analyses`.
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
 pub mod broker;
@@ -16,5 +18,6 @@ pub mod health;
 pub mod http;
 pub mod migrate;
 pub mod partitions;
+pub mod sessions;
 pub mod setup;
 pub mod tenants;

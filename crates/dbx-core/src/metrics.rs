@@ -97,6 +97,9 @@ pub const ROWS_TO_DEFAULT_PARTITION_TOTAL: &str = "dbx_rows_default_partition_to
 pub const COMMIT_TO_ACK_SECONDS: &str = "dbx_commit_to_ack_seconds";
 /// Batcher: batches nacked for a data error (counter).
 pub const BATCHES_REJECTED_TOTAL: &str = "dbx_batches_rejected_total";
+/// Flight sessions completed (counter, label `reason` = end | idle): by a gateway's
+/// `end`, or by the control plane after `sessions.idle_timeout_secs` without a point.
+pub const SESSIONS_COMPLETED_TOTAL: &str = "dbx_sessions_completed_total";
 
 /// Control: database health indicators (gauges; prefix for `dbx_db_*`).
 pub const DB_PREFIX: &str = "dbx_db_";

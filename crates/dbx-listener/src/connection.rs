@@ -10,6 +10,11 @@
 //! `max_inflight_batches` unanswered batches stops reading; so does one whose
 //! batch is waiting for room in the batcher's queue, and one whose organization is
 //! over its rate limit. That is the TCP backpressure of PROTOCOL.md.
+//!
+//! An `end` (protocol 1.1) takes its place in that FIFO like a batch, but goes to the
+//! batcher only once every batch before it has its verdict, and nothing after it goes
+//! before its own verdict: so the session's earlier batches are written before it, and
+//! a later batch for the session finds it completed (`session_closed`).
 
 use std::collections::VecDeque;
 use std::io;
@@ -355,6 +360,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut to_send: Option<TelemetryBatch> = None;
         let mut last_seq: Option<u64> = None;
+        // The seq of the last `end` handed on (see `may_send`).
+        let mut end_seq: Option<u64> = None;
         let mut auth_changes = self.shared.auth.changes();
         let mut idle_deadline = tokio::time::Instant::now() + cfg.idle_timeout();
         let mut resume_reads_at: Option<tokio::time::Instant> = None;
@@ -395,7 +402,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     }
                 }
 
-                permit = batches.reserve(), if to_send.is_some() => {
+                permit = batches.reserve(), if to_send.as_ref().is_some_and(|b| may_send(b, end_seq, &pending)) => {
                     match permit {
                         Ok(permit) => {
                             if let Some(batch) = to_send.take() {
@@ -456,12 +463,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     let received_at = Instant::now();
                     match dbx_proto::decode_client(&frame, &limits, now_micros()) {
                         Ok(ClientMessage::Batch(batch)) => {
-                            if let Some(prev) = last_seq {
-                                if batch.seq <= prev {
-                                    return End::Error(RejectCode::Protocol, format!("batch seq {} is not greater than the previous seq {prev}", batch.seq));
-                                }
+                            if let Err(end) = in_order(&mut last_seq, batch.seq) {
+                                return end;
                             }
-                            last_seq = Some(batch.seq);
                             let seq = batch.seq;
                             let session = batch.session;
                             match self.accept(grant, batch, received_at).await {
@@ -479,6 +483,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                                 }
                             }
                         }
+                        Ok(ClientMessage::End(e)) => {
+                            if let Err(end) = in_order(&mut last_seq, e.seq) {
+                                return end;
+                            }
+                            let (ack, rx) = AckHandle::channel();
+                            pending.push_back(Pending { seq: e.seq, verdict: Verdict::Waiting(rx), received_at, session: e.session });
+                            to_send = Some(TelemetryBatch::session_end(grant.org_id, e.session, ack, BatchOrigin::Tcp, received_at));
+                            end_seq = Some(e.seq);
+                        }
                         Ok(ClientMessage::Ping) => {
                             if let Err(e) = self.conn.write_message(&ServerMessage::Pong).await {
                                 return End::Io(e);
@@ -491,12 +504,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                             return End::Error(RejectCode::Protocol, "a second hello on the same connection".into());
                         }
                         Err(DecodeError::Batch { seq, rejection }) => {
-                            if let Some(prev) = last_seq {
-                                if seq <= prev {
-                                    return End::Error(RejectCode::Protocol, format!("batch seq {seq} is not greater than the previous seq {prev}"));
-                                }
+                            if let Err(end) = in_order(&mut last_seq, seq) {
+                                return end;
                             }
-                            last_seq = Some(seq);
                             metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection.code.as_str()).increment(1);
                             tracing::debug!(peer = %self.peer, seq, code = %rejection.code, "batch refused: {}", rejection.msg);
                             pending.push_back(Pending { seq, verdict: Verdict::Known(BatchOutcome::Rejected(rejection)), received_at, session: Uuid::nil() });
@@ -542,6 +552,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 ack,
                 origin: BatchOrigin::Tcp,
                 received_at,
+                ends_session: false,
             },
             rx,
             wait,
@@ -598,6 +609,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     }
 }
 
+/// Batch and end `seq`s strictly increase on a connection (nacked ones count).
+fn in_order(last: &mut Option<u64>, seq: u64) -> Result<(), End> {
+    if let Some(prev) = *last {
+        if seq <= prev {
+            return Err(End::Error(
+                RejectCode::Protocol,
+                format!("seq {seq} is not greater than the previous seq {prev} on this connection"),
+            ));
+        }
+    }
+    *last = Some(seq);
+    Ok(())
+}
+
+/// Whether `next` may go to the batcher now. The `end` with seq `end_seq` waits until
+/// every entry before it has been answered (it is then the front of `pending`), and
+/// a batch behind it waits until the end itself has been answered. Sending is in
+/// `seq` order, so `next` is that end or comes after it.
+fn may_send(next: &TelemetryBatch, end_seq: Option<u64>, pending: &VecDeque<Pending>) -> bool {
+    let Some(end) = end_seq else {
+        return true;
+    };
+    let front = pending.front().map(|p| p.seq);
+    if next.ends_session {
+        front == Some(end)
+    } else {
+        front.is_none_or(|f| f > end)
+    }
+}
+
 fn read_error_code(e: ReadError) -> (RejectCode, String) {
     match e {
         ReadError::Frame(FrameError::TooLarge { len, max }) => (
@@ -621,6 +662,7 @@ fn message_name(m: &ClientMessage) -> &'static str {
         ClientMessage::Batch(_) => "batch",
         ClientMessage::Ping => "ping",
         ClientMessage::Bye => "bye",
+        ClientMessage::End(_) => "end",
     }
 }
 

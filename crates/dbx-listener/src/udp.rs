@@ -86,6 +86,7 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             ack: AckHandle::detached(),
             origin: BatchOrigin::Udp,
             received_at,
+            ends_session: false,
         };
         match shared.batches.try_send(batch) {
             Ok(()) => {

@@ -371,6 +371,20 @@ pub fn encode_bye(b: &mut BytesMut) {
     })
 }
 
+/// Appends an `end` frame (protocol 1.1): the flight session `session` is over.
+/// `seq` shares the connection's batch sequence (strictly increasing across both).
+pub fn encode_end(b: &mut BytesMut, seq: u64, session: Uuid) {
+    framed(b, |b| {
+        put_map_len(b, 3);
+        put_str(b, "t");
+        put_str(b, "end");
+        put_str(b, "seq");
+        put_uint(b, seq);
+        put_str(b, "session");
+        put_uuid(b, &session, false);
+    })
+}
+
 /// Appends a `batch` frame with points in `form` and timestamps as extensions.
 /// On error nothing is appended.
 pub fn encode_batch(

@@ -36,6 +36,8 @@
 //!   bad point is named; `bad_frame` wins over everything, then connection errors,
 //!   then `invalid_batch`, then point errors.
 //! - UDP: over 65 507 bytes → `frame_too_large`; `seq` may be absent or `nil`.
+//! - `end` (1.1): `seq` follows the batch rules (a bad one is `error protocol`); a
+//!   missing, repeated or malformed `session` is `nack invalid_batch`.
 
 use std::time::Duration;
 
@@ -48,15 +50,15 @@ mod reader;
 
 pub use codec::{write_frame, FrameCodec, FrameError};
 pub use encode::{
-    encode_batch, encode_batch_payload, encode_batch_with, encode_bye, encode_datagram,
+    encode_batch, encode_batch_payload, encode_batch_with, encode_bye, encode_datagram, encode_end,
     encode_hello, encode_hello_v, encode_ping, encode_server, EncodeError, EncodeOptions,
     PointForm, TimestampForm,
 };
 pub use json::decode_json_batch_map;
 pub use message::{
     decode_batch_map, decode_client, decode_datagram, decode_server, parse_aircraft, AircraftRef,
-    Batch, BatchMap, ClientMessage, Datagram, DecodeError, Hello, ServerDecodeError, ServerMessage,
-    MAX_DATAGRAM_BYTES, MAX_GATEWAY_CHARS, PROTOCOL_VERSION,
+    Batch, BatchMap, ClientMessage, Datagram, DecodeError, End, Hello, ServerDecodeError,
+    ServerMessage, MAX_DATAGRAM_BYTES, MAX_GATEWAY_CHARS, PROTOCOL_VERSION,
 };
 
 /// The limits a decoder enforces, from the daemon's configuration.

@@ -53,6 +53,8 @@ pub enum ClientMessage {
     Ping,
     /// `bye`: graceful end.
     Bye,
+    /// `end` (protocol 1.1): the flight session is over.
+    End(End),
 }
 
 /// The `hello` message.
@@ -78,6 +80,17 @@ pub struct Batch {
     pub session: Uuid,
     /// 1..=`max_points_per_batch` valid points.
     pub points: Vec<Point>,
+}
+
+/// The `end` message (protocol 1.1): the gateway ends a flight session. It is
+/// acknowledged in the connection's `seq` order like a batch, and shares the batch
+/// `seq` space (strictly increasing across both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct End {
+    /// Strictly increasing on the connection, with the batches; echoed in `ack`/`nack`.
+    pub seq: u64,
+    /// The flight session that is over.
+    pub session: Uuid,
 }
 
 /// How a batch names its aircraft.
@@ -360,8 +373,9 @@ pub fn decode_client(
         b"batch" => decode_batch(top),
         b"ping" => Ok(ClientMessage::Ping),
         b"bye" => Ok(ClientMessage::Bye),
+        b"end" => decode_end(&top),
         _ => conn(protocol(format!(
-            "t = {} is not a client message type (hello, batch, ping, bye)",
+            "t = {} is not a client message type (hello, batch, end, ping, bye)",
             Token::Str(t)
         ))),
     }
@@ -427,24 +441,26 @@ fn decode_hello(top: &Top<'_>) -> Result<Hello, DecodeError> {
     Ok(Hello { v, key, gateway })
 }
 
-fn decode_batch(top: Top<'_>) -> Result<ClientMessage, DecodeError> {
-    let conn = |r: Rejection| DecodeError::Connection(r);
+/// The `seq` of a message that is acknowledged (`batch`, `end`): without a valid
+/// one it cannot be nacked, so a bad `seq` is the connection-level `protocol`.
+fn acked_seq(top: &Top<'_>, what: &str) -> Result<u64, DecodeError> {
+    let conn = |r: Rejection| Err(DecodeError::Connection(r));
     if top.dup & K_SEQ != 0 {
-        return Err(conn(protocol("batch: key seq appears twice")));
+        return conn(protocol(format!("{what}: key seq appears twice")));
     }
-    let seq = match top.seq {
-        Some(Token::UInt(s)) => s,
-        Some(other) => {
-            return Err(conn(protocol(format!(
-                "batch: seq = {other} is not an unsigned 64-bit integer, so the batch cannot be acknowledged"
-            ))))
-        }
-        None => {
-            return Err(conn(protocol(
-                "batch: key seq is missing, so the batch cannot be acknowledged",
-            )))
-        }
-    };
+    match top.seq {
+        Some(Token::UInt(s)) => Ok(s),
+        Some(other) => conn(protocol(format!(
+            "{what}: seq = {other} is not an unsigned 64-bit integer, so the {what} cannot be acknowledged"
+        ))),
+        None => conn(protocol(format!(
+            "{what}: key seq is missing, so the {what} cannot be acknowledged"
+        ))),
+    }
+}
+
+fn decode_batch(top: Top<'_>) -> Result<ClientMessage, DecodeError> {
+    let seq = acked_seq(&top, "batch")?;
     batch_body(top, "batch")
         .map(|(aircraft, session, points)| {
             ClientMessage::Batch(Batch {
@@ -455,6 +471,33 @@ fn decode_batch(top: Top<'_>) -> Result<ClientMessage, DecodeError> {
             })
         })
         .map_err(|rejection| DecodeError::Batch { seq, rejection })
+}
+
+/// `end`: `seq` as for a batch; a missing, repeated or malformed `session` is
+/// `invalid_batch` (nacked: the `seq` is known). Other keys are ignored.
+fn decode_end(top: &Top<'_>) -> Result<ClientMessage, DecodeError> {
+    let seq = acked_seq(top, "end")?;
+    let nack = |msg: String| DecodeError::Batch {
+        seq,
+        rejection: invalid_batch(msg),
+    };
+    if top.dup & K_SESSION != 0 {
+        return Err(nack("end: key session appears twice".into()));
+    }
+    let session = session_value(top.session, "end").map_err(|r| nack(r.msg))?;
+    Ok(ClientMessage::End(End { seq, session }))
+}
+
+/// The `session` key of a batch, datagram or end: a UUID string or 16-byte binary.
+fn session_value(tok: Option<Token<'_>>, what: &str) -> Result<Uuid, Rejection> {
+    match tok {
+        Some(tok) => uuid_value(tok).ok_or_else(|| {
+            invalid_batch(format!(
+                "{what}: session = {tok} is not a UUID (string or 16-byte binary)"
+            ))
+        }),
+        None => Err(invalid_batch(format!("{what}: key session is missing"))),
+    }
 }
 
 /// The nack-level part of a batch (or datagram): aircraft, session, points.
@@ -470,14 +513,7 @@ fn batch_body(top: Top<'_>, what: &str) -> Result<(AircraftRef, Uuid, Vec<Point>
         Some(tok) => aircraft_ref(tok, what)?,
         None => return Err(invalid_batch(format!("{what}: key aircraft is missing"))),
     };
-    let session = match top.session {
-        Some(tok) => uuid_value(tok).ok_or_else(|| {
-            invalid_batch(format!(
-                "{what}: session = {tok} is not a UUID (string or 16-byte binary)"
-            ))
-        })?,
-        None => return Err(invalid_batch(format!("{what}: key session is missing"))),
-    };
+    let session = session_value(top.session, what)?;
     let points = match top.points {
         Some(p) => p?,
         None => return Err(invalid_batch(format!("{what}: key points is missing"))),

@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use dbx_core::{RejectCode, Rejection};
-use dbx_proto::{decode_client, decode_datagram, AircraftRef, Batch, ClientMessage, DecodeError};
+use dbx_proto::{
+    decode_client, decode_datagram, AircraftRef, Batch, ClientMessage, DecodeError, End,
+};
 use uuid::Uuid;
 
 fn decode(v: &V) -> Result<ClientMessage, DecodeError> {
@@ -182,7 +184,7 @@ fn protocol_missing_or_unknown_t() {
     assert_eq!(r.code, RejectCode::Protocol);
     assert_eq!(
         r.msg,
-        "t = \"welcome\" is not a client message type (hello, batch, ping, bye)"
+        "t = \"welcome\" is not a client message type (hello, batch, end, ping, bye)"
     );
     let r = conn(&m(vec![("t", V::U(1))]));
     assert_eq!(r.code, RejectCode::Protocol);
@@ -326,6 +328,99 @@ fn batch_seq_missing_or_mistyped_is_protocol() {
         r.msg,
         "batch: seq = -1 is not an unsigned 64-bit integer, so the batch cannot be acknowledged"
     );
+}
+
+// ---- end (protocol 1.1) -----------------------------------------------------------
+
+#[test]
+fn end_carries_seq_and_session_in_every_accepted_form() {
+    let id = Uuid::parse_str(SESSION).unwrap();
+    let want = Ok(ClientMessage::End(End {
+        seq: u64::MAX,
+        session: id,
+    }));
+    let v = m(vec![
+        ("t", s("end")),
+        ("seq", V::U(u64::MAX)),
+        ("session", s(SESSION)),
+    ]);
+    assert_eq!(decode(&v), want);
+    // 16-byte binary, and keys `end` does not define (ignored), in any order.
+    let v = m(vec![
+        ("session", V::Bin(id.as_bytes().to_vec())),
+        ("aircraft", s("N1")),
+        ("seq", V::U(u64::MAX)),
+        ("t", s("end")),
+    ]);
+    assert_eq!(decode(&v), want);
+    // The encoder the Rust clients use says the same.
+    let mut b = bytes::BytesMut::new();
+    dbx_proto::encode_end(&mut b, 42, id);
+    assert_eq!(
+        decode_client(&b[4..], &limits(), NOW),
+        Ok(ClientMessage::End(End {
+            seq: 42,
+            session: id
+        }))
+    );
+}
+
+#[test]
+fn end_without_a_valid_seq_is_protocol() {
+    let r = conn(&m(vec![("t", s("end")), ("session", s(SESSION))]));
+    assert_eq!(r.code, RejectCode::Protocol);
+    assert_eq!(
+        r.msg,
+        "end: key seq is missing, so the end cannot be acknowledged"
+    );
+    let r = conn(&m(vec![
+        ("t", s("end")),
+        ("seq", s("3")),
+        ("session", s(SESSION)),
+    ]));
+    assert_eq!(r.code, RejectCode::Protocol);
+    assert_eq!(
+        r.msg,
+        "end: seq = \"3\" is not an unsigned 64-bit integer, so the end cannot be acknowledged"
+    );
+    let r = conn(&m(vec![
+        ("t", s("end")),
+        ("seq", V::U(1)),
+        ("seq", V::U(2)),
+        ("session", s(SESSION)),
+    ]));
+    assert_eq!(r.msg, "end: key seq appears twice");
+}
+
+#[test]
+fn end_with_a_bad_session_is_nacked_invalid_batch() {
+    let (seq, r) = nack(&m(vec![("t", s("end")), ("seq", V::U(5))]));
+    assert_eq!(seq, 5);
+    assert_eq!(r.code, RejectCode::InvalidBatch);
+    assert_eq!(r.msg, "end: key session is missing");
+    let (_, r) = nack(&m(vec![
+        ("t", s("end")),
+        ("seq", V::U(5)),
+        ("session", s("not-a-uuid")),
+    ]));
+    assert_eq!(
+        r.msg,
+        "end: session = \"not-a-uuid\" is not a UUID (string or 16-byte binary)"
+    );
+    let (_, r) = nack(&m(vec![
+        ("t", s("end")),
+        ("seq", V::U(5)),
+        ("session", V::Bin(vec![1; 15])),
+    ]));
+    assert_eq!(r.code, RejectCode::InvalidBatch);
+    let (_, r) = nack(&m(vec![
+        ("t", s("end")),
+        ("seq", V::U(5)),
+        ("session", s(SESSION)),
+        ("session", s(SESSION)),
+    ]));
+    assert_eq!(r.msg, "end: key session appears twice");
+    assert_eq!(r.index, None);
 }
 
 // ---- invalid_batch -----------------------------------------------------------------

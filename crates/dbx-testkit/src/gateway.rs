@@ -126,6 +126,13 @@ impl TestGateway {
         self.send_raw(&b).await;
     }
 
+    /// Sends `end` (protocol 1.1): the flight session is over.
+    pub async fn send_end(&mut self, seq: u64, session: Uuid) {
+        let mut b = BytesMut::new();
+        dbx_proto::encode_end(&mut b, seq, session);
+        self.send_raw(&b).await;
+    }
+
     /// Sends `bye`.
     pub async fn send_bye(&mut self) {
         let mut b = BytesMut::new();

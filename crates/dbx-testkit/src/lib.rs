@@ -247,6 +247,24 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// A connection pool of at most `size` connections to `url` (connections are made on
+/// first use), the way the daemon builds its own.
+pub fn pool(url: &str, size: usize) -> deadpool_postgres::Pool {
+    let mgr = deadpool_postgres::Manager::from_config(
+        url.parse()
+            .unwrap_or_else(|e| panic!("dbx-testkit: {url:?} is not a PostgreSQL URL: {e}")),
+        NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(mgr)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .expect("dbx-testkit: building a pool")
+}
+
 /// How often [`wait_until`] and [`wait_count`] look again.
 const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 

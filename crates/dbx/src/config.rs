@@ -25,6 +25,8 @@ pub struct Config {
     pub spool: dbx_batcher::spool::SpoolConfig,
     /// Partition upkeep: premake, sweep, archival, retention, view refresh.
     pub partitions: dbx_control::partitions::PartitionsConfig,
+    /// Flight sessions: when they are completed without an `end`.
+    pub sessions: dbx_control::sessions::SessionsConfig,
     /// The database health collector.
     pub health: HealthConfig,
     /// The admin HTTP endpoint.
@@ -95,6 +97,9 @@ impl Config {
         self.partitions
             .validate()
             .map_err(|(key, m)| key_err(&format!("partitions.{key}"), m))?;
+        self.sessions
+            .validate()
+            .map_err(|(key, m)| key_err(&format!("sessions.{key}"), m))?;
         if self.health.interval_secs == 0 {
             return Err(key_err("health.interval_secs", "must be at least 1".into()));
         }

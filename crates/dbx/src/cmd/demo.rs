@@ -2,8 +2,9 @@
 //! cluster from the machine's server binaries in `./.dbx-demo/` (or uses the
 //! superuser URL in `DATABASE_URL`), runs `setup`, starts the daemon, flies a
 //! simulated fleet at it for `--duration` with live progress, then shows what
-//! landed: rows per partition, flight sessions, the seed's executive summary and
-//! maintenance predictions over the new data, and where `/metrics` is.
+//! landed: rows per partition, flight sessions (how many the gateways completed with
+//! `end`), the seed's executive summary (completed flights included) and maintenance
+//! predictions over the new data, and where `/metrics` is.
 //! Ctrl-C stops it cleanly at any point.
 
 use std::net::TcpListener;
@@ -487,16 +488,18 @@ async fn report_landed(client: &Client) -> anyhow::Result<()> {
         "Rows per partition of dbx_aviation.flight_telemetry",
         &partitions,
     );
-    let sessions = q(
-        "SELECT count(*) AS sessions, sum(point_count)::text AS points, \
+    let sessions = q("SELECT count(*) AS sessions, \
+         count(*) FILTER (WHERE flight_status = 'completed') AS completed, \
+         count(*) FILTER (WHERE flight_status = 'active') AS active, \
+         sum(point_count)::text AS points, \
          round(sum(total_distance_km)::numeric, 1)::text AS km_flown, \
          round(avg(flight_duration_seconds)::numeric, 1)::text AS avg_duration_s \
-         FROM dbx_aviation.flight_sessions",
-    )
+         FROM dbx_aviation.flight_sessions")
     .await?;
     print_table("Flight sessions", &sessions);
     let exec = q("SELECT org_name, month, flights, active_aircraft, avg_flight_hours::text, total_distance_km::text, \
-         avg_risk_score::text, anomaly_count, high_risk_flights, high_risk_percentage::text \
+         completed_flights, avg_risk_score::text, anomaly_count, high_risk_flights, \
+         high_risk_percentage::text \
          FROM dbx_analytics.executive_summary")
     .await?;
     print_table("dbx_analytics.executive_summary", &exec);

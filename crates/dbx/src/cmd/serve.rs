@@ -17,6 +17,7 @@ use dbx_batcher::spool::Spool;
 use dbx_batcher::{Batcher, PartitionInterval};
 use dbx_control::health::HealthCollector;
 use dbx_control::partitions::{Interval, PartitionManager};
+use dbx_control::sessions::SessionCompleter;
 use dbx_core::{SharedClock, ShutdownTrigger, SystemClock};
 use dbx_listener::{AuthCache, HandshakeLog, Listener};
 
@@ -151,7 +152,11 @@ fn describe_metrics() {
     );
     c!(
         m::BATCHES_REJECTED_TOTAL,
-        "Batches nacked for a data error."
+        "Batches nacked by the writer, by reason (rejected, foreign_session, session_closed)."
+    );
+    c!(
+        m::SESSIONS_COMPLETED_TOTAL,
+        "Flight sessions completed, by reason (end: the gateway's end; idle: sessions.idle_timeout_secs without a point)."
     );
     g!(
         m::SPOOL_BYTES,
@@ -394,6 +399,12 @@ pub async fn run(
     ));
     let health = collector.handle();
     let collector_task = tokio::spawn(collector.run(control_shutdown.clone()));
+    let completer = Arc::new(SessionCompleter::new(
+        control_pool.clone(),
+        cfg.sessions.clone(),
+        clock.clone(),
+    ));
+    let completer_task = tokio::spawn(completer.run(control_shutdown.clone()));
 
     let auth = AuthCache::new(service_pool.clone(), cfg.listener.session_cache_capacity);
     auth.reload()
@@ -515,7 +526,13 @@ pub async fn run(
     }
     // 4. Control last.
     control_trigger.fire();
-    let _ = tokio::join!(maintenance_task, collector_task, refresher, http_task);
+    let _ = tokio::join!(
+        maintenance_task,
+        collector_task,
+        completer_task,
+        refresher,
+        http_task
+    );
     tracing::info!("dbx stopped");
     Ok(())
 }
