@@ -14,6 +14,13 @@
 //! Run: `cargo bench -p dbx --bench throughput` (env: `DBX_BENCH_POINTS`, default
 //! 1 000 000; `DBX_BENCH_NAIVE_POINTS`, default 20 000; `DBX_BENCH_RUNS`, default 3).
 //! PostgreSQL runs with production durability (fsync and synchronous_commit on).
+//!
+//! TLS mode, `DBX_BENCH_TLS=1`: the cluster runs with `ssl = on` (a certificate from a CA
+//! made for the run) and two daemons serve the same database, one connecting with
+//! `sslmode=disable`, one with `sslmode=verify-full`; their end-to-end runs alternate
+//! (plain, TLS, plain, TLS, …) so that both see the same machine, and the medians and their
+//! ratio go to the "TLS to PostgreSQL" section of `benches/RESULTS.md` (the other sections
+//! are kept).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,10 +30,10 @@ use std::time::{Duration, Instant};
 use dbx::loadgen::{self, LoadgenConfig, Stats, Transport};
 use dbx::sim::FlightSim;
 use dbx_batcher::copy::{CopyEncoder, COLUMNS};
-use dbx_control::cluster::{ClusterOptions, LocalCluster};
+use dbx_control::cluster::{ClusterOptions, ClusterTls, LocalCluster};
 use dbx_control::setup::{self, SetupOptions};
 use dbx_core::{Point, ShutdownTrigger};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use uuid::Uuid;
 
 const AIRCRAFT: usize = 16;
@@ -50,10 +57,90 @@ struct Fleet {
     aircraft: Vec<(String, Uuid)>,
 }
 
+fn connector(url: &str) -> dbx_pg::Connector {
+    dbx_pg::Connector::new(url, &dbx_pg::TlsOptions::default(), "bench").expect("url")
+}
+
 async fn connect(url: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    c
+    connector(url).connect().await.expect("connect")
+}
+
+/// The 1-, 5- and 15-minute load averages: how busy the shared machine was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// A `dbx serve` process (bench profile) against `url`; its TCP address.
+async fn start_daemon(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    admin_url: &str,
+) -> (std::process::Child, std::net::SocketAddr) {
+    let ready = dir.join(format!("{name}.ready.json"));
+    let daemon = Command::new(env!("CARGO_BIN_EXE_dbx"))
+        .args(["serve", "--ready-file"])
+        .arg(&ready)
+        .env("DATABASE_URL", url)
+        .env("DBX_DATABASE__ADMIN_URL", admin_url)
+        .env("DBX_LISTENER__TCP_BIND", "127.0.0.1:0")
+        .env("DBX_LISTENER__UDP_BIND", "")
+        .env("DBX_HTTP__BIND", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("start dbx serve");
+    let addr = loop {
+        if let Ok(t) = std::fs::read_to_string(&ready) {
+            let v: serde_json::Value = serde_json::from_str(&t).expect("ready json");
+            break v["tcp"].as_str().unwrap().parse().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    (daemon, addr)
+}
+
+fn stop_daemon(mut daemon: std::process::Child) {
+    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+    let _ = daemon.wait();
+}
+
+/// Replaces the part of RESULTS.md before its first `## ` section (`head`) and/or the
+/// section titled `title`, keeping every other section as written.
+fn write_results(head: Option<String>, section: Option<(&str, String)>) -> PathBuf {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/RESULTS.md");
+    let old = std::fs::read_to_string(&out).unwrap_or_default();
+    let (old_head, rest) = match old.find("\n## ") {
+        Some(i) => (old[..=i].to_string(), old[i + 1..].to_string()),
+        None => (old.clone(), String::new()),
+    };
+    let mut sections: Vec<String> = rest
+        .split("\n## ")
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let s = s.strip_prefix("## ").unwrap_or(s);
+            format!("## {}\n", s.trim_end())
+        })
+        .collect();
+    if let Some((title, text)) = section {
+        let text = format!("## {title}\n\n{}\n", text.trim_end());
+        match sections
+            .iter()
+            .position(|s| s.starts_with(&format!("## {title}\n")))
+        {
+            Some(i) => sections[i] = text,
+            None => sections.insert(0, text),
+        }
+    }
+    let mut doc = head.unwrap_or(old_head).trim_end().to_string();
+    doc.push('\n');
+    for s in sections {
+        doc.push('\n');
+        doc.push_str(&s);
+    }
+    std::fs::write(&out, doc).expect("write RESULTS.md");
+    out
 }
 
 /// Today's partition, which every generated point falls into.
@@ -350,6 +437,7 @@ async fn main() {
     let n = env_usize("DBX_BENCH_POINTS", 1_000_000);
     let naive_n = env_usize("DBX_BENCH_NAIVE_POINTS", 20_000);
     let runs = env_usize("DBX_BENCH_RUNS", 3).max(1);
+    let tls = env_usize("DBX_BENCH_TLS", 0) == 1;
     let work = tempfile::tempdir().expect("temp dir");
 
     // A private cluster with production durability.
@@ -364,10 +452,14 @@ async fn main() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
+    if tls {
+        // Both plaintext and TLS connections are accepted: the two daemons compare them.
+        opts.tls = Some(ClusterTls::generate(false).expect("certificates").0);
+    }
     let cluster = LocalCluster::init(opts).expect("cluster");
     cluster.start().expect("start cluster");
     let report = setup::setup(&SetupOptions {
-        superuser: cluster.superuser_url("postgres").parse().expect("url"),
+        superuser: connector(&cluster.superuser_url("postgres")),
         database: "dbx_aviation".into(),
         out_dir: work.path().join("credentials"),
         rotate: false,
@@ -406,6 +498,12 @@ async fn main() {
         .unwrap()
         .get(0);
 
+    if tls {
+        tls_comparison(&cluster, &report, &fleet, &key, &su, n, runs, work.path()).await;
+        cluster.stop().ok();
+        return;
+    }
+
     // Pre-encode the ceiling's file.
     let batches = generate(&fleet, n);
     let file: PathBuf = work.path().join("points.pgcopy");
@@ -440,28 +538,8 @@ async fn main() {
         .url_of("dbx_ingest_service")
         .expect("ingest url")
         .to_string();
-    let ready = work.path().join("ready.json");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_dbx"))
-        .args(["serve", "--ready-file"])
-        .arg(&ready)
-        .env("DATABASE_URL", &ingest)
-        .env(
-            "DBX_DATABASE__ADMIN_URL",
-            report.url_of("dbx_maintenance_service").unwrap_or(&ingest),
-        )
-        .env("DBX_LISTENER__TCP_BIND", "127.0.0.1:0")
-        .env("DBX_LISTENER__UDP_BIND", "")
-        .env("DBX_HTTP__BIND", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start dbx serve");
-    let addr: std::net::SocketAddr = loop {
-        if let Ok(t) = std::fs::read_to_string(&ready) {
-            let v: serde_json::Value = serde_json::from_str(&t).expect("ready json");
-            break v["tcp"].as_str().unwrap().parse().unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let admin_url = report.url_of("dbx_maintenance_service").unwrap_or(&ingest);
+    let (daemon, addr) = start_daemon(work.path(), "dbx", &ingest, admin_url).await;
     let mut e2e = Vec::new();
     for r in 0..runs {
         e2e.push(dbx_end_to_end(addr, &key, &fleet, &su, n, 1000 + r as u64).await);
@@ -484,8 +562,7 @@ async fn main() {
         half.latency_ms.p50,
         half.latency_ms.p99
     );
-    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
-    let _ = daemon.wait();
+    stop_daemon(daemon);
 
     let rows_rate = naive_rows(&su, &batches, fleet.org, naive_n).await;
     println!("  naive    row-by-row prepared INSERT       {rows_rate:>12.0} points/s   ({naive_n} points)");
@@ -527,8 +604,98 @@ async fn main() {
         date = chrono::Utc::now().format("%Y-%m-%d"),
         machine = machine(),
     );
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/RESULTS.md");
-    std::fs::write(&out, results).expect("write RESULTS.md");
+    let out = write_results(Some(results), None);
     println!("  written to {}", out.display());
     cluster.stop().ok();
+}
+
+/// TLS mode: the same end-to-end run through a daemon connecting without TLS and one with
+/// `sslmode=verify-full`, alternating, into the same database.
+#[allow(clippy::too_many_arguments)]
+async fn tls_comparison(
+    cluster: &LocalCluster,
+    report: &setup::SetupReport,
+    fleet: &Fleet,
+    key: &str,
+    su: &Client,
+    n: usize,
+    runs: usize,
+    dir: &Path,
+) {
+    let password = |user: &str| {
+        report
+            .passwords
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, p)| p.clone())
+            .expect("password")
+    };
+    let url = |user: &str, tls: bool| {
+        let pw = password(user);
+        if tls {
+            cluster.url_for(user, &pw, "dbx_aviation")
+        } else {
+            cluster.plaintext_url_for(user, &pw, "dbx_aviation")
+        }
+    };
+    let (ingest, maint) = ("dbx_ingest_service", "dbx_maintenance_service");
+    let (plain_daemon, plain_addr) =
+        start_daemon(dir, "plain", &url(ingest, false), &url(maint, false)).await;
+    let (tls_daemon, tls_addr) =
+        start_daemon(dir, "tls", &url(ingest, true), &url(maint, true)).await;
+    let load_before = loadavg();
+    println!(
+        "dbx throughput harness, TLS mode: {n} points, {runs} run(s) each, {}; load average {load_before}",
+        machine()
+    );
+    let (mut plain, mut tls) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        let seed = 2000 + r as u64;
+        plain.push(
+            dbx_end_to_end(plain_addr, key, fleet, su, n, seed)
+                .await
+                .rate,
+        );
+        tls.push(dbx_end_to_end(tls_addr, key, fleet, su, n, seed).await.rate);
+        println!(
+            "  run {}: sslmode=disable {:.0} points/s, sslmode=verify-full {:.0} points/s",
+            r + 1,
+            plain[r],
+            tls[r]
+        );
+    }
+    stop_daemon(plain_daemon);
+    stop_daemon(tls_daemon);
+    let load_after = loadavg();
+    let (p, t) = (median(plain.clone()), median(tls.clone()));
+    let pairs: Vec<String> = plain
+        .iter()
+        .zip(&tls)
+        .map(|(p, t)| format!("{:.2}", t / p))
+        .collect();
+    println!(
+        "  median   disable {p:.0}, verify-full {t:.0} points/s: TLS/plain {:.3} (per pair {})",
+        t / p,
+        pairs.join(", ")
+    );
+    let section = format!(
+        "Produced by `DBX_BENCH_TLS=1 cargo bench -p dbx --bench throughput` on {date}: the same \
+         end-to-end run ({n} points, {GATEWAYS} TCP gateways, batches of {BATCH}, acked after commit) \
+         through two daemons on one database, one connecting to PostgreSQL with `sslmode=disable`, \
+         one with `sslmode=verify-full` (TLS 1.3, ECDSA P-256 certificate, ring), runs alternating.\n\n\
+         - Machine: {machine}, shared with other work: load average {load_before} before, {load_after} after \
+           (1, 5, 15 min); absolute figures are noisy, the ratio of alternating runs less so.\n\n\
+         | connection to PostgreSQL | points/s (median of {runs}) | runs |\n|---|---:|---|\n\
+         | `sslmode=disable` | {p:.0} | {} |\n\
+         | `sslmode=verify-full` | {t:.0} | {} |\n\n\
+         - **TLS / plaintext: {:.3}** (per alternating pair: {}).\n",
+        plain.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
+        tls.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
+        t / p,
+        pairs.join(", "),
+        date = chrono::Utc::now().format("%Y-%m-%d"),
+        machine = machine(),
+    );
+    let out = write_results(None, Some(("TLS to PostgreSQL", section)));
+    println!("  written to {}", out.display());
 }

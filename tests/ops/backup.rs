@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dbx_control::cluster::{random_token, ClusterOptions, LocalCluster};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::{read, repo, run_ok};
@@ -46,13 +46,7 @@ fn pg_dir(p: &Path) -> PathBuf {
 }
 
 async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
+    dbx_testkit::connect(url).await
 }
 
 /// `n` telemetry rows of a new session, committed in one transaction.
@@ -103,6 +97,7 @@ async fn wal_archiving_base_backup_dump_and_point_in_time_restore() {
         superuser: "postgres".into(),
         password: random_token(24),
         settings: vec![("log_min_messages".into(), "warning".into())],
+        tls: None,
     })
     .expect("initdb");
     let pgdata = src.dir().join("pgdata");
@@ -315,6 +310,7 @@ async fn wal_archiving_base_backup_dump_and_point_in_time_restore() {
         superuser: "postgres".into(),
         password: src.password().to_string(),
         settings: vec![],
+        tls: None,
     })
     .expect("restored cluster");
     restored.start().expect("start the restored cluster");

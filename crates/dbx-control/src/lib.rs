@@ -10,10 +10,15 @@
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
 //! - `tenants`: organizations, API keys, aircraft and report search behind `dbx org|key|aircraft|analyses`.
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
+//! - `cluster`, `pki`: the local PostgreSQL cluster runner of `dbx demo` and the tests, with
+//!   optional TLS from a private CA.
+//!
+//! Every connection to PostgreSQL is made by a `dbx_pg::Connector` (TLS settings included).
 pub mod cluster;
 pub mod health;
 pub mod http;
 pub mod migrate;
 pub mod partitions;
+pub mod pki;
 pub mod setup;
 pub mod tenants;

@@ -12,10 +12,9 @@ use dbx_core::{
     AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, RejectCode, TelemetryBatch,
 };
 use dbx_testkit::TestDb;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use rand::Rng;
 use tokio::sync::mpsc;
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 /// One tenant with one aircraft.
@@ -92,22 +91,10 @@ impl Fixture {
     }
 }
 
+/// A pool like the daemon's (dbx-pg), of `size` connections to `url`.
 pub fn pool_for(url: &str, size: usize) -> Pool {
-    pool_from(url.parse().expect("test URL"), size)
-}
-
-pub fn pool_from(pg: tokio_postgres::Config, size: usize) -> Pool {
-    let mgr = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(mgr)
-        .max_size(size)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
+    dbx_testkit::connector(url)
+        .pool(size)
         .expect("building the pool")
 }
 
