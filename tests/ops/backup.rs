@@ -5,7 +5,7 @@
 //! row counts on both sides of the target.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,13 +13,7 @@ use dbx_control::cluster::{random_token, ClusterOptions, LocalCluster};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::{read, repo, run_ok};
-
-/// True when we run as root (PostgreSQL, and so its files and scripts, run as `postgres`).
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use crate::{is_root, pg_dir, read, repo, run_ok};
 
 /// A command run as the user PostgreSQL runs as (`postgres` when we are root).
 fn as_pg(program: impl AsRef<OsStr>) -> Command {
@@ -30,19 +24,6 @@ fn as_pg(program: impl AsRef<OsStr>) -> Command {
     } else {
         Command::new(program)
     }
-}
-
-/// A directory the PostgreSQL user can write.
-fn pg_dir(p: &Path) -> PathBuf {
-    std::fs::create_dir_all(p).expect("mkdir");
-    if is_root() {
-        run_ok(
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(p),
-        );
-    }
-    p.to_path_buf()
 }
 
 async fn connect(url: &str) -> Client {

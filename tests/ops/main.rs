@@ -11,11 +11,14 @@
 //! - `scaleout`: two daemons on one database, both ingesting (with a gateway failing over
 //!   from one to the other), nothing lost or doubled, maintenance under the advisory lock.
 //! - `capacity`: the bytes-per-point measurement quoted in docs/scaling.md.
+//! - `tls`: `deploy/postgresql/make-certs.sh`, `tls.conf` and `pg_hba.conf` in a real cluster:
+//!   dbx connects with `sslmode=verify-full` (and a client certificate), plaintext is refused.
 
 mod backup;
 mod capacity;
 mod deploy;
 mod scaleout;
+mod tls;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -134,6 +137,25 @@ pub fn metric_tokens(text: &str) -> BTreeSet<String> {
         i = end.max(start + 1);
     }
     out
+}
+
+/// True when we run as root (PostgreSQL, and so its files and scripts, run as `postgres`).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A directory the PostgreSQL user can write.
+pub fn pg_dir(p: &Path) -> PathBuf {
+    std::fs::create_dir_all(p).expect("mkdir");
+    if is_root() {
+        run_ok(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(p),
+        );
+    }
+    p.to_path_buf()
 }
 
 /// `promtool` when installed (CI installs Debian's `prometheus` package).

@@ -48,7 +48,7 @@ pub use dbx_control::cluster::LocalCluster as Cluster;
 /// Where the databases of this test process live.
 enum Backend {
     /// Our own cluster.
-    Local(LocalCluster),
+    Local(Box<LocalCluster>),
     /// An existing server named by `DBX_TEST_DATABASE_URL`.
     External {
         host: String,
@@ -120,7 +120,10 @@ fn backend() -> &'static Server {
             return server(external_backend(&url), None);
         }
         let dir = temp_cluster_dir();
-        server(Backend::Local(start(ClusterOptions::for_tests(dir))), None)
+        server(
+            Backend::Local(Box::new(start(ClusterOptions::for_tests(dir)))),
+            None,
+        )
     })
 }
 
@@ -161,7 +164,7 @@ fn tls_backend() -> &'static Server {
             client_cert: write("client.crt", &client.cert_pem, 0o644),
             client_key: write("client.key", &client.key_pem, 0o600),
         };
-        server(Backend::Local(cluster), Some(tls))
+        server(Backend::Local(Box::new(cluster)), Some(tls))
     })
 }
 
