@@ -158,6 +158,25 @@ pub fn pg_dir(p: &Path) -> PathBuf {
     p.to_path_buf()
 }
 
+/// A cluster in `dir` with only warnings logged, not started: the deploy snippets are
+/// added to it with [`include_conf`].
+pub fn deploy_cluster(dir: PathBuf) -> dbx_control::cluster::LocalCluster {
+    dbx_control::cluster::LocalCluster::init(dbx_control::cluster::ClusterOptions {
+        settings: vec![("log_min_messages".into(), "warning".into())],
+        ..dbx_control::cluster::ClusterOptions::new(dir)
+    })
+    .expect("initdb")
+}
+
+/// Writes `text` to `pgdata/name` and includes it from the cluster's postgresql.conf.
+pub fn include_conf(pgdata: &Path, name: &str, text: &str) {
+    std::fs::write(pgdata.join(name), text).expect("write a config snippet");
+    let conf = pgdata.join("postgresql.conf");
+    let mut main = std::fs::read_to_string(&conf).expect("postgresql.conf");
+    main.push_str(&format!("\ninclude '{name}'\n"));
+    std::fs::write(&conf, main).expect("postgresql.conf");
+}
+
 /// `promtool` when installed (CI installs Debian's `prometheus` package).
 pub fn promtool() -> Option<PathBuf> {
     which("promtool")

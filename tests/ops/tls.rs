@@ -6,10 +6,9 @@
 
 use std::process::Command;
 
-use dbx_control::cluster::{random_token, ClusterOptions, LocalCluster};
 use dbx_pg::{Connector, TlsOptions};
 
-use crate::{is_root, pg_dir, read, repo, run_ok};
+use crate::{deploy_cluster, include_conf, is_root, pg_dir, read, repo, run_ok};
 
 const CERT_USER: &str = "dbx_ops_cert_user";
 
@@ -48,23 +47,8 @@ async fn deploy_tls_files_make_a_tls_only_server_dbx_reaches_with_verify_full() 
     let again = make_certs(&["server", &s(&ca), &s(&srv), "localhost"]);
     assert!(again.contains("kept"), "{again}");
 
-    let cluster = LocalCluster::init(ClusterOptions {
-        data_dir: root.join("pg"),
-        port: None,
-        superuser: "postgres".into(),
-        password: random_token(24),
-        settings: vec![("log_min_messages".into(), "warning".into())],
-        tls: None,
-    })
-    .expect("initdb");
+    let cluster = deploy_cluster(root.join("pg"));
     let pgdata = cluster.dir().join("pgdata");
-    let shipped = read("deploy/postgresql/tls.conf");
-    let tls_conf = shipped.replace("/etc/postgresql/tls", &s(&srv));
-    assert_ne!(
-        tls_conf, shipped,
-        "tls.conf names its files under /etc/postgresql/tls"
-    );
-    std::fs::write(pgdata.join("dbx-tls.conf"), tls_conf).expect("write tls.conf");
     let shipped = read("deploy/postgresql/pg_hba.conf");
     let example = "#hostssl   dbx_aviation dbx_ingest_service 10.0.0.0/8 cert";
     assert!(shipped.contains(example), "pg_hba.conf shows a cert line");
@@ -73,12 +57,17 @@ async fn deploy_tls_files_make_a_tls_only_server_dbx_reaches_with_verify_full() 
         &format!("hostssl all {CERT_USER} 127.0.0.1/32 cert"),
     );
     std::fs::write(pgdata.join("dbx-pg_hba.conf"), hba).expect("write pg_hba.conf");
-    let mut conf = std::fs::read_to_string(pgdata.join("postgresql.conf")).expect("conf");
-    conf.push_str(&format!(
-        "\ninclude 'dbx-tls.conf'\nhba_file = '{}'\n",
+    let shipped = read("deploy/postgresql/tls.conf");
+    let mut tls_conf = shipped.replace("/etc/postgresql/tls", &s(&srv));
+    assert_ne!(
+        tls_conf, shipped,
+        "tls.conf names its files under /etc/postgresql/tls"
+    );
+    tls_conf.push_str(&format!(
+        "hba_file = '{}'\n",
         pgdata.join("dbx-pg_hba.conf").display()
     ));
-    std::fs::write(pgdata.join("postgresql.conf"), conf).expect("conf");
+    include_conf(&pgdata, "dbx-tls.conf", &tls_conf);
     pg_dir(cluster.dir());
     cluster.start().expect("start the TLS cluster");
 

@@ -4,7 +4,6 @@
 //! so it must not share a cluster with tests whose daemons log in as those roles.
 
 use std::path::Path;
-use std::process::Command;
 
 use dbx_testkit::TestDb;
 
@@ -13,20 +12,7 @@ fn dbx_bin() -> &'static Path {
 }
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(dbx_bin())
-        .args(args)
-        .envs(env.iter().copied())
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("run dbx");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    dbx_testkit::run_cli(dbx_bin(), args, env)
 }
 
 /// Roles are cluster-wide: setup tests that set passwords run one at a time.

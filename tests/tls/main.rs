@@ -27,21 +27,7 @@ fn dbx_bin() -> &'static Path {
 
 /// Runs the binary with only PATH and `env`: (success, stdout + stderr).
 fn dbx(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(dbx_bin())
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .envs(env.iter().copied())
-        .output()
-        .expect("run dbx");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    dbx_testkit::run_cli(dbx_bin(), args, env)
 }
 
 fn ok(args: &[&str], env: &[(&str, &str)]) -> String {

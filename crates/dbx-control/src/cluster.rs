@@ -148,14 +148,23 @@ impl ClusterTls {
 }
 
 impl ClusterOptions {
-    /// Settings for throwaway test clusters: durable enough for crash tests of the
-    /// daemon (not of PostgreSQL), fast to start and to write.
-    pub fn for_tests(data_dir: PathBuf) -> Self {
+    /// A plaintext cluster in `data_dir` on a free port, superuser `postgres` with a random
+    /// password, and the server's own settings.
+    pub fn new(data_dir: PathBuf) -> Self {
         ClusterOptions {
             data_dir,
             port: None,
             superuser: "postgres".into(),
             password: random_token(24),
+            settings: Vec::new(),
+            tls: None,
+        }
+    }
+
+    /// Settings for throwaway test clusters: durable enough for crash tests of the
+    /// daemon (not of PostgreSQL), fast to start and to write.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        ClusterOptions {
             settings: [
                 ("fsync", "off"),
                 ("synchronous_commit", "off"),
@@ -168,7 +177,7 @@ impl ClusterOptions {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-            tls: None,
+            ..Self::new(data_dir)
         }
     }
 }

@@ -38,7 +38,7 @@ pub mod env;
 pub mod fixtures;
 pub mod gateway;
 
-pub use daemon::Daemon;
+pub use daemon::{run_cli, Daemon};
 pub use env::Env;
 pub use fixtures::{Fixture, Org};
 pub use gateway::TestGateway;
