@@ -499,7 +499,7 @@ async fn main() {
         .get(0);
 
     if tls {
-        tls_comparison(&cluster, &report, &fleet, &key, &su, n, runs, work.path()).await;
+        tls_comparison(&cluster, &report, (&fleet, &key, &su), n, runs, work.path()).await;
         cluster.stop().ok();
         return;
     }
@@ -609,93 +609,190 @@ async fn main() {
     cluster.stop().ok();
 }
 
+/// CPU seconds (user + system) process `pid` has used so far; 0 when it is gone.
+fn cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // After "pid (comm) ": state is field 3, utime 14, stime 15.
+            let rest = s.rsplit_once(") ")?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+/// One of the two daemons of TLS mode, and what its runs measured.
+struct Mode {
+    name: &'static str,
+    tls: bool,
+    daemon: std::process::Child,
+    addr: std::net::SocketAddr,
+    rates: Vec<f64>,
+    /// CPU microseconds per point of the daemon and its PostgreSQL backends.
+    cpu_us: Vec<f64>,
+}
+
+impl Mode {
+    /// CPU seconds of the daemon and of each PostgreSQL backend serving it (its ingest
+    /// connections: TLS or not tells the two daemons apart).
+    async fn cpu(&self, su: &Client) -> (f64, std::collections::HashMap<i32, f64>) {
+        let pids: Vec<i32> = su
+            .query(
+                "SELECT a.pid FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.usename = 'dbx_ingest_service' AND s.ssl = $1",
+                &[&self.tls],
+            )
+            .await
+            .expect("backends")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let backends = pids.iter().map(|p| (*p, cpu_secs(*p as u32))).collect();
+        (cpu_secs(self.daemon.id()), backends)
+    }
+
+    /// One end-to-end run through this daemon: its rate and CPU per point.
+    async fn run(&mut self, key: &str, fleet: &Fleet, su: &Client, n: usize, seed: u64) {
+        let (d0, b0) = self.cpu(su).await;
+        let rate = dbx_end_to_end(self.addr, key, fleet, su, n, seed)
+            .await
+            .rate;
+        let (d1, b1) = self.cpu(su).await;
+        // A backend the pool opened during the run counts from 0.
+        let backends: f64 = b1
+            .iter()
+            .map(|(pid, c)| c - b0.get(pid).copied().unwrap_or(0.0))
+            .sum();
+        self.rates.push(rate);
+        self.cpu_us.push((d1 - d0 + backends) / n as f64 * 1e6);
+    }
+
+    fn runs(v: &[f64], digits: usize) -> String {
+        v.iter()
+            .map(|x| format!("{x:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// TLS mode: the same end-to-end run through a daemon connecting without TLS and one with
-/// `sslmode=verify-full`, alternating, into the same database.
-#[allow(clippy::too_many_arguments)]
+/// `sslmode=verify-full`, alternating, into the same database: points/s, and CPU per point
+/// of each daemon and its PostgreSQL backends (less sensitive to a shared machine).
 async fn tls_comparison(
     cluster: &LocalCluster,
     report: &setup::SetupReport,
-    fleet: &Fleet,
-    key: &str,
-    su: &Client,
+    (fleet, key, su): (&Fleet, &str, &Client),
     n: usize,
     runs: usize,
     dir: &Path,
 ) {
-    let password = |user: &str| {
-        report
-            .passwords
-            .iter()
-            .find(|(u, _)| u == user)
-            .map(|(_, p)| p.clone())
-            .expect("password")
-    };
-    let url = |user: &str, tls: bool| {
-        let pw = password(user);
-        if tls {
-            cluster.url_for(user, &pw, "dbx_aviation")
-        } else {
-            cluster.plaintext_url_for(user, &pw, "dbx_aviation")
-        }
-    };
-    let (ingest, maint) = ("dbx_ingest_service", "dbx_maintenance_service");
-    let (plain_daemon, plain_addr) =
-        start_daemon(dir, "plain", &url(ingest, false), &url(maint, false)).await;
-    let (tls_daemon, tls_addr) =
-        start_daemon(dir, "tls", &url(ingest, true), &url(maint, true)).await;
+    let mut modes = Vec::new();
+    for (name, tls) in [("disable", false), ("verify-full", true)] {
+        let url = |user: &str| {
+            let pw = report
+                .passwords
+                .iter()
+                .find(|(u, _)| u == user)
+                .map(|(_, p)| p.clone())
+                .expect("password");
+            match tls {
+                true => cluster.url_for(user, &pw, "dbx_aviation"),
+                false => cluster.plaintext_url_for(user, &pw, "dbx_aviation"),
+            }
+        };
+        let (daemon, addr) = start_daemon(
+            dir,
+            name,
+            &url("dbx_ingest_service"),
+            &url("dbx_maintenance_service"),
+        )
+        .await;
+        let (rates, cpu_us) = (Vec::new(), Vec::new());
+        modes.push(Mode {
+            name,
+            tls,
+            daemon,
+            addr,
+            rates,
+            cpu_us,
+        });
+    }
     let load_before = loadavg();
     println!(
         "dbx throughput harness, TLS mode: {n} points, {runs} run(s) each, {}; load average {load_before}",
         machine()
     );
-    let (mut plain, mut tls) = (Vec::new(), Vec::new());
     for r in 0..runs {
-        let seed = 2000 + r as u64;
-        plain.push(
-            dbx_end_to_end(plain_addr, key, fleet, su, n, seed)
-                .await
-                .rate,
-        );
-        tls.push(dbx_end_to_end(tls_addr, key, fleet, su, n, seed).await.rate);
-        println!(
-            "  run {}: sslmode=disable {:.0} points/s, sslmode=verify-full {:.0} points/s",
-            r + 1,
-            plain[r],
-            tls[r]
-        );
+        for m in modes.iter_mut() {
+            m.run(key, fleet, su, n, 2000 + r as u64).await;
+            println!(
+                "  run {} sslmode={:<12} {:>9.0} points/s  {:>6.2} CPU µs/point",
+                r + 1,
+                m.name,
+                m.rates[r],
+                m.cpu_us[r]
+            );
+        }
     }
-    stop_daemon(plain_daemon);
-    stop_daemon(tls_daemon);
-    let load_after = loadavg();
-    let (p, t) = (median(plain.clone()), median(tls.clone()));
-    let pairs: Vec<String> = plain
+    // What the TLS daemon's connections negotiated, as the server saw it.
+    let negotiated: Vec<String> = su
+        .query(
+            "SELECT DISTINCT s.version || ' ' || s.cipher FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.usename = 'dbx_ingest_service'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
         .iter()
-        .zip(&tls)
-        .map(|(p, t)| format!("{:.2}", t / p))
+        .map(|r| r.get(0))
         .collect();
+    let load_after = loadavg();
+    let rate: Vec<f64> = modes.iter().map(|m| median(m.rates.clone())).collect();
+    let cpu: Vec<f64> = modes.iter().map(|m| median(m.cpu_us.clone())).collect();
     println!(
-        "  median   disable {p:.0}, verify-full {t:.0} points/s: TLS/plain {:.3} (per pair {})",
-        t / p,
-        pairs.join(", ")
+        "  median   points/s: TLS/plain {:.3}; CPU per point: TLS/plain {:.3}",
+        rate[1] / rate[0],
+        cpu[1] / cpu[0]
     );
+    let rows: String = modes
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            format!(
+                "| `sslmode={}` | {:.0} | {} | {:.2} | {} |\n",
+                m.name,
+                rate[i],
+                Mode::runs(&m.rates, 0),
+                cpu[i],
+                Mode::runs(&m.cpu_us, 2)
+            )
+        })
+        .collect();
     let section = format!(
         "Produced by `DBX_BENCH_TLS=1 cargo bench -p dbx --bench throughput` on {date}: the same \
          end-to-end run ({n} points, {GATEWAYS} TCP gateways, batches of {BATCH}, acked after commit) \
          through two daemons on one database, one connecting to PostgreSQL with `sslmode=disable`, \
-         one with `sslmode=verify-full` (TLS 1.3, ECDSA P-256 certificate, ring), runs alternating.\n\n\
-         - Machine: {machine}, shared with other work: load average {load_before} before, {load_after} after \
-           (1, 5, 15 min); absolute figures are noisy, the ratio of alternating runs less so.\n\n\
-         | connection to PostgreSQL | points/s (median of {runs}) | runs |\n|---|---:|---|\n\
-         | `sslmode=disable` | {p:.0} | {} |\n\
-         | `sslmode=verify-full` | {t:.0} | {} |\n\n\
-         - **TLS / plaintext: {:.3}** (per alternating pair: {}).\n",
-        plain.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
-        tls.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
-        t / p,
-        pairs.join(", "),
+         one with `sslmode=verify-full` ({}, ECDSA P-256 certificate; rustls with ring), runs \
+         alternating. CPU per point is the user + system time of the daemon and of the \
+         PostgreSQL backends serving it, per point stored.\n\n\
+         - Machine: {machine}, shared with other work: load average {load_before} before, \
+           {load_after} after (1, 5, 15 min). Points/s swing with the other work; CPU per point \
+           much less.\n\n\
+         | connection to PostgreSQL | points/s (median of {runs}) | runs | CPU µs/point (median) | runs |\n\
+         |---|---:|---|---:|---|\n{rows}\n\
+         - **TLS / plaintext: throughput {:.3}, CPU per point {:.3}.**\n",
+        negotiated.join(", "),
+        rate[1] / rate[0],
+        cpu[1] / cpu[0],
         date = chrono::Utc::now().format("%Y-%m-%d"),
         machine = machine(),
     );
+    for m in modes {
+        stop_daemon(m.daemon);
+    }
     let out = write_results(None, Some(("TLS to PostgreSQL", section)));
     println!("  written to {}", out.display());
 }

@@ -4,6 +4,9 @@
 use super::*;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
 
 /// A throwaway CA certificate file (its key is not needed: nothing is signed here).
 fn ca_file(dir: &std::path::Path) -> PathBuf {
@@ -186,7 +189,7 @@ fn libpq_rules_for_modes_and_roots() {
 fn system_roots_default_to_verify_full() {
     // The OS store may be empty on a minimal machine; the mode is decided either way.
     let split = params::split(&format!("{URL}?sslrootcert=system")).unwrap();
-    let p = resolve(&split, &TlsOptions::default(), "x").unwrap();
+    let p = policy::resolve(&split, &TlsOptions::default(), "x").unwrap();
     assert_eq!(
         (p.mode, p.root),
         (SslMode::VerifyFull, Some(RootCert::System))
