@@ -221,6 +221,8 @@ async fn metrics_carry_every_db_gauge_pass_promtool_and_the_status_and_cli_answe
     assert!(g("dbx_db_partition_oldest_start_timestamp_seconds{schema=\"live\"}") < now);
     assert!(g("dbx_db_partition_ahead_seconds") > 4.0 * 86400.0);
     assert_eq!(g("dbx_db_default_partition_rows"), 0.0);
+    // The kit's default cluster is plaintext (tests/tls sees 1 on its TLS cluster).
+    assert_eq!(g("dbx_db_tls"), 0.0);
     for t in dbx_control::setup::EXPECTED_TABLES {
         assert!(g(&format!("dbx_db_table_bloat_bytes{{table=\"{t}\"}}")) >= 0.0);
     }

@@ -261,6 +261,39 @@ async fn setup_check_migrate_partitions_and_tenant_commands_over_verify_full() {
     let text = ok(&["org", "list", "--database-url", &maint], &[]);
     assert!(text.contains("TLSCO"), "{text}");
 
+    // As deploy/docker-compose.yml runs it: the seed's DB_* variables and the TLS keys.
+    let cluster = TestDb::tls_cluster();
+    let port = cluster.port().to_string();
+    let compose_like = [
+        ("DB_HOST", "localhost"),
+        ("DB_PORT", port.as_str()),
+        ("DB_USER", cluster.superuser()),
+        ("DB_PASSWORD", cluster.password()),
+        ("DBX_DATABASE__SSLMODE", "verify-full"),
+        ("DBX_DATABASE__SSLROOTCERT", ca.as_str()),
+        ("DBX_DATABASE__REQUIRE_TLS", "true"),
+    ];
+    let text = ok(
+        &["setup", "--database", &name, "--out-dir", dir],
+        &compose_like,
+    );
+    assert!(text.contains("migrations: up to date"), "{text}");
+    assert!(
+        text.contains("[x] SSL/TLS connections — encrypted, TLSv1.3"),
+        "{text}"
+    );
+    // Without the keys the same server is still reached over TLS (sslmode=prefer), but the
+    // checklist does not tick what it cannot vouch for.
+    let text = ok(
+        &["setup", "--database", &name, "--out-dir", dir],
+        &compose_like[..4],
+    );
+    assert!(
+        text.contains("[-] SSL/TLS connections — encrypted")
+            && text.contains("NOT verified (sslmode=prefer"),
+        "{text}"
+    );
+
     // setup changed the cluster-wide ingest password; the other tests use the kit's.
     db.client()
         .await
