@@ -17,10 +17,11 @@
 //!
 //! TLS mode, `DBX_BENCH_TLS=1`: the cluster runs with `ssl = on` (a certificate from a CA
 //! made for the run) and two daemons serve the same database, one connecting with
-//! `sslmode=disable`, one with `sslmode=verify-full`; their end-to-end runs alternate
-//! (plain, TLS, plain, TLS, …) so that both see the same machine, and the medians and their
-//! ratio go to the "TLS to PostgreSQL" section of `benches/RESULTS.md` (the other sections
-//! are kept).
+//! `sslmode=disable`, one with `sslmode=verify-full`; after a warm-up run each, their
+//! end-to-end runs come in pairs of alternating order so that both see the same machine.
+//! Points/s and CPU per point (daemon plus its PostgreSQL backends, from /proc), their
+//! medians and ratios go to the "TLS to PostgreSQL" section of `benches/RESULTS.md` (the
+//! other sections are kept).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -725,8 +726,15 @@ async fn tls_comparison(
         "dbx throughput harness, TLS mode: {n} points, {runs} run(s) each, {}; load average {load_before}",
         machine()
     );
+    // One unmeasured run each first (pools filled, caches warm), then pairs in alternating
+    // order (plain first, then TLS first, …) so that neither side always follows the other.
+    for m in modes.iter_mut() {
+        dbx_end_to_end(m.addr, key, fleet, su, (n / 10).max(BATCH), 1999).await;
+    }
     for r in 0..runs {
-        for m in modes.iter_mut() {
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let m = &mut modes[i];
             m.run(key, fleet, su, n, 2000 + r as u64).await;
             println!(
                 "  run {} sslmode={:<12} {:>9.0} points/s  {:>6.2} CPU µs/point",
@@ -775,8 +783,8 @@ async fn tls_comparison(
         "Produced by `DBX_BENCH_TLS=1 cargo bench -p dbx --bench throughput` on {date}: the same \
          end-to-end run ({n} points, {GATEWAYS} TCP gateways, batches of {BATCH}, acked after commit) \
          through two daemons on one database, one connecting to PostgreSQL with `sslmode=disable`, \
-         one with `sslmode=verify-full` ({}, ECDSA P-256 certificate; rustls with ring), runs \
-         alternating. CPU per point is the user + system time of the daemon and of the \
+         one with `sslmode=verify-full` ({}, ECDSA P-256 certificate; rustls with ring), after \
+         one unmeasured warm-up run each, in pairs of alternating order. CPU per point is the user + system time of the daemon and of the \
          PostgreSQL backends serving it, per point stored.\n\n\
          - Machine: {machine}, shared with other work: load average {load_before} before, \
            {load_after} after (1, 5, 15 min). Points/s swing with the other work; CPU per point \
