@@ -585,6 +585,7 @@ fn dashboard_queries_only_exported_metrics_and_has_the_issue_panels() {
         "dbx_db_cache_hit_ratio",
         "dbx_db_partitions",
         "dbx_db_partition_ahead_seconds",
+        "dbx_db_tls",
     ] {
         assert!(used.contains(m), "no panel queries {m}");
     }
