@@ -150,6 +150,9 @@ pub const DB_PARTITION_AHEAD_SECONDS: &str = "dbx_db_partition_ahead_seconds";
 pub const DB_DEFAULT_PARTITION_ROWS: &str = "dbx_db_default_partition_rows";
 /// Control: connections of the ingest role's members to this database (gauge).
 pub const DB_INGEST_CONNECTIONS: &str = "dbx_db_ingest_connections";
+/// Control: 1 when the health collector's connection to PostgreSQL is TLS-encrypted
+/// (`pg_stat_ssl` of its own backend), 0 when it is plaintext (gauge).
+pub const DB_TLS: &str = "dbx_db_tls";
 
 /// Spool: bytes in segment files (gauge).
 pub const SPOOL_BYTES: &str = "dbx_spool_bytes";

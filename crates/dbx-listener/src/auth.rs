@@ -52,6 +52,9 @@ pub enum AuthError {
     /// A query failed.
     #[error("auth query failed: {0}")]
     Db(#[from] tokio_postgres::Error),
+    /// The change listener's own connection failed.
+    #[error("auth change listener: {0}")]
+    Connect(#[from] dbx_pg::PgError),
 }
 
 /// What an accepted key grants.
@@ -590,7 +593,7 @@ impl AuthCache {
     /// Keeps the cache fresh until shutdown: LISTEN for changes, full reload on a timer.
     pub async fn run_refresher(
         self: Arc<Self>,
-        listen_config: tokio_postgres::Config,
+        listen_config: dbx_pg::Connector,
         refresh_every: Duration,
         mut shutdown: Shutdown,
     ) {
@@ -623,11 +626,11 @@ impl AuthCache {
 
     async fn listen_once(
         &self,
-        config: &tokio_postgres::Config,
+        config: &dbx_pg::Connector,
         refresh_every: Duration,
         mut shutdown: Shutdown,
     ) -> Result<(), AuthError> {
-        let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+        let (client, mut connection) = config.connect_raw().await?;
         let (tx, mut notes) = tokio::sync::mpsc::channel::<()>(16);
         let driver = tokio::spawn(async move {
             let mut stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -1,5 +1,6 @@
 //! A real `dbx serve` process for end-to-end tests: started on port 0 against a
-//! test database, with the addresses it bound read from its `--ready-file`.
+//! test database, with the addresses it bound read from its `--ready-file`; and
+//! [`run_cli`] for the one-shot commands (`setup`, `check`, `partitions`, …).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -132,6 +133,26 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `bin` with `args` and an environment of only PATH and `env` (nothing of the test's
+/// own environment leaks in): whether it succeeded, and its stdout followed by its stderr.
+pub fn run_cli(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// A loopback address on a port free right now, for a daemon that must come back on the

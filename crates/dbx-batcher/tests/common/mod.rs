@@ -91,6 +91,7 @@ impl Fixture {
     }
 }
 
+/// A pool like the daemon's (dbx-pg), of `size` connections to `url`.
 pub fn pool_for(url: &str, size: usize) -> Pool {
     dbx_testkit::pool(url, size)
 }

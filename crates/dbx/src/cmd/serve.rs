@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 
 use dbx_batcher::spool::Spool;
@@ -29,27 +28,6 @@ pub struct ServeArgs {
     /// Write the bound addresses as JSON to this file once accepting (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
-}
-
-/// A deadpool pool over `url`, sized `size`.
-pub fn pool(url: &str, size: usize, what: &str) -> anyhow::Result<Pool> {
-    let pg: tokio_postgres::Config = url
-        .parse()
-        .with_context(|| format!("{what} is not a valid PostgreSQL URL"))?;
-    let mgr = Manager::from_config(
-        pg,
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(mgr)
-        .max_size(size)
-        .wait_timeout(Some(Duration::from_secs(10)))
-        .create_timeout(Some(Duration::from_secs(10)))
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
-        .with_context(|| format!("building the connection pool for {what}"))
 }
 
 /// Describes every metric once so `/metrics` carries HELP text.
@@ -285,6 +263,21 @@ fn describe_mqtt_metrics() {
     );
 }
 
+/// Logs how the daemon's connection to PostgreSQL is protected (a warning when it is not).
+async fn report_security(client: &tokio_postgres::Client, connector: &dbx_pg::Connector) {
+    match dbx_control::setup::connection_security(client, connector).await {
+        Ok(s) if s.encrypted && s.verification != dbx_pg::Verification::None => {
+            tracing::info!(host = %s.host, "PostgreSQL connection: {}", s.summary())
+        }
+        Ok(s) => tracing::warn!(
+            host = %s.host,
+            "PostgreSQL connection: {} (set sslmode=verify-full and database.require_tls = true)",
+            s.summary()
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read pg_stat_ssl"),
+    }
+}
+
 /// Waits for SIGINT or SIGTERM.
 async fn signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -339,21 +332,19 @@ pub async fn run(
     describe_metrics();
     dbx_control::health::describe_metrics();
 
-    let admin_url = if cfg.database.admin_url.is_empty() {
-        cfg.database.url.clone()
-    } else {
-        cfg.database.admin_url.clone()
-    };
-    let writer_pool = pool(&cfg.database.url, cfg.batcher.writers + 1, "database.url")?;
-    let service_pool = pool(&cfg.database.url, 4, "database.url")?;
-    let control_pool = pool(&admin_url, 2, "database.admin_url")?;
+    // One connector per URL: the TLS settings of `[database]` apply to every connection.
+    let ingest = cfg.database.connector(&cfg.database.url, "database.url")?;
+    let (admin_url, admin_origin) = cfg.database.admin();
+    let admin = cfg.database.connector(admin_url, admin_origin)?;
+    let writer_pool = ingest.pool(cfg.batcher.writers + 1)?;
+    let service_pool = ingest.pool(4)?;
+    let control_pool = admin.pool(2)?;
 
-    // The schema must be there: the daemon never migrates on its own.
+    // The first connection says plainly what is wrong (TLS, require_tls, password, …), and
+    // the schema must be there: the daemon never migrates on its own.
     {
-        let client = service_pool
-            .get()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL (database.url): {e}"))?;
+        let client = ingest.connect().await?;
+        report_security(&client, &ingest).await;
         let missing = dbx_control::setup::missing_tables(&client).await?;
         if !missing.is_empty() {
             bail!(
@@ -368,17 +359,8 @@ pub async fn run(
         PartitionInterval::Daily => Interval::Daily,
         PartitionInterval::Hourly => Interval::Hourly,
     };
-    let admin_pg: tokio_postgres::Config = {
-        let mut c: tokio_postgres::Config = admin_url
-            .parse()
-            .context("database.admin_url is not a valid PostgreSQL URL")?;
-        c.connect_timeout(Duration::from_secs(
-            cfg.database.connect_timeout_secs.max(1),
-        ));
-        c
-    };
     let manager = Arc::new(PartitionManager::new(
-        admin_pg.clone(),
+        admin.clone(),
         interval,
         cfg.partitions.clone(),
         clock.clone(),
@@ -393,7 +375,7 @@ pub async fn run(
     let (control_trigger, control_shutdown) = ShutdownTrigger::new();
     let maintenance_task = tokio::spawn(manager.clone().run(control_shutdown.clone()));
     let collector = Arc::new(HealthCollector::new(
-        admin_pg,
+        admin,
         clock.clone(),
         Duration::from_secs(cfg.health.interval_secs),
     ));
@@ -410,9 +392,8 @@ pub async fn run(
     auth.reload()
         .await
         .context("loading API keys and aircraft")?;
-    let listen_cfg: tokio_postgres::Config = cfg.database.url.parse()?;
     let refresher = tokio::spawn(auth.clone().run_refresher(
-        listen_cfg,
+        ingest,
         Duration::from_secs(cfg.listener.auth_refresh_secs),
         control_shutdown.clone(),
     ));
