@@ -1,6 +1,7 @@
 //! End-to-end tests: a real `dbx serve` process, real sockets, a real PostgreSQL
 //! started by dbx-testkit. Each test gets its own database and daemon.
 
+mod hardening;
 mod listener;
 
 use std::path::Path;

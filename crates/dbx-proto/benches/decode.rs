@@ -1,5 +1,8 @@
 //! Decoding throughput of a full `batch` frame body, map-form and array-form points,
-//! in points per second (criterion `Throughput::Elements`).
+//! in points per second (criterion `Throughput::Elements`); and the hostile inputs of
+//! issue 13: one point with N and 2N extra keys (decode time must grow linearly: the
+//! old duplicate check made it quadratic), the 80 000-key hello through the hello
+//! decoder, and the refusal of an oversized first frame at its prefix.
 
 use std::hint::black_box;
 
@@ -7,8 +10,8 @@ use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dbx_core::Point;
 use dbx_proto::{
-    decode_client, encode_batch_with, AircraftRef, ClientMessage, EncodeOptions, Limits, PointForm,
-    TimestampForm,
+    decode_client, decode_hello, encode_batch_with, AircraftRef, ClientMessage, EncodeOptions,
+    FrameCodec, Limits, PointForm, TimestampForm,
 };
 use uuid::Uuid;
 
@@ -80,5 +83,107 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// Appends a MessagePack str (fixstr/str8 are all these keys need).
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    if s.len() < 32 {
+        out.push(0xa0 | s.len() as u8);
+    } else {
+        out.push(0xd9);
+        out.push(s.len() as u8);
+    }
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A map header for `n` entries.
+fn put_map(out: &mut Vec<u8>, n: usize) {
+    out.push(0xdf);
+    out.extend_from_slice(&(n as u32).to_be_bytes());
+}
+
+/// One point with `keys` distinct unknown keys (`nil` values) after `ts` and `seq`.
+fn point_with_keys(out: &mut Vec<u8>, keys: usize) {
+    put_map(out, keys + 2);
+    put_str(out, "ts");
+    out.push(0xd3);
+    out.extend_from_slice(&NOW.to_be_bytes());
+    put_str(out, "seq");
+    out.push(1);
+    for i in 0..keys {
+        put_str(out, &format!("k{i:07}"));
+        out.push(0xc0);
+    }
+}
+
+/// A batch body whose one point holds `keys` extra keys.
+fn batch_with_keys(keys: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_map(&mut out, 5);
+    put_str(&mut out, "t");
+    put_str(&mut out, "batch");
+    put_str(&mut out, "seq");
+    out.push(1);
+    put_str(&mut out, "aircraft");
+    put_str(&mut out, "HB-ABC");
+    put_str(&mut out, "session");
+    put_str(&mut out, &Uuid::from_u128(7).to_string());
+    put_str(&mut out, "points");
+    out.push(0x91);
+    point_with_keys(&mut out, keys);
+    out
+}
+
+/// The hello of issue 13: `points` first, one point with `keys` unknown keys.
+fn hello_with_keys(keys: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_map(&mut out, 4);
+    put_str(&mut out, "points");
+    out.push(0x91);
+    point_with_keys(&mut out, keys);
+    put_str(&mut out, "t");
+    put_str(&mut out, "hello");
+    put_str(&mut out, "v");
+    out.push(1);
+    put_str(&mut out, "key");
+    put_str(&mut out, "dbx_not_a_key");
+    out
+}
+
+fn hostile(c: &mut Criterion) {
+    // max_extra_keys lifted so that the whole point is decoded: this measures the
+    // decoder's growth, not the limit (which stops a real point at 256 keys).
+    let wide = Limits {
+        max_extra_keys: usize::MAX,
+        ..Limits::default()
+    };
+    let mut g = c.benchmark_group("extra_keys");
+    g.sample_size(20);
+    for n in [10_000usize, 20_000, 40_000, 80_000] {
+        let b = batch_with_keys(n);
+        match decode_client(&b, &wide, NOW) {
+            Ok(ClientMessage::Batch(batch)) => assert!(batch.points[0].extra.is_some()),
+            other => panic!("bench input does not decode: {other:?}"),
+        }
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("{n}"), |bencher| {
+            bencher.iter(|| decode_client(black_box(&b), &wide, NOW))
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("hello");
+    let h = hello_with_keys(80_000);
+    assert!(decode_hello(&h).is_ok());
+    g.throughput(Throughput::Bytes(h.len() as u64));
+    g.bench_function("decode_hello_80000_keys", |bencher| {
+        bencher.iter(|| decode_hello(black_box(&h)))
+    });
+    let codec = FrameCodec::for_hello(Limits::default().max_hello_bytes);
+    let prefix = (h.len() as u32).to_be_bytes();
+    g.bench_function("refuse_oversized_at_prefix", |bencher| {
+        bencher.iter(|| codec.announced(black_box(&prefix)).is_err())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, hostile);
 criterion_main!(benches);

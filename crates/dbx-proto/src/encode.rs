@@ -438,6 +438,40 @@ pub fn encode_datagram(
     out
 }
 
+/// Appends one UDP datagram in the MAC form of PROTOCOL.md 1.1 (no length prefix):
+/// `{kid, mac, body}`, where `body` is the batch map (`t = "batch"`, the optional
+/// `seq`, the batch keys; no `key`) and `mac` authenticates it with `key` — which never
+/// travels. On error nothing is appended.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_datagram_mac(
+    b: &mut BytesMut,
+    key: &str,
+    seq: Option<u64>,
+    aircraft: &AircraftRef,
+    session: Uuid,
+    points: &[Point],
+    opts: EncodeOptions,
+) -> Result<(), EncodeError> {
+    let mut body = BytesMut::with_capacity(points.len() * 64 + 128);
+    put_map_len(&mut body, if seq.is_some() { 5 } else { 4 });
+    put_str(&mut body, "t");
+    put_str(&mut body, "batch");
+    if let Some(s) = seq {
+        put_str(&mut body, "seq");
+        put_uint(&mut body, s);
+    }
+    batch_tail(&mut body, aircraft, session, points, opts)?;
+    let hash = crate::mac::key_hash(key);
+    put_map_len(b, 3);
+    put_str(b, "kid");
+    put_str(b, &crate::mac::key_id_hex(&hash));
+    put_str(b, "mac");
+    put_bin(b, &crate::mac::body_mac(&hash, &body));
+    put_str(b, "body");
+    put_bin(b, &body);
+    Ok(())
+}
+
 /// `aircraft`, `session` and `points` entries.
 fn batch_tail(
     b: &mut BytesMut,

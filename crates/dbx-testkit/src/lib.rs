@@ -26,6 +26,7 @@ use std::sync::OnceLock;
 use dbx_control::cluster::{random_token, urlencode, ClusterOptions, LocalCluster};
 use tokio_postgres::{Client, NoTls};
 
+pub mod attack;
 pub mod daemon;
 pub mod env;
 pub mod fixtures;

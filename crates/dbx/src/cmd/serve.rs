@@ -18,7 +18,7 @@ use dbx_batcher::{Batcher, PartitionInterval};
 use dbx_control::health::HealthCollector;
 use dbx_control::partitions::{Interval, PartitionManager};
 use dbx_core::{SharedClock, ShutdownTrigger, SystemClock};
-use dbx_listener::{AuthCache, HandshakeLog, Listener};
+use dbx_listener::{AuthCache, ByteBudget, HandshakeLog, Listener};
 
 use crate::config::{self, Config};
 
@@ -65,7 +65,29 @@ fn describe_metrics() {
     );
     c!(
         m::CONNECTIONS_REFUSED_TOTAL,
-        "Connections refused at the connection limit."
+        "Connections refused before their handshake, by reason (max_connections, max_pending_handshakes, max_pending_per_ip)."
+    );
+    g!(
+        m::PENDING_HANDSHAKES,
+        "Connections whose TLS handshake or hello is not complete yet."
+    );
+    c!(
+        m::WRITE_TIMEOUTS_TOTAL,
+        "Connections closed because the peer did not read for write_timeout_ms, by transport."
+    );
+    g!(
+        m::BUFFERED_BYTES,
+        Unit::Bytes,
+        "Bytes of frames and decoded batches held against limits.max_buffered_bytes."
+    );
+    g!(
+        m::BUFFERED_BYTES_LIMIT,
+        Unit::Bytes,
+        "limits.max_buffered_bytes."
+    );
+    c!(
+        m::BUFFERED_BYTES_WAITS_TOTAL,
+        "Times a TCP connection stopped reading because limits.max_buffered_bytes was spent, by transport."
     );
     c!(
         m::FRAMES_RECEIVED_TOTAL,
@@ -81,7 +103,7 @@ fn describe_metrics() {
     );
     c!(
         m::AUTH_FAILURES_TOTAL,
-        "Failed or revoked handshakes, by reason."
+        "Failed or revoked handshakes, by reason (the protocol code: unauthorized, frame_too_large for a hello over max_hello_bytes, handshake_timeout, ...; tls; revoked)."
     );
     h!(
         m::RATE_LIMIT_WAIT_SECONDS,
@@ -92,7 +114,10 @@ fn describe_metrics() {
         m::RATE_LIMIT_DROPS_TOTAL,
         "UDP points dropped over an organization's rate limit."
     );
-    c!(m::UDP_DROPPED_TOTAL, "UDP datagrams dropped, by reason.");
+    c!(
+        m::UDP_DROPPED_TOTAL,
+        "UDP datagrams dropped, by reason (a protocol code such as unauthorized for a bad key or MAC; plain_key_refused, budget, rate_limited, saturated, too_large)."
+    );
     h!(
         m::ACK_LATENCY_SECONDS,
         Unit::Seconds,
@@ -355,7 +380,9 @@ pub async fn run(
     } else {
         (tx, None)
     };
-    let listener = Listener::bind(cfg.listener.clone(), auth, tx, handshakes).await?;
+    let budget =
+        ByteBudget::new(usize::try_from(cfg.limits.max_buffered_bytes).unwrap_or(usize::MAX));
+    let listener = Listener::bind(cfg.listener.clone(), auth, tx, handshakes, budget).await?;
 
     let accepting = Arc::new(AtomicBool::new(false));
     let (http_listener, http_addr) = dbx_control::http::bind(&cfg.http.bind)
