@@ -1,6 +1,6 @@
 //! Issue 13, "safe on a hostile network", against a real daemon: the first frame's
 //! limit, string and key limits, the byte budget under stalled writes, write timeouts,
-//! pending-handshake limits, TLS only, and the UDP MAC form.
+//! pending-handshake limits, TLS only, and the UDP MAC form (daemon, loadgen, Python).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -519,4 +519,96 @@ async fn udp_mac_datagrams_land_and_forgeries_and_plain_keys_are_dropped() {
         .await
     );
     assert_eq!(env.rows(session).await, 30);
+}
+
+/// Rows of the test organization, whatever the session.
+async fn all_rows(env: &dbx_testkit::Env) -> i64 {
+    env.client
+        .query_one("SELECT count(*) FROM dbx_aviation.flight_telemetry", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loadgen_sends_udp_with_a_mac_or_the_key() {
+    let env = Env::start(&[]).await;
+    let udp = env.daemon.udp.expect("udp").to_string();
+    let mut expected = 0;
+    for (auth, seed) in [("mac", "1"), ("key", "2")] {
+        let out = tokio::process::Command::new(dbx_bin())
+            .args(["loadgen", "--transport", "udp", "--udp-auth", auth])
+            .args(["--addr", &udp, "--key", &env.org.key])
+            .args(["--aircraft", &env.registration, "--gateways", "1"])
+            .args(["--aircraft-per-gateway", "1", "--points", "300"])
+            .args(["--batch", "50", "--rate", "3000", "--seed", seed, "--json"])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        expected += 300;
+        assert!(
+            wait_until(Duration::from_secs(10), || async {
+                all_rows(&env).await == expected
+            })
+            .await,
+            "--udp-auth {auth}: {} rows, expected {expected}",
+            all_rows(&env).await
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_gateway_sends_mac_datagrams() {
+    let env = Env::start(&[("DBX_LISTENER__UDP_PLAIN_KEY", "false")]).await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python_gateway.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &env.daemon.tcp.port().to_string(),
+        ])
+        .args([
+            "--key",
+            &env.org.key,
+            "--aircraft",
+            &env.registration,
+            "--points",
+            "300",
+            "--batch",
+            "100",
+        ])
+        .args([
+            "--udp-port",
+            &env.daemon.udp.expect("udp").port().to_string(),
+            "--udp-auth",
+            "mac",
+        ])
+        .output()
+        .await
+        .expect("python3 runs (CI installs the msgpack package)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["datagrams"], 3);
+    let session: Uuid = report["session"].as_str().unwrap().parse().unwrap();
+    assert_eq!(env.wait_rows(session, 300).await, 300);
+    // The key never reached the daemon in clear, and was not needed: nothing refused.
+    assert_eq!(
+        env.metric("dbx_udp_dropped_total", "reason=\"plain_key_refused\"")
+            .await,
+        0.0
+    );
 }

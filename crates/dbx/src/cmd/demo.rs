@@ -202,6 +202,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         tls_ca: None,
         tls_name: "localhost".into(),
         form: crate::cmd::loadgen::FormArg::Map,
+        udp_auth: crate::cmd::loadgen::UdpAuthArg::Mac,
         seed: rand::random(),
         json: false,
     };
