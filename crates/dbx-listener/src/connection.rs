@@ -86,6 +86,9 @@ pub struct Connection<S> {
     /// The charge of the frame being read, kept across cancelled reads.
     charge: Option<Charge>,
     session: Option<Session>,
+    /// Bytes a read may take beyond the frame in hand: none before `welcome` (a
+    /// pending connection buffers at most its hello), [`LOOKAHEAD`] after.
+    lookahead: usize,
     write_timeout: Duration,
     /// Shutdown, observed during writes too (a blocked write must not outlive the drain).
     shutdown: Shutdown,
@@ -133,6 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             write_buf: BytesMut::new(),
             charge: None,
             session: None,
+            lookahead: 0,
             write_timeout: writes.write_timeout,
             shutdown: writes.shutdown,
             drain_for: writes.drain_for,
@@ -146,6 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn enter_session(&mut self, budget: ByteBudget, limits: Limits) {
         self.codec = FrameCodec::new(limits.max_frame_bytes);
         self.session = Some(Session { budget, limits });
+        self.lookahead = LOOKAHEAD;
     }
 
     /// The drain deadline: set now if shutdown had not been seen yet.
@@ -173,8 +178,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             };
             // Never more than this frame and a little lookahead: what is buffered is
             // what was charged, plus at most LOOKAHEAD bytes.
-            self.read_buf.reserve(want + LOOKAHEAD);
-            let mut limited = (&mut self.read_buf).limit(want + LOOKAHEAD);
+            self.read_buf.reserve(want + self.lookahead);
+            let mut limited = (&mut self.read_buf).limit(want + self.lookahead);
             if self.stream.read_buf(&mut limited).await? == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)

@@ -133,18 +133,27 @@ pub fn nacked_batch(seq: u64, aircraft: Uuid) -> Vec<u8> {
 
 /// A TCP connection to `addr` from `local` (any port), with a receive buffer of
 /// `rcvbuf` bytes when given (set before connecting, so that it sticks).
-pub async fn connect_from(local: IpAddr, addr: SocketAddr, rcvbuf: Option<u32>) -> TcpStream {
+pub async fn try_connect_from(
+    local: IpAddr,
+    addr: SocketAddr,
+    rcvbuf: Option<u32>,
+) -> std::io::Result<TcpStream> {
     let sock = match local {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .expect("socket");
+    }?;
     if let Some(n) = rcvbuf {
-        sock.set_recv_buffer_size(n).expect("SO_RCVBUF");
+        sock.set_recv_buffer_size(n)?;
     }
-    sock.bind(SocketAddr::new(local, 0))
-        .expect("bind local address");
-    sock.connect(addr).await.expect("connect to dbx")
+    sock.bind(SocketAddr::new(local, 0))?;
+    sock.connect(addr).await
+}
+
+/// [`try_connect_from`], panicking when it fails.
+pub async fn connect_from(local: IpAddr, addr: SocketAddr, rcvbuf: Option<u32>) -> TcpStream {
+    try_connect_from(local, addr, rcvbuf)
+        .await
+        .unwrap_or_else(|e| panic!("connect to dbx {addr} from {local}: {e}"))
 }
 
 /// A peer that is welcomed, then sends batches the daemon nacks and never reads the
