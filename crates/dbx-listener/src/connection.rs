@@ -85,6 +85,8 @@ pub struct Connection<S> {
     write_buf: BytesMut,
     /// The charge of the frame being read, kept across cancelled reads.
     charge: Option<Charge>,
+    /// A frame's prefix is in and its charge is being waited for (the peer is not idle).
+    waiting_for_budget: bool,
     session: Option<Session>,
     /// Bytes a read may take beyond the frame in hand: none before `welcome` (a
     /// pending connection buffers at most its hello), [`LOOKAHEAD`] after.
@@ -135,6 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             read_buf: BytesMut::new(),
             write_buf: BytesMut::new(),
             charge: None,
+            waiting_for_budget: false,
             session: None,
             lookahead: 0,
             write_timeout: writes.write_timeout,
@@ -204,10 +207,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             None => {
                 metrics::counter!(m::BUFFERED_BYTES_WAITS_TOTAL, "transport" => self.transport)
                     .increment(1);
+                self.waiting_for_budget = true;
                 session.budget.acquire(bytes).await
             }
         };
+        self.waiting_for_budget = false;
         self.charge = Some(charge);
+    }
+
+    /// Whether the connection is waiting for byte budget for a frame it has begun to
+    /// receive: such a peer is held back, not idle.
+    pub fn waiting_for_budget(&self) -> bool {
+        self.waiting_for_budget
     }
 
     fn take_frame(&mut self, total: usize) -> Frame {
@@ -645,6 +656,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 }
 
                 _ = sleep_until(flow.idle_deadline), if can_read && flow.pending.is_empty() => {
+                    if self.conn.waiting_for_budget() {
+                        // Held back by the byte budget, not idle.
+                        flow.idle_deadline = tokio::time::Instant::now() + cfg.idle_timeout();
+                        continue;
+                    }
                     return End::Error(RejectCode::IdleTimeout, format!("nothing received for {} ms", cfg.idle_timeout_ms));
                 }
 

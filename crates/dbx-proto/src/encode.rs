@@ -422,16 +422,7 @@ pub fn encode_datagram(
     opts: EncodeOptions,
 ) -> Result<(), EncodeError> {
     let start = b.len();
-    put_map_len(b, if seq.is_some() { 6 } else { 5 });
-    put_str(b, "t");
-    put_str(b, "batch");
-    put_str(b, "key");
-    put_str(b, key);
-    if let Some(s) = seq {
-        put_str(b, "seq");
-        put_uint(b, s);
-    }
-    let out = batch_tail(b, aircraft, session, points, opts);
+    let out = datagram_batch(b, Some(key), seq, aircraft, session, points, opts);
     if out.is_err() {
         b.truncate(start);
     }
@@ -453,14 +444,7 @@ pub fn encode_datagram_mac(
     opts: EncodeOptions,
 ) -> Result<(), EncodeError> {
     let mut body = BytesMut::with_capacity(points.len() * 64 + 128);
-    put_map_len(&mut body, if seq.is_some() { 5 } else { 4 });
-    put_str(&mut body, "t");
-    put_str(&mut body, "batch");
-    if let Some(s) = seq {
-        put_str(&mut body, "seq");
-        put_uint(&mut body, s);
-    }
-    batch_tail(&mut body, aircraft, session, points, opts)?;
+    datagram_batch(&mut body, None, seq, aircraft, session, points, opts)?;
     let hash = crate::mac::key_hash(key);
     put_map_len(b, 3);
     put_str(b, "kid");
@@ -470,6 +454,32 @@ pub fn encode_datagram_mac(
     put_str(b, "body");
     put_bin(b, &body);
     Ok(())
+}
+
+/// The batch map of a datagram: `t = "batch"`, `key` when given, `seq` when given,
+/// then the batch keys.
+#[allow(clippy::too_many_arguments)]
+fn datagram_batch(
+    b: &mut BytesMut,
+    key: Option<&str>,
+    seq: Option<u64>,
+    aircraft: &AircraftRef,
+    session: Uuid,
+    points: &[Point],
+    opts: EncodeOptions,
+) -> Result<(), EncodeError> {
+    put_map_len(b, 4 + u32::from(key.is_some()) + u32::from(seq.is_some()));
+    put_str(b, "t");
+    put_str(b, "batch");
+    if let Some(k) = key {
+        put_str(b, "key");
+        put_str(b, k);
+    }
+    if let Some(s) = seq {
+        put_str(b, "seq");
+        put_uint(b, s);
+    }
+    batch_tail(b, aircraft, session, points, opts)
 }
 
 /// `aircraft`, `session` and `points` entries.

@@ -36,6 +36,20 @@
 //!   bad point is named; `bad_frame` wins over everything, then connection errors,
 //!   then `invalid_batch`, then point errors.
 //! - UDP: over 65 507 bytes → `frame_too_large`; `seq` may be absent or `nil`.
+//!
+//! ## Version 1.1 (PROTOCOL.md, "Version 1.1 additions")
+//! - The first frame is decoded by [`decode_hello`] only (its hello keys; other values
+//!   are stepped over without being interpreted); the listener refuses one over
+//!   [`Limits::max_hello_bytes`] at its prefix ([`FrameCodec::for_hello`]).
+//! - Decoding is linear in the input: duplicate `extra` keys are found through a hash
+//!   index, at most [`Limits::max_extra_keys`] per point (else `invalid_point`),
+//!   skipping is iterative, `extra` nesting stops at 32 levels.
+//! - `aircraft` registrations are at most [`MAX_REGISTRATION_CHARS`] characters
+//!   (`invalid_batch`); messages quote at most 40 characters of any wire value.
+//! - UDP: [`open_datagram`] authenticates-first (`key`, or `kid`/`mac`/`body`: see
+//!   [`mac`]); the batch is decoded after.
+//! - Memory: [`decoded_bytes_bound`] bounds what decoding a body can hold;
+//!   [`points_heap_bytes`] is what the result holds.
 
 use std::time::Duration;
 

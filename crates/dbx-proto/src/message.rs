@@ -2,8 +2,10 @@
 //!
 //! [`decode_client`] turns a TCP frame body into a [`ClientMessage`] or a
 //! [`DecodeError`] that says whether the answer is a connection-level `error` or a
-//! `nack` of one batch. [`decode_datagram`] does the same for UDP, where there is no
-//! answer. [`decode_server`] is the client side's decoder of server frames.
+//! `nack` of one batch. [`decode_hello`] decodes the first frame (before `welcome`),
+//! reading only the hello keys. [`open_datagram`] and [`DatagramEnvelope::decode`] do
+//! the same for UDP, where there is no answer. [`decode_server`] is the client side's
+//! decoder of server frames.
 //!
 //! Precedence when a frame breaks several rules: `bad_frame` (not exactly one
 //! well-formed map with string keys) first, then connection-level codes, then the

@@ -15,6 +15,17 @@ use dbx_proto::{
 };
 use uuid::Uuid;
 
+/// The signature both datagram encoders share.
+type EncodeDatagram = fn(
+    &mut BytesMut,
+    &str,
+    Option<u64>,
+    &AircraftRef,
+    Uuid,
+    &[Point],
+    EncodeOptions,
+) -> Result<(), dbx_proto::EncodeError>;
+
 fn points() -> Vec<Point> {
     let mut a = Point::new(NOW - 1_000_001, 1);
     a.lat = Some(47.5);
@@ -98,39 +109,30 @@ fn write_fuzz_corpus() {
         std::fs::write(points_dir.join(format!("batch{i}")), body).unwrap();
     }
     for (i, form) in [PointForm::Map, PointForm::Array].into_iter().enumerate() {
-        let mut d = BytesMut::new();
         let opts = EncodeOptions {
             form,
             ..EncodeOptions::default()
         };
         let seq = (i == 0).then_some(9);
-        encode_datagram(
-            &mut d,
-            "secret-key",
-            seq,
-            &AircraftRef::Registration("N1".into()),
-            Uuid::from_u128(5),
-            &points(),
-            opts,
-        )
-        .unwrap();
-        let dg = open_datagram(&d).unwrap().decode(&limits(), NOW).unwrap();
-        assert_eq!(dg.points, points());
-        std::fs::write(points_dir.join(format!("datagram{i}")), &d).unwrap();
-        let mut d = BytesMut::new();
-        encode_datagram_mac(
-            &mut d,
-            "secret-key",
-            seq,
-            &AircraftRef::Registration("N1".into()),
-            Uuid::from_u128(5),
-            &points(),
-            opts,
-        )
-        .unwrap();
-        let dg = open_datagram(&d).unwrap().decode(&limits(), NOW).unwrap();
-        assert_eq!(dg.points, points());
-        std::fs::write(points_dir.join(format!("datagram_mac{i}")), &d).unwrap();
+        for (name, encode) in [
+            ("datagram", encode_datagram as EncodeDatagram),
+            ("datagram_mac", encode_datagram_mac),
+        ] {
+            let mut d = BytesMut::new();
+            encode(
+                &mut d,
+                "secret-key",
+                seq,
+                &AircraftRef::Registration("N1".into()),
+                Uuid::from_u128(5),
+                &points(),
+                opts,
+            )
+            .unwrap();
+            let dg = open_datagram(&d).unwrap().decode(&limits(), NOW).unwrap();
+            assert_eq!(dg.points, points());
+            std::fs::write(points_dir.join(format!("{name}{i}")), &d).unwrap();
+        }
     }
     assert!(std::fs::read_dir(&frames_dir).unwrap().count() >= 4);
 
