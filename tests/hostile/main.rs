@@ -62,7 +62,8 @@ fn watch_rss(pid: u32, stop: Arc<AtomicBool>, peak: Arc<AtomicU64>) -> tokio::ta
     })
 }
 
-/// Runs `attack` for [`ATTACK`], then checks the gateway and memory over that window.
+/// The attacks' common frame: the daemon, the gateway that must not notice, and the
+/// memory peak sampled meanwhile.
 struct Phase<'a> {
     env: &'a Env,
     legit: &'a Legit,
@@ -70,6 +71,8 @@ struct Phase<'a> {
 }
 
 impl Phase<'_> {
+    /// Runs `attack` for [`ATTACK`], then checks the gateway's acks and the daemon's
+    /// memory over that window, and that `counter` (metric, labels) moved.
     async fn run<F, Fut>(&self, name: &str, counter: (&str, &str), attack: F)
     where
         F: FnOnce(Arc<AtomicBool>) -> Fut,

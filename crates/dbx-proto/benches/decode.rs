@@ -5,6 +5,7 @@
 //! decoder, and the refusal of an oversized first frame at its prefix.
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -100,14 +101,15 @@ fn put_map(out: &mut Vec<u8>, n: usize) {
     out.extend_from_slice(&(n as u32).to_be_bytes());
 }
 
-/// One point with `keys` distinct unknown keys (`nil` values) after `ts` and `seq`.
-fn point_with_keys(out: &mut Vec<u8>, keys: usize) {
+/// Point `seq` with `keys` distinct unknown keys (`nil` values) after `ts` and `seq`.
+fn point_with_keys(out: &mut Vec<u8>, keys: usize, seq: usize) {
     put_map(out, keys + 2);
     put_str(out, "ts");
     out.push(0xd3);
     out.extend_from_slice(&NOW.to_be_bytes());
     put_str(out, "seq");
-    out.push(1);
+    out.push(0xce);
+    out.extend_from_slice(&(seq as u32).to_be_bytes());
     for i in 0..keys {
         put_str(out, &format!("k{i:07}"));
         out.push(0xc0);
@@ -116,6 +118,11 @@ fn point_with_keys(out: &mut Vec<u8>, keys: usize) {
 
 /// A batch body whose one point holds `keys` extra keys.
 fn batch_with_keys(keys: usize) -> Vec<u8> {
+    batch_of(&[keys])
+}
+
+/// A batch body with one point per entry of `keys`, each with that many extra keys.
+fn batch_of(keys: &[usize]) -> Vec<u8> {
     let mut out = Vec::new();
     put_map(&mut out, 5);
     put_str(&mut out, "t");
@@ -127,8 +134,11 @@ fn batch_with_keys(keys: usize) -> Vec<u8> {
     put_str(&mut out, "session");
     put_str(&mut out, &Uuid::from_u128(7).to_string());
     put_str(&mut out, "points");
-    out.push(0x91);
-    point_with_keys(&mut out, keys);
+    out.push(0xdd);
+    out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
+    for (i, &n) in keys.iter().enumerate() {
+        point_with_keys(&mut out, n, i);
+    }
     out
 }
 
@@ -138,7 +148,7 @@ fn hello_with_keys(keys: usize) -> Vec<u8> {
     put_map(&mut out, 4);
     put_str(&mut out, "points");
     out.push(0x91);
-    point_with_keys(&mut out, keys);
+    point_with_keys(&mut out, keys, 1);
     put_str(&mut out, "t");
     put_str(&mut out, "hello");
     put_str(&mut out, "v");
@@ -148,6 +158,18 @@ fn hello_with_keys(keys: usize) -> Vec<u8> {
     out
 }
 
+/// CPU time of this thread: unlike wall-clock time it does not count the time the
+/// thread waits for a core, which on a shared machine is most of the noise.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime with a valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 fn hostile(c: &mut Criterion) {
     // max_extra_keys lifted so that the whole point is decoded: this measures the
     // decoder's growth, not the limit (which stops a real point at 256 keys).
@@ -155,6 +177,8 @@ fn hostile(c: &mut Criterion) {
         max_extra_keys: usize::MAX,
         ..Limits::default()
     };
+    // Measured in thread CPU time (see thread_cpu_time): the ratio of 2N to N keys is
+    // what matters, and wall-clock time on a shared machine swings by 3x.
     let mut g = c.benchmark_group("extra_keys");
     g.sample_size(20);
     for n in [10_000usize, 20_000, 40_000, 80_000] {
@@ -165,10 +189,41 @@ fn hostile(c: &mut Criterion) {
         }
         g.throughput(Throughput::Elements(n as u64));
         g.bench_function(format!("{n}"), |bencher| {
-            bencher.iter(|| decode_client(black_box(&b), &wide, NOW))
+            bencher.iter_custom(|iters| {
+                let start = thread_cpu_time();
+                for _ in 0..iters {
+                    black_box(decode_client(black_box(&b), &wide, NOW)).ok();
+                }
+                thread_cpu_time() - start
+            })
         });
     }
     g.finish();
+
+    // The same numbers of keys as an attacker can send them under the default
+    // max_extra_keys: points of 256 keys, as many as the frame holds.
+    let defaults = Limits::default();
+    let mut g = c.benchmark_group("extra_keys_in_256_key_points");
+    g.sample_size(20);
+    for n in [20_480usize, 40_960, 81_920] {
+        let b = batch_of(&vec![256; n / 256]);
+        match decode_client(&b, &defaults, NOW) {
+            Ok(ClientMessage::Batch(batch)) => assert_eq!(batch.points.len(), n / 256),
+            other => panic!("bench input does not decode: {other:?}"),
+        }
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_function(format!("{n}"), |bencher| {
+            bencher.iter_custom(|iters| {
+                let start = thread_cpu_time();
+                for _ in 0..iters {
+                    black_box(decode_client(black_box(&b), &defaults, NOW)).ok();
+                }
+                thread_cpu_time() - start
+            })
+        });
+    }
+    g.finish();
+    growth_summary(&wide, &defaults);
 
     let mut g = c.benchmark_group("hello");
     let h = hello_with_keys(80_000);
@@ -183,6 +238,50 @@ fn hostile(c: &mut Criterion) {
         bencher.iter(|| codec.announced(black_box(&prefix)).is_err())
     });
     g.finish();
+}
+
+/// Thread CPU time of one decode of `body`.
+fn cpu_of(body: &[u8], limits: &Limits) -> Duration {
+    let start = thread_cpu_time();
+    black_box(decode_client(black_box(body), limits, NOW)).ok();
+    thread_cpu_time() - start
+}
+
+/// Builds a batch body holding this many extra keys.
+type BodyOfKeys = fn(usize) -> Vec<u8>;
+
+/// Prints time(2N) / time(N) for both shapes, each time the least of 40 rounds that
+/// decode every size in turn (interleaved, so that a disturbance on the shared
+/// machine hits all sizes alike; the least is the least disturbed run).
+fn growth_summary(wide: &Limits, defaults: &Limits) {
+    let shapes: [(&str, &Limits, BodyOfKeys); 2] = [
+        ("one point", wide, batch_with_keys),
+        ("256-key points", defaults, |n| {
+            batch_of(&vec![256; n / 256])
+        }),
+    ];
+    let sizes = [10_240usize, 20_480, 40_960, 81_920];
+    for (name, limits, body) in shapes {
+        let bodies: Vec<Vec<u8>> = sizes.iter().map(|&n| body(n)).collect();
+        let mut least = vec![Duration::MAX; sizes.len()];
+        for _ in 0..40 {
+            for (b, l) in bodies.iter().zip(least.iter_mut()) {
+                *l = (*l).min(cpu_of(b, limits));
+            }
+        }
+        let ratios: Vec<String> = least
+            .windows(2)
+            .zip(sizes.windows(2))
+            .map(|(t, n)| {
+                let r = t[1].as_secs_f64() / t[0].as_secs_f64();
+                format!("{}→{} keys {r:.2}x", n[0], n[1])
+            })
+            .collect();
+        println!(
+            "extra keys, {name}: least CPU time {least:?}; growth {}",
+            ratios.join(", ")
+        );
+    }
 }
 
 criterion_group!(benches, bench, hostile);

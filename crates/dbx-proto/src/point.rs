@@ -75,7 +75,8 @@ const ALLOC_OVERHEAD: usize = 16;
 /// MIN_POINT_WIRE_BYTES + 1)` points), each point's `rpm`/`cs` vectors, and the `extra`
 /// text, which is at most [`MAX_JSON_GROWTH`] times the wire bytes it comes from,
 /// counted twice: the text kept, and the slack of the scratch buffer it is built in
-/// (which grows by doubling). The frame itself is not included. The listener charges
+/// (which grows by doubling); and the duplicate-key index of the point being decoded
+/// (at most `max_extra_keys` keys). The frame itself is not included. The listener charges
 /// this against its byte budget, with the frame, before it reads the body, and keeps
 /// only [`points_heap_bytes`] of the result once decoded.
 pub fn decoded_bytes_bound(body_len: usize, limits: &Limits) -> usize {
@@ -86,9 +87,13 @@ pub fn decoded_bytes_bound(body_len: usize, limits: &Limits) -> usize {
         + 2 * (MAX_ARRAY_FIELD_LEN as usize * 4 + ALLOC_OVERHEAD)
         + ALLOC_OVERHEAD
         + 2;
-    2 * ALLOC_OVERHEAD
+    // The duplicate-key index of the point being decoded: one hashed key per two bytes
+    // at most, 48 bytes each with the table's slack.
+    let index = limits.max_extra_keys.min(body_len / 2).saturating_mul(48);
+    3 * ALLOC_OVERHEAD
         + points.saturating_mul(per_point)
         + body_len.saturating_mul(2 * MAX_JSON_GROWTH)
+        + index
 }
 
 /// Heap bytes held by decoded points (the vector's capacity, the `rpm`/`cs` vectors,
@@ -230,6 +235,7 @@ pub(crate) fn decode_point<'a>(
     extra.reset();
     match r.next()? {
         Token::Map(n) => {
+            extra.announce(n, r.remaining());
             for _ in 0..n {
                 let key = match r.next()? {
                     Token::Str(k) => k,
@@ -427,6 +433,7 @@ fn field_value<'a>(
                     ))
                 }
             };
+            extra.announce(n, r.remaining());
             for _ in 0..n {
                 let key = match r.next()? {
                     Token::Str(k) => extra_key(k, index, Place::X)?,
@@ -693,10 +700,16 @@ impl std::fmt::Display for Place<'_> {
 /// final `extra` text.
 pub(crate) struct ExtraBuf<'a> {
     json: String,
-    /// Keys so far, and whether each came from `x` (true) or the point itself (false).
-    keys: Vec<(&'a str, bool)>,
-    /// The same keys, hashed, once there are more than [`LINEAR_KEY_SCAN`].
+    /// Keys in this point so far.
+    count: usize,
+    /// The first [`LINEAR_KEY_SCAN`] keys, and whether each came from `x` (true) or the
+    /// point itself (false): scanned linearly, cheaper than hashing for a few keys.
+    first: Vec<(&'a str, bool)>,
+    /// Every key, hashed, once there are more than that.
     index: HashMap<&'a str, bool>,
+    /// Keys the point's maps announce (capped by their bytes): the index's capacity,
+    /// so that it never grows (and rehashes) while a large point is decoded.
+    announced: usize,
     max_keys: usize,
 }
 
@@ -704,26 +717,37 @@ impl<'a> ExtraBuf<'a> {
     pub(crate) fn new(max_keys: usize) -> Self {
         ExtraBuf {
             json: String::new(),
-            keys: Vec::new(),
+            count: 0,
+            first: Vec::with_capacity(LINEAR_KEY_SCAN),
             index: HashMap::new(),
+            announced: 0,
             max_keys,
         }
     }
 
     fn reset(&mut self) {
-        if self.keys.len() > LINEAR_KEY_SCAN {
+        if self.count > LINEAR_KEY_SCAN {
             self.index.clear();
         }
-        self.keys.clear();
+        self.count = 0;
+        self.announced = 0;
+        self.first.clear();
         self.json.clear();
+    }
+
+    /// A map of the point (or its `x`) announces `entries`; each takes at least two of
+    /// the `remaining` bytes, which caps what a hostile header can claim.
+    fn announce(&mut self, entries: u32, remaining: usize) {
+        let n = (entries as usize).min(remaining / 2);
+        self.announced = self.announced.saturating_add(n);
     }
 
     /// Where `key` was seen before in this point (`Some(in_x)`), if it was.
     fn previous(&self, key: &str) -> Option<bool> {
-        if self.keys.len() > LINEAR_KEY_SCAN {
+        if self.count > LINEAR_KEY_SCAN {
             self.index.get(key).copied()
         } else {
-            self.keys.iter().find(|(k, _)| *k == key).map(|&(_, x)| x)
+            self.first.iter().find(|(k, _)| *k == key).map(|&(_, x)| x)
         }
     }
 
@@ -743,7 +767,7 @@ impl<'a> ExtraBuf<'a> {
             };
             return Err(reject(index, msg));
         }
-        if self.keys.len() >= self.max_keys {
+        if self.count >= self.max_keys {
             return Err(reject(
                 index,
                 format!(
@@ -752,14 +776,17 @@ impl<'a> ExtraBuf<'a> {
                 ),
             ));
         }
-        self.json.push(if self.keys.is_empty() { '{' } else { ',' });
-        self.keys.push((key, in_x));
-        match self.keys.len() {
-            n if n == LINEAR_KEY_SCAN + 1 => self.index.extend(self.keys.iter().copied()),
-            n if n > LINEAR_KEY_SCAN + 1 => {
-                self.index.insert(key, in_x);
+        self.json.push(if self.count == 0 { '{' } else { ',' });
+        self.count += 1;
+        if self.count <= LINEAR_KEY_SCAN {
+            self.first.push((key, in_x));
+        } else {
+            if self.count == LINEAR_KEY_SCAN + 1 {
+                let room = self.announced.clamp(LINEAR_KEY_SCAN + 1, self.max_keys);
+                self.index.reserve(room);
+                self.index.extend(self.first.iter().copied());
             }
-            _ => {}
+            self.index.insert(key, in_x);
         }
         json_string(&mut self.json, key);
         self.json.push(':');
@@ -770,7 +797,7 @@ impl<'a> ExtraBuf<'a> {
     /// A small text is copied out of the scratch buffer (which the next point reuses);
     /// a large one takes the buffer, shrunk in place, rather than being copied.
     fn finish(&mut self) -> Option<String> {
-        if self.keys.is_empty() {
+        if self.count == 0 {
             return None;
         }
         self.json.push('}');
