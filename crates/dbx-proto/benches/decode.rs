@@ -170,6 +170,29 @@ fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// One criterion group of batch bodies holding `n` extra keys each, in thread CPU time.
+fn bench_keys(c: &mut Criterion, group: &str, bodies: &[(usize, Vec<u8>)], limits: &Limits) {
+    let mut g = c.benchmark_group(group);
+    g.sample_size(20);
+    for (n, b) in bodies {
+        match decode_client(b, limits, NOW) {
+            Ok(ClientMessage::Batch(batch)) => assert!(batch.points[0].extra.is_some()),
+            other => panic!("bench input does not decode: {other:?}"),
+        }
+        g.throughput(Throughput::Elements(*n as u64));
+        g.bench_function(format!("{n}"), |bencher| {
+            bencher.iter_custom(|iters| {
+                let start = thread_cpu_time();
+                for _ in 0..iters {
+                    black_box(decode_client(black_box(b), limits, NOW)).ok();
+                }
+                thread_cpu_time() - start
+            })
+        });
+    }
+    g.finish();
+}
+
 fn hostile(c: &mut Criterion) {
     // max_extra_keys lifted so that the whole point is decoded: this measures the
     // decoder's growth, not the limit (which stops a real point at 256 keys).
@@ -179,50 +202,19 @@ fn hostile(c: &mut Criterion) {
     };
     // Measured in thread CPU time (see thread_cpu_time): the ratio of 2N to N keys is
     // what matters, and wall-clock time on a shared machine swings by 3x.
-    let mut g = c.benchmark_group("extra_keys");
-    g.sample_size(20);
-    for n in [10_000usize, 20_000, 40_000, 80_000] {
-        let b = batch_with_keys(n);
-        match decode_client(&b, &wide, NOW) {
-            Ok(ClientMessage::Batch(batch)) => assert!(batch.points[0].extra.is_some()),
-            other => panic!("bench input does not decode: {other:?}"),
-        }
-        g.throughput(Throughput::Elements(n as u64));
-        g.bench_function(format!("{n}"), |bencher| {
-            bencher.iter_custom(|iters| {
-                let start = thread_cpu_time();
-                for _ in 0..iters {
-                    black_box(decode_client(black_box(&b), &wide, NOW)).ok();
-                }
-                thread_cpu_time() - start
-            })
-        });
-    }
-    g.finish();
-
+    let one_point: Vec<(usize, Vec<u8>)> = [10_000usize, 20_000, 40_000, 80_000]
+        .into_iter()
+        .map(|n| (n, batch_with_keys(n)))
+        .collect();
+    bench_keys(c, "extra_keys", &one_point, &wide);
     // The same numbers of keys as an attacker can send them under the default
     // max_extra_keys: points of 256 keys, as many as the frame holds.
     let defaults = Limits::default();
-    let mut g = c.benchmark_group("extra_keys_in_256_key_points");
-    g.sample_size(20);
-    for n in [20_480usize, 40_960, 81_920] {
-        let b = batch_of(&vec![256; n / 256]);
-        match decode_client(&b, &defaults, NOW) {
-            Ok(ClientMessage::Batch(batch)) => assert_eq!(batch.points.len(), n / 256),
-            other => panic!("bench input does not decode: {other:?}"),
-        }
-        g.throughput(Throughput::Elements(n as u64));
-        g.bench_function(format!("{n}"), |bencher| {
-            bencher.iter_custom(|iters| {
-                let start = thread_cpu_time();
-                for _ in 0..iters {
-                    black_box(decode_client(black_box(&b), &defaults, NOW)).ok();
-                }
-                thread_cpu_time() - start
-            })
-        });
-    }
-    g.finish();
+    let in_points: Vec<(usize, Vec<u8>)> = [20_480usize, 40_960, 81_920]
+        .into_iter()
+        .map(|n| (n, batch_of(&vec![256; n / 256])))
+        .collect();
+    bench_keys(c, "extra_keys_in_256_key_points", &in_points, &defaults);
     growth_summary(&wide, &defaults);
 
     let mut g = c.benchmark_group("hello");

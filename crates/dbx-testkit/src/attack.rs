@@ -35,6 +35,19 @@ pub fn peak_rss_bytes(pid: u32) -> u64 {
     proc_status_bytes(pid, "VmHWM")
 }
 
+/// CPU time a process has used so far, all its threads together, in nanoseconds
+/// (`/proc/<pid>/task/*/schedstat`); 0 when unreadable.
+pub fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Raises this process's open-files limit to its hard limit (a daemon started after
 /// this inherits it); the new soft limit.
 pub fn raise_open_files_limit() -> u64 {
