@@ -307,6 +307,7 @@ async fn loadgen_run(
         duration: Duration::from_secs_f64(secs),
         total_points: total,
         form: dbx_proto::PointForm::Map,
+        udp_auth: dbx::loadgen::UdpAuth::Mac,
         seed,
         mqtt,
     };

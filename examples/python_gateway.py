@@ -12,10 +12,18 @@ resends whatever was not acked (the `end` included) after a reconnect, and says 
 
 Prints one JSON line at the end:
 {"sent": .., "acked": .., "nacked": .., "ended": true|false, "session": ..}.
+
+With --udp-port it sends the flight as UDP datagrams instead (fire-and-forget, no
+acks): --udp-auth mac (the default) signs each batch with the key, which then never
+travels (protocol 1.1: kid, mac, body; only hashlib and hmac from the standard
+library); --udp-auth key puts the key in every datagram (protocol v1). It prints
+{"sent": .., "datagrams": .., "session": ..}.
 """
 
 import argparse
 import datetime
+import hashlib
+import hmac
 import json
 import math
 import socket
@@ -44,6 +52,32 @@ def recv_exact(sock, n):
 def recv_frame(sock):
     (length,) = struct.unpack(">I", recv_exact(sock, 4))
     return msgpack.unpackb(recv_exact(sock, length), raw=False, timestamp=3)
+
+
+def datagram(key, auth, batch):
+    """One UDP datagram holding `batch` (a map with the batch keys)."""
+    if auth == "key":
+        return msgpack.packb(dict(batch, key=key), use_bin_type=True, datetime=True)
+    # kid: the first 16 hex digits of hex(sha256(key)); mac: the first 16 bytes of
+    # HMAC-SHA256 over body, keyed with the 32 raw bytes of sha256(key).
+    key_hash = hashlib.sha256(key.encode()).digest()
+    body = msgpack.packb(batch, use_bin_type=True, datetime=True)
+    mac = hmac.new(key_hash, body, hashlib.sha256).digest()[:16]
+    return msgpack.packb({"kid": key_hash.hex()[:16], "mac": mac, "body": body}, use_bin_type=True)
+
+
+def send_udp(args, session, batches):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for seq, pts in batches.items():
+            batch = {"t": "batch", "seq": seq, "aircraft": args.aircraft, "session": session, "points": pts}
+            dg = datagram(args.key, args.udp_auth, batch)
+            if len(dg) > 65507:
+                print(f"batch {seq} does not fit a datagram ({len(dg)} bytes); use a smaller --batch", file=sys.stderr)
+                return 2
+            sock.sendto(dg, (args.host, args.udp_port))
+    sent = sum(len(b) for b in batches.values())
+    print(json.dumps({"sent": sent, "datagrams": len(batches), "session": session}))
+    return 0
 
 
 def flight(n_points, start):
@@ -79,6 +113,8 @@ def main():
     p.add_argument("--aircraft", required=True, help="registration number or aircraft UUID")
     p.add_argument("--points", type=int, default=1000)
     p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--udp-port", type=int, help="send UDP datagrams to this port instead of using TCP")
+    p.add_argument("--udp-auth", choices=["mac", "key"], default="mac", help="UDP: sign with the key (mac) or send it (key)")
     args = p.parse_args()
 
     session = str(uuid.uuid4())
@@ -87,6 +123,8 @@ def main():
     batches = {}
     for seq, i in enumerate(range(0, len(points), args.batch), start=1):
         batches[seq] = points[i : i + args.batch]
+    if args.udp_port:
+        return send_udp(args, session, batches)
 
     # `ended` is None until the end has a verdict: True when acked, False when nacked.
     acked, nacked, ended, attempts = set(), {}, None, 0

@@ -2,6 +2,7 @@
 //! started by dbx-testkit. Each test gets its own database and daemon.
 
 mod admin;
+mod hardening;
 mod listener;
 mod sessions;
 

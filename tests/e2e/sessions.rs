@@ -432,6 +432,7 @@ async fn the_loadgen_ends_every_flight_it_flies() {
         form: PointForm::Map,
         seed: 7,
         mqtt: None,
+        udp_auth: dbx::loadgen::UdpAuth::Mac,
     };
     let summary = dbx::loadgen::run(config, stats, stop_rx).await;
     assert!(summary.error.is_none(), "{summary}");

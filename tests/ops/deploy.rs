@@ -578,6 +578,11 @@ fn alert_rules_cover_the_issue_and_use_only_exported_metrics() {
         "> {}",
         config_int("listener.max_connections") * 9 / 10
     )));
+    assert!(by_name["DbxHandshakesNearLimit"].contains(&format!(
+        "> {}",
+        config_int("listener.max_pending_handshakes") * 9 / 10
+    )));
+    assert!(by_name["DbxByteBudgetSpent"].contains("dbx_buffered_bytes_limit"));
 }
 
 #[test]

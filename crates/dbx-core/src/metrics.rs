@@ -11,8 +11,23 @@
 pub const CONNECTIONS_OPEN: &str = "dbx_connections_open";
 /// Listener: connections accepted (counter, label `transport`).
 pub const CONNECTIONS_TOTAL: &str = "dbx_connections_total";
-/// Listener: connections refused at the connection limit (counter).
+/// Listener: connections refused before their handshake (counter, label `reason` =
+/// max_connections | max_pending_handshakes | max_pending_per_ip).
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "dbx_connections_refused_total";
+/// Listener: connections accepted that have not completed their handshake (TLS and
+/// `hello`) yet (gauge).
+pub const PENDING_HANDSHAKES: &str = "dbx_pending_handshakes";
+/// Listener: connections closed because their peer did not read what the server wrote
+/// within `write_timeout_ms` (counter, label `transport`).
+pub const WRITE_TIMEOUTS_TOTAL: &str = "dbx_write_timeouts_total";
+/// Listener: bytes of frames and decoded batches charged against `limits.max_buffered_bytes`
+/// right now (gauge).
+pub const BUFFERED_BYTES: &str = "dbx_buffered_bytes";
+/// Listener: `limits.max_buffered_bytes` (gauge).
+pub const BUFFERED_BYTES_LIMIT: &str = "dbx_buffered_bytes_limit";
+/// Listener: times a TCP connection stopped reading because the byte budget was spent
+/// (counter, label `transport`).
+pub const BUFFERED_BYTES_WAITS_TOTAL: &str = "dbx_buffered_bytes_waits_total";
 /// Listener: frames received (counter, label `transport`).
 pub const FRAMES_RECEIVED_TOTAL: &str = "dbx_frames_received_total";
 /// Listener: points received and accepted into the pipeline (counter, label `transport`).

@@ -1,8 +1,9 @@
 //! docs/protocol.md cannot drift from the daemon: every annotated frame of its worked
 //! example is decoded by the real decoders (`decode_client`, `decode_server`,
-//! `decode_datagram`) and compared with the `expect:` line printed beside it; server
+//! `open_datagram`) and compared with the `expect:` line printed beside it; server
 //! frames must also be exactly what the daemon's encoder writes; the key-less UDP
-//! datagram's `kid` and `mac` are recomputed from the key. The code table must name
+//! datagram is opened and its MAC verified by the daemon's own code, and its `kid` and
+//! `mac` are recomputed here from the key as well. The code table must name
 //! every code the daemon sends.
 //!
 //! Block format (a fenced block whose info string is `msgpack <kind>`, kind = client,
@@ -12,8 +13,8 @@
 use chrono::{DateTime, SecondsFormat};
 use dbx_core::{Point, RejectCode};
 use dbx_proto::{
-    decode_client, decode_datagram, decode_server, AircraftRef, ClientMessage, DecodeError, Limits,
-    ServerMessage,
+    decode_client, decode_server, mac, open_datagram, AircraftRef, ClientMessage, DatagramAuth,
+    DecodeError, Limits, ServerMessage,
 };
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -256,6 +257,27 @@ fn check_keyless_datagram(b: &Block) {
     assert_eq!(b.expect["mac"], hex::encode(mac));
     let body = client_json(decode_client(&fields["body"], &Limits::default(), NOW));
     assert_eq!(body, b.expect["body"], "{}: body", b.title);
+
+    // And the daemon's own path: authenticate first, then decode the body.
+    let envelope = open_datagram(&b.bytes).unwrap_or_else(|e| panic!("{}: {e}", b.title));
+    let DatagramAuth::Mac {
+        kid,
+        mac: tag,
+        body,
+    } = envelope.auth
+    else {
+        panic!("{}: not read as the kid/mac/body form", b.title)
+    };
+    let hash = mac::key_hash(key);
+    assert_eq!(kid, mac::key_id(&hash), "{}: kid", b.title);
+    assert!(mac::verify_body_mac(&hash, body, &tag), "{}: mac", b.title);
+    let d = envelope
+        .decode(&Limits::default(), NOW)
+        .unwrap_or_else(|e| panic!("{}: {e}", b.title));
+    assert_eq!(
+        d.points.len(),
+        b.expect["body"]["points"].as_array().unwrap().len()
+    );
 }
 
 #[test]
@@ -280,10 +302,16 @@ fn the_worked_example_decodes_as_the_page_says() {
                 server_json(&msg)
             }
             "udp" => {
-                let d = decode_datagram(&b.bytes, &limits, NOW)
+                let envelope =
+                    open_datagram(&b.bytes).unwrap_or_else(|e| panic!("{}: {e}", b.title));
+                let DatagramAuth::Key(key) = envelope.auth else {
+                    panic!("{}: not read as the key form", b.title)
+                };
+                let d = envelope
+                    .decode(&limits, NOW)
                     .unwrap_or_else(|e| panic!("{}: {e}", b.title));
                 json!({
-                    "key": d.key, "seq": d.seq, "aircraft": aircraft_json(&d.aircraft),
+                    "key": key, "seq": d.seq, "aircraft": aircraft_json(&d.aircraft),
                     "session": d.session.to_string(),
                     "points": d.points.iter().map(point_json).collect::<Vec<_>>(),
                 })

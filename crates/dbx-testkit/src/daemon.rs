@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Daemon {
     child: Child,
-    /// Plain TCP address.
+    /// Plain TCP address (`0.0.0.0:0` when the daemon serves TLS only).
     pub tcp: SocketAddr,
     /// TLS address, when configured.
     pub tls: Option<SocketAddr>,
@@ -67,7 +67,10 @@ impl Daemon {
             if let Ok(text) = std::fs::read_to_string(&ready) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                     let addr = |k: &str| v[k].as_str().and_then(|s| s.parse().ok());
-                    d.tcp = addr("tcp").expect("tcp address in ready file");
+                    // `null` when the daemon serves TLS only (listener.plaintext = false).
+                    if let Some(tcp) = addr("tcp") {
+                        d.tcp = tcp;
+                    }
                     d.http = addr("http").expect("http address in ready file");
                     d.tls = addr("tls");
                     d.udp = addr("udp");

@@ -34,6 +34,7 @@ use dbx_control::cluster::{random_token, urlencode, ClusterOptions, ClusterTls, 
 use dbx_pg::{Connector, TlsOptions};
 use tokio_postgres::Client;
 
+pub mod attack;
 pub mod broker;
 pub mod daemon;
 pub mod env;

@@ -17,6 +17,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// Gateway-facing servers.
     pub listener: dbx_listener::ListenerConfig,
+    /// Process-wide resource limits.
+    pub limits: LimitsConfig,
     /// Batching and COPY.
     pub batcher: dbx_batcher::BatcherConfig,
     /// The MQTT input (off unless `mqtt.url` is set).
@@ -126,6 +128,24 @@ impl DatabaseConfig {
     }
 }
 
+/// `[limits]`: bounds on what the daemon holds for its peers, whoever they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The byte budget of every frame and decoded batch between its read and its
+    /// ack/nack (UDP: until written); the worst case of the daemon's memory is a formula
+    /// of it, in config/dbx.toml.
+    pub max_buffered_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_buffered_bytes: 256 << 20,
+        }
+    }
+}
+
 /// `[health]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -166,6 +186,17 @@ impl Config {
         self.sessions
             .validate()
             .map_err(|(key, m)| key_err(&format!("sessions.{key}"), m))?;
+        // Room for at least one frame of the largest size (its decoded bound is larger
+        // still; a charge is capped at the whole budget, so such a frame then passes alone).
+        let min_budget = self.listener.max_frame_bytes as u64;
+        if self.limits.max_buffered_bytes < min_budget {
+            return Err(key_err(
+                "limits.max_buffered_bytes",
+                format!(
+                    "must be at least listener.max_frame_bytes ({min_budget}); a frame must fit in the budget"
+                ),
+            ));
+        }
         if self.health.interval_secs == 0 {
             return Err(key_err("health.interval_secs", "must be at least 1".into()));
         }

@@ -49,6 +49,16 @@ pub enum Transport {
     Mqtt,
 }
 
+/// How UDP datagrams say which key sent them (PROTOCOL.md 1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UdpAuth {
+    /// `kid`/`mac`/`body`: the key never travels.
+    Mac,
+    /// The key in clear (`key`, protocol v1).
+    Key,
+}
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct LoadgenConfig {
@@ -82,6 +92,8 @@ pub struct LoadgenConfig {
     pub seed: u64,
     /// The broker, for [`Transport::Mqtt`].
     pub mqtt: Option<MqttTarget>,
+    /// UDP only: the MAC form or the key in clear.
+    pub udp_auth: UdpAuth,
 }
 
 /// Counters shared by the fleet and the progress display.
@@ -725,7 +737,11 @@ async fn udp_gateway(
         seq += 1;
         out.clear();
         let aircraft = AircraftRef::Registration(batch.aircraft.clone());
-        if dbx_proto::encode_datagram(
+        let encode = match config.udp_auth {
+            UdpAuth::Mac => dbx_proto::encode_datagram_mac,
+            UdpAuth::Key => dbx_proto::encode_datagram,
+        };
+        let encoded = encode(
             &mut out,
             &config.key,
             Some(seq),
@@ -733,9 +749,8 @@ async fn udp_gateway(
             batch.session,
             &batch.points,
             opts,
-        )
-        .is_err()
-        {
+        );
+        if encoded.is_err() {
             continue;
         }
         if sock.send_to(&out, config.addr).await.is_ok() {

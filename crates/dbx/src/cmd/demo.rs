@@ -287,6 +287,7 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
         tls_ca: None,
         tls_name: "localhost".into(),
         form: crate::cmd::loadgen::FormArg::Map,
+        udp_auth: crate::cmd::loadgen::UdpAuthArg::Mac,
         seed: rand::random(),
         json: false,
         broker: None,

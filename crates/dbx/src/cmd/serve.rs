@@ -18,7 +18,7 @@ use dbx_control::health::HealthCollector;
 use dbx_control::partitions::{Interval, PartitionManager};
 use dbx_control::sessions::SessionCompleter;
 use dbx_core::{SharedClock, ShutdownTrigger, SystemClock};
-use dbx_listener::{AuthCache, HandshakeLog, Listener};
+use dbx_listener::{AuthCache, ByteBudget, HandshakeLog, Listener};
 
 use crate::config::{self, Config};
 
@@ -44,7 +44,29 @@ fn describe_metrics() {
     );
     c!(
         m::CONNECTIONS_REFUSED_TOTAL,
-        "Connections refused at the connection limit."
+        "Connections refused before their handshake, by reason (max_connections, max_pending_handshakes, max_pending_per_ip)."
+    );
+    g!(
+        m::PENDING_HANDSHAKES,
+        "Connections whose TLS handshake or hello is not complete yet."
+    );
+    c!(
+        m::WRITE_TIMEOUTS_TOTAL,
+        "Connections closed because the peer did not read for write_timeout_ms, by transport."
+    );
+    g!(
+        m::BUFFERED_BYTES,
+        Unit::Bytes,
+        "Bytes of frames and decoded batches held against limits.max_buffered_bytes."
+    );
+    g!(
+        m::BUFFERED_BYTES_LIMIT,
+        Unit::Bytes,
+        "limits.max_buffered_bytes."
+    );
+    c!(
+        m::BUFFERED_BYTES_WAITS_TOTAL,
+        "Times a TCP connection stopped reading because limits.max_buffered_bytes was spent, by transport."
     );
     c!(
         m::FRAMES_RECEIVED_TOTAL,
@@ -60,7 +82,7 @@ fn describe_metrics() {
     );
     c!(
         m::AUTH_FAILURES_TOTAL,
-        "Failed or revoked handshakes, by reason."
+        "Failed or revoked handshakes, by reason (the protocol code: unauthorized, frame_too_large for a hello over max_hello_bytes, handshake_timeout, ...; tls; revoked)."
     );
     h!(
         m::RATE_LIMIT_WAIT_SECONDS,
@@ -71,7 +93,10 @@ fn describe_metrics() {
         m::RATE_LIMIT_DROPS_TOTAL,
         "UDP points dropped over an organization's rate limit."
     );
-    c!(m::UDP_DROPPED_TOTAL, "UDP datagrams dropped, by reason.");
+    c!(
+        m::UDP_DROPPED_TOTAL,
+        "UDP datagrams dropped, by reason (a protocol code such as unauthorized for a bad key or MAC; plain_key_refused, budget, rate_limited, saturated, too_large)."
+    );
     h!(
         m::ACK_LATENCY_SECONDS,
         Unit::Seconds,
@@ -278,6 +303,39 @@ async fn report_security(client: &tokio_postgres::Client, connector: &dbx_pg::Co
     }
 }
 
+/// Raises the open-files soft limit to the hard limit: every connection is a file, and
+/// the usual soft limit of 1024 would refuse sockets (EMFILE) long before
+/// `listener.max_connections`. Warns when even the hard limit is below `wanted`.
+fn raise_open_files_limit(wanted: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    };
+    if soft < wanted {
+        tracing::warn!(
+            open_files = soft,
+            wanted,
+            "the open-files limit is below listener.max_connections + 256; raise it (systemd LimitNOFILE, ulimit -n)"
+        );
+    }
+}
+
 /// Waits for SIGINT or SIGTERM.
 async fn signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -298,6 +356,7 @@ pub async fn serve(config_path: Option<&Path>, args: ServeArgs) -> anyhow::Resul
     let cfg: Config = config::load(config_path)?;
     cfg.validate()?;
     crate::logging::init(&cfg.log);
+    raise_open_files_limit(cfg.listener.max_connections as u64 + 256);
     let (trigger, shutdown) = ShutdownTrigger::new();
     let stop = trigger.clone();
     tokio::spawn(async move {
@@ -412,8 +471,16 @@ pub async fn run(
     } else {
         (tx, None)
     };
-    let listener =
-        Listener::bind(cfg.listener.clone(), auth.clone(), tx.clone(), handshakes).await?;
+    let budget =
+        ByteBudget::new(usize::try_from(cfg.limits.max_buffered_bytes).unwrap_or(usize::MAX));
+    let listener = Listener::bind(
+        cfg.listener.clone(),
+        auth.clone(),
+        tx.clone(),
+        handshakes,
+        budget,
+    )
+    .await?;
     // The MQTT input feeds the same queue, shares the rate limits and the tenant checks.
     let mqtt = if cfg.mqtt.enabled() {
         let shared = dbx_mqtt::Shared {
