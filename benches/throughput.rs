@@ -20,6 +20,14 @@
 //! Run: `cargo bench -p dbx --bench throughput` (env: `DBX_BENCH_POINTS`, default
 //! 1 000 000; `DBX_BENCH_NAIVE_POINTS`, default 20 000; `DBX_BENCH_RUNS`, default 3).
 //! PostgreSQL runs with production durability (fsync and synchronous_commit on).
+//!
+//! TLS mode, `DBX_BENCH_TLS=1`: the cluster runs with `ssl = on` (a certificate from a CA
+//! made for the run) and two daemons serve the same database, one connecting with
+//! `sslmode=disable`, one with `sslmode=verify-full`; after a warm-up run each, their
+//! end-to-end runs come in pairs of alternating order so that both see the same machine.
+//! Points/s and CPU per point (daemon plus its PostgreSQL backends, from /proc), their
+//! medians and ratios go to the "TLS to PostgreSQL" section of `benches/RESULTS.md` (the
+//! other sections are kept).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,10 +38,10 @@ use dbx::loadgen::{self, LoadgenConfig, Stats, Transport};
 use dbx::sim::FlightSim;
 use dbx_batcher::copy::{CopyEncoder, COLUMNS};
 use dbx_control::broker::{BrokerOptions, LocalBroker};
-use dbx_control::cluster::{ClusterOptions, LocalCluster};
+use dbx_control::cluster::{ClusterOptions, ClusterTls, LocalCluster};
 use dbx_control::setup::{self, SetupOptions};
 use dbx_core::{Point, ShutdownTrigger};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use uuid::Uuid;
 
 const AIRCRAFT: usize = 16;
@@ -57,10 +65,97 @@ struct Fleet {
     aircraft: Vec<(String, Uuid)>,
 }
 
+fn connector(url: &str) -> dbx_pg::Connector {
+    dbx_pg::Connector::new(url, &dbx_pg::TlsOptions::default(), "bench").expect("url")
+}
+
 async fn connect(url: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    c
+    connector(url).connect().await.expect("connect")
+}
+
+/// The 1-, 5- and 15-minute load averages: how busy the shared machine was.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// A `dbx serve` process (bench profile) against `url`; its TCP address.
+async fn start_daemon(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    admin_url: &str,
+    extra_env: &[(&str, String)],
+) -> (
+    std::process::Child,
+    std::net::SocketAddr,
+    std::net::SocketAddr,
+) {
+    let ready = dir.join(format!("{name}.ready.json"));
+    let daemon = Command::new(env!("CARGO_BIN_EXE_dbx"))
+        .args(["serve", "--ready-file"])
+        .arg(&ready)
+        .env("DATABASE_URL", url)
+        .env("DBX_DATABASE__ADMIN_URL", admin_url)
+        .env("DBX_LISTENER__TCP_BIND", "127.0.0.1:0")
+        .env("DBX_LISTENER__UDP_BIND", "")
+        .env("DBX_HTTP__BIND", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
+        .spawn()
+        .expect("start dbx serve");
+    let (tcp, http) = loop {
+        if let Ok(t) = std::fs::read_to_string(&ready) {
+            let v: serde_json::Value = serde_json::from_str(&t).expect("ready json");
+            let a = |k: &str| v[k].as_str().unwrap().parse().unwrap();
+            break (a("tcp"), a("http"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    (daemon, tcp, http)
+}
+
+fn stop_daemon(mut daemon: std::process::Child) {
+    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+    let _ = daemon.wait();
+}
+
+/// Replaces the part of RESULTS.md before its first `## ` section (`head`) and/or the
+/// section titled `title`, keeping every other section as written.
+fn write_results(head: Option<String>, section: Option<(&str, String)>) -> PathBuf {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/RESULTS.md");
+    let old = std::fs::read_to_string(&out).unwrap_or_default();
+    let (old_head, rest) = match old.find("\n## ") {
+        Some(i) => (old[..=i].to_string(), old[i + 1..].to_string()),
+        None => (old.clone(), String::new()),
+    };
+    let mut sections: Vec<String> = rest
+        .split("\n## ")
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let s = s.strip_prefix("## ").unwrap_or(s);
+            format!("## {}\n", s.trim_end())
+        })
+        .collect();
+    if let Some((title, text)) = section {
+        let text = format!("## {title}\n\n{}\n", text.trim_end());
+        match sections
+            .iter()
+            .position(|s| s.starts_with(&format!("## {title}\n")))
+        {
+            Some(i) => sections[i] = text,
+            None => sections.insert(0, text),
+        }
+    }
+    let mut doc = head.unwrap_or(old_head).trim_end().to_string();
+    doc.push('\n');
+    for s in sections {
+        doc.push('\n');
+        doc.push_str(&s);
+    }
+    std::fs::write(&out, doc).expect("write RESULTS.md");
+    out
 }
 
 /// Today's partition, which every generated point falls into.
@@ -212,6 +307,7 @@ async fn loadgen_run(
         duration: Duration::from_secs_f64(secs),
         total_points: total,
         form: dbx_proto::PointForm::Map,
+        udp_auth: dbx::loadgen::UdpAuth::Mac,
         seed,
         mqtt,
     };
@@ -466,6 +562,7 @@ async fn main() {
     let n = env_usize("DBX_BENCH_POINTS", 1_000_000);
     let naive_n = env_usize("DBX_BENCH_NAIVE_POINTS", 20_000);
     let runs = env_usize("DBX_BENCH_RUNS", 3).max(1);
+    let tls = env_usize("DBX_BENCH_TLS", 0) == 1;
     let work = tempfile::tempdir().expect("temp dir");
 
     // A private cluster with production durability.
@@ -480,10 +577,14 @@ async fn main() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
+    if tls {
+        // Both plaintext and TLS connections are accepted: the two daemons compare them.
+        opts.tls = Some(ClusterTls::generate(false).expect("certificates").0);
+    }
     let cluster = LocalCluster::init(opts).expect("cluster");
     cluster.start().expect("start cluster");
     let report = setup::setup(&SetupOptions {
-        superuser: cluster.superuser_url("postgres").parse().expect("url"),
+        superuser: connector(&cluster.superuser_url("postgres")),
         database: "dbx_aviation".into(),
         out_dir: work.path().join("credentials"),
         rotate: false,
@@ -522,6 +623,12 @@ async fn main() {
         .await
         .unwrap()
         .get(0);
+
+    if tls {
+        tls_comparison(&cluster, &report, (&fleet, &key, &su), n, runs, work.path()).await;
+        cluster.stop().ok();
+        return;
+    }
 
     // Pre-encode the ceiling's file.
     let batches = generate(&fleet, n);
@@ -568,33 +675,15 @@ async fn main() {
         tls: None,
     })
     .expect("mosquitto (apt-get install mosquitto mosquitto-clients)");
-    let ready = work.path().join("ready.json");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_dbx"))
-        .args(["serve", "--ready-file"])
-        .arg(&ready)
-        .env("DATABASE_URL", &ingest)
-        .env(
-            "DBX_DATABASE__ADMIN_URL",
-            report.url_of("dbx_maintenance_service").unwrap_or(&ingest),
-        )
-        .env("DBX_LISTENER__TCP_BIND", "127.0.0.1:0")
-        .env("DBX_LISTENER__UDP_BIND", "")
-        .env("DBX_HTTP__BIND", "127.0.0.1:0")
-        .env("DBX_MQTT__URL", broker.url())
-        .env("DBX_MQTT__USERNAME", "dbx")
-        .env("DBX_MQTT__PASSWORD", &broker_password)
-        .env("DBX_MQTT__CLIENT_ID", "dbx-bench")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start dbx serve");
-    let (addr, http): (std::net::SocketAddr, std::net::SocketAddr) = loop {
-        if let Ok(t) = std::fs::read_to_string(&ready) {
-            let v: serde_json::Value = serde_json::from_str(&t).expect("ready json");
-            let a = |k: &str| v[k].as_str().unwrap().parse().unwrap();
-            break (a("tcp"), a("http"));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let admin_url = report.url_of("dbx_maintenance_service").unwrap_or(&ingest);
+    let mqtt_env = [
+        ("DBX_MQTT__URL", broker.url()),
+        ("DBX_MQTT__USERNAME", "dbx".to_string()),
+        ("DBX_MQTT__PASSWORD", broker_password.clone()),
+        ("DBX_MQTT__CLIENT_ID", "dbx-bench".to_string()),
+    ];
+    let (daemon, addr, http) =
+        start_daemon(work.path(), "dbx", &ingest, admin_url, &mqtt_env).await;
     let mut e2e = Vec::new();
     for r in 0..runs {
         e2e.push(dbx_end_to_end(addr, &key, &fleet, &su, n, 1000 + r as u64).await);
@@ -663,8 +752,7 @@ async fn main() {
         mqtt_rate * 0.5
     );
     let peak_rss = peak_rss.max(rss_kib(daemon.id(), "VmHWM:"));
-    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
-    let _ = daemon.wait();
+    stop_daemon(daemon);
     broker.stop();
 
     let rows_rate = naive_rows(&su, &batches, fleet.org, naive_n).await;
@@ -714,13 +802,203 @@ async fn main() {
         date = chrono::Utc::now().format("%Y-%m-%d"),
         machine = machine(),
     );
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../benches/RESULTS.md");
-    // The hand-written sections after the generated table (profile, optimisations) stay.
-    let kept = std::fs::read_to_string(&out)
-        .ok()
-        .and_then(|old| old.find("\n## ").map(|i| old[i..].to_string()))
-        .unwrap_or_default();
-    std::fs::write(&out, format!("{results}{kept}")).expect("write RESULTS.md");
+    let out = write_results(Some(results), None);
     println!("  written to {}", out.display());
     cluster.stop().ok();
+}
+
+/// CPU seconds (user + system) process `pid` has used so far; 0 when it is gone.
+fn cpu_secs(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // After "pid (comm) ": state is field 3, utime 14, stime 15.
+            let rest = s.rsplit_once(") ")?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+/// One of the two daemons of TLS mode, and what its runs measured.
+struct Mode {
+    name: &'static str,
+    tls: bool,
+    daemon: std::process::Child,
+    addr: std::net::SocketAddr,
+    rates: Vec<f64>,
+    /// CPU microseconds per point of the daemon and its PostgreSQL backends.
+    cpu_us: Vec<f64>,
+}
+
+impl Mode {
+    /// CPU seconds of the daemon and of each PostgreSQL backend serving it (its ingest
+    /// connections: TLS or not tells the two daemons apart).
+    async fn cpu(&self, su: &Client) -> (f64, std::collections::HashMap<i32, f64>) {
+        let pids: Vec<i32> = su
+            .query(
+                "SELECT a.pid FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.usename = 'dbx_ingest_service' AND s.ssl = $1",
+                &[&self.tls],
+            )
+            .await
+            .expect("backends")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let backends = pids.iter().map(|p| (*p, cpu_secs(*p as u32))).collect();
+        (cpu_secs(self.daemon.id()), backends)
+    }
+
+    /// One end-to-end run through this daemon: its rate and CPU per point.
+    async fn run(&mut self, key: &str, fleet: &Fleet, su: &Client, n: usize, seed: u64) {
+        let (d0, b0) = self.cpu(su).await;
+        let rate = dbx_end_to_end(self.addr, key, fleet, su, n, seed)
+            .await
+            .rate;
+        let (d1, b1) = self.cpu(su).await;
+        // A backend the pool opened during the run counts from 0.
+        let backends: f64 = b1
+            .iter()
+            .map(|(pid, c)| c - b0.get(pid).copied().unwrap_or(0.0))
+            .sum();
+        self.rates.push(rate);
+        self.cpu_us.push((d1 - d0 + backends) / n as f64 * 1e6);
+    }
+
+    fn runs(v: &[f64], digits: usize) -> String {
+        v.iter()
+            .map(|x| format!("{x:.digits$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// TLS mode: the same end-to-end run through a daemon connecting without TLS and one with
+/// `sslmode=verify-full`, alternating, into the same database: points/s, and CPU per point
+/// of each daemon and its PostgreSQL backends (less sensitive to a shared machine).
+async fn tls_comparison(
+    cluster: &LocalCluster,
+    report: &setup::SetupReport,
+    (fleet, key, su): (&Fleet, &str, &Client),
+    n: usize,
+    runs: usize,
+    dir: &Path,
+) {
+    let mut modes = Vec::new();
+    for (name, tls) in [("disable", false), ("verify-full", true)] {
+        let url = |user: &str| {
+            let pw = report
+                .passwords
+                .iter()
+                .find(|(u, _)| u == user)
+                .map(|(_, p)| p.clone())
+                .expect("password");
+            match tls {
+                true => cluster.url_for(user, &pw, "dbx_aviation"),
+                false => cluster.plaintext_url_for(user, &pw, "dbx_aviation"),
+            }
+        };
+        let (daemon, addr, _) = start_daemon(
+            dir,
+            name,
+            &url("dbx_ingest_service"),
+            &url("dbx_maintenance_service"),
+            &[],
+        )
+        .await;
+        let (rates, cpu_us) = (Vec::new(), Vec::new());
+        modes.push(Mode {
+            name,
+            tls,
+            daemon,
+            addr,
+            rates,
+            cpu_us,
+        });
+    }
+    let load_before = loadavg();
+    println!(
+        "dbx throughput harness, TLS mode: {n} points, {runs} run(s) each, {}; load average {load_before}",
+        machine()
+    );
+    // One unmeasured run each first (pools filled, caches warm), then pairs in alternating
+    // order (plain first, then TLS first, …) so that neither side always follows the other.
+    for m in modes.iter_mut() {
+        dbx_end_to_end(m.addr, key, fleet, su, (n / 10).max(BATCH), 1999).await;
+    }
+    for r in 0..runs {
+        let order = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let m = &mut modes[i];
+            m.run(key, fleet, su, n, 2000 + r as u64).await;
+            println!(
+                "  run {} sslmode={:<12} {:>9.0} points/s  {:>6.2} CPU µs/point",
+                r + 1,
+                m.name,
+                m.rates[r],
+                m.cpu_us[r]
+            );
+        }
+    }
+    // What the TLS daemon's connections negotiated, as the server saw it.
+    let negotiated: Vec<String> = su
+        .query(
+            "SELECT DISTINCT s.version || ' ' || s.cipher FROM pg_stat_ssl s \
+             JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.usename = 'dbx_ingest_service'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let load_after = loadavg();
+    let rate: Vec<f64> = modes.iter().map(|m| median(m.rates.clone())).collect();
+    let cpu: Vec<f64> = modes.iter().map(|m| median(m.cpu_us.clone())).collect();
+    println!(
+        "  median   points/s: TLS/plain {:.3}; CPU per point: TLS/plain {:.3}",
+        rate[1] / rate[0],
+        cpu[1] / cpu[0]
+    );
+    let rows: String = modes
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            format!(
+                "| `sslmode={}` | {:.0} | {} | {:.2} | {} |\n",
+                m.name,
+                rate[i],
+                Mode::runs(&m.rates, 0),
+                cpu[i],
+                Mode::runs(&m.cpu_us, 2)
+            )
+        })
+        .collect();
+    let section = format!(
+        "Produced by `DBX_BENCH_TLS=1 cargo bench -p dbx --bench throughput` on {date}: the same \
+         end-to-end run ({n} points, {GATEWAYS} TCP gateways, batches of {BATCH}, acked after commit) \
+         through two daemons on one database, one connecting to PostgreSQL with `sslmode=disable`, \
+         one with `sslmode=verify-full` ({}, ECDSA P-256 certificate; rustls with ring), after \
+         one unmeasured warm-up run each, in pairs of alternating order. CPU per point is the user + system time of the daemon and of the \
+         PostgreSQL backends serving it, per point stored.\n\n\
+         - Machine: {machine}, shared with other work: load average {load_before} before, \
+           {load_after} after (1, 5, 15 min). Points/s swing with the other work; CPU per point \
+           much less.\n\n\
+         | connection to PostgreSQL | points/s (median of {runs}) | runs | CPU µs/point (median) | runs |\n\
+         |---|---:|---|---:|---|\n{rows}\n\
+         - **TLS / plaintext: throughput {:.3}, CPU per point {:.3}.**\n",
+        negotiated.join(", "),
+        rate[1] / rate[0],
+        cpu[1] / cpu[0],
+        date = chrono::Utc::now().format("%Y-%m-%d"),
+        machine = machine(),
+    );
+    for m in modes {
+        stop_daemon(m.daemon);
+    }
+    let out = write_results(None, Some(("TLS to PostgreSQL", section)));
+    println!("  written to {}", out.display());
 }

@@ -1,4 +1,5 @@
 //! Invariants every successful decode must hold, shared by the fuzz targets.
+#![allow(dead_code)] // each target uses some of these
 
 use bytes::BytesMut;
 use dbx_core::Point;
@@ -60,6 +61,20 @@ pub fn check_point(p: &Point, limits: &Limits) {
         assert!(v.as_object().is_some_and(|o| !o.is_empty()));
         assert!(!e.contains("\\u0000"));
     }
+}
+
+/// What a frame body decoded to holds no more than the bound charged for it, and
+/// messages never quote much of the input.
+pub fn check_memory(body_len: usize, points: &Vec<Point>, limits: &Limits) {
+    let held = dbx_proto::points_heap_bytes(points);
+    let bound = dbx_proto::decoded_bytes_bound(body_len, limits);
+    assert!(held <= bound, "{held} > {bound} for a body of {body_len} bytes");
+}
+
+/// A rejection's message is a sentence, not an echo of the input.
+pub fn check_message(msg: &str) {
+    assert!(!msg.is_empty());
+    assert!(msg.chars().count() <= 600, "a {}-character message", msg.chars().count());
 }
 
 /// A decoded batch re-encodes (both forms, both timestamp encodings) to the same points.

@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
                     let _ = decode_server(&frame);
                     match decode_client(&frame, &limits, common::NOW) {
                         Ok(ClientMessage::Batch(b)) => {
+                            common::check_memory(frame.len(), &b.points, &limits);
                             common::check_batch(b.seq, &b.aircraft, b.session, &b.points)
                         }
                         Ok(ClientMessage::Hello(h)) => {
@@ -42,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
                         Ok(_) => {}
                         Err(e) => {
                             let r = e.rejection();
-                            assert!(!r.msg.is_empty());
+                            common::check_message(&r.msg);
                             if r.code.is_nack() {
                                 assert!(matches!(e, dbx_proto::DecodeError::Batch { .. }));
                             }

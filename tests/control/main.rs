@@ -199,6 +199,8 @@ async fn metrics_carry_every_db_gauge_pass_promtool_and_the_status_and_cli_answe
     assert!(g("dbx_db_partition_oldest_start_timestamp_seconds{schema=\"live\"}") < now);
     assert!(g("dbx_db_partition_ahead_seconds") > 4.0 * 86400.0);
     assert_eq!(g("dbx_db_default_partition_rows"), 0.0);
+    // The kit's default cluster is plaintext (tests/tls sees 1 on its TLS cluster).
+    assert_eq!(g("dbx_db_tls"), 0.0);
     for t in dbx_control::setup::EXPECTED_TABLES {
         assert!(g(&format!("dbx_db_table_bloat_bytes{{table=\"{t}\"}}")) >= 0.0);
     }
@@ -260,22 +262,7 @@ async fn metrics_carry_every_db_gauge_pass_promtool_and_the_status_and_cli_answe
     assert_eq!((code, body.as_str()), (200, "ready\n"));
 
     // The CLI, against the same database, as the maintenance user.
-    let cli = |args: &[&str]| {
-        let out = Command::new(dbx_bin())
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .output()
-            .expect("running dbx");
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    };
+    let cli = |args: &[&str]| dbx_testkit::run_cli(dbx_bin(), args, &[]);
     let (ok, out) = cli(&["partitions", "list", "--database-url", &maint]);
     assert!(ok, "{out}");
     assert!(out.contains("flight_telemetry_p20990601"), "{out}");

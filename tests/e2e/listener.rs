@@ -550,7 +550,8 @@ async fn a_rate_limited_organization_is_slowed_but_complete() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_connections_all_acked() {
-    let env = Env::start(&[]).await;
+    // All 200 come from 127.0.0.1 at once: allow that many pending handshakes from it.
+    let env = Env::start(&[("DBX_LISTENER__MAX_PENDING_PER_IP", "200")]).await;
     let addr = env.daemon.tcp;
     let key = Arc::new(env.org.key.clone());
     let aircraft = env.aircraft;
@@ -848,8 +849,27 @@ async fn the_python_example_gateway_works_against_the_daemon() {
     );
     let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(report["acked"], 1000);
+    assert_eq!(
+        report["ended"], true,
+        "the example ends its session (protocol 1.1)"
+    );
     let session: Uuid = report["session"].as_str().unwrap().parse().unwrap();
     assert_eq!(env.rows(session).await, 1000);
+    let (status, reason): (String, Option<String>) = {
+        let r = env
+            .client
+            .query_one(
+                "SELECT flight_status::text, completion_reason::text FROM dbx_aviation.flight_sessions WHERE session_id = $1",
+                &[&session],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(
+        (status.as_str(), reason.as_deref()),
+        ("completed", Some("end"))
+    );
     let extra: String = env
         .client
         .query_one("SELECT extra->>'gateway' FROM dbx_aviation.flight_telemetry WHERE session_id = $1 AND seq = 0", &[&session])

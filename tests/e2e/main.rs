@@ -2,8 +2,10 @@
 //! started by dbx-testkit. Each test gets its own database and daemon.
 
 mod admin;
+mod hardening;
 mod listener;
 mod orgs;
+mod sessions;
 
 use std::path::Path;
 

@@ -5,21 +5,15 @@
 //! row counts on both sides of the target.
 
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dbx_control::cluster::{random_token, ClusterOptions, LocalCluster};
-use tokio_postgres::{Client, NoTls};
+use dbx_control::cluster::{ClusterOptions, LocalCluster};
+use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::{read, repo, run_ok};
-
-/// True when we run as root (PostgreSQL, and so its files and scripts, run as `postgres`).
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+use crate::{deploy_cluster, include_conf, is_root, pg_dir, read, repo, run_ok};
 
 /// A command run as the user PostgreSQL runs as (`postgres` when we are root).
 fn as_pg(program: impl AsRef<OsStr>) -> Command {
@@ -32,27 +26,8 @@ fn as_pg(program: impl AsRef<OsStr>) -> Command {
     }
 }
 
-/// A directory the PostgreSQL user can write.
-fn pg_dir(p: &Path) -> PathBuf {
-    std::fs::create_dir_all(p).expect("mkdir");
-    if is_root() {
-        run_ok(
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(p),
-        );
-    }
-    p.to_path_buf()
-}
-
 async fn connect(url: &str) -> Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    client
+    dbx_testkit::connect(url).await
 }
 
 /// `n` telemetry rows of a new session, committed in one transaction.
@@ -97,27 +72,17 @@ async fn wal_archiving_base_backup_dump_and_point_in_time_restore() {
 
     // The source server: initdb, then the two deploy snippets included as shipped, except
     // for the archive directory.
-    let src = LocalCluster::init(ClusterOptions {
-        data_dir: root.join("src"),
-        port: None,
-        superuser: "postgres".into(),
-        password: random_token(24),
-        settings: vec![("log_min_messages".into(), "warning".into())],
-    })
-    .expect("initdb");
+    let src = deploy_cluster(root.join("src"));
     let pgdata = src.dir().join("pgdata");
     let archiving = read("deploy/backup/wal-archiving.conf");
     assert!(archiving.contains("/backup/wal/%f"));
     let archiving = archiving.replace("/backup/wal", &wal.display().to_string());
-    std::fs::write(
-        pgdata.join("dbx-ingest.conf"),
-        read("deploy/postgresql/ingest.conf"),
-    )
-    .expect("write ingest.conf");
-    std::fs::write(pgdata.join("dbx-wal-archiving.conf"), archiving).expect("write conf");
-    let mut conf = std::fs::read_to_string(pgdata.join("postgresql.conf")).expect("conf");
-    conf.push_str("\ninclude 'dbx-ingest.conf'\ninclude 'dbx-wal-archiving.conf'\n");
-    std::fs::write(pgdata.join("postgresql.conf"), conf).expect("conf");
+    include_conf(
+        &pgdata,
+        "dbx-ingest.conf",
+        &read("deploy/postgresql/ingest.conf"),
+    );
+    include_conf(&pgdata, "dbx-wal-archiving.conf", &archiving);
     pg_dir(src.dir());
     src.start().expect("start the source cluster");
 
@@ -310,11 +275,8 @@ async fn wal_archiving_base_backup_dump_and_point_in_time_restore() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("is not empty"));
 
     let restored = LocalCluster::init(ClusterOptions {
-        data_dir: restored_dir.clone(),
-        port: None,
-        superuser: "postgres".into(),
         password: src.password().to_string(),
-        settings: vec![],
+        ..ClusterOptions::new(restored_dir.clone())
     })
     .expect("restored cluster");
     restored.start().expect("start the restored cluster");

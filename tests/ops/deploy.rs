@@ -244,6 +244,172 @@ fn admin_token_file() -> String {
     "/run/secrets/dbx_admin_token".to_string()
 }
 
+/// The `target` of a service's volume whose source is `source`.
+fn mount_target(svc: &Yaml, source: &str) -> Option<String> {
+    strings(svc.get("volumes").unwrap_or(&Yaml::Null))
+        .iter()
+        .find(|v| v.split(':').next() == Some(source))
+        .and_then(|v| v.split(':').nth(1).map(str::to_string))
+}
+
+#[test]
+fn compose_runs_postgres_tls_only_and_dbx_with_verify_full() {
+    let c = yaml("deploy/docker-compose.yml");
+    let services = get(&c, &["services"]);
+    // The certificates are made at start-up, for the host name dbx connects to.
+    let certs = get(services, &["pg-certs"]);
+    let script = strings(get(certs, &["entrypoint"])).join(" ");
+    let db_host = get(services, &["dbx-setup", "environment", "DB_HOST"])
+        .as_str()
+        .expect("DB_HOST")
+        .to_string();
+    assert!(
+        script.contains(&format!("make-certs.sh server /ca /tls {db_host} ")),
+        "{script}"
+    );
+    assert_eq!(
+        mount_target(certs, "./postgresql/make-certs.sh").as_deref(),
+        Some("/deploy/make-certs.sh")
+    );
+    // PostgreSQL: tls.conf and pg_hba.conf mounted and used, the server files from pg-certs.
+    let pg = get(services, &["postgres"]);
+    assert_eq!(
+        get(pg, &["depends_on", "pg-certs", "condition"]).as_str(),
+        Some("service_completed_successfully")
+    );
+    assert_eq!(
+        mount_target(pg, "./postgresql/tls.conf").as_deref(),
+        Some("/etc/postgresql/tls.conf")
+    );
+    assert_eq!(
+        mount_target(pg, "./postgresql/pg_hba.conf").as_deref(),
+        Some("/etc/postgresql/pg_hba.conf")
+    );
+    assert_eq!(
+        mount_target(pg, "pg-tls").as_deref(),
+        Some("/etc/postgresql/tls")
+    );
+    assert_eq!(mount_target(certs, "pg-tls").as_deref(), Some("/tls"));
+    let main_conf = read("deploy/docker/postgresql.conf");
+    assert!(main_conf.contains("include '/etc/postgresql/tls.conf'"));
+    assert!(main_conf.contains("hba_file = '/etc/postgresql/pg_hba.conf'"));
+    let tls_conf = read("deploy/postgresql/tls.conf");
+    for file in ["server.crt", "server.key", "ca.crt"] {
+        assert!(
+            tls_conf.contains(&format!("'/etc/postgresql/tls/{file}'")),
+            "{file}"
+        );
+    }
+    // setup and the daemon: verify-full against the CA pg-certs publishes, TLS required.
+    assert!(script.contains("cp /tls/ca.crt /public/ca.crt"), "{script}");
+    for name in ["dbx-setup", "dbx"] {
+        let svc = get(services, &[name]);
+        let env = |k: &str| {
+            get(svc, &["environment", k])
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: {k} is not a string"))
+                .to_string()
+        };
+        assert_eq!(env("DBX_DATABASE__SSLMODE"), "verify-full", "{name}");
+        assert_eq!(env("DBX_DATABASE__REQUIRE_TLS"), "true", "{name}");
+        let ca_dir = mount_target(svc, "pg-ca-public").expect("the public CA volume");
+        assert_eq!(
+            env("DBX_DATABASE__SSLROOTCERT"),
+            format!("{ca_dir}/ca.crt"),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        mount_target(certs, "pg-ca-public").as_deref(),
+        Some("/public")
+    );
+    // The CA key's volume is mounted by the step that signs, nowhere else.
+    for (name, svc) in services.as_mapping().expect("services") {
+        if name.as_str() != Some("pg-certs") {
+            assert!(
+                mount_target(svc, "pg-ca").is_none(),
+                "{name:?} mounts the CA key"
+            );
+        }
+    }
+}
+
+#[test]
+fn deploy_postgresql_tls_files_say_why_and_refuse_plaintext() {
+    // Every setting of tls.conf comes with its reason (a comment right above it).
+    let tls = read("deploy/postgresql/tls.conf");
+    let lines: Vec<&str> = tls.lines().collect();
+    let mut settings = 0;
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        settings += 1;
+        assert!(
+            i > 0 && lines[i - 1].starts_with('#'),
+            "tls.conf: {line:?} has no comment saying why"
+        );
+    }
+    assert!(settings >= 6, "{settings} settings");
+    assert!(lines.contains(&"ssl = on"));
+    // pg_hba.conf: plaintext TCP rejected before anything accepts; no `host` (either) lines.
+    let hba = read("deploy/postgresql/pg_hba.conf");
+    let rules: Vec<Vec<&str>> = hba
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert!(rules.iter().all(|r| r[0] != "host"), "{rules:?}");
+    let first_accept = rules
+        .iter()
+        .position(|r| r[0] == "hostssl")
+        .expect("hostssl lines");
+    let rejects: Vec<usize> = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r[0] == "hostnossl")
+        .map(|(i, r)| {
+            assert_eq!(r.last(), Some(&"reject"), "{r:?}");
+            i
+        })
+        .collect();
+    assert_eq!(rejects.len(), 4, "IPv4 and IPv6, databases and replication");
+    assert!(rejects.iter().all(|i| *i < first_accept));
+    assert!(rules
+        .iter()
+        .filter(|r| r[0] == "hostssl")
+        .all(|r| r.last() == Some(&"scram-sha-256") || r.last() == Some(&"cert")));
+    // No private key is committed: certificates are made where they are used.
+    let mut stack = vec![repo().join("deploy")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("deploy dir") {
+            let p = entry.expect("entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(text) = std::fs::read_to_string(&p) {
+                assert!(
+                    !text.contains("PRIVATE KEY-----"),
+                    "{} holds a private key",
+                    p.display()
+                );
+            }
+        }
+    }
+    // The documented config describes every TLS key the deploy files set.
+    let documented = read("config/dbx.toml");
+    for key in ["sslmode", "sslrootcert", "sslcert", "sslkey"] {
+        assert!(
+            documented.contains(&format!("\n# {key} = ")),
+            "config/dbx.toml: {key}"
+        );
+    }
+    assert_eq!(
+        crate::config_value("database.require_tls").as_bool(),
+        Some(false),
+        "the default stays false; deploy/ sets it"
+    );
+}
+
 #[test]
 fn dockerfile_copies_existing_files_runs_unprivileged_and_exposes_the_config_ports() {
     let text = read("deploy/docker/Dockerfile");
@@ -383,6 +549,7 @@ fn alert_rules_cover_the_issue_and_use_only_exported_metrics() {
             "dbx_auth_last_reload_timestamp_seconds",
         ),
         ("DbxDatabaseUnreachable", "dbx_db_up"),
+        ("DbxDatabaseNotEncrypted", "dbx_db_tls"),
         ("DbxCacheHitRatioLow", "dbx_db_cache_hit_ratio"),
         (
             "DbxDatabaseConnectionsNearLimit",
@@ -413,6 +580,11 @@ fn alert_rules_cover_the_issue_and_use_only_exported_metrics() {
         "> {}",
         config_int("listener.max_connections") * 9 / 10
     )));
+    assert!(by_name["DbxHandshakesNearLimit"].contains(&format!(
+        "> {}",
+        config_int("listener.max_pending_handshakes") * 9 / 10
+    )));
+    assert!(by_name["DbxByteBudgetSpent"].contains("dbx_buffered_bytes_limit"));
 }
 
 #[test]
@@ -489,6 +661,7 @@ fn dashboard_queries_only_exported_metrics_and_has_the_issue_panels() {
         "dbx_db_cache_hit_ratio",
         "dbx_db_partitions",
         "dbx_db_partition_ahead_seconds",
+        "dbx_db_tls",
     ] {
         assert!(used.contains(m), "no panel queries {m}");
     }
@@ -620,6 +793,21 @@ fn systemd_unit_is_hardened_and_agrees_with_the_config() {
     assert!(env
         .lines()
         .any(|l| l.starts_with("DBX_DATABASE__ADMIN_URL=")));
+    // Production connects to PostgreSQL over verified TLS only.
+    for line in [
+        "DBX_DATABASE__SSLMODE=verify-full",
+        "DBX_DATABASE__SSLROOTCERT=/etc/dbx/pg-ca.crt",
+        "DBX_DATABASE__REQUIRE_TLS=true",
+    ] {
+        assert!(
+            env.lines().any(|l| l == line),
+            "dbx.env.example lacks {line}"
+        );
+    }
+    assert!(
+        text.contains("/etc/dbx/pg-ca.crt"),
+        "the unit's install notes place the CA"
+    );
 
     let out = Command::new(tool("systemd-analyze"))
         .arg("verify")

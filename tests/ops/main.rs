@@ -16,6 +16,8 @@
 //!   distance and radius queries that agree with what the daemon computed.
 //! - `prereqs`: `scripts/prereqs`, which `scripts/test` runs first, brings the programs of
 //!   `scripts/test-tools` and the Python environment; the suite runs with them.
+//! - `tls`: `deploy/postgresql/make-certs.sh`, `tls.conf` and `pg_hba.conf` in a real cluster:
+//!   dbx connects with `sslmode=verify-full` (and a client certificate), plaintext is refused.
 
 mod backup;
 mod capacity;
@@ -23,6 +25,7 @@ mod deploy;
 mod postgis;
 mod prereqs;
 mod scaleout;
+mod tls;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -141,6 +144,44 @@ pub fn metric_tokens(text: &str) -> BTreeSet<String> {
         i = end.max(start + 1);
     }
     out
+}
+
+/// True when we run as root (PostgreSQL, and so its files and scripts, run as `postgres`).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A directory the PostgreSQL user can write.
+pub fn pg_dir(p: &Path) -> PathBuf {
+    std::fs::create_dir_all(p).expect("mkdir");
+    if is_root() {
+        run_ok(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(p),
+        );
+    }
+    p.to_path_buf()
+}
+
+/// A cluster in `dir` with only warnings logged, not started: the deploy snippets are
+/// added to it with [`include_conf`].
+pub fn deploy_cluster(dir: PathBuf) -> dbx_control::cluster::LocalCluster {
+    dbx_control::cluster::LocalCluster::init(dbx_control::cluster::ClusterOptions {
+        settings: vec![("log_min_messages".into(), "warning".into())],
+        ..dbx_control::cluster::ClusterOptions::new(dir)
+    })
+    .expect("initdb")
+}
+
+/// Writes `text` to `pgdata/name` and includes it from the cluster's postgresql.conf.
+pub fn include_conf(pgdata: &Path, name: &str, text: &str) {
+    std::fs::write(pgdata.join(name), text).expect("write a config snippet");
+    let conf = pgdata.join("postgresql.conf");
+    let mut main = std::fs::read_to_string(&conf).expect("postgresql.conf");
+    main.push_str(&format!("\ninclude '{name}'\n"));
+    std::fs::write(&conf, main).expect("postgresql.conf");
 }
 
 /// Runs a command, panicking with its output unless it succeeds; returns stdout.

@@ -4,7 +4,6 @@
 //! so it must not share a cluster with tests whose daemons log in as those roles.
 
 use std::path::Path;
-use std::process::Command;
 
 use dbx_testkit::TestDb;
 
@@ -13,20 +12,7 @@ fn dbx_bin() -> &'static Path {
 }
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(dbx_bin())
-        .args(args)
-        .envs(env.iter().copied())
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("run dbx");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    dbx_testkit::run_cli(dbx_bin(), args, env)
 }
 
 /// A test database (for its server), an output directory, and the arguments of
@@ -379,9 +365,7 @@ async fn passwords_reach_the_server_only_as_scram_verifiers() {
             .get(0);
         assert_eq!(&who, user);
         let wrong = url.replace(&format!(":{pw}@"), ":not-the-password@");
-        assert!(tokio_postgres::connect(&wrong, tokio_postgres::NoTls)
-            .await
-            .is_err());
+        assert!(dbx_testkit::connector(&wrong).connect().await.is_err());
     }
 }
 
@@ -419,7 +403,5 @@ async fn credentials_that_are_not_plain_tokens_are_refused_without_echoing_them(
     }
     // Nothing was set: the roles still refuse the plain token that was fine.
     let url = db.url_for("dbx_api_service", "Abcdefgh12345678");
-    assert!(tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .is_err());
+    assert!(dbx_testkit::connector(&url).connect().await.is_err());
 }

@@ -95,6 +95,7 @@ async fn soak_at_a_fixed_rate_keeps_memory_flat_and_loses_nothing() {
         duration: Duration::from_secs_f64(minutes * 60.0),
         total_points: None,
         form: dbx_proto::PointForm::Map,
+        udp_auth: dbx::loadgen::UdpAuth::Mac,
         seed: 99,
         mqtt: None,
     };

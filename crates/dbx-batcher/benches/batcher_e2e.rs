@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use dbx_batcher::{Batcher, BatcherConfig};
 use dbx_core::{AckHandle, BatchOrigin, BatchOutcome, Point, TelemetryBatch};
 use dbx_testkit::{Fixture, TestDb};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -31,14 +31,7 @@ async fn setup() -> Setup {
     let admin = db.client().await;
     let org = Fixture::org(&admin, "BENCH", None).await;
     let aircraft = Fixture::aircraft(&admin, org.id, "N1BENCH").await;
-    let mgr = Manager::from_config(
-        url.parse().expect("url"),
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    let pool = Pool::builder(mgr).max_size(8).build().expect("pool");
+    let pool = dbx_testkit::connector(&url).pool(8).expect("pool");
     Setup {
         pool,
         admin,
@@ -91,6 +84,7 @@ async fn run_once(s: &Setup, flush_rows: usize) -> Duration {
             ack,
             origin: BatchOrigin::Tcp,
             received_at: Instant::now(),
+            ends_session: false,
         })
         .await
         .expect("batcher alive");

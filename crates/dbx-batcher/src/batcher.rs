@@ -20,6 +20,11 @@
 //!
 //! Shutdown: when every sender is dropped, the open groups are flushed (trigger
 //! `shutdown`) and the task waits for the writers, up to `shutdown_deadline_ms`.
+//!
+//! A session's `end` has no points and no partition: the ends received together go
+//! to a writer as one small job of their own ([`ends`](crate::ends)). Their order
+//! against the session's batches is the producers' doing (see
+//! [`TelemetryBatch::ends_session`]), so the dispatcher does not hold them back.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -34,6 +39,7 @@ use tracing::{info, warn};
 
 use crate::config::BatcherConfig;
 use crate::dedupe::SessionCache;
+use crate::ends::run_ends;
 use crate::error::BatcherError;
 use crate::partition::{PartitionCache, PartitionKey};
 use crate::stats::{BatcherStats, Counters};
@@ -107,6 +113,8 @@ struct Dispatcher {
     shared: Arc<Shared>,
     groups: BTreeMap<PartitionKey, Group>,
     ready: Vec<(FlushJob, Trigger)>,
+    /// Session ends received since the last dispatch.
+    ends: Vec<Part>,
     permits: Arc<Semaphore>,
     tasks: JoinSet<()>,
 }
@@ -132,6 +140,7 @@ async fn run(
         permits: Arc::new(Semaphore::new(config.writers)),
         groups: BTreeMap::new(),
         ready: Vec::new(),
+        ends: Vec::new(),
         tasks: JoinSet::new(),
         config,
     };
@@ -206,6 +215,7 @@ async fn run(
             d.tasks.abort_all();
             while d.tasks.join_next().await.is_some() {}
             d.ready.clear();
+            d.ends.clear();
             let stats = counters.snapshot();
             let unwritten = stats
                 .batches_received
@@ -243,21 +253,32 @@ impl Dispatcher {
             points,
             ack,
             received_at,
-            ..
+            origin,
+            ends_session,
         } = batch;
+        let ticket = |ack| {
+            Arc::new(Ticket::new(
+                org_id,
+                aircraft_id,
+                session_id,
+                ack,
+                received_at,
+                origin,
+            ))
+        };
+        if ends_session {
+            let ticket = ticket(ack);
+            ticket.add_piece();
+            self.ends.push(Part { ticket, points });
+            return;
+        }
         if points.is_empty() {
             // Nothing to write is trivially durable.
             ack.durable();
             c.add(&c.batches_acked, 1);
             return;
         }
-        let ticket = Arc::new(Ticket::new(
-            org_id,
-            aircraft_id,
-            session_id,
-            ack,
-            received_at,
-        ));
+        let ticket = ticket(ack);
         let interval = self.config.partition_interval;
         let first = interval.key(points[0].ts_micros);
         let pieces: Vec<(PartitionKey, Vec<crate::Point>)> =
@@ -379,21 +400,37 @@ impl Dispatcher {
     /// what stops the channel from being read while the database is behind).
     async fn dispatch_ready(&mut self) -> Result<(), BatcherError> {
         for (job, _trigger) in std::mem::take(&mut self.ready) {
-            let permit = self
-                .permits
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|e| BatcherError::Task(e.to_string()))?;
-            let shared = self.shared.clone();
-            self.tasks.spawn(async move {
-                run_flush(&shared, job).await;
-                drop(permit);
-            });
-            // Reap finished writers so the set stays small.
-            while let Some(res) = self.tasks.try_join_next() {
-                res.map_err(|e| BatcherError::Task(e.to_string()))?;
-            }
+            self.spawn_writer(move |shared| async move { run_flush(&shared, job).await })
+                .await?;
+        }
+        if !self.ends.is_empty() {
+            let ends = std::mem::take(&mut self.ends);
+            self.spawn_writer(move |shared| async move { run_ends(&shared, ends).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `work` on a writer once one is free.
+    async fn spawn_writer<F, Fut>(&mut self, work: F) -> Result<(), BatcherError>
+    where
+        F: FnOnce(Arc<Shared>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| BatcherError::Task(e.to_string()))?;
+        let job = work(self.shared.clone());
+        self.tasks.spawn(async move {
+            job.await;
+            drop(permit);
+        });
+        // Reap finished writers so the set stays small.
+        while let Some(res) = self.tasks.try_join_next() {
+            res.map_err(|e| BatcherError::Task(e.to_string()))?;
         }
         Ok(())
     }

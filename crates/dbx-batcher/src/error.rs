@@ -1,14 +1,17 @@
 //! Errors: what [`BatcherHandle::join`](crate::BatcherHandle::join) can return, and
 //! how a failed flush attempt is classified, which decides what happens next:
 //! retry as is (transient), retry through the staging path (unique violation on the
-//! fast path), refresh the partition cache and retry (a child vanished), or bisect
-//! the flush by batch and nack the culprit (data).
+//! fast path), refresh the partition cache and retry (a child vanished), bisect
+//! the flush by batch and nack the culprit (data), or settle the batches of completed
+//! sessions and write the rest (not an error, but the same start-over).
 
+use std::collections::HashMap;
 use std::error::Error as _;
 
 use tokio_postgres::error::SqlState;
 
 use crate::config::ConfigError;
+use crate::writer::Settled;
 
 /// Why the batcher stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,9 @@ pub(crate) enum AttemptError {
     MissingRelation,
     /// The data was refused: bisect, nack the culprit.
     Data(String),
+    /// Not a failure: batches (by index in the flush) of completed sessions were found
+    /// and settled; start over without them.
+    Settled(HashMap<usize, Settled>),
 }
 
 impl From<tokio_postgres::Error> for AttemptError {
@@ -115,6 +121,7 @@ impl AttemptError {
             AttemptError::UniqueViolation => "unique_violation",
             AttemptError::MissingRelation => "missing_partition",
             AttemptError::Data(_) => "data",
+            AttemptError::Settled(_) => "settled",
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - `writer`: one flush: session upserts, COPY into the partition, staging path, statistics, commit.
 //! - [`dedupe`]: per-session high-water marks and the staging path for possible duplicates.
 //! - [`sessions`]: flight session statistics (departure, arrival, count, distance).
+//! - `ends`: a gateway's `end` of a flight session (protocol 1.1): completes it.
 //! - `batcher`: the task that groups batches by partition, applies the flush policy and retries.
 //! - [`spool`]: the crash-safe disk spool between the listener and the batcher (optional).
 //!
@@ -20,6 +21,7 @@ mod batcher;
 pub mod config;
 pub mod copy;
 pub mod dedupe;
+mod ends;
 mod error;
 pub mod partition;
 pub mod sessions;

@@ -19,6 +19,12 @@
 //! `(last_latitude, last_longitude)` when every new `seq` is above `last_seq`, and is
 //! recomputed from the table ([`RECOMPUTE_SQL`]) when a late point landed below it.
 //! Only statistics columns are updated, so the audit trigger's WHEN clause skips them.
+//! The update also stamps `last_point_at`, what the idle-session completer of the
+//! control plane measures a session's silence from.
+//!
+//! The upsert also says whether the session is completed (`flight_status =
+//! 'completed'`, protocol 1.1): the writer then checks with [`STORED_SQL`] whether a
+//! batch only repeats stored points.
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
@@ -44,7 +50,14 @@ WHERE s.org_id = EXCLUDED.org_id AND s.aircraft_id = EXCLUDED.aircraft_id \
 RETURNING s.session_id, s.last_seq, s.last_latitude, s.last_longitude, \
 s.actual_departure, s.departure_latitude, s.departure_longitude, \
 s.actual_arrival, s.arrival_latitude, s.arrival_longitude, \
-s.total_distance_km, s.point_count";
+s.total_distance_km, s.point_count, s.flight_status = 'completed'";
+
+/// Which of the `(session, seq)` pairs given as two arrays are stored (a batch for a
+/// completed session is acknowledged only when all of its points are).
+pub const STORED_SQL: &str = "SELECT u.session_id, u.seq \
+FROM unnest($1::uuid[], $2::int8[]) AS u(session_id, seq) \
+WHERE EXISTS (SELECT 1 FROM dbx_aviation.flight_telemetry e \
+WHERE e.session_id = u.session_id AND e.seq = u.seq)";
 
 /// Of the claims (session, organization, aircraft) the upsert refused, the sessions whose
 /// aircraft is an active aircraft of an active organization: those were refused because
@@ -70,7 +83,7 @@ actual_departure = u.dep_ts, departure_latitude = u.dep_lat, departure_longitude
 actual_arrival = u.arr_ts, arrival_latitude = u.arr_lat, arrival_longitude = u.arr_lon, \
 flight_duration_seconds = u.dur, point_count = u.cnt, last_seq = u.last_seq, \
 last_latitude = u.last_lat, last_longitude = u.last_lon, total_distance_km = u.dist, \
-updated_at = now() \
+last_point_at = now(), updated_at = now() \
 FROM unnest($1::uuid[], $2::timestamptz[], $3::float8[], $4::float8[], $5::timestamptz[], \
 $6::float8[], $7::float8[], $8::int4[], $9::int8[], $10::int8[], $11::float8[], $12::float8[], \
 $13::float8[]) AS u(session_id, dep_ts, dep_lat, dep_lon, arr_ts, arr_lat, arr_lon, dur, cnt, \
@@ -119,6 +132,8 @@ pub struct SessionState {
     pub distance_km: f64,
     /// Rows stored so far.
     pub point_count: i64,
+    /// `flight_status = 'completed'`: the session takes no new points.
+    pub completed: bool,
 }
 
 impl SessionState {
@@ -140,6 +155,7 @@ impl SessionState {
                 .transpose()?,
             distance_km: row.try_get(10)?,
             point_count: row.try_get(11)?,
+            completed: row.try_get(12)?,
         })
     }
 }
@@ -246,6 +262,7 @@ mod tests {
             arrival: None,
             distance_km: 0.0,
             point_count: 0,
+            completed: false,
         }
     }
 

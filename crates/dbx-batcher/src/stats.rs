@@ -35,6 +35,8 @@ pub struct BatcherStats {
     pub retries: u64,
     /// Rows in the largest flush.
     pub largest_flush_rows: u64,
+    /// Flight sessions completed by a gateway's `end`.
+    pub sessions_ended: u64,
 }
 
 /// The live counters behind [`BatcherStats`].
@@ -54,6 +56,7 @@ pub(crate) struct Counters {
     pub flushes_shutdown: AtomicU64,
     pub retries: AtomicU64,
     pub largest_flush_rows: AtomicU64,
+    pub sessions_ended: AtomicU64,
 }
 
 impl Counters {
@@ -78,6 +81,7 @@ impl Counters {
             flushes_shutdown: g(&self.flushes_shutdown),
             retries: g(&self.retries),
             largest_flush_rows: g(&self.largest_flush_rows),
+            sessions_ended: g(&self.sessions_ended),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use dbx_core::{AckHandle, Point, Rejection};
+use dbx_core::{AckHandle, BatchOrigin, Point, Rejection};
 use uuid::Uuid;
 
 /// The shared fate of one batch.
@@ -26,6 +26,9 @@ pub(crate) struct Ticket {
     pub session: Uuid,
     /// Listener receive time, for logs.
     pub received_at: Instant,
+    /// Where the batch came from: a spooled batch was acked before it is written,
+    /// which changes what a completed session means for it (see `writer`).
+    pub origin: BatchOrigin,
     ack: Mutex<Option<AckHandle>>,
     remaining: AtomicUsize,
 }
@@ -47,12 +50,14 @@ impl Ticket {
         session: Uuid,
         ack: AckHandle,
         received_at: Instant,
+        origin: BatchOrigin,
     ) -> Self {
         Ticket {
             org,
             aircraft,
             session,
             received_at,
+            origin,
             ack: Mutex::new(Some(ack)),
             remaining: AtomicUsize::new(0),
         }
@@ -113,10 +118,15 @@ mod tests {
     use super::*;
     use dbx_core::{BatchOutcome, RejectCode};
 
+    fn ticket(h: AckHandle) -> Ticket {
+        let nil = Uuid::nil();
+        Ticket::new(nil, nil, nil, h, Instant::now(), BatchOrigin::Tcp)
+    }
+
     #[test]
     fn durable_after_last_piece() {
         let (h, mut rx) = AckHandle::channel();
-        let t = Ticket::new(Uuid::nil(), Uuid::nil(), Uuid::nil(), h, Instant::now());
+        let t = ticket(h);
         t.add_piece();
         t.add_piece();
         assert_eq!(t.piece_committed(), Resolved::Nothing);
@@ -128,7 +138,7 @@ mod tests {
     #[test]
     fn rejection_wins_once() {
         let (h, mut rx) = AckHandle::channel();
-        let t = Ticket::new(Uuid::nil(), Uuid::nil(), Uuid::nil(), h, Instant::now());
+        let t = ticket(h);
         t.add_piece();
         t.add_piece();
         let r = Rejection::new(RejectCode::Rejected, "bad");

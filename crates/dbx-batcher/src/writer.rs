@@ -27,6 +27,14 @@
 //! whose aircraft is not an active aircraft of its active organization is nacked
 //! `unknown_aircraft`, one whose session belongs to another organization or aircraft
 //! `foreign_session` (see [`crate::sessions`]).
+//!
+//! A completed session (protocol 1.1: ended by the gateway or the idle timeout) takes
+//! no new point. The upsert reports it under the row's lock; a TCP or UDP batch for it
+//! is then settled without writing anything ([`Settled`]): acknowledged when every
+//! point of it is already stored (a resend after a reconnect), refused with
+//! `session_closed` otherwise; the attempt starts over without those batches. A
+//! spooled batch is written as usual: the spool acknowledged it before the end could
+//! reach the database, and an acknowledged point is never dropped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,7 +43,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use dbx_core::metrics as m;
-use dbx_core::{Point, RejectCode, Rejection};
+use dbx_core::{BatchOrigin, Point, RejectCode, Rejection};
 use deadpool_postgres::Transaction;
 use futures::SinkExt;
 use rand::Rng;
@@ -51,10 +59,10 @@ use crate::error::AttemptError;
 use crate::partition::{PartitionCache, PartitionKey, LIST_CHILDREN_SQL, PARENT};
 use crate::sessions::{
     InsertedRow, SessionState, SessionUpdate, ACTIVE_AIRCRAFT_SQL, RECOMPUTE_SQL,
-    RLS_HIDES_OWNERS_SQL, UPDATE_SQL, UPSERT_SQL,
+    RLS_HIDES_OWNERS_SQL, STORED_SQL, UPDATE_SQL, UPSERT_SQL,
 };
 use crate::stats::Counters;
-use crate::ticket::{Part, Resolved};
+use crate::ticket::{Part, Resolved, Ticket};
 
 /// Why a flush was started (the `trigger` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +126,7 @@ impl Shared {
         lock(&self.encoders).push(e);
     }
 
-    fn update_pool_gauges(&self) {
+    pub(crate) fn update_pool_gauges(&self) {
         let s = self.pool.status();
         metrics::gauge!(m::POOL_IN_USE).set(s.size.saturating_sub(s.available) as f64);
         metrics::gauge!(m::POOL_IDLE).set(s.available as f64);
@@ -176,15 +184,35 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
                     RejectCode::Rejected,
                     format!("the database rejected the batch: {msg}"),
                 );
-                if t.reject(r) == Resolved::Now {
-                    shared.counters.add(&shared.counters.batches_rejected, 1);
-                    metrics::counter!(m::BATCHES_REJECTED_TOTAL).increment(1);
-                }
+                refuse(shared, t, r);
             }
         }
         shared.update_pool_gauges();
     }
     shared.return_encoder(enc);
+}
+
+/// Refuses a batch (once) and counts it: `dbx_batches_rejected_total{reason}`, and for
+/// a UDP datagram, which nobody answers, `dbx_udp_dropped_total{reason}` too.
+pub(crate) fn refuse(shared: &Shared, t: &Ticket, r: Rejection) {
+    let code = r.code.as_str();
+    if t.reject(r) == Resolved::Now {
+        shared.counters.add(&shared.counters.batches_rejected, 1);
+        metrics::counter!(m::BATCHES_REJECTED_TOTAL, "reason" => code).increment(1);
+        if t.origin == BatchOrigin::Udp {
+            metrics::counter!(m::UDP_DROPPED_TOTAL, "reason" => code).increment(1);
+        }
+    }
+}
+
+/// What became of a batch whose session was already completed when a flush came to
+/// write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Every point is stored already: acknowledged, nothing written.
+    Duplicate,
+    /// It carries a point the session does not have: refused with `session_closed`.
+    Closed,
 }
 
 /// What a committed attempt did.
@@ -206,6 +234,8 @@ struct Committed {
     /// New high-water marks.
     marks: Vec<(Uuid, Option<i64>)>,
     committed_at: Option<Instant>,
+    /// Parts of completed sessions, settled without being written.
+    settled: HashMap<usize, Settled>,
 }
 
 impl Committed {
@@ -216,7 +246,7 @@ impl Committed {
 }
 
 /// The nack of a part the commit refused: its aircraft, or its session.
-fn refusal(done: &Committed, part: usize, t: &crate::ticket::Ticket) -> Option<Rejection> {
+fn refusal(done: &Committed, part: usize, t: &Ticket) -> Option<Rejection> {
     if done.unknown_aircraft.contains(&t.session) {
         Some(Rejection::new(
             RejectCode::UnknownAircraft,
@@ -231,6 +261,14 @@ fn refusal(done: &Committed, part: usize, t: &crate::ticket::Ticket) -> Option<R
             RejectCode::ForeignSession,
             format!(
                 "session {} belongs to another organization or aircraft",
+                t.session
+            ),
+        ))
+    } else if done.settled.get(&part) == Some(&Settled::Closed) {
+        Some(Rejection::new(
+            RejectCode::SessionClosed,
+            format!(
+                "session {} is completed; it takes no new points (start a new session)",
                 t.session
             ),
         ))
@@ -255,10 +293,7 @@ fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usiz
             continue;
         }
         if let Some(r) = refusal(&done, i, t) {
-            if t.reject(r) == Resolved::Now {
-                c.add(&c.batches_rejected, 1);
-                metrics::counter!(m::BATCHES_REJECTED_TOTAL).increment(1);
-            }
+            refuse(shared, t, r);
         } else if t.piece_committed() == Resolved::Now {
             c.add(&c.batches_acked, 1);
             if let Some(at) = done.committed_at {
@@ -266,7 +301,14 @@ fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usiz
             }
         }
     }
-    let dedup = done.offered.saturating_sub(done.inserted);
+    // Points of batches settled as duplicates were dropped as already stored, too.
+    let resent: u64 = done
+        .settled
+        .iter()
+        .filter(|(_, v)| **v == Settled::Duplicate)
+        .map(|(i, _)| parts[*i].points.len() as u64)
+        .sum();
+    let dedup = done.offered.saturating_sub(done.inserted) + resent;
     c.add(&c.points_written, done.inserted);
     c.add(&c.points_deduplicated, dedup);
     c.add(&c.rows_default_partition, done.via_parent);
@@ -282,12 +324,12 @@ async fn write_with_retries(
     key: PartitionKey,
     parts: &[Part],
 ) -> Result<Committed, String> {
-    let prepared = Prepared::new(parts);
+    let mut settled: HashMap<usize, Settled> = HashMap::new();
+    let mut prepared = Prepared::new(parts, &settled);
     let mut plan: Option<Plan> = None;
     let mut all_staging = false;
     let mut missing_streak = 0u32;
-    let mut delay = Duration::from_millis(shared.config.retry_initial_ms);
-    let max_delay = Duration::from_millis(shared.config.retry_max_ms);
+    let mut backoff = Backoff::new(&shared.config);
     loop {
         let started = Instant::now();
         let err = match attempt(shared, enc, key, &prepared, all_staging, &mut plan).await {
@@ -295,12 +337,20 @@ async fn write_with_retries(
                 metrics::histogram!(m::COPY_DURATION_SECONDS)
                     .record(started.elapsed().as_secs_f64());
                 done.committed_at = Some(Instant::now());
+                done.settled = settled;
                 return Ok(done);
             }
             Err(e) => e,
         };
         let kind = err.kind();
         match err {
+            AttemptError::Settled(found) => {
+                // Sessions are never reopened, so this converges: write the rest now.
+                settled.extend(found);
+                prepared = Prepared::new(parts, &settled);
+                plan = None;
+                continue;
+            }
             AttemptError::Data(msg) => return Err(msg),
             AttemptError::UniqueViolation if all_staging => {
                 return Err("duplicate key on the staging path".into())
@@ -324,23 +374,47 @@ async fn write_with_retries(
                 count_retry(shared, kind);
             }
             AttemptError::Transient(msg) => {
-                warn!(error = %msg, retry_in_ms = delay.as_millis() as u64, "transient write error, retrying");
+                warn!(error = %msg, retry_in_ms = backoff.delay().as_millis() as u64, "transient write error, retrying");
                 count_retry(shared, kind);
             }
         }
         shared.update_pool_gauges();
-        // Full jitter in [delay/2, delay]: spreads reconnect storms of several writers.
-        let jittered = {
-            let lo = delay.as_micros() as u64 / 2;
-            let hi = (delay.as_micros() as u64).max(lo + 1);
-            Duration::from_micros(rand::thread_rng().gen_range(lo..=hi))
-        };
-        tokio::time::sleep(jittered).await;
-        delay = (delay * 2).min(max_delay);
+        backoff.wait().await;
     }
 }
 
-fn count_retry(shared: &Shared, kind: &'static str) {
+/// Delays between retries after transient errors: exponential from `retry_initial_ms`,
+/// capped at `retry_max_ms`.
+pub(crate) struct Backoff {
+    delay: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(config: &BatcherConfig) -> Self {
+        Backoff {
+            delay: Duration::from_millis(config.retry_initial_ms),
+            max: Duration::from_millis(config.retry_max_ms),
+        }
+    }
+
+    /// The delay the next [`wait`](Self::wait) is drawn from.
+    pub(crate) fn delay(&self) -> Duration {
+        self.delay
+    }
+
+    /// Sleeps for the current delay, with full jitter in [delay/2, delay] (spreads the
+    /// reconnect storms of several writers), and doubles it.
+    pub(crate) async fn wait(&mut self) {
+        let lo = self.delay.as_micros() as u64 / 2;
+        let hi = (self.delay.as_micros() as u64).max(lo + 1);
+        let jittered = Duration::from_micros(rand::thread_rng().gen_range(lo..=hi));
+        tokio::time::sleep(jittered).await;
+        self.delay = (self.delay * 2).min(self.max);
+    }
+}
+
+pub(crate) fn count_retry(shared: &Shared, kind: &'static str) {
     shared.counters.add(&shared.counters.retries, 1);
     metrics::counter!(m::RETRIES_TOTAL, "kind" => kind).increment(1);
 }
@@ -355,21 +429,28 @@ struct SessionRows<'a> {
     rows: Vec<&'a Point>,
     /// Points offered, duplicates included.
     offered: usize,
+    /// The parts (indexes into the flush) the rows come from.
+    parts: Vec<usize>,
 }
 
 /// The parts of a flush regrouped by session (sorted by id: the lock order).
 #[derive(Debug)]
 struct Prepared<'a> {
+    parts: &'a [Part],
     sessions: Vec<SessionRows<'a>>,
     /// Parts whose (org, aircraft) differ from their session's first part in this flush.
     mismatched: HashSet<usize>,
 }
 
 impl<'a> Prepared<'a> {
-    fn new(parts: &'a [Part]) -> Self {
+    /// Regroups `parts`, leaving out those already `settled`.
+    fn new(parts: &'a [Part], settled: &HashMap<usize, Settled>) -> Self {
         let mut by_session: BTreeMap<Uuid, (SessionRows<'a>, InFlushDedupe)> = BTreeMap::new();
         let mut mismatched = HashSet::new();
         for (i, p) in parts.iter().enumerate() {
+            if settled.contains_key(&i) {
+                continue;
+            }
             let t = &p.ticket;
             let (s, dedupe) = by_session.entry(t.session).or_insert_with(|| {
                 (
@@ -379,6 +460,7 @@ impl<'a> Prepared<'a> {
                         aircraft: t.aircraft,
                         rows: Vec::new(),
                         offered: 0,
+                        parts: Vec::new(),
                     },
                     InFlushDedupe::default(),
                 )
@@ -388,13 +470,77 @@ impl<'a> Prepared<'a> {
                 continue;
             }
             s.offered += p.points.len();
+            s.parts.push(i);
             s.rows
                 .extend(p.points.iter().filter(|pt| dedupe.admit(pt.seq)));
         }
         Prepared {
+            parts,
             sessions: by_session.into_values().map(|(s, _)| s).collect(),
             mismatched,
         }
+    }
+
+    /// The live (TCP, UDP) parts of sessions that `states` shows completed, settled:
+    /// a seq above the session's mark cannot be stored yet, so such a part is `Closed`
+    /// at once; the others are looked up point by point.
+    async fn settle_completed(
+        &self,
+        tx: &Transaction<'_>,
+        states: &HashMap<Uuid, SessionState>,
+    ) -> Result<HashMap<usize, Settled>, AttemptError> {
+        let mut settled = HashMap::new();
+        let mut lookup = Vec::new();
+        for s in &self.sessions {
+            let Some(st) = states.get(&s.session).filter(|st| st.completed) else {
+                continue;
+            };
+            for &i in &s.parts {
+                let p = &self.parts[i];
+                if p.ticket.origin == BatchOrigin::Spool {
+                    continue;
+                }
+                if p.points
+                    .iter()
+                    .any(|pt| st.last_seq.is_none_or(|m| pt.seq > m))
+                {
+                    settled.insert(i, Settled::Closed);
+                } else {
+                    lookup.push(i);
+                }
+            }
+        }
+        if lookup.is_empty() {
+            return Ok(settled);
+        }
+        let (ids, seqs): (Vec<Uuid>, Vec<i64>) = lookup
+            .iter()
+            .flat_map(|&i| {
+                let p = &self.parts[i];
+                p.points.iter().map(move |pt| (p.ticket.session, pt.seq))
+            })
+            .unzip();
+        let stmt = tx.prepare_cached(STORED_SQL).await?;
+        let mut stored = HashSet::with_capacity(ids.len());
+        for r in tx.query(&stmt, &[&ids, &seqs]).await? {
+            stored.insert((r.try_get::<_, Uuid>(0)?, r.try_get::<_, i64>(1)?));
+        }
+        for i in lookup {
+            let p = &self.parts[i];
+            let all = p
+                .points
+                .iter()
+                .all(|pt| stored.contains(&(p.ticket.session, pt.seq)));
+            settled.insert(
+                i,
+                if all {
+                    Settled::Duplicate
+                } else {
+                    Settled::Closed
+                },
+            );
+        }
+        Ok(settled)
     }
 }
 
@@ -470,6 +616,10 @@ async fn attempt(
     all_staging: bool,
     plan: &mut Option<Plan>,
 ) -> Result<Committed, AttemptError> {
+    if prepared.sessions.is_empty() {
+        // Every batch was settled (completed sessions): nothing to write.
+        return Ok(Committed::default());
+    }
     // Plan and encode before taking a connection, with the cached marks as hints.
     if plan.is_none() {
         let hints: HashMap<Uuid, Option<i64>> = {
@@ -509,6 +659,10 @@ async fn attempt(
         .copied()
         .collect();
     let foreign = foreign_among(&tx, prepared, &refused).await?;
+    let closed = prepared.settle_completed(&tx, &states).await?;
+    if !closed.is_empty() {
+        return Err(AttemptError::Settled(closed));
+    }
     let marks: HashMap<Uuid, Option<i64>> = prepared
         .sessions
         .iter()
@@ -629,6 +783,7 @@ async fn attempt(
         via_parent: if via_parent { total } else { 0 },
         marks,
         committed_at: None,
+        settled: HashMap::new(),
     })
 }
 

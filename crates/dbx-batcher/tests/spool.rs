@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use dbx_batcher::spool::record::encode_batch;
+use dbx_batcher::spool::record::{encode_batch, encode_end};
 use dbx_batcher::spool::segment::{self, frame_record, SegmentWriter};
 use dbx_batcher::spool::{inspect, rejected, requeue_rejected, Spool, SpoolConfig, WhenFull};
 use dbx_core::{BatchOutcome, RejectCode, Rejection, TelemetryBatch};
@@ -110,6 +110,117 @@ async fn segments_left_by_a_crash_are_replayed_and_a_torn_tail_is_skipped() {
     assert_eq!(seen, want);
     assert_eq!(st.corrupt_records, 1, "{st:?}");
     assert_eq!(st.replayed_records, 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_session_end_is_replayed_after_the_records_before_it_and_before_those_after() {
+    let dir = tempfile::tempdir().unwrap();
+    // A previous run spooled: batches 0..4, the session's end, batches 4..6.
+    let mut w = SegmentWriter::create(dir.path(), 0, 1).unwrap();
+    let mut framed = Vec::new();
+    let mut org = None;
+    for seq in 0..6i64 {
+        let (b, _) = batch(seq, 2);
+        org = Some(b.org_id);
+        let mut p = Vec::new();
+        encode_batch(b.org_id, b.aircraft_id, b.session_id, &b.points, 1, &mut p);
+        frame_record(&p, &mut framed);
+        if seq == 3 {
+            let mut e = Vec::new();
+            encode_end(b.org_id, SESSION, 1, &mut e);
+            frame_record(&e, &mut framed);
+        }
+    }
+    w.append(&framed).unwrap();
+
+    let (a_tx, a_rx) = mpsc::channel(16);
+    // Room for a replay window of several records.
+    let (b_tx, mut b_rx) = mpsc::channel(8);
+    let spool = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
+    // A batcher that takes a while over every verdict, and logs what it holds when a
+    // record arrives.
+    let consumer = tokio::spawn(async move {
+        let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut log = Vec::new();
+        while let Some(b) = b_rx.recv().await {
+            let held = in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let what = if b.ends_session {
+                assert_eq!(
+                    (b.org_id, b.session_id, b.points.len()),
+                    (org.unwrap(), SESSION, 0)
+                );
+                "end".to_string()
+            } else {
+                format!("batch {}", b.points[0].seq / 1000)
+            };
+            log.push((what, held));
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                b.ack.durable();
+            });
+        }
+        log
+    });
+    wait_drained(dir.path(), &spool, Duration::from_secs(10)).await;
+    drop(a_tx);
+    spool.join().await;
+    let log = consumer.await.unwrap();
+    let order: Vec<&str> = log.iter().map(|(w, _)| w.as_str()).collect();
+    assert_eq!(
+        order,
+        ["batch 0", "batch 1", "batch 2", "batch 3", "end", "batch 4", "batch 5"]
+    );
+    // The end came when nothing else was in flight, and batch 4 only after its verdict.
+    assert_eq!(log[4].1, 0, "{log:?}");
+    assert_eq!(log[5].1, 0, "{log:?}");
+    assert!(
+        log[1].1 > 0,
+        "the replay does overlap records otherwise: {log:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_end_is_spooled_and_acked_like_a_batch_while_the_batcher_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_tx, a_rx) = mpsc::channel(16);
+    let (b_tx, mut b_rx) = mpsc::channel(4);
+    let spool = Spool::start(config(dir.path()), a_rx, b_tx).await.unwrap();
+    let mut acks = send_batches(&a_tx, 0..3, 2).await;
+    let (ack, rx) = dbx_core::AckHandle::channel();
+    let (b, _) = batch(0, 0);
+    a_tx.send(dbx_core::TelemetryBatch::session_end(
+        b.org_id,
+        SESSION,
+        ack,
+        dbx_core::BatchOrigin::Tcp,
+        Instant::now(),
+    ))
+    .await
+    .unwrap();
+    acks.push(rx);
+    // The batcher takes nothing: everything is acked from the spool, the end included.
+    for rx in acks {
+        assert_eq!(outcome(rx).await, Some(BatchOutcome::Durable));
+    }
+    assert!(spool.stats().spooled_records >= 4, "{:?}", spool.stats());
+    // The batcher comes back: the end reaches it as an end (forwarded, and replayed).
+    let consumer = tokio::spawn(async move {
+        let mut ends = 0;
+        while let Some(b) = b_rx.recv().await {
+            if b.ends_session {
+                assert_eq!((b.session_id, b.points.len()), (SESSION, 0));
+                ends += 1;
+            }
+            b.ack.durable();
+        }
+        ends
+    });
+    wait_drained(dir.path(), &spool, Duration::from_secs(10)).await;
+    drop(a_tx);
+    spool.join().await;
+    assert!(consumer.await.unwrap() >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,11 @@
 //! unprivileged user when we are root (PostgreSQL refuses to run as root), wait
 //! until the server accepts connections, and make sure the server dies with us.
 //!
+//! With [`ClusterOptions::tls`] the cluster runs as production should: `ssl = on` with a
+//! certificate from a private CA ([`crate::pki`]), a pg_hba.conf that accepts TCP only over
+//! TLS (`hostnossl … reject`), optionally `cert` authentication for some users, and URLs with
+//! `sslmode=verify-full`.
+//!
 //! The server process is spawned from one long-lived "keeper" thread with
 //! `PR_SET_PDEATHSIG`: Linux delivers that signal when the *thread* that forked
 //! the child exits, so spawning from a short-lived test thread would kill the
@@ -20,6 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use crate::pki::{Issued, Pki, PkiError, LOCAL_SERVER_NAMES};
 
 /// What can go wrong while running a local cluster.
 #[derive(Debug, thiserror::Error)]
@@ -85,17 +92,79 @@ pub struct ClusterOptions {
     pub password: String,
     /// Extra `-c name=value` server settings.
     pub settings: Vec<(String, String)>,
+    /// TLS (`ssl = on`, certificates, a TLS-only pg_hba.conf); `None` = plaintext TCP.
+    pub tls: Option<ClusterTls>,
+}
+
+/// TLS of a local cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    /// The CA certificate: clients verify the server with it (`sslrootcert`), and the server
+    /// verifies client certificates with it (`ssl_ca_file`).
+    pub ca_pem: String,
+    /// The server's certificate and key.
+    pub server: Issued,
+    /// TCP only over TLS (`hostnossl … reject`); `false` accepts both.
+    pub hostssl_only: bool,
+    /// Users who authenticate with a client certificate (`cert`) instead of a password.
+    pub cert_users: Vec<String>,
+}
+
+impl ClusterTls {
+    /// A fresh CA and a server certificate for `localhost` and `127.0.0.1`, and the CA (to
+    /// issue client certificates with).
+    pub fn generate(hostssl_only: bool) -> Result<(ClusterTls, Pki), PkiError> {
+        let pki = Pki::new("dbx local cluster CA")?;
+        let tls = ClusterTls {
+            ca_pem: pki.ca_pem(),
+            server: pki.server(&LOCAL_SERVER_NAMES)?,
+            hostssl_only,
+            cert_users: Vec::new(),
+        };
+        Ok((tls, pki))
+    }
+
+    /// The pg_hba.conf of the cluster: local socket trusted (the runner's own tools), TCP from
+    /// loopback with SCRAM passwords or, for `cert_users`, a client certificate.
+    fn hba(&self) -> String {
+        let mut out = String::from(
+            "# Written by the dbx cluster runner (crates/dbx-control/src/cluster.rs).\n\
+             local all all trust\n",
+        );
+        for user in &self.cert_users {
+            for net in ["127.0.0.1/32", "::1/128"] {
+                out.push_str(&format!("hostssl all {user} {net} cert\n"));
+            }
+        }
+        for net in ["127.0.0.1/32", "::1/128"] {
+            if self.hostssl_only {
+                out.push_str(&format!("hostnossl all all {net} reject\n"));
+            }
+            let kind = if self.hostssl_only { "hostssl" } else { "host" };
+            out.push_str(&format!("{kind} all all {net} scram-sha-256\n"));
+        }
+        out
+    }
 }
 
 impl ClusterOptions {
-    /// Settings for throwaway test clusters: durable enough for crash tests of the
-    /// daemon (not of PostgreSQL), fast to start and to write.
-    pub fn for_tests(data_dir: PathBuf) -> Self {
+    /// A plaintext cluster in `data_dir` on a free port, superuser `postgres` with a random
+    /// password, and the server's own settings.
+    pub fn new(data_dir: PathBuf) -> Self {
         ClusterOptions {
             data_dir,
             port: None,
             superuser: "postgres".into(),
             password: random_token(24),
+            settings: Vec::new(),
+            tls: None,
+        }
+    }
+
+    /// Settings for throwaway test clusters: durable enough for crash tests of the
+    /// daemon (not of PostgreSQL), fast to start and to write.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        ClusterOptions {
             settings: [
                 ("fsync", "off"),
                 ("synchronous_commit", "off"),
@@ -108,6 +177,7 @@ impl ClusterOptions {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+            ..Self::new(data_dir)
         }
     }
 }
@@ -121,6 +191,7 @@ pub struct LocalCluster {
     superuser: String,
     password: String,
     settings: Vec<(String, String)>,
+    tls: Option<ClusterTls>,
     run_as: Option<(u32, u32)>,
     child: Mutex<Option<Child>>,
 }
@@ -218,6 +289,7 @@ impl LocalCluster {
             superuser: options.superuser,
             password,
             settings: options.settings,
+            tls: options.tls,
             run_as,
             child: Mutex::new(None),
         })
@@ -256,7 +328,7 @@ impl LocalCluster {
                 "unix_socket_directories={}",
                 self.data_dir.display()
             ));
-        for (k, v) in &self.settings {
+        for (k, v) in self.tls_settings()?.iter().chain(&self.settings) {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
         cmd.stdin(Stdio::null())
@@ -285,6 +357,49 @@ impl LocalCluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Writes the certificates, key and pg_hba.conf of a TLS cluster under `tls/` and returns
+    /// the server settings that use them (none for a plaintext cluster).
+    fn tls_settings(&self) -> Result<Vec<(String, String)>, ClusterError> {
+        let Some(tls) = &self.tls else {
+            return Ok(Vec::new());
+        };
+        let dir = self.data_dir.join("tls");
+        fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+        let files = [
+            ("ca.crt", tls.ca_pem.as_str(), 0o644),
+            ("server.crt", tls.server.cert_pem.as_str(), 0o644),
+            // PostgreSQL refuses a key others can read.
+            ("server.key", tls.server.key_pem.as_str(), 0o600),
+            ("pg_hba.conf", &tls.hba(), 0o600),
+        ];
+        for (name, contents, mode) in files {
+            let path = dir.join(name);
+            write_private(&path, contents)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                .map_err(io_err(format!("chmod {}", path.display())))?;
+        }
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+            .map_err(io_err(format!("chmod {}", dir.display())))?;
+        if let Some((uid, gid)) = self.run_as {
+            chown_tree(&dir, uid, gid)?;
+        }
+        let file = |n: &str| dir.join(n).display().to_string();
+        Ok(vec![
+            ("ssl".into(), "on".into()),
+            ("ssl_cert_file".into(), file("server.crt")),
+            ("ssl_key_file".into(), file("server.key")),
+            ("ssl_ca_file".into(), file("ca.crt")),
+            ("ssl_min_protocol_version".into(), "TLSv1.2".into()),
+            ("hba_file".into(), file("pg_hba.conf")),
+        ])
+    }
+
+    /// The CA certificate file clients verify a TLS cluster with (`sslrootcert`); `None`
+    /// for a plaintext cluster. Written when the server starts.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|_| self.data_dir.join("tls/ca.crt"))
     }
 
     /// Stops the server with a fast shutdown and waits for it to exit.
@@ -344,8 +459,26 @@ impl LocalCluster {
         &self.data_dir
     }
 
-    /// A connection URL for `user`/`password` to database `db`.
+    /// A connection URL for `user`/`password` to database `db`; with
+    /// `sslmode=verify-full&sslrootcert=…` on a TLS cluster.
     pub fn url_for(&self, user: &str, password: &str, db: &str) -> String {
+        let base = self.base_url(user, password, db);
+        match self.ca_file() {
+            Some(ca) => format!(
+                "{base}?sslmode=verify-full&sslrootcert={}",
+                urlencode(&ca.display().to_string())
+            ),
+            None => base,
+        }
+    }
+
+    /// A URL for `user`/`password` to `db` with `sslmode=disable` (refused by a TLS-only
+    /// cluster; a cluster with `hostssl_only = false` accepts it).
+    pub fn plaintext_url_for(&self, user: &str, password: &str, db: &str) -> String {
+        format!("{}?sslmode=disable", self.base_url(user, password, db))
+    }
+
+    fn base_url(&self, user: &str, password: &str, db: &str) -> String {
         format!(
             "postgresql://{}:{}@127.0.0.1:{}/{}",
             urlencode(user),

@@ -2,7 +2,8 @@
 //! `system_health` indicators (database_size, active_connections, slow_queries_count when
 //! pg_stat_statements is loaded, cache_hit_ratio), `table_bloat`, the partitions of the live and
 //! archive tables (count and bounds), the rows sitting in the default partition, how far ahead
-//! the newest live partition reaches, and the ingest role's connections, and exports them as the
+//! the newest live partition reaches, the ingest role's connections, and whether its own connection
+//! is TLS-encrypted (`pg_stat_ssl`, the server's view), and exports them as the
 //! `dbx_db_*` gauges of [`dbx_core::metrics`]. The last snapshot is also kept for
 //! `/api/v2/system/status`. When the database does not answer, `dbx_db_up` drops to 0 and the
 //! other gauges keep their last values.
@@ -12,8 +13,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use dbx_pg::Connector;
 use serde::Serialize;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use dbx_core::metrics as m;
 use dbx_core::{SharedClock, Shutdown};
@@ -63,6 +65,10 @@ pub struct HealthSnapshot {
     pub default_partition_rows: i64,
     /// Connections of the ingest role's members.
     pub ingest_connections: i64,
+    /// The collector's connection is TLS-encrypted (`pg_stat_ssl.ssl`).
+    pub tls: bool,
+    /// Its TLS version (`pg_stat_ssl.version`), when encrypted.
+    pub tls_version: Option<String>,
 }
 
 /// Registers the HELP text of every metric this crate exports (call once after installing the
@@ -122,6 +128,10 @@ pub fn describe_metrics() {
         m::DB_INGEST_CONNECTIONS,
         "Connections of members of the dbx_ingest role to the database."
     );
+    g!(
+        m::DB_TLS,
+        "1 when the health collector's connection to PostgreSQL is TLS-encrypted (pg_stat_ssl), else 0."
+    );
     c!(
         m::MAINTENANCE_SKIPPED_TOTAL,
         "Partition maintenance steps skipped because their tables stayed locked, by kind."
@@ -130,7 +140,7 @@ pub fn describe_metrics() {
 
 /// Polls the database's health on its own connection.
 pub struct HealthCollector {
-    pg: tokio_postgres::Config,
+    pg: Connector,
     clock: SharedClock,
     interval: Duration,
     snapshot: HealthHandle,
@@ -156,7 +166,7 @@ fn qerr(what: &'static str) -> impl Fn(tokio_postgres::Error) -> HealthError {
 
 impl HealthCollector {
     /// A collector connecting with `pg`, every `interval`.
-    pub fn new(pg: tokio_postgres::Config, clock: SharedClock, interval: Duration) -> Self {
+    pub fn new(pg: Connector, clock: SharedClock, interval: Duration) -> Self {
         HealthCollector {
             pg,
             clock,
@@ -173,17 +183,14 @@ impl HealthCollector {
 
     async fn connect(&self) -> Result<Client, HealthError> {
         let mut pg = self.pg.clone();
-        pg.application_name("dbx-health");
-        if pg.get_connect_timeout().is_none() {
-            pg.connect_timeout(Duration::from_secs(5));
+        pg.pg_config_mut().application_name("dbx-health");
+        if pg.pg_config().get_connect_timeout().is_none() {
+            pg.pg_config_mut().connect_timeout(Duration::from_secs(5));
         }
-        let (client, connection) = pg
-            .connect(NoTls)
+        let client = pg
+            .connect()
             .await
-            .map_err(|e| HealthError(format!("connecting: {}", describe_pg_error(&e))))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+            .map_err(|e| HealthError(format!("connecting: {e}")))?;
         // A stuck catalog query must not stall the collector forever.
         client
             .batch_execute("SET statement_timeout = '10s'")
@@ -361,6 +368,15 @@ async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, Healt
         .await
         .map_err(qerr("counting ingest connections"))?
         .get(0);
+    let ssl = c
+        .query_one(
+            "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(qerr("reading pg_stat_ssl"))?;
+    s.tls = ssl.get(0);
+    s.tls_version = ssl.get(1);
     Ok(s)
 }
 
@@ -393,6 +409,7 @@ fn export(s: &HealthSnapshot) {
     }
     metrics::gauge!(m::DB_DEFAULT_PARTITION_ROWS).set(s.default_partition_rows as f64);
     metrics::gauge!(m::DB_INGEST_CONNECTIONS).set(s.ingest_connections as f64);
+    metrics::gauge!(m::DB_TLS).set(if s.tls { 1.0 } else { 0.0 });
 }
 
 #[cfg(test)]

@@ -9,14 +9,23 @@
 //! - `partitions`: the `PartitionManager`: premake, default-partition sweep, archival,
 //!   retention, materialized view refresh, under an advisory lock.
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
+//! - `sessions`: the `SessionCompleter`, which completes flight sessions idle for
+//!   `sessions.idle_timeout_secs` (protocol 1.1).
 //! - `tenants`: organizations, API keys, aircraft and report search behind `dbx org|key|aircraft|analyses`.
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
+//! - `cluster`, `pki`: the local PostgreSQL cluster runner of `dbx demo` and the tests, with
+//!   optional TLS from a private CA; `broker`: a private Mosquitto for `dbx demo --mqtt` and the
+//!   MQTT tests, started the same way.
+//!
+//! Every connection to PostgreSQL is made by a `dbx_pg::Connector` (TLS settings included).
 pub mod broker;
 pub mod cluster;
 pub mod health;
 pub mod http;
 pub mod migrate;
 pub mod partitions;
+pub mod pki;
 pub mod postgis;
+pub mod sessions;
 pub mod setup;
 pub mod tenants;

@@ -116,6 +116,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "key_grants",
         sql: include_str!("../migrations/0033_key_grants.sql"),
     },
+    Migration {
+        version: 40,
+        name: "sessions",
+        sql: include_str!("../migrations/0040_sessions.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").

@@ -51,10 +51,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, NaiveDateTime, TimeDelta, Utc};
+use dbx_pg::Connector;
 use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use uuid::Uuid;
 
 use dbx_core::metrics as m;
@@ -382,11 +383,8 @@ impl PartitionInfo {
 /// Failures of partition upkeep (a busy lock is not one: the step is skipped).
 #[derive(Debug, thiserror::Error)]
 pub enum MaintenanceError {
-    /// The URL does not parse.
-    #[error("partition upkeep: invalid database URL: {0}")]
-    BadUrl(String),
     /// No connection.
-    #[error("partition upkeep: cannot connect to PostgreSQL: {0}")]
+    #[error("partition upkeep: {0}")]
     Connect(String),
     /// A query failed.
     #[error("partition upkeep: {what}: {reason}")]
@@ -471,7 +469,7 @@ struct Conn {
 
 /// Partition premake, sweep, archival, retention and view refresh; see the module docs.
 pub struct PartitionManager {
-    pg: tokio_postgres::Config,
+    pg: Connector,
     interval: Interval,
     cfg: PartitionsConfig,
     clock: SharedClock,
@@ -491,7 +489,7 @@ impl fmt::Debug for PartitionManager {
 impl PartitionManager {
     /// A manager connecting with `pg` (it connects lazily, and again after a lost connection).
     pub fn new(
-        pg: tokio_postgres::Config,
+        pg: Connector,
         interval: Interval,
         cfg: PartitionsConfig,
         clock: SharedClock,
@@ -506,19 +504,6 @@ impl PartitionManager {
         }
     }
 
-    /// Same, from a URL.
-    pub fn from_url(
-        url: &str,
-        interval: Interval,
-        cfg: PartitionsConfig,
-        clock: SharedClock,
-    ) -> Result<Self, MaintenanceError> {
-        let pg = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| MaintenanceError::BadUrl(e.to_string()))?;
-        Ok(Self::new(pg, interval, cfg, clock))
-    }
-
     /// The settings.
     pub fn config(&self) -> &PartitionsConfig {
         &self.cfg
@@ -526,19 +511,14 @@ impl PartitionManager {
 
     async fn connect(&self) -> Result<Conn, MaintenanceError> {
         let mut pg = self.pg.clone();
-        pg.application_name("dbx-maintenance");
-        if pg.get_connect_timeout().is_none() {
-            pg.connect_timeout(Duration::from_secs(10));
+        pg.pg_config_mut().application_name("dbx-maintenance");
+        if pg.pg_config().get_connect_timeout().is_none() {
+            pg.pg_config_mut().connect_timeout(Duration::from_secs(10));
         }
-        let (client, connection) = pg
-            .connect(NoTls)
+        let client = pg
+            .connect()
             .await
-            .map_err(|e| MaintenanceError::Connect(describe_pg_error(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "maintenance connection closed");
-            }
-        });
+            .map_err(|e| MaintenanceError::Connect(e.to_string()))?;
         let row = client
             .query_one(
                 "SELECT current_user::text, pg_has_role(current_user, 'dbx_admin', 'MEMBER')",

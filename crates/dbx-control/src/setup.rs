@@ -24,9 +24,10 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use dbx_pg::{Connector, PgError};
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::Client;
 
 use crate::cluster::random_token;
 use crate::migrate;
@@ -78,6 +79,22 @@ pub enum SetupError {
         port: u16,
         /// What the socket said.
         reason: String,
+    },
+    /// The connection settings, TLS or `require_tls` refused the connection (the message
+    /// names the setting).
+    #[error(transparent)]
+    Connection(PgError),
+    /// The server's pg_hba.conf refused the connection (e.g. plaintext to a TLS-only server).
+    #[error("PostgreSQL at {host}:{port} refused the connection: {reason}; {hint}")]
+    Refused {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// The server's message.
+        reason: String,
+        /// What to change.
+        hint: String,
     },
     /// Wrong user or password.
     #[error(
@@ -157,21 +174,7 @@ pub enum SetupError {
 
 /// Renders a tokio-postgres error with its server message and SQLSTATE, which its
 /// `Display` ("db error") hides.
-pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(e);
-            while let Some(inner) = src {
-                s.push_str(": ");
-                s.push_str(&inner.to_string());
-                src = inner.source();
-            }
-            s
-        }
-    }
-}
+pub use dbx_pg::describe as describe_pg_error;
 
 fn db_err(doing: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
     let doing = doing.into();
@@ -190,68 +193,87 @@ fn db_err(doing: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Set
     }
 }
 
-/// Connects to `config`, classifying failures into the errors above.
-pub async fn connect(config: &Config) -> Result<Client, SetupError> {
-    let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".into(),
+/// Connects with `connector`, classifying failures into the errors above.
+pub async fn connect(connector: &Connector) -> Result<Client, SetupError> {
+    connector
+        .connect()
+        .await
+        .map_err(|e| classify(connector, e))
+}
+
+fn classify(connector: &Connector, e: PgError) -> SetupError {
+    let Some(pg) = e.pg_error() else {
+        return SetupError::Connection(e);
     };
-    let port = config.get_ports().first().copied().unwrap_or(5432);
-    let user = config.get_user().unwrap_or("").to_string();
-    match config.connect(NoTls).await {
-        Ok((client, conn)) => {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "setup connection closed");
-                }
-            });
-            Ok(client)
+    let (host, port) = (connector.host(), connector.port());
+    let user = connector.pg_config().get_user().unwrap_or("").to_string();
+    let reason = describe_pg_error(pg);
+    match pg.code() {
+        Some(c)
+            if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                && (reason.contains("pg_hba.conf") || reason.contains("client certificate")) =>
+        {
+            let hint = hba_hint(&reason);
+            SetupError::Refused {
+                host,
+                port,
+                reason,
+                hint,
+            }
         }
-        Err(e) => Err(match e.code() {
-            Some(c)
-                if *c == SqlState::INVALID_PASSWORD
-                    || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
-            {
-                SetupError::AuthFailed {
-                    user,
-                    host,
-                    port,
-                    reason: describe_pg_error(&e),
-                }
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            SetupError::AuthFailed {
+                user,
+                host,
+                port,
+                reason,
             }
-            Some(c) if *c == SqlState::INVALID_CATALOG_NAME => {
-                SetupError::NoDatabase(config.get_dbname().unwrap_or("").to_string())
-            }
-            Some(_) => SetupError::Db {
-                doing: format!("connecting to {host}:{port}"),
-                reason: describe_pg_error(&e),
-            },
-            None => {
-                let reason = describe_pg_error(&e);
-                // Password-less connection attempts to a password-protected server surface
-                // as a client-side "password missing" error; that is an auth failure too.
-                if reason.contains("password") {
-                    SetupError::AuthFailed {
-                        user,
-                        host,
-                        port,
-                        reason,
-                    }
-                } else {
-                    SetupError::Unreachable { host, port, reason }
-                }
-            }
-        }),
+        }
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => {
+            SetupError::NoDatabase(connector.pg_config().get_dbname().unwrap_or("").to_string())
+        }
+        Some(_) => SetupError::Db {
+            doing: format!("connecting to {host}:{port}"),
+            reason,
+        },
+        // Password-less connection attempts to a password-protected server surface as a
+        // client-side "password missing" error; that is an auth failure too.
+        None if reason.contains("password") => SetupError::AuthFailed {
+            user,
+            host,
+            port,
+            reason,
+        },
+        None => SetupError::Unreachable { host, port, reason },
+    }
+}
+
+/// What to do about a pg_hba.conf refusal, from PostgreSQL's own words.
+fn hba_hint(reason: &str) -> String {
+    if reason.contains("client certificate") {
+        "this user authenticates with a client certificate (`cert` in pg_hba.conf): set sslcert \
+         and sslkey"
+            .into()
+    } else if reason.contains("no encryption") {
+        "the server accepts this connection only over TLS: set sslmode=verify-full (with \
+         sslrootcert) or at least sslmode=require"
+            .into()
+    } else {
+        "the server's pg_hba.conf has no line that lets this user reach this database from \
+         here"
+            .into()
     }
 }
 
 /// Where setup connects and what it writes.
 #[derive(Debug, Clone)]
 pub struct SetupOptions {
-    /// A superuser connection to the server (any database; we switch to ours).
-    pub superuser: Config,
+    /// A superuser connection to the server (any database; we switch to ours), with the TLS
+    /// settings every connection of setup uses.
+    pub superuser: Connector,
     /// The database to create and fill (default `dbx_aviation`).
     pub database: String,
     /// Where `credentials.txt` and `api_key.txt` go.
@@ -335,8 +357,9 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
         return Err(SetupError::BadUrl(format!("invalid database name {db:?}")));
     }
     let mut maint_cfg = opts.superuser.clone();
-    if maint_cfg.get_dbname().is_none() || maint_cfg.get_dbname() == Some(db.as_str()) {
-        maint_cfg.dbname("postgres");
+    let dbname = maint_cfg.pg_config().get_dbname();
+    if dbname.is_none() || dbname == Some(db.as_str()) {
+        maint_cfg.pg_config_mut().dbname("postgres");
     }
     let maint = connect(&maint_cfg).await?;
     let server_version: String = maint
@@ -361,7 +384,7 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
     drop(maint);
 
     let mut cfg = opts.superuser.clone();
-    cfg.dbname(db);
+    cfg.pg_config_mut().dbname(db);
     let mut client = connect(&cfg).await?;
     if exists {
         refuse_foreign_database(&client, db).await?;
@@ -378,19 +401,7 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
         None
     };
 
-    let (host, port) = host_port(&opts.superuser);
-    let urls: Vec<(String, String)> = passwords
-        .iter()
-        .map(|(user, pw)| {
-            (
-                user.clone(),
-                format!(
-                    "postgresql://{user}:{}@{host}:{port}/{db}",
-                    crate::cluster::urlencode(pw)
-                ),
-            )
-        })
-        .collect();
+    let urls = login_urls(&opts.superuser, db, &passwords);
     let files = write_files(&opts.out_dir, &urls, api_key.as_deref())?;
 
     // The checklist: verify rather than assume.
@@ -425,7 +436,7 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
     });
     let mut login_ok = Vec::new();
     for (user, url) in &urls {
-        let ok = match url.parse::<Config>() {
+        let ok = match opts.superuser.sibling(url, "credentials.txt") {
             Ok(c) => match connect(&c).await {
                 Ok(uc) => missing_tables(&uc)
                     .await
@@ -462,15 +473,19 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
             detail: format!("organization {SAMPLE_ORG_CODE} with {n} aircraft"),
         });
     }
-    let check_ok = match urls.first().map(|(_, u)| u.parse::<Config>()) {
-        Some(Ok(c)) => check(&c).await.is_ok(),
-        _ => false,
+    let checked = match urls
+        .first()
+        .map(|(_, u)| opts.superuser.sibling(u, "credentials.txt"))
+    {
+        Some(Ok(c)) => check(&c).await.ok(),
+        _ => None,
     };
     checklist.push(ChecklistItem {
         label: "Connection test passes",
-        ok: Some(check_ok),
+        ok: Some(checked.is_some()),
         detail: "`dbx check` as dbx_api_service".into(),
     });
+    checklist.push(tls_item(checked.as_ref()));
     checklist.push(ChecklistItem {
         label: "API integration works",
         ok: None,
@@ -514,12 +529,49 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
     })
 }
 
-fn host_port(cfg: &Config) -> (String, u16) {
-    let host = match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        _ => "localhost".into(),
+/// The URL of each login user: the superuser's host and port, and the `sslmode` and
+/// `sslrootcert` its URL gave (so that the written URLs connect the way setup did).
+fn login_urls(
+    superuser: &Connector,
+    db: &str,
+    passwords: &[(String, String)],
+) -> Vec<(String, String)> {
+    let (host, port) = (superuser.host(), superuser.port());
+    let tls = superuser.url_tls_query();
+    passwords
+        .iter()
+        .map(|(user, pw)| {
+            let mut url = format!(
+                "postgresql://{user}:{}@{host}:{port}/{db}",
+                crate::cluster::urlencode(pw)
+            );
+            if !tls.is_empty() {
+                url.push('?');
+                url.push_str(&tls);
+            }
+            (user.clone(), url)
+        })
+        .collect()
+}
+
+/// The seed's production checklist asks for SSL/TLS connections: ticked when the connection
+/// test's connection was encrypted with a verified server certificate.
+fn tls_item(checked: Option<&CheckReport>) -> ChecklistItem {
+    let (ok, detail) = match checked.map(|c| &c.security) {
+        Some(s) if s.encrypted && s.verification != dbx_pg::Verification::None => {
+            (Some(true), s.summary())
+        }
+        Some(s) => (
+            None,
+            format!("{} — production sets sslmode=verify-full", s.summary()),
+        ),
+        None => (Some(false), "no connection to inspect".into()),
     };
-    (host, cfg.get_ports().first().copied().unwrap_or(5432))
+    ChecklistItem {
+        label: "SSL/TLS connections",
+        ok,
+        detail,
+    }
 }
 
 /// A database that has tables but no migrations table was made by something else. Tables
@@ -718,9 +770,9 @@ fn write_files(
     let mut creds =
         String::from("# dbx application users (written by `dbx setup`; keep this file secret)\n");
     for (user, url) in urls {
-        let pw = url
-            .parse::<Config>()
+        let pw = dbx_pg::params::split(url)
             .ok()
+            .and_then(|s| s.rest.parse::<tokio_postgres::Config>().ok())
             .and_then(|c| {
                 c.get_password()
                     .map(|p| String::from_utf8_lossy(p).into_owned())
@@ -764,6 +816,107 @@ pub async fn missing_tables(client: &Client) -> Result<Vec<String>, SetupError> 
         .collect())
 }
 
+/// How one connection is protected: the server's view (`pg_stat_ssl`) and what the client
+/// verified of the server's certificate (from the sslmode in force).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Security {
+    /// The user connected.
+    pub user: String,
+    /// Host of the connection string.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// `pg_stat_ssl.ssl`.
+    pub encrypted: bool,
+    /// `pg_stat_ssl.version`, e.g. `TLSv1.3`.
+    pub tls_version: Option<String>,
+    /// `pg_stat_ssl.cipher`.
+    pub cipher: Option<String>,
+    /// `pg_stat_ssl.bits`.
+    pub bits: Option<i32>,
+    /// `pg_stat_ssl.client_dn`: the client certificate's subject, when one was sent.
+    pub client_dn: Option<String>,
+    /// The sslmode in force.
+    pub sslmode: String,
+    /// What was verified of the server's certificate.
+    pub verification: dbx_pg::Verification,
+    /// The same, in a sentence.
+    pub verified: String,
+}
+
+impl Security {
+    /// One line: encryption, protocol, cipher, and what was verified.
+    pub fn summary(&self) -> String {
+        if !self.encrypted {
+            return format!(
+                "NOT encrypted: plaintext connection (sslmode={})",
+                self.sslmode
+            );
+        }
+        let mut s = format!(
+            "encrypted, {} {}",
+            self.tls_version.as_deref().unwrap_or("TLS"),
+            self.cipher.as_deref().unwrap_or("")
+        );
+        if let Some(bits) = self.bits {
+            s.push_str(&format!(" ({bits} bits)"));
+        }
+        s.push_str(&format!("; server certificate {}", self.verified));
+        if let Some(dn) = self.client_dn.as_deref().filter(|d| !d.is_empty()) {
+            s.push_str(&format!("; client certificate {dn}"));
+        }
+        s
+    }
+}
+
+impl fmt::Display for Security {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = if self.encrypted { "🔒" } else { "⚠️ " };
+        write!(
+            f,
+            "{mark} {}@{}:{}: {}",
+            self.user,
+            self.host,
+            self.port,
+            self.summary()
+        )
+    }
+}
+
+/// How `client`, connected with `connector`, is protected.
+pub async fn connection_security(
+    client: &Client,
+    connector: &Connector,
+) -> Result<Security, SetupError> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, s.ssl, s.version, s.cipher, s.bits, s.client_dn \
+             FROM pg_stat_ssl s WHERE s.pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map_err(db_err("reading pg_stat_ssl"))?;
+    let encrypted: bool = row.get(1);
+    let policy = connector.policy();
+    Ok(Security {
+        user: row.get(0),
+        host: connector.host(),
+        port: connector.port(),
+        encrypted,
+        tls_version: row.get(2),
+        cipher: row.get(3),
+        bits: row.get(4),
+        client_dn: row.get(5),
+        sslmode: policy.mode.to_string(),
+        verification: if encrypted {
+            policy.verification()
+        } else {
+            dbx_pg::Verification::None
+        },
+        verified: policy.describe_verification(),
+    })
+}
+
 /// What `dbx check` found.
 #[derive(Debug, Clone)]
 pub struct CheckReport {
@@ -773,6 +926,8 @@ pub struct CheckReport {
     pub tables: Vec<String>,
     /// Migrations applied / known to this binary; `None` when this role may not read them.
     pub migrations: Option<(usize, usize)>,
+    /// How the connection is protected.
+    pub security: Security,
 }
 
 impl fmt::Display for CheckReport {
@@ -780,6 +935,7 @@ impl fmt::Display for CheckReport {
         writeln!(f, "Testing database connection...")?;
         writeln!(f, "✅ Database connection successful!")?;
         writeln!(f, "📊 Database version: {}", self.version)?;
+        writeln!(f, "{}", self.security)?;
         writeln!(f, "📋 Found {} tables:", self.tables.len())?;
         for t in &self.tables {
             writeln!(f, "   - {t}")?;
@@ -791,9 +947,10 @@ impl fmt::Display for CheckReport {
     }
 }
 
-/// The seed's connection test: version and the seven tables; an error when any is missing.
-pub async fn check(config: &Config) -> Result<CheckReport, SetupError> {
-    let client = connect(config).await?;
+/// The seed's connection test: version and the seven tables (an error when any is missing),
+/// and how the connection is protected.
+pub async fn check(connector: &Connector) -> Result<CheckReport, SetupError> {
+    let client = connect(connector).await?;
     let full: String = client
         .query_one("SELECT version()", &[])
         .await
@@ -805,6 +962,7 @@ pub async fn check(config: &Config) -> Result<CheckReport, SetupError> {
         .take(2)
         .collect::<Vec<_>>()
         .join(" ");
+    let security = connection_security(&client, connector).await?;
     let missing = missing_tables(&client).await?;
     if !missing.is_empty() {
         return Err(SetupError::MissingTables(missing));
@@ -821,6 +979,7 @@ pub async fn check(config: &Config) -> Result<CheckReport, SetupError> {
         version,
         tables: EXPECTED_TABLES.iter().map(|s| s.to_string()).collect(),
         migrations: applied,
+        security,
     })
 }
 

@@ -50,7 +50,7 @@ fn manager(
     cfg: PartitionsConfig,
 ) -> PartitionManager {
     let clock: SharedClock = clock.clone();
-    PartitionManager::from_url(url, interval, cfg, clock).expect("manager")
+    PartitionManager::new(dbx_testkit::connector(url), interval, cfg, clock)
 }
 
 async fn run(m: &PartitionManager, task: Task) -> TaskReport {
@@ -844,7 +844,7 @@ async fn the_health_collector_exports_plausible_gauges() {
         dbx_testkit::connect(&db.url_for("dbx_ingest_service", dbx_testkit::INGEST_TEST_PASSWORD))
             .await;
     let clock: SharedClock = Arc::new(SystemClock);
-    let h = HealthCollector::new(url.parse().unwrap(), clock, Duration::from_secs(1));
+    let h = HealthCollector::new(dbx_testkit::connector(&url), clock, Duration::from_secs(1));
     let s = h.collect_once().await.expect("collect");
     assert!(s.up);
     assert!(s.database_size_bytes.unwrap() > 1_000_000.0, "{s:?}");
@@ -855,6 +855,8 @@ async fn the_health_collector_exports_plausible_gauges() {
     );
     assert_eq!(s.default_partition_rows, 2);
     assert_eq!(s.ingest_connections, 1);
+    // The test cluster is plaintext (the TLS cluster's gauge is checked in tests/tls).
+    assert!(!s.tls && s.tls_version.is_none(), "{s:?}");
     // The migration made today and the next three days.
     let ahead = s.partition_ahead_seconds.unwrap();
     assert!((3.0 * 86400.0..=4.0 * 86400.0).contains(&ahead), "{ahead}");
@@ -870,6 +872,7 @@ async fn the_health_collector_exports_plausible_gauges() {
     assert_eq!(gauge(&text, "dbx_db_up"), 1.0);
     assert_eq!(gauge(&text, "dbx_db_default_partition_rows"), 2.0);
     assert_eq!(gauge(&text, "dbx_db_ingest_connections"), 1.0);
+    assert_eq!(gauge(&text, "dbx_db_tls"), 0.0);
     assert_eq!(gauge(&text, "dbx_db_partitions{schema=\"live\"}"), 4.0);
     assert_eq!(gauge(&text, "dbx_db_partitions{schema=\"archive\"}"), 0.0);
     assert!(gauge(&text, "dbx_db_size_bytes") > 1_000_000.0);

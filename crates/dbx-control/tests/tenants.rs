@@ -8,7 +8,7 @@ use std::time::Duration;
 use dbx_control::tenants::{self, KeyStatus, NewAircraft, NewOrg, OrgUpdate, TenantError};
 use dbx_testkit::TestDb;
 use futures::StreamExt;
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 use uuid::Uuid;
 
 mod common;
@@ -349,7 +349,10 @@ async fn notifications_during<F: std::future::Future<Output = ()>>(
     wait: Duration,
     action: F,
 ) -> usize {
-    let (listener, mut connection) = tokio_postgres::connect(&db.url(), NoTls).await.unwrap();
+    let (listener, mut connection) = dbx_testkit::connector(&db.url())
+        .connect_raw()
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let driver = tokio::spawn(async move {
         let mut stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

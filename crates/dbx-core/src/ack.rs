@@ -23,9 +23,20 @@ pub enum BatchOutcome {
 }
 
 /// The batcher's side: resolve once the batch's fate is known.
-#[derive(Debug)]
 pub struct AckHandle {
     tx: Option<oneshot::Sender<BatchOutcome>>,
+    /// Held until the handle is resolved or dropped (a UDP datagram's share of the
+    /// listener's byte budget).
+    _hold: Option<Box<dyn Send + Sync>>,
+}
+
+impl std::fmt::Debug for AckHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckHandle")
+            .field("tx", &self.tx)
+            .field("holds", &self._hold.is_some())
+            .finish()
+    }
 }
 
 /// The connection's side: resolves to the outcome, or to an error when the handle
@@ -36,12 +47,30 @@ impl AckHandle {
     /// A new handle and the receiver the connection keeps.
     pub fn channel() -> (AckHandle, AckReceiver) {
         let (tx, rx) = oneshot::channel();
-        (AckHandle { tx: Some(tx) }, rx)
+        (
+            AckHandle {
+                tx: Some(tx),
+                _hold: None,
+            },
+            rx,
+        )
     }
 
     /// A handle nobody waits for (UDP datagrams, tests).
     pub fn detached() -> AckHandle {
-        AckHandle { tx: None }
+        AckHandle {
+            tx: None,
+            _hold: None,
+        }
+    }
+
+    /// A handle nobody waits for that keeps `hold` alive until the batch is resolved
+    /// (or dropped): how a UDP datagram keeps its memory charged while it is in flight.
+    pub fn detached_holding(hold: impl Send + Sync + 'static) -> AckHandle {
+        AckHandle {
+            tx: None,
+            _hold: Some(Box::new(hold)),
+        }
     }
 
     /// Reports the batch durable.

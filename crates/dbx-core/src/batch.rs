@@ -1,6 +1,11 @@
 //! A batch of points for one aircraft in one flight session, with everything the
 //! listener resolved from the authenticated key: the unit that travels from the
 //! listener to the batcher over a bounded channel.
+//!
+//! A gateway's `end` of a flight session (protocol 1.1) travels the same way, as a
+//! batch without points that [ends the session](TelemetryBatch::ends_session): it
+//! shares the channel, the spool and the ack path of the batches, so that it is
+//! acknowledged in the connection's `seq` order like them.
 
 use std::time::Instant;
 
@@ -61,9 +66,36 @@ pub struct TelemetryBatch {
     pub origin: BatchOrigin,
     /// When the listener received the frame (for ack latency).
     pub received_at: Instant,
+    /// True for a gateway's `end`: no points; the batcher completes the session
+    /// (`flight_status = 'completed'`) if it belongs to `org_id`. A producer hands an
+    /// end to the batcher only once every batch it sent earlier for the connection
+    /// has a verdict, and sends nothing more before the end's own verdict, so that the
+    /// end is written after the batches sent before it and before those sent after.
+    pub ends_session: bool,
 }
 
 impl TelemetryBatch {
+    /// The `end` of `session` for the organization `org_id`. Its aircraft is the
+    /// session's own (an `end` does not name one), so `aircraft_id` is nil.
+    pub fn session_end(
+        org_id: Uuid,
+        session_id: Uuid,
+        ack: AckHandle,
+        origin: BatchOrigin,
+        received_at: Instant,
+    ) -> Self {
+        TelemetryBatch {
+            org_id,
+            aircraft_id: Uuid::nil(),
+            session_id,
+            points: Vec::new(),
+            ack,
+            origin,
+            received_at,
+            ends_session: true,
+        }
+    }
+
     /// Approximate encoded size, for byte-based flush thresholds and queue accounting.
     pub fn approx_copy_bytes(&self) -> usize {
         self.points.iter().map(Point::approx_copy_bytes).sum()

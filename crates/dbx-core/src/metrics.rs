@@ -11,8 +11,23 @@
 pub const CONNECTIONS_OPEN: &str = "dbx_connections_open";
 /// Listener: connections accepted (counter, label `transport`).
 pub const CONNECTIONS_TOTAL: &str = "dbx_connections_total";
-/// Listener: connections refused at the connection limit (counter).
+/// Listener: connections refused before their handshake (counter, label `reason` =
+/// max_connections | max_pending_handshakes | max_pending_per_ip).
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "dbx_connections_refused_total";
+/// Listener: connections accepted that have not completed their handshake (TLS and
+/// `hello`) yet (gauge).
+pub const PENDING_HANDSHAKES: &str = "dbx_pending_handshakes";
+/// Listener: connections closed because their peer did not read what the server wrote
+/// within `write_timeout_ms` (counter, label `transport`).
+pub const WRITE_TIMEOUTS_TOTAL: &str = "dbx_write_timeouts_total";
+/// Listener: bytes of frames and decoded batches charged against `limits.max_buffered_bytes`
+/// right now (gauge).
+pub const BUFFERED_BYTES: &str = "dbx_buffered_bytes";
+/// Listener: `limits.max_buffered_bytes` (gauge).
+pub const BUFFERED_BYTES_LIMIT: &str = "dbx_buffered_bytes_limit";
+/// Listener: times a TCP connection stopped reading because the byte budget was spent
+/// (counter, label `transport`).
+pub const BUFFERED_BYTES_WAITS_TOTAL: &str = "dbx_buffered_bytes_waits_total";
 /// Listener: frames received (counter, label `transport`).
 pub const FRAMES_RECEIVED_TOTAL: &str = "dbx_frames_received_total";
 /// Listener: points received and accepted into the pipeline (counter, label `transport`).
@@ -115,6 +130,9 @@ pub const ROWS_TO_DEFAULT_PARTITION_TOTAL: &str = "dbx_rows_default_partition_to
 pub const COMMIT_TO_ACK_SECONDS: &str = "dbx_commit_to_ack_seconds";
 /// Batcher: batches nacked for a data error (counter).
 pub const BATCHES_REJECTED_TOTAL: &str = "dbx_batches_rejected_total";
+/// Flight sessions completed (counter, label `reason` = end | idle): by a gateway's
+/// `end`, or by the control plane after `sessions.idle_timeout_secs` without a point.
+pub const SESSIONS_COMPLETED_TOTAL: &str = "dbx_sessions_completed_total";
 
 /// Control: database health indicators (gauges; prefix for `dbx_db_*`).
 pub const DB_PREFIX: &str = "dbx_db_";
@@ -165,6 +183,9 @@ pub const DB_PARTITION_AHEAD_SECONDS: &str = "dbx_db_partition_ahead_seconds";
 pub const DB_DEFAULT_PARTITION_ROWS: &str = "dbx_db_default_partition_rows";
 /// Control: connections of the ingest role's members to this database (gauge).
 pub const DB_INGEST_CONNECTIONS: &str = "dbx_db_ingest_connections";
+/// Control: 1 when the health collector's connection to PostgreSQL is TLS-encrypted
+/// (`pg_stat_ssl` of its own backend), 0 when it is plaintext (gauge).
+pub const DB_TLS: &str = "dbx_db_tls";
 
 /// Spool: bytes in segment files (gauge).
 pub const SPOOL_BYTES: &str = "dbx_spool_bytes";

@@ -36,6 +36,9 @@ pub enum RejectCode {
     OutOfRange,
     /// nack: the database rejected the batch for a data reason (not transient).
     Rejected,
+    /// nack (protocol 1.1): the flight session is completed (by the gateway's `end` or
+    /// the idle timeout) and the batch carries points that are not stored yet.
+    SessionClosed,
 }
 
 impl RejectCode {
@@ -57,12 +60,13 @@ impl RejectCode {
             RejectCode::ForeignSession => "foreign_session",
             RejectCode::OutOfRange => "out_of_range",
             RejectCode::Rejected => "rejected",
+            RejectCode::SessionClosed => "session_closed",
         }
     }
 
     /// Parses a wire code; `None` for a code this version does not know.
     pub fn parse(s: &str) -> Option<Self> {
-        const ALL: [RejectCode; 15] = [
+        const ALL: [RejectCode; 16] = [
             RejectCode::BadFrame,
             RejectCode::FrameTooLarge,
             RejectCode::HandshakeTimeout,
@@ -78,6 +82,7 @@ impl RejectCode {
             RejectCode::ForeignSession,
             RejectCode::OutOfRange,
             RejectCode::Rejected,
+            RejectCode::SessionClosed,
         ];
         ALL.into_iter().find(|c| c.as_str() == s)
     }
@@ -92,6 +97,7 @@ impl RejectCode {
                 | RejectCode::ForeignSession
                 | RejectCode::OutOfRange
                 | RejectCode::Rejected
+                | RejectCode::SessionClosed
         )
     }
 }

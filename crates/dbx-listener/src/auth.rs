@@ -20,6 +20,17 @@
 //!
 //! Flight sessions are too many to load; their owners are looked up on first use
 //! and remembered in a bounded two-generation cache.
+//!
+//! UDP datagrams in the MAC form (PROTOCOL.md 1.1) name their key by `kid`, the first
+//! 8 bytes of its hash: the snapshot indexes the keys by it. Two keys can share a kid
+//! (a 64-bit prefix); the datagram is then checked against each of them, in hash
+//! order, and belongs to the one whose MAC verifies.
+//!
+//! Every cache here is bounded in entries, and every entry in bytes: keys and the kid
+//! index hold one entry per active key (64-byte hashes); the aircraft caches at most
+//! 2 × 10 000 entries of (organization, name), where a name is a registration of at
+//! most 20 characters or a UUID; sessions 2 × `session_cache_capacity` entries of 48
+//! bytes; key usage one entry per key in use.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -52,6 +63,9 @@ pub enum AuthError {
     /// A query failed.
     #[error("auth query failed: {0}")]
     Db(#[from] tokio_postgres::Error),
+    /// The change listener's own connection failed.
+    #[error("auth change listener: {0}")]
+    Connect(#[from] dbx_pg::PgError),
 }
 
 /// What an accepted key grants.
@@ -81,6 +95,8 @@ pub struct AuthSnapshot {
     keys: HashMap<String, KeyGrant>,
     orgs_by_code: HashMap<String, OrgGrant>,
     org_codes: HashMap<Uuid, String>,
+    /// kid → (raw sha256, hex hash) of every key with that kid, in hash order.
+    by_kid: HashMap<u64, Vec<([u8; 32], String)>>,
     aircraft_by_reg: HashMap<(Uuid, String), Uuid>,
     aircraft_org: HashMap<Uuid, Uuid>,
 }
@@ -105,6 +121,37 @@ impl AuthSnapshot {
     pub fn org_code(&self, org: Uuid) -> Option<&str> {
         self.org_codes.get(&org).map(String::as_str)
     }
+
+    /// Adds a key by its hex hash (lower case).
+    fn insert_key(&mut self, hash: String, grant: KeyGrant) {
+        if let Some(raw) = raw_hash(&hash) {
+            let candidates = self.by_kid.entry(dbx_proto::mac::key_id(&raw)).or_default();
+            if !candidates.iter().any(|(_, h)| *h == hash) {
+                candidates.push((raw, hash.clone()));
+                candidates.sort_by(|a, b| a.1.cmp(&b.1));
+            }
+        }
+        self.keys.insert(hash, grant);
+    }
+
+    /// The key (hex hash and grant) whose MAC of `body` is `mac`, among the keys with
+    /// this `kid`.
+    pub fn key_by_mac(&self, kid: u64, mac: &[u8; 16], body: &[u8]) -> Option<(&str, &KeyGrant)> {
+        let (_, hash) = self
+            .by_kid
+            .get(&kid)?
+            .iter()
+            .find(|(raw, _)| dbx_proto::mac::verify_body_mac(raw, body, mac))?;
+        Some((hash.as_str(), self.keys.get(hash)?))
+    }
+}
+
+/// The 32 raw bytes of a hex SHA-256 hash; `None` for a malformed stored hash (such a
+/// key can only be used in clear).
+fn raw_hash(hex_hash: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_hash, &mut out).ok()?;
+    Some(out)
 }
 
 /// Hex SHA-256 of an API key.
@@ -228,6 +275,19 @@ impl AuthCache {
         let hash = hash_key(key);
         let grant = self.snapshot().key(&hash).cloned()?;
         Some((hash, grant))
+    }
+
+    /// The grant of the key that signed `body` with `mac` (UDP MAC form): a key with
+    /// this `kid` whose MAC verifies (constant-time), active, its organization too.
+    pub fn authenticate_mac(
+        &self,
+        kid: u64,
+        mac: &[u8; 16],
+        body: &[u8],
+    ) -> Option<(String, KeyGrant)> {
+        let snap = self.snapshot();
+        let (hash, grant) = snap.key_by_mac(kid, mac, body)?;
+        Some((hash.to_string(), grant.clone()))
     }
 
     /// Notes that the key with this hash was used (a UDP datagram, a handshake), for
@@ -363,7 +423,7 @@ impl AuthCache {
         };
         for row in client.query(org_keys_sql, &[]).await? {
             let rate: Option<i32> = row.get(2);
-            snap.keys.insert(
+            snap.insert_key(
                 row.get::<_, String>(0).to_ascii_lowercase(),
                 KeyGrant {
                     org_id: row.get(1),
@@ -390,7 +450,7 @@ impl AuthCache {
                 if let Some(secs) = row.get::<_, Option<f64>>(4) {
                     next_expiry = Some(next_expiry.map_or(secs, |n| n.min(secs)));
                 }
-                snap.keys.insert(
+                snap.insert_key(
                     row.get::<_, String>(0).to_ascii_lowercase(),
                     KeyGrant {
                         org_id: row.get(1),
@@ -598,7 +658,7 @@ impl AuthCache {
     /// Keeps the cache fresh until shutdown: LISTEN for changes, full reload on a timer.
     pub async fn run_refresher(
         self: Arc<Self>,
-        listen_config: tokio_postgres::Config,
+        listen_config: dbx_pg::Connector,
         refresh_every: Duration,
         mut shutdown: Shutdown,
     ) {
@@ -631,11 +691,11 @@ impl AuthCache {
 
     async fn listen_once(
         &self,
-        config: &tokio_postgres::Config,
+        config: &dbx_pg::Connector,
         refresh_every: Duration,
         mut shutdown: Shutdown,
     ) -> Result<(), AuthError> {
-        let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+        let (client, mut connection) = config.connect_raw().await?;
         let (tx, mut notes) = tokio::sync::mpsc::channel::<()>(16);
         let driver = tokio::spawn(async move {
             let mut stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -678,5 +738,50 @@ impl AuthCache {
             Ok(Err(e)) => Err(e.into()),
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(label: &str) -> KeyGrant {
+        KeyGrant {
+            org_id: Uuid::nil(),
+            label: label.into(),
+            points_per_sec: None,
+        }
+    }
+
+    #[test]
+    fn a_mac_finds_its_key_among_keys_sharing_a_kid() {
+        let mut snap = AuthSnapshot::default();
+        // Two stored hashes with the same first 8 bytes (the kid), and a real one.
+        let a = format!("{}{}", "ab".repeat(8), "01".repeat(24));
+        let b = format!("{}{}", "ab".repeat(8), "02".repeat(24));
+        snap.insert_key(b.clone(), grant("b"));
+        snap.insert_key(a.clone(), grant("a"));
+        snap.insert_key(hash_key("dbx_real"), grant("real"));
+        let raw_b = raw_hash(&b).unwrap();
+        let kid = dbx_proto::mac::key_id(&raw_b);
+        assert_eq!(kid, 0xabab_abab_abab_abab);
+        let mac = dbx_proto::mac::body_mac(&raw_b, b"batch");
+        let (hash, g) = snap.key_by_mac(kid, &mac, b"batch").unwrap();
+        assert_eq!((hash, g.label.as_str()), (b.as_str(), "b"));
+        // Wrong body, wrong kid, a MAC by no stored key: nothing.
+        assert!(snap.key_by_mac(kid, &mac, b"batcH").is_none());
+        assert!(snap.key_by_mac(kid ^ 1, &mac, b"batch").is_none());
+        let forged = dbx_proto::mac::body_mac(&dbx_proto::mac::key_hash("guess"), b"batch");
+        assert!(snap.key_by_mac(kid, &forged, b"batch").is_none());
+        // The real key through its own kid.
+        let real = dbx_proto::mac::key_hash("dbx_real");
+        let mac = dbx_proto::mac::body_mac(&real, b"x");
+        assert_eq!(
+            snap.key_by_mac(dbx_proto::mac::key_id(&real), &mac, b"x")
+                .unwrap()
+                .1
+                .label,
+            "real"
+        );
     }
 }

@@ -12,6 +12,9 @@ use serde::Deserialize;
 pub struct ListenerConfig {
     /// Plain TCP bind address (PROTOCOL.md: 0.0.0.0:7070).
     pub tcp_bind: String,
+    /// Serve plain TCP on `tcp_bind`; `false` serves TLS only (the plain port is not
+    /// opened) and then needs `tls_cert` and `tls_key`.
+    pub plaintext: bool,
     /// TLS bind address; only used when `tls_cert` and `tls_key` are set.
     pub tls_bind: String,
     /// PEM certificate chain for TLS.
@@ -20,16 +23,30 @@ pub struct ListenerConfig {
     pub tls_key: Option<PathBuf>,
     /// UDP bind address; empty disables UDP.
     pub udp_bind: String,
-    /// Most TCP+TLS connections at once; the next one gets `error too_many_connections`.
+    /// Accept UDP datagrams that carry the API key in clear (`key`, the v1 form);
+    /// `false` accepts only the `kid`/`mac`/`body` form of PROTOCOL.md 1.1.
+    pub udp_plain_key: bool,
+    /// Most TCP+TLS connections at once, pending and established; the next one is
+    /// refused (plain TCP: `error too_many_connections`; TLS: closed).
     pub max_connections: usize,
+    /// Most connections that have not completed their handshake (TLS and `hello`).
+    pub max_pending_handshakes: usize,
+    /// Most such connections from one source address (IPv6: one /64).
+    pub max_pending_per_ip: usize,
     /// Largest frame body accepted (`L`), bytes.
     pub max_frame_bytes: usize,
+    /// Largest first frame (`hello`) before `welcome`, bytes; larger is `frame_too_large`.
+    pub max_hello_bytes: usize,
+    /// Most keys per point that go to `extra` (unknown keys plus entries of `x`).
+    pub max_extra_keys: usize,
     /// Most points in one batch.
     pub max_points_per_batch: usize,
     /// Time allowed between connect and `hello`, milliseconds.
     pub handshake_timeout_ms: u64,
     /// A connection that sends nothing this long is closed, milliseconds.
     pub idle_timeout_ms: u64,
+    /// A write the peer does not take within this long closes the connection, ms.
+    pub write_timeout_ms: u64,
     /// Batches a connection may have accepted but not yet acked; at the limit its reads pause.
     pub max_inflight_batches: usize,
     /// Oldest accepted point timestamp, seconds before now.
@@ -51,15 +68,22 @@ impl Default for ListenerConfig {
     fn default() -> Self {
         ListenerConfig {
             tcp_bind: "0.0.0.0:7070".into(),
+            plaintext: true,
             tls_bind: "0.0.0.0:7443".into(),
             tls_cert: None,
             tls_key: None,
             udp_bind: "0.0.0.0:7071".into(),
+            udp_plain_key: true,
             max_connections: 10_000,
+            max_pending_handshakes: 1_024,
+            max_pending_per_ip: 64,
             max_frame_bytes: 1 << 20,
+            max_hello_bytes: 4_096,
+            max_extra_keys: 256,
             max_points_per_batch: 10_000,
             handshake_timeout_ms: 5_000,
             idle_timeout_ms: 60_000,
+            write_timeout_ms: 10_000,
             max_inflight_batches: 64,
             max_past_secs: 7 * 24 * 3600,
             max_future_secs: 300,
@@ -76,7 +100,17 @@ impl ListenerConfig {
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
             ("listener.max_connections", self.max_connections as u64),
+            (
+                "listener.max_pending_handshakes",
+                self.max_pending_handshakes as u64,
+            ),
+            (
+                "listener.max_pending_per_ip",
+                self.max_pending_per_ip as u64,
+            ),
             ("listener.max_frame_bytes", self.max_frame_bytes as u64),
+            ("listener.max_hello_bytes", self.max_hello_bytes as u64),
+            ("listener.write_timeout_ms", self.write_timeout_ms),
             (
                 "listener.max_points_per_batch",
                 self.max_points_per_batch as u64,
@@ -106,6 +140,15 @@ impl ListenerConfig {
                     .into(),
             );
         }
+        if !self.plaintext && self.tls_cert.is_none() {
+            return Err("config key `listener.plaintext` is false (TLS only), so `listener.tls_cert` and `listener.tls_key` must be set".into());
+        }
+        if self.max_hello_bytes > self.max_frame_bytes {
+            return Err(format!(
+                "config key `listener.max_hello_bytes` ({}) must not exceed `listener.max_frame_bytes` ({})",
+                self.max_hello_bytes, self.max_frame_bytes
+            ));
+        }
         Ok(())
     }
 
@@ -116,6 +159,8 @@ impl ListenerConfig {
             max_past: Duration::from_secs(self.max_past_secs),
             max_future: Duration::from_secs(self.max_future_secs),
             max_frame_bytes: self.max_frame_bytes,
+            max_extra_keys: self.max_extra_keys,
+            max_hello_bytes: self.max_hello_bytes,
         }
     }
 
@@ -127,5 +172,15 @@ impl ListenerConfig {
     /// `idle_timeout_ms` as a Duration.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// `write_timeout_ms` as a Duration.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+
+    /// `drain_timeout_ms` as a Duration.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
     }
 }

@@ -8,8 +8,23 @@
 //! behind it that has resolved too and answers them with one cumulative `ack`
 //! (and a `nack` for each rejected one, in order). A connection with
 //! `max_inflight_batches` unanswered batches stops reading; so does one whose
-//! batch is waiting for room in the batcher's queue, and one whose organization is
-//! over its rate limit. That is the TCP backpressure of PROTOCOL.md.
+//! batch is waiting for room in the batcher's queue, one whose organization is
+//! over its rate limit, and one that finds the byte budget spent. That is the TCP
+//! backpressure of PROTOCOL.md.
+//!
+//! An `end` (protocol 1.1) takes its place in that FIFO like a batch, but goes to the
+//! batcher only once every batch before it has its verdict, and nothing after it goes
+//! before its own verdict: so the session's earlier batches are written before it, and
+//! a later batch for the session finds it completed (`session_closed`).
+//!
+//! Hostile peers (PROTOCOL.md 1.1): before `welcome` a frame may be at most
+//! `max_hello_bytes` and only its hello keys are decoded ([`dbx_proto::decode_hello`]);
+//! the TLS handshake and the hello share one `handshake_timeout`. After it every frame
+//! is charged against the byte budget before its body is buffered
+//! ([`crate::budget`]). Reads never take more than the frame in hand plus
+//! [`LOOKAHEAD`] bytes, so an idle connection holds a few KiB. Every write gives up
+//! after `write_timeout`, and once shutdown has begun at the drain deadline, so a peer
+//! that does not read can hold neither its connection nor the daemon's shutdown.
 
 use std::collections::VecDeque;
 use std::io;
@@ -17,11 +32,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio::time::{sleep_until, timeout};
-use tokio_util::codec::Decoder;
+use tokio::time::{sleep_until, timeout_at};
 use uuid::Uuid;
 
 use dbx_core::metrics as m;
@@ -29,21 +43,67 @@ use dbx_core::{
     AckHandle, AckReceiver, BatchOrigin, BatchOutcome, RejectCode, Rejection, Shutdown,
     TelemetryBatch,
 };
-use dbx_proto::{ClientMessage, DecodeError, FrameCodec, FrameError, ServerMessage};
+use dbx_proto::codec::PREFIX_LEN;
+use dbx_proto::{ClientMessage, DecodeError, FrameCodec, FrameError, Limits, ServerMessage};
 
 use crate::audit::{HandshakeLog, HandshakeRecord};
 use crate::auth::{AuthCache, KeyGrant};
+use crate::budget::{ByteBudget, Charge};
 use crate::orgmetrics::{OrgCounters, OrgMetrics};
 use crate::ratelimit::RateLimiter;
+use crate::slots::Admitted;
+use crate::throttle::Throttle;
 use crate::ListenerConfig;
 
-/// A framed connection: reads frames, writes server messages.
+/// Bytes a read may take beyond the frame in hand (the start of the next ones): enough
+/// for many small frames per read, little enough to hold per idle connection.
+pub const LOOKAHEAD: usize = 8 * 1024;
+
+/// How long a closing connection drains its peer's input so the peer reads the final
+/// `error` rather than a reset (PROTOCOL.md, "Precise rules").
+const LINGER: Duration = Duration::from_secs(1);
+
+static WRITE_TIMEOUT_LOG: Throttle = Throttle::new();
+static HANDSHAKE_LOG: Throttle = Throttle::new();
+
+/// One frame body, with the budget charge that covers it (after `welcome`).
+#[derive(Debug)]
+pub struct Frame {
+    /// The body, without its length prefix.
+    pub body: BytesMut,
+    /// What the frame and its decoded batch may hold of the byte budget.
+    pub charge: Option<Charge>,
+}
+
+/// The byte budget a connection charges its frames against, once in session.
+#[derive(Debug)]
+struct Session {
+    budget: ByteBudget,
+    limits: Limits,
+}
+
+/// A framed connection: reads frames, writes server messages, each write bounded.
 #[derive(Debug)]
 pub struct Connection<S> {
     stream: S,
     codec: FrameCodec,
     read_buf: BytesMut,
     write_buf: BytesMut,
+    /// The charge of the frame being read, kept across cancelled reads.
+    charge: Option<Charge>,
+    /// A frame's prefix is in and its charge is being waited for (the peer is not idle).
+    waiting_for_budget: bool,
+    session: Option<Session>,
+    /// Bytes a read may take beyond the frame in hand: none before `welcome` (a
+    /// pending connection buffers at most its hello), [`LOOKAHEAD`] after.
+    lookahead: usize,
+    write_timeout: Duration,
+    /// Shutdown, observed during writes too (a blocked write must not outlive the drain).
+    shutdown: Shutdown,
+    drain_for: Duration,
+    /// Set when shutdown began: no write or linger goes past it.
+    drain_at: Option<tokio::time::Instant>,
+    transport: &'static str,
 }
 
 /// Why reading a frame failed.
@@ -60,25 +120,76 @@ pub enum ReadError {
     Io(#[from] io::Error),
 }
 
+/// How a connection's writes are bounded.
+#[derive(Debug, Clone)]
+pub struct WriteLimits {
+    /// Each write must complete within this.
+    pub write_timeout: Duration,
+    /// Signals shutdown; from then on writes end at the drain deadline.
+    pub shutdown: Shutdown,
+    /// Shutdown → drain deadline.
+    pub drain_for: Duration,
+    /// `tcp` or `tls`, for metrics.
+    pub transport: &'static str,
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    /// Wraps a stream.
-    pub fn new(stream: S, max_frame_bytes: usize) -> Self {
+    /// Wraps a stream; before [`Connection::enter_session`] it accepts frames up to
+    /// `max_hello_bytes` and charges nothing.
+    pub fn new(stream: S, max_hello_bytes: usize, writes: WriteLimits) -> Self {
         Connection {
             stream,
-            codec: FrameCodec::new(max_frame_bytes),
-            read_buf: BytesMut::with_capacity(16 * 1024),
-            write_buf: BytesMut::with_capacity(1024),
+            codec: FrameCodec::for_hello(max_hello_bytes),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            charge: None,
+            waiting_for_budget: false,
+            session: None,
+            lookahead: 0,
+            write_timeout: writes.write_timeout,
+            shutdown: writes.shutdown,
+            drain_for: writes.drain_for,
+            drain_at: None,
+            transport: writes.transport,
         }
     }
 
-    /// The next frame body, or `None` when the peer closed cleanly between frames.
-    /// Cancel-safe: bytes read stay in the buffer for the next call.
-    pub async fn read_frame(&mut self) -> Result<Option<BytesMut>, ReadError> {
+    /// After `welcome`: frames up to `limits.max_frame_bytes`, each charged against
+    /// `budget` before its body is buffered.
+    pub fn enter_session(&mut self, budget: ByteBudget, limits: Limits) {
+        self.codec = FrameCodec::new(limits.max_frame_bytes);
+        self.session = Some(Session { budget, limits });
+        self.lookahead = LOOKAHEAD;
+    }
+
+    /// The drain deadline: set now if shutdown had not been seen yet.
+    pub fn begin_drain(&mut self) -> tokio::time::Instant {
+        *self
+            .drain_at
+            .get_or_insert_with(|| tokio::time::Instant::now() + self.drain_for)
+    }
+
+    /// The next frame, or `None` when the peer closed cleanly between frames.
+    /// Cancel-safe: bytes read stay in the buffer, a charge taken stays with the
+    /// connection for the next call.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         loop {
-            if let Some(frame) = self.codec.decode(&mut self.read_buf)? {
-                return Ok(Some(frame));
-            }
-            if self.stream.read_buf(&mut self.read_buf).await? == 0 {
+            let want = match self.codec.announced(&self.read_buf)? {
+                Some(len) => {
+                    self.charge_for(len).await;
+                    let total = PREFIX_LEN + len;
+                    if self.read_buf.len() >= total {
+                        return Ok(Some(self.take_frame(total)));
+                    }
+                    total - self.read_buf.len()
+                }
+                None => PREFIX_LEN - self.read_buf.len(),
+            };
+            // Never more than this frame and a little lookahead: what is buffered is
+            // what was charged, plus at most LOOKAHEAD bytes.
+            self.read_buf.reserve(want + self.lookahead);
+            let mut limited = (&mut self.read_buf).limit(want + self.lookahead);
+            if self.stream.read_buf(&mut limited).await? == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
                 } else {
@@ -88,12 +199,88 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Writes one message and flushes it.
+    /// Charges a frame of `len` body bytes (once per frame), waiting for budget.
+    async fn charge_for(&mut self, len: usize) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        if self.charge.is_some() {
+            return;
+        }
+        let bytes = PREFIX_LEN + len + dbx_proto::decoded_bytes_bound(len, &session.limits);
+        let charge = match session.budget.try_acquire(bytes) {
+            Some(c) => c,
+            None => {
+                metrics::counter!(m::BUFFERED_BYTES_WAITS_TOTAL, "transport" => self.transport)
+                    .increment(1);
+                self.waiting_for_budget = true;
+                session.budget.acquire(bytes).await
+            }
+        };
+        self.waiting_for_budget = false;
+        self.charge = Some(charge);
+    }
+
+    /// Whether the connection is waiting for byte budget for a frame it has begun to
+    /// receive: such a peer is held back, not idle.
+    pub fn waiting_for_budget(&self) -> bool {
+        self.waiting_for_budget
+    }
+
+    fn take_frame(&mut self, total: usize) -> Frame {
+        let mut body = self.read_buf.split_to(total);
+        let _ = body.split_to(PREFIX_LEN);
+        if total > 2 * LOOKAHEAD {
+            // What is left (at most LOOKAHEAD bytes) would pin the large frame's
+            // allocation for as long as the connection lives: copy it out.
+            self.read_buf = BytesMut::from(&self.read_buf[..]);
+        }
+        Frame {
+            body,
+            charge: self.charge.take(),
+        }
+    }
+
+    /// Writes one message and flushes it, within `write_timeout` (and the drain
+    /// deadline once shutdown began).
     pub async fn write_message(&mut self, msg: &ServerMessage) -> io::Result<()> {
         self.write_buf.clear();
         dbx_proto::encode_server(msg, &mut self.write_buf);
-        self.stream.write_all(&self.write_buf).await?;
-        self.stream.flush().await
+        let Connection {
+            stream,
+            write_buf,
+            shutdown,
+            drain_at,
+            drain_for,
+            write_timeout,
+            transport,
+            ..
+        } = self;
+        let timeout_at = tokio::time::Instant::now() + *write_timeout;
+        let write = async {
+            stream.write_all(write_buf).await?;
+            stream.flush().await
+        };
+        tokio::pin!(write);
+        loop {
+            let until = drain_at.map_or(timeout_at, |d| d.min(timeout_at));
+            tokio::select! {
+                biased;
+                r = &mut write => return r,
+                _ = sleep_until(until) => {
+                    if until == timeout_at {
+                        metrics::counter!(m::WRITE_TIMEOUTS_TOTAL, "transport" => *transport).increment(1);
+                        if let Some(n) = WRITE_TIMEOUT_LOG.allow() {
+                            tracing::info!(transport = *transport, suppressed = n, "closing a connection whose peer has not read for {} ms (write_timeout_ms)", write_timeout.as_millis());
+                        }
+                    }
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer does not read what the server writes"));
+                }
+                _ = shutdown.recv(), if drain_at.is_none() => {
+                    *drain_at = Some(tokio::time::Instant::now() + *drain_for);
+                }
+            }
+        }
     }
 
     /// Sends a connection-level `error` and closes politely: shut the write side,
@@ -109,16 +296,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Shuts the write side and drains input briefly before the socket is dropped.
+    /// Shuts the write side and drains input briefly before the socket is dropped;
+    /// never past the drain deadline.
     pub async fn linger(&mut self) {
-        let _ = self.stream.shutdown().await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        let mut sink = [0u8; 4096];
-        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, self.stream.read(&mut sink)).await {
-            if n == 0 {
-                break;
-            }
+        let mut deadline = tokio::time::Instant::now() + LINGER;
+        if let Some(d) = self.drain_at {
+            deadline = deadline.min(d);
         }
+        let stream = &mut self.stream;
+        let _ = timeout_at(deadline, async {
+            let _ = stream.shutdown().await;
+            let mut sink = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -137,6 +332,8 @@ pub struct Shared {
     pub handshakes: HandshakeLog,
     /// Per-organization metrics.
     pub org_metrics: Arc<OrgMetrics>,
+    /// The byte budget (`limits.max_buffered_bytes`) frames and batches are charged against.
+    pub budget: ByteBudget,
 }
 
 /// One batch waiting for its verdict.
@@ -152,6 +349,8 @@ struct Pending {
     verdict: Verdict,
     received_at: Instant,
     session: Uuid,
+    /// The budget the batch holds until its verdict has been written.
+    _charge: Option<Charge>,
 }
 
 /// Resolves when the front entry's verdict is known. Cancel-safe: nothing is
@@ -177,6 +376,21 @@ enum End {
     Io(io::Error),
 }
 
+/// The state of the batch loop of one connection.
+struct Flow {
+    pending: VecDeque<Pending>,
+    /// A batch accepted but not yet in the batcher's queue (waiting for room).
+    to_send: Option<TelemetryBatch>,
+    last_seq: Option<u64>,
+    /// The seq of the last `end` handed on (see `may_send`).
+    end_seq: Option<u64>,
+    idle_deadline: tokio::time::Instant,
+    /// Reads pause until then (rate limit).
+    resume_reads_at: Option<tokio::time::Instant>,
+    /// Set when the connection stops reading for good: (why, give up at).
+    draining: Option<(End, tokio::time::Instant)>,
+}
+
 /// Runs the protocol on one connection until it ends.
 pub struct Handler<S> {
     conn: Connection<S>,
@@ -187,7 +401,7 @@ pub struct Handler<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
-    /// A handler for a freshly accepted stream.
+    /// A handler for a freshly accepted stream (after its TLS handshake, for TLS).
     pub fn new(
         stream: S,
         shared: Shared,
@@ -195,9 +409,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         transport: &'static str,
         shutdown: Shutdown,
     ) -> Self {
-        let max = shared.config.max_frame_bytes;
+        let cfg = &shared.config;
+        let writes = WriteLimits {
+            write_timeout: cfg.write_timeout(),
+            shutdown: shutdown.clone(),
+            drain_for: cfg.drain_timeout(),
+            transport,
+        };
         Handler {
-            conn: Connection::new(stream, max),
+            conn: Connection::new(stream, cfg.max_hello_bytes, writes),
             shared,
             peer,
             transport,
@@ -205,18 +425,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         }
     }
 
-    /// Handshake, then the batch loop.
-    pub async fn run(mut self) {
+    /// Handshake (to be done by `deadline`), then the batch loop. The connection's
+    /// pending-handshake slots are given back once it is welcomed, or once a refused
+    /// handshake has been answered.
+    pub async fn run(mut self, deadline: tokio::time::Instant, mut slots: Admitted) {
         let started = Instant::now();
-        let (key_hash, grant) = match self.handshake(started).await {
+        let (key_hash, grant) = match self.handshake(started, deadline).await {
             Ok(ok) => ok,
             Err((code, msg)) => {
                 metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => code.as_str()).increment(1);
-                tracing::info!(peer = %self.peer, transport = self.transport, code = %code, "handshake refused: {msg}");
+                if let Some(n) = HANDSHAKE_LOG.allow() {
+                    tracing::info!(peer = %self.peer, transport = self.transport, code = %code, suppressed = n, "handshake refused: {msg}");
+                }
                 self.conn.close_with_error(code, msg).await;
                 return;
             }
         };
+        slots.established();
         tracing::debug!(peer = %self.peer, org = %grant.org_id, key = %grant.label, "gateway connected");
         // Keeps api_keys.last_used_at current while the connection lives.
         let _in_use = self.shared.auth.track_use(&key_hash);
@@ -260,6 +485,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     async fn handshake(
         &mut self,
         started: Instant,
+        deadline: tokio::time::Instant,
     ) -> Result<(String, KeyGrant), (RejectCode, String)> {
         let cfg = self.shared.config.clone();
         let mut record = HandshakeRecord {
@@ -271,7 +497,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             gateway: None,
             key_label: None,
         };
-        let result = self.handshake_inner(&cfg, &mut record).await;
+        let result = self.handshake_inner(&cfg, &mut record, deadline).await;
         record.response_time_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
         record.status_code = match &result {
             Ok(_) => 200,
@@ -284,47 +510,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         result
     }
 
+    /// Reads the first frame by `deadline` (or gives up at shutdown).
+    async fn read_hello_frame(
+        &mut self,
+        cfg: &ListenerConfig,
+        deadline: tokio::time::Instant,
+    ) -> Result<Frame, (RejectCode, String)> {
+        let read = tokio::select! {
+            r = timeout_at(deadline, self.conn.read_frame()) => r,
+            _ = self.shutdown.recv() => {
+                return Err((RejectCode::ServerShutdown, "the server is shutting down".into()))
+            }
+        };
+        match read {
+            Err(_) => Err((
+                RejectCode::HandshakeTimeout,
+                format!("no hello within {} ms", cfg.handshake_timeout_ms),
+            )),
+            Ok(Ok(Some(f))) => Ok(f),
+            Ok(Ok(None)) => Err((
+                RejectCode::Protocol,
+                "connection closed before hello".into(),
+            )),
+            Ok(Err(e)) => Err(read_error_code(e)),
+        }
+    }
+
     async fn handshake_inner(
         &mut self,
         cfg: &ListenerConfig,
         record: &mut HandshakeRecord,
+        deadline: tokio::time::Instant,
     ) -> Result<(String, KeyGrant), (RejectCode, String)> {
-        let frame = match timeout(cfg.handshake_timeout(), self.conn.read_frame()).await {
-            Err(_) => {
-                return Err((
-                    RejectCode::HandshakeTimeout,
-                    format!("no hello within {} ms", cfg.handshake_timeout_ms),
-                ))
-            }
-            Ok(Ok(Some(f))) => f,
-            Ok(Ok(None)) => {
-                return Err((
-                    RejectCode::Protocol,
-                    "connection closed before hello".into(),
-                ))
-            }
-            Ok(Err(e)) => return Err(read_error_code(e)),
-        };
+        let frame = self.read_hello_frame(cfg, deadline).await?;
         metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => self.transport).increment(1);
-        let hello = match dbx_proto::decode_client(&frame, &cfg.limits(), now_micros()) {
-            Ok(ClientMessage::Hello(h)) => h,
-            Ok(other) => {
-                return Err((
-                    RejectCode::Protocol,
-                    format!(
-                        "expected hello as the first frame, got {}",
-                        message_name(&other)
-                    ),
-                ))
-            }
-            Err(DecodeError::Connection(r)) => return Err((r.code, r.msg)),
-            Err(DecodeError::Batch { rejection, .. }) => {
-                return Err((
-                    RejectCode::Protocol,
-                    format!("expected hello as the first frame: {}", rejection.msg),
-                ))
-            }
-        };
+        // Only the hello's own keys are decoded before welcome (PROTOCOL.md 1.1).
+        let hello = dbx_proto::decode_hello(&frame.body).map_err(|r| (r.code, r.msg))?;
         record.gateway = hello.gateway.clone();
         if hello.v != 1 {
             return Err((
@@ -353,36 +574,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         if let Err(e) = self.conn.write_message(&welcome).await {
             return Err((RejectCode::Protocol, format!("could not send welcome: {e}")));
         }
+        self.conn
+            .enter_session(self.shared.budget.clone(), cfg.limits());
         Ok((hash, grant))
     }
 
     async fn serve(&mut self, key_hash: &str, grant: &KeyGrant, org: &OrgCounters) -> End {
         let cfg = self.shared.config.clone();
         let limits = cfg.limits();
-        let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut to_send: Option<TelemetryBatch> = None;
-        let mut last_seq: Option<u64> = None;
+        let mut flow = Flow {
+            pending: VecDeque::new(),
+            to_send: None,
+            last_seq: None,
+            end_seq: None,
+            idle_deadline: tokio::time::Instant::now() + cfg.idle_timeout(),
+            resume_reads_at: None,
+            draining: None,
+        };
         let mut auth_changes = self.shared.auth.changes();
-        let mut idle_deadline = tokio::time::Instant::now() + cfg.idle_timeout();
-        let mut resume_reads_at: Option<tokio::time::Instant> = None;
-        // Set when the connection stops reading for good: (why, give up at).
-        let mut draining: Option<(End, tokio::time::Instant)> = None;
-        let drain_for = Duration::from_millis(cfg.drain_timeout_ms);
+        let drain_for = cfg.drain_timeout();
         // A local handle: a permit borrowed from it must not borrow `self`.
         let batches = self.shared.batches.clone();
 
         loop {
-            if let Some((_, _)) = &draining {
-                if pending.is_empty() && to_send.is_none() {
-                    return draining.take().map(|(e, _)| e).unwrap_or(End::Shutdown);
-                }
+            if flow.draining.is_some() && flow.pending.is_empty() && flow.to_send.is_none() {
+                return flow
+                    .draining
+                    .take()
+                    .map(|(e, _)| e)
+                    .unwrap_or(End::Shutdown);
             }
-            let paused = resume_reads_at.is_some_and(|t| t > tokio::time::Instant::now());
-            let can_read = draining.is_none()
-                && to_send.is_none()
+            let paused = flow
+                .resume_reads_at
+                .is_some_and(|t| t > tokio::time::Instant::now());
+            let can_read = flow.draining.is_none()
+                && flow.to_send.is_none()
                 && !paused
-                && pending.len() < cfg.max_inflight_batches;
-            let drain_deadline = draining
+                && flow.pending.len() < cfg.max_inflight_batches;
+            let drain_deadline = flow
+                .draining
                 .as_ref()
                 .map(|(_, t)| *t)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -391,10 +621,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 // Delivering verdicts first keeps ack latency low under load.
                 biased;
 
-                outcome = front_outcome(&mut pending), if !pending.is_empty() => {
+                outcome = front_outcome(&mut flow.pending), if !flow.pending.is_empty() => {
                     match outcome {
                         Some(o) => {
-                            if let Err(e) = self.deliver(&mut pending, o, org).await {
+                            if let Err(e) = self.deliver(&mut flow.pending, o, org).await {
                                 return End::Io(e);
                             }
                         }
@@ -402,10 +632,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     }
                 }
 
-                permit = batches.reserve(), if to_send.is_some() => {
+                permit = batches.reserve(), if flow.to_send.as_ref().is_some_and(|b| may_send(b, flow.end_seq, &flow.pending)) => {
                     match permit {
                         Ok(permit) => {
-                            if let Some(batch) = to_send.take() {
+                            if let Some(batch) = flow.to_send.take() {
                                 permit.send(batch);
                             }
                             // The batcher only sees the depth when it receives; when it is
@@ -417,8 +647,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     }
                 }
 
-                _ = self.shutdown.recv(), if draining.is_none() => {
-                    draining = Some((End::Shutdown, tokio::time::Instant::now() + drain_for));
+                _ = self.shutdown.recv(), if flow.draining.is_none() => {
+                    flow.draining = Some((End::Shutdown, self.conn.begin_drain()));
                 }
 
                 changed = auth_changes.changed() => {
@@ -431,16 +661,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     }
                 }
 
-                _ = sleep_until(resume_reads_at.unwrap_or(idle_deadline)), if paused => {
-                    resume_reads_at = None;
+                _ = sleep_until(flow.resume_reads_at.unwrap_or(flow.idle_deadline)), if paused => {
+                    flow.resume_reads_at = None;
                 }
 
-                _ = sleep_until(drain_deadline), if draining.is_some() => {
-                    tracing::warn!(peer = %self.peer, unanswered = pending.len(), "drain deadline passed; closing with batches unacked (the gateway will resend them)");
-                    return draining.take().map(|(e, _)| e).unwrap_or(End::Shutdown);
+                _ = sleep_until(drain_deadline), if flow.draining.is_some() => {
+                    tracing::warn!(peer = %self.peer, unanswered = flow.pending.len(), "drain deadline passed; closing with batches unacked (the gateway will resend them)");
+                    return flow.draining.take().map(|(e, _)| e).unwrap_or(End::Shutdown);
                 }
 
-                _ = sleep_until(idle_deadline), if can_read && pending.is_empty() => {
+                _ = sleep_until(flow.idle_deadline), if can_read && flow.pending.is_empty() => {
+                    if self.conn.waiting_for_budget() {
+                        // Held back by the byte budget, not idle.
+                        flow.idle_deadline = tokio::time::Instant::now() + cfg.idle_timeout();
+                        continue;
+                    }
                     return End::Error(RejectCode::IdleTimeout, format!("nothing received for {} ms", cfg.idle_timeout_ms));
                 }
 
@@ -449,7 +684,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                         Ok(Some(f)) => f,
                         Ok(None) => {
                             // The client closed its write side; answer what it sent, then end.
-                            draining = Some((End::ClientClosed, tokio::time::Instant::now() + drain_for));
+                            flow.draining = Some((End::ClientClosed, tokio::time::Instant::now() + drain_for));
                             continue;
                         }
                         Err(ReadError::Io(e)) => return End::Io(e),
@@ -458,64 +693,122 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                             return End::Error(code, msg);
                         }
                     };
-                    idle_deadline = tokio::time::Instant::now() + cfg.idle_timeout();
-                    metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => self.transport).increment(1);
-                    org.received_bytes(dbx_proto::codec::PREFIX_LEN + frame.len());
-                    let received_at = Instant::now();
-                    match dbx_proto::decode_client(&frame, &limits, now_micros()) {
-                        Ok(ClientMessage::Batch(batch)) => {
-                            if let Some(prev) = last_seq {
-                                if batch.seq <= prev {
-                                    return End::Error(RejectCode::Protocol, format!("batch seq {} is not greater than the previous seq {prev}", batch.seq));
-                                }
-                            }
-                            last_seq = Some(batch.seq);
-                            let seq = batch.seq;
-                            let session = batch.session;
-                            match self.accept(grant, batch, received_at).await {
-                                Ok((tb, rx, wait)) => {
-                                    org.accepted(tb.points.len());
-                                    pending.push_back(Pending { seq, verdict: Verdict::Waiting(rx), received_at, session });
-                                    to_send = Some(tb);
-                                    if !wait.is_zero() {
-                                        metrics::histogram!(m::RATE_LIMIT_WAIT_SECONDS).record(wait.as_secs_f64());
-                                        org.rate_limited(wait);
-                                        resume_reads_at = Some(tokio::time::Instant::now() + wait);
-                                    }
-                                }
-                                Err(rejection) => {
-                                    metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection.code.as_str()).increment(1);
-                                    pending.push_back(Pending { seq, verdict: Verdict::Known(BatchOutcome::Rejected(rejection)), received_at, session });
-                                }
-                            }
-                        }
-                        Ok(ClientMessage::Ping) => {
-                            if let Err(e) = self.conn.write_message(&ServerMessage::Pong).await {
-                                return End::Io(e);
-                            }
-                        }
-                        Ok(ClientMessage::Bye) => {
-                            draining = Some((End::Bye, tokio::time::Instant::now() + drain_for));
-                        }
-                        Ok(ClientMessage::Hello(_)) => {
-                            return End::Error(RejectCode::Protocol, "a second hello on the same connection".into());
-                        }
-                        Err(DecodeError::Batch { seq, rejection }) => {
-                            if let Some(prev) = last_seq {
-                                if seq <= prev {
-                                    return End::Error(RejectCode::Protocol, format!("batch seq {seq} is not greater than the previous seq {prev}"));
-                                }
-                            }
-                            last_seq = Some(seq);
-                            metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection.code.as_str()).increment(1);
-                            tracing::debug!(peer = %self.peer, seq, code = %rejection.code, "batch refused: {}", rejection.msg);
-                            pending.push_back(Pending { seq, verdict: Verdict::Known(BatchOutcome::Rejected(rejection)), received_at, session: Uuid::nil() });
-                        }
-                        Err(DecodeError::Connection(r)) => return End::Error(r.code, r.msg),
+                    flow.idle_deadline = tokio::time::Instant::now() + cfg.idle_timeout();
+                    if let Some(end) = self.on_frame(&mut flow, frame, grant, org, &limits).await {
+                        return end;
                     }
                 }
             }
         }
+    }
+
+    /// Handles one frame of the batch loop; `Some` ends the connection.
+    async fn on_frame(
+        &mut self,
+        flow: &mut Flow,
+        frame: Frame,
+        grant: &KeyGrant,
+        org: &OrgCounters,
+        limits: &Limits,
+    ) -> Option<End> {
+        metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => self.transport).increment(1);
+        let received_at = Instant::now();
+        let Frame { body, mut charge } = frame;
+        org.received_bytes(dbx_proto::codec::PREFIX_LEN + body.len());
+        let decoded = dbx_proto::decode_client(&body, limits, now_micros());
+        drop(body);
+        let (seq, session, verdict) = match decoded {
+            Ok(ClientMessage::Batch(batch)) => {
+                if let Some(end) = check_seq(&mut flow.last_seq, batch.seq) {
+                    return Some(end);
+                }
+                // The frame is gone: from now on the batch holds what it decoded to.
+                if let Some(c) = &mut charge {
+                    c.shrink_to(dbx_proto::points_heap_bytes(&batch.points));
+                }
+                let (seq, session) = (batch.seq, batch.session);
+                match self.accept(grant, batch, received_at).await {
+                    Ok((tb, rx, wait)) => {
+                        org.accepted(tb.points.len());
+                        flow.to_send = Some(tb);
+                        if !wait.is_zero() {
+                            metrics::histogram!(m::RATE_LIMIT_WAIT_SECONDS)
+                                .record(wait.as_secs_f64());
+                            org.rate_limited(wait);
+                            flow.resume_reads_at = Some(tokio::time::Instant::now() + wait);
+                        }
+                        (seq, session, Verdict::Waiting(rx))
+                    }
+                    Err(rejection) => {
+                        metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection.code.as_str())
+                            .increment(1);
+                        charge = None;
+                        (
+                            seq,
+                            session,
+                            Verdict::Known(BatchOutcome::Rejected(rejection)),
+                        )
+                    }
+                }
+            }
+            Ok(ClientMessage::End(e)) => {
+                if let Some(end) = check_seq(&mut flow.last_seq, e.seq) {
+                    return Some(end);
+                }
+                // An end holds no points: its frame's charge goes with the frame.
+                charge = None;
+                let (ack, rx) = AckHandle::channel();
+                flow.to_send = Some(TelemetryBatch::session_end(
+                    grant.org_id,
+                    e.session,
+                    ack,
+                    BatchOrigin::Tcp,
+                    received_at,
+                ));
+                flow.end_seq = Some(e.seq);
+                (e.seq, e.session, Verdict::Waiting(rx))
+            }
+            Ok(ClientMessage::Ping) => {
+                return match self.conn.write_message(&ServerMessage::Pong).await {
+                    Ok(()) => None,
+                    Err(e) => Some(End::Io(e)),
+                };
+            }
+            Ok(ClientMessage::Bye) => {
+                let until = tokio::time::Instant::now() + self.shared.config.drain_timeout();
+                flow.draining = Some((End::Bye, until));
+                return None;
+            }
+            Ok(ClientMessage::Hello(_)) => {
+                return Some(End::Error(
+                    RejectCode::Protocol,
+                    "a second hello on the same connection".into(),
+                ));
+            }
+            Err(DecodeError::Batch { seq, rejection }) => {
+                if let Some(end) = check_seq(&mut flow.last_seq, seq) {
+                    return Some(end);
+                }
+                metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection.code.as_str())
+                    .increment(1);
+                tracing::debug!(peer = %self.peer, seq, code = %rejection.code, "batch refused: {}", rejection.msg);
+                charge = None;
+                (
+                    seq,
+                    Uuid::nil(),
+                    Verdict::Known(BatchOutcome::Rejected(rejection)),
+                )
+            }
+            Err(DecodeError::Connection(r)) => return Some(End::Error(r.code, r.msg)),
+        };
+        flow.pending.push_back(Pending {
+            seq,
+            verdict,
+            received_at,
+            session,
+            _charge: charge,
+        });
+        None
     }
 
     /// Resolves the batch's aircraft and session within the key's organization,
@@ -552,6 +845,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 ack,
                 origin: BatchOrigin::Tcp,
                 received_at,
+                ends_session: false,
             },
             rx,
             wait,
@@ -610,13 +904,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     }
 }
 
+/// `error protocol` unless `seq` is above the connection's previous batch or end `seq`
+/// (nacked ones count).
+fn check_seq(last_seq: &mut Option<u64>, seq: u64) -> Option<End> {
+    if let Some(prev) = *last_seq {
+        if seq <= prev {
+            return Some(End::Error(
+                RejectCode::Protocol,
+                format!("seq {seq} is not greater than the previous seq {prev} on this connection"),
+            ));
+        }
+    }
+    *last_seq = Some(seq);
+    None
+}
+
+/// Whether `next` may go to the batcher now. The `end` with seq `end_seq` waits until
+/// every entry before it has been answered (it is then the front of `pending`), and
+/// a batch behind it waits until the end itself has been answered. Sending is in
+/// `seq` order, so `next` is that end or comes after it.
+fn may_send(next: &TelemetryBatch, end_seq: Option<u64>, pending: &VecDeque<Pending>) -> bool {
+    let Some(end) = end_seq else {
+        return true;
+    };
+    let front = pending.front().map(|p| p.seq);
+    if next.ends_session {
+        front == Some(end)
+    } else {
+        front.is_none_or(|f| f > end)
+    }
+}
+
 fn read_error_code(e: ReadError) -> (RejectCode, String) {
     match e {
-        ReadError::Frame(FrameError::TooLarge { len, max }) => (
-            RejectCode::FrameTooLarge,
-            format!("frame length {len} is above the limit of {max} bytes"),
-        ),
-        ReadError::Frame(FrameError::ZeroLength) => (RejectCode::BadFrame, "frame length 0".into()),
+        ReadError::Frame(e @ (FrameError::TooLarge { .. } | FrameError::ZeroLength)) => {
+            let r = e.rejection().expect("framing errors have an answer");
+            (r.code, r.msg)
+        }
         ReadError::Frame(FrameError::Io(e)) | ReadError::Io(e) => {
             (RejectCode::BadFrame, format!("socket error: {e}"))
         }
@@ -624,15 +948,6 @@ fn read_error_code(e: ReadError) -> (RejectCode, String) {
             RejectCode::BadFrame,
             format!("connection closed inside a frame ({n} bytes)"),
         ),
-    }
-}
-
-fn message_name(m: &ClientMessage) -> &'static str {
-    match m {
-        ClientMessage::Hello(_) => "hello",
-        ClientMessage::Batch(_) => "batch",
-        ClientMessage::Ping => "ping",
-        ClientMessage::Bye => "bye",
     }
 }
 

@@ -9,7 +9,10 @@
 //! - [`auth`]: the key → organization cache (SHA-256 hashes), refreshed by LISTEN/NOTIFY.
 //! - [`admit`]: aircraft and session ownership of a batch, for every input (MQTT too).
 //! - [`connection`]: one TCP/TLS connection: framing, handshake, batches, acks in order.
-//! - [`tcp`] / [`udp`]: the servers, the connection semaphore.
+//! - [`tcp`] / [`udp`]: the servers.
+//! - [`slots`]: connection, pending-handshake and per-address limits.
+//! - [`budget`]: the byte budget every frame and decoded batch is charged against.
+//! - [`throttle`]: log lines an attacker can cause, at most one a second.
 //! - [`ratelimit`]: per-organization token buckets.
 //! - [`orgmetrics`]: per-organization metrics and their label policy, for every input.
 //! - [`audit`]: batched `api_requests` rows for every handshake, off the hot path.
@@ -21,24 +24,28 @@
 pub mod admit;
 pub mod audit;
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod connection;
 pub mod orgmetrics;
 pub mod ratelimit;
+pub mod slots;
 pub mod tcp;
+pub mod throttle;
 pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use dbx_core::{Shutdown, TelemetryBatch};
 
 pub use audit::HandshakeLog;
 pub use auth::AuthCache;
+pub use budget::ByteBudget;
 pub use config::ListenerConfig;
 use connection::Shared;
 pub use orgmetrics::{OrgCounters, OrgMetrics};
@@ -65,7 +72,8 @@ pub enum ListenerError {
 /// The bound servers, ready to run.
 pub struct Listener {
     shared: Shared,
-    tcp: TcpListener,
+    /// The plain TCP port; `None` with `listener.plaintext = false`.
+    tcp: Option<TcpListener>,
     tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
     udp: Option<Arc<UdpSocket>>,
 }
@@ -92,16 +100,22 @@ async fn bind_tcp(what: &'static str, addr: &str) -> Result<TcpListener, Listene
 
 impl Listener {
     /// Validates the config and binds every configured socket (port 0 picks a free
-    /// one: see [`Listener::tcp_addr`] and friends).
+    /// one: see [`Listener::tcp_addr`] and friends). Frames and batches are charged
+    /// against `budget` (`limits.max_buffered_bytes`).
     pub async fn bind(
         config: ListenerConfig,
         auth: Arc<AuthCache>,
         batches: mpsc::Sender<TelemetryBatch>,
         handshakes: HandshakeLog,
         org_metrics: Arc<OrgMetrics>,
+        budget: ByteBudget,
     ) -> Result<Listener, ListenerError> {
         config.validate().map_err(ListenerError::Config)?;
-        let tcp = bind_tcp("tcp", &config.tcp_bind).await?;
+        let tcp = if config.plaintext {
+            Some(bind_tcp("tcp", &config.tcp_bind).await?)
+        } else {
+            None
+        };
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => {
                 let acceptor = tcp::tls_acceptor(cert, key).map_err(ListenerError::Config)?;
@@ -133,6 +147,7 @@ impl Listener {
                 batches,
                 handshakes,
                 org_metrics,
+                budget,
             },
             tcp,
             tls,
@@ -146,9 +161,9 @@ impl Listener {
         self.shared.limiter.clone()
     }
 
-    /// The plain TCP address.
+    /// The plain TCP address (`None` when serving TLS only).
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        self.tcp.local_addr().ok()
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The TLS address, when TLS is configured.
@@ -171,23 +186,24 @@ impl Listener {
             tls,
             udp,
         } = self;
-        let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+        let cfg = &shared.config;
+        let slots = slots::Slots::new(
+            cfg.max_connections,
+            cfg.max_pending_handshakes,
+            cfg.max_pending_per_ip,
+        );
         let tracker = TaskTracker::new();
         let mut servers = Vec::new();
-        servers.push(tokio::spawn(tcp::serve(
-            tcp,
-            None,
-            shared.clone(),
-            limit.clone(),
-            tracker.clone(),
-            shutdown.clone(),
-        )));
-        if let Some((l, acceptor)) = tls {
+        let ports = tcp
+            .map(|l| (l, None))
+            .into_iter()
+            .chain(tls.map(|(l, acceptor)| (l, Some(acceptor))));
+        for (l, acceptor) in ports {
             servers.push(tokio::spawn(tcp::serve(
                 l,
-                Some(acceptor),
+                acceptor,
                 shared.clone(),
-                limit.clone(),
+                slots.clone(),
                 tracker.clone(),
                 shutdown.clone(),
             )));

@@ -1,10 +1,21 @@
-//! The TCP and TLS servers: accept, enforce the connection limit with a semaphore,
-//! and run a [`Handler`] per connection. At the limit a new connection is not left
-//! hanging: it gets `error too_many_connections` and is closed.
+//! The TCP and TLS servers: accept, take the connection's slots ([`crate::slots`]),
+//! and run a [`Handler`] per connection.
+//!
+//! A socket that finds a slot limit reached is refused right in the accept loop,
+//! without spawning a task for it and, on the TLS port, without a TLS handshake: a TLS
+//! socket is simply closed; a plain one gets a best-effort `error too_many_connections`
+//! written without waiting (a fresh socket's send buffer takes it whole), and is then
+//! closed by one of at most [`LINGERING_REFUSALS`] short tasks that drain its input for
+//! up to a second (so that the peer reads the error rather than a reset), or at once
+//! when they are all busy. The TLS handshake of an admitted socket and its `hello`
+//! share one `handshake_timeout`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -12,19 +23,30 @@ use tokio_util::task::TaskTracker;
 
 use dbx_core::metrics as m;
 use dbx_core::{RejectCode, Shutdown};
+use dbx_proto::ServerMessage;
 
-use crate::connection::{Connection, Handler, Shared};
+use crate::connection::{Handler, Shared};
+use crate::slots::{Admitted, Refusal, Slots};
+use crate::throttle::Throttle;
+
+/// Refused plain-TCP sockets drained at once before they are closed; more are closed
+/// straight away.
+pub const LINGERING_REFUSALS: usize = 64;
+
+static REFUSAL_LOG: Throttle = Throttle::new();
+static TLS_LOG: Throttle = Throttle::new();
 
 /// Accepts connections on `listener` until `shutdown`; connection tasks go to `tracker`.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     shared: Shared,
-    limit: Arc<Semaphore>,
+    slots: Slots,
     tracker: TaskTracker,
     mut shutdown: Shutdown,
 ) {
     let transport: &'static str = if tls.is_some() { "tls" } else { "tcp" };
+    let lingering = Arc::new(Semaphore::new(LINGERING_REFUSALS));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.recv() => return,
@@ -33,24 +55,19 @@ pub async fn serve(
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(error = %e, transport, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let permit = match limit.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                metrics::counter!(m::CONNECTIONS_REFUSED_TOTAL).increment(1);
-                tracing::warn!(%peer, transport, "connection limit reached; refusing");
-                let shared = shared.clone();
-                let tls = tls.clone();
-                tracker
-                    .spawn(async move { refuse(stream, tls, shared.config.max_frame_bytes).await });
+        let admitted = match slots.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(why) => {
+                refuse(stream, peer, tls.is_some(), why, &lingering, &tracker);
                 continue;
             }
         };
+        let _ = stream.set_nodelay(true);
         metrics::counter!(m::CONNECTIONS_TOTAL, "transport" => transport).increment(1);
         let shared = shared.clone();
         let tls = tls.clone();
@@ -58,9 +75,8 @@ pub async fn serve(
         tracker.spawn(async move {
             let gauge = metrics::gauge!(m::CONNECTIONS_OPEN, "transport" => transport);
             gauge.increment(1.0);
-            run_one(stream, peer, tls, shared, transport, shutdown).await;
+            run_one(stream, peer, tls, shared, transport, shutdown, admitted).await;
             gauge.decrement(1.0);
-            drop(permit);
         });
     }
 }
@@ -71,55 +87,98 @@ async fn run_one(
     tls: Option<TlsAcceptor>,
     shared: Shared,
     transport: &'static str,
-    shutdown: Shutdown,
+    mut shutdown: Shutdown,
+    admitted: Admitted,
 ) {
-    match tls {
-        None => {
-            Handler::new(stream, shared, peer, transport, shutdown)
-                .run()
+    // One deadline for the TLS handshake and the hello together.
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout();
+    let Some(acceptor) = tls else {
+        return Handler::new(stream, shared, peer, transport, shutdown)
+            .run(deadline, admitted)
+            .await;
+    };
+    let accepted = tokio::select! {
+        r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
+        _ = shutdown.recv() => return,
+    };
+    let reason = match accepted {
+        Ok(Ok(s)) => {
+            return Handler::new(s, shared, peer, transport, shutdown)
+                .run(deadline, admitted)
                 .await
         }
-        Some(acceptor) => {
-            let timeout = shared.config.handshake_timeout();
-            match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => {
-                    Handler::new(s, shared, peer, transport, shutdown)
-                        .run()
-                        .await
-                }
-                Ok(Err(e)) => {
-                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "tls").increment(1);
-                    tracing::info!(%peer, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "handshake_timeout")
-                        .increment(1);
-                    tracing::info!(%peer, "TLS handshake timed out");
-                }
-            }
-        }
+        Ok(Err(_)) => "tls",
+        Err(_) => "handshake_timeout",
+    };
+    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
+    if let Some(n) = TLS_LOG.allow() {
+        tracing::info!(%peer, reason, suppressed = n, "TLS handshake failed");
     }
 }
 
-async fn refuse(stream: TcpStream, tls: Option<TlsAcceptor>, max_frame: usize) {
-    let msg = "the server is at its connection limit; retry with backoff";
-    match tls {
-        None => {
-            Connection::new(stream, max_frame)
-                .close_with_error(RejectCode::TooManyConnections, msg)
-                .await
-        }
-        Some(acceptor) => {
-            let accepted =
-                tokio::time::timeout(std::time::Duration::from_secs(2), acceptor.accept(stream))
-                    .await;
-            if let Ok(Ok(s)) = accepted {
-                Connection::new(s, max_frame)
-                    .close_with_error(RejectCode::TooManyConnections, msg)
-                    .await
-            }
-        }
+/// The `error` frame answering a refusal, encoded once per reason.
+fn refusal_frame(why: Refusal) -> &'static [u8] {
+    static FRAMES: OnceLock<[Vec<u8>; 3]> = OnceLock::new();
+    let frames = FRAMES.get_or_init(|| {
+        [
+            Refusal::MaxConnections,
+            Refusal::MaxPendingHandshakes,
+            Refusal::MaxPendingPerIp,
+        ]
+        .map(|r| {
+            let mut b = BytesMut::new();
+            dbx_proto::encode_server(
+                &ServerMessage::Error {
+                    code: RejectCode::TooManyConnections,
+                    msg: r.message().into(),
+                },
+                &mut b,
+            );
+            b.to_vec()
+        })
+    });
+    match why {
+        Refusal::MaxConnections => &frames[0],
+        Refusal::MaxPendingHandshakes => &frames[1],
+        Refusal::MaxPendingPerIp => &frames[2],
     }
+}
+
+/// Refuses a socket from the accept loop without waiting on it (see the module docs).
+fn refuse(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: bool,
+    why: Refusal,
+    lingering: &Arc<Semaphore>,
+    tracker: &TaskTracker,
+) {
+    metrics::counter!(m::CONNECTIONS_REFUSED_TOTAL, "reason" => why.as_str()).increment(1);
+    if let Some(n) = REFUSAL_LOG.allow() {
+        tracing::warn!(%peer, reason = why.as_str(), suppressed = n, "refusing a connection: {}", why.message());
+    }
+    if tls {
+        return;
+    }
+    let _ = stream.try_write(refusal_frame(why));
+    let Ok(slot) = lingering.clone().try_acquire_owned() else {
+        return;
+    };
+    tracker.spawn(async move {
+        let mut stream = stream;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let (mut rd, mut wr) = stream.split();
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+            let mut sink = [0u8; 1024];
+            while let Ok(n) = rd.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+        drop(slot);
+    });
 }
 
 /// Builds a TLS acceptor from PEM files.

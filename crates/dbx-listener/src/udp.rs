@@ -1,7 +1,14 @@
-//! The UDP server: one datagram, one batch with its own `key`. No answer is ever
-//! sent; a datagram that fails authentication, validation or the rate limit, or
-//! that finds the batcher's queue full, is dropped and counted by reason. UDP never
-//! waits for room, so it can never hold up TCP.
+//! The UDP server: one datagram, one batch, authenticated by its own `key` (v1) or by
+//! `kid`/`mac`/`body` (PROTOCOL.md 1.1). No answer is ever sent; a datagram that fails
+//! authentication, validation or the rate limit, that finds the byte budget spent or
+//! the batcher's queue full, is dropped and counted by reason. UDP never waits for
+//! room, so it can never hold up TCP.
+//!
+//! Order of work, cheapest refusal first: the size; one walk over the top-level map to
+//! find how the datagram authenticates (no point is decoded); the key (a hash lookup,
+//! or an HMAC per key with that `kid`, compared in constant time); the byte budget
+//! (the bound of what the batch can decode to); only then the points. A datagram's
+//! charge lives in its [`AckHandle`] until the batcher resolves it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,7 +17,9 @@ use tokio::net::UdpSocket;
 
 use dbx_core::metrics as m;
 use dbx_core::{AckHandle, BatchOrigin, RejectCode, Shutdown, TelemetryBatch};
+use dbx_proto::{DatagramAuth, DatagramEnvelope};
 
+use crate::auth::KeyGrant;
 use crate::connection::{now_micros, Shared};
 
 /// Largest UDP payload (PROTOCOL.md).
@@ -18,6 +27,19 @@ pub const MAX_DATAGRAM: usize = 65_507;
 
 fn drop_datagram(reason: &'static str) {
     metrics::counter!(m::UDP_DROPPED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// The sender of a datagram, or the reason to drop it.
+fn authenticate(
+    shared: &Shared,
+    env: &DatagramEnvelope<'_>,
+) -> Result<(String, KeyGrant), &'static str> {
+    let found = match env.auth {
+        DatagramAuth::Key(_) if !shared.config.udp_plain_key => return Err("plain_key_refused"),
+        DatagramAuth::Key(key) => shared.auth.authenticate(key),
+        DatagramAuth::Mac { kid, mac, body } => shared.auth.authenticate_mac(kid, &mac, body),
+    };
+    found.ok_or(RejectCode::Unauthorized.as_str())
 }
 
 /// Receives datagrams until `shutdown`.
@@ -41,7 +63,27 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             drop_datagram("too_large");
             continue;
         }
-        let dg = match dbx_proto::decode_datagram(&buf[..len], &limits, now_micros()) {
+        let env = match dbx_proto::open_datagram(&buf[..len]) {
+            Ok(env) => env,
+            Err(r) => {
+                drop_datagram(r.code.as_str());
+                tracing::trace!(%peer, "udp datagram dropped: {}", r.msg);
+                continue;
+            }
+        };
+        let (key_hash, grant) = match authenticate(&shared, &env) {
+            Ok(ok) => ok,
+            Err(reason) => {
+                drop_datagram(reason);
+                continue;
+            }
+        };
+        let bound = dbx_proto::decoded_bytes_bound(env.batch_len(), &limits);
+        let Some(mut charge) = shared.budget.try_acquire(bound) else {
+            drop_datagram("budget");
+            continue;
+        };
+        let dg = match env.decode(&limits, now_micros()) {
             Ok(d) => d,
             Err(r) => {
                 drop_datagram(r.code.as_str());
@@ -49,10 +91,7 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
                 continue;
             }
         };
-        let Some((key_hash, grant)) = shared.auth.authenticate(&dg.key) else {
-            drop_datagram(RejectCode::Unauthorized.as_str());
-            continue;
-        };
+        charge.shrink_to(dbx_proto::points_heap_bytes(&dg.points));
         shared.auth.note_used(&key_hash);
         let org = shared.org_metrics.for_org(grant.org_id, &shared.auth);
         org.received_bytes(len);
@@ -87,9 +126,10 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             aircraft_id,
             session_id: dg.session,
             points: dg.points,
-            ack: AckHandle::detached(),
+            ack: AckHandle::detached_holding(charge),
             origin: BatchOrigin::Udp,
             received_at,
+            ends_session: false,
         };
         match shared.batches.try_send(batch) {
             Ok(()) => {

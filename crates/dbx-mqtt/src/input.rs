@@ -509,6 +509,7 @@ impl Processor {
                 BatchOrigin::MqttBestEffort
             },
             received_at,
+            ends_session: false,
         };
         Ok((batch, about))
     }

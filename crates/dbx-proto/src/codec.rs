@@ -24,12 +24,15 @@ pub enum FrameError {
     #[error("zero-length frame")]
     ZeroLength,
     /// A frame announced a body larger than allowed (`frame_too_large`).
-    #[error("frame of {len} bytes exceeds max_frame_bytes = {max}")]
+    #[error("frame of {len} bytes exceeds {limit} = {max}")]
     TooLarge {
         /// The announced length.
         len: u32,
         /// The limit.
         max: usize,
+        /// The limit's configuration key (`max_frame_bytes`, or `max_hello_bytes`
+        /// before `welcome`).
+        limit: &'static str,
     },
     /// The socket failed.
     #[error("i/o error: {0}")]
@@ -44,9 +47,9 @@ impl FrameError {
                 RejectCode::BadFrame,
                 "the frame has length 0; a frame holds exactly one MessagePack map",
             )),
-            FrameError::TooLarge { len, max } => Some(Rejection::new(
+            FrameError::TooLarge { len, max, limit } => Some(Rejection::new(
                 RejectCode::FrameTooLarge,
-                format!("the frame announces {len} bytes; max_frame_bytes is {max}"),
+                format!("the frame announces {len} bytes; {limit} is {max}"),
             )),
             FrameError::Io(_) => None,
         }
@@ -59,12 +62,49 @@ pub struct FrameCodec {
     /// Largest accepted body (the prefix not counted); a body of exactly this size is
     /// accepted.
     pub max_frame_bytes: usize,
+    /// The configuration key of that limit, for messages.
+    pub limit_name: &'static str,
 }
 
 impl FrameCodec {
     /// A codec refusing bodies over `max_frame_bytes`.
     pub fn new(max_frame_bytes: usize) -> Self {
-        FrameCodec { max_frame_bytes }
+        FrameCodec {
+            max_frame_bytes,
+            limit_name: "max_frame_bytes",
+        }
+    }
+
+    /// The codec of a connection before `welcome`: bodies over `max_hello_bytes` are
+    /// refused (PROTOCOL.md 1.1).
+    pub fn for_hello(max_hello_bytes: usize) -> Self {
+        FrameCodec {
+            max_frame_bytes: max_hello_bytes,
+            limit_name: "max_hello_bytes",
+        }
+    }
+
+    /// The body length the next frame in `src` announces, once its 4-byte prefix is
+    /// there, checked against the limit; nothing is consumed or reserved. Lets a
+    /// reader decide how much to buffer (and charge) before it reads a body.
+    pub fn announced(&self, src: &[u8]) -> Result<Option<usize>, FrameError> {
+        let Some(prefix) = src.get(..PREFIX_LEN) else {
+            return Ok(None);
+        };
+        let mut len_bytes = [0u8; PREFIX_LEN];
+        len_bytes.copy_from_slice(prefix);
+        let len = u32::from_be_bytes(len_bytes);
+        if len == 0 {
+            return Err(FrameError::ZeroLength);
+        }
+        if len as usize > self.max_frame_bytes {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame_bytes,
+                limit: self.limit_name,
+            });
+        }
+        Ok(Some(len as usize))
     }
 }
 
@@ -79,22 +119,10 @@ impl Decoder for FrameCodec {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<BytesMut>, FrameError> {
-        let Some(prefix) = src.get(..PREFIX_LEN) else {
+        let Some(len) = self.announced(src)? else {
             return Ok(None);
         };
-        let mut len_bytes = [0u8; PREFIX_LEN];
-        len_bytes.copy_from_slice(prefix);
-        let len = u32::from_be_bytes(len_bytes);
-        if len == 0 {
-            return Err(FrameError::ZeroLength);
-        }
-        if len as usize > self.max_frame_bytes {
-            return Err(FrameError::TooLarge {
-                len,
-                max: self.max_frame_bytes,
-            });
-        }
-        let total = PREFIX_LEN + len as usize;
+        let total = PREFIX_LEN + len;
         if src.len() < total {
             // Room for the rest of this frame only: the limit above bounds it.
             src.reserve(total - src.len());
@@ -149,13 +177,29 @@ mod tests {
         let mut c = FrameCodec::new(16);
         let mut buf = BytesMut::from(&[0u8, 0, 0, 17][..]);
         match c.decode(&mut buf) {
-            Err(FrameError::TooLarge { len: 17, max: 16 }) => {}
+            Err(FrameError::TooLarge {
+                len: 17,
+                max: 16,
+                limit: "max_frame_bytes",
+            }) => {}
             other => panic!("unexpected {other:?}"),
         }
         // Nothing was reserved for the refused body.
         assert!(buf.capacity() < 17);
         let mut buf = BytesMut::from(&[0u8, 0, 0, 16][..]);
         assert!(c.decode(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_hello_codec_names_its_limit() {
+        let c = FrameCodec::for_hello(4096);
+        assert_eq!(c.announced(&[0, 0, 16, 0]).unwrap(), Some(4096));
+        let e = c.announced(&[0, 0, 16, 1]).unwrap_err();
+        assert_eq!(
+            e.rejection().unwrap().msg,
+            "the frame announces 4097 bytes; max_hello_bytes is 4096"
+        );
+        assert_eq!(c.announced(&[0, 0, 16]).unwrap(), None);
     }
 
     #[test]

@@ -371,6 +371,20 @@ pub fn encode_bye(b: &mut BytesMut) {
     })
 }
 
+/// Appends an `end` frame (protocol 1.1): the flight session `session` is over.
+/// `seq` shares the connection's batch sequence (strictly increasing across both).
+pub fn encode_end(b: &mut BytesMut, seq: u64, session: Uuid) {
+    framed(b, |b| {
+        put_map_len(b, 3);
+        put_str(b, "t");
+        put_str(b, "end");
+        put_str(b, "seq");
+        put_uint(b, seq);
+        put_str(b, "session");
+        put_uuid(b, &session, false);
+    })
+}
+
 /// Appends a `batch` frame with points in `form` and timestamps as extensions.
 /// On error nothing is appended.
 pub fn encode_batch(
@@ -422,20 +436,64 @@ pub fn encode_datagram(
     opts: EncodeOptions,
 ) -> Result<(), EncodeError> {
     let start = b.len();
-    put_map_len(b, if seq.is_some() { 6 } else { 5 });
-    put_str(b, "t");
-    put_str(b, "batch");
-    put_str(b, "key");
-    put_str(b, key);
-    if let Some(s) = seq {
-        put_str(b, "seq");
-        put_uint(b, s);
-    }
-    let out = batch_tail(b, aircraft, session, points, opts);
+    let out = datagram_batch(b, Some(key), seq, aircraft, session, points, opts);
     if out.is_err() {
         b.truncate(start);
     }
     out
+}
+
+/// Appends one UDP datagram in the MAC form of PROTOCOL.md 1.1 (no length prefix):
+/// `{kid, mac, body}`, where `body` is the batch map (`t = "batch"`, the optional
+/// `seq`, the batch keys; no `key`) and `mac` authenticates it with `key` — which never
+/// travels. On error nothing is appended.
+#[allow(clippy::too_many_arguments)]
+pub fn encode_datagram_mac(
+    b: &mut BytesMut,
+    key: &str,
+    seq: Option<u64>,
+    aircraft: &AircraftRef,
+    session: Uuid,
+    points: &[Point],
+    opts: EncodeOptions,
+) -> Result<(), EncodeError> {
+    let mut body = BytesMut::with_capacity(points.len() * 64 + 128);
+    datagram_batch(&mut body, None, seq, aircraft, session, points, opts)?;
+    let hash = crate::mac::key_hash(key);
+    put_map_len(b, 3);
+    put_str(b, "kid");
+    put_str(b, &crate::mac::key_id_hex(&hash));
+    put_str(b, "mac");
+    put_bin(b, &crate::mac::body_mac(&hash, &body));
+    put_str(b, "body");
+    put_bin(b, &body);
+    Ok(())
+}
+
+/// The batch map of a datagram: `t = "batch"`, `key` when given, `seq` when given,
+/// then the batch keys.
+#[allow(clippy::too_many_arguments)]
+fn datagram_batch(
+    b: &mut BytesMut,
+    key: Option<&str>,
+    seq: Option<u64>,
+    aircraft: &AircraftRef,
+    session: Uuid,
+    points: &[Point],
+    opts: EncodeOptions,
+) -> Result<(), EncodeError> {
+    put_map_len(b, 4 + u32::from(key.is_some()) + u32::from(seq.is_some()));
+    put_str(b, "t");
+    put_str(b, "batch");
+    if let Some(k) = key {
+        put_str(b, "key");
+        put_str(b, k);
+    }
+    if let Some(s) = seq {
+        put_str(b, "seq");
+        put_uint(b, s);
+    }
+    batch_tail(b, aircraft, session, points, opts)
 }
 
 /// `aircraft`, `session` and `points` entries.

@@ -3,8 +3,11 @@
 //! The wire protocol of PROTOCOL.md and nothing else: no sockets, no SQL.
 //!
 //! - [`codec`]: the 4-byte big-endian length-prefixed frame codec (tokio-util `Decoder`/`Encoder`).
-//! - [`message`]: the client and server messages; [`decode_client`] for TCP frame
-//!   bodies, [`decode_datagram`] for UDP, [`decode_server`] for clients.
+//! - [`message`]: the client and server messages; [`decode_hello`] for the first TCP
+//!   frame (before `welcome`), [`decode_client`] for TCP frame bodies after it,
+//!   [`open_datagram`] then [`DatagramEnvelope::decode`] for UDP, [`decode_server`] for
+//!   clients.
+//! - [`mac`]: the UDP MAC form (PROTOCOL.md 1.1): key id, HMAC, constant-time check.
 //! - [`point`]: wire points (map or array form) → validated [`dbx_core::Point`].
 //! - [`encode`]: encoders for every message, for the daemon, the loadgen, tests and
 //!   Rust gateways.
@@ -36,12 +39,29 @@
 //!   bad point is named; `bad_frame` wins over everything, then connection errors,
 //!   then `invalid_batch`, then point errors.
 //! - UDP: over 65 507 bytes → `frame_too_large`; `seq` may be absent or `nil`.
+//! - `end` (1.1): `seq` follows the batch rules (a bad one is `error protocol`); a
+//!   missing, repeated or malformed `session` is `nack invalid_batch`.
+//!
+//! ## Version 1.1 (PROTOCOL.md, "Version 1.1 additions")
+//! - The first frame is decoded by [`decode_hello`] only (its hello keys; other values
+//!   are stepped over without being interpreted); the listener refuses one over
+//!   [`Limits::max_hello_bytes`] at its prefix ([`FrameCodec::for_hello`]).
+//! - Decoding is linear in the input: duplicate `extra` keys are found through a hash
+//!   index, at most [`Limits::max_extra_keys`] per point (else `invalid_point`),
+//!   skipping is iterative, `extra` nesting stops at 32 levels.
+//! - `aircraft` registrations are at most [`MAX_REGISTRATION_CHARS`] characters
+//!   (`invalid_batch`); messages quote at most 40 characters of any wire value.
+//! - UDP: [`open_datagram`] authenticates-first (`key`, or `kid`/`mac`/`body`: see
+//!   [`mac`]); the batch is decoded after.
+//! - Memory: [`decoded_bytes_bound`] bounds what decoding a body can hold;
+//!   [`points_heap_bytes`] is what the result holds.
 
 use std::time::Duration;
 
 pub mod codec;
 pub mod encode;
 pub mod json;
+pub mod mac;
 pub mod message;
 pub mod point;
 mod reader;
@@ -49,15 +69,17 @@ mod reader;
 pub use codec::{write_frame, FrameCodec, FrameError};
 pub use encode::{
     encode_batch, encode_batch_payload, encode_batch_with, encode_bye, encode_datagram,
-    encode_hello, encode_hello_v, encode_ping, encode_server, EncodeError, EncodeOptions,
-    PointForm, TimestampForm,
+    encode_datagram_mac, encode_end, encode_hello, encode_hello_v, encode_ping, encode_server,
+    EncodeError, EncodeOptions, PointForm, TimestampForm,
 };
 pub use json::decode_json_batch_map;
 pub use message::{
-    decode_batch_map, decode_client, decode_datagram, decode_server, parse_aircraft, AircraftRef,
-    Batch, BatchMap, ClientMessage, Datagram, DecodeError, Hello, ServerDecodeError, ServerMessage,
-    MAX_DATAGRAM_BYTES, MAX_GATEWAY_CHARS, PROTOCOL_VERSION,
+    decode_batch_map, decode_client, decode_hello, decode_server, open_datagram, parse_aircraft,
+    AircraftRef, Batch, BatchMap, ClientMessage, Datagram, DatagramAuth, DatagramEnvelope,
+    DecodeError, End, Hello, ServerDecodeError, ServerMessage, MAX_DATAGRAM_BYTES,
+    MAX_GATEWAY_CHARS, MAX_REGISTRATION_CHARS, PROTOCOL_VERSION,
 };
+pub use point::{decoded_bytes_bound, points_heap_bytes};
 
 /// The limits a decoder enforces, from the daemon's configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +92,12 @@ pub struct Limits {
     pub max_future: Duration,
     /// Largest frame body, the 4-byte prefix not counted (default 1 MiB).
     pub max_frame_bytes: usize,
+    /// Most keys per point that go to `extra`: unknown top-level keys plus entries of
+    /// `x` (default 256, PROTOCOL.md 1.1).
+    pub max_extra_keys: usize,
+    /// Largest first frame (the `hello`) before `welcome`, the prefix not counted
+    /// (default 4 KiB, PROTOCOL.md 1.1).
+    pub max_hello_bytes: usize,
 }
 
 impl Default for Limits {
@@ -79,6 +107,8 @@ impl Default for Limits {
             max_past: Duration::from_secs(7 * 24 * 3600),
             max_future: Duration::from_secs(5 * 60),
             max_frame_bytes: 1 << 20,
+            max_extra_keys: 256,
+            max_hello_bytes: 4096,
         }
     }
 }

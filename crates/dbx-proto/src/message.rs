@@ -2,8 +2,10 @@
 //!
 //! [`decode_client`] turns a TCP frame body into a [`ClientMessage`] or a
 //! [`DecodeError`] that says whether the answer is a connection-level `error` or a
-//! `nack` of one batch. [`decode_datagram`] does the same for UDP, where there is no
-//! answer. [`decode_server`] is the client side's decoder of server frames.
+//! `nack` of one batch. [`decode_hello`] decodes the first frame (before `welcome`),
+//! reading only the hello keys. [`open_datagram`] and [`DatagramEnvelope::decode`] do
+//! the same for UDP, where there is no answer. [`decode_server`] is the client side's
+//! decoder of server frames.
 //!
 //! Precedence when a frame breaks several rules: `bad_frame` (not exactly one
 //! well-formed map with string keys) first, then connection-level codes, then the
@@ -25,6 +27,23 @@
 //!   registration number. `session`: a UUID string or 16-byte binary.
 //! - UDP: a datagram over 65 507 bytes is `frame_too_large`; `seq` may be absent or
 //!   `nil`; `t`, when present, must be the string `"batch"` (else `protocol`).
+//!
+//! Version 1.1 (PROTOCOL.md, "Version 1.1 additions"):
+//! - Before `welcome` the listener calls [`decode_hello`], which reads only `t`, `v`,
+//!   `key` and `gateway` and steps over every other value without interpreting it
+//!   (the walk is iterative and linear in the bytes); any `t` but `hello` is
+//!   `protocol` without looking further.
+//! - `aircraft` as a registration number is at most [`MAX_REGISTRATION_CHARS`]
+//!   characters, else `invalid_batch`; messages quote at most 40 characters of any
+//!   value from the wire.
+//! - UDP is read in two steps: [`open_datagram`] finds how the datagram authenticates
+//!   (the clear `key`, or `kid`/`mac`/`body`) without decoding any point, and only once
+//!   the listener has checked that does [`DatagramEnvelope::decode`] decode the batch.
+//!   Anything wrong with the authentication keys themselves (`kid` not 16 hex digits,
+//!   `mac` not 16 bytes of binary, `body` not binary, one of the three missing or
+//!   twice) is `unauthorized`; `key` together with any of them is `protocol`. In the
+//!   MAC form only `kid`, `mac`, `body` and `t` of the outer map are read; the batch
+//!   keys come from `body` alone, where `key`, `kid`, `mac` and `body` are ignored.
 
 use dbx_core::{Point, RejectCode, Rejection};
 use uuid::Uuid;
@@ -42,6 +61,9 @@ pub const MAX_GATEWAY_CHARS: usize = 64;
 /// Largest UDP datagram accepted, in bytes.
 pub const MAX_DATAGRAM_BYTES: usize = 65_507;
 
+/// Longest `aircraft` registration number accepted, in characters (PROTOCOL.md 1.1).
+pub const MAX_REGISTRATION_CHARS: usize = 20;
+
 /// A message from a gateway.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMessage {
@@ -53,6 +75,8 @@ pub enum ClientMessage {
     Ping,
     /// `bye`: graceful end.
     Bye,
+    /// `end` (protocol 1.1): the flight session is over.
+    End(End),
 }
 
 /// The `hello` message.
@@ -80,6 +104,17 @@ pub struct Batch {
     pub points: Vec<Point>,
 }
 
+/// The `end` message (protocol 1.1): the gateway ends a flight session. It is
+/// acknowledged in the connection's `seq` order like a batch, and shares the batch
+/// `seq` space (strictly increasing across both).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct End {
+    /// Strictly increasing on the connection, with the batches; echoed in `ack`/`nack`.
+    pub seq: u64,
+    /// The flight session that is over.
+    pub session: Uuid,
+}
+
 /// How a batch names its aircraft.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum AircraftRef {
@@ -89,11 +124,36 @@ pub enum AircraftRef {
     Id(Uuid),
 }
 
-/// One UDP datagram: a batch plus the API key.
+/// How a UDP datagram says which API key sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramAuth<'a> {
+    /// Version 1: the API key itself, in clear (`key`).
+    Key(&'a str),
+    /// Version 1.1: `kid` (the first 16 hex digits of hex(sha256(key)), as a number),
+    /// `mac` (the first 16 bytes of HMAC-SHA256 over `body`, keyed with sha256(key))
+    /// and `body` (the MessagePack batch map). See [`crate::mac`].
+    Mac {
+        /// The key id.
+        kid: u64,
+        /// The truncated MAC.
+        mac: [u8; 16],
+        /// The bytes the MAC covers: the batch map.
+        body: &'a [u8],
+    },
+}
+
+/// A datagram whose authentication has been found but whose batch is not decoded yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatagramEnvelope<'a> {
+    /// How it authenticates.
+    pub auth: DatagramAuth<'a>,
+    /// The map holding the batch keys: the datagram itself, or `body`.
+    batch: &'a [u8],
+}
+
+/// One UDP datagram's batch, decoded once its sender was authenticated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Datagram {
-    /// The API key, in clear.
-    pub key: String,
     /// The batch sequence number, when the gateway sent one.
     pub seq: Option<u64>,
     /// The aircraft, as the gateway named it.
@@ -210,6 +270,9 @@ const K_SEQ: u16 = 1 << 4;
 const K_AIRCRAFT: u16 = 1 << 5;
 const K_SESSION: u16 = 1 << 6;
 const K_POINTS: u16 = 1 << 7;
+const K_KID: u16 = 1 << 8;
+const K_MAC: u16 = 1 << 9;
+const K_BODY: u16 = 1 << 10;
 
 /// The top-level entries of a client frame: scalar values as tokens, `points`
 /// decoded (when the message may be a batch).
@@ -224,6 +287,10 @@ struct Top<'a> {
     seq: Option<Token<'a>>,
     aircraft: Option<Token<'a>>,
     session: Option<Token<'a>>,
+    kid: Option<Token<'a>>,
+    mac: Option<Token<'a>>,
+    body: Option<Token<'a>>,
+    /// The decoded points (only when the scan was asked to decode them).
     points: Option<Result<Vec<Point>, Rejection>>,
 }
 
@@ -239,7 +306,9 @@ fn malformed(_: Malformed) -> Rejection {
 
 /// Walks the top-level map once: checks it is exactly one map with string keys and
 /// nothing after it, and collects the defined keys. Errors are `bad_frame`.
-fn scan<'a>(body: &'a [u8], limits: &Limits, now_micros: i64) -> Result<Top<'a>, Rejection> {
+/// `decode` = `Some((limits, now))` decodes `points` on the way (when the message may
+/// be a batch); `None` steps over every value it does not keep, points included.
+fn scan<'a>(body: &'a [u8], decode: Option<(&Limits, i64)>) -> Result<Top<'a>, Rejection> {
     if body.is_empty() {
         return Err(bad_frame("the frame body is empty"));
     }
@@ -271,6 +340,9 @@ fn scan<'a>(body: &'a [u8], limits: &Limits, now_micros: i64) -> Result<Top<'a>,
             b"aircraft" => K_AIRCRAFT,
             b"session" => K_SESSION,
             b"points" => K_POINTS,
+            b"kid" => K_KID,
+            b"mac" => K_MAC,
+            b"body" => K_BODY,
             _ => 0,
         };
         let first = bit != 0 && top.seen & bit == 0;
@@ -278,9 +350,11 @@ fn scan<'a>(body: &'a [u8], limits: &Limits, now_micros: i64) -> Result<Top<'a>,
         if bit != 0 && !first {
             top.dup |= bit;
         }
-        if bit == K_POINTS && first && top.t.is_none_or(|t| t == Token::Str(b"batch")) {
-            top.points = Some(decode_points(&mut r, limits, now_micros).map_err(malformed)?);
-            continue;
+        if let Some((limits, now_micros)) = decode {
+            if bit == K_POINTS && first && top.t.is_none_or(|t| t == Token::Str(b"batch")) {
+                top.points = Some(decode_points(&mut r, limits, now_micros).map_err(malformed)?);
+                continue;
+            }
         }
         let value = r.value().map_err(malformed)?;
         if !first {
@@ -294,6 +368,9 @@ fn scan<'a>(body: &'a [u8], limits: &Limits, now_micros: i64) -> Result<Top<'a>,
             K_SEQ => &mut top.seq,
             K_AIRCRAFT => &mut top.aircraft,
             K_SESSION => &mut top.session,
+            K_KID => &mut top.kid,
+            K_MAC => &mut top.mac,
+            K_BODY => &mut top.body,
             _ => continue,
         };
         *slot = Some(value);
@@ -316,7 +393,7 @@ fn invalid_batch(msg: impl Into<String>) -> Rejection {
 }
 
 fn dup_name(dup: u16) -> &'static str {
-    const NAMES: [(u16, &str); 8] = [
+    const NAMES: [(u16, &str); 11] = [
         (K_T, "t"),
         (K_V, "v"),
         (K_KEY, "key"),
@@ -325,6 +402,9 @@ fn dup_name(dup: u16) -> &'static str {
         (K_AIRCRAFT, "aircraft"),
         (K_SESSION, "session"),
         (K_POINTS, "points"),
+        (K_KID, "kid"),
+        (K_MAC, "mac"),
+        (K_BODY, "body"),
     ];
     NAMES
         .iter()
@@ -341,110 +421,130 @@ pub fn decode_client(
     limits: &Limits,
     now_micros: i64,
 ) -> Result<ClientMessage, DecodeError> {
-    let top = scan(body, limits, now_micros).map_err(DecodeError::Connection)?;
+    let top = scan(body, Some((limits, now_micros))).map_err(DecodeError::Connection)?;
     let conn = |r: Rejection| Err(DecodeError::Connection(r));
-    if top.dup & K_T != 0 {
-        return conn(protocol("key t appears twice in the message"));
-    }
-    let t = match top.t {
-        None => return conn(protocol("the message has no key t naming its type")),
-        Some(Token::Str(t)) => t,
-        Some(other) => {
-            return conn(protocol(format!(
-                "t = {other} is not a string naming a message type"
-            )))
-        }
-    };
+    let t = message_type(&top).map_err(DecodeError::Connection)?;
     match t {
-        b"hello" => decode_hello(&top).map(ClientMessage::Hello),
+        b"hello" => hello_keys(&top)
+            .map(ClientMessage::Hello)
+            .map_err(DecodeError::Connection),
         b"batch" => decode_batch(top),
         b"ping" => Ok(ClientMessage::Ping),
         b"bye" => Ok(ClientMessage::Bye),
+        b"end" => decode_end(&top),
         _ => conn(protocol(format!(
+            "t = {} is not a client message type (hello, batch, end, ping, bye)",
+            Token::Str(t)
+        ))),
+    }
+}
+
+/// The message type `t` of a scanned frame: `protocol` when it is missing, twice or
+/// not a string.
+fn message_type<'a>(top: &Top<'a>) -> Result<&'a [u8], Rejection> {
+    if top.dup & K_T != 0 {
+        return Err(protocol("key t appears twice in the message"));
+    }
+    match top.t {
+        None => Err(protocol("the message has no key t naming its type")),
+        Some(Token::Str(t)) => Ok(t),
+        Some(other) => Err(protocol(format!(
+            "t = {other} is not a string naming a message type"
+        ))),
+    }
+}
+
+/// Decodes the first frame of a connection, before `welcome` (PROTOCOL.md 1.1): only
+/// `t`, `v`, `key` and `gateway` are read; every other value is stepped over without
+/// being interpreted (so `points` in a hello costs a linear walk, nothing more), and a
+/// frame whose `t` is not `hello` is `protocol` without looking at anything else.
+/// The frame must still be exactly one well-formed map (`bad_frame`).
+pub fn decode_hello(body: &[u8]) -> Result<Hello, Rejection> {
+    let top = scan(body, None)?;
+    match message_type(&top)? {
+        b"hello" => hello_keys(&top),
+        t @ (b"batch" | b"ping" | b"bye") => Err(protocol(format!(
+            "expected hello as the first frame, got {}",
+            String::from_utf8_lossy(t)
+        ))),
+        t => Err(protocol(format!(
             "t = {} is not a client message type (hello, batch, ping, bye)",
             Token::Str(t)
         ))),
     }
 }
 
-fn decode_hello(top: &Top<'_>) -> Result<Hello, DecodeError> {
-    let conn = |r: Rejection| DecodeError::Connection(r);
+/// The `hello` keys of a scanned frame.
+fn hello_keys(top: &Top<'_>) -> Result<Hello, Rejection> {
     let dup = top.dup & (K_V | K_KEY | K_GATEWAY);
     if dup != 0 {
-        return Err(conn(protocol(format!(
+        return Err(protocol(format!(
             "hello: key {} appears twice",
             dup_name(dup)
-        ))));
+        )));
     }
     let v = match top.v {
         Some(Token::UInt(v)) => v,
         Some(other) => {
-            return Err(conn(Rejection::new(
+            return Err(Rejection::new(
                 RejectCode::UnsupportedVersion,
                 format!(
                     "hello: v = {other} is not a protocol version; this server speaks version {PROTOCOL_VERSION}"
                 ),
-            )))
+            ))
         }
         None => {
-            return Err(conn(Rejection::new(
+            return Err(Rejection::new(
                 RejectCode::UnsupportedVersion,
                 format!("hello: key v is missing; this server speaks version {PROTOCOL_VERSION}"),
-            )))
+            ))
         }
     };
     let gateway = match top.gateway {
         None | Some(Token::Nil) => None,
         Some(tok) => {
-            let s = tok.as_str().ok_or_else(|| {
-                conn(protocol(format!(
-                    "hello: gateway = {tok} is not a UTF-8 string"
-                )))
-            })?;
+            let s = tok
+                .as_str()
+                .ok_or_else(|| protocol(format!("hello: gateway = {tok} is not a UTF-8 string")))?;
             let chars = s.chars().count();
             if chars > MAX_GATEWAY_CHARS {
-                return Err(conn(protocol(format!(
+                return Err(protocol(format!(
                     "hello: gateway is {chars} characters long; at most {MAX_GATEWAY_CHARS} are allowed"
-                ))));
+                )));
             }
             if s.contains('\0') {
-                return Err(conn(protocol(
-                    "hello: gateway contains a NUL character (U+0000)",
-                )));
+                return Err(protocol("hello: gateway contains a NUL character (U+0000)"));
             }
             Some(s.to_owned())
         }
     };
     let key = match top.key.as_ref().and_then(Token::as_str) {
         Some(k) => k.to_owned(),
-        None => {
-            return Err(conn(Rejection::new(
-                RejectCode::Unauthorized,
-                "hello: key is missing or not a string",
-            )))
-        }
+        None => return Err(unauthorized("hello: key is missing or not a string")),
     };
     Ok(Hello { v, key, gateway })
 }
 
-fn decode_batch(top: Top<'_>) -> Result<ClientMessage, DecodeError> {
-    let conn = |r: Rejection| DecodeError::Connection(r);
+/// The `seq` of a message that is acknowledged (`batch`, `end`): without a valid
+/// one it cannot be nacked, so a bad `seq` is the connection-level `protocol`.
+fn acked_seq(top: &Top<'_>, what: &str) -> Result<u64, DecodeError> {
+    let conn = |r: Rejection| Err(DecodeError::Connection(r));
     if top.dup & K_SEQ != 0 {
-        return Err(conn(protocol("batch: key seq appears twice")));
+        return conn(protocol(format!("{what}: key seq appears twice")));
     }
-    let seq = match top.seq {
-        Some(Token::UInt(s)) => s,
-        Some(other) => {
-            return Err(conn(protocol(format!(
-                "batch: seq = {other} is not an unsigned 64-bit integer, so the batch cannot be acknowledged"
-            ))))
-        }
-        None => {
-            return Err(conn(protocol(
-                "batch: key seq is missing, so the batch cannot be acknowledged",
-            )))
-        }
-    };
+    match top.seq {
+        Some(Token::UInt(s)) => Ok(s),
+        Some(other) => conn(protocol(format!(
+            "{what}: seq = {other} is not an unsigned 64-bit integer, so the {what} cannot be acknowledged"
+        ))),
+        None => conn(protocol(format!(
+            "{what}: key seq is missing, so the {what} cannot be acknowledged"
+        ))),
+    }
+}
+
+fn decode_batch(top: Top<'_>) -> Result<ClientMessage, DecodeError> {
+    let seq = acked_seq(&top, "batch")?;
     batch_body(top, "batch")
         .map(|(aircraft, session, points)| {
             ClientMessage::Batch(Batch {
@@ -455,6 +555,33 @@ fn decode_batch(top: Top<'_>) -> Result<ClientMessage, DecodeError> {
             })
         })
         .map_err(|rejection| DecodeError::Batch { seq, rejection })
+}
+
+/// `end`: `seq` as for a batch; a missing, repeated or malformed `session` is
+/// `invalid_batch` (nacked: the `seq` is known). Other keys are ignored.
+fn decode_end(top: &Top<'_>) -> Result<ClientMessage, DecodeError> {
+    let seq = acked_seq(top, "end")?;
+    let nack = |msg: String| DecodeError::Batch {
+        seq,
+        rejection: invalid_batch(msg),
+    };
+    if top.dup & K_SESSION != 0 {
+        return Err(nack("end: key session appears twice".into()));
+    }
+    let session = session_value(top.session, "end").map_err(|r| nack(r.msg))?;
+    Ok(ClientMessage::End(End { seq, session }))
+}
+
+/// The `session` key of a batch, datagram or end: a UUID string or 16-byte binary.
+fn session_value(tok: Option<Token<'_>>, what: &str) -> Result<Uuid, Rejection> {
+    match tok {
+        Some(tok) => uuid_value(tok).ok_or_else(|| {
+            invalid_batch(format!(
+                "{what}: session = {tok} is not a UUID (string or 16-byte binary)"
+            ))
+        }),
+        None => Err(invalid_batch(format!("{what}: key session is missing"))),
+    }
 }
 
 /// The nack-level part of a batch (or datagram): aircraft, session, points.
@@ -470,14 +597,7 @@ fn batch_body(top: Top<'_>, what: &str) -> Result<(AircraftRef, Uuid, Vec<Point>
         Some(tok) => aircraft_ref(tok, what)?,
         None => return Err(invalid_batch(format!("{what}: key aircraft is missing"))),
     };
-    let session = match top.session {
-        Some(tok) => uuid_value(tok).ok_or_else(|| {
-            invalid_batch(format!(
-                "{what}: session = {tok} is not a UUID (string or 16-byte binary)"
-            ))
-        })?,
-        None => return Err(invalid_batch(format!("{what}: key session is missing"))),
-    };
+    let session = session_value(top.session, what)?;
     let points = match top.points {
         Some(p) => p?,
         None => return Err(invalid_batch(format!("{what}: key points is missing"))),
@@ -501,10 +621,15 @@ fn aircraft_ref(tok: Token<'_>, what: &str) -> Result<AircraftRef, Rejection> {
     match tok {
         Token::Str(_) => {
             let s = tok.as_str().ok_or_else(|| bad("is not valid UTF-8"))?;
+            let chars = s.chars().count();
             if s.is_empty() {
                 Err(bad(
                     "is empty; it must be a registration number or an aircraft UUID",
                 ))
+            } else if chars > MAX_REGISTRATION_CHARS {
+                Err(bad(&format!(
+                    "is a registration number of {chars} characters; at most {MAX_REGISTRATION_CHARS} are allowed"
+                )))
             } else if s.contains('\0') {
                 Err(bad("contains a NUL character (U+0000)"))
             } else {
@@ -516,12 +641,10 @@ fn aircraft_ref(tok: Token<'_>, what: &str) -> Result<AircraftRef, Rejection> {
     }
 }
 
-/// Decodes one UDP datagram: a map with the `batch` keys (`seq` optional) and `key`.
-pub fn decode_datagram(
-    buf: &[u8],
-    limits: &Limits,
-    now_micros: i64,
-) -> Result<Datagram, Rejection> {
+/// Opens one UDP datagram: checks its size and that it is one well-formed map, and
+/// finds how it authenticates, without decoding any point. The batch is decoded by
+/// [`DatagramEnvelope::decode`] once the sender is known.
+pub fn open_datagram(buf: &[u8]) -> Result<DatagramEnvelope<'_>, Rejection> {
     if buf.len() > MAX_DATAGRAM_BYTES {
         return Err(Rejection::new(
             RejectCode::FrameTooLarge,
@@ -531,32 +654,87 @@ pub fn decode_datagram(
             ),
         ));
     }
-    let top = scan(buf, limits, now_micros)?;
+    let top = scan(buf, None)?;
     standalone_type(&top, "datagram")?;
-    if top.dup & (K_KEY | K_SEQ) != 0 {
-        return Err(invalid_batch(format!(
+    let mac_keys = top.seen & (K_KID | K_MAC | K_BODY);
+    if mac_keys != 0 && top.seen & K_KEY != 0 {
+        return Err(protocol(
+            "datagram: carries both key and kid/mac/body; use one form",
+        ));
+    }
+    if mac_keys == 0 {
+        if top.dup & K_KEY != 0 {
+            return Err(invalid_batch("datagram: key key appears twice"));
+        }
+        return match top.key.as_ref().and_then(Token::as_str) {
+            Some(k) => Ok(DatagramEnvelope {
+                auth: DatagramAuth::Key(k),
+                batch: buf,
+            }),
+            None => Err(unauthorized("datagram: key is missing or not a string")),
+        };
+    }
+    let auth = mac_auth(&top)?;
+    let body = match auth {
+        DatagramAuth::Mac { body, .. } => body,
+        DatagramAuth::Key(_) => unreachable!("mac_auth builds the MAC form"),
+    };
+    Ok(DatagramEnvelope { auth, batch: body })
+}
+
+fn unauthorized(msg: impl Into<String>) -> Rejection {
+    Rejection::new(RejectCode::Unauthorized, msg)
+}
+
+/// The `kid`/`mac`/`body` form; anything wrong with them is `unauthorized`.
+fn mac_auth<'a>(top: &Top<'a>) -> Result<DatagramAuth<'a>, Rejection> {
+    if top.dup & (K_KID | K_MAC | K_BODY) != 0 {
+        return Err(unauthorized(format!(
             "datagram: key {} appears twice",
-            dup_name(top.dup & (K_KEY | K_SEQ))
+            dup_name(top.dup & (K_KID | K_MAC | K_BODY))
         )));
     }
-    let key = match top.key.as_ref().and_then(Token::as_str) {
-        Some(k) => k.to_owned(),
-        None => {
-            return Err(Rejection::new(
-                RejectCode::Unauthorized,
-                "datagram: key is missing or not a string",
-            ))
-        }
+    let kid = top
+        .kid
+        .as_ref()
+        .and_then(Token::as_str)
+        .filter(|k| k.len() == 16)
+        .and_then(|k| u64::from_str_radix(k, 16).ok())
+        .ok_or_else(|| unauthorized("datagram: kid is missing or not 16 hex digits"))?;
+    let mac = match top.mac {
+        Some(Token::Bin(m)) => <[u8; 16]>::try_from(m).ok(),
+        _ => None,
+    }
+    .ok_or_else(|| unauthorized("datagram: mac is missing or not 16 bytes of binary"))?;
+    let body = match top.body {
+        Some(Token::Bin(b)) => b,
+        _ => return Err(unauthorized("datagram: body is missing or not binary")),
     };
-    let seq = optional_seq(&top, "datagram")?;
-    let (aircraft, session, points) = batch_body(top, "datagram")?;
-    Ok(Datagram {
-        key,
-        seq,
-        aircraft,
-        session,
-        points,
-    })
+    Ok(DatagramAuth::Mac { kid, mac, body })
+}
+
+impl DatagramEnvelope<'_> {
+    /// Bytes of the map holding the batch (for the decoder's memory bound).
+    pub fn batch_len(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// Decodes the batch: the `batch` keys, `seq` optional, validated like a TCP batch.
+    pub fn decode(&self, limits: &Limits, now_micros: i64) -> Result<Datagram, Rejection> {
+        let top = scan(self.batch, Some((limits, now_micros)))?;
+        standalone_type(&top, "datagram")?;
+        if top.dup & K_SEQ != 0 {
+            return Err(invalid_batch("datagram: key seq appears twice"));
+        }
+        let seq = optional_seq(&top, "datagram")?;
+        let (aircraft, session, points) = batch_body(top, "datagram")?;
+        Ok(Datagram {
+            seq,
+            aircraft,
+            session,
+            points,
+        })
+    }
 }
 
 /// `t` of a map that carries one batch outside a TCP connection (UDP, MQTT): absent,
@@ -636,7 +814,7 @@ pub(crate) fn decode_batch_map_unbounded(
     limits: &Limits,
     now_micros: i64,
 ) -> Result<BatchMap, Rejection> {
-    let mut top = scan(buf, limits, now_micros)?;
+    let mut top = scan(buf, Some((limits, now_micros)))?;
     standalone_type(&top, "payload")?;
     if top.dup & K_SEQ != 0 {
         return Err(invalid_batch("payload: key seq appears twice"));

@@ -22,10 +22,17 @@
 //!   `jsonb` refuses `\u0000`) are `invalid_point`. Duplicate keys inside nested maps
 //!   are kept as sent (`jsonb` keeps the last).
 //! - `x` with no entries and no unknown keys stores NULL, like a point without `x`.
+//! - At most [`Limits::max_extra_keys`] keys (unknown top-level keys plus entries of
+//!   `x`) per point; one more is `invalid_point`. Duplicates among them are found
+//!   through a hash index once there are more than a few, so a point costs time
+//!   linear in its size whatever its keys.
+//! - Every value from the wire that a message quotes (keys, strings) is cut to 40
+//!   characters, so no rejection echoes more than that of what the gateway sent.
 //! - A point whose timestamp is unrepresentable as `i64` microseconds is `invalid_point`;
 //!   a representable one outside the window is `out_of_range`. Within one point,
 //!   `invalid_point` wins over `out_of_range`; across points the first bad one is named.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -46,6 +53,71 @@ pub const MAX_ARRAY_FIELD_LEN: u32 = 16;
 
 /// Deepest nesting of arrays and maps accepted inside `extra` values.
 pub const MAX_EXTRA_DEPTH: usize = 32;
+
+/// Fewest bytes a valid point takes on the wire: a 1-byte array header, a 6-byte
+/// timestamp extension (an integer timestamp inside the accepted window needs 9) and
+/// a 1-byte `seq`. Bounds how many points a frame of a given size can hold.
+pub const MIN_POINT_WIRE_BYTES: usize = 8;
+
+/// Worst growth from wire bytes to `extra` JSON text: one control character (1 byte
+/// inside a string) becomes `\u00XX` (6 bytes); `false` (1 byte) becomes `false,`.
+/// Every other MessagePack value grows less.
+pub const MAX_JSON_GROWTH: usize = 6;
+
+/// Extra keys per point checked by a linear scan; past this many a hash index takes over.
+const LINEAR_KEY_SCAN: usize = 16;
+
+/// Heap bytes one allocation costs beyond its payload (malloc's header and rounding).
+const ALLOC_OVERHEAD: usize = 16;
+
+/// The most heap memory decoding a frame body of `body_len` bytes can hold at any
+/// moment: the `Vec<Point>` (at most `min(max_points_per_batch, body_len /
+/// MIN_POINT_WIRE_BYTES + 1)` points), each point's `rpm`/`cs` vectors, and the `extra`
+/// text, which is at most [`MAX_JSON_GROWTH`] times the wire bytes it comes from,
+/// counted twice: the text kept, and the slack of the scratch buffer it is built in
+/// (which grows by doubling); and the duplicate-key index of the point being decoded
+/// (at most `max_extra_keys` keys). The frame itself is not included. The listener charges
+/// this against its byte budget, with the frame, before it reads the body, and keeps
+/// only [`points_heap_bytes`] of the result once decoded.
+pub fn decoded_bytes_bound(body_len: usize, limits: &Limits) -> usize {
+    let points = limits
+        .max_points_per_batch
+        .min(body_len / MIN_POINT_WIRE_BYTES + 1);
+    let per_point = std::mem::size_of::<Point>()
+        + 2 * (MAX_ARRAY_FIELD_LEN as usize * 4 + ALLOC_OVERHEAD)
+        + ALLOC_OVERHEAD
+        + 2;
+    // The duplicate-key index of the point being decoded: one hashed key per two bytes
+    // at most, 48 bytes each with the table's slack.
+    let index = limits.max_extra_keys.min(body_len / 2).saturating_mul(48);
+    3 * ALLOC_OVERHEAD
+        + points.saturating_mul(per_point)
+        + body_len.saturating_mul(2 * MAX_JSON_GROWTH)
+        + index
+}
+
+/// Heap bytes held by decoded points (the vector's capacity, the `rpm`/`cs` vectors,
+/// the `extra` text), each allocation with its overhead: what a decoded batch costs
+/// while it waits for its ack.
+pub fn points_heap_bytes(points: &Vec<Point>) -> usize {
+    let alloc = |bytes: usize| {
+        if bytes == 0 {
+            0
+        } else {
+            bytes + ALLOC_OVERHEAD
+        }
+    };
+    let vec_f32 = |v: &Option<Vec<f32>>| v.as_ref().map_or(0, |v| alloc(v.capacity() * 4));
+    alloc(points.capacity() * std::mem::size_of::<Point>())
+        + points
+            .iter()
+            .map(|p| {
+                vec_f32(&p.rpm)
+                    + vec_f32(&p.cs)
+                    + p.extra.as_ref().map_or(0, |e| alloc(e.capacity()))
+            })
+            .sum::<usize>()
+}
 
 const F_TS: usize = 0;
 const F_SEQ: usize = 1;
@@ -126,13 +198,15 @@ pub(crate) fn decode_points(
         )));
     }
     let window = Window::new(limits, now_micros);
-    // Each point takes at least one byte, so the input bounds the capacity too.
-    let mut points = Vec::with_capacity((n as usize).min(r.remaining()));
+    // A valid point takes at least MIN_POINT_WIRE_BYTES, so the input bounds the
+    // capacity too (decoded_bytes_bound relies on it).
+    let mut points = Vec::with_capacity((n as usize).min(r.remaining() / MIN_POINT_WIRE_BYTES + 1));
+    let mut extra = ExtraBuf::new(limits.max_extra_keys);
     for i in 0..n as usize {
         let start = r.pos();
         // Decoded in place: a Point is a couple of hundred bytes, not worth moving.
         points.push(Point::default());
-        match decode_point(r, i, window, &mut points[i]) {
+        match decode_point(r, i, window, &mut points[i], &mut extra) {
             Ok(()) => {}
             Err(PointError::Malformed) => return Err(Malformed),
             Err(PointError::Reject(rej)) => {
@@ -148,17 +222,20 @@ pub(crate) fn decode_points(
 }
 
 /// Decodes and validates the point at `index` (map or array form) into `p`, which
-/// holds `Point::default()`.
-pub(crate) fn decode_point(
-    r: &mut Reader<'_>,
+/// holds `Point::default()`. `extra` is the batch's scratch space for `extra` keys and
+/// text, reset here.
+pub(crate) fn decode_point<'a>(
+    r: &mut Reader<'a>,
     index: usize,
     window: Window,
     p: &mut Point,
+    extra: &mut ExtraBuf<'a>,
 ) -> Result<(), PointError> {
     let mut seen: u32 = 0;
-    let mut extra: Option<Extra> = None;
+    extra.reset();
     match r.next()? {
         Token::Map(n) => {
+            extra.announce(n, r.remaining());
             for _ in 0..n {
                 let key = match r.next()? {
                     Token::Str(k) => k,
@@ -193,10 +270,9 @@ pub(crate) fn decode_point(
                     b"x" => 20,
                     _ => {
                         let key = extra_key(key, index, Place::Point)?;
-                        let ex = extra.get_or_insert_with(Extra::new);
-                        ex.key(key, false, index)?;
+                        extra.key(key, false, index)?;
                         let tok = r.next()?;
-                        json_value(r, tok, &mut ex.json, 0, index, key)?;
+                        json_value(r, tok, &mut extra.json, 0, index, key)?;
                         continue;
                     }
                 };
@@ -211,7 +287,7 @@ pub(crate) fn decode_point(
                     ));
                 }
                 seen |= bit;
-                field_value(r, p, &mut seen, &mut extra, field, index)?;
+                field_value(r, p, &mut seen, extra, field, index)?;
             }
         }
         Token::Array(n) => {
@@ -225,7 +301,7 @@ pub(crate) fn decode_point(
             }
             for field in 0..n as usize {
                 seen |= 1 << field;
-                field_value(r, p, &mut seen, &mut extra, field, index)?;
+                field_value(r, p, &mut seen, extra, field, index)?;
             }
         }
         other => {
@@ -243,9 +319,7 @@ pub(crate) fn decode_point(
             ));
         }
     }
-    if let Some(ex) = extra {
-        p.extra = ex.finish();
-    }
+    p.extra = extra.finish();
     if p.ts_micros < window.min || p.ts_micros > window.max {
         return Err(out_of_range(index, p.ts_micros, window));
     }
@@ -289,7 +363,7 @@ fn field_value<'a>(
     r: &mut Reader<'a>,
     p: &mut Point,
     seen: &mut u32,
-    extra: &mut Option<Extra<'a>>,
+    extra: &mut ExtraBuf<'a>,
     field: usize,
     index: usize,
 ) -> Result<(), PointError> {
@@ -359,22 +433,20 @@ fn field_value<'a>(
                     ))
                 }
             };
-            if n > 0 {
-                let ex = extra.get_or_insert_with(Extra::new);
-                for _ in 0..n {
-                    let key = match r.next()? {
-                        Token::Str(k) => extra_key(k, index, Place::X)?,
-                        other => {
-                            return Err(reject(
-                                index,
-                                format!("point {index}: x has key {other}, which is not a string"),
-                            ))
-                        }
-                    };
-                    ex.key(key, true, index)?;
-                    let v = r.next()?;
-                    json_value(r, v, &mut ex.json, 0, index, key)?;
-                }
+            extra.announce(n, r.remaining());
+            for _ in 0..n {
+                let key = match r.next()? {
+                    Token::Str(k) => extra_key(k, index, Place::X)?,
+                    other => {
+                        return Err(reject(
+                            index,
+                            format!("point {index}: x has key {other}, which is not a string"),
+                        ))
+                    }
+                };
+                extra.key(key, true, index)?;
+                let v = r.next()?;
+                json_value(r, v, &mut extra.json, 0, index, key)?;
             }
         }
         _ => unreachable!("field index is below POINT_FIELD_COUNT"),
@@ -589,11 +661,17 @@ fn extra_key<'a>(key: &'a [u8], index: usize, place: Place<'_>) -> Result<&'a st
         return Err(reject(
             index,
             format!(
-                "point {index}: key {s:?}{place} contains a NUL character (U+0000), which jsonb cannot store"
+                "point {index}: key {}{place} contains a NUL character (U+0000), which jsonb cannot store",
+                quoted(s)
             ),
         ));
     }
     Ok(s)
+}
+
+/// A string from the wire as a message quotes it: at most 40 characters, then its size.
+pub(crate) fn quoted(s: &str) -> Token<'_> {
+    Token::Str(s.as_bytes())
 }
 
 /// Where an `extra` key was found, for messages.
@@ -612,53 +690,122 @@ impl std::fmt::Display for Place<'_> {
         match self {
             Place::Point => Ok(()),
             Place::X => f.write_str(" in x"),
-            Place::Under(k) => write!(f, " in a map under extra key {k:?}"),
+            Place::Under(k) => write!(f, " in a map under extra key {}", quoted(k)),
         }
     }
 }
 
-/// The `extra` JSON object being built, and the keys already in it.
-struct Extra<'a> {
+/// The `extra` JSON object of the point being decoded and the keys already in it:
+/// scratch space reused by every point of a batch, so that a point allocates only its
+/// final `extra` text.
+pub(crate) struct ExtraBuf<'a> {
     json: String,
-    /// Keys so far, and whether each came from `x` (true) or the point itself (false).
-    keys: Vec<(&'a str, bool)>,
+    /// Keys in this point so far.
+    count: usize,
+    /// The first [`LINEAR_KEY_SCAN`] keys, and whether each came from `x` (true) or the
+    /// point itself (false): scanned linearly, cheaper than hashing for a few keys.
+    first: Vec<(&'a str, bool)>,
+    /// Every key, hashed, once there are more than that.
+    index: HashMap<&'a str, bool>,
+    /// Keys the point's maps announce (capped by their bytes): the index's capacity,
+    /// so that it never grows (and rehashes) while a large point is decoded.
+    announced: usize,
+    max_keys: usize,
 }
 
-impl<'a> Extra<'a> {
-    fn new() -> Self {
-        Extra {
-            json: String::with_capacity(64),
-            keys: Vec::new(),
+impl<'a> ExtraBuf<'a> {
+    pub(crate) fn new(max_keys: usize) -> Self {
+        ExtraBuf {
+            json: String::new(),
+            count: 0,
+            first: Vec::with_capacity(LINEAR_KEY_SCAN),
+            index: HashMap::new(),
+            announced: 0,
+            max_keys,
         }
     }
 
-    /// Adds `key` and the `:` after it, refusing a key that is already there.
+    fn reset(&mut self) {
+        if self.count > LINEAR_KEY_SCAN {
+            self.index.clear();
+        }
+        self.count = 0;
+        self.announced = 0;
+        self.first.clear();
+        self.json.clear();
+    }
+
+    /// A map of the point (or its `x`) announces `entries`; each takes at least two of
+    /// the `remaining` bytes, which caps what a hostile header can claim.
+    fn announce(&mut self, entries: u32, remaining: usize) {
+        let n = (entries as usize).min(remaining / 2);
+        self.announced = self.announced.saturating_add(n);
+    }
+
+    /// Where `key` was seen before in this point (`Some(in_x)`), if it was.
+    fn previous(&self, key: &str) -> Option<bool> {
+        if self.count > LINEAR_KEY_SCAN {
+            self.index.get(key).copied()
+        } else {
+            self.first.iter().find(|(k, _)| *k == key).map(|&(_, x)| x)
+        }
+    }
+
+    /// Adds `key` and the `:` after it, refusing a key that is already there and one
+    /// key more than `max_extra_keys`.
     fn key(&mut self, key: &'a str, in_x: bool, index: usize) -> Result<(), PointError> {
-        if let Some(&(_, prev_in_x)) = self.keys.iter().find(|(k, _)| *k == key) {
+        if let Some(prev_in_x) = self.previous(key) {
+            let key = quoted(key);
             let msg = if prev_in_x != in_x {
                 format!(
-                    "point {index}: key {key:?} appears both in x and as a key of the point; extra can hold it only once"
+                    "point {index}: key {key} appears both in x and as a key of the point; extra can hold it only once"
                 )
             } else if in_x {
-                format!("point {index}: key {key:?} appears twice in x")
+                format!("point {index}: key {key} appears twice in x")
             } else {
-                format!("point {index}: key {key:?} appears twice in the point")
+                format!("point {index}: key {key} appears twice in the point")
             };
             return Err(reject(index, msg));
         }
-        self.json.push(if self.keys.is_empty() { '{' } else { ',' });
-        self.keys.push((key, in_x));
+        if self.count >= self.max_keys {
+            return Err(reject(
+                index,
+                format!(
+                    "point {index}: more than {} extra keys (unknown keys of the point plus entries of x); max_extra_keys is {}",
+                    self.max_keys, self.max_keys
+                ),
+            ));
+        }
+        self.json.push(if self.count == 0 { '{' } else { ',' });
+        self.count += 1;
+        if self.count <= LINEAR_KEY_SCAN {
+            self.first.push((key, in_x));
+        } else {
+            if self.count == LINEAR_KEY_SCAN + 1 {
+                let room = self.announced.clamp(LINEAR_KEY_SCAN + 1, self.max_keys);
+                self.index.reserve(room);
+                self.index.extend(self.first.iter().copied());
+            }
+            self.index.insert(key, in_x);
+        }
         json_string(&mut self.json, key);
         self.json.push(':');
         Ok(())
     }
 
-    fn finish(mut self) -> Option<String> {
-        if self.keys.is_empty() {
+    /// The point's `extra` text at its exact size, or `None` when it has no keys.
+    /// A small text is copied out of the scratch buffer (which the next point reuses);
+    /// a large one takes the buffer, shrunk in place, rather than being copied.
+    fn finish(&mut self) -> Option<String> {
+        if self.count == 0 {
             return None;
         }
         self.json.push('}');
-        Some(self.json)
+        if self.json.len() > 4096 {
+            self.json.shrink_to_fit();
+            return Some(std::mem::take(&mut self.json));
+        }
+        Some(self.json.as_str().to_owned())
     }
 }
 
@@ -715,6 +862,8 @@ fn json_value(
     index: usize,
     key: &str,
 ) -> Result<(), PointError> {
+    // The key as messages quote it (cut to 40 characters).
+    let qk = quoted(key);
     match tok {
         Token::Nil => out.push_str("null"),
         Token::Bool(b) => out.push_str(if b { "true" } else { "false" }),
@@ -729,21 +878,21 @@ fn json_value(
         Token::F32(_) | Token::F64(_) => {
             return Err(reject(
                 index,
-                format!("point {index}: extra key {key:?} holds {tok}, which JSON cannot represent"),
+                format!("point {index}: extra key {qk} holds {tok}, which JSON cannot represent"),
             ))
         }
         Token::Str(b) => {
             let s = std::str::from_utf8(b).map_err(|_| {
                 reject(
                     index,
-                    format!("point {index}: extra key {key:?} holds {tok}"),
+                    format!("point {index}: extra key {qk} holds {tok}"),
                 )
             })?;
             if s.contains('\0') {
                 return Err(reject(
                     index,
                     format!(
-                        "point {index}: extra key {key:?} holds a string with a NUL character (U+0000), which jsonb cannot store"
+                        "point {index}: extra key {qk} holds a string with a NUL character (U+0000), which jsonb cannot store"
                     ),
                 ));
             }
@@ -761,7 +910,7 @@ fn json_value(
                     reject(
                         index,
                         format!(
-                            "point {index}: extra key {key:?} holds a timestamp extension of {} bytes that is not a valid timestamp",
+                            "point {index}: extra key {qk} holds a timestamp extension of {} bytes that is not a valid timestamp",
                             data.len()
                         ),
                     )
@@ -774,7 +923,7 @@ fn json_value(
             return Err(reject(
                 index,
                 format!(
-                    "point {index}: extra key {key:?} holds {tok}; only the timestamp extension (type -1) has a JSON form (got type {ty})"
+                    "point {index}: extra key {qk} holds {tok}; only the timestamp extension (type -1) has a JSON form (got type {ty})"
                 ),
             ))
         }
@@ -783,7 +932,7 @@ fn json_value(
                 return Err(reject(
                     index,
                     format!(
-                        "point {index}: extra key {key:?} nests arrays/maps deeper than {MAX_EXTRA_DEPTH} levels"
+                        "point {index}: extra key {qk} nests arrays/maps deeper than {MAX_EXTRA_DEPTH} levels"
                     ),
                 ));
             }
@@ -800,7 +949,7 @@ fn json_value(
                             return Err(reject(
                                 index,
                                 format!(
-                                    "point {index}: extra key {key:?} holds a map with key {other}, which is not a string"
+                                    "point {index}: extra key {qk} holds a map with key {other}, which is not a string"
                                 ),
                             ))
                         }

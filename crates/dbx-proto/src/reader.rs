@@ -39,7 +39,7 @@ pub(crate) enum Token<'a> {
     Ext(i8, &'a [u8]),
 }
 
-impl Token<'_> {
+impl<'a> Token<'a> {
     /// The value as a float, for fields where integers stand in for floats.
     #[inline]
     pub(crate) fn as_f64(&self) -> Option<f64> {
@@ -54,7 +54,7 @@ impl Token<'_> {
 
     /// The string, when this is a string holding valid UTF-8.
     #[inline]
-    pub(crate) fn as_str(&self) -> Option<&str> {
+    pub(crate) fn as_str(&self) -> Option<&'a str> {
         match *self {
             Token::Str(b) => std::str::from_utf8(b).ok(),
             _ => None,

@@ -5,7 +5,10 @@ mod common;
 
 use common::*;
 use dbx_core::{RejectCode, Rejection};
-use dbx_proto::{decode_client, decode_datagram, AircraftRef, Batch, ClientMessage, DecodeError};
+use dbx_proto::{
+    decode_client, decode_hello, open_datagram, AircraftRef, Batch, ClientMessage, Datagram,
+    DatagramAuth, DecodeError, End,
+};
 use uuid::Uuid;
 
 fn decode(v: &V) -> Result<ClientMessage, DecodeError> {
@@ -182,7 +185,7 @@ fn protocol_missing_or_unknown_t() {
     assert_eq!(r.code, RejectCode::Protocol);
     assert_eq!(
         r.msg,
-        "t = \"welcome\" is not a client message type (hello, batch, ping, bye)"
+        "t = \"welcome\" is not a client message type (hello, batch, end, ping, bye)"
     );
     let r = conn(&m(vec![("t", V::U(1))]));
     assert_eq!(r.code, RejectCode::Protocol);
@@ -326,6 +329,99 @@ fn batch_seq_missing_or_mistyped_is_protocol() {
         r.msg,
         "batch: seq = -1 is not an unsigned 64-bit integer, so the batch cannot be acknowledged"
     );
+}
+
+// ---- end (protocol 1.1) -----------------------------------------------------------
+
+#[test]
+fn end_carries_seq_and_session_in_every_accepted_form() {
+    let id = Uuid::parse_str(SESSION).unwrap();
+    let want = Ok(ClientMessage::End(End {
+        seq: u64::MAX,
+        session: id,
+    }));
+    let v = m(vec![
+        ("t", s("end")),
+        ("seq", V::U(u64::MAX)),
+        ("session", s(SESSION)),
+    ]);
+    assert_eq!(decode(&v), want);
+    // 16-byte binary, and keys `end` does not define (ignored), in any order.
+    let v = m(vec![
+        ("session", V::Bin(id.as_bytes().to_vec())),
+        ("aircraft", s("N1")),
+        ("seq", V::U(u64::MAX)),
+        ("t", s("end")),
+    ]);
+    assert_eq!(decode(&v), want);
+    // The encoder the Rust clients use says the same.
+    let mut b = bytes::BytesMut::new();
+    dbx_proto::encode_end(&mut b, 42, id);
+    assert_eq!(
+        decode_client(&b[4..], &limits(), NOW),
+        Ok(ClientMessage::End(End {
+            seq: 42,
+            session: id
+        }))
+    );
+}
+
+#[test]
+fn end_without_a_valid_seq_is_protocol() {
+    let r = conn(&m(vec![("t", s("end")), ("session", s(SESSION))]));
+    assert_eq!(r.code, RejectCode::Protocol);
+    assert_eq!(
+        r.msg,
+        "end: key seq is missing, so the end cannot be acknowledged"
+    );
+    let r = conn(&m(vec![
+        ("t", s("end")),
+        ("seq", s("3")),
+        ("session", s(SESSION)),
+    ]));
+    assert_eq!(r.code, RejectCode::Protocol);
+    assert_eq!(
+        r.msg,
+        "end: seq = \"3\" is not an unsigned 64-bit integer, so the end cannot be acknowledged"
+    );
+    let r = conn(&m(vec![
+        ("t", s("end")),
+        ("seq", V::U(1)),
+        ("seq", V::U(2)),
+        ("session", s(SESSION)),
+    ]));
+    assert_eq!(r.msg, "end: key seq appears twice");
+}
+
+#[test]
+fn end_with_a_bad_session_is_nacked_invalid_batch() {
+    let (seq, r) = nack(&m(vec![("t", s("end")), ("seq", V::U(5))]));
+    assert_eq!(seq, 5);
+    assert_eq!(r.code, RejectCode::InvalidBatch);
+    assert_eq!(r.msg, "end: key session is missing");
+    let (_, r) = nack(&m(vec![
+        ("t", s("end")),
+        ("seq", V::U(5)),
+        ("session", s("not-a-uuid")),
+    ]));
+    assert_eq!(
+        r.msg,
+        "end: session = \"not-a-uuid\" is not a UUID (string or 16-byte binary)"
+    );
+    let (_, r) = nack(&m(vec![
+        ("t", s("end")),
+        ("seq", V::U(5)),
+        ("session", V::Bin(vec![1; 15])),
+    ]));
+    assert_eq!(r.code, RejectCode::InvalidBatch);
+    let (_, r) = nack(&m(vec![
+        ("t", s("end")),
+        ("seq", V::U(5)),
+        ("session", s(SESSION)),
+        ("session", s(SESSION)),
+    ]));
+    assert_eq!(r.msg, "end: key session appears twice");
+    assert_eq!(r.index, None);
 }
 
 // ---- invalid_batch -----------------------------------------------------------------
@@ -794,6 +890,196 @@ fn duplicate_known_key_in_point() {
 
 // ---- extra ------------------------------------------------------------------------
 
+#[test]
+fn registration_of_20_chars_accepted_21_refused() {
+    let mk = |reg: &str| {
+        m(vec![
+            ("t", s("batch")),
+            ("seq", V::U(1)),
+            ("aircraft", s(reg)),
+            ("session", s(SESSION)),
+            ("points", V::A(vec![pt(1)])),
+        ])
+    };
+    let twenty = "ÉÉÉÉÉ-123456789012345"[..]
+        .chars()
+        .take(20)
+        .collect::<String>();
+    assert_eq!(
+        ok_batch(&mk(&twenty)).aircraft,
+        AircraftRef::Registration(twenty.clone())
+    );
+    let (_, r) = nack(&mk(&format!("{twenty}X")));
+    assert_eq!(r.code, RejectCode::InvalidBatch);
+    assert_eq!(
+        r.msg,
+        format!(
+            "batch: aircraft = \"{twenty}X\" is a registration number of 21 characters; at most 20 are allowed"
+        )
+    );
+    // Never echoed back whole: 40 characters of a 10 000-character value at most.
+    let (_, r) = nack(&mk(&"N".repeat(10_000)));
+    assert!(r.msg.len() < 200, "{}", r.msg);
+    assert!(r.msg.contains("10000 characters"), "{}", r.msg);
+}
+
+/// `n` distinct extra keys, `in_x` of them inside `x`, the rest at the top of the point.
+fn point_with_extra_keys(n: usize, in_x: usize) -> V {
+    let mut top: Vec<(V, V)> = vec![(s("ts"), V::I(NOW)), (s("seq"), V::U(1))];
+    let x: Vec<(V, V)> = (0..in_x).map(|i| (s(&format!("x{i}")), V::U(1))).collect();
+    top.extend((in_x..n).map(|i| (s(&format!("k{i}")), V::Nil)));
+    if in_x > 0 {
+        top.push((s("x"), V::M(x)));
+    }
+    V::M(top)
+}
+
+#[test]
+fn max_extra_keys_counts_top_level_and_x_together() {
+    let p = one_point(point_with_extra_keys(256, 100));
+    let v: serde_json::Value = serde_json::from_str(p.extra.as_deref().unwrap()).unwrap();
+    assert_eq!(v.as_object().unwrap().len(), 256);
+    for in_x in [0, 100, 257] {
+        assert_invalid_point(
+            match point_with_extra_keys(257, in_x) {
+                V::M(e) => V::M(e),
+                _ => unreachable!(),
+            },
+            "point 1: more than 256 extra keys (unknown keys of the point plus entries of x); max_extra_keys is 256",
+        );
+    }
+    // The limit is configurable.
+    let small = dbx_proto::Limits {
+        max_extra_keys: 2,
+        ..limits()
+    };
+    let body = enc(&batch(1, vec![point_with_extra_keys(3, 1)]));
+    match decode_client(&body, &small, NOW) {
+        Err(DecodeError::Batch { rejection, .. }) => {
+            assert_eq!(rejection.index, Some(0));
+            assert!(
+                rejection.msg.contains("max_extra_keys is 2"),
+                "{rejection:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn duplicates_are_found_past_the_linear_scan_too() {
+    // More keys than the linear scan covers, then a duplicate of an early one, at the
+    // top and in x.
+    let mut e: Vec<(&str, V)> = Vec::new();
+    let names: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+    for n in &names {
+        e.push((n.as_str(), V::U(1)));
+    }
+    e.push(("k3", V::U(2)));
+    assert_invalid_point(
+        pt_with(1, e),
+        "point 1: key \"k3\" appears twice in the point",
+    );
+    let x: Vec<(&str, V)> = names.iter().map(|n| (n.as_str(), V::U(1))).collect();
+    assert_invalid_point(
+        pt_with(1, vec![("x", m(x)), ("k39", V::Nil)]),
+        "point 1: key \"k39\" appears both in x and as a key of the point; extra can hold it only once",
+    );
+    // ... and a point after such a one starts with no keys.
+    let (_, r) = nack(&batch(
+        1,
+        vec![
+            pt_with(1, names.iter().map(|n| (n.as_str(), V::U(1))).collect()),
+            pt_with(2, vec![("k0", V::U(1)), ("k0", V::U(1))]),
+        ],
+    ));
+    assert_eq!(
+        (r.index, r.msg.as_str()),
+        (Some(1), "point 1: key \"k0\" appears twice in the point")
+    );
+}
+
+#[test]
+fn long_keys_are_quoted_cut_short() {
+    let long = "k".repeat(100_000);
+    let r = point_rejection(pt_with(
+        1,
+        vec![(long.as_str(), V::U(1)), (long.as_str(), V::U(2))],
+    ));
+    assert_eq!(r.code, RejectCode::InvalidPoint);
+    assert!(r.msg.len() < 200, "{}", r.msg);
+    assert!(r.msg.contains("(100000 bytes)"), "{}", r.msg);
+    let r = point_rejection(pt_with(1, vec![(long.as_str(), V::F64(f64::NAN))]));
+    assert!(r.msg.len() < 200, "{}", r.msg);
+}
+
+// ---- the first frame, before welcome (PROTOCOL.md 1.1) -------------------------------
+
+#[test]
+fn decode_hello_reads_only_the_hello_keys() {
+    let v = hello(vec![
+        ("v", V::U(1)),
+        ("key", s("k-1")),
+        ("gateway", s("gw")),
+        ("aircraft", s(&"N".repeat(50))),
+        (
+            "points",
+            V::A(vec![pt_with(0, vec![("lat", V::F64(99.0))])]),
+        ),
+    ]);
+    assert_eq!(
+        decode_hello(&enc(&v)),
+        Ok(dbx_proto::Hello {
+            v: 1,
+            key: "k-1".into(),
+            gateway: Some("gw".into())
+        })
+    );
+    // The same checks of the hello keys as decode_client.
+    let r = decode_hello(&enc(&hello(vec![("v", V::U(1))]))).unwrap_err();
+    assert_eq!(
+        (r.code, r.msg.as_str()),
+        (
+            RejectCode::Unauthorized,
+            "hello: key is missing or not a string"
+        )
+    );
+    let r = decode_hello(&enc(&hello(vec![("key", s("k"))]))).unwrap_err();
+    assert_eq!(r.code, RejectCode::UnsupportedVersion);
+    // Anything else first is protocol, without its points being looked at.
+    let r = decode_hello(&enc(&batch(
+        1,
+        vec![pt_with(0, vec![("lat", V::F64(99.0))])],
+    )))
+    .unwrap_err();
+    assert_eq!(
+        (r.code, r.msg.as_str()),
+        (
+            RejectCode::Protocol,
+            "expected hello as the first frame, got batch"
+        )
+    );
+    let r = decode_hello(&enc(&m(vec![("t", s("ping"))]))).unwrap_err();
+    assert_eq!(r.msg, "expected hello as the first frame, got ping");
+    let r = decode_hello(&enc(&m(vec![("t", s("nope"))]))).unwrap_err();
+    assert_eq!(r.code, RejectCode::Protocol);
+    let r = decode_hello(&enc(&m(vec![("v", V::U(1))]))).unwrap_err();
+    assert_eq!(r.msg, "the message has no key t naming its type");
+    // Still exactly one well-formed map.
+    let mut b = enc(&hello(vec![("v", V::U(1)), ("key", s("k"))]));
+    b.push(0xc0);
+    assert_eq!(decode_hello(&b).unwrap_err().code, RejectCode::BadFrame);
+    let b = enc(&hello(vec![
+        ("v", V::U(1)),
+        ("key", s("k")),
+        ("points", V::A(vec![pt(1)])),
+    ]));
+    assert_eq!(
+        decode_hello(&b[..b.len() - 2]).unwrap_err().code,
+        RejectCode::BadFrame
+    );
+}
+
 fn extra_of(point: V) -> serde_json::Value {
     let p = one_point(point);
     serde_json::from_str(p.extra.as_deref().expect("extra is set")).unwrap()
@@ -954,6 +1240,13 @@ fn datagram(entries: Vec<(&str, V)>) -> Vec<u8> {
     enc(&m(entries))
 }
 
+/// Opens and decodes a plain-key datagram, checking the key it carries.
+fn decode_datagram(buf: &[u8], key: &str) -> Result<Datagram, Rejection> {
+    let env = open_datagram(buf)?;
+    assert_eq!(env.auth, DatagramAuth::Key(key));
+    env.decode(&limits(), NOW)
+}
+
 #[test]
 fn datagram_decodes_with_or_without_t_and_seq() {
     let d = decode_datagram(
@@ -963,11 +1256,9 @@ fn datagram_decodes_with_or_without_t_and_seq() {
             ("session", s(SESSION)),
             ("points", V::A(vec![pt(1)])),
         ]),
-        &limits(),
-        NOW,
+        "k1",
     )
     .unwrap();
-    assert_eq!(d.key, "k1");
     assert_eq!(d.seq, None);
     assert_eq!(d.points.len(), 1);
     let d = decode_datagram(
@@ -979,8 +1270,7 @@ fn datagram_decodes_with_or_without_t_and_seq() {
             ("session", s(SESSION)),
             ("points", V::A(vec![pt(1)])),
         ]),
-        &limits(),
-        NOW,
+        "k1",
     )
     .unwrap();
     assert_eq!(d.seq, Some(3));
@@ -998,7 +1288,7 @@ fn datagram_rejections() {
     };
     let mut e = base();
     e.push(("t", s("hello")));
-    let r = decode_datagram(&datagram(e), &limits(), NOW).unwrap_err();
+    let r = open_datagram(&datagram(e)).unwrap_err();
     assert_eq!(r.code, RejectCode::Protocol);
     assert_eq!(
         r.msg,
@@ -1006,23 +1296,144 @@ fn datagram_rejections() {
     );
     let mut e = base();
     e.remove(0);
-    let r = decode_datagram(&datagram(e), &limits(), NOW).unwrap_err();
+    let r = open_datagram(&datagram(e)).unwrap_err();
     assert_eq!(r.code, RejectCode::Unauthorized);
     let mut e = base();
     e.push(("seq", s("1")));
-    let r = decode_datagram(&datagram(e), &limits(), NOW).unwrap_err();
+    let r = decode_datagram(&datagram(e), "k1").unwrap_err();
     assert_eq!(r.code, RejectCode::InvalidBatch);
     let mut e = base();
     e[3] = (
         "points",
         V::A(vec![pt(1), pt_with(2, vec![("sats", V::U(300))])]),
     );
-    let r = decode_datagram(&datagram(e), &limits(), NOW).unwrap_err();
+    let r = decode_datagram(&datagram(e), "k1").unwrap_err();
     assert_eq!(r.code, RejectCode::InvalidPoint);
     assert_eq!(r.index, Some(1));
     assert_eq!(r.msg, "point 1: sats = 300 is outside 0..255");
-    let r = decode_datagram(&[0x93, 1, 2, 3], &limits(), NOW).unwrap_err();
+    let r = open_datagram(&[0x93, 1, 2, 3]).unwrap_err();
     assert_eq!(r.code, RejectCode::BadFrame);
-    let r = decode_datagram(&vec![0u8; 65_508], &limits(), NOW).unwrap_err();
+    let r = open_datagram(&vec![0u8; 65_508]).unwrap_err();
     assert_eq!(r.code, RejectCode::FrameTooLarge);
+}
+
+#[test]
+fn datagram_is_opened_without_decoding_its_points() {
+    // Points that would be invalid_point (and a registration over the limit): opening
+    // only finds the key; the batch is judged by decode(), after authentication.
+    let buf = datagram(vec![
+        ("key", s("k1")),
+        ("aircraft", s(&"N".repeat(21))),
+        ("session", s(SESSION)),
+        (
+            "points",
+            V::A(vec![pt_with(0, vec![("lat", V::F64(f64::NAN))])]),
+        ),
+    ]);
+    let env = open_datagram(&buf).unwrap();
+    assert_eq!(env.auth, DatagramAuth::Key("k1"));
+    assert_eq!(env.batch_len(), buf.len());
+    let r = env.decode(&limits(), NOW).unwrap_err();
+    assert_eq!(r.code, RejectCode::InvalidBatch, "{r:?}");
+}
+
+fn mac_datagram(kid: V, mac: V, body: V) -> Vec<u8> {
+    datagram(vec![("kid", kid), ("mac", mac), ("body", body)])
+}
+
+#[test]
+fn mac_form_is_opened_and_its_body_decoded() {
+    let body = enc(&m(vec![
+        ("t", s("batch")),
+        ("seq", V::U(4)),
+        ("aircraft", s("N1")),
+        ("session", s(SESSION)),
+        ("points", V::A(vec![pt(1)])),
+        ("key", s("ignored in a body")),
+    ]));
+    let buf = mac_datagram(
+        s("00112233445566AA"),
+        V::Bin(vec![7; 16]),
+        V::Bin(body.clone()),
+    );
+    let env = open_datagram(&buf).unwrap();
+    assert_eq!(
+        env.auth,
+        DatagramAuth::Mac {
+            kid: 0x0011_2233_4455_66aa,
+            mac: [7; 16],
+            body: &body
+        }
+    );
+    assert_eq!(env.batch_len(), body.len());
+    let d = env.decode(&limits(), NOW).unwrap();
+    assert_eq!((d.seq, d.points.len()), (Some(4), 1));
+}
+
+#[test]
+fn mac_form_rejections() {
+    let body = || V::Bin(enc(&m(vec![("aircraft", s("N1"))])));
+    let kid = || s("0011223344556677");
+    let mac = || V::Bin(vec![0; 16]);
+    for (buf, msg) in [
+        (
+            mac_datagram(s("0011"), mac(), body()),
+            "datagram: kid is missing or not 16 hex digits",
+        ),
+        (
+            mac_datagram(s("001122334455667g"), mac(), body()),
+            "datagram: kid is missing or not 16 hex digits",
+        ),
+        (
+            mac_datagram(kid(), V::Bin(vec![0; 15]), body()),
+            "datagram: mac is missing or not 16 bytes of binary",
+        ),
+        (
+            mac_datagram(kid(), s("0123456789abcdef"), body()),
+            "datagram: mac is missing or not 16 bytes of binary",
+        ),
+        (
+            mac_datagram(kid(), mac(), s("a map in a string")),
+            "datagram: body is missing or not binary",
+        ),
+        (
+            datagram(vec![("kid", kid()), ("mac", mac())]),
+            "datagram: body is missing or not binary",
+        ),
+        (
+            datagram(vec![
+                ("kid", kid()),
+                ("kid", kid()),
+                ("mac", mac()),
+                ("body", body()),
+            ]),
+            "datagram: key kid appears twice",
+        ),
+    ] {
+        let r = open_datagram(&buf).unwrap_err();
+        assert_eq!((r.code, r.msg.as_str()), (RejectCode::Unauthorized, msg));
+    }
+    let both = datagram(vec![
+        ("key", s("k")),
+        ("kid", kid()),
+        ("mac", mac()),
+        ("body", body()),
+    ]);
+    let r = open_datagram(&both).unwrap_err();
+    assert_eq!(r.code, RejectCode::Protocol);
+    // A body that is not a map is a bad frame; one naming another type is protocol.
+    let r = open_datagram(&mac_datagram(kid(), mac(), V::Bin(vec![0x93, 1, 2, 3])))
+        .unwrap()
+        .decode(&limits(), NOW)
+        .unwrap_err();
+    assert_eq!(r.code, RejectCode::BadFrame);
+    let r = open_datagram(&mac_datagram(
+        kid(),
+        mac(),
+        V::Bin(enc(&m(vec![("t", s("hello"))]))),
+    ))
+    .unwrap()
+    .decode(&limits(), NOW)
+    .unwrap_err();
+    assert_eq!(r.code, RejectCode::Protocol);
 }

@@ -72,7 +72,11 @@ fn oversized_prefix_refused_before_the_body() {
     let mut codec = FrameCodec::new(100);
     let mut buf = BytesMut::from(&101u32.to_be_bytes()[..]);
     match codec.decode(&mut buf) {
-        Err(e @ FrameError::TooLarge { len: 101, max: 100 }) => {
+        Err(
+            e @ FrameError::TooLarge {
+                len: 101, max: 100, ..
+            },
+        ) => {
             let r = e.rejection().unwrap();
             assert_eq!(r.code, RejectCode::FrameTooLarge);
             assert_eq!(
@@ -95,7 +99,8 @@ fn oversized_prefix_refused_before_the_body() {
         codec.decode(&mut buf),
         Err(FrameError::TooLarge {
             len: u32::MAX,
-            max: 1_048_576
+            max: 1_048_576,
+            ..
         })
     ));
     assert!(buf.capacity() < 1024);

@@ -10,10 +10,21 @@ use bytes::BytesMut;
 use common::*;
 use dbx_core::Point;
 use dbx_proto::{
-    decode_client, decode_datagram, encode_batch_with, encode_bye, encode_datagram, encode_hello,
-    encode_ping, AircraftRef, EncodeOptions, PointForm, TimestampForm,
+    decode_client, encode_batch_with, encode_bye, encode_datagram, encode_datagram_mac,
+    encode_hello, encode_ping, open_datagram, AircraftRef, EncodeOptions, PointForm, TimestampForm,
 };
 use uuid::Uuid;
+
+/// The signature both datagram encoders share.
+type EncodeDatagram = fn(
+    &mut BytesMut,
+    &str,
+    Option<u64>,
+    &AircraftRef,
+    Uuid,
+    &[Point],
+    EncodeOptions,
+) -> Result<(), dbx_proto::EncodeError>;
 
 fn points() -> Vec<Point> {
     let mut a = Point::new(NOW - 1_000_001, 1);
@@ -98,25 +109,54 @@ fn write_fuzz_corpus() {
         std::fs::write(points_dir.join(format!("batch{i}")), body).unwrap();
     }
     for (i, form) in [PointForm::Map, PointForm::Array].into_iter().enumerate() {
-        let mut d = BytesMut::new();
         let opts = EncodeOptions {
             form,
             ..EncodeOptions::default()
         };
         let seq = (i == 0).then_some(9);
-        encode_datagram(
-            &mut d,
-            "secret-key",
-            seq,
-            &AircraftRef::Registration("N1".into()),
-            Uuid::from_u128(5),
-            &points(),
-            opts,
-        )
-        .unwrap();
-        let dg = decode_datagram(&d, &limits(), NOW).unwrap();
-        assert_eq!(dg.points, points());
-        std::fs::write(points_dir.join(format!("datagram{i}")), &d).unwrap();
+        for (name, encode) in [
+            ("datagram", encode_datagram as EncodeDatagram),
+            ("datagram_mac", encode_datagram_mac),
+        ] {
+            let mut d = BytesMut::new();
+            encode(
+                &mut d,
+                "secret-key",
+                seq,
+                &AircraftRef::Registration("N1".into()),
+                Uuid::from_u128(5),
+                &points(),
+                opts,
+            )
+            .unwrap();
+            let dg = open_datagram(&d).unwrap().decode(&limits(), NOW).unwrap();
+            assert_eq!(dg.points, points());
+            std::fs::write(points_dir.join(format!("{name}{i}")), &d).unwrap();
+        }
     }
     assert!(std::fs::read_dir(&frames_dir).unwrap().count() >= 4);
+
+    // hello_decoder: first frames, a hello with points before its t among them.
+    let hello_dir = root.join("hello_decoder");
+    std::fs::create_dir_all(&hello_dir).unwrap();
+    let mut h = BytesMut::new();
+    encode_hello(&mut h, "secret-key", Some("gateway-1"));
+    std::fs::write(hello_dir.join("hello"), &h[4..]).unwrap();
+    let with_points = enc(&m(vec![
+        ("points", V::A(vec![pt(1), pt_with(2, vec![("k", V::Nil)])])),
+        ("t", s("hello")),
+        ("v", V::U(1)),
+        ("key", s("k")),
+    ]));
+    assert!(dbx_proto::decode_hello(&with_points).is_ok());
+    std::fs::write(hello_dir.join("hello_with_points"), &with_points).unwrap();
+    std::fs::write(hello_dir.join("batch"), &batches[0][4..]).unwrap();
+
+    // udp_datagram: datagrams of both forms, and bare batch bodies (the MAC body).
+    let udp_dir = root.join("udp_datagram");
+    std::fs::create_dir_all(&udp_dir).unwrap();
+    for entry in std::fs::read_dir(&points_dir).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), udp_dir.join(entry.file_name())).unwrap();
+    }
 }

@@ -7,8 +7,8 @@ use bytes::BytesMut;
 use common::*;
 use dbx_core::Point;
 use dbx_proto::{
-    decode_client, decode_datagram, encode_batch_with, encode_datagram, AircraftRef, ClientMessage,
-    EncodeOptions, FrameCodec, PointForm, TimestampForm,
+    decode_client, encode_batch_with, encode_datagram, encode_datagram_mac, open_datagram,
+    AircraftRef, ClientMessage, DatagramAuth, EncodeOptions, FrameCodec, PointForm, TimestampForm,
 };
 use proptest::prelude::*;
 use tokio_util::codec::Decoder;
@@ -152,19 +152,34 @@ proptest! {
         }
     }
 
+    /// Both datagram forms: the plain one carries the key; the MAC form does not, its
+    /// MAC verifies with the key's hash only, and its body carries the same batch.
     #[test]
     fn datagram_round_trips(
         points in prop::collection::vec(point(), 1..5),
         seq in opt(any::<u64>()),
         key in "[ -~]{1,40}",
         opts in options(),
+        mac_form in any::<bool>(),
     ) {
         let session = Uuid::from_u128(42);
         let aircraft = AircraftRef::Registration("N1".into());
         let mut buf = BytesMut::new();
-        encode_datagram(&mut buf, &key, seq, &aircraft, session, &points, opts).unwrap();
-        let d = decode_datagram(&buf, &limits(), NOW).unwrap();
-        prop_assert_eq!(&d.key, &key);
+        let encode = if mac_form { encode_datagram_mac } else { encode_datagram };
+        encode(&mut buf, &key, seq, &aircraft, session, &points, opts).unwrap();
+        let env = open_datagram(&buf).unwrap();
+        let hash = dbx_proto::mac::key_hash(&key);
+        match env.auth {
+            DatagramAuth::Key(k) => prop_assert!(!mac_form && k == key),
+            DatagramAuth::Mac { kid, mac, body } => {
+                prop_assert!(mac_form);
+                prop_assert!(key.len() < 8 || !buf.windows(key.len()).any(|w| w == key.as_bytes()));
+                prop_assert_eq!(kid, dbx_proto::mac::key_id(&hash));
+                prop_assert!(dbx_proto::mac::verify_body_mac(&hash, body, &mac));
+                prop_assert!(!dbx_proto::mac::verify_body_mac(&dbx_proto::mac::key_hash("other"), body, &mac));
+            }
+        }
+        let d = env.decode(&limits(), NOW).unwrap();
         prop_assert_eq!(d.seq, seq);
         prop_assert_eq!(d.session, session);
         assert_same(&d.points, &points);
@@ -185,7 +200,7 @@ proptest! {
             max_future: std::time::Duration::from_micros(u64::MAX / 2),
             ..limits()
         };
-        let d = decode_datagram(&buf, &wide, 0).unwrap();
+        let d = open_datagram(&buf).unwrap().decode(&wide, 0).unwrap();
         prop_assert_eq!(d.points[0].ts_micros, ts);
     }
 }

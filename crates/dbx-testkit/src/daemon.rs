@@ -1,5 +1,6 @@
 //! A real `dbx serve` process for end-to-end tests: started on port 0 against a
-//! test database, with the addresses it bound read from its `--ready-file`.
+//! test database, with the addresses it bound read from its `--ready-file`; and
+//! [`run_cli`] for the one-shot commands (`setup`, `check`, `partitions`, …).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Daemon {
     child: Child,
-    /// Plain TCP address.
+    /// Plain TCP address (`0.0.0.0:0` when the daemon serves TLS only).
     pub tcp: SocketAddr,
     /// TLS address, when configured.
     pub tls: Option<SocketAddr>,
@@ -66,7 +67,10 @@ impl Daemon {
             if let Ok(text) = std::fs::read_to_string(&ready) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                     let addr = |k: &str| v[k].as_str().and_then(|s| s.parse().ok());
-                    d.tcp = addr("tcp").expect("tcp address in ready file");
+                    // `null` when the daemon serves TLS only (listener.plaintext = false).
+                    if let Some(tcp) = addr("tcp") {
+                        d.tcp = tcp;
+                    }
                     d.http = addr("http").expect("http address in ready file");
                     d.tls = addr("tls");
                     d.udp = addr("udp");
@@ -132,6 +136,26 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `bin` with `args` and an environment of only PATH and `env` (nothing of the test's
+/// own environment leaks in): whether it succeeded, and its stdout followed by its stderr.
+pub fn run_cli(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// A loopback address on a port free right now, for a daemon that must come back on the

@@ -38,7 +38,20 @@ impl Env {
 
     /// Same, with the organization limited to `rate` points per second.
     pub async fn start_with_rate(bin: &Path, env: &[(&str, &str)], rate: Option<i32>) -> Env {
-        let (db, ingest_url) = TestDb::migrated().await;
+        Env::start_on(bin, env, rate, TestDb::migrated().await).await
+    }
+
+    /// [`Env::start`] on the TLS cluster: the daemon connects with `sslmode=verify-full`.
+    pub async fn start_tls(bin: &Path, env: &[(&str, &str)]) -> Env {
+        Env::start_on(bin, env, None, TestDb::migrated_tls().await).await
+    }
+
+    async fn start_on(
+        bin: &Path,
+        env: &[(&str, &str)],
+        rate: Option<i32>,
+        (db, ingest_url): (TestDb, String),
+    ) -> Env {
         let client = db.client().await;
         let org = Fixture::org(&client, "ACME", rate).await;
         let registration = "N100AC".to_string();

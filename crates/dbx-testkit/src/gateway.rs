@@ -18,6 +18,17 @@ use uuid::Uuid;
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// What [`TestGateway::poll`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Polled {
+    /// A server message.
+    Message(ServerMessage),
+    /// Nothing within the time given (the connection is still open).
+    Nothing,
+    /// The server closed the connection (or it broke).
+    Closed,
+}
+
 /// A connected test gateway.
 pub struct TestGateway {
     stream: Box<dyn Stream>,
@@ -126,6 +137,13 @@ impl TestGateway {
         self.send_raw(&b).await;
     }
 
+    /// Sends `end` (protocol 1.1): the flight session is over.
+    pub async fn send_end(&mut self, seq: u64, session: Uuid) {
+        let mut b = BytesMut::new();
+        dbx_proto::encode_end(&mut b, seq, session);
+        self.send_raw(&b).await;
+    }
+
     /// Sends `bye`.
     pub async fn send_bye(&mut self) {
         let mut b = BytesMut::new();
@@ -143,6 +161,15 @@ impl TestGateway {
     /// The next server message, or `None` when the server closed (or after 20 s).
     pub async fn recv(&mut self) -> Option<ServerMessage> {
         self.recv_within(Duration::from_secs(20)).await
+    }
+
+    /// The next server message within `limit`, telling a quiet server from a closed one.
+    pub async fn poll(&mut self, limit: Duration) -> Polled {
+        match tokio::time::timeout(limit, self.recv_inner()).await {
+            Err(_) => Polled::Nothing,
+            Ok(Some(m)) => Polled::Message(m),
+            Ok(None) => Polled::Closed,
+        }
     }
 
     /// The next server message within `limit`.

@@ -12,6 +12,12 @@
 //! install, never a silent skip; so is a missing program or Python environment of
 //! [`prereq`] (the ones `scripts/test` brings).
 //!
+//! A second cluster, started only by the tests that ask for it ([`TestDb::new_tls`]), runs
+//! as production should: `ssl = on` with a certificate from a private CA, TCP only over TLS
+//! (`hostnossl … reject`), and `cert` authentication for [`CERT_USER`]. Its URLs carry
+//! `sslmode=verify-full` and the CA file. Every connection the kit makes goes through
+//! `dbx_pg`, like the daemon's.
+//!
 //! ```no_run
 //! # async fn t() {
 //! let db = dbx_testkit::TestDb::new().await;
@@ -24,10 +30,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-use dbx_control::cluster::{random_token, urlencode, ClusterOptions, LocalCluster};
+use dbx_control::cluster::{random_token, urlencode, ClusterOptions, ClusterTls, LocalCluster};
 use dbx_control::postgis::PostgisMode;
-use tokio_postgres::{Client, NoTls};
+use dbx_pg::{Connector, TlsOptions};
+use tokio_postgres::Client;
 
+pub mod attack;
 pub mod broker;
 pub mod daemon;
 pub mod env;
@@ -36,7 +44,7 @@ pub mod gateway;
 pub mod prereq;
 
 pub use broker::TestBroker;
-pub use daemon::Daemon;
+pub use daemon::{run_cli, Daemon};
 pub use env::Env;
 pub use fixtures::{Fixture, Org};
 pub use gateway::TestGateway;
@@ -46,7 +54,7 @@ pub use dbx_control::cluster::LocalCluster as Cluster;
 /// Where the databases of this test process live.
 enum Backend {
     /// Our own cluster.
-    Local(LocalCluster),
+    Local(Box<LocalCluster>),
     /// An existing server named by `DBX_TEST_DATABASE_URL`.
     External {
         host: String,
@@ -79,19 +87,90 @@ impl Backend {
     }
 }
 
-fn backend() -> &'static Backend {
-    static BACKEND: OnceLock<Backend> = OnceLock::new();
+/// A server of this test process: where it is, and what the kit did to it once.
+struct Server {
+    backend: Backend,
+    /// Client-side files of the TLS cluster.
+    tls: Option<TlsFiles>,
+    /// `dbx_ingest_service`'s password was set (roles are cluster-wide; see `migrated`).
+    ingest_password: tokio::sync::OnceCell<()>,
+}
+
+/// The client-side files of the TLS cluster.
+#[derive(Debug)]
+pub struct TlsFiles {
+    /// The CA certificate that signed the server's certificate (`sslrootcert`).
+    pub ca: PathBuf,
+    /// A client certificate (CN = [`CERT_USER`]) signed by that CA (`sslcert`).
+    pub client_cert: PathBuf,
+    /// Its key, mode 0600 (`sslkey`).
+    pub client_key: PathBuf,
+}
+
+/// The user the TLS cluster authenticates by client certificate (`cert` in pg_hba.conf).
+/// Roles are cluster-wide: the tests that use it create it.
+pub const CERT_USER: &str = "dbx_cert_user";
+
+fn server(backend: Backend, tls: Option<TlsFiles>) -> Server {
+    Server {
+        backend,
+        tls,
+        ingest_password: tokio::sync::OnceCell::const_new(),
+    }
+}
+
+fn backend() -> &'static Server {
+    static BACKEND: OnceLock<Server> = OnceLock::new();
     BACKEND.get_or_init(|| {
         if let Ok(url) = std::env::var("DBX_TEST_DATABASE_URL") {
-            return external_backend(&url);
+            return server(external_backend(&url), None);
         }
         let dir = temp_cluster_dir();
-        let cluster = LocalCluster::init(ClusterOptions::for_tests(dir))
-            .unwrap_or_else(|e| panic!("dbx-testkit: {e}"));
-        cluster
-            .start()
-            .unwrap_or_else(|e| panic!("dbx-testkit: {e}"));
-        Backend::Local(cluster)
+        server(
+            Backend::Local(Box::new(start(ClusterOptions::for_tests(dir)))),
+            None,
+        )
+    })
+}
+
+fn start(options: ClusterOptions) -> LocalCluster {
+    let cluster = LocalCluster::init(options).unwrap_or_else(|e| panic!("dbx-testkit: {e}"));
+    cluster
+        .start()
+        .unwrap_or_else(|e| panic!("dbx-testkit: {e}"));
+    cluster
+}
+
+/// The TLS cluster: always a private one (the kit must own its configuration).
+fn tls_backend() -> &'static Server {
+    static TLS: OnceLock<Server> = OnceLock::new();
+    TLS.get_or_init(|| {
+        let dir = temp_cluster_dir();
+        let (mut tls, pki) = ClusterTls::generate(true)
+            .unwrap_or_else(|e| panic!("dbx-testkit: TLS cluster certificates: {e}"));
+        tls.cert_users = vec![CERT_USER.to_string()];
+        let client = pki
+            .client(CERT_USER)
+            .unwrap_or_else(|e| panic!("dbx-testkit: client certificate: {e}"));
+        let mut options = ClusterOptions::for_tests(dir.clone());
+        options.tls = Some(tls);
+        let cluster = start(options);
+        let files = dir.join("client");
+        std::fs::create_dir_all(&files).expect("dbx-testkit: client certificate directory");
+        let write = |name: &str, text: &str, mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            let p = files.join(name);
+            std::fs::write(&p, text).expect("dbx-testkit: writing a client file");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+                .expect("dbx-testkit: chmod a client file");
+            p
+        };
+        let tls = TlsFiles {
+            ca: cluster.ca_file().expect("a TLS cluster has a CA file"),
+            client_cert: write("client.crt", &client.cert_pem, 0o644),
+            client_key: write("client.key", &client.key_pem, 0o600),
+        };
+        server(Backend::Local(Box::new(cluster)), Some(tls))
     })
 }
 
@@ -223,19 +302,39 @@ impl Drop for OwnCluster {
     }
 }
 
-/// A fresh database for one test, on the process's cluster.
-#[derive(Debug, Clone)]
+/// A fresh database for one test, on the process's cluster (or its TLS cluster).
+#[derive(Clone)]
 pub struct TestDb {
     name: String,
+    server: &'static Server,
+}
+
+impl std::fmt::Debug for TestDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestDb")
+            .field("name", &self.name)
+            .field("tls", &self.server.tls.is_some())
+            .finish()
+    }
 }
 
 impl TestDb {
     /// Creates a fresh, empty database (starting the cluster on first use).
     pub async fn new() -> TestDb {
+        Self::on(backend).await
+    }
+
+    /// Creates a fresh, empty database on the TLS cluster (started on first use).
+    pub async fn new_tls() -> TestDb {
+        Self::on(tls_backend).await
+    }
+
+    async fn on(which: fn() -> &'static Server) -> TestDb {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let b = tokio::task::spawn_blocking(backend)
+        let server = tokio::task::spawn_blocking(which)
             .await
             .expect("starting the test cluster");
+        let b = &server.backend;
         let name = format!(
             "dbx_test_{}_{}_{}",
             std::process::id(),
@@ -248,13 +347,29 @@ impl TestDb {
             .batch_execute(&format!("CREATE DATABASE \"{name}\" ENCODING 'UTF8'"))
             .await
             .unwrap_or_else(|e| panic!("dbx-testkit: creating database {name}: {e}"));
-        TestDb { name }
+        TestDb { name, server }
+    }
+
+    /// The client-side files of the TLS cluster (starting it on first use).
+    pub fn tls_files() -> &'static TlsFiles {
+        tls_backend()
+            .tls
+            .as_ref()
+            .expect("the TLS cluster has client files")
+    }
+
+    /// The TLS cluster.
+    pub fn tls_cluster() -> &'static LocalCluster {
+        match &tls_backend().backend {
+            Backend::Local(c) => c,
+            Backend::External { .. } => unreachable!("the TLS cluster is always local"),
+        }
     }
 
     /// The process's cluster (to stop and start it in outage tests). Panics when
     /// the tests run against `DBX_TEST_DATABASE_URL`, which we do not own.
     pub fn cluster() -> &'static LocalCluster {
-        match backend() {
+        match &backend().backend {
             Backend::Local(c) => c,
             Backend::External { .. } => {
                 panic!("dbx-testkit: this test stops the server; it cannot run with DBX_TEST_DATABASE_URL")
@@ -269,19 +384,19 @@ impl TestDb {
 
     /// The superuser's URL to this database.
     pub fn url(&self) -> String {
-        let (user, password) = backend().superuser();
-        backend().url_for(user, password, &self.name)
+        self.server_url(&self.name)
     }
 
     /// A URL to this database as `user` with `password`.
     pub fn url_for(&self, user: &str, password: &str) -> String {
-        backend().url_for(user, password, &self.name)
+        self.server.backend.url_for(user, password, &self.name)
     }
 
     /// The superuser's URL to another database of the same server.
     pub fn server_url(&self, db: &str) -> String {
-        let (user, password) = backend().superuser();
-        backend().url_for(user, password, db)
+        let b = &self.server.backend;
+        let (user, password) = b.superuser();
+        b.url_for(user, password, db)
     }
 
     /// A connected client to this database as the superuser.
@@ -299,15 +414,23 @@ impl TestDb {
 
     /// [`TestDb::migrated`] on the branch of the schema `postgis` chooses.
     pub async fn migrated_with(postgis: PostgisMode) -> (TestDb, String) {
-        let db = TestDb::new().await;
+        Self::migrate(TestDb::new().await, postgis).await
+    }
+
+    /// [`TestDb::migrated`] on the TLS cluster.
+    pub async fn migrated_tls() -> (TestDb, String) {
+        Self::migrate(TestDb::new_tls().await, PostgisMode::Auto).await
+    }
+
+    async fn migrate(db: TestDb, postgis: PostgisMode) -> (TestDb, String) {
         let mut client = db.client().await;
         dbx_control::migrate::apply_with(&mut client, postgis)
             .await
             .unwrap_or_else(|e| panic!("dbx-testkit: migrations failed: {e}"));
         // Roles are cluster-wide and concurrent ALTER ROLEs of one role fail with
         // "tuple concurrently updated": set the password once per process.
-        static PASSWORD_SET: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-        PASSWORD_SET
+        db.server
+            .ingest_password
             .get_or_init(|| async {
                 client
                     .batch_execute(&format!(
@@ -325,15 +448,27 @@ impl TestDb {
 /// The password every test gives `dbx_ingest_service`.
 pub const INGEST_TEST_PASSWORD: &str = "dbx-ingest-test-password";
 
-/// Connects to `url` (no TLS), driving the connection on a background task.
+/// A connector for `url` with its own TLS parameters only (no `database.*` options).
+pub fn connector(url: &str) -> Connector {
+    Connector::new(url, &TlsOptions::default(), "test URL")
+        .unwrap_or_else(|e| panic!("dbx-testkit: {e}"))
+}
+
+/// Connects to `url` (with the TLS its parameters ask for), driving the connection on a
+/// background task.
 pub async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+    connector(url)
+        .connect()
         .await
-        .unwrap_or_else(|e| panic!("dbx-testkit: connecting to the test server: {e}"));
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
+        .unwrap_or_else(|e| panic!("dbx-testkit: connecting to the test server: {e}"))
+}
+
+/// A connection pool of at most `size` connections to `url` (connections are made on
+/// first use), the way the daemon builds its own.
+pub fn pool(url: &str, size: usize) -> deadpool_postgres::Pool {
+    connector(url)
+        .pool(size)
+        .unwrap_or_else(|e| panic!("dbx-testkit: building a pool: {e}"))
 }
 
 /// How often [`wait_until`] and [`wait_count`] look again.
@@ -415,12 +550,12 @@ mod tests {
     async fn wrong_password_is_refused() {
         let db = TestDb::new().await;
         let url = db.url_for("postgres", "definitely-wrong");
-        let err = match tokio_postgres::connect(&url, NoTls).await {
+        let err = match connector(&url).connect().await {
             Ok(_) => panic!("a wrong password was accepted"),
             Err(e) => e,
         };
         assert_eq!(
-            err.code(),
+            err.pg_error().and_then(|e| e.code()),
             Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD),
             "{err:?}"
         );

@@ -17,6 +17,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     /// Gateway-facing servers.
     pub listener: dbx_listener::ListenerConfig,
+    /// Process-wide resource limits.
+    pub limits: LimitsConfig,
     /// Batching and COPY.
     pub batcher: dbx_batcher::BatcherConfig,
     /// The MQTT input (off unless `mqtt.url` is set).
@@ -25,6 +27,8 @@ pub struct Config {
     pub spool: dbx_batcher::spool::SpoolConfig,
     /// Partition upkeep: premake, sweep, archival, retention, view refresh.
     pub partitions: dbx_control::partitions::PartitionsConfig,
+    /// Flight sessions: when they are completed without an `end`.
+    pub sessions: dbx_control::sessions::SessionsConfig,
     /// The database health collector.
     pub health: HealthConfig,
     /// The daemon's own metrics.
@@ -48,6 +52,16 @@ pub struct DatabaseConfig {
     pub admin_url: String,
     /// Seconds to wait for a connection.
     pub connect_timeout_secs: u64,
+    /// libpq's `sslmode` for every connection; unset = the URL's, else `prefer`.
+    pub sslmode: Option<dbx_pg::SslMode>,
+    /// CA certificate file (PEM) the server's certificate must chain to, or `system`.
+    pub sslrootcert: Option<String>,
+    /// Client certificate (PEM) for `cert` authentication.
+    pub sslcert: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600).
+    pub sslkey: Option<PathBuf>,
+    /// Refuse every connection to PostgreSQL that is not TLS-encrypted.
+    pub require_tls: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -56,6 +70,80 @@ impl Default for DatabaseConfig {
             url: "postgresql://dbx_ingest_service@localhost:5432/dbx_aviation".into(),
             admin_url: String::new(),
             connect_timeout_secs: 10,
+            sslmode: None,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+            require_tls: false,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// The TLS keys, as options on top of every connection string.
+    pub fn tls(&self) -> dbx_pg::TlsOptions {
+        dbx_pg::TlsOptions {
+            sslmode: self.sslmode,
+            sslrootcert: self.sslrootcert.clone(),
+            sslcert: self.sslcert.clone(),
+            sslkey: self.sslkey.clone(),
+            require_tls: self.require_tls,
+        }
+    }
+
+    /// A connector for `url` (named `origin` in errors) with the TLS keys and, unless the
+    /// URL sets its own, `connect_timeout_secs`. Every connection of every command is made
+    /// by one of these.
+    pub fn connector(&self, url: &str, origin: &str) -> Result<dbx_pg::Connector, dbx_pg::PgError> {
+        let mut c = dbx_pg::Connector::new(url, &self.tls(), origin)?;
+        self.apply_timeout(&mut c);
+        Ok(c)
+    }
+
+    /// Same, for a configuration built field by field (`dbx setup` from DB_HOST & co.).
+    pub fn connector_for(
+        &self,
+        pg: tokio_postgres::Config,
+        origin: &str,
+    ) -> Result<dbx_pg::Connector, dbx_pg::PgError> {
+        let mut c = dbx_pg::Connector::from_config(pg, &self.tls(), origin)?;
+        self.apply_timeout(&mut c);
+        Ok(c)
+    }
+
+    fn apply_timeout(&self, c: &mut dbx_pg::Connector) {
+        if c.pg_config().get_connect_timeout().is_none() {
+            c.pg_config_mut()
+                .connect_timeout(std::time::Duration::from_secs(
+                    self.connect_timeout_secs.max(1),
+                ));
+        }
+    }
+
+    /// The control plane's URL (`admin_url`, else `url`) and its name.
+    pub fn admin(&self) -> (&str, &'static str) {
+        if self.admin_url.is_empty() {
+            (&self.url, "database.url")
+        } else {
+            (&self.admin_url, "database.admin_url")
+        }
+    }
+}
+
+/// `[limits]`: bounds on what the daemon holds for its peers, whoever they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The byte budget of every frame and decoded batch between its read and its
+    /// ack/nack (UDP: until written); the worst case of the daemon's memory is a formula
+    /// of it, in config/dbx.toml.
+    pub max_buffered_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_buffered_bytes: 256 << 20,
         }
     }
 }
@@ -118,6 +206,20 @@ impl Config {
         self.partitions
             .validate()
             .map_err(|(key, m)| key_err(&format!("partitions.{key}"), m))?;
+        self.sessions
+            .validate()
+            .map_err(|(key, m)| key_err(&format!("sessions.{key}"), m))?;
+        // Room for at least one frame of the largest size (its decoded bound is larger
+        // still; a charge is capped at the whole budget, so such a frame then passes alone).
+        let min_budget = self.listener.max_frame_bytes as u64;
+        if self.limits.max_buffered_bytes < min_budget {
+            return Err(key_err(
+                "limits.max_buffered_bytes",
+                format!(
+                    "must be at least listener.max_frame_bytes ({min_budget}); a frame must fit in the budget"
+                ),
+            ));
+        }
         if self.metrics.max_org_labels > MAX_ORG_LABELS_LIMIT {
             return Err(key_err(
                 "metrics.max_org_labels",
@@ -138,13 +240,12 @@ impl Config {
                 ),
             ));
         }
-        if self.database.url.parse::<tokio_postgres::Config>().is_err() {
-            return Err(key_err(
-                "database.url",
-                "is not a valid PostgreSQL URL (postgresql://user:password@host:port/dbname)"
-                    .into(),
-            ));
-        }
+        // Builds the connectors once: a malformed URL, a contradictory or missing TLS setting,
+        // an unreadable certificate or `require_tls` with sslmode=disable stop the start here.
+        self.database
+            .connector(&self.database.url, "database.url")?;
+        let (admin, origin) = self.database.admin();
+        self.database.connector(admin, origin)?;
         Ok(())
     }
 }
@@ -260,6 +361,9 @@ pub enum ConfigError {
         /// The parser's message (with line and column).
         message: String,
     },
+    /// A connection string or TLS setting of `[database]` is unusable (the message names it).
+    #[error(transparent)]
+    Database(#[from] dbx_pg::PgError),
     /// A key has a bad value or is unknown.
     #[error("config key `{key}`: {message}{}", source_hint(.from_env))]
     Key {
@@ -481,5 +585,82 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn tls_keys_come_from_file_and_environment_and_are_checked() {
+        let c: Config = load_with_env(
+            None,
+            &env(&[
+                ("DBX_DATABASE__SSLMODE", "verify-full"),
+                ("DBX_DATABASE__SSLROOTCERT", "system"),
+                ("DBX_DATABASE__REQUIRE_TLS", "true"),
+            ]),
+        )
+        .unwrap();
+        let tls = c.database.tls();
+        assert_eq!(tls.sslmode, Some(dbx_pg::SslMode::VerifyFull));
+        assert_eq!(tls.sslrootcert.as_deref(), Some("system"));
+        assert!(tls.require_tls);
+
+        let e = load_with_env::<Config>(None, &env(&[("DBX_DATABASE__SSLMODE", "verify_full")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("database.sslmode") && e.contains("verify-full"),
+            "{e}"
+        );
+
+        // A URL parameter and a key that disagree: the start is refused, naming both.
+        let c: Config = load_with_env(
+            None,
+            &env(&[
+                (
+                    "DATABASE_URL",
+                    "postgresql://u:pw@db.example/d?sslmode=require",
+                ),
+                ("DBX_DATABASE__SSLMODE", "disable"),
+            ]),
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("database.url")
+                && e.contains("sslmode=require")
+                && e.contains("database.sslmode = \"disable\""),
+            "{e}"
+        );
+
+        // require_tls with a plaintext sslmode names the host and the setting, not the password.
+        let c: Config = load_with_env(
+            None,
+            &env(&[
+                (
+                    "DATABASE_URL",
+                    "postgresql://u:pw@db.example/d?sslmode=disable",
+                ),
+                ("DBX_DATABASE__REQUIRE_TLS", "true"),
+            ]),
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("db.example") && e.contains("database.require_tls") && !e.contains("pw@"),
+            "{e}"
+        );
+        // The admin URL is checked too.
+        let c: Config = load_with_env(
+            None,
+            &env(&[(
+                "DBX_DATABASE__ADMIN_URL",
+                "postgresql://u@h/d?sslnegotiation=direct",
+            )]),
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("database.admin_url") && e.contains("sslnegotiation=direct"),
+            "{e}"
+        );
     }
 }

@@ -9,6 +9,11 @@
 //! reconnects with backoff and resends every unacked batch first, on new batch
 //! seqs — the daemon drops what it already stored, so the table ends up with each
 //! point exactly once. A `nack` is final: the batch is counted and never resent.
+//!
+//! A TCP/TLS gateway ends each flight's session with `end` (protocol 1.1) when the
+//! flight lands, and every flight still in the air when the run is over; an unacked
+//! `end` is resent like a batch. A run stopped early (Ctrl-C), and UDP, which has no
+//! `end`, leave their sessions to the daemon's idle timeout.
 
 use std::collections::VecDeque;
 use std::io;
@@ -44,6 +49,16 @@ pub enum Transport {
     Mqtt,
 }
 
+/// How UDP datagrams say which key sent them (PROTOCOL.md 1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UdpAuth {
+    /// `kid`/`mac`/`body`: the key never travels.
+    Mac,
+    /// The key in clear (`key`, protocol v1).
+    Key,
+}
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct LoadgenConfig {
@@ -77,6 +92,8 @@ pub struct LoadgenConfig {
     pub seed: u64,
     /// The broker, for [`Transport::Mqtt`].
     pub mqtt: Option<MqttTarget>,
+    /// UDP only: the MAC form or the key in clear.
+    pub udp_auth: UdpAuth,
 }
 
 /// Counters shared by the fleet and the progress display.
@@ -94,6 +111,8 @@ pub struct Stats {
     pub batches: AtomicU64,
     /// Reconnects.
     pub reconnects: AtomicU64,
+    /// Flight sessions ended with an acknowledged `end`.
+    pub sessions_ended: AtomicU64,
     latency: Mutex<Option<Histogram<u64>>>,
     /// First fatal error (e.g. the key was refused).
     pub fatal: Mutex<Option<String>>,
@@ -144,6 +163,8 @@ pub struct Summary {
     pub batches_sent: u64,
     /// Reconnects.
     pub reconnects: u64,
+    /// Flight sessions ended with an acknowledged `end`.
+    pub sessions_ended: u64,
     /// Acked points per second (sent per second for UDP).
     pub throughput_per_sec: f64,
     /// Ack latency percentiles, milliseconds.
@@ -185,6 +206,7 @@ impl std::fmt::Display for Summary {
             "  resent         {} points over {} reconnects",
             self.points_resent, self.reconnects
         )?;
+        writeln!(f, "  sessions ended {}", self.sessions_ended)?;
         writeln!(
             f,
             "  throughput     {:.0} points/s",
@@ -202,12 +224,15 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// A batch kept until acked.
+/// A batch, or the `end` of a session, kept until acked.
 #[derive(Debug)]
 struct Pending {
     aircraft: String,
     session: Uuid,
+    /// Empty for an `end`.
     points: Vec<Point>,
+    /// The `end` of `session` rather than a batch.
+    end: bool,
 }
 
 struct InFlight {
@@ -291,6 +316,7 @@ pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Su
         points_resent: stats.resent.load(Ordering::Relaxed),
         batches_sent: stats.batches.load(Ordering::Relaxed),
         reconnects: stats.reconnects.load(Ordering::Relaxed),
+        sessions_ended: stats.sessions_ended.load(Ordering::Relaxed),
         throughput_per_sec: if config.transport == Transport::Udp {
             sent as f64 / secs
         } else {
@@ -336,22 +362,79 @@ impl Pacer {
     }
 }
 
-/// Generates the next batch of a gateway, round robin over its aircraft.
+/// Generates the next batch of a gateway, round robin over its aircraft, and the
+/// `end`s of their sessions (when a flight lands, and for every flight still flying
+/// once the points are all generated) when `ends` is set.
 struct Generator {
     aircraft: Vec<FlightSim>,
     next: usize,
     left: Option<u64>,
     deadline: Instant,
     batch: usize,
+    ends: bool,
+    /// Ends due, sent before any further batch.
+    due_ends: VecDeque<Pending>,
+    /// The ends of the flights still flying were queued (after the last point).
+    closed: bool,
 }
 
 impl Generator {
-    fn done(&self) -> bool {
+    fn new(
+        aircraft: Vec<FlightSim>,
+        config: &LoadgenConfig,
+        quota: Option<u64>,
+        batch: usize,
+    ) -> Self {
+        Generator {
+            aircraft,
+            next: 0,
+            left: quota,
+            deadline: Instant::now() + config.duration,
+            batch,
+            // Only the TCP protocol has `end`; UDP and MQTT sessions end by the idle timeout.
+            ends: matches!(config.transport, Transport::Tcp | Transport::Tls),
+            due_ends: VecDeque::new(),
+            closed: false,
+        }
+    }
+
+    /// Every point generated.
+    fn points_done(&self) -> bool {
         self.left == Some(0) || Instant::now() >= self.deadline
     }
 
+    /// Every point generated and every end handed out.
+    fn done(&self) -> bool {
+        self.points_done() && self.due_ends.is_empty() && (self.closed || !self.ends)
+    }
+
+    /// Stops at once: no more points, and the flights flying are left to the idle timeout.
+    fn abandon(&mut self) {
+        self.left = Some(0);
+        self.due_ends.clear();
+        self.closed = true;
+    }
+
+    fn end_of(sim: &FlightSim) -> Pending {
+        Pending {
+            aircraft: sim.registration.clone(),
+            session: sim.session,
+            points: Vec::new(),
+            end: true,
+        }
+    }
+
     fn next_batch(&mut self) -> Option<Pending> {
-        if self.done() {
+        if let Some(end) = self.due_ends.pop_front() {
+            return Some(end);
+        }
+        if self.points_done() {
+            if self.ends && !self.closed {
+                self.closed = true;
+                let flying = self.aircraft.iter().filter(|a| a.flying());
+                self.due_ends.extend(flying.map(Self::end_of));
+                return self.due_ends.pop_front();
+            }
             return None;
         }
         let n = self
@@ -364,10 +447,14 @@ impl Generator {
         if let Some(l) = &mut self.left {
             *l -= points.len() as u64;
         }
+        if self.ends && sim.landed() {
+            self.due_ends.push_back(Self::end_of(sim));
+        }
         Some(Pending {
             aircraft: sim.registration.clone(),
             session,
             points,
+            end: false,
         })
     }
 }
@@ -449,13 +536,7 @@ async fn tcp_gateway(
     stats: Arc<Stats>,
     mut stop: Shutdown,
 ) {
-    let mut generator = Generator {
-        aircraft,
-        next: 0,
-        left: quota,
-        deadline: Instant::now() + config.duration,
-        batch: config.batch_points.max(1),
-    };
+    let mut generator = Generator::new(aircraft, &config, quota, config.batch_points.max(1));
     let mut pacer = Pacer::new(config.rate, config.gateways);
     let mut resend: VecDeque<Pending> = VecDeque::new();
     let opts = EncodeOptions::from(config.form);
@@ -520,7 +601,9 @@ async fn tcp_gateway(
                 conn_seq += 1;
                 out.clear();
                 let aircraft = AircraftRef::Registration(batch.aircraft.clone());
-                if let Err(e) = dbx_proto::encode_batch_with(
+                if batch.end {
+                    dbx_proto::encode_end(&mut out, conn_seq, batch.session);
+                } else if let Err(e) = dbx_proto::encode_batch_with(
                     &mut out,
                     conn_seq,
                     &aircraft,
@@ -539,7 +622,9 @@ async fn tcp_gateway(
                 } else {
                     stats.resent.fetch_add(n, Ordering::Relaxed);
                 }
-                stats.batches.fetch_add(1, Ordering::Relaxed);
+                if !batch.end {
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                }
                 inflight.push_back(InFlight {
                     conn_seq,
                     sent_at: Instant::now(),
@@ -574,6 +659,10 @@ async fn tcp_gateway(
                     Ok(ServerMessage::Ack { seq }) => {
                         while inflight.front().is_some_and(|f| f.conn_seq <= seq) {
                             let f = inflight.pop_front().expect("front");
+                            if f.batch.end {
+                                stats.sessions_ended.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
                             stats.acked.fetch_add(f.batch.points.len() as u64, Ordering::Relaxed);
                             stats.record_latency(f.sent_at.elapsed());
                         }
@@ -582,7 +671,8 @@ async fn tcp_gateway(
                         if let Some(pos) = inflight.iter().position(|f| f.conn_seq == seq) {
                             let f = inflight.remove(pos).expect("position");
                             stats.nacked.fetch_add(f.batch.points.len() as u64, Ordering::Relaxed);
-                            tracing::warn!(seq, %code, "batch nacked: {msg}");
+                            let what = if f.batch.end { "end" } else { "batch" };
+                            tracing::warn!(seq, %code, "{what} nacked: {msg}");
                         }
                     }
                     Ok(ServerMessage::Pong) | Ok(ServerMessage::Bye) | Ok(ServerMessage::Welcome { .. }) => {}
@@ -604,7 +694,7 @@ async fn tcp_gateway(
                 _ = sleep_until(wake) => {}
                 _ = stop.recv(), if !stopped.load(Ordering::Relaxed) => {
                     stopped.store(true, Ordering::Relaxed);
-                    generator.left = Some(0);
+                    generator.abandon();
                 }
             }
         }
@@ -639,14 +729,8 @@ async fn udp_gateway(
             return;
         }
     };
-    let mut generator = Generator {
-        aircraft,
-        next: 0,
-        left: quota,
-        deadline: Instant::now() + config.duration,
-        // A datagram holds at most 65 507 bytes: keep batches small.
-        batch: config.batch_points.clamp(1, 200),
-    };
+    // A datagram holds at most 65 507 bytes: keep batches small.
+    let mut generator = Generator::new(aircraft, &config, quota, config.batch_points.clamp(1, 200));
     let mut pacer = Pacer::new(config.rate, config.gateways);
     let mut out = BytesMut::with_capacity(65_536);
     let opts = EncodeOptions::from(config.form);
@@ -655,7 +739,11 @@ async fn udp_gateway(
         seq += 1;
         out.clear();
         let aircraft = AircraftRef::Registration(batch.aircraft.clone());
-        if dbx_proto::encode_datagram(
+        let encode = match config.udp_auth {
+            UdpAuth::Mac => dbx_proto::encode_datagram_mac,
+            UdpAuth::Key => dbx_proto::encode_datagram,
+        };
+        let encoded = encode(
             &mut out,
             &config.key,
             Some(seq),
@@ -663,9 +751,8 @@ async fn udp_gateway(
             batch.session,
             &batch.points,
             opts,
-        )
-        .is_err()
-        {
+        );
+        if encoded.is_err() {
             continue;
         }
         if sock.send_to(&out, config.addr).await.is_ok() {

@@ -64,19 +64,19 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Setup(args) => cmd::setup::setup(args).await,
+            Command::Setup(args) => cmd::setup::setup(cli.config.as_deref(), args).await,
             Command::Check(args) => cmd::setup::check(cli.config.as_deref(), args).await,
-            Command::Migrate(args) => cmd::setup::migrate(args).await,
+            Command::Migrate(args) => cmd::setup::migrate(cli.config.as_deref(), args).await,
             Command::Serve(args) => cmd::serve::serve(cli.config.as_deref(), args).await,
             Command::Loadgen(args) => cmd::loadgen::loadgen(args).await,
-            Command::Demo(args) => cmd::demo::demo(args).await,
+            Command::Demo(args) => cmd::demo::demo(cli.config.as_deref(), args).await,
             Command::Partitions(args) => {
                 cmd::partitions::partitions(cli.config.as_deref(), args).await
             }
-            Command::Org(args) => cmd::tenants::org(args).await,
-            Command::Key(args) => cmd::tenants::key(args).await,
-            Command::Aircraft(args) => cmd::tenants::aircraft(args).await,
-            Command::Analyses(args) => cmd::tenants::analyses(args).await,
+            Command::Org(args) => cmd::tenants::org(cli.config.as_deref(), args).await,
+            Command::Key(args) => cmd::tenants::key(cli.config.as_deref(), args).await,
+            Command::Aircraft(args) => cmd::tenants::aircraft(cli.config.as_deref(), args).await,
+            Command::Analyses(args) => cmd::tenants::analyses(cli.config.as_deref(), args).await,
             Command::Spool(args) => cmd::spool::spool(cli.config.as_deref(), args).await,
         }
     });

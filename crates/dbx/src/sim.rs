@@ -47,6 +47,18 @@ impl FlightSim {
         }
     }
 
+    /// True when the current flight has landed: its session is complete, and the next
+    /// batch starts a new one.
+    pub fn landed(&self) -> bool {
+        self.seq >= FLIGHT_POINTS
+    }
+
+    /// True when the current flight has sent points and not landed: a session a gateway
+    /// still has to end.
+    pub fn flying(&self) -> bool {
+        self.seq > 0 && !self.landed()
+    }
+
     /// The next `n` points; starts a new flight (session) when the current one lands.
     /// Returns the session the points belong to; a batch never spans two flights.
     pub fn next_batch(&mut self, n: usize, now_micros: i64) -> (Uuid, Vec<Point>) {
@@ -158,10 +170,12 @@ mod tests {
             }
         }
         assert_eq!(seqs, (0..FLIGHT_POINTS as i64).collect::<Vec<_>>());
+        assert!(f.landed() && !f.flying());
         let max = alts.iter().cloned().fold(0.0, f32::max);
         assert!(alts[0] < 1.0 && max > 110.0 && *alts.last().unwrap() < 2.0);
         let (next, pts) = f.next_batch(10, 2_000);
         assert_ne!(next, first);
         assert_eq!(pts[0].seq, 0);
+        assert!(f.flying() && !f.landed());
     }
 }

@@ -21,7 +21,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
-use super::record::encode_batch;
+use super::record::{encode_batch, encode_end};
 use super::segment::{self, SegmentWriter};
 use super::state::{now_micros, SegInfo, Shared};
 use super::{SpoolConfig, WhenFull};
@@ -137,14 +137,18 @@ impl Burst {
 fn encode(b: &TelemetryBatch) -> Vec<u8> {
     let mut out = Vec::new();
     let accepted = now_micros() - b.received_at.elapsed().as_micros() as i64;
-    encode_batch(
-        b.org_id,
-        b.aircraft_id,
-        b.session_id,
-        &b.points,
-        accepted,
-        &mut out,
-    );
+    if b.ends_session {
+        encode_end(b.org_id, b.session_id, accepted, &mut out);
+    } else {
+        encode_batch(
+            b.org_id,
+            b.aircraft_id,
+            b.session_id,
+            &b.points,
+            accepted,
+            &mut out,
+        );
+    }
     out
 }
 

@@ -12,6 +12,11 @@
 //!          rpm (u16 n, n × f32), cs (u16 n, n × f32), fix i16, sats i16, temp f32,
 //!          extra (u32 len, UTF-8 bytes)
 //! ```
+//! A gateway's `end` of a flight session (protocol 1.1) has no aircraft and no
+//! points; it is written as version 3:
+//! ```text
+//! u8 version (3) | i64 accepted (unix µs) | 16 org | 16 session
+//! ```
 //! Floats are stored as their bit patterns, so a round trip is exact. The decoder
 //! never allocates more than the payload it was given can justify: every count is
 //! checked against the bytes left before a vector is reserved.
@@ -23,6 +28,8 @@ use uuid::Uuid;
 pub const PAYLOAD_VERSION: u8 = 2;
 /// The first format, without `accepted`: still read, never written.
 const PAYLOAD_VERSION_1: u8 = 1;
+/// The version byte of a session end.
+pub const END_VERSION: u8 = 3;
 
 /// Smallest encoded point: ts, seq and the presence mask.
 const MIN_POINT_BYTES: usize = 8 + 8 + 4;
@@ -43,6 +50,8 @@ pub struct SpooledBatch {
     pub points: Vec<Point>,
     /// When the daemon accepted the batch (unix µs); `None` in version 1 records.
     pub accepted_micros: Option<i64>,
+    /// A session end (no points, nil aircraft).
+    pub ends_session: bool,
 }
 
 /// Why a payload could not be decoded.
@@ -95,6 +104,14 @@ pub fn encode_batch(
     for p in points {
         encode_point(p, out);
     }
+}
+
+/// Appends the payload of a session end.
+pub fn encode_end(org_id: Uuid, session_id: Uuid, accepted_micros: i64, out: &mut Vec<u8>) {
+    out.push(END_VERSION);
+    out.extend_from_slice(&accepted_micros.to_le_bytes());
+    out.extend_from_slice(org_id.as_bytes());
+    out.extend_from_slice(session_id.as_bytes());
 }
 
 fn encode_point(p: &Point, out: &mut Vec<u8>) {
@@ -216,7 +233,7 @@ impl<'a> Cursor<'a> {
 pub const PLAUSIBLE_PREFIX_BYTES: usize = 9;
 
 /// Whether `prefix` (a payload's first bytes) could start a record this code
-/// writes: version 2 and an acceptance time between 2000 and 2200. The spool
+/// writes: version 2 or 3 and an acceptance time between 2000 and 2200. The spool
 /// reader's resync uses it to skip almost every position of damaged bytes without
 /// a CRC over them (version 1 records are never found by a resync).
 pub fn plausible_start(prefix: &[u8]) -> bool {
@@ -226,10 +243,10 @@ pub fn plausible_start(prefix: &[u8]) -> bool {
         return false;
     };
     let accepted = i64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
-    v == PAYLOAD_VERSION && (Y2000..Y2200).contains(&accepted)
+    (v == PAYLOAD_VERSION || v == END_VERSION) && (Y2000..Y2200).contains(&accepted)
 }
 
-/// Decodes one payload written by [`encode_batch`].
+/// Decodes one payload written by [`encode_batch`] or [`encode_end`].
 pub fn decode_batch(payload: &[u8]) -> Result<SpooledBatch, DecodeError> {
     let mut c = Cursor {
         buf: payload,
@@ -238,6 +255,7 @@ pub fn decode_batch(payload: &[u8]) -> Result<SpooledBatch, DecodeError> {
     let accepted_micros = match c.array::<1>()?[0] {
         PAYLOAD_VERSION => Some(c.i64()?),
         PAYLOAD_VERSION_1 => None,
+        END_VERSION => return decode_end(&mut c),
         v => return Err(DecodeError::Version(v)),
     };
     let org_id = c.uuid()?;
@@ -258,6 +276,24 @@ pub fn decode_batch(payload: &[u8]) -> Result<SpooledBatch, DecodeError> {
         session_id,
         points,
         accepted_micros,
+        ends_session: false,
+    })
+}
+
+fn decode_end(c: &mut Cursor<'_>) -> Result<SpooledBatch, DecodeError> {
+    let accepted_micros = Some(c.i64()?);
+    let org_id = c.uuid()?;
+    let session_id = c.uuid()?;
+    if c.left() != 0 {
+        return Err(DecodeError::Trailing(c.left()));
+    }
+    Ok(SpooledBatch {
+        org_id,
+        aircraft_id: Uuid::nil(),
+        session_id,
+        points: Vec::new(),
+        accepted_micros,
+        ends_session: true,
     })
 }
 
@@ -437,7 +473,31 @@ mod tests {
         assert_eq!(back.accepted_micros, None);
         assert_eq!(back.session_id, Uuid::from_u128(3));
         assert_eq!(back.points, vec![p]);
-        assert_eq!(decode_batch(&[3]), Err(DecodeError::Version(3)));
+        assert_eq!(decode_batch(&[4]), Err(DecodeError::Version(4)));
+    }
+
+    #[test]
+    fn session_ends_round_trip_and_are_found_by_a_resync() {
+        let accepted = 1_800_000_000_000_000;
+        let mut buf = Vec::new();
+        encode_end(Uuid::from_u128(1), Uuid::from_u128(3), accepted, &mut buf);
+        assert_eq!(
+            decode_batch(&buf),
+            Ok(SpooledBatch {
+                org_id: Uuid::from_u128(1),
+                aircraft_id: Uuid::nil(),
+                session_id: Uuid::from_u128(3),
+                points: Vec::new(),
+                accepted_micros: Some(accepted),
+                ends_session: true,
+            })
+        );
+        assert!(plausible_start(&buf));
+        for cut in 0..buf.len() {
+            assert!(decode_batch(&buf[..cut]).is_err());
+        }
+        buf.push(0);
+        assert_eq!(decode_batch(&buf), Err(DecodeError::Trailing(1)));
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! kept as a dead letter, keeps its segment on disk: the next start replays it, and
 //! the batcher's dedupe drops what was stored.
 //!
+//! A session end (protocol 1.1) is handed on only once every record before it has its
+//! verdict, and nothing follows it before its own: the order the gateway sent them in,
+//! as the listener keeps it for live traffic.
+//!
 //! It also publishes when the oldest batch still waiting for PostgreSQL was accepted
 //! (`dbx_spool_oldest_record_age_seconds`): the oldest of the records it has read
 //! and not yet seen resolved, since every record not read yet is younger.
@@ -51,6 +55,8 @@ struct Sent {
     offset: u64,
     /// When the daemon accepted it (unix µs).
     accepted: i64,
+    /// A session end (see the module docs for its order).
+    end: bool,
 }
 
 /// A record read and decoded, not yet handed to the batcher.
@@ -137,6 +143,8 @@ struct Replayer {
     verdicts: FuturesUnordered<Verdict>,
     /// When the records in `verdicts` were accepted (a multiset: time → count).
     in_flight_accepted: BTreeMap<i64, u32>,
+    /// A session end is among `verdicts`.
+    end_in_flight: bool,
     /// Caught up with everything durable: wait for the gate.
     idle: bool,
     /// `None` only after a dead-letter write task panicked.
@@ -160,6 +168,7 @@ pub(crate) async fn run(
         ready: VecDeque::new(),
         verdicts: FuturesUnordered::new(),
         in_flight_accepted: BTreeMap::new(),
+        end_in_flight: false,
         idle: false,
         dead: Some(dead),
     };
@@ -180,7 +189,7 @@ pub(crate) async fn run(
             Ordering::Relaxed,
         );
         r.publish_oldest_waiting();
-        let can_send = r.verdicts.len() < window && !r.ready.is_empty();
+        let can_send = r.verdicts.len() < window && r.next_may_go();
         let sender = tx.clone();
         tokio::select! {
             biased;
@@ -229,11 +238,22 @@ impl Replayer {
         self.shared.set_oldest_waiting(oldest);
     }
 
+    /// Whether the next ready record may go to the batcher (window aside): not while
+    /// a session end is in flight, and an end only once nothing else is.
+    fn next_may_go(&self) -> bool {
+        match self.ready.front() {
+            None => false,
+            Some(_) if self.end_in_flight => false,
+            Some(p) => !p.sent.end || self.verdicts.is_empty(),
+        }
+    }
+
     fn send(&mut self, permit: mpsc::Permit<'_, TelemetryBatch>) {
         let Some(Pending { sent, batch: b }) = self.ready.pop_front() else {
             return;
         };
         let (ack, verdict) = AckHandle::channel();
+        self.end_in_flight |= sent.end;
         permit.send(TelemetryBatch {
             org_id: b.org_id,
             aircraft_id: b.aircraft_id,
@@ -242,6 +262,7 @@ impl Replayer {
             ack,
             origin: BatchOrigin::Spool,
             received_at: Instant::now(),
+            ends_session: b.ends_session,
         });
         *self.in_flight_accepted.entry(sent.accepted).or_default() += 1;
         self.verdicts
@@ -253,6 +274,9 @@ impl Replayer {
         sent: Sent,
         res: Result<BatchOutcome, oneshot::error::RecvError>,
     ) {
+        if sent.end {
+            self.end_in_flight = false;
+        }
         if let Some(n) = self.in_flight_accepted.get_mut(&sent.accepted) {
             *n -= 1;
             if *n == 0 {
@@ -462,6 +486,7 @@ impl Replayer {
                             offset: at,
                             // Version 1 records: the segment's creation bounds it.
                             accepted: batch.accepted_micros.unwrap_or(created),
+                            end: batch.ends_session,
                         },
                         batch,
                     });

@@ -12,10 +12,9 @@ use dbx_core::{
     AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, RejectCode, TelemetryBatch,
 };
 use dbx_testkit::TestDb;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::Pool;
 use rand::Rng;
 use tokio::sync::mpsc;
-use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 /// One tenant with one aircraft.
@@ -92,23 +91,9 @@ impl Fixture {
     }
 }
 
+/// A pool like the daemon's (dbx-pg), of `size` connections to `url`.
 pub fn pool_for(url: &str, size: usize) -> Pool {
-    pool_from(url.parse().expect("test URL"), size)
-}
-
-pub fn pool_from(pg: tokio_postgres::Config, size: usize) -> Pool {
-    let mgr = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(mgr)
-        .max_size(size)
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
-        .expect("building the pool")
+    dbx_testkit::pool(url, size)
 }
 
 /// A config for tests: small groups, a long age unless a test wants one.
@@ -139,6 +124,7 @@ pub fn batch(t: Tenant, session: Uuid, points: Vec<Point>) -> (TelemetryBatch, A
             ack,
             origin: BatchOrigin::Tcp,
             received_at: Instant::now(),
+            ends_session: false,
         },
         rx,
     )

@@ -887,12 +887,20 @@ async fn executive_summary_and_maintenance_predictions_on_sample_data() {
     new_result(&c, org, s1, "0.8", "high", true, r#"'["motor"]'"#).await;
     new_result(&c, org, s2, "0.2", "low", false, "NULL").await;
     new_result(&c, gone, sg, "0.9", "critical", true, "NULL").await;
+    // One of the two flights ended (migration 0040: completed_flights).
+    c.execute(
+        "UPDATE dbx_aviation.flight_sessions SET flight_status = 'completed', completed_at = now(), \
+         completion_reason = 'end' WHERE session_id = $1",
+        &[&s1],
+    )
+    .await
+    .unwrap();
 
     let rows = c
         .query(
             "SELECT org_name::text, month = date_trunc('month', now()), flights, active_aircraft,
                     avg_flight_hours::text, total_distance_km::text, avg_risk_score::text,
-                    anomaly_count, high_risk_flights, high_risk_percentage::text
+                    anomaly_count, high_risk_flights, high_risk_percentage::text, completed_flights
                FROM dbx_analytics.executive_summary",
             &[],
         )
@@ -910,6 +918,7 @@ async fn executive_summary_and_maintenance_predictions_on_sample_data() {
     assert_eq!(r.get::<_, i64>(7), 1);
     assert_eq!(r.get::<_, i64>(8), 1);
     assert_eq!(r.get::<_, String>(9), "50.00");
+    assert_eq!(r.get::<_, i64>(10), 1);
 
     // maintenance_predictions: E1 = 1 motor*0.4 + 0.8*100*0.3 + 20 (due in 3 days) = 44.40 HIGH;
     // E2 = 0.2*100*0.3 = 6.00 LOW; ordered by urgency.
@@ -2035,4 +2044,148 @@ async fn ingest_service_copies_and_inserts_into_a_child_partition_directly() {
             "{sql}: {e}"
         );
     }
+}
+
+/// Migration 0040 on a database that already has flight sessions: they keep their
+/// `updated_at` and take it as `last_point_at`; then the idle completer's function completes
+/// what has been idle long enough, oldest first, and the audit trail records it.
+#[tokio::test]
+async fn sessions_migration_upgrades_existing_sessions_and_completes_idle_ones() {
+    let db = TestDb::new().await;
+    let mut c = db.client().await;
+    // A database as the release before 0040 left it.
+    c.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS dbx_aviation;
+         CREATE TABLE dbx_aviation.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+             checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .unwrap();
+    for m in MIGRATIONS.iter().filter(|m| m.version < 40) {
+        let tx = c.transaction().await.unwrap();
+        tx.batch_execute(m.sql)
+            .await
+            .unwrap_or_else(|e| panic!("{m}: {e}"));
+        tx.batch_execute("RESET ROLE").await.unwrap();
+        tx.execute(
+            "INSERT INTO dbx_aviation.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[&m.version, &m.name, &m.checksum()],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+    let org = new_org(&c, "IDLE-A", 365).await;
+    let air = new_aircraft(&c, org, "I1", "quadcopter", "NULL").await;
+    let (old, recent) = (
+        new_session(&c, org, air, "now()").await,
+        new_session(&c, org, air, "now()").await,
+    );
+    for (s, at) in [
+        (old, "2020-01-01 00:00:00+00"),
+        (recent, "2020-01-02 00:00:00+00"),
+    ] {
+        c.execute(
+            "ALTER TABLE dbx_aviation.flight_sessions DISABLE TRIGGER flight_sessions_touch_updated_at",
+            &[],
+        )
+        .await
+        .unwrap();
+        c.execute(
+            &format!(
+                "UPDATE dbx_aviation.flight_sessions SET updated_at = '{at}' WHERE session_id = $1"
+            ),
+            &[&s],
+        )
+        .await
+        .unwrap();
+        c.execute(
+            "ALTER TABLE dbx_aviation.flight_sessions ENABLE TRIGGER flight_sessions_touch_updated_at",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+
+    let applied = migrate::apply(&mut c).await.unwrap();
+    assert_eq!(
+        applied.iter().map(|a| a.version).collect::<Vec<_>>(),
+        vec![40]
+    );
+    let state = |s: Uuid| {
+        let c = &c;
+        async move {
+            let r = c
+                .query_one(
+                    "SELECT last_point_at = updated_at, updated_at::text, flight_status::text, \
+                            completion_reason::text, completed_at IS NOT NULL \
+                       FROM dbx_aviation.flight_sessions WHERE session_id = $1",
+                    &[&s],
+                )
+                .await
+                .unwrap();
+            (
+                r.get::<_, bool>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, Option<String>>(3),
+                r.get::<_, bool>(4),
+            )
+        }
+    };
+    assert_eq!(
+        state(old).await,
+        (
+            true,
+            "2020-01-01 00:00:00+00".into(),
+            "active".into(),
+            None,
+            false
+        )
+    );
+
+    // Idle since before 2020-01-01 12:00: only `old`.
+    let done: i32 = c
+        .query_one(
+            "SELECT dbx_aviation.complete_idle_sessions('2020-01-01 12:00:00+00', 10)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(done, 1);
+    let (_, _, status, reason, completed) = state(old).await;
+    assert_eq!(
+        (status.as_str(), reason.as_deref(), completed),
+        ("completed", Some("idle_timeout"), true)
+    );
+    assert_eq!(state(recent).await.2, "active");
+    let audited = count(
+        &c,
+        &format!(
+            "SELECT count(*) FROM dbx_audit.audit_log WHERE record_id = '{old}' \
+             AND new_values->>'flight_status' = 'completed'"
+        ),
+    )
+    .await;
+    assert_eq!(audited, 1);
+    // A bad limit is refused by name.
+    let e = c
+        .query_one("SELECT dbx_aviation.complete_idle_sessions(now(), 0)", &[])
+        .await
+        .unwrap_err();
+    let msg = e.as_db_error().map(|d| d.message().to_string());
+    assert!(
+        msg.as_deref().is_some_and(|m| m.contains("p_limit")),
+        "{msg:?}"
+    );
+    // completion_reason takes only the two reasons.
+    let e = c
+        .execute(
+            "UPDATE dbx_aviation.flight_sessions SET completion_reason = 'crashed' WHERE session_id = $1",
+            &[&recent],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::CHECK_VIOLATION));
 }

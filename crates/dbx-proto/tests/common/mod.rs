@@ -23,6 +23,8 @@ pub enum V {
     A(Vec<V>),
     M(Vec<(V, V)>),
     Ext(i8, Vec<u8>),
+    /// Bytes written as they are (already MessagePack, or deliberately not).
+    Raw(Vec<u8>),
 }
 
 pub fn s(x: &str) -> V {
@@ -68,6 +70,7 @@ pub fn enc_into(v: &V, out: &mut Vec<u8>) {
             write_ext_meta(out, d.len() as u32, *t).unwrap();
             out.extend_from_slice(d);
         }
+        V::Raw(b) => out.extend_from_slice(b),
     }
 }
 

@@ -2,18 +2,24 @@
 //! cluster from the machine's server binaries in `./.dbx-demo/` (or uses the
 //! superuser URL in `DATABASE_URL`), runs `setup`, starts the daemon, flies a
 //! simulated fleet at it for `--duration` with live progress, then shows what
-//! landed: rows per partition, flight sessions, the seed's executive summary and
-//! maintenance predictions over the new data, and where `/metrics` is.
+//! landed: rows per partition, flight sessions (how many the gateways completed with
+//! `end`), the seed's executive summary (completed flights included) and maintenance
+//! predictions over the new data, and where `/metrics` is.
 //! Ctrl-C stops it cleanly at any point.
+//!
+//! The private cluster speaks plaintext on loopback unless `--tls` (or `DBX_DEMO_TLS=1`)
+//! asks for production's setup: `ssl = on` with a certificate from a CA made for the demo,
+//! TCP only over TLS, and every connection of setup and the daemon with
+//! `sslmode=verify-full` and `database.require_tls = true`.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use dbx_control::cluster::{ClusterError, ClusterOptions, LocalCluster};
+use dbx_control::cluster::{ClusterError, ClusterOptions, ClusterTls, LocalCluster};
 use dbx_control::setup::{self, SetupOptions};
 use dbx_core::ShutdownTrigger;
 use tokio_postgres::Client;
@@ -49,6 +55,10 @@ pub struct DemoArgs {
     /// subscribes to, instead of dbx's own TCP protocol. Needs `mosquitto` installed.
     #[arg(long)]
     mqtt: bool,
+    /// Run the private cluster with TLS only (certificates from a CA made for the demo) and
+    /// connect with sslmode=verify-full and database.require_tls = true.
+    #[arg(long, env = "DBX_DEMO_TLS", value_parser = clap::builder::BoolishValueParser::new())]
+    tls: bool,
 }
 
 /// The demo's private broker and how the fleet and dbx log in to it.
@@ -91,7 +101,7 @@ fn local_addr(preferred: u16) -> String {
 }
 
 /// `dbx demo`.
-pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
+pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<ExitCode> {
     use std::io::IsTerminal;
     crate::logging::init(&crate::config::LogConfig {
         level: "warn".into(),
@@ -116,17 +126,19 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
 
     // 1. PostgreSQL: DATABASE_URL (a superuser) or a private cluster.
+    let mut database = crate::cmd::setup::database_config(config_path)?;
+    database.require_tls |= args.tls;
     let mut cluster = None;
-    let superuser: tokio_postgres::Config = match std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-    {
+    let superuser = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
         Some(url) => {
             println!("▶ Using the PostgreSQL server of DATABASE_URL");
-            crate::cmd::setup::parse_url(&url, "DATABASE_URL")?
+            database.connector(&url, "DATABASE_URL")?
         }
         None => {
             let mut opts = ClusterOptions::for_tests(args.dir.join("cluster"));
+            if args.tls {
+                opts.tls = Some(ClusterTls::generate(true)?.0);
+            }
             // A demo shows real behaviour: durable commits, ingest-friendly settings.
             opts.settings = [
                 ("shared_buffers", "256MB"),
@@ -159,8 +171,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 c.port(),
                 c.dir().display()
             );
-            let cfg =
-                crate::cmd::setup::parse_url(&c.superuser_url("postgres"), "the demo cluster URL")?;
+            let cfg = database.connector(&c.superuser_url("postgres"), "the demo cluster URL")?;
             cluster = Some(c);
             cfg
         }
@@ -190,8 +201,12 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     let mut db_cfg = superuser.clone();
-    db_cfg.dbname(setup::DEFAULT_DATABASE);
+    db_cfg.pg_config_mut().dbname(setup::DEFAULT_DATABASE);
     let admin = setup::connect(&db_cfg).await?;
+    println!(
+        "▶ PostgreSQL connection {}",
+        setup::connection_security(&admin, &db_cfg).await?.summary()
+    );
     let fleet = register_fleet(&admin, args.gateways * args.aircraft_per_gateway).await?;
 
     // 3. The daemon, in this process.
@@ -199,7 +214,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .url_of("dbx_ingest_service")
         .context("setup wrote no ingest URL")?
         .to_string();
-    let mut cfg = Config::default();
+    let mut cfg = Config {
+        database,
+        ..Config::default()
+    };
     cfg.database.url = ingest_url.clone();
     cfg.database.admin_url = report
         .url_of("dbx_maintenance_service")
@@ -270,6 +288,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         tls_ca: None,
         tls_name: "localhost".into(),
         form: crate::cmd::loadgen::FormArg::Map,
+        udp_auth: crate::cmd::loadgen::UdpAuthArg::Mac,
         seed: rand::random(),
         json: false,
         broker: None,
@@ -488,16 +507,18 @@ async fn report_landed(client: &Client) -> anyhow::Result<()> {
         "Rows per partition of dbx_aviation.flight_telemetry",
         &partitions,
     );
-    let sessions = q(
-        "SELECT count(*) AS sessions, sum(point_count)::text AS points, \
+    let sessions = q("SELECT count(*) AS sessions, \
+         count(*) FILTER (WHERE flight_status = 'completed') AS completed, \
+         count(*) FILTER (WHERE flight_status = 'active') AS active, \
+         sum(point_count)::text AS points, \
          round(sum(total_distance_km)::numeric, 1)::text AS km_flown, \
          round(avg(flight_duration_seconds)::numeric, 1)::text AS avg_duration_s \
-         FROM dbx_aviation.flight_sessions",
-    )
+         FROM dbx_aviation.flight_sessions")
     .await?;
     print_table("Flight sessions", &sessions);
     let exec = q("SELECT org_name, month, flights, active_aircraft, avg_flight_hours::text, total_distance_km::text, \
-         avg_risk_score::text, anomaly_count, high_risk_flights, high_risk_percentage::text \
+         completed_flights, avg_risk_score::text, anomaly_count, high_risk_flights, \
+         high_risk_percentage::text \
          FROM dbx_analytics.executive_summary")
     .await?;
     print_table("dbx_analytics.executive_summary", &exec);

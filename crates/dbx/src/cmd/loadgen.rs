@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use dbx::loadgen::{self, LoadgenConfig, Stats, Transport};
+use dbx::loadgen::{self, LoadgenConfig, Stats, Transport, UdpAuth};
 use dbx_core::ShutdownTrigger;
 use dbx_proto::PointForm;
 
@@ -23,6 +23,15 @@ pub enum TransportArg {
     Udp,
     /// MQTT 5 QoS 1 messages through a broker (needs --broker and --org-code).
     Mqtt,
+}
+
+/// UDP authentication flag values.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum UdpAuthArg {
+    /// kid/mac/body (protocol 1.1): the API key never travels.
+    Mac,
+    /// The API key in clear in every datagram (protocol v1).
+    Key,
 }
 
 /// Point layout flag values.
@@ -86,6 +95,9 @@ pub struct LoadgenArgs {
     /// Point layout.
     #[arg(long, value_enum, default_value = "map")]
     pub form: FormArg,
+    /// UDP: authenticate datagrams with a MAC (the key never travels) or send the key.
+    #[arg(long, value_enum, default_value = "mac")]
+    pub udp_auth: UdpAuthArg,
     /// Seed for the simulated flights.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -215,6 +227,10 @@ impl LoadgenArgs {
             },
             seed: self.seed,
             mqtt: target,
+            udp_auth: match self.udp_auth {
+                UdpAuthArg::Mac => UdpAuth::Mac,
+                UdpAuthArg::Key => UdpAuth::Key,
+            },
         })
     }
 }

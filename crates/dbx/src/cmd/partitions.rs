@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 
 use dbx_batcher::PartitionInterval;
@@ -77,11 +77,11 @@ pub async fn partitions(
     args: PartitionsArgs,
 ) -> anyhow::Result<ExitCode> {
     let cfg: Config = config::load(config_path)?;
-    let url = match &args.database_url {
-        Some(u) => u.clone(),
-        None if !cfg.database.admin_url.is_empty() => cfg.database.admin_url.clone(),
-        None => cfg.database.url.clone(),
+    let (url, origin) = match &args.database_url {
+        Some(u) => (u.as_str(), "--database-url"),
+        None => cfg.database.admin(),
     };
+    let connector = cfg.database.connector(url, origin)?;
     let interval = match cfg.batcher.partition_interval {
         PartitionInterval::Daily => Interval::Daily,
         PartitionInterval::Hourly => Interval::Hourly,
@@ -118,8 +118,7 @@ pub async fn partitions(
     if let Err((key, message)) = pcfg.validate() {
         bail!("partitions.{key} {message}");
     }
-    let manager = PartitionManager::from_url(&url, interval, pcfg, Arc::new(SystemClock))
-        .context("--database-url / database.admin_url")?;
+    let manager = PartitionManager::new(connector, interval, pcfg, Arc::new(SystemClock));
     let Some(task) = task else {
         list(&manager).await?;
         return Ok(ExitCode::SUCCESS);

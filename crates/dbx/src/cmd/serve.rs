@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::mpsc;
 
 use dbx_batcher::spool::Spool;
 use dbx_batcher::{Batcher, PartitionInterval};
 use dbx_control::health::HealthCollector;
 use dbx_control::partitions::{Interval, PartitionManager};
+use dbx_control::sessions::SessionCompleter;
 use dbx_core::{SharedClock, ShutdownTrigger, SystemClock};
-use dbx_listener::{AuthCache, HandshakeLog, Listener, OrgMetrics};
+use dbx_listener::{AuthCache, ByteBudget, HandshakeLog, Listener, OrgMetrics};
 
 use crate::config::{self, Config};
 
@@ -28,27 +28,6 @@ pub struct ServeArgs {
     /// Write the bound addresses as JSON to this file once accepting (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
-}
-
-/// A deadpool pool over `url`, sized `size`.
-pub fn pool(url: &str, size: usize, what: &str) -> anyhow::Result<Pool> {
-    let pg: tokio_postgres::Config = url
-        .parse()
-        .with_context(|| format!("{what} is not a valid PostgreSQL URL"))?;
-    let mgr = Manager::from_config(
-        pg,
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(mgr)
-        .max_size(size)
-        .wait_timeout(Some(Duration::from_secs(10)))
-        .create_timeout(Some(Duration::from_secs(10)))
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
-        .with_context(|| format!("building the connection pool for {what}"))
 }
 
 /// Describes every metric once so `/metrics` carries HELP text.
@@ -65,7 +44,29 @@ fn describe_metrics() {
     );
     c!(
         m::CONNECTIONS_REFUSED_TOTAL,
-        "Connections refused at the connection limit."
+        "Connections refused before their handshake, by reason (max_connections, max_pending_handshakes, max_pending_per_ip)."
+    );
+    g!(
+        m::PENDING_HANDSHAKES,
+        "Connections whose TLS handshake or hello is not complete yet."
+    );
+    c!(
+        m::WRITE_TIMEOUTS_TOTAL,
+        "Connections closed because the peer did not read for write_timeout_ms, by transport."
+    );
+    g!(
+        m::BUFFERED_BYTES,
+        Unit::Bytes,
+        "Bytes of frames and decoded batches held against limits.max_buffered_bytes."
+    );
+    g!(
+        m::BUFFERED_BYTES_LIMIT,
+        Unit::Bytes,
+        "limits.max_buffered_bytes."
+    );
+    c!(
+        m::BUFFERED_BYTES_WAITS_TOTAL,
+        "Times a TCP connection stopped reading because limits.max_buffered_bytes was spent, by transport."
     );
     c!(
         m::FRAMES_RECEIVED_TOTAL,
@@ -81,7 +82,7 @@ fn describe_metrics() {
     );
     c!(
         m::AUTH_FAILURES_TOTAL,
-        "Failed or revoked handshakes, by reason."
+        "Failed or revoked handshakes, by reason (the protocol code: unauthorized, frame_too_large for a hello over max_hello_bytes, handshake_timeout, ...; tls; revoked)."
     );
     h!(
         m::RATE_LIMIT_WAIT_SECONDS,
@@ -92,7 +93,10 @@ fn describe_metrics() {
         m::RATE_LIMIT_DROPS_TOTAL,
         "UDP points dropped over an organization's rate limit."
     );
-    c!(m::UDP_DROPPED_TOTAL, "UDP datagrams dropped, by reason.");
+    c!(
+        m::UDP_DROPPED_TOTAL,
+        "UDP datagrams dropped, by reason (a protocol code such as unauthorized for a bad key or MAC; plain_key_refused, budget, rate_limited, saturated, too_large)."
+    );
     h!(
         m::ACK_LATENCY_SECONDS,
         Unit::Seconds,
@@ -151,7 +155,11 @@ fn describe_metrics() {
     );
     c!(
         m::BATCHES_REJECTED_TOTAL,
-        "Batches nacked for a data error."
+        "Batches nacked by the writer, by reason (rejected, foreign_session, session_closed)."
+    );
+    c!(
+        m::SESSIONS_COMPLETED_TOTAL,
+        "Flight sessions completed, by reason (end: the gateway's end; idle: sessions.idle_timeout_secs without a point)."
     );
     g!(
         m::SPOOL_BYTES,
@@ -313,6 +321,54 @@ fn describe_mqtt_metrics() {
     );
 }
 
+/// Logs how the daemon's connection to PostgreSQL is protected (a warning when it is not).
+async fn report_security(client: &tokio_postgres::Client, connector: &dbx_pg::Connector) {
+    match dbx_control::setup::connection_security(client, connector).await {
+        Ok(s) if s.encrypted && s.verification != dbx_pg::Verification::None => {
+            tracing::info!(host = %s.host, "PostgreSQL connection: {}", s.summary())
+        }
+        Ok(s) => tracing::warn!(
+            host = %s.host,
+            "PostgreSQL connection: {} (set sslmode=verify-full and database.require_tls = true)",
+            s.summary()
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read pg_stat_ssl"),
+    }
+}
+
+/// Raises the open-files soft limit to the hard limit: every connection is a file, and
+/// the usual soft limit of 1024 would refuse sockets (EMFILE) long before
+/// `listener.max_connections`. Warns when even the hard limit is below `wanted`.
+fn raise_open_files_limit(wanted: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    };
+    if soft < wanted {
+        tracing::warn!(
+            open_files = soft,
+            wanted,
+            "the open-files limit is below listener.max_connections + 256; raise it (systemd LimitNOFILE, ulimit -n)"
+        );
+    }
+}
+
 /// Waits for SIGINT or SIGTERM.
 async fn signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -333,6 +389,7 @@ pub async fn serve(config_path: Option<&Path>, args: ServeArgs) -> anyhow::Resul
     let cfg: Config = config::load(config_path)?;
     cfg.validate()?;
     crate::logging::init(&cfg.log);
+    raise_open_files_limit(cfg.listener.max_connections as u64 + 256);
     let (trigger, shutdown) = ShutdownTrigger::new();
     let stop = trigger.clone();
     tokio::spawn(async move {
@@ -375,21 +432,19 @@ pub async fn run(
     describe_metrics();
     dbx_control::health::describe_metrics();
 
-    let admin_url = if cfg.database.admin_url.is_empty() {
-        cfg.database.url.clone()
-    } else {
-        cfg.database.admin_url.clone()
-    };
-    let writer_pool = pool(&cfg.database.url, cfg.batcher.writers + 1, "database.url")?;
-    let service_pool = pool(&cfg.database.url, 4, "database.url")?;
-    let control_pool = pool(&admin_url, 2, "database.admin_url")?;
+    // One connector per URL: the TLS settings of `[database]` apply to every connection.
+    let ingest = cfg.database.connector(&cfg.database.url, "database.url")?;
+    let (admin_url, admin_origin) = cfg.database.admin();
+    let admin = cfg.database.connector(admin_url, admin_origin)?;
+    let writer_pool = ingest.pool(cfg.batcher.writers + 1)?;
+    let service_pool = ingest.pool(4)?;
+    let control_pool = admin.pool(2)?;
 
-    // The schema must be there: the daemon never migrates on its own.
+    // The first connection says plainly what is wrong (TLS, require_tls, password, …), and
+    // the schema must be there: the daemon never migrates on its own.
     {
-        let client = service_pool
-            .get()
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL (database.url): {e}"))?;
+        let client = ingest.connect().await?;
+        report_security(&client, &ingest).await;
         let missing = dbx_control::setup::missing_tables(&client).await?;
         if !missing.is_empty() {
             bail!(
@@ -404,17 +459,8 @@ pub async fn run(
         PartitionInterval::Daily => Interval::Daily,
         PartitionInterval::Hourly => Interval::Hourly,
     };
-    let admin_pg: tokio_postgres::Config = {
-        let mut c: tokio_postgres::Config = admin_url
-            .parse()
-            .context("database.admin_url is not a valid PostgreSQL URL")?;
-        c.connect_timeout(Duration::from_secs(
-            cfg.database.connect_timeout_secs.max(1),
-        ));
-        c
-    };
     let manager = Arc::new(PartitionManager::new(
-        admin_pg.clone(),
+        admin.clone(),
         interval,
         cfg.partitions.clone(),
         clock.clone(),
@@ -429,20 +475,25 @@ pub async fn run(
     let (control_trigger, control_shutdown) = ShutdownTrigger::new();
     let maintenance_task = tokio::spawn(manager.clone().run(control_shutdown.clone()));
     let collector = Arc::new(HealthCollector::new(
-        admin_pg,
+        admin,
         clock.clone(),
         Duration::from_secs(cfg.health.interval_secs),
     ));
     let health = collector.handle();
     let collector_task = tokio::spawn(collector.run(control_shutdown.clone()));
+    let completer = Arc::new(SessionCompleter::new(
+        control_pool.clone(),
+        cfg.sessions.clone(),
+        clock.clone(),
+    ));
+    let completer_task = tokio::spawn(completer.run(control_shutdown.clone()));
 
     let auth = AuthCache::new(service_pool.clone(), cfg.listener.session_cache_capacity);
     auth.reload()
         .await
         .context("loading API keys and aircraft")?;
-    let listen_cfg: tokio_postgres::Config = cfg.database.url.parse()?;
     let refresher = tokio::spawn(auth.clone().run_refresher(
-        listen_cfg,
+        ingest,
         Duration::from_secs(cfg.listener.auth_refresh_secs),
         control_shutdown.clone(),
     ));
@@ -462,12 +513,15 @@ pub async fn run(
         (tx, None)
     };
     let org_metrics = OrgMetrics::new(cfg.metrics.max_org_labels);
+    let budget =
+        ByteBudget::new(usize::try_from(cfg.limits.max_buffered_bytes).unwrap_or(usize::MAX));
     let listener = Listener::bind(
         cfg.listener.clone(),
         auth.clone(),
         tx.clone(),
         handshakes,
         org_metrics.clone(),
+        budget,
     )
     .await?;
     // The MQTT input feeds the same queue, shares the rate limits and the tenant checks.
@@ -564,7 +618,13 @@ pub async fn run(
     }
     // 4. Control last.
     control_trigger.fire();
-    let _ = tokio::join!(maintenance_task, collector_task, refresher, http_task);
+    let _ = tokio::join!(
+        maintenance_task,
+        collector_task,
+        completer_task,
+        refresher,
+        http_task
+    );
     tracing::info!("dbx stopped");
     Ok(())
 }

@@ -7,9 +7,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use dbx_control::postgis::PostgisMode;
 use dbx_control::{migrate, setup};
+use dbx_pg::Connector;
 use tokio_postgres::Config as PgConfig;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, DatabaseConfig};
 
 /// Flags of `dbx setup`.
 #[derive(Debug, Args)]
@@ -45,6 +46,10 @@ pub struct CheckArgs {
     /// Connection URL; default DATABASE_URL, then the config's database.url.
     #[arg(long)]
     database_url: Option<String>,
+    /// Also connect as every login user of this credentials.txt (written by `dbx setup`) and
+    /// report how each connection is protected.
+    #[arg(long)]
+    credentials: Option<PathBuf>,
 }
 
 /// Flags of `dbx migrate`.
@@ -68,16 +73,24 @@ enum MigrateAction {
     Status,
 }
 
-/// Parses a URL, naming the flag or variable it came from when it is malformed.
-pub fn parse_url(url: &str, from: &str) -> anyhow::Result<PgConfig> {
-    url.parse::<PgConfig>()
-        .map_err(|e| anyhow::anyhow!("{from} is not a valid PostgreSQL URL: {e}"))
+/// The `[database]` section of the config file and environment: its TLS keys
+/// (`database.sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `require_tls`) and timeout apply
+/// to the URL of every command.
+pub fn database_config(config_path: Option<&Path>) -> anyhow::Result<DatabaseConfig> {
+    let cfg: Config = config::load(config_path)?;
+    Ok(cfg.database)
+}
+
+/// A connector for `url`, named `from` in errors, with the `[database]` TLS keys.
+pub fn connector(config_path: Option<&Path>, url: &str, from: &str) -> anyhow::Result<Connector> {
+    Ok(database_config(config_path)?.connector(url, from)?)
 }
 
 /// The superuser connection from the flag or the seed's DB_* variables.
-fn superuser_config(args: &SetupArgs) -> anyhow::Result<PgConfig> {
+fn superuser(config_path: Option<&Path>, args: &SetupArgs) -> anyhow::Result<Connector> {
+    let db = database_config(config_path)?;
     if let Some(url) = &args.superuser_url {
-        return parse_url(url, "--superuser-url");
+        return Ok(db.connector(url, "--superuser-url")?);
     }
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let mut cfg = PgConfig::new();
@@ -94,14 +107,13 @@ fn superuser_config(args: &SetupArgs) -> anyhow::Result<PgConfig> {
         cfg.password(pw);
     }
     cfg.dbname("postgres");
-    cfg.connect_timeout(std::time::Duration::from_secs(10));
-    Ok(cfg)
+    Ok(db.connector_for(cfg, "DB_HOST/DB_PORT/DB_USER/DB_PASSWORD")?)
 }
 
 /// `dbx setup`.
-pub async fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
+pub async fn setup(config_path: Option<&Path>, args: SetupArgs) -> anyhow::Result<ExitCode> {
     let opts = setup::SetupOptions {
-        superuser: superuser_config(&args)?,
+        superuser: superuser(config_path, &args)?,
         database: args.database.clone(),
         out_dir: args.out_dir.clone(),
         rotate: args.rotate,
@@ -170,38 +182,83 @@ pub fn redact(url: &str) -> String {
 fn database_url(
     flag: Option<String>,
     config_path: Option<&Path>,
-) -> anyhow::Result<(String, String)> {
+) -> anyhow::Result<(String, &'static str)> {
     if let Some(u) = flag {
-        return Ok((u, "--database-url".into()));
+        return Ok((u, "--database-url"));
     }
     let cfg: Config = config::load(config_path)?;
-    Ok((cfg.database.url, "DATABASE_URL / database.url".into()))
+    Ok((cfg.database.url, "DATABASE_URL / database.url"))
 }
 
 /// `dbx check`.
 pub async fn check(config_path: Option<&Path>, args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (url, from) = database_url(args.database_url, config_path)?;
-    let cfg = parse_url(&url, &from)?;
-    match setup::check(&cfg).await {
+    let connector = connector(config_path, &url, from)?;
+    let mut ok = match setup::check(&connector).await {
         Ok(report) => {
             println!("{report}");
-            Ok(ExitCode::SUCCESS)
+            true
         }
         Err(e) => {
             println!("Testing database connection...");
             println!("❌ {e}");
-            Ok(ExitCode::FAILURE)
+            false
+        }
+    };
+    if let Some(path) = &args.credentials {
+        ok &= check_credentials(&connector, path).await?;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Connects as every `<user>_url` of a credentials file and prints how each connection is
+/// protected; false when one cannot connect.
+async fn check_credentials(base: &Connector, path: &Path) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--credentials {}", path.display()))?;
+    let urls: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.split_once(" = "))
+        .filter_map(|(k, v)| k.strip_suffix("_url").map(|user| (user, v.trim())))
+        .collect();
+    if urls.is_empty() {
+        bail!(
+            "--credentials {}: no `<user>_url = …` lines (is it dbx setup's credentials.txt?)",
+            path.display()
+        );
+    }
+    println!("\nConnection security per login user ({}):", path.display());
+    let mut all = true;
+    for (user, url) in urls {
+        let origin = format!("{user}_url in {}", path.display());
+        let result = async {
+            let c = base.sibling(url, &origin)?;
+            let client = setup::connect(&c).await?;
+            Ok::<_, anyhow::Error>(setup::connection_security(&client, &c).await?)
+        }
+        .await;
+        match result {
+            Ok(s) => println!("   {s}"),
+            Err(e) => {
+                all = false;
+                println!("   ❌ {user}: {e:#}");
+            }
         }
     }
+    Ok(all)
 }
 
 /// `dbx migrate`.
-pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+pub async fn migrate(config_path: Option<&Path>, args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let Some(url) = args.database_url else {
         bail!("no database: pass --database-url or set DATABASE_URL (the owner's or a superuser's URL)");
     };
-    let cfg = parse_url(&url, "--database-url")?;
-    let mut client = setup::connect(&cfg).await?;
+    let connector = connector(config_path, &url, "--database-url")?;
+    let mut client = setup::connect(&connector).await?;
     match args.action.unwrap_or(MigrateAction::Apply) {
         MigrateAction::Apply => {
             let applied = migrate::apply_with(&mut client, args.postgis).await?;

@@ -2,6 +2,7 @@
 //! command line. Flags are parsed and results printed here (a table, or JSON with `--json`);
 //! everything else — validation, SQL, keys, audit — is `dbx_control::tenants`.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -11,8 +12,6 @@ use dbx_control::setup;
 use dbx_control::tenants::{self, Aircraft, KeyInfo, NewAircraft, NewOrg, Org, OrgUpdate};
 use serde::Serialize;
 use tokio_postgres::Client;
-
-use crate::cmd::setup::parse_url;
 
 /// Environment variable with a key for `app.encryption_key` (API keys are then also stored
 /// encrypted); never a flag, so that it stays out of shell histories and process lists.
@@ -27,6 +26,9 @@ pub struct Common {
     /// Print the result as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// The `--config` file, whose `[database]` TLS keys apply to the URL.
+    #[arg(skip)]
+    config: Option<PathBuf>,
 }
 
 /// Flags of `dbx org`.
@@ -215,8 +217,8 @@ async fn connect(common: &Common, command: &str) -> anyhow::Result<Client> {
             "no database: pass --database-url or set DATABASE_URL (the owner's or a superuser's URL)"
         );
     };
-    let cfg = parse_url(url, "--database-url")?;
-    let client = setup::connect(&cfg).await?;
+    let connector = crate::cmd::setup::connector(common.config.as_deref(), url, "--database-url")?;
+    let client = setup::connect(&connector).await?;
     let encryption_key = std::env::var(ENCRYPTION_KEY_ENV).ok();
     tenants::prepare(&client, command, encryption_key.as_deref()).await?;
     Ok(client)
@@ -347,7 +349,8 @@ fn print_new_key(org: &str, label: &str, key: &str, encrypted: bool) {
 }
 
 /// `dbx org ...`.
-pub async fn org(args: OrgArgs) -> anyhow::Result<ExitCode> {
+pub async fn org(config: Option<&Path>, mut args: OrgArgs) -> anyhow::Result<ExitCode> {
+    args.common.config = config.map(Path::to_path_buf);
     let json = args.common.json;
     match args.action {
         OrgAction::Create {
@@ -522,7 +525,8 @@ async fn set_active(common: &Common, code: &str, active: bool) -> anyhow::Result
 }
 
 /// `dbx key ...`.
-pub async fn key(args: KeyArgs) -> anyhow::Result<ExitCode> {
+pub async fn key(config: Option<&Path>, mut args: KeyArgs) -> anyhow::Result<ExitCode> {
+    args.common.config = config.map(Path::to_path_buf);
     let json = args.common.json;
     match args.action {
         KeyAction::Create {
@@ -592,7 +596,8 @@ pub async fn key(args: KeyArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `dbx aircraft ...`.
-pub async fn aircraft(args: AircraftArgs) -> anyhow::Result<ExitCode> {
+pub async fn aircraft(config: Option<&Path>, mut args: AircraftArgs) -> anyhow::Result<ExitCode> {
+    args.common.config = config.map(Path::to_path_buf);
     let json = args.common.json;
     match args.action {
         AircraftAction::Add {
@@ -659,7 +664,8 @@ pub async fn aircraft(args: AircraftArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `dbx analyses ...`.
-pub async fn analyses(args: AnalysesArgs) -> anyhow::Result<ExitCode> {
+pub async fn analyses(config: Option<&Path>, mut args: AnalysesArgs) -> anyhow::Result<ExitCode> {
+    args.common.config = config.map(Path::to_path_buf);
     let json = args.common.json;
     match args.action {
         AnalysesAction::Search { org, text, limit } => {

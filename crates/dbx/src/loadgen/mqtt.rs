@@ -148,13 +148,7 @@ pub(super) async fn gateway(
     let out = Arc::new(Mutex::new(Outstanding::default()));
     let acked = Arc::new(AtomicU64::new(0));
     let driver = tokio::spawn(events(el, out.clone(), stats.clone(), acked.clone()));
-    let mut generator = Generator {
-        aircraft,
-        next: 0,
-        left: quota,
-        deadline: Instant::now() + config.duration,
-        batch: config.batch_points.max(1),
-    };
+    let mut generator = Generator::new(aircraft, &config, quota, config.batch_points.max(1));
     let mut pacer = Pacer::new(config.rate, config.gateways);
     let opts = EncodeOptions::from(config.form);
     let mut buf = BytesMut::with_capacity(64 * 1024);

@@ -1,0 +1,141 @@
+//! Ending flight sessions (protocol 1.1 `end`): the ends received together are written
+//! in one small transaction of their own.
+//!
+//! ```text
+//! BEGIN
+//!   SELECT … FROM flight_sessions WHERE session_id = ANY(ends) ORDER BY session_id FOR UPDATE
+//!   UPDATE flight_sessions SET flight_status = 'completed', completed_at = now(),
+//!          completion_reason = 'end' WHERE session_id = ANY(owned) AND flight_status = 'active'
+//! COMMIT  -> resolve every end
+//! ```
+//!
+//! The rows are locked in session-id order, the order flushes lock them in, so an end
+//! and a flush never deadlock; whichever takes a session's row first commits first.
+//! Departure, arrival, duration and distance are those of the stored points, kept
+//! current by every flush; completing the session freezes them, as it takes no new
+//! point afterwards (see `writer`).
+//!
+//! Verdicts, each end on its own:
+//! - a session of the end's organization is completed, or left as it is when it is
+//!   not `active` (already completed: sending `end` again changes nothing): ack;
+//! - a session of another organization: `foreign_session`, nothing changes;
+//! - a session the database does not know (its batches were all refused, or none was
+//!   sent): ack, and nothing is created: an `end` names no aircraft to create it for,
+//!   and there is nothing to complete.
+//!
+//! Transient errors retry forever with the writers' backoff (the end stays unacked,
+//! like a batch); a data error nacks the ends with `rejected`.
+
+use std::collections::HashMap;
+
+use dbx_core::metrics as m;
+use dbx_core::{RejectCode, Rejection};
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::error::AttemptError;
+use crate::ticket::{Part, Resolved};
+use crate::writer::{count_retry, refuse, Backoff, Shared};
+
+/// Locks the ended sessions in id order and reads their owner.
+const LOCK_SQL: &str = "SELECT session_id, org_id FROM dbx_aviation.flight_sessions \
+WHERE session_id = ANY($1) ORDER BY session_id FOR UPDATE";
+
+/// Completes the active ones among them (the rest keep their status).
+const COMPLETE_SQL: &str = "UPDATE dbx_aviation.flight_sessions \
+SET flight_status = 'completed', completed_at = now(), completion_reason = 'end' \
+WHERE session_id = ANY($1) AND flight_status = 'active'";
+
+/// Writes the ends of `parts` (one per end, no points) and resolves them.
+pub(crate) async fn run_ends(shared: &Shared, parts: Vec<Part>) {
+    let mut backoff = Backoff::new(&shared.config);
+    loop {
+        let err = match attempt(shared, &parts).await {
+            Ok((owners, completed)) => {
+                resolve(shared, &parts, &owners, completed);
+                return;
+            }
+            Err(e) => e,
+        };
+        match err {
+            AttemptError::Data(msg) => {
+                for p in &parts {
+                    warn!(org = %p.ticket.org, session = %p.ticket.session, error = %msg,
+                        "session end rejected by the database");
+                    let r = Rejection::new(
+                        RejectCode::Rejected,
+                        format!("the database rejected the end of the session: {msg}"),
+                    );
+                    refuse(shared, &p.ticket, r);
+                }
+                return;
+            }
+            other => {
+                let kind = other.kind();
+                warn!(error = ?other, retry_in_ms = backoff.delay().as_millis() as u64,
+                    "transient error ending sessions, retrying");
+                count_retry(shared, kind);
+            }
+        }
+        shared.update_pool_gauges();
+        backoff.wait().await;
+    }
+}
+
+/// One try: returns the owner of every session the database knows, and how many
+/// sessions it completed.
+async fn attempt(
+    shared: &Shared,
+    parts: &[Part],
+) -> Result<(HashMap<Uuid, Uuid>, u64), AttemptError> {
+    let mut ids: Vec<Uuid> = parts.iter().map(|p| p.ticket.session).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut client = shared.pool.get().await?;
+    let tx = client.transaction().await?;
+    let lock = tx.prepare_cached(LOCK_SQL).await?;
+    let mut owners = HashMap::with_capacity(ids.len());
+    for r in tx.query(&lock, &[&ids]).await? {
+        owners.insert(r.try_get::<_, Uuid>(0)?, r.try_get::<_, Uuid>(1)?);
+    }
+    let mut owned: Vec<Uuid> = parts
+        .iter()
+        .filter(|p| owners.get(&p.ticket.session) == Some(&p.ticket.org))
+        .map(|p| p.ticket.session)
+        .collect();
+    owned.sort_unstable();
+    owned.dedup();
+    let completed = if owned.is_empty() {
+        0
+    } else {
+        let complete = tx.prepare_cached(COMPLETE_SQL).await?;
+        tx.execute(&complete, &[&owned]).await?
+    };
+    tx.commit().await?;
+    Ok((owners, completed))
+}
+
+fn resolve(shared: &Shared, parts: &[Part], owners: &HashMap<Uuid, Uuid>, completed: u64) {
+    let c = &shared.counters;
+    c.add(&c.sessions_ended, completed);
+    metrics::counter!(m::SESSIONS_COMPLETED_TOTAL, "reason" => "end").increment(completed);
+    for p in parts {
+        let t = &p.ticket;
+        match owners.get(&t.session) {
+            Some(org) if *org != t.org => {
+                let r = Rejection::new(
+                    RejectCode::ForeignSession,
+                    format!("session {} belongs to another organization", t.session),
+                );
+                refuse(shared, t, r);
+                continue;
+            }
+            Some(_) => debug!(org = %t.org, session = %t.session, "session ended"),
+            None => debug!(org = %t.org, session = %t.session,
+                "end of a session the database does not know; nothing to complete"),
+        }
+        if t.piece_committed() == Resolved::Now {
+            c.add(&c.batches_acked, 1);
+        }
+    }
+}
