@@ -41,7 +41,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
 use dbx_core::{Shutdown, TelemetryBatch};
-use dbx_listener::{AuthCache, RateLimiter};
+use dbx_listener::{AuthCache, ByteBudget, RateLimiter};
 use dbx_proto::Limits;
 
 pub use config::{BrokerAddr, ConfigError, MqttConfig};
@@ -73,6 +73,9 @@ pub struct Shared {
     pub limits: Limits,
     /// Register unknown registrations for the topic's organization.
     pub auto_register_aircraft: bool,
+    /// The listener's byte budget (`limits.max_buffered_bytes`): a message is charged
+    /// from before it is decoded until the batcher has resolved it.
+    pub budget: ByteBudget,
 }
 
 impl MqttInput {
@@ -105,15 +108,7 @@ impl MqttInput {
         let pump = tokio::spawn(client::pump(eventloop, tx, backoff, leaving.clone()));
         tracing::info!(broker = %cfg.url, client_id = %settings.client_id, filter = %settings.subscription, "mqtt input starting");
         Ok(MqttInput {
-            processor: input::Processor::new(
-                settings,
-                shared.auth,
-                shared.limiter,
-                shared.batches,
-                client,
-                rx,
-                leaving,
-            ),
+            processor: input::Processor::new(settings, shared, client, rx, leaving),
             pump,
         })
     }

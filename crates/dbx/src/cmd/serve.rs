@@ -478,7 +478,7 @@ pub async fn run(
         auth.clone(),
         tx.clone(),
         handshakes,
-        budget,
+        budget.clone(),
     )
     .await?;
     // The MQTT input feeds the same queue, shares the rate limits and the tenant checks.
@@ -489,10 +489,11 @@ pub async fn run(
             batches: tx,
             limits: cfg.listener.limits(),
             auto_register_aircraft: cfg.listener.auto_register_aircraft,
+            budget,
         };
         Some(dbx_mqtt::MqttInput::start(&cfg.mqtt, shared)?)
     } else {
-        drop((auth, tx));
+        drop((auth, tx, budget));
         None
     };
 
