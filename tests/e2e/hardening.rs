@@ -571,7 +571,7 @@ async fn the_python_example_gateway_sends_mac_datagrams() {
     let env = Env::start(&[("DBX_LISTENER__UDP_PLAIN_KEY", "false")]).await;
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python_gateway.py");
-    let out = tokio::process::Command::new("python3")
+    let out = tokio::process::Command::new(dbx_testkit::prereq::python())
         .arg(&script)
         .args([
             "--host",
@@ -597,7 +597,7 @@ async fn the_python_example_gateway_sends_mac_datagrams() {
         ])
         .output()
         .await
-        .expect("python3 runs (CI installs the msgpack package)");
+        .expect("the test Python runs (scripts/test makes it)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -620,3 +620,40 @@ async fn tls_and_credentials_to_the_broker() {
         bad.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_wait_for_the_byte_budget_and_give_it_back() {
+    let f = fleet().await;
+    // A budget of one frame: a 200-point message (about 40 KB of JSON) is charged the
+    // whole budget until it is decoded, and then still more than half of it (its points'
+    // heap), until the batcher resolves it. So messages that follow one another closely
+    // must wait for each other, and still every point lands once.
+    let d = f
+        .daemon(
+            "dbx-budget",
+            &[
+                ("DBX_LISTENER__MAX_FRAME_BYTES", "65536"),
+                ("DBX_LIMITS__MAX_BUFFERED_BYTES", "65536"),
+            ],
+        )
+        .await;
+    let s = Uuid::new_v4();
+    let publisher = f.paho("dbx/ACME/N100AC/telemetry", s, 40, 200, 0.0);
+    let (ok, text) = tokio::task::spawn_blocking(move || finish(publisher))
+        .await
+        .unwrap();
+    assert!(ok, "publisher: {text}");
+    assert_eq!(f.settle(s, 8000).await, 8000, "every published point, once");
+    let (_, body) = d.http_get("/metrics").await;
+    assert!(
+        metric(&body, "dbx_buffered_bytes_waits_total", "") > 0.0,
+        "no message waited for the budget:\n{body}"
+    );
+    // Every charge went back once the batcher resolved its message.
+    let drained = dbx_testkit::wait_until(Duration::from_secs(10), || async {
+        let (_, body) = d.http_get("/metrics").await;
+        metric(&body, "dbx_buffered_bytes", "") == 0.0
+    })
+    .await;
+    assert!(drained, "bytes still charged after the stream");
+}

@@ -73,6 +73,21 @@ impl AckHandle {
         }
     }
 
+    /// The same handle, keeping `hold` alive until the batch is resolved (or dropped):
+    /// how an MQTT message keeps its memory charged while the batcher has it.
+    pub fn holding(mut self, hold: impl Send + Sync + 'static) -> AckHandle {
+        self._hold = Some(Box::new(hold));
+        self
+    }
+
+    /// A receiver of this handle's outcome, for a handle built detached (an MQTT
+    /// message whose handle already holds its memory charge); replaces any earlier one.
+    pub fn subscribe(&mut self) -> AckReceiver {
+        let (tx, rx) = oneshot::channel();
+        self.tx = Some(tx);
+        rx
+    }
+
     /// Reports the batch durable.
     pub fn durable(mut self) {
         if let Some(tx) = self.tx.take() {

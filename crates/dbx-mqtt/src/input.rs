@@ -12,7 +12,11 @@
 //! Bounds: the broker sends at most `max_in_flight` unacknowledged QoS 1 messages (the
 //! Receive Maximum); when the batcher is behind, verdicts stop, acknowledgements stop, and
 //! so does the broker. As a guard against a broker that ignores the limit, the input stops
-//! taking messages from the pump at twice that many, and the pump stops reading.
+//! taking messages from the pump at twice that many, and the pump stops reading. Memory
+//! is bounded in bytes too: each message is charged against the listener's byte budget
+//! (`limits.max_buffered_bytes`) before it is decoded, until the batcher resolves it; a
+//! QoS 1 message waits for room (and with it every later message), a QoS 0 message
+//! that finds none is dropped (`dbx_mqtt_dropped_total{reason="budget"}`).
 //!
 //! When the connection is lost, the messages still in the FIFO are no longer
 //! acknowledged: the broker redelivers them on the new connection, they are processed
@@ -33,7 +37,8 @@ use dbx_core::{
     AckHandle, AckReceiver, BatchOrigin, BatchOutcome, RejectCode, Rejection, Shutdown,
     TelemetryBatch,
 };
-use dbx_listener::{AuthCache, OrgCounters, OrgMetrics, RateLimiter};
+use dbx_listener::budget::Charge;
+use dbx_listener::{AuthCache, ByteBudget, OrgCounters, OrgMetrics, RateLimiter};
 use dbx_proto::Limits;
 
 use crate::client::PumpEvent;
@@ -104,6 +109,7 @@ pub(crate) struct Processor {
     pub(crate) limiter: Arc<RateLimiter>,
     pub(crate) batches: mpsc::Sender<TelemetryBatch>,
     pub(crate) org_metrics: Arc<OrgMetrics>,
+    pub(crate) budget: ByteBudget,
     pub(crate) client: AsyncClient,
     pub(crate) events: mpsc::Receiver<PumpEvent>,
     /// Set before the DISCONNECT at the end, so that the pump knows it was ours.
@@ -147,6 +153,7 @@ impl Processor {
             limiter: shared.limiter,
             batches: shared.batches,
             org_metrics: shared.org_metrics,
+            budget: shared.budget,
             client,
             events,
             leaving,
@@ -400,9 +407,10 @@ impl Processor {
             return;
         }
         let (verdict, about) = match admitted {
-            Ok((batch, about)) => {
-                let (ack, rx) = AckHandle::channel();
-                self.offer(TelemetryBatch { ack, ..batch });
+            Ok((mut batch, about)) => {
+                // The handle keeps its memory charge; the FIFO waits on its outcome.
+                let rx = batch.ack.subscribe();
+                self.offer(batch);
                 (Verdict::Waiting(rx), about)
             }
             Err(Refusal::Rejected(refused)) => {
@@ -470,10 +478,16 @@ impl Processor {
         let counters = self.org_metrics.for_org(org, &self.auth);
         counters.received_bytes(p.payload.len());
         about.org = Some(counters.clone());
+        // Charged before decoding, like a TCP frame: the most the payload can decode to.
+        let Some(mut charge) = self.charge_bytes(p.payload.len(), qos1).await else {
+            metrics::counter!(m::MQTT_DROPPED_TOTAL, "reason" => "budget").increment(1);
+            return Err(Refusal::Dropped);
+        };
         let (aircraft, map) = match decode(p, parts, &s.limits) {
             Ok(ok) => ok,
             Err(r) => return fail(about, r),
         };
+        charge.shrink_to(dbx_proto::points_heap_bytes(&map.points));
         about.seq = map.seq;
         about.session = Some(map.session);
         let aircraft_id = match dbx_listener::admit::resolve_target(
@@ -502,7 +516,7 @@ impl Processor {
             aircraft_id,
             session_id: map.session,
             points: map.points,
-            ack: AckHandle::detached(),
+            ack: AckHandle::detached().holding(charge),
             origin: if qos1 {
                 BatchOrigin::Mqtt
             } else {
@@ -512,6 +526,36 @@ impl Processor {
             ends_session: false,
         };
         Ok((batch, about))
+    }
+
+    /// Charges a payload of `len` bytes against the byte budget. QoS 0 takes what is
+    /// free now or nothing (`None`: dropped). QoS 1 waits for it: the input then takes
+    /// no message, acknowledges nothing new, and so the broker holds the rest. Batches
+    /// parked for the batcher's queue are handed on meanwhile, since they hold charges
+    /// that only the batcher gives back.
+    async fn charge_bytes(&mut self, len: usize, qos1: bool) -> Option<Charge> {
+        let bound = dbx_proto::decoded_bytes_bound(len, &self.settings.limits);
+        if let Some(c) = self.budget.try_acquire(bound) {
+            return Some(c);
+        }
+        if !qos1 {
+            return None;
+        }
+        metrics::counter!(m::BUFFERED_BYTES_WAITS_TOTAL).increment(1);
+        loop {
+            let Some(batch) = self.parked.pop_front() else {
+                return Some(self.budget.acquire(bound).await);
+            };
+            match self.batches.reserve().await {
+                Ok(permit) => permit.send(batch),
+                // The batcher is gone (shutdown): the batch is not acknowledged, so the
+                // broker redelivers it; dropping it gives its bytes back.
+                Err(_) => drop(batch),
+            }
+            if let Some(c) = self.budget.try_acquire(bound) {
+                return Some(c);
+            }
+        }
     }
 
     /// Applies the organization's rate limit: QoS 1 always passes and pauses the input

@@ -41,7 +41,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::mpsc;
 
 use dbx_core::{Shutdown, TelemetryBatch};
-use dbx_listener::{AuthCache, RateLimiter};
+use dbx_listener::{AuthCache, ByteBudget, RateLimiter};
 use dbx_proto::Limits;
 
 pub use config::{BrokerAddr, ConfigError, MqttConfig};
@@ -75,6 +75,9 @@ pub struct Shared {
     pub auto_register_aircraft: bool,
     /// Per-organization metrics (the listener's: one label policy for every input).
     pub org_metrics: Arc<dbx_listener::OrgMetrics>,
+    /// The listener's byte budget (`limits.max_buffered_bytes`): a message is charged
+    /// from before it is decoded until the batcher has resolved it.
+    pub budget: ByteBudget,
 }
 
 impl MqttInput {

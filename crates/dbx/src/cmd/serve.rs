@@ -521,7 +521,7 @@ pub async fn run(
         tx.clone(),
         handshakes,
         org_metrics.clone(),
-        budget,
+        budget.clone(),
     )
     .await?;
     // The MQTT input feeds the same queue, shares the rate limits and the tenant checks.
@@ -533,10 +533,11 @@ pub async fn run(
             limits: cfg.listener.limits(),
             auto_register_aircraft: cfg.listener.auto_register_aircraft,
             org_metrics,
+            budget,
         };
         Some(dbx_mqtt::MqttInput::start(&cfg.mqtt, shared)?)
     } else {
-        drop((auth, tx));
+        drop((auth, tx, budget));
         None
     };
 
