@@ -363,6 +363,7 @@ fn fleet(
         form: PointForm::Map,
         seed,
         mqtt: None,
+        udp_auth: loadgen::UdpAuth::Mac,
     };
     let task = tokio::spawn(loadgen::run(config, stats.clone(), stop));
     (trigger, stats, task)
