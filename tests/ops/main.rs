@@ -85,11 +85,18 @@ pub fn config_int(path: &str) -> i64 {
         .unwrap_or_else(|| panic!("{path} is not an integer"))
 }
 
-/// Every metric name the daemon can export: the constants of `dbx_core::metrics` (read from
-/// its source, so a new constant needs no edit here), histogram series suffixes for the
-/// histograms, and the `dbx_db_*` names the control plane uses.
+/// Every metric name the daemon can export: the constants of every crate's `metrics.rs`
+/// (read from their sources, so a new constant or crate needs no edit here), histogram
+/// series suffixes for the histograms, and the `dbx_db_*` names the control plane uses.
 pub fn exported_metrics() -> BTreeSet<String> {
-    let src = read("crates/dbx-core/src/metrics.rs");
+    let mut src = String::new();
+    for dir in std::fs::read_dir(repo().join("crates")).expect("crates/") {
+        let file = dir.expect("dir entry").path().join("src/metrics.rs");
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            src.push_str(&text);
+            src.push('\n');
+        }
+    }
     let mut names = BTreeSet::new();
     let mut doc = String::new();
     for line in src.lines() {
@@ -121,7 +128,7 @@ pub fn exported_metrics() -> BTreeSet<String> {
     }
     assert!(
         names.contains("dbx_points_written_total") && names.contains("dbx_db_up"),
-        "metric names not found in dbx_core::metrics: {names:?}"
+        "metric names not found in crates/*/src/metrics.rs: {names:?}"
     );
     names
 }

@@ -63,7 +63,7 @@ async fn setup_then_check_prints_the_seven_tables_and_is_idempotent() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(stored, dbx_control::setup::api_key_hash(key_line));
+    assert_eq!(stored, dbx_core::apikey::key_hash_hex(key_line));
     assert_ne!(stored, key_line);
 
     // Again: nothing changes, nothing fails.

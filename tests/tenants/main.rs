@@ -159,7 +159,7 @@ async fn org_created_while_the_daemon_runs_ingests_and_deactivation_closes_its_c
         .await
         .unwrap()
         .get(0);
-    assert_eq!(stored, dbx_control::setup::api_key_hash(&key));
+    assert_eq!(stored, dbx_core::apikey::key_hash_hex(&key));
 
     // The new key works within seconds, for the new organization.
     let (mut g, welcome) =
@@ -433,7 +433,7 @@ async fn rotation_keeps_both_keys_working_and_revocation_closes_the_old_ones_con
     assert!(text.starts_with("LABEL"), "{text}");
     for secret in [&env.org.key, &new_key] {
         assert!(!text.contains(secret.as_str()));
-        assert!(!text.contains(&dbx_control::setup::api_key_hash(secret)));
+        assert!(!text.contains(&dbx_core::apikey::key_hash_hex(secret)));
     }
 }
 
@@ -934,7 +934,7 @@ async fn every_command_writes_an_audit_row_without_key_material() {
             .query_one(
                 "SELECT count(*) FROM dbx_audit.audit_log WHERE table_name = 'dbx_aviation.api_keys'
                    AND strpos(COALESCE(old_values::text, '') || COALESCE(new_values::text, ''), $1) > 0",
-                &[&dbx_control::setup::api_key_hash(k)],
+                &[&dbx_core::apikey::key_hash_hex(k)],
             )
             .await
             .unwrap()

@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 use dbx_core::TelemetryBatch;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -125,7 +125,7 @@ async fn run(
     mut rx: mpsc::Receiver<TelemetryBatch>,
     counters: Arc<Counters>,
 ) -> Result<BatcherStats, BatcherError> {
-    config.validate()?;
+    config.validate().map_err(|e| e.in_section("batcher"))?;
     metrics::gauge!(m::QUEUE_CAPACITY).set(rx.max_capacity() as f64);
     let age = config.max_batch_age();
     let mut d = Dispatcher {

@@ -7,16 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// How `flight_telemetry` is partitioned; must match what the control plane creates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PartitionInterval {
-    /// One partition per UTC day, `flight_telemetry_pYYYYMMDD`.
-    #[default]
-    Daily,
-    /// One partition per UTC hour, `flight_telemetry_pYYYYMMDDHH`.
-    Hourly,
-}
+pub use dbx_core::partition::PartitionInterval;
+use dbx_core::ConfigError;
 
 /// Settings of the batcher.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -71,60 +63,47 @@ impl Default for BatcherConfig {
     }
 }
 
-/// A setting out of its allowed range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("batcher.{key}: {reason}")]
-pub struct ConfigError {
-    /// The key, as written in the `[batcher]` section.
-    pub key: &'static str,
-    /// Why the value is refused.
-    pub reason: String,
-}
-
 impl BatcherConfig {
     /// Checks every value; the error names the first bad key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
             if v == 0 {
-                return Err(ConfigError {
-                    key,
-                    reason: "must be greater than 0".into(),
-                });
+                return Err(ConfigError::new(key, "must be greater than 0"));
             }
             Ok(())
         }
         positive("max_batch_rows", self.max_batch_rows as u64)?;
         if self.max_batch_rows > 1_000_000 {
-            return Err(ConfigError {
-                key: "max_batch_rows",
-                reason: format!("{} is above the limit of 1000000", self.max_batch_rows),
-            });
+            return Err(ConfigError::new(
+                "max_batch_rows",
+                format!("{} is above the limit of 1000000", self.max_batch_rows),
+            ));
         }
         positive("max_batch_bytes", self.max_batch_bytes as u64)?;
         if self.max_batch_bytes > 512 * 1024 * 1024 {
-            return Err(ConfigError {
-                key: "max_batch_bytes",
-                reason: format!("{} is above the limit of 512 MiB", self.max_batch_bytes),
-            });
+            return Err(ConfigError::new(
+                "max_batch_bytes",
+                format!("{} is above the limit of 512 MiB", self.max_batch_bytes),
+            ));
         }
         positive("max_batch_age_ms", self.max_batch_age_ms)?;
         positive("writers", self.writers as u64)?;
         if self.writers > 256 {
-            return Err(ConfigError {
-                key: "writers",
-                reason: format!("{} is above the limit of 256", self.writers),
-            });
+            return Err(ConfigError::new(
+                "writers",
+                format!("{} is above the limit of 256", self.writers),
+            ));
         }
         positive("queue_capacity", self.queue_capacity as u64)?;
         positive("retry_initial_ms", self.retry_initial_ms)?;
         if self.retry_max_ms < self.retry_initial_ms {
-            return Err(ConfigError {
-                key: "retry_max_ms",
-                reason: format!(
+            return Err(ConfigError::new(
+                "retry_max_ms",
+                format!(
                     "{} is below retry_initial_ms ({})",
                     self.retry_max_ms, self.retry_initial_ms
                 ),
-            });
+            ));
         }
         positive("session_cache_capacity", self.session_cache_capacity as u64)?;
         positive("shutdown_deadline_ms", self.shutdown_deadline_ms)?;
@@ -159,7 +138,10 @@ mod tests {
         };
         let e = c.validate().unwrap_err();
         assert_eq!(e.key, "writers");
-        assert_eq!(e.to_string(), "batcher.writers: must be greater than 0");
+        assert_eq!(
+            e.in_section("batcher").to_string(),
+            "config key `batcher.writers`: must be greater than 0"
+        );
 
         let c = BatcherConfig {
             retry_initial_ms: 500,

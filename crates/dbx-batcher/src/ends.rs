@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 use dbx_core::{RejectCode, Rejection};
 use tracing::{debug, warn};
 use uuid::Uuid;

@@ -10,8 +10,8 @@ use std::error::Error as _;
 
 use tokio_postgres::error::SqlState;
 
-use crate::config::ConfigError;
 use crate::writer::Settled;
+use dbx_core::ConfigError;
 
 /// Why the batcher stopped abnormally.
 #[derive(Debug, thiserror::Error)]

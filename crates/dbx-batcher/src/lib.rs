@@ -23,6 +23,7 @@ pub mod copy;
 pub mod dedupe;
 mod ends;
 mod error;
+pub mod metrics;
 pub mod partition;
 pub mod sessions;
 pub mod spool;
@@ -33,7 +34,8 @@ mod writer;
 pub(crate) use dbx_core::Point;
 
 pub use batcher::{Batcher, BatcherHandle};
-pub use config::{BatcherConfig, ConfigError, PartitionInterval};
+pub use config::{BatcherConfig, PartitionInterval};
 pub use copy::CopyEncoder;
+pub use dbx_core::ConfigError;
 pub use error::BatcherError;
 pub use stats::BatcherStats;

@@ -40,9 +40,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::metrics as m;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use dbx_core::metrics as m;
 use dbx_core::{BatchOrigin, Point, RejectCode, Rejection};
 use deadpool_postgres::Transaction;
 use futures::SinkExt;
@@ -200,7 +200,7 @@ pub(crate) fn refuse(shared: &Shared, t: &Ticket, r: Rejection) {
         shared.counters.add(&shared.counters.batches_rejected, 1);
         metrics::counter!(m::BATCHES_REJECTED_TOTAL, "reason" => code).increment(1);
         if t.origin == BatchOrigin::Udp {
-            metrics::counter!(m::UDP_DROPPED_TOTAL, "reason" => code).increment(1);
+            metrics::counter!(dbx_core::metrics::UDP_DROPPED_TOTAL, "reason" => code).increment(1);
         }
     }
 }

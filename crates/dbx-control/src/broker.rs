@@ -12,6 +12,7 @@
 //! As root, the broker runs as the `mosquitto` user (the package's) and gets
 //! `PR_SET_PDEATHSIG` after that switch, so it dies with this process.
 
+use dbx_core::sync::lock;
 use std::fs;
 use std::io;
 use std::net::TcpStream;
@@ -163,7 +164,7 @@ impl LocalBroker {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = spawn_kept(cmd).map_err(io_err("starting mosquitto"))?;
-        *self.child.lock().expect("broker child lock") = Some(child);
+        *lock(&self.child) = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
@@ -217,7 +218,7 @@ impl LocalBroker {
 
     /// Stops the broker gracefully (SIGTERM: it writes its persistence file) and waits.
     pub fn stop(&self) {
-        if let Some(mut child) = self.child.lock().expect("broker child lock").take() {
+        if let Some(mut child) = lock(&self.child).take() {
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);

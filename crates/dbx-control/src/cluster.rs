@@ -16,6 +16,7 @@
 //! the child exits, so spawning from a short-lived test thread would kill the
 //! server as soon as that test ended. The keeper lives as long as the process.
 
+use dbx_core::sync::lock;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
@@ -297,7 +298,7 @@ impl LocalCluster {
 
     /// Starts the server and waits (up to 60 s) until it accepts connections.
     pub fn start(&self) -> Result<(), ClusterError> {
-        let mut guard = self.child.lock().expect("cluster lock");
+        let mut guard = lock(&self.child);
         if let Some(child) = guard.as_mut() {
             if matches!(child.try_wait(), Ok(None)) {
                 return Ok(());
@@ -404,7 +405,7 @@ impl LocalCluster {
 
     /// Stops the server with a fast shutdown and waits for it to exit.
     pub fn stop(&self) -> Result<(), ClusterError> {
-        let mut guard = self.child.lock().expect("cluster lock");
+        let mut guard = lock(&self.child);
         if let Some(mut child) = guard.take() {
             // SIGINT = "fast" shutdown: roll back open transactions, exit cleanly.
             unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -428,7 +429,7 @@ impl LocalCluster {
 
     /// True while the server process runs.
     pub fn is_running(&self) -> bool {
-        let mut guard = self.child.lock().expect("cluster lock");
+        let mut guard = lock(&self.child);
         guard
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))

@@ -4,7 +4,7 @@
 //! archive tables (count and bounds), the rows sitting in the default partition, how far ahead
 //! the newest live partition reaches, the ingest role's connections, and whether its own connection
 //! is TLS-encrypted (`pg_stat_ssl`, the server's view), and exports them as the
-//! `dbx_db_*` gauges of [`dbx_core::metrics`]. The last snapshot is also kept for
+//! `dbx_db_*` gauges of [`crate::metrics`]. The last snapshot is also kept for
 //! `/api/v2/system/status`. When the database does not answer, `dbx_db_up` drops to 0 and the
 //! other gauges keep their last values.
 
@@ -17,10 +17,10 @@ use dbx_pg::Connector;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 use dbx_core::{SharedClock, Shutdown};
 
-use crate::setup::{describe_pg_error, EXPECTED_TABLES};
+use crate::setup::EXPECTED_TABLES;
 
 /// The last collection, shared with the admin endpoint.
 pub type HealthHandle = Arc<RwLock<HealthSnapshot>>;
@@ -71,73 +71,6 @@ pub struct HealthSnapshot {
     pub tls_version: Option<String>,
 }
 
-/// Registers the HELP text of every metric this crate exports (call once after installing the
-/// recorder).
-pub fn describe_metrics() {
-    use metrics::{describe_counter as c, describe_gauge as g, Unit};
-    g!(
-        m::DB_UP,
-        "1 when the last database health collection succeeded, else 0."
-    );
-    g!(
-        m::DB_SIZE_BYTES,
-        Unit::Bytes,
-        "Size of the database (system_health.database_size)."
-    );
-    g!(
-        m::DB_ACTIVE_CONNECTIONS,
-        "Connections to the database (system_health.active_connections)."
-    );
-    g!(
-        m::DB_SLOW_QUERIES,
-        "Statements averaging over 100 ms (system_health.slow_queries_count; needs pg_stat_statements)."
-    );
-    g!(
-        m::DB_CACHE_HIT_RATIO,
-        "Share of heap block reads served from shared buffers, 0..1 (system_health.cache_hit_ratio)."
-    );
-    g!(
-        m::DB_TABLE_BLOAT_BYTES,
-        Unit::Bytes,
-        "Estimated bloat per table (table_bloat); telemetry partitions summed under their parent."
-    );
-    g!(
-        m::DB_PARTITIONS,
-        "Telemetry partitions per schema (live, archive), the default partition not counted."
-    );
-    g!(
-        m::DB_PARTITION_OLDEST_START,
-        Unit::Seconds,
-        "Lower bound of the oldest telemetry partition per schema, unix time."
-    );
-    g!(
-        m::DB_PARTITION_NEWEST_END,
-        Unit::Seconds,
-        "Upper bound of the newest telemetry partition per schema, unix time."
-    );
-    g!(
-        m::DB_PARTITION_AHEAD_SECONDS,
-        Unit::Seconds,
-        "Seconds until the newest live partition ends; alert before it nears 0."
-    );
-    g!(
-        m::DB_DEFAULT_PARTITION_ROWS,
-        "Rows in the default telemetry partition (the sweep moves them out)."
-    );
-    g!(
-        m::DB_INGEST_CONNECTIONS,
-        "Connections of members of the dbx_ingest role to the database."
-    );
-    g!(
-        m::DB_TLS,
-        "1 when the health collector's connection to PostgreSQL is TLS-encrypted (pg_stat_ssl), else 0."
-    );
-    c!(
-        m::MAINTENANCE_SKIPPED_TOTAL,
-        "Partition maintenance steps skipped because their tables stayed locked, by kind."
-    );
-}
-
 /// Polls the database's health on its own connection.
 pub struct HealthCollector {
     pg: Connector,
@@ -161,7 +94,7 @@ impl std::fmt::Debug for HealthCollector {
 pub struct HealthError(pub String);
 
 fn qerr(what: &'static str) -> impl Fn(tokio_postgres::Error) -> HealthError {
-    move |e| HealthError(format!("{what}: {}", describe_pg_error(&e)))
+    move |e| HealthError(format!("{what}: {}", dbx_pg::describe(&e)))
 }
 
 impl HealthCollector {

@@ -38,11 +38,11 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 use dbx_core::{SharedClock, Shutdown};
 
 use crate::health::HealthHandle;
-use crate::partitions::Interval;
+use dbx_core::partition::PartitionInterval;
 
 /// Extra figures for the status endpoint, supplied by the binary (queue depths, ingest totals).
 pub type StatusSource = Arc<dyn Fn() -> Value + Send + Sync>;
@@ -63,7 +63,7 @@ pub struct AdminState {
     /// The clock (for the partition-ahead check).
     pub clock: SharedClock,
     /// Partition width (what "the next partition" means).
-    pub interval: Interval,
+    pub interval: PartitionInterval,
     /// The health collector's last snapshot.
     pub health: HealthHandle,
     /// Ingest rates, kept current by the sampler [`serve`] runs.
@@ -243,8 +243,8 @@ impl Rates {
 
     /// Takes a sample from a rendered exposition.
     pub fn sample(&self, exposition: &str) {
-        let received = counter_sum(exposition, m::POINTS_RECEIVED_TOTAL);
-        let written = counter_sum(exposition, m::POINTS_WRITTEN_TOTAL);
+        let received = counter_sum(exposition, dbx_core::metrics::POINTS_RECEIVED_TOTAL);
+        let written = counter_sum(exposition, dbx_core::metrics::POINTS_WRITTEN_TOTAL);
         let now = Instant::now();
         if let Ok(mut g) = self.0.lock() {
             let (last, prev) = &mut *g;
@@ -344,7 +344,7 @@ pub async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, SocketAddr), S
 }
 
 async fn metrics_handler(State(s): State<AdminState>) -> Response {
-    metrics::gauge!(dbx_core::metrics::UPTIME_SECONDS).set(s.started.elapsed().as_secs_f64());
+    metrics::gauge!(crate::metrics::UPTIME_SECONDS).set(s.started.elapsed().as_secs_f64());
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -364,7 +364,7 @@ async fn db_health(pool: &Pool) -> Result<Vec<(String, Option<f64>, String)>, St
                 &[],
             )
             .await
-            .map_err(|e| crate::setup::describe_pg_error(&e))?;
+            .map_err(|e| dbx_pg::describe(&e))?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -396,7 +396,7 @@ async fn partitions_ahead(s: &AdminState) -> Result<(bool, bool), String> {
                 &[&now, &next],
             )
             .await
-            .map_err(|e| crate::setup::describe_pg_error(&e))?;
+            .map_err(|e| dbx_pg::describe(&e))?;
         Ok((row.get::<_, bool>(0), row.get::<_, bool>(1)))
     };
     tokio::time::timeout(Duration::from_secs(3), fut)
@@ -475,8 +475,14 @@ mod tests {
                     dbx_points_received_total{transport=\"tcp\"} 30\n\
                     dbx_points_received_total{transport=\"udp\"} 12\n\
                     dbx_points_received_total_other 99\n";
-        assert_eq!(counter_sum(text, m::POINTS_RECEIVED_TOTAL), 42.0);
-        assert_eq!(counter_sum(text, m::POINTS_WRITTEN_TOTAL), 40.0);
+        assert_eq!(
+            counter_sum(text, dbx_core::metrics::POINTS_RECEIVED_TOTAL),
+            42.0
+        );
+        assert_eq!(
+            counter_sum(text, dbx_core::metrics::POINTS_WRITTEN_TOTAL),
+            40.0
+        );
         let r = Rates::default();
         r.sample(text);
         assert_eq!(r.get().points_written_total, 40.0);

@@ -22,6 +22,7 @@ pub mod broker;
 pub mod cluster;
 pub mod health;
 pub mod http;
+pub mod metrics;
 pub mod migrate;
 pub mod partitions;
 pub mod pki;

@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, DurationRound, NaiveDateTime, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use dbx_pg::Connector;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -58,10 +58,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use dbx_core::metrics as m;
-use dbx_core::{SharedClock, Shutdown};
-
-use crate::setup::describe_pg_error;
+use crate::metrics as m;
+pub use dbx_core::partition::PartitionInterval;
+use dbx_core::partition::{range_of_child, CHILD_NAME_PATTERN};
+use dbx_core::{ConfigError, SharedClock, Shutdown};
 
 /// Key of the session-level advisory lock that guards maintenance (ASCII "dbx_mnt").
 /// Advisory locks are per database: daemons on different databases never wait on each other.
@@ -70,37 +70,6 @@ pub const MAINTENANCE_LOCK_KEY: i64 = 0x0064_6278_5f6d_6e74;
 const LIVE_PARENT: &str = "dbx_aviation.flight_telemetry";
 const ARCHIVE_PARENT: &str = "dbx_archive.flight_telemetry_archive";
 const DEFAULT_PARTITION: &str = "dbx_aviation.flight_telemetry_default";
-
-/// Width of one partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Interval {
-    /// One partition per UTC day (`flight_telemetry_pYYYYMMDD`).
-    Daily,
-    /// One partition per UTC hour (`flight_telemetry_pYYYYMMDDHH`).
-    Hourly,
-}
-
-impl Interval {
-    /// The width as a duration (exact: partitions are UTC, DST never changes them).
-    pub fn step(self) -> TimeDelta {
-        match self {
-            Interval::Daily => TimeDelta::days(1),
-            Interval::Hourly => TimeDelta::hours(1),
-        }
-    }
-
-    /// The start of the interval holding `t`.
-    pub fn floor(self, t: DateTime<Utc>) -> DateTime<Utc> {
-        t.duration_trunc(self.step()).unwrap_or(t)
-    }
-
-    fn unit(self) -> &'static str {
-        match self {
-            Interval::Daily => "day",
-            Interval::Hourly => "hour",
-        }
-    }
-}
 
 /// `[partitions]` of the configuration: partition upkeep. Every interval is in seconds;
 /// 0 turns that task off (premake cannot be turned off).
@@ -155,12 +124,12 @@ impl Default for PartitionsConfig {
 
 impl PartitionsConfig {
     /// Checks what serde cannot: `Err((key, message))` names the bad key.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let must = |ok: bool, key: &'static str, what: &str| {
             if ok {
                 Ok(())
             } else {
-                Err((key, what.to_string()))
+                Err(ConfigError::new(key, what))
             }
         };
         must(self.premake >= 1, "premake", "must be at least 1")?;
@@ -400,13 +369,13 @@ fn db_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Main
     let what = what.into();
     move |e| MaintenanceError::Db {
         what,
-        reason: describe_pg_error(&e),
+        reason: dbx_pg::describe(&e),
     }
 }
 
 /// The `[from, to)` ranges wanted at `now`: `lookback` intervals back to `premake` ahead.
 pub fn wanted_ranges(
-    interval: Interval,
+    interval: PartitionInterval,
     premake: u32,
     lookback: u32,
     now: DateTime<Utc>,
@@ -419,23 +388,6 @@ pub fn wanted_ranges(
             (from, from + step)
         })
         .collect()
-}
-
-/// The range a partition name stands for (`flight_telemetry_pYYYYMMDD[HH]`, UTC).
-pub fn range_of_name(name: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
-    let digits = name.strip_prefix("flight_telemetry_p")?;
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (full, step) = match digits.len() {
-        8 => (format!("{digits}000000"), TimeDelta::days(1)),
-        10 => (format!("{digits}0000"), TimeDelta::hours(1)),
-        _ => return None,
-    };
-    let from = NaiveDateTime::parse_from_str(&full, "%Y%m%d%H%M%S")
-        .ok()?
-        .and_utc();
-    Some((from, from + step))
 }
 
 /// A timestamptz literal independent of the session's TimeZone and DateStyle.
@@ -470,7 +422,7 @@ struct Conn {
 /// Partition premake, sweep, archival, retention and view refresh; see the module docs.
 pub struct PartitionManager {
     pg: Connector,
-    interval: Interval,
+    interval: PartitionInterval,
     cfg: PartitionsConfig,
     clock: SharedClock,
     conn: tokio::sync::Mutex<Option<Conn>>,
@@ -490,7 +442,7 @@ impl PartitionManager {
     /// A manager connecting with `pg` (it connects lazily, and again after a lost connection).
     pub fn new(
         pg: Connector,
-        interval: Interval,
+        interval: PartitionInterval,
         cfg: PartitionsConfig,
         clock: SharedClock,
     ) -> Self {
@@ -745,27 +697,27 @@ impl PartitionManager {
                 Err(e) if conn.client.is_closed() => {
                     return Err(MaintenanceError::Db {
                         what: step.what.clone(),
-                        reason: describe_pg_error(&e),
+                        reason: dbx_pg::describe(&e),
                     })
                 }
                 Err(e) if retryable(&e) && attempt < attempts => {
-                    tracing::debug!(step = %step.what, attempt, error = %describe_pg_error(&e),
+                    tracing::debug!(step = %step.what, attempt, error = %dbx_pg::describe(&e),
                         "maintenance step waited too long for a lock; retrying");
                     tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
                 }
                 Err(e) if retryable(&e) => {
-                    tracing::warn!(step = %step.what, attempts, error = %describe_pg_error(&e),
+                    tracing::warn!(step = %step.what, attempts, error = %dbx_pg::describe(&e),
                         "maintenance step skipped: its tables stayed busy; the next run retries");
                     report
                         .skipped
-                        .push(format!("{} ({})", step.what, describe_pg_error(&e)));
+                        .push(format!("{} ({})", step.what, dbx_pg::describe(&e)));
                     return Ok(());
                 }
                 Err(e) => {
-                    tracing::warn!(step = %step.what, error = %describe_pg_error(&e), "maintenance step failed");
+                    tracing::warn!(step = %step.what, error = %dbx_pg::describe(&e), "maintenance step failed");
                     report
                         .failed
-                        .push(format!("{}: {}", step.what, describe_pg_error(&e)));
+                        .push(format!("{}: {}", step.what, dbx_pg::describe(&e)));
                     return Ok(());
                 }
             }
@@ -875,7 +827,7 @@ impl PartitionManager {
 
     async fn default_buckets(
         client: &Client,
-        interval: Interval,
+        interval: PartitionInterval,
         within: Option<(DateTime<Utc>, DateTime<Utc>)>,
     ) -> Result<Vec<(DateTime<Utc>, i64)>, MaintenanceError> {
         let (lo, hi) = (within.map(|w| w.0), within.map(|w| w.1));
@@ -936,12 +888,13 @@ impl PartitionManager {
             let clash = parts
                 .iter()
                 .any(|p| p.is_live() && !p.is_default && p.overlaps(from, to));
-            if clash && self.interval == Interval::Daily {
+            if clash && self.interval == PartitionInterval::Daily {
                 // Hourly partitions exist in this day (the interval was changed): go by hour.
                 for (h, hn) in
-                    Self::default_buckets(client, Interval::Hourly, Some((from, to))).await?
+                    Self::default_buckets(client, PartitionInterval::Hourly, Some((from, to)))
+                        .await?
                 {
-                    let ht = h + Interval::Hourly.step();
+                    let ht = h + PartitionInterval::Hourly.step();
                     plan.steps.push(Self::ensure_step(
                         h,
                         ht,
@@ -1063,15 +1016,15 @@ impl PartitionManager {
             .query(
                 "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE n.nspname = 'dbx_aviation' AND c.relkind = 'r' AND NOT c.relispartition
-                    AND c.relname ~ '^flight_telemetry_p[0-9]{8}([0-9]{2})?$'
+                    AND c.relname ~ $1
                   ORDER BY 1",
-                &[],
+                &[&CHILD_NAME_PATTERN],
             )
             .await
             .map_err(db_err("looking for detached partitions"))?;
         for r in orphans {
             let name: String = r.get(0);
-            let Some((from, to)) = range_of_name(&name) else {
+            let Some((from, to)) = range_of_child(&name) else {
                 continue;
             };
             if to > cutoff || archived.contains(&name.as_str()) {
@@ -1358,28 +1311,15 @@ mod tests {
     #[test]
     fn wanted_ranges_span_lookback_to_premake_in_utc() {
         let now = Utc.with_ymd_and_hms(2026, 1, 30, 23, 59, 0).unwrap();
-        let r = wanted_ranges(Interval::Daily, 4, 1, now);
+        let r = wanted_ranges(PartitionInterval::Daily, 4, 1, now);
         assert_eq!(r.len(), 6);
         assert_eq!(r[0].0, Utc.with_ymd_and_hms(2026, 1, 29, 0, 0, 0).unwrap());
         // Across the month boundary.
         assert_eq!(r[5].0, Utc.with_ymd_and_hms(2026, 2, 3, 0, 0, 0).unwrap());
         assert_eq!(r[5].1, Utc.with_ymd_and_hms(2026, 2, 4, 0, 0, 0).unwrap());
-        let h = wanted_ranges(Interval::Hourly, 2, 0, now);
+        let h = wanted_ranges(PartitionInterval::Hourly, 2, 0, now);
         assert_eq!(h.len(), 3);
         assert_eq!(h[2].1, Utc.with_ymd_and_hms(2026, 1, 31, 2, 0, 0).unwrap());
-    }
-
-    #[test]
-    fn partition_names_parse_back_to_their_range() {
-        let (f, t) = range_of_name("flight_telemetry_p20260329").unwrap();
-        assert_eq!(f, Utc.with_ymd_and_hms(2026, 3, 29, 0, 0, 0).unwrap());
-        assert_eq!(t - f, TimeDelta::days(1));
-        let (f, t) = range_of_name("flight_telemetry_p2026102501").unwrap();
-        assert_eq!(f, Utc.with_ymd_and_hms(2026, 10, 25, 1, 0, 0).unwrap());
-        assert_eq!(t - f, TimeDelta::hours(1));
-        assert!(range_of_name("flight_telemetry_default").is_none());
-        assert!(range_of_name("flight_telemetry_p2026").is_none());
-        assert!(range_of_name("flight_telemetry_p20261399").is_none());
     }
 
     #[test]
@@ -1394,7 +1334,7 @@ mod tests {
         let mut c = PartitionsConfig::default();
         assert!(c.validate().is_ok());
         c.retention_chunk_rows = 0;
-        assert_eq!(c.validate().unwrap_err().0, "retention_chunk_rows");
+        assert_eq!(c.validate().unwrap_err().key, "retention_chunk_rows");
         let c = PartitionsConfig {
             archive_after_days: 0,
             ..PartitionsConfig::default()

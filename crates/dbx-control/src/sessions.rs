@@ -26,10 +26,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use deadpool_postgres::Pool;
 use serde::Deserialize;
 
-use dbx_core::metrics as m;
-use dbx_core::{SharedClock, Shutdown};
-
-use crate::setup::describe_pg_error;
+use crate::metrics as m;
+use dbx_core::{ConfigError, SharedClock, Shutdown};
 
 /// Sessions completed per call of the database function (one short transaction each).
 const CHUNK: i32 = 1000;
@@ -54,13 +52,16 @@ impl Default for SessionsConfig {
 }
 
 impl SessionsConfig {
-    /// Checks what serde cannot: `Err((key, message))` names the bad key.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// Checks what serde cannot; the error names the bad key within `[sessions]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.check_interval_secs == 0 {
-            return Err(("check_interval_secs", "must be at least 1".into()));
+            return Err(ConfigError::new(
+                "check_interval_secs",
+                "must be at least 1",
+            ));
         }
         if self.idle_timeout_secs > i32::MAX as u64 {
-            return Err((
+            return Err(ConfigError::new(
                 "idle_timeout_secs",
                 format!("must be at most {} (0 turns completion off)", i32::MAX),
             ));
@@ -155,7 +156,7 @@ impl SessionCompleter {
         client
             .simple_query("SELECT 1")
             .await
-            .map_err(|e| CompleterError::Db(describe_pg_error(&e)))?;
+            .map_err(|e| CompleterError::Db(dbx_pg::describe(&e)))?;
         let now = self.clock.now();
         let since = *self.reachable_since().get_or_insert(now);
         if now - since < idle {
@@ -167,13 +168,13 @@ impl SessionCompleter {
         let stmt = client
             .prepare_cached("SELECT dbx_aviation.complete_idle_sessions($1, $2)")
             .await
-            .map_err(|e| CompleterError::Db(describe_pg_error(&e)))?;
+            .map_err(|e| CompleterError::Db(dbx_pg::describe(&e)))?;
         let mut sessions = 0u64;
         loop {
             let done: i32 = client
                 .query_one(&stmt, &[&idle_before, &CHUNK])
                 .await
-                .map_err(|e| CompleterError::Db(describe_pg_error(&e)))?
+                .map_err(|e| CompleterError::Db(dbx_pg::describe(&e)))?
                 .get(0);
             sessions += done.max(0) as u64;
             metrics::counter!(m::SESSIONS_COMPLETED_TOTAL, "reason" => "idle")

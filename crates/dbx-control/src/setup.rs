@@ -24,8 +24,8 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use dbx_core::apikey::key_hash_hex;
 use dbx_pg::{Connector, PgError};
-use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
@@ -172,22 +172,20 @@ pub enum SetupError {
     },
 }
 
-/// Renders a tokio-postgres error with its server message and SQLSTATE, which its
-/// `Display` ("db error") hides.
-pub use dbx_pg::describe as describe_pg_error;
-
+/// Maps a tokio-postgres error of `doing` to a [`SetupError`] with the server's message
+/// and SQLSTATE ([`dbx_pg::describe`]).
 fn db_err(doing: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
     let doing = doing.into();
     move |e| {
         if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
             SetupError::MissingPrivilege {
                 doing,
-                reason: describe_pg_error(&e),
+                reason: dbx_pg::describe(&e),
             }
         } else {
             SetupError::Db {
                 doing,
-                reason: describe_pg_error(&e),
+                reason: dbx_pg::describe(&e),
             }
         }
     }
@@ -207,7 +205,7 @@ fn classify(connector: &Connector, e: PgError) -> SetupError {
     };
     let (host, port) = (connector.host(), connector.port());
     let user = connector.pg_config().get_user().unwrap_or("").to_string();
-    let reason = describe_pg_error(pg);
+    let reason = dbx_pg::describe(pg);
     match pg.code() {
         Some(c)
             if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
@@ -676,11 +674,6 @@ async fn login_passwords(
     Ok(out)
 }
 
-/// Hex SHA-256 of an API key, as stored in `organizations.api_key_hash`.
-pub fn api_key_hash(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
 /// A new API key: `dbx_` and 40 random alphanumerics (≈238 bits).
 pub fn new_api_key() -> String {
     format!("dbx_{}", random_token(40))
@@ -705,10 +698,10 @@ async fn sample_data(client: &Client, out_dir: &Path, rotate: bool) -> Result<St
         .map_err(db_err("reading the sample organization"))?
         .map(|r| r.get(0));
     let key = match (previous, &existing) {
-        (Some(k), Some(h)) if api_key_hash(&k) == *h => k,
+        (Some(k), Some(h)) if key_hash_hex(&k) == *h => k,
         _ => new_api_key(),
     };
-    let hash = api_key_hash(&key);
+    let hash = key_hash_hex(&key);
     client
         .execute(
             "INSERT INTO dbx_aviation.organizations \

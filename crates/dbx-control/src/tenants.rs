@@ -20,10 +20,9 @@ use tokio_postgres::{Client, GenericClient, Row};
 use uuid::Uuid;
 
 use crate::migrate::PgError;
-use crate::setup::{api_key_hash, new_api_key};
-
-/// Label of an organization's own key (`organizations.api_key_hash`).
-pub const PRIMARY_LABEL: &str = "primary";
+use crate::setup::new_api_key;
+use dbx_core::apikey::key_hash_hex;
+pub use dbx_core::apikey::PRIMARY_LABEL;
 
 /// Longest accepted `--expires`: 100 years, far beyond any sensible key lifetime.
 const MAX_EXPIRY: Duration = Duration::from_secs(100 * 366 * 86_400);
@@ -516,7 +515,7 @@ pub async fn create_org(client: &mut Client, new: &NewOrg) -> Result<CreatedOrg,
         validate_points_per_sec(r)?;
     }
     let key = new_api_key();
-    let hash = api_key_hash(&key);
+    let hash = key_hash_hex(&key);
     let tx = client.transaction().await?;
     let encrypt = encryption_available(&tx).await?;
 
@@ -779,7 +778,7 @@ pub async fn create_key(
         }
     };
     let key = new_api_key();
-    let hash = api_key_hash(&key);
+    let hash = key_hash_hex(&key);
     let encrypt = encryption_available(&tx).await?;
     let expires_secs: Option<f64> = expires_in.map(|d| d.as_secs_f64());
     let encrypted_arg: Option<&str> = encrypt.then_some(key.as_str());

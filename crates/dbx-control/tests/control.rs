@@ -12,7 +12,9 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use dbx_control::health::HealthCollector;
-use dbx_control::partitions::{Interval, PartitionManager, PartitionsConfig, Task, TaskReport};
+use dbx_control::partitions::{
+    PartitionInterval, PartitionManager, PartitionsConfig, Task, TaskReport,
+};
 use dbx_core::{ManualClock, SharedClock, SystemClock};
 use dbx_testkit::TestDb;
 
@@ -46,7 +48,7 @@ async fn setup() -> (TestDb, Client, String) {
 fn manager(
     url: &str,
     clock: &Arc<ManualClock>,
-    interval: Interval,
+    interval: PartitionInterval,
     cfg: PartitionsConfig,
 ) -> PartitionManager {
     let clock: SharedClock = clock.clone();
@@ -125,7 +127,12 @@ async fn premake_across_a_month_boundary_and_dst_in_a_non_utc_server_zone() {
 
     // 2026-03-29 00:30 UTC = 01:30 CET; at 01:00 UTC Berlin springs to CEST (a 23-hour local day).
     let clock = ManualClock::new(utc(2026, 3, 29, 0, 30));
-    let m = manager(&url, &clock, Interval::Daily, PartitionsConfig::default());
+    let m = manager(
+        &url,
+        &clock,
+        PartitionInterval::Daily,
+        PartitionsConfig::default(),
+    );
     let r = run(&m, Task::Premake).await;
     assert_eq!(r.done.len(), 7, "{r:?}");
     let live: Vec<_> = m
@@ -225,7 +232,7 @@ async fn premake_across_a_month_boundary_and_dst_in_a_non_utc_server_zone() {
     let h = manager(
         &url,
         &clock,
-        Interval::Hourly,
+        PartitionInterval::Hourly,
         PartitionsConfig {
             premake: 3,
             lookback: 1,
@@ -274,7 +281,12 @@ async fn premake_across_a_month_boundary_and_dst_in_a_non_utc_server_zone() {
 async fn the_sweep_empties_the_default_partition_and_the_next_creation_succeeds() {
     let (_db, c, url) = setup().await;
     let clock = ManualClock::new(utc(2026, 5, 10, 12, 0));
-    let m = manager(&url, &clock, Interval::Daily, PartitionsConfig::default());
+    let m = manager(
+        &url,
+        &clock,
+        PartitionInterval::Daily,
+        PartitionsConfig::default(),
+    );
     run(&m, Task::Premake).await;
     // A clock-skewed gateway and a backfill: no partition for these yet.
     let o = Uuid::new_v4();
@@ -342,7 +354,12 @@ async fn archival_moves_exactly_the_old_partitions_and_the_archive_parent_sees_t
     let (_db, c, url) = setup().await;
     // archive_after_days 90 at 2026-06-15 12:00: partitions that ended by 2026-03-17 12:00.
     let clock = ManualClock::new(utc(2026, 6, 15, 12, 0));
-    let m = manager(&url, &clock, Interval::Daily, PartitionsConfig::default());
+    let m = manager(
+        &url,
+        &clock,
+        PartitionInterval::Daily,
+        PartitionsConfig::default(),
+    );
     let days = [
         utc(2026, 1, 1, 0, 0),
         utc(2026, 3, 16, 0, 0), // ends 03-17 00:00: old enough
@@ -448,7 +465,12 @@ async fn archival_detaches_concurrently_when_there_is_no_default_partition() {
         .await
         .unwrap();
     let clock = ManualClock::new(utc(2026, 6, 15, 12, 0));
-    let m = manager(&url, &clock, Interval::Daily, PartitionsConfig::default());
+    let m = manager(
+        &url,
+        &clock,
+        PartitionInterval::Daily,
+        PartitionsConfig::default(),
+    );
     let plan = m.plan(Task::Archive).await.unwrap();
     assert!(plan.to_string().contains(
         "ALTER TABLE dbx_aviation.flight_telemetry DETACH PARTITION \"dbx_aviation\".\"flight_telemetry_p20260201\" CONCURRENTLY;"
@@ -475,7 +497,7 @@ async fn retention_with_two_organizations_drops_or_deletes_exactly_what_it_shoul
         retention_chunk_rows: 2,
         ..PartitionsConfig::default()
     };
-    let m = manager(&url, &clock, Interval::Daily, cfg);
+    let m = manager(&url, &clock, PartitionInterval::Daily, cfg);
 
     // Archived: 02-01 (past every retention) and 03-01 (past SHORT's only).
     ensure_day(&c, utc(2026, 2, 1, 0, 0)).await;
@@ -562,7 +584,7 @@ async fn api_requests_past_their_retention_are_deleted_in_chunks_through_the_ind
         ..PartitionsConfig::default()
     };
     assert_eq!(cfg.api_requests_retention_days, 30);
-    let m = manager(&url, &clock, Interval::Daily, cfg);
+    let m = manager(&url, &clock, PartitionInterval::Daily, cfg);
     c.batch_execute(
         "INSERT INTO dbx_aviation.api_requests (endpoint, method, status_code, created_at)
          SELECT 'tcp:hello', 'HELLO', 200, '2026-06-01 00:00+00'::timestamptz + i * interval '1 second'
@@ -636,7 +658,7 @@ async fn api_requests_past_their_retention_are_deleted_in_chunks_through_the_ind
         api_requests_retention_days: 0,
         ..PartitionsConfig::default()
     };
-    let m = manager(&url, &clock, Interval::Daily, keep);
+    let m = manager(&url, &clock, PartitionInterval::Daily, keep);
     let plan = m.plan(Task::RequestLog).await.unwrap();
     assert!(plan.steps.is_empty() && !plan.notes.is_empty(), "{plan}");
 }
@@ -652,7 +674,7 @@ async fn under_a_conflicting_lock_maintenance_skips_and_ingest_goes_on() {
         lookback: 0,
         ..PartitionsConfig::default()
     };
-    let m = manager(&url, &clock, Interval::Daily, cfg);
+    let m = manager(&url, &clock, PartitionInterval::Daily, cfg);
     ensure_day(&c, utc(2026, 1, 10, 0, 0)).await;
     ensure_day(&c, utc(2026, 6, 15, 0, 0)).await;
 
@@ -761,7 +783,7 @@ async fn with_the_ingest_user_premake_runs_and_archival_is_left_alone() {
     let m = manager(
         &ingest,
         &clock,
-        Interval::Daily,
+        PartitionInterval::Daily,
         PartitionsConfig::default(),
     );
     assert!(!m.is_admin().await.unwrap());
@@ -783,8 +805,18 @@ async fn with_the_ingest_user_premake_runs_and_archival_is_left_alone() {
 async fn two_managers_on_one_database_only_one_holds_the_advisory_lock() {
     let (_db, c, url) = setup().await;
     let clock = ManualClock::new(utc(2026, 8, 1, 0, 0));
-    let a = manager(&url, &clock, Interval::Daily, PartitionsConfig::default());
-    let b = manager(&url, &clock, Interval::Daily, PartitionsConfig::default());
+    let a = manager(
+        &url,
+        &clock,
+        PartitionInterval::Daily,
+        PartitionsConfig::default(),
+    );
+    let b = manager(
+        &url,
+        &clock,
+        PartitionInterval::Daily,
+        PartitionsConfig::default(),
+    );
     assert!(a.try_acquire().await.unwrap());
     assert!(!b.try_acquire().await.unwrap());
     // b's run is skipped, nothing done; a's runs (it holds the lock already).
@@ -822,7 +854,7 @@ fn recorder() -> &'static metrics_exporter_prometheus::PrometheusHandle {
         let h = metrics_exporter_prometheus::PrometheusBuilder::new()
             .install_recorder()
             .expect("recorder");
-        dbx_control::health::describe_metrics();
+        dbx_control::metrics::describe();
         h
     })
 }

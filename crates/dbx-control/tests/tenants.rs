@@ -64,7 +64,7 @@ async fn org_create_stores_only_the_hash_and_mirrors_the_primary_key() {
         "no app.encryption_key: nothing encrypted"
     );
 
-    let hash = dbx_control::setup::api_key_hash(&created.api_key);
+    let hash = dbx_core::apikey::key_hash_hex(&created.api_key);
     let row = c
         .query_one(
             "SELECT o.api_key_hash::text, o.api_key_encrypted IS NULL, k.label::text, k.key_hash::text
@@ -263,7 +263,7 @@ async fn key_lifecycle_create_list_revoke_with_errors() {
     for k in [&k1.api_key, &k2.api_key, &k3.api_key] {
         assert_eq!(audit_rows_mentioning(&c, k).await, 0);
         assert_eq!(
-            audit_rows_mentioning(&c, &dbx_control::setup::api_key_hash(k)).await,
+            audit_rows_mentioning(&c, &dbx_core::apikey::key_hash_hex(k)).await,
             0
         );
     }
@@ -281,7 +281,7 @@ async fn primary_key_mirror_follows_plain_sql_writes() {
         .await
         .unwrap()
         .get(0);
-    let hash_of = |k: &str| dbx_control::setup::api_key_hash(k);
+    let hash_of = |k: &str| dbx_core::apikey::key_hash_hex(k);
     assert_eq!(primary(&c, org).await, (hash_of("k1"), true));
     // Revoked, then rotated by writing organizations (what `dbx setup --rotate` does): the
     // primary row starts over with the new hash.

@@ -41,17 +41,22 @@ impl ManualClock {
 
     /// Moves the clock to `now`.
     pub fn set(&self, now: DateTime<Utc>) {
-        *self.now.lock().expect("clock lock") = now;
+        *crate::sync::lock(&self.now) = now;
     }
 
     /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Duration) {
-        *self.now.lock().expect("clock lock") += by;
+        *crate::sync::lock(&self.now) += by;
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
-        *self.now.lock().expect("clock lock")
+        *crate::sync::lock(&self.now)
     }
+}
+
+/// Now, in microseconds since the Unix epoch (the protocol's timestamp unit).
+pub fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
 }

@@ -5,22 +5,29 @@
 //! aircraft and session the listener has already resolved, the [`AckHandle`] the
 //! batcher uses to tell the connection that a batch is durable (or rejected), the
 //! protocol's [`RejectCode`]s, a cooperative [`Shutdown`] signal, an injectable
-//! [`Clock`], and the names of every metric the daemon exports.
+//! [`Clock`], the names of every metric the daemon exports, and the rules every stage
+//! must apply alike: how telemetry is partitioned ([`partition`]), the configuration
+//! error every section returns ([`ConfigError`]), the lock policy ([`sync`]).
 //!
 //! This crate does no I/O. The listener (`dbx-listener`) and the batcher
 //! (`dbx-batcher`) never import each other; they meet here.
 
 pub mod ack;
+pub mod apikey;
 pub mod batch;
 pub mod clock;
+pub mod config;
 pub mod metrics;
+pub mod partition;
 pub mod point;
 pub mod reject;
 pub mod shutdown;
+pub mod sync;
 
 pub use ack::{AckHandle, AckReceiver, BatchOutcome};
 pub use batch::{BatchOrigin, TelemetryBatch};
-pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
+pub use clock::{now_micros, Clock, ManualClock, SharedClock, SystemClock};
+pub use config::ConfigError;
 pub use point::{Point, POINT_FIELD_COUNT};
 pub use reject::{RejectCode, Rejection};
 pub use shutdown::{Shutdown, ShutdownTrigger};

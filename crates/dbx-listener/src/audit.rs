@@ -11,8 +11,7 @@
 //! is bounded in rows and bytes, and so is the queue in front of it: past either bound
 //! a record is dropped and counted (`dbx_api_requests_dropped_total{reason}`) rather
 //! than holding up gateways or growing memory — a flood from many addresses costs at
-//! most those bounds. Against a schema older than 0031 (or 0020) the rows are written
-//! without the new columns, count and label folded into `user_agent`.
+//! most those bounds.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,14 +22,6 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use dbx_core::Shutdown;
-
-/// Records dropped, by `reason`: `queue_full` (the writer's queue), `pending_full` (the
-/// rows awaiting the next flush are at their bound), `write_failed` (the database
-/// refused the flush) (counter).
-pub const API_REQUESTS_DROPPED_TOTAL: &str = "dbx_api_requests_dropped_total";
-/// Refused handshakes folded into an existing row of the current flush window instead of
-/// a row of their own (counter).
-pub const API_REQUESTS_COLLAPSED_TOTAL: &str = "dbx_api_requests_collapsed_total";
 
 /// Records the queue in front of the writer holds.
 const QUEUE_CAPACITY: usize = 10_000;
@@ -197,7 +188,7 @@ pub struct HandshakeLog {
 }
 
 fn count_dropped(reason: &'static str, n: u64) {
-    metrics::counter!(API_REQUESTS_DROPPED_TOTAL, "reason" => reason).increment(n);
+    metrics::counter!(crate::metrics::API_REQUESTS_DROPPED_TOTAL, "reason" => reason).increment(n);
 }
 
 impl HandshakeLog {
@@ -259,7 +250,9 @@ impl HandshakeLog {
 fn keep(pending: &mut Pending, rec: HandshakeRecord) {
     match pending.add(rec) {
         Ok(Added::NewRow) => {}
-        Ok(Added::Collapsed) => metrics::counter!(API_REQUESTS_COLLAPSED_TOTAL).increment(1),
+        Ok(Added::Collapsed) => {
+            metrics::counter!(crate::metrics::API_REQUESTS_COLLAPSED_TOTAL).increment(1)
+        }
         Err(Dropped::Full) => {
             count_dropped("pending_full", 1);
             tracing::debug!(
@@ -272,13 +265,6 @@ fn keep(pending: &mut Pending, rec: HandshakeRecord) {
 }
 
 /// A database error with the server's message, which `Display` ("db error") hides.
-fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
-}
-
 async fn write(pool: &Pool, rows: &[Row]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let client = pool.get().await?;
     let org: Vec<Option<Uuid>> = rows.iter().map(|r| r.first.org_id).collect();
@@ -302,37 +288,7 @@ async fn write(pool: &Pool, rows: &[Row]) -> Result<(), Box<dyn std::error::Erro
             &[&org, &endpoint, &status, &rt, &ip, &gateway, &label, &count],
         )
         .await;
-    match res {
-        Ok(_) => Ok(()),
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
-            // A schema before 0031 (request_count) or 0020 (key_label): both go into user_agent.
-            let ua: Vec<Option<String>> = rows.iter().map(legacy_user_agent).collect();
-            client
-                .execute(
-                    "INSERT INTO dbx_aviation.api_requests \
-                       (org_id, endpoint, method, status_code, response_time_ms, client_ip, user_agent) \
-                     SELECT o, e, 'HELLO', s, t, i::inet, u \
-                     FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::text[], $6::text[]) \
-                       AS x(o, e, s, t, i, u)",
-                    &[&org, &endpoint, &status, &rt, &ip, &ua],
-                )
-                .await
-                .map_err(|e| describe(&e))?;
-            Ok(())
-        }
-        Err(e) => Err(describe(&e).into()),
-    }
-}
-
-/// `user_agent` for a schema without `key_label` / `request_count`: `gateway (key label) ×n`.
-fn legacy_user_agent(r: &Row) -> Option<String> {
-    let mut parts: Vec<String> = Vec::new();
-    parts.extend(r.first.gateway.clone());
-    parts.extend(r.first.key_label.as_ref().map(|l| format!("(key {l})")));
-    if r.count > 1 {
-        parts.push(format!("×{}", r.count));
-    }
-    (!parts.is_empty()).then(|| parts.join(" "))
+    res.map(drop).map_err(|e| dbx_pg::describe(&e).into())
 }
 
 #[cfg(test)]
@@ -413,23 +369,5 @@ mod tests {
         let kept = (0..100).filter(|&i| p.add(long(i)).is_ok()).count();
         assert_eq!(kept, 10);
         assert!(p.bytes() <= p.max_bytes);
-    }
-
-    #[test]
-    fn an_old_schema_gets_label_and_count_in_the_user_agent() {
-        let mut r = Row {
-            first: rec("::1", 401, "tcp", 1),
-            count: 4,
-            response_time_sum_ms: 4,
-        };
-        r.first.key_label = Some("primary".into());
-        assert_eq!(
-            legacy_user_agent(&r).as_deref(),
-            Some("gw-1 (key primary) ×4")
-        );
-        r.first.gateway = None;
-        r.first.key_label = None;
-        r.count = 1;
-        assert_eq!(legacy_user_agent(&r), None);
     }
 }

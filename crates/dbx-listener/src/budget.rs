@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 
 /// The shared budget; cheap to clone.
 #[derive(Debug, Clone)]

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use dbx_core::ConfigError;
+
 /// `[listener]`: binds, limits and timeouts. Every limit has a default a gateway
 /// author can rely on (PROTOCOL.md states the protocol's own defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -96,57 +98,53 @@ impl Default for ListenerConfig {
 }
 
 impl ListenerConfig {
-    /// Checks values serde cannot; the error names the key.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks values serde cannot; the error names the key within `[listener]`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = [
-            ("listener.max_connections", self.max_connections as u64),
-            (
-                "listener.max_pending_handshakes",
-                self.max_pending_handshakes as u64,
-            ),
-            (
-                "listener.max_pending_per_ip",
-                self.max_pending_per_ip as u64,
-            ),
-            ("listener.max_frame_bytes", self.max_frame_bytes as u64),
-            ("listener.max_hello_bytes", self.max_hello_bytes as u64),
-            ("listener.write_timeout_ms", self.write_timeout_ms),
-            (
-                "listener.max_points_per_batch",
-                self.max_points_per_batch as u64,
-            ),
-            ("listener.handshake_timeout_ms", self.handshake_timeout_ms),
-            ("listener.idle_timeout_ms", self.idle_timeout_ms),
-            (
-                "listener.max_inflight_batches",
-                self.max_inflight_batches as u64,
-            ),
-            (
-                "listener.session_cache_capacity",
-                self.session_cache_capacity as u64,
-            ),
+            ("max_connections", self.max_connections as u64),
+            ("max_pending_handshakes", self.max_pending_handshakes as u64),
+            ("max_pending_per_ip", self.max_pending_per_ip as u64),
+            ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("max_hello_bytes", self.max_hello_bytes as u64),
+            ("write_timeout_ms", self.write_timeout_ms),
+            ("max_points_per_batch", self.max_points_per_batch as u64),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("max_inflight_batches", self.max_inflight_batches as u64),
+            ("session_cache_capacity", self.session_cache_capacity as u64),
         ];
         for (key, v) in positive {
             if v == 0 {
-                return Err(format!("config key `{key}` must be greater than 0"));
+                return Err(ConfigError::new(key, "must be greater than 0"));
             }
         }
         if self.max_frame_bytes > u32::MAX as usize {
-            return Err("config key `listener.max_frame_bytes` must fit in 32 bits".into());
+            return Err(ConfigError::new("max_frame_bytes", "must fit in 32 bits"));
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(
-                "config keys `listener.tls_cert` and `listener.tls_key` must be set together"
-                    .into(),
-            );
+            let missing = if self.tls_cert.is_some() {
+                "tls_key"
+            } else {
+                "tls_cert"
+            };
+            return Err(ConfigError::new(
+                missing,
+                "listener.tls_cert and listener.tls_key must be set together",
+            ));
         }
         if !self.plaintext && self.tls_cert.is_none() {
-            return Err("config key `listener.plaintext` is false (TLS only), so `listener.tls_cert` and `listener.tls_key` must be set".into());
+            return Err(ConfigError::new(
+                "plaintext",
+                "is false (TLS only), so listener.tls_cert and listener.tls_key must be set",
+            ));
         }
         if self.max_hello_bytes > self.max_frame_bytes {
-            return Err(format!(
-                "config key `listener.max_hello_bytes` ({}) must not exceed `listener.max_frame_bytes` ({})",
-                self.max_hello_bytes, self.max_frame_bytes
+            return Err(ConfigError::new(
+                "max_hello_bytes",
+                format!(
+                    "({}) must not exceed listener.max_frame_bytes ({})",
+                    self.max_hello_bytes, self.max_frame_bytes
+                ),
             ));
         }
         Ok(())

@@ -38,9 +38,9 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout_at};
 use uuid::Uuid;
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 use dbx_core::{
-    AckHandle, AckReceiver, BatchOrigin, BatchOutcome, RejectCode, Rejection, Shutdown,
+    now_micros, AckHandle, AckReceiver, BatchOrigin, BatchOutcome, RejectCode, Rejection, Shutdown,
     TelemetryBatch,
 };
 use dbx_proto::codec::PREFIX_LEN;
@@ -391,6 +391,66 @@ struct Flow {
     draining: Option<(End, tokio::time::Instant)>,
 }
 
+impl Flow {
+    fn new(idle_timeout: Duration) -> Flow {
+        Flow {
+            pending: VecDeque::new(),
+            to_send: None,
+            last_seq: None,
+            end_seq: None,
+            idle_deadline: tokio::time::Instant::now() + idle_timeout,
+            resume_reads_at: None,
+            draining: None,
+        }
+    }
+
+    /// How the connection ends once it drains and everything read is answered.
+    fn drained(&mut self) -> Option<End> {
+        if self.draining.is_some() && self.pending.is_empty() && self.to_send.is_none() {
+            return self.draining.take().map(|(e, _)| e);
+        }
+        None
+    }
+
+    /// Reads pause for the rate limit.
+    fn paused(&self) -> bool {
+        self.resume_reads_at
+            .is_some_and(|t| t > tokio::time::Instant::now())
+    }
+
+    /// Whether the next frame may be read: not draining, nothing waiting for the
+    /// batcher's queue, not paused, and fewer than `max_inflight` awaiting a verdict.
+    fn can_read(&self, max_inflight: usize) -> bool {
+        self.draining.is_none()
+            && self.to_send.is_none()
+            && !self.paused()
+            && self.pending.len() < max_inflight
+    }
+
+    /// When draining gives up (far away while not draining).
+    fn drain_deadline(&self) -> tokio::time::Instant {
+        self.draining
+            .as_ref()
+            .map(|(_, t)| *t)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600))
+    }
+
+    /// Whether the batch waiting for the queue may go now (see `may_send`).
+    fn ready_to_send(&self) -> bool {
+        self.to_send
+            .as_ref()
+            .is_some_and(|b| may_send(b, self.end_seq, &self.pending))
+    }
+
+    /// The rate limiter asked for a pause of `wait` before the next read.
+    fn pause_for(&mut self, wait: Duration) {
+        if !wait.is_zero() {
+            metrics::histogram!(m::RATE_LIMIT_WAIT_SECONDS).record(wait.as_secs_f64());
+            self.resume_reads_at = Some(tokio::time::Instant::now() + wait);
+        }
+    }
+}
+
 /// Runs the protocol on one connection until it ends.
 pub struct Handler<S> {
     conn: Connection<S>,
@@ -579,72 +639,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         Ok((hash, grant))
     }
 
+    /// The batch loop: reads frames, hands batches to the batcher, answers verdicts in
+    /// order, until the connection ends (see the module doc for the rules).
     async fn serve(&mut self, key_hash: &str, grant: &KeyGrant, org: &OrgCounters) -> End {
         let cfg = self.shared.config.clone();
         let limits = cfg.limits();
-        let mut flow = Flow {
-            pending: VecDeque::new(),
-            to_send: None,
-            last_seq: None,
-            end_seq: None,
-            idle_deadline: tokio::time::Instant::now() + cfg.idle_timeout(),
-            resume_reads_at: None,
-            draining: None,
-        };
+        let mut flow = Flow::new(cfg.idle_timeout());
         let mut auth_changes = self.shared.auth.changes();
-        let drain_for = cfg.drain_timeout();
         // A local handle: a permit borrowed from it must not borrow `self`.
         let batches = self.shared.batches.clone();
 
         loop {
-            if flow.draining.is_some() && flow.pending.is_empty() && flow.to_send.is_none() {
-                return flow
-                    .draining
-                    .take()
-                    .map(|(e, _)| e)
-                    .unwrap_or(End::Shutdown);
+            if let Some(end) = flow.drained() {
+                return end;
             }
-            let paused = flow
-                .resume_reads_at
-                .is_some_and(|t| t > tokio::time::Instant::now());
-            let can_read = flow.draining.is_none()
-                && flow.to_send.is_none()
-                && !paused
-                && flow.pending.len() < cfg.max_inflight_batches;
-            let drain_deadline = flow
-                .draining
-                .as_ref()
-                .map(|(_, t)| *t)
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let paused = flow.paused();
+            let can_read = flow.can_read(cfg.max_inflight_batches);
+            let drain_deadline = flow.drain_deadline();
 
             tokio::select! {
                 // Delivering verdicts first keeps ack latency low under load.
                 biased;
 
                 outcome = front_outcome(&mut flow.pending), if !flow.pending.is_empty() => {
-                    match outcome {
-                        Some(o) => {
-                            if let Err(e) = self.deliver(&mut flow.pending, o, org).await {
-                                return End::Io(e);
-                            }
-                        }
-                        None => return End::BatcherGone,
+                    let Some(o) = outcome else { return End::BatcherGone };
+                    if let Err(e) = self.deliver(&mut flow.pending, o, org).await {
+                        return End::Io(e);
                     }
                 }
 
-                permit = batches.reserve(), if flow.to_send.as_ref().is_some_and(|b| may_send(b, flow.end_seq, &flow.pending)) => {
-                    match permit {
-                        Ok(permit) => {
-                            if let Some(batch) = flow.to_send.take() {
-                                permit.send(batch);
-                            }
-                            // The batcher only sees the depth when it receives; when it is
-                            // stalled behind a slow database, this is the live figure.
-                            metrics::gauge!(m::QUEUE_DEPTH)
-                                .set((batches.max_capacity() - batches.capacity()) as f64);
-                        }
-                        Err(_) => return End::BatcherGone,
+                permit = batches.reserve(), if flow.ready_to_send() => {
+                    let Ok(permit) = permit else { return End::BatcherGone };
+                    if let Some(batch) = flow.to_send.take() {
+                        permit.send(batch);
                     }
+                    // The batcher only sees the depth when it receives; when it is
+                    // stalled behind a slow database, this is the live figure.
+                    metrics::gauge!(dbx_core::metrics::QUEUE_DEPTH)
+                        .set((batches.max_capacity() - batches.capacity()) as f64);
                 }
 
                 _ = self.shutdown.recv(), if flow.draining.is_none() => {
@@ -652,12 +684,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 }
 
                 changed = auth_changes.changed() => {
-                    if changed.is_ok() {
-                        let still = self.shared.auth.snapshot().key(key_hash).map(|g| g.org_id);
-                        if still != Some(grant.org_id) {
-                            metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "revoked").increment(1);
-                            return End::Error(RejectCode::Unauthorized, "the API key was revoked or its organization deactivated".into());
-                        }
+                    if changed.is_ok() && !self.key_still_valid(key_hash, grant) {
+                        metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "revoked").increment(1);
+                        return End::Error(RejectCode::Unauthorized, "the API key was revoked or its organization deactivated".into());
                     }
                 }
 
@@ -684,7 +713,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                         Ok(Some(f)) => f,
                         Ok(None) => {
                             // The client closed its write side; answer what it sent, then end.
-                            flow.draining = Some((End::ClientClosed, tokio::time::Instant::now() + drain_for));
+                            let until = tokio::time::Instant::now() + cfg.drain_timeout();
+                            flow.draining = Some((End::ClientClosed, until));
                             continue;
                         }
                         Err(ReadError::Io(e)) => return End::Io(e),
@@ -700,6 +730,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 }
             }
         }
+    }
+
+    /// After a reload of the keys: whether this connection's key still belongs to its
+    /// organization (a revoked or expired key, or a deactivated organization, ends it).
+    fn key_still_valid(&self, key_hash: &str, grant: &KeyGrant) -> bool {
+        self.shared.auth.snapshot().key(key_hash).map(|g| g.org_id) == Some(grant.org_id)
     }
 
     /// Handles one frame of the batch loop; `Some` ends the connection.
@@ -727,29 +763,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     c.shrink_to(dbx_proto::points_heap_bytes(&batch.points));
                 }
                 let (seq, session) = (batch.seq, batch.session);
-                match self.accept(grant, batch, received_at).await {
-                    Ok((tb, rx, wait)) => {
-                        org.accepted(tb.points.len());
-                        flow.to_send = Some(tb);
-                        if !wait.is_zero() {
-                            metrics::histogram!(m::RATE_LIMIT_WAIT_SECONDS)
-                                .record(wait.as_secs_f64());
-                            org.rate_limited(wait);
-                            flow.resume_reads_at = Some(tokio::time::Instant::now() + wait);
-                        }
-                        (seq, session, Verdict::Waiting(rx))
-                    }
-                    Err(rejection) => {
-                        metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection.code.as_str())
-                            .increment(1);
-                        charge = None;
-                        (
-                            seq,
-                            session,
-                            Verdict::Known(BatchOutcome::Rejected(rejection)),
-                        )
-                    }
+                let verdict = self.on_batch(flow, batch, grant, org, received_at).await;
+                if matches!(verdict, Verdict::Known(_)) {
+                    charge = None;
                 }
+                (seq, session, verdict)
             }
             Ok(ClientMessage::End(e)) => {
                 if let Some(end) = check_seq(&mut flow.last_seq, e.seq) {
@@ -809,6 +827,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             _charge: charge,
         });
         None
+    }
+
+    /// A decoded batch: admitted and queued for the batcher (its verdict to come), or
+    /// refused now.
+    async fn on_batch(
+        &self,
+        flow: &mut Flow,
+        batch: dbx_proto::Batch,
+        grant: &KeyGrant,
+        org: &OrgCounters,
+        received_at: Instant,
+    ) -> Verdict {
+        match self.accept(grant, batch, received_at).await {
+            Ok((tb, rx, wait)) => {
+                org.accepted(tb.points.len());
+                flow.to_send = Some(tb);
+                if !wait.is_zero() {
+                    org.rate_limited(wait);
+                }
+                flow.pause_for(wait);
+                Verdict::Waiting(rx)
+            }
+            Err(rejection) => {
+                metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection.code.as_str())
+                    .increment(1);
+                Verdict::Known(BatchOutcome::Rejected(rejection))
+            }
+        }
     }
 
     /// Resolves the batch's aircraft and session within the key's organization,
@@ -949,9 +995,4 @@ fn read_error_code(e: ReadError) -> (RejectCode, String) {
             format!("connection closed inside a frame ({n} bytes)"),
         ),
     }
-}
-
-/// Now in microseconds since the Unix epoch.
-pub fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
 }

@@ -27,6 +27,7 @@ pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod connection;
+pub mod metrics;
 pub mod orgmetrics;
 pub mod ratelimit;
 pub mod slots;
@@ -54,9 +55,9 @@ pub use ratelimit::RateLimiter;
 /// Failures while starting the listener.
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
-    /// The configuration is unusable; the message names the key.
-    #[error("{0}")]
-    Config(String),
+    /// The configuration is unusable; the error names the key.
+    #[error(transparent)]
+    Config(dbx_core::ConfigError),
     /// A socket could not be bound.
     #[error("cannot bind {what} on {addr}: {source}")]
     Bind {
@@ -110,7 +111,9 @@ impl Listener {
         org_metrics: Arc<OrgMetrics>,
         budget: ByteBudget,
     ) -> Result<Listener, ListenerError> {
-        config.validate().map_err(ListenerError::Config)?;
+        config
+            .validate()
+            .map_err(|e| ListenerError::Config(e.in_section("listener")))?;
         let tcp = if config.plaintext {
             Some(bind_tcp("tcp", &config.tcp_bind).await?)
         } else {
@@ -118,11 +121,20 @@ impl Listener {
         };
         let tls = match (&config.tls_cert, &config.tls_key) {
             (Some(cert), Some(key)) => {
-                let acceptor = tcp::tls_acceptor(cert, key).map_err(ListenerError::Config)?;
+                let acceptor = tcp::tls_acceptor(cert, key)
+                    .map_err(|e| ListenerError::Config(e.in_section("listener")))?;
                 Some((bind_tcp("tls", &config.tls_bind).await?, acceptor))
             }
             _ => None,
         };
+        // Series that count rare events start at 0 for each open port, so that a
+        // dashboard shows "none" rather than "no data" until the first one.
+        for (open, transport) in [(tcp.is_some(), "tcp"), (tls.is_some(), "tls")] {
+            if open {
+                ::metrics::counter!(crate::metrics::WRITE_TIMEOUTS_TOTAL, "transport" => transport)
+                    .increment(0);
+            }
+        }
         let udp = if config.udp_bind.is_empty() {
             None
         } else {

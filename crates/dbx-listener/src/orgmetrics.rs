@@ -18,7 +18,8 @@ use std::time::Duration;
 use metrics::{Counter, Histogram};
 use uuid::Uuid;
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
+use dbx_core::sync::{read, write};
 
 use crate::auth::AuthCache;
 
@@ -114,13 +115,13 @@ impl OrgMetrics {
         org: Uuid,
         code: impl FnOnce() -> Option<String>,
     ) -> Arc<OrgCounters> {
-        if let Some(c) = self.labelled.read().expect("org labels lock").get(&org) {
+        if let Some(c) = read(&self.labelled).get(&org) {
             return c.clone();
         }
         let Some(code) = code().filter(|c| c != OTHER) else {
             return self.other();
         };
-        let mut labelled = self.labelled.write().expect("org labels lock");
+        let mut labelled = write(&self.labelled);
         if let Some(c) = labelled.get(&org) {
             return c.clone();
         }

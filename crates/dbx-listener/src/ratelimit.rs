@@ -7,6 +7,7 @@
 //! takes to repay — the gateway feels TCP backpressure. UDP has no backpressure:
 //! a datagram that does not fit the bucket is dropped and counted.
 
+use dbx_core::sync::lock;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -45,7 +46,7 @@ impl RateLimiter {
     fn with_bucket<R>(&self, org: Uuid, rate: u32, f: impl FnOnce(&mut Bucket) -> R) -> R {
         let now = Instant::now();
         let rate = rate.max(1) as f64;
-        let mut buckets = self.buckets.lock().expect("rate limiter lock");
+        let mut buckets = lock(&self.buckets);
         if buckets.len() > 1024 {
             buckets
                 .retain(|_, b| now.saturating_duration_since(b.updated) < Duration::from_secs(60));

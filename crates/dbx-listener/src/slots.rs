@@ -21,7 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
+use dbx_core::sync::lock;
 
 /// Why a connection was refused before its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +104,7 @@ struct PendingSlot {
 
 impl Drop for PendingSlot {
     fn drop(&mut self) {
-        let mut map = self.per_source.lock().expect("pending per-source lock");
+        let mut map = lock(&self.per_source);
         if let Some(n) = map.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
@@ -148,7 +149,7 @@ impl Slots {
             .map_err(|_| Refusal::MaxPendingHandshakes)?;
         let source = Source::from(ip);
         {
-            let mut map = self.per_source.lock().expect("pending per-source lock");
+            let mut map = lock(&self.per_source);
             let n = map.entry(source).or_insert(0);
             if *n >= self.max_per_source {
                 return Err(Refusal::MaxPendingPerIp);

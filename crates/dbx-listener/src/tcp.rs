@@ -21,7 +21,8 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
+use dbx_core::ConfigError;
 use dbx_core::{RejectCode, Shutdown};
 use dbx_proto::ServerMessage;
 
@@ -182,35 +183,49 @@ fn refuse(
 }
 
 /// Builds a TLS acceptor from PEM files.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<TlsAcceptor, ConfigError> {
+    let read = |name: &str, p: &std::path::Path| {
+        std::fs::read(p)
+            .map_err(|e| ConfigError::new(name, format!("cannot read {}: {e}", p.display())))
     };
-    let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
+    let cert_pem = read("tls_cert", cert)?;
+    let key_pem = read("tls_key", key)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<_, _>>()
         .map_err(|e| {
-            format!(
-                "listener.tls_cert {}: not a PEM certificate chain: {e}",
-                cert.display()
+            ConfigError::new(
+                "tls_cert",
+                format!("{}: not a PEM certificate chain: {e}", cert.display()),
             )
         })?;
     if certs.is_empty() {
-        return Err(format!(
-            "listener.tls_cert {}: no certificate found",
-            cert.display()
+        return Err(ConfigError::new(
+            "tls_cert",
+            format!("{}: no certificate found", cert.display()),
         ));
     }
     let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| format!("listener.tls_key {}: {e}", key.display()))?
-        .ok_or_else(|| format!("listener.tls_key {}: no private key found", key.display()))?;
+        .map_err(|e| ConfigError::new("tls_key", format!("{}: {e}", key.display())))?
+        .ok_or_else(|| {
+            ConfigError::new(
+                "tls_key",
+                format!("{}: no private key found", key.display()),
+            )
+        })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(|e| ConfigError::new("tls_cert", format!("TLS setup: {e}")))?
         .with_no_client_auth()
         .with_single_cert(certs, key_der)
-        .map_err(|e| format!("listener.tls_cert/tls_key do not match or are unusable: {e}"))?;
+        .map_err(|e| {
+            ConfigError::new(
+                "tls_key",
+                format!("does not match listener.tls_cert or is unusable: {e}"),
+            )
+        })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

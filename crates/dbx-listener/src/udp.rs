@@ -15,12 +15,13 @@ use std::time::Instant;
 
 use tokio::net::UdpSocket;
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 use dbx_core::{AckHandle, BatchOrigin, RejectCode, Shutdown, TelemetryBatch};
 use dbx_proto::{DatagramAuth, DatagramEnvelope};
 
 use crate::auth::KeyGrant;
-use crate::connection::{now_micros, Shared};
+use crate::connection::Shared;
+use dbx_core::now_micros;
 
 /// Largest UDP payload (PROTOCOL.md).
 pub const MAX_DATAGRAM: usize = 65_507;

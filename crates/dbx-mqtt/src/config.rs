@@ -84,21 +84,11 @@ impl Default for MqttConfig {
     }
 }
 
-/// A setting that cannot work: the key (within `[mqtt]`) and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("config key `mqtt.{key}` {reason}")]
-pub struct ConfigError {
-    /// The key within `[mqtt]`.
-    pub key: &'static str,
-    /// What is wrong with it.
-    pub reason: String,
-}
+pub use dbx_core::ConfigError;
 
+/// A setting that cannot work: the key within `[mqtt]` and why.
 fn err(key: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key,
-        reason: reason.into(),
-    }
+    ConfigError::new(key, reason)
 }
 
 /// Where the broker is.
@@ -332,19 +322,19 @@ mod tests {
             c.validate().map_err(|e| e.key)
         };
         assert_eq!(on(|_| {}), Ok(()));
-        assert_eq!(on(|c| c.url = "http://x".into()), Err("url"));
-        assert_eq!(on(|c| c.qos = 2), Err("qos"));
-        assert_eq!(on(|c| c.max_in_flight = 0), Err("max_in_flight"));
-        assert_eq!(on(|c| c.keep_alive_secs = 1), Err("keep_alive_secs"));
-        assert_eq!(on(|c| c.shared_group = "a/b".into()), Err("shared_group"));
-        assert_eq!(on(|c| c.topic = "dbx/{org_code}/x".into()), Err("topic"));
+        assert_eq!(on(|c| c.url = "http://x".into()), Err("url".into()));
+        assert_eq!(on(|c| c.qos = 2), Err("qos".into()));
+        assert_eq!(on(|c| c.max_in_flight = 0), Err("max_in_flight".into()));
+        assert_eq!(on(|c| c.keep_alive_secs = 1), Err("keep_alive_secs".into()));
+        assert_eq!(on(|c| c.shared_group = "a/b".into()), Err("shared_group".into()));
+        assert_eq!(on(|c| c.topic = "dbx/{org_code}/x".into()), Err("topic".into()));
         assert_eq!(
             on(|c| c.dead_letter_topic = "dbx/{org_code}/{aircraft}/telemetry".into()),
-            Err("dead_letter_topic")
+            Err("dead_letter_topic".into())
         );
         assert_eq!(
             on(|c| c.client_key = Some("k.pem".into())),
-            Err("client_cert")
+            Err("client_cert".into())
         );
         // Off: nothing else is checked.
         let off = MqttConfig {

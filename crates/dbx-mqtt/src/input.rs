@@ -32,7 +32,7 @@ use rumqttc::v5::AsyncClient;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 use dbx_core::{
     AckHandle, AckReceiver, BatchOrigin, BatchOutcome, RejectCode, Rejection, Shutdown,
     TelemetryBatch,

@@ -27,6 +27,7 @@
 //! - `notice`: rejection notices.
 
 pub mod config;
+pub mod metrics;
 pub mod topic;
 
 mod client;

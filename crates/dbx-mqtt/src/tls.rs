@@ -10,10 +10,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::{ConfigError, MqttConfig};
 
 fn err(key: &'static str, path: &Path, why: impl std::fmt::Display) -> ConfigError {
-    ConfigError {
-        key,
-        reason: format!("= {}: {why}", path.display()),
-    }
+    ConfigError::new(key, format!("{}: {why}", path.display()))
 }
 
 fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
@@ -47,20 +44,17 @@ pub(crate) fn client_config(cfg: &MqttConfig) -> Result<rustls::ClientConfig, Co
             let found = rustls_native_certs::load_native_certs();
             roots.add_parsable_certificates(found.certs);
             if roots.is_empty() {
-                return Err(ConfigError {
-                    key: "ca_file",
-                    reason: "is not set and the system trust store holds no certificate; set it to the broker's CA".into(),
-                });
+                return Err(ConfigError::new(
+                    "ca_file",
+                    "is not set and the system trust store holds no certificate; set it to the broker's CA",
+                ));
             }
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError {
-            key: "url",
-            reason: format!("TLS setup failed: {e}"),
-        })?
+        .map_err(|e| ConfigError::new("url", format!("TLS setup failed: {e}")))?
         .with_root_certificates(roots);
     match (&cfg.client_cert, &cfg.client_key) {
         (Some(cert), Some(key)) => builder

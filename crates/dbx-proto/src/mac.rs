@@ -8,17 +8,14 @@
 //! which compares in constant time.
 
 use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// Bytes of the truncated MAC carried in `mac`.
 pub const MAC_BYTES: usize = 16;
 
-/// sha256(key): what the daemon stores (hex) and the HMAC key of the MAC form.
-pub fn key_hash(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
-}
+pub use dbx_core::apikey::key_hash;
 
 /// The key id of a key hash: its first 8 bytes, i.e. the first 16 hex digits of
 /// hex(sha256(key)) read as a number.
@@ -56,6 +53,7 @@ pub fn verify_body_mac(hash: &[u8; 32], body: &[u8], mac: &[u8; MAC_BYTES]) -> b
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest;
 
     #[test]
     fn kid_is_the_hex_prefix_of_the_stored_hash() {

@@ -13,7 +13,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::gateway::now_micros;
+use dbx_core::now_micros;
 
 /// A field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`); 0 when unreadable.
 pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {

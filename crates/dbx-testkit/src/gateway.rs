@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+pub use dbx_core::now_micros;
 use dbx_core::Point;
 use dbx_proto::{AircraftRef, EncodeOptions, PointForm, ServerMessage};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -264,14 +265,6 @@ pub fn points(n: usize, first_seq: i64, ts_micros: i64) -> Vec<Point> {
             }
         })
         .collect()
-}
-
-/// Now in microseconds since the Unix epoch.
-pub fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// A gateway that keeps every batch until it sees it acked, and resends the rest

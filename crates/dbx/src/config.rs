@@ -186,29 +186,19 @@ pub const MAX_ORG_LABELS_LIMIT: usize = 100_000;
 impl Config {
     /// Checks what serde cannot; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let key_err = |key: &str, message: String| ConfigError::Key {
-            key: key.into(),
-            message,
-            from_env: None,
-        };
-        self.listener
-            .validate()
-            .map_err(|m| key_err("listener", m))?;
-        self.batcher
-            .validate()
-            .map_err(|e| key_err(&format!("batcher.{}", e.key), e.reason))?;
-        self.mqtt
-            .validate()
-            .map_err(|e| key_err(&format!("mqtt.{}", e.key), e.reason))?;
-        self.spool
-            .validate()
-            .map_err(|e| key_err(&format!("spool.{}", e.key), e.reason))?;
-        self.partitions
-            .validate()
-            .map_err(|(key, m)| key_err(&format!("partitions.{key}"), m))?;
-        self.sessions
-            .validate()
-            .map_err(|(key, m)| key_err(&format!("sessions.{key}"), m))?;
+        // Every section names the key within itself; here it is placed in its section
+        // and, when the environment set it, the variable is named too.
+        fn placed(section: &'static str) -> impl Fn(dbx_core::ConfigError) -> ConfigError {
+            move |e| key_error(e.in_section(section))
+        }
+        self.listener.validate().map_err(placed("listener"))?;
+        self.batcher.validate().map_err(placed("batcher"))?;
+        self.mqtt.validate().map_err(placed("mqtt"))?;
+        self.spool.validate().map_err(placed("spool"))?;
+        self.partitions.validate().map_err(placed("partitions"))?;
+        self.sessions.validate().map_err(placed("sessions"))?;
+        let key_err =
+            |key: &str, reason: String| key_error(dbx_core::ConfigError::new(key, reason));
         // Room for at least one frame of the largest size (its decoded bound is larger
         // still; a charge is capped at the whole budget, so such a frame then passes alone).
         let min_budget = self.listener.max_frame_bytes as u64;
@@ -304,11 +294,10 @@ impl AdminConfig {
                 }
                 Ok(Some(token))
             }
-            Err(e) => Err(ConfigError::Key {
-                key: "admin.token_file".into(),
-                message: e.to_string(),
-                from_env: None,
-            }),
+            Err(e) => Err(key_error(dbx_core::ConfigError::new(
+                "admin.token_file",
+                e.to_string(),
+            ))),
         }
     }
 }
@@ -364,23 +353,18 @@ pub enum ConfigError {
     /// A connection string or TLS setting of `[database]` is unusable (the message names it).
     #[error(transparent)]
     Database(#[from] dbx_pg::PgError),
-    /// A key has a bad value or is unknown.
-    #[error("config key `{key}`: {message}{}", source_hint(.from_env))]
-    Key {
-        /// Dotted path of the key.
-        key: String,
-        /// What is wrong.
-        message: String,
-        /// The environment variable that set it, when one did.
-        from_env: Option<String>,
-    },
+    /// A key has a bad value or is unknown (the dotted key, why, and the environment
+    /// variable that set it when one did).
+    #[error(transparent)]
+    Key(#[from] dbx_core::ConfigError),
 }
 
-fn source_hint(from_env: &Option<String>) -> String {
-    from_env
-        .as_ref()
-        .map(|v| format!(" (set by environment variable {v})"))
-        .unwrap_or_default()
+/// A bad value of a dotted key, naming the environment variable that set it when the
+/// process environment holds one.
+fn key_error(e: dbx_core::ConfigError) -> ConfigError {
+    let var = dbx_core::config::env_var_for(&e.key);
+    let set_by = std::env::var_os(&var).map(|_| var);
+    ConfigError::Key(e.set_by(set_by))
 }
 
 /// Reads `path` (or only defaults and the environment when `None`) into `T`.
@@ -438,15 +422,14 @@ pub fn load_with_env<T: DeserializeOwned>(
             .iter()
             .find(|(k, _)| *k == key || key.starts_with(&format!("{k}.")))
             .map(|(_, v)| v.clone());
-        ConfigError::Key {
-            key: if key == "." {
-                "(top level)".into()
-            } else {
-                key
-            },
-            message: e.into_inner().to_string(),
-            from_env,
-        }
+        let key = if key == "." {
+            "(top level)".to_string()
+        } else {
+            key
+        };
+        ConfigError::Key(
+            dbx_core::ConfigError::new(key, e.into_inner().to_string()).set_by(from_env),
+        )
     })
 }
 

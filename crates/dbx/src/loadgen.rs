@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use dbx_core::{Point, Shutdown};
+use dbx_core::sync::lock;
+use dbx_core::{now_micros, Point, Shutdown};
 use dbx_proto::{AircraftRef, EncodeOptions, PointForm, ServerMessage};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -120,7 +121,7 @@ pub struct Stats {
 
 impl Stats {
     fn record_latency(&self, d: Duration) {
-        let mut h = self.latency.lock().expect("latency lock");
+        let mut h = lock(&self.latency);
         let h =
             h.get_or_insert_with(|| Histogram::new_with_bounds(1, 600_000_000, 3).expect("bounds"));
         let _ = h.record((d.as_micros() as u64).max(1));
@@ -128,7 +129,7 @@ impl Stats {
 
     /// Ack latency percentile in milliseconds (0 when nothing was acked yet).
     pub fn latency_ms(&self, q: f64) -> f64 {
-        let h = self.latency.lock().expect("latency lock");
+        let h = lock(&self.latency);
         h.as_ref()
             .map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0)
     }
@@ -241,11 +242,6 @@ struct InFlight {
     batch: Pending,
 }
 
-/// Now, µs since the Unix epoch.
-fn now_micros() -> i64 {
-    chrono::Utc::now().timestamp_micros()
-}
-
 /// A fleet's share of a total.
 fn share(total: u64, parts: usize, i: usize) -> u64 {
     let parts = parts as u64;
@@ -261,13 +257,13 @@ pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Su
         (Transport::Tls, Some((name, ca))) => match tls_connector(ca) {
             Ok(c) => Some((c, name.clone())),
             Err(e) => {
-                *stats.fatal.lock().expect("lock") = Some(e);
+                *lock(&stats.fatal) = Some(e);
                 None
             }
         },
         _ => None,
     };
-    let failed = stats.fatal.lock().expect("lock").is_some();
+    let failed = lock(&stats.fatal).is_some();
     let mut tasks = Vec::new();
     if !failed {
         for g in 0..config.gateways {
@@ -328,7 +324,7 @@ pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Su
             p99: lat(0.99),
             max: lat(1.0),
         },
-        error: stats.fatal.lock().expect("lock").clone(),
+        error: lock(&stats.fatal).clone(),
     }
 }
 
@@ -573,7 +569,7 @@ async fn tcp_gateway(
             Ok(ServerMessage::Error { code, msg })
                 if code == dbx_core::RejectCode::Unauthorized =>
             {
-                *stats.fatal.lock().expect("lock") = Some(format!("{code}: {msg}"));
+                *lock(&stats.fatal) = Some(format!("{code}: {msg}"));
                 return;
             }
             _ => {
@@ -611,8 +607,7 @@ async fn tcp_gateway(
                     &batch.points,
                     opts,
                 ) {
-                    *stats.fatal.lock().expect("lock") =
-                        Some(format!("cannot encode a batch: {e}"));
+                    *lock(&stats.fatal) = Some(format!("cannot encode a batch: {e}"));
                     return;
                 }
                 let n = batch.points.len() as u64;
@@ -725,7 +720,7 @@ async fn udp_gateway(
     let sock = match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
         Ok(s) => s,
         Err(e) => {
-            *stats.fatal.lock().expect("lock") = Some(format!("udp bind: {e}"));
+            *lock(&stats.fatal) = Some(format!("udp bind: {e}"));
             return;
         }
     };

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 use dbx_core::{AckHandle, BatchOrigin, BatchOutcome, RejectCode, Rejection, TelemetryBatch};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -23,8 +23,9 @@ use tracing::{error, info, warn};
 
 use super::record::{encode_batch, encode_end};
 use super::segment::{self, SegmentWriter};
-use super::state::{now_micros, SegInfo, Shared};
+use super::state::{SegInfo, Shared};
 use super::{SpoolConfig, WhenFull};
+use dbx_core::now_micros;
 
 /// Most batches written in one group commit.
 const BURST_BATCHES: usize = 512;
@@ -512,8 +513,8 @@ impl Gate {
         for mut h in self.held.drain(..) {
             if is_best_effort(&h.batch) {
                 let dropped = match h.batch.origin {
-                    BatchOrigin::Udp => m::UDP_DROPPED_TOTAL,
-                    _ => m::MQTT_DROPPED_TOTAL,
+                    BatchOrigin::Udp => dbx_core::metrics::UDP_DROPPED_TOTAL,
+                    _ => dbx_core::metrics::MQTT_DROPPED_TOTAL,
                 };
                 metrics::counter!(dropped, "reason" => "spool_full").increment(1);
                 metrics::counter!(m::SPOOL_FULL_TOTAL, "kind" => "drop").increment(1);

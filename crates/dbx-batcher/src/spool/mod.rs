@@ -58,7 +58,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dbx_core::TelemetryBatch;
+use dbx_core::{ConfigError, TelemetryBatch};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -110,16 +110,6 @@ impl Default for SpoolConfig {
     }
 }
 
-/// A spool setting out of its allowed range.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("spool.{key}: {reason}")]
-pub struct SpoolConfigError {
-    /// The key, as written in the `[spool]` section.
-    pub key: &'static str,
-    /// Why the value is refused.
-    pub reason: String,
-}
-
 impl SpoolConfig {
     /// Whether the spool is on.
     pub fn enabled(&self) -> bool {
@@ -127,13 +117,8 @@ impl SpoolConfig {
     }
 
     /// Checks every value; the error names the first bad key.
-    pub fn validate(&self) -> Result<(), SpoolConfigError> {
-        let err = |key, reason: &str| {
-            Err(SpoolConfigError {
-                key,
-                reason: reason.into(),
-            })
-        };
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, reason: &str| Err(ConfigError::new(key, reason));
         if self.max_bytes < 64 * 1024 {
             return err("max_bytes", "must be at least 65536");
         }
@@ -163,7 +148,7 @@ impl SpoolConfig {
 pub enum SpoolError {
     /// A bad setting.
     #[error(transparent)]
-    Config(#[from] SpoolConfigError),
+    Config(#[from] ConfigError),
     /// The directory could not be created or read.
     #[error("spool directory {dir}: {source}")]
     Dir {
@@ -307,7 +292,7 @@ impl Spool {
         from_listener: mpsc::Receiver<TelemetryBatch>,
         to_batcher: mpsc::Sender<TelemetryBatch>,
     ) -> Result<SpoolHandle, SpoolError> {
-        config.validate()?;
+        config.validate().map_err(|e| e.in_section("spool"))?;
         let dir = PathBuf::from(&config.dir);
         let lock = lock_dir(&dir)?;
         let d = dir.clone();
@@ -382,8 +367,8 @@ mod tests {
             ..SpoolConfig::default()
         };
         assert_eq!(
-            c.validate().unwrap_err().to_string(),
-            "spool.after_ms: must be greater than 0"
+            c.validate().unwrap_err().in_section("spool").to_string(),
+            "config key `spool.after_ms`: must be greater than 0"
         );
         let c = SpoolConfig {
             max_bytes: 10,

@@ -131,7 +131,7 @@ impl DeadLetters {
         }
         if new_segment {
             super::secure::private_subdir(&self.dir)?;
-            let w = SegmentWriter::create(&self.dir, self.next_id, super::state::now_micros())?;
+            let w = SegmentWriter::create(&self.dir, self.next_id, dbx_core::now_micros())?;
             self.next_id += 1;
             self.bytes += w.len;
             self.writer = Some(w);

@@ -26,7 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
 use dbx_core::{AckHandle, BatchOrigin, BatchOutcome, Rejection, TelemetryBatch};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -623,7 +623,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shared = Arc::new(Shared::new(dir.path().to_path_buf(), State::default()));
         let mut w = SegmentWriter::create(dir.path(), 0, 0).unwrap();
-        let accepted = crate::spool::state::now_micros() - 30_000_000;
+        let accepted = dbx_core::now_micros() - 30_000_000;
         let mut payload = Vec::new();
         let point = Point::new(accepted, 1);
         encode_batch(

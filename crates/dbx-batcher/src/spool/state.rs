@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dbx_core::metrics as m;
+use crate::metrics as m;
+use dbx_core::now_micros;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
@@ -191,14 +192,6 @@ impl Shared {
         metrics::gauge!(m::SPOOL_REJECTED_BYTES)
             .set(self.rejected_bytes.load(Ordering::Relaxed) as f64);
     }
-}
-
-/// Wall-clock microseconds since the Unix epoch.
-pub(crate) fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 /// Creates `dir` if needed and lists the segments a previous run left, all sealed.

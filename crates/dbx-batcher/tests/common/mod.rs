@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use dbx_batcher::{Batcher, BatcherConfig, BatcherHandle};
+#[allow(unused_imports)] // not every test binary that includes this module uses it
+pub use dbx_core::now_micros;
 use dbx_core::{
     AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, RejectCode, TelemetryBatch,
 };
@@ -143,11 +145,6 @@ pub async fn rejection(rx: AckReceiver) -> RejectCode {
         BatchOutcome::Rejected(r) => r.code,
         o => panic!("expected a rejection, got {o:?}"),
     }
-}
-
-/// Now, truncated to the microsecond.
-pub fn now_micros() -> i64 {
-    Utc::now().timestamp_micros()
 }
 
 /// A point with every field set to something random, some of them NULL.

@@ -404,7 +404,7 @@ async fn register_fleet(client: &Client, n: usize) -> anyhow::Result<Vec<String>
             &[&regs, &setup::SAMPLE_ORG_CODE],
         )
         .await
-        .map_err(|e| anyhow::anyhow!("registering the demo fleet: {}", setup::describe_pg_error(&e)))?;
+        .map_err(|e| anyhow::anyhow!("registering the demo fleet: {}", dbx_pg::describe(&e)))?;
     Ok(regs)
 }
 
@@ -426,7 +426,7 @@ async fn analyses_for_new_sessions(client: &Client) -> anyhow::Result<()> {
             &[],
         )
         .await
-        .map_err(|e| anyhow::anyhow!("adding demo analyses: {}", setup::describe_pg_error(&e)))?;
+        .map_err(|e| anyhow::anyhow!("adding demo analyses: {}", dbx_pg::describe(&e)))?;
     Ok(())
 }
 
@@ -496,7 +496,7 @@ async fn report_landed(client: &Client) -> anyhow::Result<()> {
         client
             .query(sql, &[])
             .await
-            .map_err(|e| anyhow::anyhow!("{}", setup::describe_pg_error(&e)))
+            .map_err(|e| anyhow::anyhow!("{}", dbx_pg::describe(&e)))
     };
     let partitions = q("SELECT c.relname AS partition, count(t.*) AS rows, pg_size_pretty(pg_total_relation_size(c.oid)) AS size \
          FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use anyhow::bail;
 use clap::{Args, Subcommand};
 
-use dbx_batcher::PartitionInterval;
-use dbx_control::partitions::{Interval, PartitionManager, Task, TaskReport};
+use dbx_control::partitions::{PartitionManager, Task, TaskReport};
 use dbx_core::SystemClock;
 
 use crate::config::{self, Config};
@@ -82,10 +81,7 @@ pub async fn partitions(
         None => cfg.database.admin(),
     };
     let connector = cfg.database.connector(url, origin)?;
-    let interval = match cfg.batcher.partition_interval {
-        PartitionInterval::Daily => Interval::Daily,
-        PartitionInterval::Hourly => Interval::Hourly,
-    };
+    let interval = cfg.batcher.partition_interval;
     let mut pcfg = cfg.partitions.clone();
     let task = match args.action {
         PartitionsAction::List => None,
@@ -115,8 +111,11 @@ pub async fn partitions(
             Some(Task::RequestLog)
         }
     };
-    if let Err((key, message)) = pcfg.validate() {
-        bail!("partitions.{key} {message}");
+    if let Err(e) = pcfg.validate() {
+        bail!(
+            "{} (from the config or this command's flags)",
+            e.in_section("partitions")
+        );
     }
     let manager = PartitionManager::new(connector, interval, pcfg, Arc::new(SystemClock));
     let Some(task) = task else {

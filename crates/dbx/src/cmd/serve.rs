@@ -13,9 +13,9 @@ use clap::Args;
 use tokio::sync::mpsc;
 
 use dbx_batcher::spool::Spool;
-use dbx_batcher::{Batcher, PartitionInterval};
+use dbx_batcher::Batcher;
 use dbx_control::health::HealthCollector;
-use dbx_control::partitions::{Interval, PartitionManager};
+use dbx_control::partitions::PartitionManager;
 use dbx_control::sessions::SessionCompleter;
 use dbx_core::{SharedClock, ShutdownTrigger, SystemClock};
 use dbx_listener::{AuthCache, ByteBudget, HandshakeLog, Listener, OrgMetrics};
@@ -28,297 +28,6 @@ pub struct ServeArgs {
     /// Write the bound addresses as JSON to this file once accepting (for scripts and tests).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
-}
-
-/// Describes every metric once so `/metrics` carries HELP text.
-fn describe_metrics() {
-    use dbx_core::metrics as m;
-    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
-    g!(
-        m::CONNECTIONS_OPEN,
-        "Open gateway connections, by transport."
-    );
-    c!(
-        m::CONNECTIONS_TOTAL,
-        "Gateway connections accepted, by transport."
-    );
-    c!(
-        m::CONNECTIONS_REFUSED_TOTAL,
-        "Connections refused before their handshake, by reason (max_connections, max_pending_handshakes, max_pending_per_ip)."
-    );
-    g!(
-        m::PENDING_HANDSHAKES,
-        "Connections whose TLS handshake or hello is not complete yet."
-    );
-    c!(
-        m::WRITE_TIMEOUTS_TOTAL,
-        "Connections closed because the peer did not read for write_timeout_ms, by transport."
-    );
-    g!(
-        m::BUFFERED_BYTES,
-        Unit::Bytes,
-        "Bytes of frames and decoded batches held against limits.max_buffered_bytes."
-    );
-    g!(
-        m::BUFFERED_BYTES_LIMIT,
-        Unit::Bytes,
-        "limits.max_buffered_bytes."
-    );
-    c!(
-        m::BUFFERED_BYTES_WAITS_TOTAL,
-        "Times a TCP connection stopped reading because limits.max_buffered_bytes was spent, by transport."
-    );
-    c!(
-        m::FRAMES_RECEIVED_TOTAL,
-        "Frames (or datagrams) received, by transport."
-    );
-    c!(
-        m::POINTS_RECEIVED_TOTAL,
-        "Points accepted into the pipeline, by transport."
-    );
-    c!(
-        m::REJECTIONS_TOTAL,
-        "Batches nacked or connections closed with an error, by protocol code."
-    );
-    c!(
-        m::AUTH_FAILURES_TOTAL,
-        "Failed or revoked handshakes, by reason (the protocol code: unauthorized, frame_too_large for a hello over max_hello_bytes, handshake_timeout, ...; tls; revoked)."
-    );
-    h!(
-        m::RATE_LIMIT_WAIT_SECONDS,
-        Unit::Seconds,
-        "Pauses of TCP reads imposed by per-organization rate limits."
-    );
-    c!(
-        m::RATE_LIMIT_DROPS_TOTAL,
-        "UDP points dropped over an organization's rate limit."
-    );
-    c!(
-        m::UDP_DROPPED_TOTAL,
-        "UDP datagrams dropped, by reason (a protocol code such as unauthorized for a bad key or MAC; plain_key_refused, budget, rate_limited, saturated, too_large)."
-    );
-    h!(
-        m::ACK_LATENCY_SECONDS,
-        Unit::Seconds,
-        "Frame received to ack sent."
-    );
-    c!(
-        m::AUTH_RELOADS_TOTAL,
-        "Successful reloads of the key and aircraft cache."
-    );
-    c!(
-        m::AUTH_REFRESH_FAILURES_TOTAL,
-        "Failures of the key and aircraft cache refresher (it retries; the previous cache stays in force)."
-    );
-    g!(
-        m::AUTH_LAST_RELOAD_TIMESTAMP_SECONDS,
-        Unit::Seconds,
-        "Unix time of the last successful key and aircraft cache reload."
-    );
-    g!(m::AUTH_KEYS, "API keys the daemon accepts.");
-    g!(m::AUTH_AIRCRAFT, "Active aircraft the daemon knows.");
-    c!(m::POINTS_WRITTEN_TOTAL, "Points committed to PostgreSQL.");
-    c!(
-        m::POINTS_DEDUPLICATED_TOTAL,
-        "Points dropped because their (session, seq) was already stored."
-    );
-    c!(
-        m::BATCHES_FLUSHED_TOTAL,
-        "COPY flushes, by trigger (rows, bytes, age, shutdown)."
-    );
-    h!(m::FLUSH_ROWS, "Rows per COPY flush.");
-    h!(m::FLUSH_BYTES, Unit::Bytes, "Bytes per COPY flush.");
-    h!(
-        m::COPY_DURATION_SECONDS,
-        Unit::Seconds,
-        "COPY plus commit duration per flush."
-    );
-    g!(
-        m::QUEUE_DEPTH,
-        "Batches waiting in the listener to batcher queue."
-    );
-    g!(
-        m::QUEUE_CAPACITY,
-        "Capacity of the listener to batcher queue."
-    );
-    c!(m::RETRIES_TOTAL, "Write retries, by kind.");
-    g!(m::POOL_IN_USE, "Writer pool connections in use.");
-    g!(m::POOL_IDLE, "Writer pool connections idle.");
-    c!(
-        m::ROWS_TO_DEFAULT_PARTITION_TOTAL,
-        "Rows written while their partition did not exist (default partition)."
-    );
-    h!(
-        m::COMMIT_TO_ACK_SECONDS,
-        Unit::Seconds,
-        "Commit to ack handed to the connection."
-    );
-    c!(
-        m::BATCHES_REJECTED_TOTAL,
-        "Batches nacked by the writer, by reason (rejected, foreign_session, session_closed)."
-    );
-    c!(
-        m::SESSIONS_COMPLETED_TOTAL,
-        "Flight sessions completed, by reason (end: the gateway's end; idle: sessions.idle_timeout_secs without a point)."
-    );
-    g!(
-        m::SPOOL_BYTES,
-        Unit::Bytes,
-        "Bytes in disk spool segment files."
-    );
-    g!(
-        m::SPOOL_RECORDS,
-        "Batches in disk spool segment files (deleted once committed)."
-    );
-    g!(m::SPOOL_SEGMENTS, "Disk spool segment files.");
-    g!(
-        m::SPOOL_OLDEST_RECORD_AGE_SECONDS,
-        Unit::Seconds,
-        "How long the oldest spooled batch not yet in PostgreSQL has waited since it was accepted (0 when none waits)."
-    );
-    c!(
-        m::SPOOL_WRITTEN_RECORDS_TOTAL,
-        "Batches written and fsynced to the disk spool."
-    );
-    c!(
-        m::SPOOL_REPLAYED_RECORDS_TOTAL,
-        "Spooled batches replayed into PostgreSQL (its rate is the replay rate)."
-    );
-    c!(
-        m::SPOOL_CORRUPT_RECORDS_TOTAL,
-        "Torn or corrupt disk spool records detected and skipped."
-    );
-    c!(
-        m::SPOOL_FULL_TOTAL,
-        "Batches that found the disk spool full or unwritable, by kind (block, drop; rejected: the dead-letter store was full)."
-    );
-    g!(
-        m::SPOOL_ACTIVE,
-        "1 while batches are spooled to disk, 0 while they go to PostgreSQL directly."
-    );
-    c!(
-        m::SPOOL_REJECTED_RECORDS_TOTAL,
-        "Acked batches the database refused on replay, kept as dead letters under spool.dir/rejected/."
-    );
-    g!(
-        m::SPOOL_REJECTED_BYTES,
-        Unit::Bytes,
-        "Bytes of the dead letters under spool.dir/rejected/."
-    );
-    c!(
-        m::MAINTENANCE_RUNS_TOTAL,
-        "Partition maintenance runs, by kind."
-    );
-    c!(
-        m::MAINTENANCE_FAILURES_TOTAL,
-        "Partition maintenance failures, by kind."
-    );
-    c!(
-        m::ADMIN_UNAUTHORIZED_TOTAL,
-        "Admin HTTP requests refused for a missing or wrong bearer token (admin.token_file)."
-    );
-    c!(
-        m::API_REQUESTS_EXPIRED_TOTAL,
-        "api_requests rows deleted by their retention (partitions.api_requests_retention_days)."
-    );
-    g!(
-        m::UPTIME_SECONDS,
-        Unit::Seconds,
-        "Seconds since the daemon started."
-    );
-    describe_mqtt_metrics();
-    describe_org_metrics();
-    c!(
-        dbx_listener::audit::API_REQUESTS_DROPPED_TOTAL,
-        "Handshake records not written to api_requests, by reason (queue_full, pending_full, write_failed)."
-    );
-    c!(
-        dbx_listener::audit::API_REQUESTS_COLLAPSED_TOTAL,
-        "Refused handshakes counted in an earlier api_requests row of the same flush window (same client IP, status, transport)."
-    );
-}
-
-/// HELP texts of the per-organization metrics.
-fn describe_org_metrics() {
-    use dbx_core::metrics as m;
-    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
-    c!(
-        m::ORG_POINTS_RECEIVED_TOTAL,
-        "Points accepted into the pipeline, by organization (org code; past metrics.max_org_labels organizations, other)."
-    );
-    c!(
-        m::ORG_BATCHES_RECEIVED_TOTAL,
-        "Batches accepted into the pipeline, by organization."
-    );
-    c!(
-        m::ORG_RECEIVED_BYTES_TOTAL,
-        Unit::Bytes,
-        "Bytes received from an organization's gateways (frames, datagrams, MQTT payloads), by organization."
-    );
-    c!(
-        m::ORG_REJECTIONS_TOTAL,
-        "Batches refused (nacked, or datagrams dropped for a reason of the organization's own), by organization."
-    );
-    h!(
-        m::ORG_RATE_LIMIT_WAIT_SECONDS,
-        Unit::Seconds,
-        "Pauses of an organization's input for its rate limit, by organization."
-    );
-    g!(
-        m::ORG_LABELS,
-        "Organizations with a label of their own in the per-organization metrics (at metrics.max_org_labels, others count as other)."
-    );
-}
-
-/// HELP texts of the MQTT input's metrics.
-fn describe_mqtt_metrics() {
-    use dbx_core::metrics as m;
-    use metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
-    c!(
-        m::MQTT_MESSAGES_RECEIVED_TOTAL,
-        "MQTT messages received from the broker, by kind (qos0, qos1)."
-    );
-    c!(
-        m::MQTT_MESSAGES_ACKED_TOTAL,
-        "MQTT QoS 1 messages acknowledged (PUBACK after the points were durable, or after a rejection notice)."
-    );
-    c!(
-        m::MQTT_MESSAGES_REJECTED_TOTAL,
-        "MQTT messages refused by the decoder or the batcher, by protocol code."
-    );
-    c!(
-        m::MQTT_DEAD_LETTERS_TOTAL,
-        "Rejection notices published to the MQTT dead-letter topic."
-    );
-    c!(
-        m::MQTT_DROPPED_TOTAL,
-        "MQTT QoS 0 messages (and notices) dropped without a verdict, by reason."
-    );
-    g!(
-        m::MQTT_IN_FLIGHT,
-        "MQTT QoS 1 messages received and not yet acknowledged."
-    );
-    g!(
-        m::MQTT_CONNECTED,
-        "1 while connected to the MQTT broker and subscribed, else 0."
-    );
-    c!(
-        m::MQTT_RECONNECTS_TOTAL,
-        "Lost or failed MQTT broker connections (each followed by a reconnect)."
-    );
-    c!(
-        m::MQTT_SESSIONS_LOST_TOTAL,
-        "Reconnects on which the broker no longer had dbx's session (messages it held were lost)."
-    );
-    c!(
-        m::MQTT_REDELIVERED_TOTAL,
-        "MQTT messages the broker delivered again (DUP flag)."
-    );
-    h!(
-        m::MQTT_ACK_LATENCY_SECONDS,
-        Unit::Seconds,
-        "MQTT message received to PUBACK handed to the client."
-    );
 }
 
 /// Logs how the daemon's connection to PostgreSQL is protected (a warning when it is not).
@@ -422,15 +131,18 @@ pub async fn run(
         // One histogram per organization: few buckets, so its series stay few.
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(
-                dbx_core::metrics::ORG_RATE_LIMIT_WAIT_SECONDS.into(),
+                dbx_listener::metrics::ORG_RATE_LIMIT_WAIT_SECONDS.into(),
             ),
             &[0.1, 1.0],
         )
         .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
-    describe_metrics();
-    dbx_control::health::describe_metrics();
+    // Each crate registers the HELP text of the metrics it owns.
+    dbx_listener::metrics::describe();
+    dbx_batcher::metrics::describe();
+    dbx_control::metrics::describe();
+    dbx_mqtt::metrics::describe();
 
     // One connector per URL: the TLS settings of `[database]` apply to every connection.
     let ingest = cfg.database.connector(&cfg.database.url, "database.url")?;
@@ -455,10 +167,7 @@ pub async fn run(
     }
 
     // Partitions first, before the listener opens.
-    let interval = match cfg.batcher.partition_interval {
-        PartitionInterval::Daily => Interval::Daily,
-        PartitionInterval::Hourly => Interval::Hourly,
-    };
+    let interval = cfg.batcher.partition_interval;
     let manager = Arc::new(PartitionManager::new(
         admin.clone(),
         interval,
@@ -535,7 +244,7 @@ pub async fn run(
             org_metrics,
             budget,
         };
-        Some(dbx_mqtt::MqttInput::start(&cfg.mqtt, shared)?)
+        Some(dbx_mqtt::MqttInput::start(&cfg.mqtt, shared).map_err(|e| e.in_section("mqtt"))?)
     } else {
         drop((auth, tx, budget));
         None

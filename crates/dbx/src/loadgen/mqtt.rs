@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use dbx_core::sync::lock;
 use dbx_core::Shutdown;
 use dbx_proto::EncodeOptions;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -48,7 +49,7 @@ struct Outstanding {
 }
 
 fn fatal(stats: &Stats, msg: String) {
-    let mut f = stats.fatal.lock().expect("lock");
+    let mut f = lock(&stats.fatal);
     if f.is_none() {
         *f = Some(msg);
     }
@@ -94,7 +95,7 @@ async fn events(
     loop {
         match el.poll().await {
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let mut o = out.lock().expect("outstanding");
+                let mut o = lock(&out);
                 // A resend after a reconnect keeps its first send time.
                 if !o.sent.contains_key(&pkid) {
                     if let Some(q) = o.queued.pop_front() {
@@ -103,7 +104,7 @@ async fn events(
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(a))) => {
-                if let Some((at, n)) = out.lock().expect("outstanding").sent.remove(&a.pkid) {
+                if let Some((at, n)) = lock(&out).sent.remove(&a.pkid) {
                     stats.record_latency(at.elapsed());
                     stats.acked.fetch_add(n, Ordering::Relaxed);
                     acked.fetch_add(n, Ordering::Relaxed);
@@ -154,7 +155,7 @@ pub(super) async fn gateway(
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut sent = 0u64;
     let mut seq = 0u64;
-    while stats.fatal.lock().expect("lock").is_none() && !stop.is_shutdown() {
+    while lock(&stats.fatal).is_none() && !stop.is_shutdown() {
         let Some(batch) = super::next_paced(&mut pacer, &mut generator, &mut stop).await else {
             break;
         };

@@ -1,0 +1,35 @@
+//! API keys are stored, compared and logged only as their SHA-256 hash: one rule for
+//! every place that meets a key (the listener's authentication, the UDP MAC form, setup
+//! and the tenant commands that mint keys, the tests). The database computes the same
+//! hash in `dbx_aviation.generate_api_key_hash` for keys created in SQL.
+
+use sha2::{Digest, Sha256};
+
+/// Label of an organization's own key (`organizations.api_key_hash`), beside the
+/// labels of its additional keys (`api_keys.label`).
+pub const PRIMARY_LABEL: &str = "primary";
+
+/// sha256(key), raw: the HMAC key of the UDP MAC form.
+pub fn key_hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Lower-case hex of sha256(key): what `organizations.api_key_hash` and
+/// `api_keys.key_hash` hold.
+pub fn key_hash_hex(key: &str) -> String {
+    hex::encode(key_hash(key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_form_is_lower_case_hex_of_sha256() {
+        assert_eq!(
+            key_hash_hex("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(hex::encode(key_hash("abc")), key_hash_hex("abc"));
+    }
+}
