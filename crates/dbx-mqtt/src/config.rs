@@ -326,8 +326,14 @@ mod tests {
         assert_eq!(on(|c| c.qos = 2), Err("qos".into()));
         assert_eq!(on(|c| c.max_in_flight = 0), Err("max_in_flight".into()));
         assert_eq!(on(|c| c.keep_alive_secs = 1), Err("keep_alive_secs".into()));
-        assert_eq!(on(|c| c.shared_group = "a/b".into()), Err("shared_group".into()));
-        assert_eq!(on(|c| c.topic = "dbx/{org_code}/x".into()), Err("topic".into()));
+        assert_eq!(
+            on(|c| c.shared_group = "a/b".into()),
+            Err("shared_group".into())
+        );
+        assert_eq!(
+            on(|c| c.topic = "dbx/{org_code}/x".into()),
+            Err("topic".into())
+        );
         assert_eq!(
             on(|c| c.dead_letter_topic = "dbx/{org_code}/{aircraft}/telemetry".into()),
             Err("dead_letter_topic".into())
