@@ -64,7 +64,9 @@
 pub mod client;
 pub mod connection;
 pub mod error;
+pub mod loadgen;
 pub mod resend;
+pub mod sim;
 pub mod tls;
 pub mod tracker;
 pub mod udp;
