@@ -1,4 +1,5 @@
-//! The load generator: a simulated gateway fleet written against `dbx-proto`.
+//! The load generator: a simulated gateway fleet built on this crate's client ([`Client`]
+//! and [`Resend`] over TCP/TLS, [`UdpSender`] over UDP; MQTT through rumqttc).
 //!
 //! Each gateway is one task with one connection, flying `aircraft_per_gateway`
 //! aircraft (one [`FlightSim`] each) and sending their points in batches, round
@@ -510,7 +511,7 @@ async fn tcp_gateway(
         backoff: Duration::from_millis(100),
         stats,
     };
-    while !gw.stopped && !(gw.generator.done() && gw.resend.is_empty()) {
+    while !gw.stopped && !gw.all_sent() {
         let client = match Client::connect(config.addr, &config.key, &options).await {
             Ok(client) => client,
             Err(e) if e.is_fatal() => return gw.fatal(e.to_string()),
@@ -548,6 +549,11 @@ struct TcpGateway {
 }
 
 impl TcpGateway {
+    /// Every point generated and nothing left to resend.
+    fn all_sent(&self) -> bool {
+        self.generator.done() && self.resend.is_empty()
+    }
+
     fn fatal(&self, msg: String) {
         *lock(&self.stats.fatal) = Some(msg);
     }
@@ -563,7 +569,7 @@ impl TcpGateway {
         let mut draining_since: Option<Instant> = None;
         loop {
             self.fill_window(&mut client).await.map_err(Some)?;
-            if client.in_flight() == 0 && self.generator.done() && self.resend.is_empty() {
+            if client.in_flight() == 0 && self.all_sent() {
                 let _ = tokio::time::timeout(Duration::from_secs(5), client.bye()).await;
                 return Ok(());
             }
