@@ -34,9 +34,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dbx::loadgen::{self, LoadgenConfig, Stats, Transport};
-use dbx::sim::FlightSim;
 use dbx_batcher::copy::{CopyEncoder, COLUMNS};
+use dbx_client::loadgen::{self, LoadgenConfig, Stats, Transport};
+use dbx_client::sim::FlightSim;
 use dbx_control::broker::{BrokerOptions, LocalBroker};
 use dbx_control::cluster::{ClusterOptions, ClusterTls, LocalCluster};
 use dbx_control::setup::{self, SetupOptions};
@@ -307,7 +307,7 @@ async fn loadgen_run(
         duration: Duration::from_secs_f64(secs),
         total_points: total,
         form: dbx_proto::PointForm::Map,
-        udp_auth: dbx::loadgen::UdpAuth::Mac,
+        udp_auth: dbx_client::loadgen::UdpAuth::Mac,
         seed,
         mqtt,
     };
@@ -341,8 +341,11 @@ async fn dbx_end_to_end(
 
 /// The sample organization's gateway at the bench broker.
 fn mqtt_target(broker: &LocalBroker, password: &str) -> loadgen::MqttTarget {
+    let addr = dbx_mqtt::BrokerAddr::parse(&broker.url()).expect("the bench broker's URL");
     loadgen::MqttTarget {
-        url: broker.url(),
+        host: addr.host,
+        port: addr.port,
+        tls: addr.tls,
         username: setup::SAMPLE_ORG_CODE.into(),
         password: password.into(),
         org_code: setup::SAMPLE_ORG_CODE.into(),

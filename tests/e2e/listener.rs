@@ -606,7 +606,7 @@ async fn tls_serves_the_same_protocol() {
     .await;
     let tls_addr = env.daemon.tls.expect("TLS port bound");
     let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
-    let stream = dbx::loadgen::tls_connector(&cert_path)
+    let stream = dbx_client::tls_connector(&cert_path)
         .unwrap()
         .connect(
             rustls::pki_types::ServerName::try_from("localhost").unwrap(),

@@ -412,11 +412,11 @@ async fn idle_sessions_are_completed_after_the_timeout_with_the_clock_under_cont
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_loadgen_ends_every_flight_it_flies() {
     let env = Env::start(&[]).await;
-    let stats = Arc::new(dbx::loadgen::Stats::default());
+    let stats = Arc::new(dbx_client::loadgen::Stats::default());
     let (_stop, stop_rx) = dbx_core::ShutdownTrigger::new();
-    let config = dbx::loadgen::LoadgenConfig {
+    let config = dbx_client::loadgen::LoadgenConfig {
         addr: env.daemon.tcp,
-        transport: dbx::loadgen::Transport::Tcp,
+        transport: dbx_client::loadgen::Transport::Tcp,
         tls: None,
         key: env.org.key.clone(),
         aircraft: vec![env.registration.clone()],
@@ -432,9 +432,9 @@ async fn the_loadgen_ends_every_flight_it_flies() {
         form: PointForm::Map,
         seed: 7,
         mqtt: None,
-        udp_auth: dbx::loadgen::UdpAuth::Mac,
+        udp_auth: dbx_client::loadgen::UdpAuth::Mac,
     };
-    let summary = dbx::loadgen::run(config, stats, stop_rx).await;
+    let summary = dbx_client::loadgen::run(config, stats, stop_rx).await;
     assert!(summary.error.is_none(), "{summary}");
     assert_eq!(summary.points_acked, 15_000, "{summary}");
     assert_eq!(summary.sessions_ended, 4, "{summary}");

@@ -428,7 +428,7 @@ async fn haproxy_fails_gateways_over_and_readyz_takes_a_daemon_out_of_rotation()
         .await
         .expect("connect TLS frontend");
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let stream = dbx::loadgen::tls_connector(&cert_path)
+    let stream = dbx_client::tls_connector(&cert_path)
         .expect("trust the daemon's certificate")
         .connect(name, tcp)
         .await

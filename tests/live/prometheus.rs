@@ -29,7 +29,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dbx::loadgen::{self, LoadgenConfig, Stats, Transport};
+use dbx_client::loadgen::{self, LoadgenConfig, Stats, Transport};
 use dbx_core::ShutdownTrigger;
 use dbx_proto::{AircraftRef, PointForm, ServerMessage};
 use dbx_testkit::daemon::http_get_with;

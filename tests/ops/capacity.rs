@@ -29,7 +29,7 @@ async fn bytes_per_point_on_disk() {
         .await
         .expect("partition")
         .get(0);
-    // 16 aircraft at 10 Hz, values in the simulator's ranges (crates/dbx/src/sim.rs).
+    // 16 aircraft at 10 Hz, values in the simulator's ranges (crates/dbx-client/src/sim.rs).
     client
         .execute(
             "INSERT INTO dbx_aviation.flight_telemetry

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dbx::loadgen::{self, LoadgenConfig, Stats, Transport};
+use dbx_client::loadgen::{self, LoadgenConfig, Stats, Transport};
 use dbx_core::ShutdownTrigger;
 use dbx_testkit::{Env, Fixture, TestDb};
 
@@ -95,7 +95,7 @@ async fn soak_at_a_fixed_rate_keeps_memory_flat_and_loses_nothing() {
         duration: Duration::from_secs_f64(minutes * 60.0),
         total_points: None,
         form: dbx_proto::PointForm::Map,
-        udp_auth: dbx::loadgen::UdpAuth::Mac,
+        udp_auth: dbx_client::loadgen::UdpAuth::Mac,
         seed: 99,
         mqtt: None,
     };

@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use dbx_client::Connection;
 use dbx_proto::{AircraftRef, PointForm, ServerMessage};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_postgres::Client;
 use uuid::Uuid;
@@ -179,15 +179,14 @@ pub async fn non_reading_peer(
     aircraft: Uuid,
     limit: Duration,
 ) -> (Duration, bool) {
-    let mut s = connect_from("127.0.0.1".parse().expect("ip"), addr, Some(4096)).await;
-    let mut hello = BytesMut::new();
-    dbx_proto::encode_hello(&mut hello, key, Some("non-reading peer"));
-    s.write_all(&hello).await.expect("send hello");
-    let w = read_server_frame(&mut s).await;
-    assert!(
-        matches!(w, Some(ServerMessage::Welcome { .. })),
-        "not welcomed: {w:?}"
-    );
+    let s = connect_from("127.0.0.1".parse().expect("ip"), addr, Some(4096)).await;
+    let mut s = Connection::over(s);
+    let welcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.handshake(key, Some("non-reading peer")),
+    )
+    .await;
+    assert!(matches!(welcome, Ok(Ok(_))), "not welcomed: {welcome:?}");
     let started = Instant::now();
     let mut seq = 0u64;
     let mut chunk = Vec::new();
@@ -207,18 +206,14 @@ pub async fn non_reading_peer(
     (started.elapsed(), false)
 }
 
-/// One server frame read straight off a socket (within 10 s), or `None`.
+/// One server frame read off a socket (within 10 s), or `None`. For a single answer (a
+/// `welcome`, an `error`): anything the daemon sent after that frame is discarded.
 pub async fn read_server_frame(s: &mut TcpStream) -> Option<ServerMessage> {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await.ok()?;
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        s.read_exact(&mut body).await.ok()?;
-        dbx_proto::decode_server(&body).ok()
-    })
-    .await
-    .ok()
-    .flatten()
+    let mut conn = Connection::over(s);
+    tokio::time::timeout(Duration::from_secs(10), conn.read_message())
+        .await
+        .ok()?
+        .ok()
 }
 
 /// Writes to the telemetry tables wait while this lives: a transaction holds

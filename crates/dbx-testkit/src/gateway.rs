@@ -1,23 +1,23 @@
-//! A test gateway: a small, strict client of the wire protocol built on dbx-proto,
-//! for end-to-end tests. It sends exactly what it is told (including malformed
-//! bytes) and reads server messages one frame at a time.
+//! A test gateway: a strict client of the wire protocol for end-to-end tests, built on
+//! dbx-client's [`Connection`] (its frame reader and handshake). It sends exactly what it
+//! is told, including what a well-behaved client never would (raw bytes, malformed
+//! frames, seqs out of order), and reads server messages one frame at a time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
+pub use dbx_client::Stream;
+use dbx_client::{Answer, Client, ClientError, ConnectOptions, Connection, Outgoing, Resend};
 pub use dbx_core::now_micros;
 use dbx_core::Point;
 use dbx_proto::{AircraftRef, EncodeOptions, PointForm, ServerMessage};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-/// Anything a gateway can talk over (plain TCP or a TLS stream).
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+/// The `gateway` a test gateway names in `hello`.
+const GATEWAY: &str = "dbx-testkit";
 
 /// What [`TestGateway::poll`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,43 +31,32 @@ pub enum Polled {
 }
 
 /// A connected test gateway.
+#[derive(Debug)]
 pub struct TestGateway {
-    stream: Box<dyn Stream>,
-    buf: BytesMut,
-}
-
-impl std::fmt::Debug for TestGateway {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestGateway").finish_non_exhaustive()
-    }
+    conn: Connection,
 }
 
 impl TestGateway {
     /// Connects over plain TCP.
     pub async fn connect(addr: SocketAddr) -> TestGateway {
-        let s = TcpStream::connect(addr).await.expect("connect to dbx");
-        s.set_nodelay(true).ok();
-        TestGateway::over(Box::new(s))
+        let conn = Connection::open(addr, None).await.expect("connect to dbx");
+        TestGateway { conn }
     }
 
     /// Wraps an already connected stream (TLS).
     pub fn over(stream: Box<dyn Stream>) -> TestGateway {
         TestGateway {
-            stream,
-            buf: BytesMut::new(),
+            conn: Connection::over(stream),
         }
     }
 
     /// Connects and completes the handshake; panics unless welcomed.
     pub async fn hello(addr: SocketAddr, key: &str) -> (TestGateway, ServerMessage) {
         let mut g = TestGateway::connect(addr).await;
-        g.send_hello(key).await;
-        let w = g.recv().await.expect("an answer to hello");
-        assert!(
-            matches!(w, ServerMessage::Welcome { .. }),
-            "expected welcome, got {w:?}"
-        );
-        (g, w)
+        match g.handshake(key).await {
+            Ok(welcome) => (g, welcome),
+            Err(e) => panic!("expected welcome, got {e}"),
+        }
     }
 
     /// Like [`TestGateway::hello`], retrying for up to `within` while the key is refused
@@ -80,37 +69,44 @@ impl TestGateway {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let mut g = TestGateway::connect(addr).await;
-            g.send_hello(key).await;
-            match g.recv().await {
-                Some(w @ ServerMessage::Welcome { .. }) => return (g, w),
-                other if tokio::time::Instant::now() > deadline => {
-                    panic!("key not accepted within {within:?}: {other:?}")
+            match g.handshake(key).await {
+                Ok(welcome) => return (g, welcome),
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    panic!("key not accepted within {within:?}: {e}")
                 }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
+        }
+    }
+
+    /// `hello`, then the server's `welcome` within 20 s.
+    async fn handshake(&mut self, key: &str) -> Result<ServerMessage, String> {
+        let limit = Duration::from_secs(20);
+        match tokio::time::timeout(limit, self.conn.handshake(key, Some(GATEWAY))).await {
+            Ok(Ok(welcome)) => Ok(welcome.into()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {limit:?}")),
         }
     }
 
     /// Sends raw bytes.
     pub async fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("write");
-        self.stream.flush().await.expect("flush");
+        self.conn.write_all(bytes).await.expect("write");
     }
 
     /// Sends raw bytes, reporting a broken connection instead of panicking.
     pub async fn send_raw_checked(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await?;
-        self.stream.flush().await
+        self.conn.write_all(bytes).await
     }
 
-    /// Sends `hello`.
+    /// Sends `hello` (and reads nothing: the test reads the answer).
     pub async fn send_hello(&mut self, key: &str) {
         let mut b = BytesMut::new();
-        dbx_proto::encode_hello(&mut b, key, Some("dbx-testkit"));
+        dbx_proto::encode_hello(&mut b, key, Some(GATEWAY));
         self.send_raw(&b).await;
     }
 
-    /// Sends one batch.
+    /// Sends one batch with the `seq` given (tests send repeated or decreasing ones).
     pub async fn send_batch(
         &mut self,
         seq: u64,
@@ -181,37 +177,21 @@ impl TestGateway {
             .flatten()
     }
 
+    /// The next server message; `None` when the connection is over. A frame that is not a
+    /// valid server message fails the test: the daemon must never send one.
     async fn recv_inner(&mut self) -> Option<ServerMessage> {
-        loop {
-            if self.buf.len() >= 4 {
-                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                    as usize;
-                if self.buf.len() >= 4 + len {
-                    self.buf.advance(4);
-                    let body = self.buf.split_to(len);
-                    return Some(dbx_proto::decode_server(&body).expect("a valid server message"));
-                }
+        match self.conn.read_message().await {
+            Ok(m) => Some(m),
+            Err(e @ (ClientError::Decode(_) | ClientError::Frame(_))) => {
+                panic!("the daemon sent an invalid frame: {e}")
             }
-            match self.stream.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            }
+            Err(_) => None,
         }
     }
 
     /// Reads until the server closes; true if it did within `limit`.
     pub async fn closed_within(&mut self, limit: Duration) -> bool {
-        tokio::time::timeout(limit, async {
-            let mut sink = [0u8; 1024];
-            loop {
-                match self.stream.read(&mut sink).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await
-        .is_ok()
+        self.conn.closed_within(limit).await
     }
 
     /// Reads acks/nacks until every seq in `1..=last` is answered; returns
@@ -280,75 +260,70 @@ pub async fn resend_until_acked(
     pace: Duration,
     acked_tx: watch::Sender<HashSet<usize>>,
 ) -> u32 {
+    let total = batches.len();
+    // Batch index as the tag: what was acked, across connections.
+    let mut unacked: Resend<usize> = Resend::default();
+    for (i, (session, points)) in batches.into_iter().enumerate() {
+        let aircraft = AircraftRef::Id(aircraft);
+        unacked.push(
+            Outgoing::Batch {
+                aircraft,
+                session,
+                points,
+            },
+            i,
+        );
+    }
+    let options = ConnectOptions {
+        gateway: Some(GATEWAY.into()),
+        timeout: Duration::from_secs(5),
+        ..ConnectOptions::default()
+    };
     let mut acked: HashSet<usize> = HashSet::new();
     let mut reconnects = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
-    while acked.len() < batches.len() {
+    while acked.len() < total {
         assert!(
             Instant::now() < deadline,
-            "gave up: {} of {} acked",
-            acked.len(),
-            batches.len()
+            "gave up: {} of {total} acked",
+            acked.len()
         );
-        let Ok(Ok(tcp)) =
-            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-                .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut g = TestGateway::over(Box::new(tcp));
-        g.send_hello(&key).await;
-        match g.recv_within(Duration::from_secs(5)).await {
-            Some(ServerMessage::Welcome { .. }) => {}
-            _ => {
+        let mut client = match Client::connect(addr, &key, &options).await {
+            Ok(client) => client,
+            Err(ClientError::Connect { .. }) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(_) => {
                 reconnects += 1;
                 continue;
             }
-        }
-        // conn seq → batch index, for what is in flight on this connection.
-        let mut inflight: BTreeMap<u64, usize> = BTreeMap::new();
-        let mut todo = (0..batches.len())
-            .filter(|i| !acked.contains(i))
-            .collect::<Vec<_>>()
-            .into_iter();
-        let mut seq = 0u64;
-        'conn: loop {
-            while inflight.len() < 8 {
-                let Some(i) = todo.next() else { break };
-                seq += 1;
-                let mut b = BytesMut::new();
-                let (session, pts) = &batches[i];
-                dbx_proto::encode_batch_with(
-                    &mut b,
-                    seq,
-                    &AircraftRef::Id(aircraft),
-                    *session,
-                    pts,
-                    EncodeOptions::from(PointForm::Map),
-                )
-                .unwrap();
-                g.send_raw_checked(&b).await.ok();
-                inflight.insert(seq, i);
+        };
+        loop {
+            while client.in_flight() < 8 {
+                let Some((msg, i)) = unacked.pop() else { break };
+                // A failed write keeps the batch with the client; the read below sees the loss.
+                let _ = client.send(msg, i).await;
                 // A gateway's pace, so that a test's kills land while it still has work.
                 tokio::time::sleep(pace).await;
             }
-            if inflight.is_empty() {
-                break 'conn;
+            if client.in_flight() == 0 {
+                break;
             }
-            match g.recv_within(Duration::from_secs(10)).await {
-                Some(ServerMessage::Ack { seq: upto }) => {
-                    let done: Vec<u64> = inflight.range(..=upto).map(|(s, _)| *s).collect();
-                    for s in done {
-                        acked.insert(inflight.remove(&s).expect("in flight"));
-                    }
+            match tokio::time::timeout(Duration::from_secs(10), client.recv()).await {
+                Ok(Ok(Answer::Acked(sent))) => {
+                    acked.extend(sent.iter().map(|s| s.tag));
                     acked_tx.send_replace(acked.clone());
                 }
-                Some(ServerMessage::Nack { seq, msg, .. }) => panic!("batch {seq} nacked: {msg}"),
-                _ => break 'conn, // killed, or shutting down: reconnect and resend
+                Ok(Ok(Answer::Nacked { sent, msg, .. })) => {
+                    panic!("batch {} nacked: {msg}", sent.seq)
+                }
+                Ok(Ok(Answer::Pong)) => {}
+                _ => break, // killed, or shutting down: reconnect and resend
             }
         }
-        if acked.len() < batches.len() {
+        unacked.lost(client);
+        if acked.len() < total {
             reconnects += 1;
         }
     }

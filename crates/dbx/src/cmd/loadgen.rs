@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
-use dbx::loadgen::{self, LoadgenConfig, Stats, Transport, UdpAuth};
+use dbx_client::loadgen::{self, LoadgenConfig, Stats, Transport, UdpAuth};
 use dbx_core::ShutdownTrigger;
 use dbx_proto::PointForm;
 
@@ -129,70 +129,14 @@ pub struct LoadgenArgs {
 impl LoadgenArgs {
     /// The engine's configuration, with flag errors naming the flag.
     pub fn to_config(&self) -> anyhow::Result<LoadgenConfig> {
-        let mqtt = matches!(self.transport, TransportArg::Mqtt);
-        let key = match &self.key {
-            Some(k) => k.clone(),
-            // MQTT gateways authenticate to the broker, not with an API key.
-            None if mqtt => String::new(),
-            None => {
-                let text = std::fs::read_to_string(&self.key_file).with_context(|| {
-                    format!(
-                        "no --key given and --key-file {} cannot be read (run `dbx setup` first)",
-                        self.key_file.display()
-                    )
-                })?;
-                match text.lines().rev().find(|l| l.trim().starts_with("dbx_")) {
-                    Some(k) => k.trim().to_string(),
-                    None => bail!("--key-file {} holds no API key", self.key_file.display()),
-                }
-            }
-        };
-        if self.gateways == 0 {
-            bail!("--gateways must be at least 1");
-        }
-        if self.aircraft_per_gateway == 0 {
-            bail!("--aircraft-per-gateway must be at least 1");
-        }
-        if self.batch == 0 || self.batch > 10_000 {
-            bail!("--batch must be between 1 and 10000 points");
-        }
-        if self.window == 0 {
-            bail!("--window must be at least 1");
-        }
-        if self.aircraft.iter().all(|a| a.trim().is_empty()) {
-            bail!("--aircraft needs at least one registration number");
-        }
-        if !(self.duration > 0.0 && self.duration.is_finite()) {
-            bail!("--duration must be a positive number of seconds");
-        }
-        if self.rate < 0.0 || !self.rate.is_finite() {
-            bail!("--rate must be 0 (unlimited) or a positive number of points per second");
-        }
+        let key = self.api_key()?;
+        self.check_numbers()?;
+        let mqtt = self.mqtt_target()?;
         let transport = match self.transport {
             TransportArg::Tcp => Transport::Tcp,
             TransportArg::Tls => Transport::Tls,
             TransportArg::Udp => Transport::Udp,
             TransportArg::Mqtt => Transport::Mqtt,
-        };
-        let target = if mqtt {
-            let Some(url) = self.broker.clone() else {
-                bail!("--transport mqtt needs --broker mqtt://host:port");
-            };
-            dbx_mqtt::BrokerAddr::parse(&url).map_err(|m| anyhow::anyhow!("--broker {m}"))?;
-            let Some(org_code) = self.org_code.clone().filter(|c| !c.is_empty()) else {
-                bail!("--transport mqtt needs --org-code (the organization's code, the topic's {{org_code}})");
-            };
-            dbx_mqtt::topic::TopicPattern::parse(&self.topic)
-                .map_err(|m| anyhow::anyhow!("--topic {m}"))?;
-            Some(loadgen::MqttTarget {
-                url,
-                username: self.mqtt_user.clone().unwrap_or_else(|| org_code.clone()),
-                password: self.mqtt_password.clone(),
-                org_code,
-                topic: self.topic.clone(),
-            })
-        } else {
-            None
         };
         let tls = match (transport, &self.tls_ca) {
             (Transport::Tls | Transport::Mqtt, Some(ca)) => {
@@ -226,12 +170,86 @@ impl LoadgenArgs {
                 FormArg::Array => PointForm::Array,
             },
             seed: self.seed,
-            mqtt: target,
+            mqtt,
             udp_auth: match self.udp_auth {
                 UdpAuthArg::Mac => UdpAuth::Mac,
                 UdpAuthArg::Key => UdpAuth::Key,
             },
         })
+    }
+
+    /// `--key`, or the last `dbx_` line of `--key-file`; none for MQTT, whose gateways
+    /// authenticate to the broker.
+    fn api_key(&self) -> anyhow::Result<String> {
+        if let Some(k) = &self.key {
+            return Ok(k.clone());
+        }
+        if matches!(self.transport, TransportArg::Mqtt) {
+            return Ok(String::new());
+        }
+        let text = std::fs::read_to_string(&self.key_file).with_context(|| {
+            format!(
+                "no --key given and --key-file {} cannot be read (run `dbx setup` first)",
+                self.key_file.display()
+            )
+        })?;
+        match text.lines().rev().find(|l| l.trim().starts_with("dbx_")) {
+            Some(k) => Ok(k.trim().to_string()),
+            None => bail!("--key-file {} holds no API key", self.key_file.display()),
+        }
+    }
+
+    /// The counts, sizes and rates, each refused with its flag.
+    fn check_numbers(&self) -> anyhow::Result<()> {
+        if self.gateways == 0 {
+            bail!("--gateways must be at least 1");
+        }
+        if self.aircraft_per_gateway == 0 {
+            bail!("--aircraft-per-gateway must be at least 1");
+        }
+        if self.batch == 0 || self.batch > 10_000 {
+            bail!("--batch must be between 1 and 10000 points");
+        }
+        if self.window == 0 {
+            bail!("--window must be at least 1");
+        }
+        if self.aircraft.iter().all(|a| a.trim().is_empty()) {
+            bail!("--aircraft needs at least one registration number");
+        }
+        if !(self.duration > 0.0 && self.duration.is_finite()) {
+            bail!("--duration must be a positive number of seconds");
+        }
+        if self.rate < 0.0 || !self.rate.is_finite() {
+            bail!("--rate must be 0 (unlimited) or a positive number of points per second");
+        }
+        Ok(())
+    }
+
+    /// The broker and topic of `--transport mqtt` (the broker URL and topic pattern in
+    /// the daemon's MQTT input syntax); `None` for the other transports.
+    fn mqtt_target(&self) -> anyhow::Result<Option<loadgen::MqttTarget>> {
+        if !matches!(self.transport, TransportArg::Mqtt) {
+            return Ok(None);
+        }
+        let Some(url) = &self.broker else {
+            bail!("--transport mqtt needs --broker mqtt://host:port");
+        };
+        let broker =
+            dbx_mqtt::BrokerAddr::parse(url).map_err(|m| anyhow::anyhow!("--broker {m}"))?;
+        let Some(org_code) = self.org_code.clone().filter(|c| !c.is_empty()) else {
+            bail!("--transport mqtt needs --org-code (the organization's code, the topic's {{org_code}})");
+        };
+        dbx_mqtt::topic::TopicPattern::parse(&self.topic)
+            .map_err(|m| anyhow::anyhow!("--topic {m}"))?;
+        Ok(Some(loadgen::MqttTarget {
+            host: broker.host,
+            port: broker.port,
+            tls: broker.tls,
+            username: self.mqtt_user.clone().unwrap_or_else(|| org_code.clone()),
+            password: self.mqtt_password.clone(),
+            org_code,
+            topic: self.topic.clone(),
+        }))
     }
 }
 

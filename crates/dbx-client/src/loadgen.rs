@@ -1,4 +1,5 @@
-//! The load generator: a simulated gateway fleet written against `dbx-proto`.
+//! The load generator: a simulated gateway fleet built on this crate's client ([`Client`]
+//! and [`Resend`] over TCP/TLS, [`UdpSender`] over UDP; MQTT through rumqttc).
 //!
 //! Each gateway is one task with one connection, flying `aircraft_per_gateway`
 //! aircraft (one [`FlightSim`] each) and sending their points in batches, round
@@ -16,24 +17,23 @@
 //! `end`, leave their sessions to the daemon's idle timeout.
 
 use std::collections::VecDeque;
-use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
 use dbx_core::sync::lock;
 use dbx_core::{now_micros, Point, Shutdown};
-use dbx_proto::{AircraftRef, EncodeOptions, PointForm, ServerMessage};
+use dbx_proto::{AircraftRef, EncodeOptions, PointForm};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::sim::FlightSim;
+use crate::{Answer, Client, ClientError, ConnectOptions, Outgoing, Resend, Tls, UdpSender};
 
 mod mqtt;
+pub use crate::udp::UdpAuth;
 pub use mqtt::MqttTarget;
 
 /// How the fleet talks to the daemon.
@@ -48,16 +48,6 @@ pub enum Transport {
     Udp,
     /// MQTT 5 QoS 1 messages through a broker ("acked" = taken by the broker).
     Mqtt,
-}
-
-/// How UDP datagrams say which key sent them (PROTOCOL.md 1.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UdpAuth {
-    /// `kid`/`mac`/`body`: the key never travels.
-    Mac,
-    /// The key in clear (`key`, protocol v1).
-    Key,
 }
 
 /// What to generate.
@@ -125,6 +115,36 @@ impl Stats {
         let h =
             h.get_or_insert_with(|| Histogram::new_with_bounds(1, 600_000_000, 3).expect("bounds"));
         let _ = h.record((d.as_micros() as u64).max(1));
+    }
+
+    /// Counts one answer of the daemon: acked points and their latency, ended sessions,
+    /// nacked points (a nack is final: the batch is never resent).
+    fn count(&self, answer: Answer<()>) {
+        match answer {
+            Answer::Acked(sent) => {
+                for s in sent {
+                    if let Outgoing::End { .. } = s.msg {
+                        self.sessions_ended.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let n = s.msg.points().len() as u64;
+                    self.acked.fetch_add(n, Ordering::Relaxed);
+                    self.record_latency(s.sent_at.elapsed());
+                }
+            }
+            Answer::Nacked {
+                sent, code, msg, ..
+            } => {
+                let n = sent.msg.points().len() as u64;
+                self.nacked.fetch_add(n, Ordering::Relaxed);
+                let what = match sent.msg {
+                    Outgoing::End { .. } => "end",
+                    Outgoing::Batch { .. } => "batch",
+                };
+                tracing::warn!(seq = sent.seq, %code, "{what} nacked: {msg}");
+            }
+            Answer::Pong => {}
+        }
     }
 
     /// Ack latency percentile in milliseconds (0 when nothing was acked yet).
@@ -236,10 +256,18 @@ struct Pending {
     end: bool,
 }
 
-struct InFlight {
-    conn_seq: u64,
-    sent_at: Instant,
-    batch: Pending,
+impl From<Pending> for Outgoing {
+    fn from(p: Pending) -> Outgoing {
+        if p.end {
+            Outgoing::End { session: p.session }
+        } else {
+            Outgoing::Batch {
+                aircraft: AircraftRef::Registration(p.aircraft),
+                session: p.session,
+                points: p.points,
+            }
+        }
+    }
 }
 
 /// A fleet's share of a total.
@@ -254,10 +282,10 @@ pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Su
     let config = Arc::new(config);
     let started = Instant::now();
     let tls = match (&config.transport, &config.tls) {
-        (Transport::Tls, Some((name, ca))) => match tls_connector(ca) {
-            Ok(c) => Some((c, name.clone())),
+        (Transport::Tls, Some((name, ca))) => match Tls::from_ca_file(ca, name) {
+            Ok(tls) => Some(tls),
             Err(e) => {
-                *lock(&stats.fatal) = Some(e);
+                *lock(&stats.fatal) = Some(format!("--tls-ca {e}"));
                 None
             }
         },
@@ -455,251 +483,157 @@ impl Generator {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-async fn connect(
-    config: &LoadgenConfig,
-    tls: &Option<(tokio_rustls::TlsConnector, String)>,
-) -> io::Result<Box<dyn Io>> {
-    let tcp = tokio::net::TcpStream::connect(config.addr).await?;
-    tcp.set_nodelay(true)?;
-    match tls {
-        None => Ok(Box::new(tcp)),
-        Some((connector, name)) => {
-            let name = rustls::pki_types::ServerName::try_from(name.clone())
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            Ok(Box::new(connector.connect(name, tcp).await?))
-        }
-    }
-}
-
-/// A TLS connector trusting the PEM certificates in `ca`, as a gateway verifies dbx (tests
-/// use it too); the error names the file.
-pub fn tls_connector(ca: &std::path::Path) -> Result<tokio_rustls::TlsConnector, String> {
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(
-        tls_client_config(ca)?,
-    )))
-}
-
-/// A rustls client configuration trusting the PEM certificates in `ca`.
-fn tls_client_config(ca: &std::path::Path) -> Result<rustls::ClientConfig, String> {
-    let pem = std::fs::read(ca).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(cfg)
-}
-
-/// Reads one server message. Cancel-safe (bytes stay in `buf`).
-async fn read_message<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-) -> io::Result<ServerMessage> {
-    loop {
-        if buf.len() >= 4 {
-            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            if buf.len() >= 4 + len {
-                buf.advance(4);
-                let body = buf.split_to(len);
-                return dbx_proto::decode_server(&body)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
-            }
-        }
-        if rd.read_buf(buf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-}
-
+/// One TCP/TLS gateway: connects (with backoff), sends first what the last connection
+/// left unanswered, keeps up to `window` messages in flight, and says `bye` once every
+/// point is generated and answered.
 #[allow(clippy::too_many_arguments)]
 async fn tcp_gateway(
     config: Arc<LoadgenConfig>,
     index: usize,
     aircraft: Vec<FlightSim>,
     quota: Option<u64>,
-    tls: Option<(tokio_rustls::TlsConnector, String)>,
+    tls: Option<Tls>,
     stats: Arc<Stats>,
     mut stop: Shutdown,
 ) {
-    let mut generator = Generator::new(aircraft, &config, quota, config.batch_points.max(1));
-    let mut pacer = Pacer::new(config.rate, config.gateways);
-    let mut resend: VecDeque<Pending> = VecDeque::new();
-    let opts = EncodeOptions::from(config.form);
-    let mut backoff = Duration::from_millis(100);
-    let stopped = AtomicBool::new(false);
-    let gateway_name = format!("dbx-loadgen/{index}");
-
-    'connection: loop {
-        if stopped.load(Ordering::Relaxed) || (generator.done() && resend.is_empty()) {
-            return;
-        }
-        let stream = match connect(&config, &tls).await {
-            Ok(s) => s,
+    let options = ConnectOptions {
+        tls,
+        gateway: Some(format!("dbx-loadgen/{index}")),
+        encode: EncodeOptions::from(config.form),
+        ..ConnectOptions::default()
+    };
+    let mut gw = TcpGateway {
+        generator: Generator::new(aircraft, &config, quota, config.batch_points.max(1)),
+        pacer: Pacer::new(config.rate, config.gateways),
+        resend: Resend::default(),
+        window: config.window,
+        stopped: false,
+        backoff: Duration::from_millis(100),
+        stats,
+    };
+    while !gw.stopped && !gw.all_sent() {
+        let client = match Client::connect(config.addr, &config.key, &options).await {
+            Ok(client) => client,
+            Err(e) if e.is_fatal() => return gw.fatal(e.to_string()),
             Err(e) => {
                 tracing::debug!(error = %e, "loadgen connect failed; retrying");
-                stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                gw.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 tokio::select! {
                     _ = stop.recv() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(gw.backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                gw.backoff = (gw.backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        let mut buf = BytesMut::with_capacity(4096);
-        let mut out = BytesMut::with_capacity(64 * 1024);
-        dbx_proto::encode_hello(&mut out, &config.key, Some(&gateway_name));
-        if wr.write_all(&out).await.is_err() {
-            continue;
-        }
-        match read_message(&mut rd, &mut buf).await {
-            Ok(ServerMessage::Welcome { .. }) => backoff = Duration::from_millis(100),
-            Ok(ServerMessage::Error { code, msg })
-                if code == dbx_core::RejectCode::Unauthorized =>
-            {
-                *lock(&stats.fatal) = Some(format!("{code}: {msg}"));
-                return;
-            }
-            _ => {
-                stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(backoff).await;
-                continue;
-            }
-        }
-        let mut conn_seq = 0u64;
-        let mut inflight: VecDeque<InFlight> = VecDeque::new();
-        let mut draining_since: Option<Instant> = None;
-        loop {
-            // Send while the window has room and there is something due.
-            while inflight.len() < config.window && !stopped.load(Ordering::Relaxed) {
-                let (batch, first) = if let Some(b) = resend.pop_front() {
-                    (b, false)
-                } else if pacer.ready() {
-                    match generator.next_batch() {
-                        Some(b) => (b, true),
-                        None => break,
-                    }
-                } else {
-                    break;
-                };
-                conn_seq += 1;
-                out.clear();
-                let aircraft = AircraftRef::Registration(batch.aircraft.clone());
-                if batch.end {
-                    dbx_proto::encode_end(&mut out, conn_seq, batch.session);
-                } else if let Err(e) = dbx_proto::encode_batch_with(
-                    &mut out,
-                    conn_seq,
-                    &aircraft,
-                    batch.session,
-                    &batch.points,
-                    opts,
-                ) {
-                    *lock(&stats.fatal) = Some(format!("cannot encode a batch: {e}"));
-                    return;
-                }
-                let n = batch.points.len() as u64;
-                if first {
-                    stats.sent.fetch_add(n, Ordering::Relaxed);
-                    pacer.sent(batch.points.len());
-                } else {
-                    stats.resent.fetch_add(n, Ordering::Relaxed);
-                }
-                if !batch.end {
-                    stats.batches.fetch_add(1, Ordering::Relaxed);
-                }
-                inflight.push_back(InFlight {
-                    conn_seq,
-                    sent_at: Instant::now(),
-                    batch,
-                });
-                if wr.write_all(&out).await.is_err() {
-                    break;
-                }
-            }
-            if inflight.is_empty() && generator.done() && resend.is_empty() {
-                out.clear();
-                dbx_proto::encode_bye(&mut out);
-                let _ = wr.write_all(&out).await;
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), read_message(&mut rd, &mut buf))
-                        .await;
-                return;
-            }
-            let wake = if inflight.len() < config.window {
-                Some(pacer.next)
-            } else {
-                None
-            };
-            if stopped.load(Ordering::Relaxed) && draining_since.is_none() {
-                draining_since = Some(Instant::now());
-            }
-            if draining_since.is_some_and(|t| t.elapsed() > Duration::from_secs(30)) {
-                return;
-            }
-            tokio::select! {
-                msg = read_message(&mut rd, &mut buf) => match msg {
-                    Ok(ServerMessage::Ack { seq }) => {
-                        while inflight.front().is_some_and(|f| f.conn_seq <= seq) {
-                            let f = inflight.pop_front().expect("front");
-                            if f.batch.end {
-                                stats.sessions_ended.fetch_add(1, Ordering::Relaxed);
-                                continue;
-                            }
-                            stats.acked.fetch_add(f.batch.points.len() as u64, Ordering::Relaxed);
-                            stats.record_latency(f.sent_at.elapsed());
-                        }
-                    }
-                    Ok(ServerMessage::Nack { seq, code, msg, .. }) => {
-                        if let Some(pos) = inflight.iter().position(|f| f.conn_seq == seq) {
-                            let f = inflight.remove(pos).expect("position");
-                            stats.nacked.fetch_add(f.batch.points.len() as u64, Ordering::Relaxed);
-                            let what = if f.batch.end { "end" } else { "batch" };
-                            tracing::warn!(seq, %code, "{what} nacked: {msg}");
-                        }
-                    }
-                    Ok(ServerMessage::Pong) | Ok(ServerMessage::Bye) | Ok(ServerMessage::Welcome { .. }) => {}
-                    Ok(ServerMessage::Error { code, msg }) => {
-                        tracing::info!(%code, "server closed the connection: {msg}; reconnecting");
-                        requeue(&mut resend, &mut inflight);
-                        stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(backoff).await;
-                        continue 'connection;
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "connection lost; reconnecting");
-                        requeue(&mut resend, &mut inflight);
-                        stats.reconnects.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(backoff).await;
-                        continue 'connection;
-                    }
-                },
-                _ = sleep_until(wake) => {}
-                _ = stop.recv(), if !stopped.load(Ordering::Relaxed) => {
-                    stopped.store(true, Ordering::Relaxed);
-                    generator.abandon();
-                }
-            }
+        gw.backoff = Duration::from_millis(100);
+        match gw.connection(client, &mut stop).await {
+            Ok(()) => return,
+            Err(Some(fatal)) => return gw.fatal(fatal),
+            Err(None) => tokio::time::sleep(gw.backoff).await,
         }
     }
 }
 
-/// Unacked batches go back to the front of the resend queue, in order.
-fn requeue(resend: &mut VecDeque<Pending>, inflight: &mut VecDeque<InFlight>) {
-    for f in inflight.drain(..).rev() {
-        resend.push_front(f.batch);
+/// What a TCP/TLS gateway keeps across its connections.
+struct TcpGateway {
+    generator: Generator,
+    pacer: Pacer,
+    /// What lost connections left unanswered, sent first on the next.
+    resend: Resend<()>,
+    window: usize,
+    /// `stop` fired: no new points; what is in flight may still be answered.
+    stopped: bool,
+    backoff: Duration,
+    stats: Arc<Stats>,
+}
+
+impl TcpGateway {
+    /// Every point generated and nothing left to resend.
+    fn all_sent(&self) -> bool {
+        self.generator.done() && self.resend.is_empty()
+    }
+
+    fn fatal(&self, msg: String) {
+        *lock(&self.stats.fatal) = Some(msg);
+    }
+
+    /// Drives one connection: `Ok` when the gateway is done (bye sent, or stopped and
+    /// drained for 30 s), `Err(None)` when the connection was lost (its unanswered
+    /// messages are queued for the next), `Err(Some(_))` on a fatal error.
+    async fn connection(
+        &mut self,
+        mut client: Client,
+        stop: &mut Shutdown,
+    ) -> Result<(), Option<String>> {
+        let mut draining_since: Option<Instant> = None;
+        loop {
+            self.fill_window(&mut client).await.map_err(Some)?;
+            if client.in_flight() == 0 && self.all_sent() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), client.bye()).await;
+                return Ok(());
+            }
+            let wake = (client.in_flight() < self.window).then_some(self.pacer.next);
+            if self.stopped && draining_since.is_none() {
+                draining_since = Some(Instant::now());
+            }
+            if draining_since.is_some_and(|t| t.elapsed() > Duration::from_secs(30)) {
+                return Ok(());
+            }
+            tokio::select! {
+                answer = client.recv() => match answer {
+                    Ok(answer) => self.stats.count(answer),
+                    Err(e) => {
+                        match e.server_code() {
+                            Some(code) => tracing::info!(%code, "server closed the connection: {e}; reconnecting"),
+                            None => tracing::debug!(error = %e, "connection lost; reconnecting"),
+                        }
+                        self.resend.lost(client);
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        return Err(None);
+                    }
+                },
+                _ = sleep_until(wake) => {}
+                _ = stop.recv(), if !self.stopped => {
+                    self.stopped = true;
+                    self.generator.abandon();
+                }
+            }
+        }
+    }
+
+    /// Sends while the window has room and something is due: resends first, then new
+    /// batches as the pacer allows. A failed write stops sending; the next read reports
+    /// the lost connection (after the answers already received).
+    async fn fill_window(&mut self, client: &mut Client) -> Result<(), String> {
+        while client.in_flight() < self.window && !self.stopped {
+            let (msg, first) = if let Some((msg, ())) = self.resend.pop() {
+                (msg, false)
+            } else if self.pacer.ready() {
+                match self.generator.next_batch() {
+                    Some(batch) => (Outgoing::from(batch), true),
+                    None => break,
+                }
+            } else {
+                break;
+            };
+            let n = msg.points().len();
+            if first {
+                self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+                self.pacer.sent(n);
+            } else {
+                self.stats.resent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            if matches!(msg, Outgoing::Batch { .. }) {
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            }
+            match client.send(msg, ()).await {
+                Ok(_) => {}
+                Err(ClientError::Encode(e)) => return Err(format!("cannot encode a batch: {e}")),
+                Err(_) => break,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -717,7 +651,8 @@ async fn udp_gateway(
     stats: Arc<Stats>,
     mut stop: Shutdown,
 ) {
-    let sock = match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
+    let opts = EncodeOptions::from(config.form);
+    let mut udp = match UdpSender::bind(config.addr, &config.key, config.udp_auth, opts).await {
         Ok(s) => s,
         Err(e) => {
             *lock(&stats.fatal) = Some(format!("udp bind: {e}"));
@@ -727,30 +662,12 @@ async fn udp_gateway(
     // A datagram holds at most 65 507 bytes: keep batches small.
     let mut generator = Generator::new(aircraft, &config, quota, config.batch_points.clamp(1, 200));
     let mut pacer = Pacer::new(config.rate, config.gateways);
-    let mut out = BytesMut::with_capacity(65_536);
-    let opts = EncodeOptions::from(config.form);
     let mut seq = 0u64;
     while let Some(batch) = next_paced(&mut pacer, &mut generator, &mut stop).await {
         seq += 1;
-        out.clear();
-        let aircraft = AircraftRef::Registration(batch.aircraft.clone());
-        let encode = match config.udp_auth {
-            UdpAuth::Mac => dbx_proto::encode_datagram_mac,
-            UdpAuth::Key => dbx_proto::encode_datagram,
-        };
-        let encoded = encode(
-            &mut out,
-            &config.key,
-            Some(seq),
-            &aircraft,
-            batch.session,
-            &batch.points,
-            opts,
-        );
-        if encoded.is_err() {
-            continue;
-        }
-        if sock.send_to(&out, config.addr).await.is_ok() {
+        let aircraft = AircraftRef::Registration(batch.aircraft);
+        let sent = udp.send(Some(seq), &aircraft, batch.session, &batch.points);
+        if sent.await.is_ok() {
             stats
                 .sent
                 .fetch_add(batch.points.len() as u64, Ordering::Relaxed);

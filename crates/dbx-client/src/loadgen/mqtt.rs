@@ -28,8 +28,13 @@ use crate::sim::FlightSim;
 /// Where and as whom the MQTT fleet publishes.
 #[derive(Debug, Clone)]
 pub struct MqttTarget {
-    /// `mqtt://host:port` or `mqtts://host:port`.
-    pub url: String,
+    /// The broker's host name or IP address (parsed from `mqtt://host:port` by the
+    /// caller: the daemon's MQTT input owns that syntax).
+    pub host: String,
+    /// The broker's port.
+    pub port: u16,
+    /// `mqtts://`: TLS to the broker, trusting `LoadgenConfig::tls`'s CA file.
+    pub tls: bool,
     /// User name at the broker (empty = none).
     pub username: String,
     /// Password at the broker.
@@ -60,9 +65,8 @@ fn options(
     target: &MqttTarget,
     index: usize,
 ) -> Result<MqttOptions, String> {
-    let broker = dbx_mqtt::BrokerAddr::parse(&target.url).map_err(|m| format!("--broker {m}"))?;
     let id = format!("dbx-loadgen-{index}-{:08x}", rand::random::<u32>());
-    let mut o = MqttOptions::new(id, broker.host, broker.port);
+    let mut o = MqttOptions::new(id, target.host.clone(), target.port);
     o.set_keep_alive(Duration::from_secs(30))
         .set_clean_start(false)
         .set_session_expiry_interval(Some(600))
@@ -71,13 +75,13 @@ fn options(
     if !target.username.is_empty() {
         o.set_credentials(target.username.clone(), target.password.clone());
     }
-    if broker.tls {
+    if target.tls {
         let ca = config
             .tls
             .as_ref()
             .map(|(_, ca)| ca.clone())
             .ok_or("an mqtts:// broker needs --tls-ca")?;
-        let tls = super::tls_client_config(&ca)?;
+        let tls = crate::tls::client_config(&ca).map_err(|e| format!("--tls-ca {e}"))?;
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls),
         )));
@@ -171,10 +175,7 @@ pub(super) async fn gateway(
             .topic
             .replace("{org_code}", &target.org_code)
             .replace("{aircraft}", &batch.aircraft);
-        out.lock()
-            .expect("outstanding")
-            .queued
-            .push_back((Instant::now(), n));
+        lock(&out).queued.push_back((Instant::now(), n));
         if client
             .publish(topic, QoS::AtLeastOnce, false, buf.to_vec())
             .await
