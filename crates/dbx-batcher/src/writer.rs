@@ -684,9 +684,7 @@ async fn claim_sessions(
     tx: &Transaction<'_>,
     prepared: &Prepared<'_>,
 ) -> Result<Claims, AttemptError> {
-    let ids: Vec<Uuid> = prepared.sessions.iter().map(|s| s.session).collect();
-    let orgs: Vec<Uuid> = prepared.sessions.iter().map(|s| s.org).collect();
-    let airs: Vec<Uuid> = prepared.sessions.iter().map(|s| s.aircraft).collect();
+    let (ids, orgs, airs) = claim_columns(&prepared.sessions);
     let upsert = tx.prepare_cached(UPSERT_SQL).await?;
     let rows = tx.query(&upsert, &[&ids, &orgs, &airs]).await?;
     let mut states: HashMap<Uuid, SessionState> = HashMap::with_capacity(rows.len());
@@ -888,6 +886,20 @@ fn committed(
     }
 }
 
+/// The claims of `sessions` as the three arrays (session, organization, aircraft)
+/// the upsert and the ownership check take.
+fn claim_columns<'r, 'p: 'r>(
+    sessions: impl IntoIterator<Item = &'r SessionRows<'p>>,
+) -> (Vec<Uuid>, Vec<Uuid>, Vec<Uuid>) {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new());
+    for s in sessions {
+        columns.0.push(s.session);
+        columns.1.push(s.org);
+        columns.2.push(s.aircraft);
+    }
+    columns
+}
+
 /// Of the sessions the upsert `refused`, those whose claim names an active aircraft of an
 /// active organization: refused because the session is someone else's. The rest name an
 /// aircraft the organization does not (or no longer) have. A role that row-level security
@@ -909,14 +921,12 @@ async fn foreign_among(
                 .into(),
         ));
     }
-    let claims: Vec<&SessionRows<'_>> = prepared
-        .sessions
-        .iter()
-        .filter(|s| refused.contains(&s.session))
-        .collect();
-    let ids: Vec<Uuid> = claims.iter().map(|s| s.session).collect();
-    let orgs: Vec<Uuid> = claims.iter().map(|s| s.org).collect();
-    let airs: Vec<Uuid> = claims.iter().map(|s| s.aircraft).collect();
+    let (ids, orgs, airs) = claim_columns(
+        prepared
+            .sessions
+            .iter()
+            .filter(|s| refused.contains(&s.session)),
+    );
     let stmt = tx.prepare_cached(ACTIVE_AIRCRAFT_SQL).await?;
     let mut foreign = HashSet::with_capacity(ids.len());
     for r in tx.query(&stmt, &[&ids, &orgs, &airs]).await? {
