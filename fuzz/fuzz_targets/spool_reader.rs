@@ -5,8 +5,8 @@
 
 #![no_main]
 
-use dbx_batcher::spool::record::{decode_batch, encode_batch};
-use dbx_batcher::spool::segment::{self, Next};
+use dbx_spool::record::{decode_batch, encode_batch};
+use dbx_spool::segment::{self, Next};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -213,7 +213,7 @@ async fn gateway(
 }
 
 fn segment_files(dir: &Path) -> usize {
-    dbx_batcher::spool::segment::list(dir).map_or(0, |s| s.len())
+    dbx_spool::segment::list(dir).map_or(0, |s| s.len())
 }
 
 fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
@@ -694,8 +694,8 @@ async fn refused_replays_are_kept_as_dead_letters_and_can_be_requeued() {
 /// good record beside them is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_records_are_held_to_the_tenants_aircraft_and_sessions() {
-    use dbx_batcher::spool::record::encode_batch;
-    use dbx_batcher::spool::segment::{self, frame_record, SegmentWriter};
+    use dbx_spool::record::encode_batch;
+    use dbx_spool::segment::{self, frame_record, SegmentWriter};
     let _turn = CLUSTER.lock().await;
     let spool = tempfile::tempdir().unwrap();
     let dir = spool.path().display().to_string();
@@ -764,10 +764,8 @@ async fn replayed_records_are_held_to_the_tenants_aircraft_and_sessions() {
         "the planted records were not refused into rejected/:\n{}",
         env.daemon.log()
     );
-    let reasons = dbx_batcher::spool::rejected::read_reasons(
-        &spool.path().join(dbx_batcher::spool::rejected::DIR),
-    )
-    .unwrap();
+    let reasons =
+        dbx_spool::rejected::read_reasons(&spool.path().join(dbx_spool::rejected::DIR)).unwrap();
     let mut codes: Vec<(String, Uuid)> = reasons
         .iter()
         .map(|r| (r.code.clone(), r.session_id))

@@ -128,53 +128,15 @@ async fn run(
     config.validate().map_err(|e| e.in_section("batcher"))?;
     metrics::gauge!(m::QUEUE_CAPACITY).set(rx.max_capacity() as f64);
     let age = config.max_batch_age();
-    let mut d = Dispatcher {
-        shared: Arc::new(Shared {
-            config: config.clone(),
-            pool,
-            sessions: Mutex::new(SessionCache::new(config.session_cache_capacity)),
-            partitions: Mutex::new(PartitionCache::default()),
-            encoders: Mutex::new(Vec::new()),
-            counters: counters.clone(),
-        }),
-        permits: Arc::new(Semaphore::new(config.writers)),
-        groups: BTreeMap::new(),
-        ready: Vec::new(),
-        ends: Vec::new(),
-        tasks: JoinSet::new(),
-        config,
-    };
-
+    let mut d = Dispatcher::new(config, pool, counters.clone());
     loop {
         let next_age = d.groups.values().map(|g| g.opened + age).min();
         tokio::select! {
             // Timer first: under a constant stream of batches the age flush must not starve.
             biased;
-            _ = sleep_until(next_age), if next_age.is_some() => {
-                let now = Instant::now();
-                let expired: Vec<PartitionKey> = d
-                    .groups
-                    .iter()
-                    .filter(|(_, g)| g.opened + age <= now)
-                    .map(|(k, _)| *k)
-                    .collect();
-                for k in expired {
-                    d.close_group(k, Trigger::Age);
-                }
-            }
+            _ = sleep_until(next_age), if next_age.is_some() => d.close_expired(age),
             msg = rx.recv() => match msg {
-                Some(batch) => {
-                    d.add_batch(batch);
-                    // Take what is already queued too, so one flush carries all of it.
-                    let mut more = 0;
-                    while more < DRAIN_BURST {
-                        match rx.try_recv() {
-                            Ok(b) => d.add_batch(b),
-                            Err(_) => break,
-                        }
-                        more += 1;
-                    }
-                }
+                Some(batch) => d.add_burst(batch, &mut rx),
                 None => break,
             },
             Some(res) = d.tasks.join_next(), if !d.tasks.is_empty() => {
@@ -189,46 +151,7 @@ async fn run(
         }
         d.dispatch_ready().await?;
     }
-
-    // Every sender is gone: write out the rest, within the deadline.
-    let deadline = tokio::time::Instant::now() + d.config.shutdown_deadline();
-    let keys: Vec<PartitionKey> = d.groups.keys().copied().collect();
-    for k in keys {
-        d.close_group(k, Trigger::Shutdown);
-    }
-    let finished = tokio::time::timeout_at(deadline, async {
-        d.dispatch_ready().await?;
-        while let Some(res) = d.tasks.join_next().await {
-            res.map_err(|e| BatcherError::Task(e.to_string()))?;
-        }
-        Ok::<(), BatcherError>(())
-    })
-    .await;
-    let stats = counters.snapshot();
-    match finished {
-        Ok(r) => {
-            r?;
-            info!(?stats, "batcher finished");
-            Ok(stats)
-        }
-        Err(_) => {
-            d.tasks.abort_all();
-            while d.tasks.join_next().await.is_some() {}
-            d.ready.clear();
-            d.ends.clear();
-            let stats = counters.snapshot();
-            let unwritten = stats
-                .batches_received
-                .saturating_sub(stats.batches_acked + stats.batches_rejected);
-            warn!(
-                unwritten,
-                "shutdown deadline passed; unwritten batches are left unacked"
-            );
-            Err(BatcherError::ShutdownDeadline {
-                unwritten_batches: unwritten,
-            })
-        }
-    }
+    d.shut_down(&counters).await
 }
 
 /// Batches taken from the queue at once after a receive, before flush decisions.
@@ -241,6 +164,96 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Dispatcher {
+    fn new(config: BatcherConfig, pool: deadpool_postgres::Pool, counters: Arc<Counters>) -> Self {
+        Dispatcher {
+            shared: Arc::new(Shared {
+                config: config.clone(),
+                pool,
+                sessions: Mutex::new(SessionCache::new(config.session_cache_capacity)),
+                partitions: Mutex::new(PartitionCache::default()),
+                encoders: Mutex::new(Vec::new()),
+                counters,
+            }),
+            permits: Arc::new(Semaphore::new(config.writers)),
+            groups: BTreeMap::new(),
+            ready: Vec::new(),
+            ends: Vec::new(),
+            tasks: JoinSet::new(),
+            config,
+        }
+    }
+
+    /// Closes every group whose oldest row has waited `age`.
+    fn close_expired(&mut self, age: std::time::Duration) {
+        let now = Instant::now();
+        let expired: Vec<PartitionKey> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.opened + age <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            self.close_group(k, Trigger::Age);
+        }
+    }
+
+    /// Adds `first` and what is already queued behind it (up to [`DRAIN_BURST`]), so
+    /// one flush carries all of it.
+    fn add_burst(&mut self, first: TelemetryBatch, rx: &mut mpsc::Receiver<TelemetryBatch>) {
+        self.add_batch(first);
+        let mut more = 0;
+        while more < DRAIN_BURST {
+            match rx.try_recv() {
+                Ok(b) => self.add_batch(b),
+                Err(_) => break,
+            }
+            more += 1;
+        }
+    }
+
+    /// Every sender is gone: writes out the rest, within `shutdown_deadline_ms`; past
+    /// it, the writers are stopped and what they held is left unacked.
+    async fn shut_down(mut self, counters: &Counters) -> Result<BatcherStats, BatcherError> {
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_deadline();
+        let keys: Vec<PartitionKey> = self.groups.keys().copied().collect();
+        for k in keys {
+            self.close_group(k, Trigger::Shutdown);
+        }
+        let finished = tokio::time::timeout_at(deadline, async {
+            self.dispatch_ready().await?;
+            while let Some(res) = self.tasks.join_next().await {
+                res.map_err(|e| BatcherError::Task(e.to_string()))?;
+            }
+            Ok::<(), BatcherError>(())
+        })
+        .await;
+        let stats = counters.snapshot();
+        match finished {
+            Ok(r) => {
+                r?;
+                info!(?stats, "batcher finished");
+                Ok(stats)
+            }
+            Err(_) => {
+                self.tasks.abort_all();
+                while self.tasks.join_next().await.is_some() {}
+                self.ready.clear();
+                self.ends.clear();
+                let stats = counters.snapshot();
+                let unwritten = stats
+                    .batches_received
+                    .saturating_sub(stats.batches_acked + stats.batches_rejected);
+                warn!(
+                    unwritten,
+                    "shutdown deadline passed; unwritten batches are left unacked"
+                );
+                Err(BatcherError::ShutdownDeadline {
+                    unwritten_batches: unwritten,
+                })
+            }
+        }
+    }
+
     /// Cuts a batch by partition and appends the pieces to their groups.
     fn add_batch(&mut self, batch: TelemetryBatch) {
         let c = &self.shared.counters;

@@ -11,7 +11,6 @@
 //! - [`sessions`]: flight session statistics (departure, arrival, count, distance).
 //! - `ends`: a gateway's `end` of a flight session (protocol 1.1): completes it.
 //! - `batcher`: the task that groups batches by partition, applies the flush policy and retries.
-//! - [`spool`]: the crash-safe disk spool between the listener and the batcher (optional).
 //!
 //! The binary wires it: it creates the channel with `queue_capacity`, gives the
 //! receiver to [`Batcher::spawn`] and the senders to the listener, and at shutdown
@@ -26,7 +25,6 @@ mod error;
 pub mod metrics;
 pub mod partition;
 pub mod sessions;
-pub mod spool;
 mod stats;
 mod ticket;
 mod writer;

@@ -37,12 +37,13 @@
 //! reach the database, and an acknowledged point is never dropped.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::metrics as m;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use dbx_core::sync::lock;
 use dbx_core::{BatchOrigin, Point, RejectCode, Rejection};
 use deadpool_postgres::Transaction;
 use futures::SinkExt;
@@ -108,10 +109,6 @@ pub(crate) struct Shared {
     pub partitions: Mutex<PartitionCache>,
     pub encoders: Mutex<Vec<CopyEncoder>>,
     pub counters: Arc<Counters>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
@@ -607,7 +604,7 @@ impl Plan {
     }
 }
 
-/// One try: the whole transaction.
+/// One try: the whole transaction, phase by phase (see the module doc).
 async fn attempt(
     shared: &Shared,
     enc: &mut CopyEncoder,
@@ -622,30 +619,72 @@ async fn attempt(
     }
     // Plan and encode before taking a connection, with the cached marks as hints.
     if plan.is_none() {
-        let hints: HashMap<Uuid, Option<i64>> = {
-            let mut cache = lock(&shared.sessions);
-            prepared
-                .sessions
-                .iter()
-                .map(|s| (s.session, cache.get(&s.session).flatten()))
-                .collect()
-        };
-        *plan = Some(Plan::build(
-            enc,
-            prepared,
-            hints,
-            HashSet::new(),
-            all_staging,
-        ));
+        *plan = Some(plan_from_cached_marks(shared, enc, prepared, all_staging));
     }
-
     let mut client = shared.pool.get().await?;
     let tx = client.transaction().await?;
+    let claims = claim_sessions(&tx, prepared).await?;
+    let plan = replan_if_stale(
+        enc,
+        prepared,
+        plan,
+        claims.marks,
+        &claims.refused,
+        all_staging,
+    );
+    let (target, via_parent) = resolve_target(shared, &tx, key).await?;
+    let mut inserted = copy_fast_path(&tx, &target, prepared, &claims.refused, plan).await?;
+    let total = plan.fast_rows + copy_staging_path(&tx, &target, plan, &mut inserted).await?;
+    let updates = write_statistics(&tx, prepared, &claims.states, &mut inserted).await?;
+    tx.commit().await?;
+    Ok(committed(
+        prepared,
+        plan,
+        claims.refused,
+        claims.foreign,
+        &updates,
+        total,
+        via_parent,
+    ))
+}
 
-    // 1. Sessions: create, check ownership, lock, read marks and statistics.
-    let ids: Vec<Uuid> = prepared.sessions.iter().map(|s| s.session).collect();
-    let orgs: Vec<Uuid> = prepared.sessions.iter().map(|s| s.org).collect();
-    let airs: Vec<Uuid> = prepared.sessions.iter().map(|s| s.aircraft).collect();
+/// What the session upsert (phase 1) decided about the flush's sessions.
+struct Claims {
+    /// The sessions the upsert created or accepted, locked, with their statistics.
+    states: HashMap<Uuid, SessionState>,
+    /// Sessions whose claim the database refused.
+    refused: HashSet<Uuid>,
+    /// Of those, the ones that belong to someone else (the rest: unknown aircraft).
+    foreign: HashSet<Uuid>,
+    /// Each accepted session's stored high-water mark.
+    marks: HashMap<Uuid, Option<i64>>,
+}
+
+/// The plan made before the transaction, with the session cache's marks as hints.
+fn plan_from_cached_marks(
+    shared: &Shared,
+    enc: &mut CopyEncoder,
+    prepared: &Prepared<'_>,
+    all_staging: bool,
+) -> Plan {
+    let hints: HashMap<Uuid, Option<i64>> = {
+        let mut cache = lock(&shared.sessions);
+        prepared
+            .sessions
+            .iter()
+            .map(|s| (s.session, cache.get(&s.session).flatten()))
+            .collect()
+    };
+    Plan::build(enc, prepared, hints, HashSet::new(), all_staging)
+}
+
+/// Phase 1. Sessions: create, check ownership, lock, read marks and statistics. Live
+/// batches of completed sessions end the attempt here ([`AttemptError::Settled`]).
+async fn claim_sessions(
+    tx: &Transaction<'_>,
+    prepared: &Prepared<'_>,
+) -> Result<Claims, AttemptError> {
+    let (ids, orgs, airs) = claim_columns(&prepared.sessions);
     let upsert = tx.prepare_cached(UPSERT_SQL).await?;
     let rows = tx.query(&upsert, &[&ids, &orgs, &airs]).await?;
     let mut states: HashMap<Uuid, SessionState> = HashMap::with_capacity(rows.len());
@@ -658,8 +697,8 @@ async fn attempt(
         .filter(|id| !states.contains_key(id))
         .copied()
         .collect();
-    let foreign = foreign_among(&tx, prepared, &refused).await?;
-    let closed = prepared.settle_completed(&tx, &states).await?;
+    let foreign = foreign_among(tx, prepared, &refused).await?;
+    let closed = prepared.settle_completed(tx, &states).await?;
     if !closed.is_empty() {
         return Err(AttemptError::Settled(closed));
     }
@@ -668,67 +707,106 @@ async fn attempt(
         .iter()
         .filter_map(|s| states.get(&s.session).map(|st| (s.session, st.last_seq)))
         .collect();
+    Ok(Claims {
+        states,
+        refused,
+        foreign,
+        marks,
+    })
+}
 
-    // 2. Re-plan when the hints were wrong (restart, another daemon, a foreign session).
-    let plan = match plan {
-        Some(p) if p.valid_for(&marks, &refused, all_staging) => p,
-        _ => {
-            debug!("session marks differ from the cache, re-planning the flush");
-            plan.insert(Plan::build(
-                enc,
-                prepared,
-                marks,
-                refused.clone(),
-                all_staging,
-            ))
-        }
-    };
-
-    let (target, via_parent) = resolve_target(shared, &tx, key).await?;
-    let mut inserted: HashMap<Uuid, Vec<InsertedRow>> = HashMap::new();
-
-    // 3. Fast path: rows above the mark, straight into the partition.
-    if let Some(bytes) = plan.fast.clone() {
-        let sql = format!("COPY {target} ({COLUMNS}) FROM STDIN (FORMAT binary)");
-        copy_in(&tx, &sql, bytes).await?;
-        for s in prepared
-            .sessions
-            .iter()
-            .filter(|s| !refused.contains(&s.session))
-        {
-            let mark = plan.marks.get(&s.session).copied().flatten();
-            let rows = inserted.entry(s.session).or_default();
-            for p in s.rows.iter().filter(|p| mark.is_none_or(|m| p.seq > m)) {
-                rows.push(InsertedRow {
-                    seq: p.seq,
-                    ts: p.ts_micros,
-                    lat: p.lat,
-                    lon: p.lon,
-                });
-            }
-        }
+/// Phase 2. The plan for the stored marks: the one made with the hints when they were
+/// right, else a new one (restart, another daemon, a foreign session).
+fn replan_if_stale<'p>(
+    enc: &mut CopyEncoder,
+    prepared: &Prepared<'_>,
+    plan: &'p mut Option<Plan>,
+    marks: HashMap<Uuid, Option<i64>>,
+    refused: &HashSet<Uuid>,
+    all_staging: bool,
+) -> &'p Plan {
+    if let Some(valid) = plan.take_if(|p| p.valid_for(&marks, refused, all_staging)) {
+        return plan.insert(valid);
     }
-    let mut total = plan.fast_rows;
+    debug!("session marks differ from the cache, re-planning the flush");
+    plan.insert(Plan::build(
+        enc,
+        prepared,
+        marks,
+        refused.clone(),
+        all_staging,
+    ))
+}
 
-    // 4. Staging path: rows that may already be stored.
-    if let Some(bytes) = plan.staging.clone() {
-        tx.batch_execute(CREATE_STAGING_SQL).await?;
-        copy_in(&tx, &copy_staging_sql(), bytes).await?;
-        let rows = tx.query(&insert_from_staging_sql(&target), &[]).await?;
-        for r in &rows {
-            let ts: DateTime<Utc> = r.try_get(2)?;
-            let session: Uuid = r.try_get(0)?;
-            inserted.entry(session).or_default().push(InsertedRow {
-                seq: r.try_get(1)?,
-                ts: ts.timestamp_micros(),
-                lat: r.try_get(3)?,
-                lon: r.try_get(4)?,
+/// Phase 3. Fast path: rows above the mark, straight into the partition. Returns the
+/// rows written, by session, for the statistics.
+async fn copy_fast_path(
+    tx: &Transaction<'_>,
+    target: &str,
+    prepared: &Prepared<'_>,
+    refused: &HashSet<Uuid>,
+    plan: &Plan,
+) -> Result<HashMap<Uuid, Vec<InsertedRow>>, AttemptError> {
+    let mut inserted: HashMap<Uuid, Vec<InsertedRow>> = HashMap::new();
+    let Some(bytes) = plan.fast.clone() else {
+        return Ok(inserted);
+    };
+    let sql = format!("COPY {target} ({COLUMNS}) FROM STDIN (FORMAT binary)");
+    copy_in(tx, &sql, bytes).await?;
+    for s in prepared
+        .sessions
+        .iter()
+        .filter(|s| !refused.contains(&s.session))
+    {
+        let mark = plan.marks.get(&s.session).copied().flatten();
+        let rows = inserted.entry(s.session).or_default();
+        for p in s.rows.iter().filter(|p| mark.is_none_or(|m| p.seq > m)) {
+            rows.push(InsertedRow {
+                seq: p.seq,
+                ts: p.ts_micros,
+                lat: p.lat,
+                lon: p.lon,
             });
         }
-        total += rows.len() as u64;
     }
+    Ok(inserted)
+}
 
-    // 5. Statistics.
+/// Phase 4. Staging path: rows that may already be stored, inserted where they are
+/// not. Adds the rows written to `inserted`; returns how many.
+async fn copy_staging_path(
+    tx: &Transaction<'_>,
+    target: &str,
+    plan: &Plan,
+    inserted: &mut HashMap<Uuid, Vec<InsertedRow>>,
+) -> Result<u64, AttemptError> {
+    let Some(bytes) = plan.staging.clone() else {
+        return Ok(0);
+    };
+    tx.batch_execute(CREATE_STAGING_SQL).await?;
+    copy_in(tx, &copy_staging_sql(), bytes).await?;
+    let rows = tx.query(&insert_from_staging_sql(target), &[]).await?;
+    for r in &rows {
+        let ts: DateTime<Utc> = r.try_get(2)?;
+        let session: Uuid = r.try_get(0)?;
+        inserted.entry(session).or_default().push(InsertedRow {
+            seq: r.try_get(1)?,
+            ts: ts.timestamp_micros(),
+            lat: r.try_get(3)?,
+            lon: r.try_get(4)?,
+        });
+    }
+    Ok(rows.len() as u64)
+}
+
+/// Phase 5. Statistics: each session's update from the rows written, distances
+/// recomputed where a late point landed. Returns the updates written.
+async fn write_statistics(
+    tx: &Transaction<'_>,
+    prepared: &Prepared<'_>,
+    states: &HashMap<Uuid, SessionState>,
+    inserted: &mut HashMap<Uuid, Vec<InsertedRow>>,
+) -> Result<Vec<SessionUpdate>, AttemptError> {
     let mut updates: Vec<SessionUpdate> = Vec::with_capacity(inserted.len());
     for s in &prepared.sessions {
         let (Some(st), Some(rows)) = (states.get(&s.session), inserted.get_mut(&s.session)) else {
@@ -738,32 +816,53 @@ async fn attempt(
             updates.push(u);
         }
     }
+    recompute_late(tx, &mut updates).await?;
+    if !updates.is_empty() {
+        write_updates(tx, &updates).await?;
+    }
+    Ok(updates)
+}
+
+/// The distance and last position of the sessions where a point landed before the
+/// last one, recomputed from the stored rows.
+async fn recompute_late(
+    tx: &Transaction<'_>,
+    updates: &mut [SessionUpdate],
+) -> Result<(), AttemptError> {
     let late: Vec<Uuid> = updates
         .iter()
         .filter(|u| u.recompute)
         .map(|u| u.session_id)
         .collect();
-    if !late.is_empty() {
-        let rec = tx.prepare_cached(RECOMPUTE_SQL).await?;
-        let mut found: HashMap<Uuid, (f64, Option<f64>, Option<f64>)> = HashMap::new();
-        for r in tx.query(&rec, &[&late]).await? {
-            found.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?));
-        }
-        for u in updates.iter_mut().filter(|u| u.recompute) {
-            let (d, lat, lon) = found
-                .get(&u.session_id)
-                .copied()
-                .unwrap_or((0.0, None, None));
-            u.distance_km = d;
-            u.last_pos = lat.zip(lon);
-        }
+    if late.is_empty() {
+        return Ok(());
     }
-    if !updates.is_empty() {
-        write_updates(&tx, &updates).await?;
+    let rec = tx.prepare_cached(RECOMPUTE_SQL).await?;
+    let mut found: HashMap<Uuid, (f64, Option<f64>, Option<f64>)> = HashMap::new();
+    for r in tx.query(&rec, &[&late]).await? {
+        found.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?, r.try_get(3)?));
     }
+    for u in updates.iter_mut().filter(|u| u.recompute) {
+        let (d, lat, lon) = found
+            .get(&u.session_id)
+            .copied()
+            .unwrap_or((0.0, None, None));
+        u.distance_km = d;
+        u.last_pos = lat.zip(lon);
+    }
+    Ok(())
+}
 
-    tx.commit().await?;
-
+/// What a committed attempt wrote and refused; records the flush's size.
+fn committed(
+    prepared: &Prepared<'_>,
+    plan: &Plan,
+    refused: HashSet<Uuid>,
+    foreign: HashSet<Uuid>,
+    updates: &[SessionUpdate],
+    total: u64,
+    via_parent: bool,
+) -> Committed {
     let offered = prepared
         .sessions
         .iter()
@@ -774,7 +873,7 @@ async fn attempt(
     metrics::histogram!(m::FLUSH_BYTES).record(plan.encoded_bytes() as f64);
     let mut marks: Vec<(Uuid, Option<i64>)> = plan.marks.iter().map(|(s, m)| (*s, *m)).collect();
     marks.extend(updates.iter().map(|u| (u.session_id, Some(u.last_seq))));
-    Ok(Committed {
+    Committed {
         unknown_aircraft: refused.difference(&foreign).copied().collect(),
         foreign,
         mismatched: prepared.mismatched.clone(),
@@ -784,7 +883,21 @@ async fn attempt(
         marks,
         committed_at: None,
         settled: HashMap::new(),
-    })
+    }
+}
+
+/// The claims of `sessions` as the three arrays (session, organization, aircraft)
+/// the upsert and the ownership check take.
+fn claim_columns<'r, 'p: 'r>(
+    sessions: impl IntoIterator<Item = &'r SessionRows<'p>>,
+) -> (Vec<Uuid>, Vec<Uuid>, Vec<Uuid>) {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new());
+    for s in sessions {
+        columns.0.push(s.session);
+        columns.1.push(s.org);
+        columns.2.push(s.aircraft);
+    }
+    columns
 }
 
 /// Of the sessions the upsert `refused`, those whose claim names an active aircraft of an
@@ -808,14 +921,12 @@ async fn foreign_among(
                 .into(),
         ));
     }
-    let claims: Vec<&SessionRows<'_>> = prepared
-        .sessions
-        .iter()
-        .filter(|s| refused.contains(&s.session))
-        .collect();
-    let ids: Vec<Uuid> = claims.iter().map(|s| s.session).collect();
-    let orgs: Vec<Uuid> = claims.iter().map(|s| s.org).collect();
-    let airs: Vec<Uuid> = claims.iter().map(|s| s.aircraft).collect();
+    let (ids, orgs, airs) = claim_columns(
+        prepared
+            .sessions
+            .iter()
+            .filter(|s| refused.contains(&s.session)),
+    );
     let stmt = tx.prepare_cached(ACTIVE_AIRCRAFT_SQL).await?;
     let mut foreign = HashSet::with_capacity(ids.len());
     for r in tx.query(&stmt, &[&ids, &orgs, &airs]).await? {

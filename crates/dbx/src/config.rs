@@ -24,7 +24,7 @@ pub struct Config {
     /// The MQTT input (off unless `mqtt.url` is set).
     pub mqtt: dbx_mqtt::MqttConfig,
     /// The crash-safe disk spool (off unless `spool.dir` is set).
-    pub spool: dbx_batcher::spool::SpoolConfig,
+    pub spool: dbx_spool::SpoolConfig,
     /// Partition upkeep: premake, sweep, archival, retention, view refresh.
     pub partitions: dbx_control::partitions::PartitionsConfig,
     /// Flight sessions: when they are completed without an `end`.

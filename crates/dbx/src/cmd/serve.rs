@@ -12,13 +12,13 @@ use anyhow::{bail, Context};
 use clap::Args;
 use tokio::sync::mpsc;
 
-use dbx_batcher::spool::Spool;
 use dbx_batcher::Batcher;
 use dbx_control::health::HealthCollector;
 use dbx_control::partitions::PartitionManager;
 use dbx_control::sessions::SessionCompleter;
 use dbx_core::{SharedClock, ShutdownTrigger, SystemClock};
 use dbx_listener::{AuthCache, ByteBudget, HandshakeLog, Listener, OrgMetrics};
+use dbx_spool::Spool;
 
 use crate::config::{self, Config};
 
@@ -141,6 +141,7 @@ pub async fn run(
     // Each crate registers the HELP text of the metrics it owns.
     dbx_listener::metrics::describe();
     dbx_batcher::metrics::describe();
+    dbx_spool::metrics::describe();
     dbx_control::metrics::describe();
     dbx_mqtt::metrics::describe();
 

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use dbx_batcher::spool::{self, rejected};
+use dbx_spool::rejected;
 
 use crate::config::{self, Config};
 
@@ -61,7 +61,8 @@ pub async fn spool(config_path: Option<&Path>, args: SpoolArgs) -> anyhow::Resul
 }
 
 fn status(dir: &Path) -> anyhow::Result<ExitCode> {
-    let report = spool::inspect(dir).with_context(|| format!("reading spool {}", dir.display()))?;
+    let report =
+        dbx_spool::inspect(dir).with_context(|| format!("reading spool {}", dir.display()))?;
     let now = chrono::Utc::now().timestamp_micros();
     let records: u64 = report.segments.iter().map(|s| s.records).sum();
     let bytes: u64 = report.segments.iter().map(|s| s.bytes).sum();
@@ -80,7 +81,7 @@ fn status(dir: &Path) -> anyhow::Result<ExitCode> {
         });
         println!(
             "    {}  {:>8} batches  {:>12} bytes  {age}",
-            spool::segment::file_name(s.id),
+            dbx_spool::segment::file_name(s.id),
             s.records,
             s.bytes
         );
@@ -132,7 +133,7 @@ fn list_rejected(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn requeue(dir: &Path) -> anyhow::Result<ExitCode> {
-    let (records, files) = spool::requeue_rejected(dir)?;
+    let (records, files) = dbx_spool::requeue_rejected(dir)?;
     if files == 0 {
         println!("no dead letters in {}", dir.display());
     } else {

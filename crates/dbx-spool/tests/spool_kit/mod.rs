@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dbx_batcher::spool::segment;
-use dbx_batcher::spool::{SpoolConfig, SpoolHandle, WhenFull};
 use dbx_core::{AckHandle, AckReceiver, BatchOrigin, BatchOutcome, Point, TelemetryBatch};
+use dbx_spool::segment;
+use dbx_spool::{SpoolConfig, SpoolHandle, WhenFull};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 

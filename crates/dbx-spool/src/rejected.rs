@@ -205,7 +205,7 @@ pub fn requeue(spool_dir: &Path) -> io::Result<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::record::encode_batch;
+    use crate::record::encode_batch;
     use dbx_core::Point;
 
     fn payload(seqs: std::ops::Range<i64>) -> Vec<u8> {

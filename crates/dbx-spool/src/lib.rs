@@ -1,3 +1,5 @@
+//! # dbx-spool
+//!
 //! The crash-safe disk spool: what keeps acks flowing while PostgreSQL is down or
 //! slower than the gateways, without ever acking a point that is not durable.
 //!
@@ -45,8 +47,25 @@
 //! the commit transaction) after the spool acked it is kept as a dead letter
 //! ([`rejected`]) before its segment is deleted: the batcher stays the authority on
 //! data errors, and an acked batch is still never thrown away.
+//!
+//! The crate knows [`dbx_core`]'s batches and ack handles, and nothing of the
+//! listener, the batcher or PostgreSQL; the binary wires it between the two queues.
+//!
+//! - this file: [`SpoolConfig`] (`[spool]`), [`Spool::start`], [`inspect`] and
+//!   [`requeue_rejected`] for `dbx spool`, the directory's lock.
+//! - [`gate`]: Direct or Spooling; appends, group-commit fsync, acks, `when_full`.
+//! - [`replay`]: reads segments oldest first into the batcher's queue; deletes a
+//!   segment once every record of it is resolved.
+//! - [`segment`]: segment files: header, framing with CRC, writer, walker that skips
+//!   torn or corrupt records.
+//! - [`record`]: a batch (or a session end) as a record payload, and back.
+//! - [`rejected`]: dead letters, acked batches the database refused on replay.
+//! - `state`: what the gate and the replayer share (segments, figures, gauges).
+//! - `secure`: a private directory, files never opened through a symbolic link.
+//! - [`metrics`]: the spool's metric names and HELP texts.
 
 pub mod gate;
+pub mod metrics;
 pub mod record;
 pub mod rejected;
 pub mod replay;

@@ -2,13 +2,13 @@
 //! segments of real batch payloads, intact and damaged in each way the reader must
 //! handle (bad CRC, lost framing with intact records after it, torn tail, a version
 //! 1 record). Run when the format changes:
-//! `cargo test -p dbx-batcher --test fuzz_corpus -- --ignored`.
+//! `cargo test -p dbx-spool --test fuzz_corpus -- --ignored`.
 
 use std::path::PathBuf;
 
-use dbx_batcher::spool::record::encode_batch;
-use dbx_batcher::spool::segment::{self, frame_record};
 use dbx_core::Point;
+use dbx_spool::record::encode_batch;
+use dbx_spool::segment::{self, frame_record};
 use uuid::Uuid;
 
 fn payload(seq: i64, points: usize) -> Vec<u8> {

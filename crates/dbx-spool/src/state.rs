@@ -116,10 +116,10 @@ impl Shared {
         }
     }
 
-    /// The segment list; a poisoned lock only means a panic elsewhere, the data is
-    /// still consistent (every update is a single assignment), so it is used as is.
+    /// The segment list, locked under the one lock policy ([`dbx_core::sync`]: every
+    /// update is a single assignment, so a panic elsewhere leaves it consistent).
     pub fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        dbx_core::sync::lock(&self.state)
     }
 
     /// Notes that a batch was committed just now.

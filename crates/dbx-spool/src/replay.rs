@@ -411,34 +411,8 @@ impl Replayer {
     /// (and moves past) a segment read to its sealed end, skips undecodable records,
     /// or sets `idle` when there is nothing durable left to read.
     async fn read_more(&mut self) {
-        if self.reading.is_none() {
-            let next = self
-                .shared
-                .lock()
-                .segments
-                .range(self.next_segment..)
-                .next()
-                .map(|(id, _)| *id);
-            let Some(id) = next else {
-                self.idle = true;
-                return;
-            };
-            let path = self.shared.dir.join(segment::file_name(id));
-            match tokio::task::spawn_blocking(move || File::open(path)).await {
-                Ok(Ok(f)) => {
-                    self.reading = Some(Reading {
-                        id,
-                        file: Arc::new(f),
-                        walker: Walker::new(segment::HEADER_BYTES),
-                    });
-                }
-                other => {
-                    error!(segment = id, result = ?other.map(|r| r.map(|_| ())), "cannot open a spool segment; skipping it (kept on disk)");
-                    self.progress.entry(id).or_default().keep = true;
-                    self.next_segment = id + 1;
-                    return;
-                }
-            }
+        if self.reading.is_none() && !self.open_next_segment().await {
+            return;
         }
         let Some(reading) = &self.reading else {
             return;
@@ -450,7 +424,7 @@ impl Replayer {
         };
         let file = reading.file.clone();
         let walker = reading.walker;
-        let chunk = match tokio::task::spawn_blocking(move || read_chunk(&file, walker, limit))
+        let mut chunk = match tokio::task::spawn_blocking(move || read_chunk(&file, walker, limit))
             .await
         {
             Ok(Ok(c)) => c,
@@ -461,42 +435,8 @@ impl Replayer {
                 return;
             }
         };
-        // A tear in the open segment is counted once, after the gate sealed it.
-        let counted = if chunk.torn && !sealed {
-            chunk.corrupt.len() - 1
-        } else {
-            chunk.corrupt.len()
-        };
-        for (at, reason) in &chunk.corrupt[..counted] {
-            warn!(
-                segment = id,
-                offset = at,
-                reason,
-                "skipping a corrupt spool record"
-            );
-        }
-        self.shared.count_corrupt(counted as u64);
-        for (at, payload) in chunk.records {
-            match decode_batch(&payload) {
-                Ok(batch) => {
-                    self.progress.entry(id).or_default().outstanding += 1;
-                    self.ready.push_back(Pending {
-                        sent: Sent {
-                            seg: id,
-                            offset: at,
-                            // Version 1 records: the segment's creation bounds it.
-                            accepted: batch.accepted_micros.unwrap_or(created),
-                            end: batch.ends_session,
-                        },
-                        batch,
-                    });
-                }
-                Err(e) => {
-                    warn!(segment = id, offset = at, error = %e, "skipping an undecodable spool record");
-                    self.shared.count_corrupt(1);
-                }
-            }
-        }
+        self.count_damage(id, &chunk, sealed);
+        self.queue_records(id, created, std::mem::take(&mut chunk.records));
         if let Some(r) = &mut self.reading {
             r.walker = chunk.walker;
         }
@@ -520,6 +460,85 @@ impl Replayer {
         }
     }
 
+    /// Opens the oldest segment from `next_segment` on for reading. `false` when there
+    /// is none (then `idle`) or it cannot be opened (then it is kept and skipped).
+    async fn open_next_segment(&mut self) -> bool {
+        let next = self
+            .shared
+            .lock()
+            .segments
+            .range(self.next_segment..)
+            .next()
+            .map(|(id, _)| *id);
+        let Some(id) = next else {
+            self.idle = true;
+            return false;
+        };
+        let path = self.shared.dir.join(segment::file_name(id));
+        match tokio::task::spawn_blocking(move || File::open(path)).await {
+            Ok(Ok(f)) => {
+                self.reading = Some(Reading {
+                    id,
+                    file: Arc::new(f),
+                    walker: Walker::new(segment::HEADER_BYTES),
+                });
+                true
+            }
+            other => {
+                error!(segment = id, result = ?other.map(|r| r.map(|_| ())), "cannot open a spool segment; skipping it (kept on disk)");
+                self.progress.entry(id).or_default().keep = true;
+                self.next_segment = id + 1;
+                false
+            }
+        }
+    }
+
+    /// Logs and counts the damage `chunk` skipped in segment `id`. A tear in the open
+    /// (not `sealed`) segment is counted once, after the gate sealed it.
+    fn count_damage(&self, id: u64, chunk: &Chunk, sealed: bool) {
+        let counted = if chunk.torn && !sealed {
+            chunk.corrupt.len() - 1
+        } else {
+            chunk.corrupt.len()
+        };
+        for (at, reason) in &chunk.corrupt[..counted] {
+            warn!(
+                segment = id,
+                offset = at,
+                reason,
+                "skipping a corrupt spool record"
+            );
+        }
+        self.shared.count_corrupt(counted as u64);
+    }
+
+    /// Decodes the records read from segment `id` into `ready`; an undecodable one is
+    /// logged, counted and skipped. `created` (the segment's creation) stands for the
+    /// acceptance time of version 1 records, which lack it.
+    fn queue_records(&mut self, id: u64, created: i64, records: Vec<(u64, Vec<u8>)>) {
+        for (at, payload) in records {
+            match decode_batch(&payload) {
+                Ok(batch) => {
+                    self.progress.entry(id).or_default().outstanding += 1;
+                    self.ready.push_back(Pending {
+                        sent: Sent {
+                            seg: id,
+                            offset: at,
+                            // Version 1 records: the segment's creation bounds it.
+                            accepted: batch.accepted_micros.unwrap_or(created),
+                            end: batch.ends_session,
+                        },
+                        batch,
+                    });
+                }
+                Err(e) => {
+                    warn!(segment = id, offset = at, error = %e, "skipping an undecodable spool record");
+                    self.shared.count_corrupt(1);
+                }
+            }
+        }
+    }
+
     async fn finish_segment(&mut self, id: u64) {
         self.reading = None;
         self.next_segment = id + 1;
@@ -531,9 +550,9 @@ impl Replayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::record::encode_batch;
-    use crate::spool::segment::{frame_record, SegmentWriter};
-    use crate::spool::state::{SegInfo, State};
+    use crate::record::encode_batch;
+    use crate::segment::{frame_record, SegmentWriter};
+    use crate::state::{SegInfo, State};
     use dbx_core::Point;
     use uuid::Uuid;
 

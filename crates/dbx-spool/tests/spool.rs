@@ -8,10 +8,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use dbx_batcher::spool::record::{encode_batch, encode_end};
-use dbx_batcher::spool::segment::{self, frame_record, SegmentWriter};
-use dbx_batcher::spool::{inspect, rejected, requeue_rejected, Spool, SpoolConfig, WhenFull};
 use dbx_core::{BatchOutcome, RejectCode, Rejection, TelemetryBatch};
+use dbx_spool::record::{encode_batch, encode_end};
+use dbx_spool::segment::{self, frame_record, SegmentWriter};
+use dbx_spool::{inspect, rejected, requeue_rejected, Spool, SpoolConfig, WhenFull};
 use tokio::sync::mpsc;
 
 mod spool_kit;

@@ -12,10 +12,10 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use dbx_batcher::spool::record::decode_batch;
-use dbx_batcher::spool::segment;
-use dbx_batcher::spool::{Spool, SpoolConfig};
 use dbx_core::BatchOutcome;
+use dbx_spool::record::decode_batch;
+use dbx_spool::segment;
+use dbx_spool::{Spool, SpoolConfig};
 use tokio::sync::mpsc;
 
 mod spool_kit;
