@@ -128,9 +128,7 @@ impl SessionCompleter {
     }
 
     fn reachable_since(&self) -> std::sync::MutexGuard<'_, Option<DateTime<Utc>>> {
-        self.reachable_since
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        dbx_core::sync::lock(&self.reachable_since)
     }
 
     /// One pass at the clock's now.
