@@ -24,12 +24,11 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use dbx_core::apikey::key_hash_hex;
+use dbx_core::apikey::{key_hash_hex, new_api_key, random_token};
 use dbx_pg::{Connector, PgError};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::cluster::random_token;
 use crate::migrate;
 use crate::postgis::{PostgisMode, PostgisState};
 
@@ -541,7 +540,7 @@ fn login_urls(
         .map(|(user, pw)| {
             let mut url = format!(
                 "postgresql://{user}:{}@{host}:{port}/{db}",
-                crate::cluster::urlencode(pw)
+                dbx_pg::params::urlencode(pw)
             );
             if !tls.is_empty() {
                 url.push('?');
@@ -672,11 +671,6 @@ async fn login_passwords(
             .map_err(db_err(format!("setting the password of {user}")))?;
     }
     Ok(out)
-}
-
-/// A new API key: `dbx_` and 40 random alphanumerics (≈238 bits).
-pub fn new_api_key() -> String {
-    format!("dbx_{}", random_token(40))
 }
 
 /// The seed's sample data: a test organization and a few aircraft, and its key.

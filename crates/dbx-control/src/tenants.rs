@@ -20,7 +20,7 @@ use tokio_postgres::{Client, GenericClient, Row};
 use uuid::Uuid;
 
 use crate::migrate::PgError;
-use crate::setup::new_api_key;
+use dbx_core::apikey::new_api_key;
 use dbx_core::apikey::key_hash_hex;
 pub use dbx_core::apikey::PRIMARY_LABEL;
 
