@@ -482,13 +482,7 @@ impl LocalCluster {
     }
 
     fn base_url(&self, user: &str, password: &str, db: &str) -> String {
-        format!(
-            "postgresql://{}:{}@127.0.0.1:{}/{}",
-            urlencode(user),
-            urlencode(password),
-            self.port,
-            urlencode(db)
-        )
+        dbx_pg::params::url(user, password, "127.0.0.1", self.port, db)
     }
 
     /// The superuser's connection URL to database `db`.

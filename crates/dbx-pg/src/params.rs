@@ -180,6 +180,18 @@ pub fn urlencode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, COMPONENT).to_string()
 }
 
+/// `postgresql://user:password@host:port/db`, each of user, password and database
+/// percent-encoded ([`urlencode`]); `host` is taken as given. The one way dbx writes a
+/// connection URL from its parts (`dbx setup`'s credentials, the local cluster's, the tests').
+pub fn url(user: &str, password: &str, host: &str, port: u16, db: &str) -> String {
+    format!(
+        "postgresql://{}:{}@{host}:{port}/{}",
+        urlencode(user),
+        urlencode(password),
+        urlencode(db)
+    )
+}
+
 /// A query string (`k=v&k=v`, values percent-encoded where needed) of `pairs`, for URLs
 /// built from others.
 pub fn query(pairs: &[(String, String)]) -> String {

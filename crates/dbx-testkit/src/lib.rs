@@ -33,7 +33,6 @@ use std::sync::OnceLock;
 use dbx_control::postgis::PostgisMode;
 use dbx_core::apikey::random_token;
 use dbx_localpg::cluster::{ClusterOptions, ClusterTls, LocalCluster};
-use dbx_pg::params::urlencode;
 use dbx_pg::{Connector, TlsOptions};
 use tokio_postgres::Client;
 
@@ -70,14 +69,9 @@ impl Backend {
     fn url_for(&self, user: &str, password: &str, db: &str) -> String {
         match self {
             Backend::Local(c) => c.url_for(user, password, db),
-            Backend::External { host, port, .. } => format!(
-                "postgresql://{}:{}@{}:{}/{}",
-                urlencode(user),
-                urlencode(password),
-                host,
-                port,
-                urlencode(db)
-            ),
+            Backend::External { host, port, .. } => {
+                dbx_pg::params::url(user, password, host, *port, db)
+            }
         }
     }
 

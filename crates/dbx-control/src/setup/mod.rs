@@ -453,10 +453,7 @@ fn login_urls(
     passwords
         .iter()
         .map(|(user, pw)| {
-            let mut url = format!(
-                "postgresql://{user}:{}@{host}:{port}/{db}",
-                dbx_pg::params::urlencode(pw)
-            );
+            let mut url = dbx_pg::params::url(user, pw, &host, port, db);
             if !tls.is_empty() {
                 url.push('?');
                 url.push_str(&tls);
