@@ -37,10 +37,10 @@ use std::time::{Duration, Instant};
 use dbx_batcher::copy::{CopyEncoder, COLUMNS};
 use dbx_client::loadgen::{self, LoadgenConfig, Stats, Transport};
 use dbx_client::sim::FlightSim;
-use dbx_control::broker::{BrokerOptions, LocalBroker};
-use dbx_control::cluster::{ClusterOptions, ClusterTls, LocalCluster};
 use dbx_control::setup::{self, SetupOptions};
 use dbx_core::{Point, ShutdownTrigger};
+use dbx_localpg::broker::{BrokerOptions, LocalBroker};
+use dbx_localpg::cluster::{ClusterOptions, ClusterTls, LocalCluster};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -668,7 +668,7 @@ async fn main() {
         .expect("ingest url")
         .to_string();
     // The broker the MQTT runs publish through; the daemon subscribes from the start.
-    let broker_password = dbx_control::cluster::random_token(24);
+    let broker_password = dbx_core::apikey::random_token(24);
     let broker = LocalBroker::start(BrokerOptions {
         dir: work.path().join("mosquitto"),
         users: ["dbx", setup::SAMPLE_ORG_CODE]

@@ -243,7 +243,7 @@ impl Prometheus {
     async fn api(&self, path: &str, query: &[(&str, &str)]) -> Value {
         let q: Vec<String> = query
             .iter()
-            .map(|(k, v)| format!("{k}={}", dbx_control::cluster::urlencode(v)))
+            .map(|(k, v)| format!("{k}={}", dbx_pg::params::urlencode(v)))
             .collect();
         let (code, body) = http_get_with(self.addr, &format!("{path}?{}", q.join("&")), &[]).await;
         let v: Value = serde_json::from_str(&body)

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dbx_control::cluster::{ClusterOptions, LocalCluster};
+use dbx_localpg::cluster::{ClusterOptions, LocalCluster};
 use tokio_postgres::Client;
 use uuid::Uuid;
 

@@ -117,7 +117,7 @@ fn compose_file_parses_references_existing_files_and_matches_the_config_ports() 
             "{user} is not a login user of dbx setup"
         );
     }
-    assert!(read("crates/dbx-control/src/setup.rs").contains("{user}_url = {url}"));
+    assert!(read("crates/dbx-control/src/setup/mod.rs").contains("{user}_url = {url}"));
 
     // Ports: what the container listens on is what config/dbx.toml says.
     let http = config_port("http.bind");

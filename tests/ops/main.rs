@@ -174,10 +174,10 @@ pub fn pg_dir(p: &Path) -> PathBuf {
 
 /// A cluster in `dir` with only warnings logged, not started: the deploy snippets are
 /// added to it with [`include_conf`].
-pub fn deploy_cluster(dir: PathBuf) -> dbx_control::cluster::LocalCluster {
-    dbx_control::cluster::LocalCluster::init(dbx_control::cluster::ClusterOptions {
+pub fn deploy_cluster(dir: PathBuf) -> dbx_localpg::cluster::LocalCluster {
+    dbx_localpg::cluster::LocalCluster::init(dbx_localpg::cluster::ClusterOptions {
         settings: vec![("log_min_messages".into(), "warning".into())],
-        ..dbx_control::cluster::ClusterOptions::new(dir)
+        ..dbx_localpg::cluster::ClusterOptions::new(dir)
     })
     .expect("initdb")
 }

@@ -44,7 +44,7 @@ fn rss_mib(pid: u32) -> f64 {
 
 /// Runs `f` on the test cluster off the async threads; a start that finds it
 /// running is fine.
-async fn cluster(f: fn(&dbx_testkit::Cluster) -> Result<(), dbx_control::cluster::ClusterError>) {
+async fn cluster(f: fn(&dbx_testkit::Cluster) -> Result<(), dbx_localpg::cluster::ClusterError>) {
     tokio::task::spawn_blocking(move || {
         if let Err(e) = f(TestDb::cluster()) {
             eprintln!("soak: cluster: {e}");

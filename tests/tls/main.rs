@@ -435,7 +435,7 @@ async fn misconfigurations_fail_naming_what_to_change() {
     // A CA that did not sign the server's certificate: named as sslrootcert.
     let other = tempfile::tempdir().unwrap();
     let wrong_ca = other.path().join("other-ca.crt");
-    let pki = dbx_control::pki::Pki::new("some other CA").unwrap();
+    let pki = dbx_localpg::pki::Pki::new("some other CA").unwrap();
     std::fs::write(&wrong_ca, pki.ca_pem()).unwrap();
     let url = tls_url(
         "postgres",

@@ -13,19 +13,13 @@
 //!   `sessions.idle_timeout_secs` (protocol 1.1).
 //! - `tenants`: organizations, API keys, aircraft and report search behind `dbx org|key|aircraft|analyses`.
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
-//! - `cluster`, `pki`: the local PostgreSQL cluster runner of `dbx demo` and the tests, with
-//!   optional TLS from a private CA; `broker`: a private Mosquitto for `dbx demo --mqtt` and the
-//!   MQTT tests, started the same way.
 //!
 //! Every connection to PostgreSQL is made by a `dbx_pg::Connector` (TLS settings included).
-pub mod broker;
-pub mod cluster;
 pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod migrate;
 pub mod partitions;
-pub mod pki;
 pub mod postgis;
 pub mod sessions;
 pub mod setup;

@@ -914,6 +914,9 @@ impl PartitionManager {
         Ok(())
     }
 
+    /// Archival: every live partition whose range ended `archive_after_days` ago is detached
+    /// and moved under `dbx_archive`, and so is any table an interrupted archival left
+    /// detached.
     async fn plan_archive(
         &self,
         client: &Client,
@@ -940,107 +943,10 @@ impl PartitionManager {
             .filter(|p| !p.is_live())
             .map(|p| p.name.as_str())
             .collect();
-        let move_sql = |name: &str, from: DateTime<Utc>, to: DateTime<Utc>| {
-            let q = quote_ident(name);
-            vec![
-                format!("ALTER TABLE dbx_aviation.{q} SET SCHEMA dbx_archive"),
-                // Archived data is read-only for the daemon.
-                format!("REVOKE ALL ON dbx_archive.{q} FROM dbx_ingest"),
-                format!(
-                    "ALTER TABLE {ARCHIVE_PARENT} ATTACH PARTITION dbx_archive.{q} FOR VALUES FROM ({}) TO ({})",
-                    ts_lit(from),
-                    ts_lit(to)
-                ),
-            ]
-        };
         for p in parts.iter().filter(|p| p.is_live() && !p.is_default) {
-            let (Some(from), Some(to)) = (p.from, p.to) else {
-                continue;
-            };
-            if p.detach_pending {
-                // An interrupted DETACH CONCURRENTLY: finish it, then move the table.
-                plan.steps.push(Step::admin(
-                    StepMode::Autocommit,
-                    format!("finish the interrupted detach of {}", p.qualified()),
-                    vec![format!(
-                        "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {} FINALIZE",
-                        p.qualified()
-                    )],
-                ));
-            }
-            if to > cutoff {
-                continue;
-            }
-            if archived.contains(&p.name.as_str()) {
-                plan.notes.push(format!(
-                    "{} is old enough but dbx_archive.{} already exists; left in place",
-                    p.qualified(),
-                    quote_ident(&p.name)
-                ));
-                continue;
-            }
-            let what = format!("archive {} [{from}, {to})", p.qualified());
-            if has_default || p.detach_pending {
-                let mut sql = Vec::new();
-                if !p.detach_pending {
-                    sql.push(format!(
-                        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
-                        p.qualified()
-                    ));
-                    sql.push(format!(
-                        "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {}",
-                        p.qualified()
-                    ));
-                }
-                sql.extend(move_sql(&p.name, from, to));
-                plan.steps
-                    .push(Step::admin(StepMode::Transaction, what, sql));
-            } else {
-                plan.steps.push(Step::admin(
-                    StepMode::Autocommit,
-                    format!("detach {} concurrently", p.qualified()),
-                    vec![format!(
-                        "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {} CONCURRENTLY",
-                        p.qualified()
-                    )],
-                ));
-                plan.steps.push(Step::admin(
-                    StepMode::Transaction,
-                    what,
-                    move_sql(&p.name, from, to),
-                ));
-            }
+            plan_archive_partition(p, cutoff, has_default, &archived, plan);
         }
-        // Tables left standalone by an archival interrupted between its two steps.
-        let orphans = client
-            .query(
-                "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = 'dbx_aviation' AND c.relkind = 'r' AND NOT c.relispartition
-                    AND c.relname ~ $1
-                  ORDER BY 1",
-                &[&CHILD_NAME_PATTERN],
-            )
-            .await
-            .map_err(db_err("looking for detached partitions"))?;
-        for r in orphans {
-            let name: String = r.get(0);
-            let Some((from, to)) = range_of_child(&name) else {
-                continue;
-            };
-            if to > cutoff || archived.contains(&name.as_str()) {
-                plan.notes.push(format!(
-                    "dbx_aviation.{} is a detached partition; left in place",
-                    quote_ident(&name)
-                ));
-                continue;
-            }
-            plan.steps.push(Step::admin(
-                StepMode::Transaction,
-                format!("archive the detached dbx_aviation.{}", quote_ident(&name)),
-                move_sql(&name, from, to),
-            ));
-        }
-        Ok(())
+        plan_archive_detached(client, cutoff, &archived, plan).await
     }
 
     async fn plan_retention(
@@ -1301,6 +1207,129 @@ pub async fn list_partitions(client: &Client) -> Result<Vec<PartitionInfo>, Main
             detach_pending: r.get(7),
         })
         .collect())
+}
+
+/// The steps archiving one live partition `p`, if its range ended before `cutoff`: finish an
+/// interrupted `DETACH … CONCURRENTLY`, detach (concurrently unless a DEFAULT partition
+/// forbids it), move under `dbx_archive`. `archived` names the tables already there.
+fn plan_archive_partition(
+    p: &PartitionInfo,
+    cutoff: DateTime<Utc>,
+    has_default: bool,
+    archived: &[&str],
+    plan: &mut Plan,
+) {
+    let (Some(from), Some(to)) = (p.from, p.to) else {
+        return;
+    };
+    if p.detach_pending {
+        // An interrupted DETACH CONCURRENTLY: finish it, then move the table.
+        plan.steps.push(Step::admin(
+            StepMode::Autocommit,
+            format!("finish the interrupted detach of {}", p.qualified()),
+            vec![format!(
+                "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {} FINALIZE",
+                p.qualified()
+            )],
+        ));
+    }
+    if to > cutoff {
+        return;
+    }
+    if archived.contains(&p.name.as_str()) {
+        plan.notes.push(format!(
+            "{} is old enough but dbx_archive.{} already exists; left in place",
+            p.qualified(),
+            quote_ident(&p.name)
+        ));
+        return;
+    }
+    let what = format!("archive {} [{from}, {to})", p.qualified());
+    if has_default || p.detach_pending {
+        let mut sql = Vec::new();
+        if !p.detach_pending {
+            sql.push(format!(
+                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                p.qualified()
+            ));
+            sql.push(format!(
+                "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {}",
+                p.qualified()
+            ));
+        }
+        sql.extend(archive_move_sql(&p.name, from, to));
+        plan.steps
+            .push(Step::admin(StepMode::Transaction, what, sql));
+    } else {
+        plan.steps.push(Step::admin(
+            StepMode::Autocommit,
+            format!("detach {} concurrently", p.qualified()),
+            vec![format!(
+                "ALTER TABLE {LIVE_PARENT} DETACH PARTITION {} CONCURRENTLY",
+                p.qualified()
+            )],
+        ));
+        plan.steps.push(Step::admin(
+            StepMode::Transaction,
+            what,
+            archive_move_sql(&p.name, from, to),
+        ));
+    }
+}
+
+/// Tables left standalone in `dbx_aviation` by an archival interrupted between its two
+/// steps: moved under `dbx_archive` when old enough and not there already.
+async fn plan_archive_detached(
+    client: &Client,
+    cutoff: DateTime<Utc>,
+    archived: &[&str],
+    plan: &mut Plan,
+) -> Result<(), MaintenanceError> {
+    let orphans = client
+        .query(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'dbx_aviation' AND c.relkind = 'r' AND NOT c.relispartition
+                AND c.relname ~ $1
+              ORDER BY 1",
+            &[&CHILD_NAME_PATTERN],
+        )
+        .await
+        .map_err(db_err("looking for detached partitions"))?;
+    for r in orphans {
+        let name: String = r.get(0);
+        let Some((from, to)) = range_of_child(&name) else {
+            continue;
+        };
+        if to > cutoff || archived.contains(&name.as_str()) {
+            plan.notes.push(format!(
+                "dbx_aviation.{} is a detached partition; left in place",
+                quote_ident(&name)
+            ));
+            continue;
+        }
+        plan.steps.push(Step::admin(
+            StepMode::Transaction,
+            format!("archive the detached dbx_aviation.{}", quote_ident(&name)),
+            archive_move_sql(&name, from, to),
+        ));
+    }
+    Ok(())
+}
+
+/// Moves the detached table `name` under `dbx_archive`, read-only for the daemon, and attaches
+/// it to the archive's parent for `[from, to)`.
+fn archive_move_sql(name: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<String> {
+    let q = quote_ident(name);
+    vec![
+        format!("ALTER TABLE dbx_aviation.{q} SET SCHEMA dbx_archive"),
+        // Archived data is read-only for the daemon.
+        format!("REVOKE ALL ON dbx_archive.{q} FROM dbx_ingest"),
+        format!(
+            "ALTER TABLE {ARCHIVE_PARENT} ATTACH PARTITION dbx_archive.{q} FOR VALUES FROM ({}) TO ({})",
+            ts_lit(from),
+            ts_lit(to)
+        ),
+    ]
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! and libpq's `key=value` form (`host=h sslmode=verify-full sslrootcert='/ca.pem'`) — and
 //! the rest is given back unchanged (URL) or re-quoted (`key=value`) for tokio-postgres.
 //! A parameter given twice counts with its last value, as in libpq.
+//!
+//! It also builds the parts of URLs dbx writes for others ([`urlencode`], [`query`]).
 
 use percent_encoding::percent_decode_str;
 
@@ -163,6 +165,33 @@ const QUERY_VALUE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'?')
     .add(b'@');
 
+/// What must be percent-encoded in a URL's user, password, path or query value built by
+/// dbx: everything but the unreserved characters of RFC 3986 (letters, digits, `-._~`).
+const COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `s` percent-encoded for any part of a URL (user, password, database, a query value):
+/// every byte but the unreserved characters, so that nothing in it can end or split the
+/// part (`dbx setup`'s URLs, the local cluster's, the tests').
+pub fn urlencode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, COMPONENT).to_string()
+}
+
+/// `postgresql://user:password@host:port/db`, each of user, password and database
+/// percent-encoded ([`urlencode`]); `host` is taken as given. The one way dbx writes a
+/// connection URL from its parts (`dbx setup`'s credentials, the local cluster's, the tests').
+pub fn url(user: &str, password: &str, host: &str, port: u16, db: &str) -> String {
+    format!(
+        "postgresql://{}:{}@{host}:{port}/{}",
+        urlencode(user),
+        urlencode(password),
+        urlencode(db)
+    )
+}
+
 /// A query string (`k=v&k=v`, values percent-encoded where needed) of `pairs`, for URLs
 /// built from others.
 pub fn query(pairs: &[(String, String)]) -> String {
@@ -177,6 +206,17 @@ pub fn query(pairs: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urlencode_keeps_only_unreserved_characters() {
+        assert_eq!(urlencode("aZ09-._~"), "aZ09-._~");
+        assert_eq!(urlencode("p@ss:w/rd?#%"), "p%40ss%3Aw%2Frd%3F%23%25");
+        assert_eq!(urlencode("é "), "%C3%A9%20");
+        assert_eq!(
+            percent_decode_str(&urlencode("a b/c@d")).decode_utf8_lossy(),
+            "a b/c@d"
+        );
+    }
 
     fn pairs(s: &Split) -> Vec<(&str, &str)> {
         s.tls

@@ -1,5 +1,5 @@
 //! A private Mosquitto broker per test, running the configuration shipped in
-//! `deploy/mosquitto/` (see [`dbx_control::broker`]), with dbx's own user and one user
+//! `deploy/mosquitto/` (see [`dbx_localpg::broker`]), with dbx's own user and one user
 //! per organization code, and the environment that points a [`crate::Daemon`] at it.
 //!
 //! A missing `mosquitto` fails the test with the package to install, never a skip.
@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dbx_control::broker::{BrokerOptions, LocalBroker};
+use dbx_localpg::broker::{BrokerOptions, LocalBroker};
 
 /// dbx's user at the test broker (the ACL's `user dbx`).
 pub const DBX_USER: &str = "dbx";

@@ -21,7 +21,7 @@ pub struct Fixture;
 impl Fixture {
     /// An active organization with a fresh key and an optional points-per-second limit.
     pub async fn org(client: &Client, code: &str, points_per_sec: Option<i32>) -> Org {
-        let key = format!("dbx_test_{}", dbx_control::cluster::random_token(32));
+        let key = format!("dbx_test_{}", dbx_core::apikey::random_token(32));
         let id: Uuid = client
             .query_one(
                 "INSERT INTO dbx_aviation.organizations \

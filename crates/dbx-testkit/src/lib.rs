@@ -3,7 +3,7 @@
 //! Dev-only helpers for tests that need a real PostgreSQL.
 //!
 //! One private cluster per test process, started on first use from the machine's
-//! own server binaries (see [`dbx_control::cluster`]) in a temporary directory,
+//! own server binaries (see [`dbx_localpg::cluster`]) in a temporary directory,
 //! on a free port, and gone when the process exits; a fresh database per test.
 //! With `DBX_TEST_DATABASE_URL` set (a superuser, or a role with CREATEDB) the tests
 //! use that server instead and create their databases there.
@@ -30,8 +30,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-use dbx_control::cluster::{random_token, urlencode, ClusterOptions, ClusterTls, LocalCluster};
 use dbx_control::postgis::PostgisMode;
+use dbx_core::apikey::random_token;
+use dbx_localpg::cluster::{ClusterOptions, ClusterTls, LocalCluster};
 use dbx_pg::{Connector, TlsOptions};
 use tokio_postgres::Client;
 
@@ -49,7 +50,7 @@ pub use env::Env;
 pub use fixtures::{Fixture, Org};
 pub use gateway::TestGateway;
 
-pub use dbx_control::cluster::LocalCluster as Cluster;
+pub use dbx_localpg::cluster::LocalCluster as Cluster;
 
 /// Where the databases of this test process live.
 enum Backend {
@@ -68,14 +69,9 @@ impl Backend {
     fn url_for(&self, user: &str, password: &str, db: &str) -> String {
         match self {
             Backend::Local(c) => c.url_for(user, password, db),
-            Backend::External { host, port, .. } => format!(
-                "postgresql://{}:{}@{}:{}/{}",
-                urlencode(user),
-                urlencode(password),
-                host,
-                port,
-                urlencode(db)
-            ),
+            Backend::External { host, port, .. } => {
+                dbx_pg::params::url(user, password, host, *port, db)
+            }
         }
     }
 

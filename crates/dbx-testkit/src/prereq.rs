@@ -127,7 +127,7 @@ pub fn tool_on(program: &str, path: &OsStr) -> Result<PathBuf, String> {
 /// server does not offer it.
 pub fn pg_extension(name: &str) -> PathBuf {
     let bindir =
-        dbx_control::cluster::LocalCluster::find_bindir().unwrap_or_else(|e| panic!("{name}: {e}"));
+        dbx_localpg::cluster::LocalCluster::find_bindir().unwrap_or_else(|e| panic!("{name}: {e}"));
     let (major, sharedir) = pg_server(&bindir).unwrap_or_else(|e| panic!("{name}: {e}"));
     pg_extension_in(name, major, &sharedir).unwrap_or_else(|e| panic!("{e}"))
 }

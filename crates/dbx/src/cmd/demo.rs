@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use dbx_control::cluster::{ClusterError, ClusterOptions, ClusterTls, LocalCluster};
 use dbx_control::setup::{self, SetupOptions};
 use dbx_core::ShutdownTrigger;
+use dbx_localpg::cluster::{ClusterError, ClusterOptions, ClusterTls, LocalCluster};
 use tokio_postgres::Client;
 
 use crate::cmd::loadgen::{run_with_progress, LoadgenArgs};
@@ -63,15 +63,15 @@ pub struct DemoArgs {
 
 /// The demo's private broker and how the fleet and dbx log in to it.
 struct DemoBroker {
-    broker: dbx_control::broker::LocalBroker,
+    broker: dbx_localpg::broker::LocalBroker,
     password: String,
 }
 
 /// Starts the demo's broker with users for dbx and the sample organization, or says in
 /// one line how to install Mosquitto.
 fn start_broker(dir: &std::path::Path) -> anyhow::Result<Option<DemoBroker>> {
-    use dbx_control::broker::{BrokerOptions, LocalBroker};
-    let password = dbx_control::cluster::random_token(24);
+    use dbx_localpg::broker::{BrokerOptions, LocalBroker};
+    let password = dbx_core::apikey::random_token(24);
     let users = ["dbx", setup::SAMPLE_ORG_CODE]
         .iter()
         .map(|u| (u.to_string(), password.clone()))

@@ -351,7 +351,7 @@ fn print_new_key(org: &str, label: &str, key: &str, encrypted: bool) {
 /// `dbx org ...`.
 pub async fn org(config: Option<&Path>, mut args: OrgArgs) -> anyhow::Result<ExitCode> {
     args.common.config = config.map(Path::to_path_buf);
-    let json = args.common.json;
+    let common = &args.common;
     match args.action {
         OrgAction::Create {
             code,
@@ -367,106 +367,10 @@ pub async fn org(config: Option<&Path>, mut args: OrgArgs) -> anyhow::Result<Exi
                 retention_days,
                 points_per_sec,
             };
-            // Checked before connecting, so that a typo never needs a database.
-            tenants::validate_code("--code", &new.code)?;
-            let mut client = connect(&args.common, "org create").await?;
-            let created = tenants::create_org(&mut client, &new).await?;
-            if json {
-                print_json(&created)?;
-            } else {
-                println!(
-                    "Created organization {} ({}, {}), id {}.",
-                    created.org.code, created.org.name, created.org.org_type, created.org.org_id
-                );
-                print_new_key(
-                    &created.org.code,
-                    &created.key_label,
-                    &created.api_key,
-                    created.org.key_encrypted,
-                );
-            }
+            org_create(common, &new).await?
         }
-        OrgAction::List => {
-            let client = connect(&args.common, "org list").await?;
-            let orgs = tenants::list_orgs(&client).await?;
-            tenants::audit_read(
-                &client,
-                None,
-                "dbx_aviation.organizations",
-                serde_json::json!({"command": "org list", "rows": orgs.len()}),
-            )
-            .await?;
-            if json {
-                print_json(&orgs)?;
-            } else {
-                let rows: Vec<Vec<String>> = orgs
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.org.code.clone(),
-                            s.org.name.clone(),
-                            s.org.org_type.clone(),
-                            yes_no(s.org.active),
-                            s.aircraft.to_string(),
-                            s.sessions.to_string(),
-                            s.sessions_24h.to_string(),
-                            s.points_24h.to_string(),
-                            rate(s.org.points_per_sec),
-                            format!("{} d", s.org.retention_days),
-                        ]
-                    })
-                    .collect();
-                print_table(
-                    &[
-                        "CODE",
-                        "NAME",
-                        "TYPE",
-                        "ACTIVE",
-                        "AIRCRAFT",
-                        "SESSIONS",
-                        "SESSIONS 24H",
-                        "POINTS 24H",
-                        "RATE LIMIT",
-                        "RETENTION",
-                    ],
-                    &rows,
-                );
-            }
-        }
-        OrgAction::Show { code } => {
-            let client = connect(&args.common, "org show").await?;
-            let summary = tenants::org_summary(&client, &code).await?;
-            let keys = tenants::list_keys(&client, &summary.org).await?;
-            tenants::audit_read(
-                &client,
-                Some(summary.org.org_id),
-                "dbx_aviation.organizations",
-                serde_json::json!({"command": "org show", "code": code}),
-            )
-            .await?;
-            if json {
-                #[derive(Serialize)]
-                struct Shown<'a> {
-                    #[serde(flatten)]
-                    summary: &'a tenants::OrgSummary,
-                    keys: &'a [KeyInfo],
-                }
-                print_json(&Shown {
-                    summary: &summary,
-                    keys: &keys,
-                })?;
-            } else {
-                print_org(&summary.org);
-                println!("  aircraft:      {} active", summary.aircraft);
-                println!(
-                    "  sessions:      {} ({} in the last 24 h, {} points)",
-                    summary.sessions, summary.sessions_24h, summary.points_24h
-                );
-                println!("  active keys:   {}", summary.active_keys);
-                println!();
-                print_keys(&keys);
-            }
-        }
+        OrgAction::List => org_list(common).await?,
+        OrgAction::Show { code } => org_show(common, &code).await?,
         OrgAction::Update {
             code,
             name,
@@ -485,19 +389,135 @@ pub async fn org(config: Option<&Path>, mut args: OrgArgs) -> anyhow::Result<Exi
                     points_per_sec.map(Some)
                 },
             };
-            let client = connect(&args.common, "org update").await?;
-            let org = tenants::update_org(&client, &code, &update).await?;
-            if json {
-                print_json(&org)?;
-            } else {
-                println!("Updated.");
-                print_org(&org);
-            }
+            org_update(common, &code, &update).await?
         }
-        OrgAction::Deactivate { code } => set_active(&args.common, &code, false).await?,
-        OrgAction::Activate { code } => set_active(&args.common, &code, true).await?,
+        OrgAction::Deactivate { code } => set_active(common, &code, false).await?,
+        OrgAction::Activate { code } => set_active(common, &code, true).await?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `org create`: the organization and its first key, shown once.
+async fn org_create(common: &Common, new: &NewOrg) -> anyhow::Result<()> {
+    // Checked before connecting, so that a typo never needs a database.
+    tenants::validate_code("--code", &new.code)?;
+    let mut client = connect(common, "org create").await?;
+    let created = tenants::create_org(&mut client, new).await?;
+    if common.json {
+        print_json(&created)?;
+    } else {
+        println!(
+            "Created organization {} ({}, {}), id {}.",
+            created.org.code, created.org.name, created.org.org_type, created.org.org_id
+        );
+        print_new_key(
+            &created.org.code,
+            &created.key_label,
+            &created.api_key,
+            created.org.key_encrypted,
+        );
+    }
+    Ok(())
+}
+
+/// `org list`: every organization with its activity.
+async fn org_list(common: &Common) -> anyhow::Result<()> {
+    let client = connect(common, "org list").await?;
+    let orgs = tenants::list_orgs(&client).await?;
+    tenants::audit_read(
+        &client,
+        None,
+        "dbx_aviation.organizations",
+        serde_json::json!({"command": "org list", "rows": orgs.len()}),
+    )
+    .await?;
+    if common.json {
+        print_json(&orgs)?;
+    } else {
+        let rows: Vec<Vec<String>> = orgs
+            .iter()
+            .map(|s| {
+                vec![
+                    s.org.code.clone(),
+                    s.org.name.clone(),
+                    s.org.org_type.clone(),
+                    yes_no(s.org.active),
+                    s.aircraft.to_string(),
+                    s.sessions.to_string(),
+                    s.sessions_24h.to_string(),
+                    s.points_24h.to_string(),
+                    rate(s.org.points_per_sec),
+                    format!("{} d", s.org.retention_days),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "CODE",
+                "NAME",
+                "TYPE",
+                "ACTIVE",
+                "AIRCRAFT",
+                "SESSIONS",
+                "SESSIONS 24H",
+                "POINTS 24H",
+                "RATE LIMIT",
+                "RETENTION",
+            ],
+            &rows,
+        );
+    }
+    Ok(())
+}
+
+/// `org show`: one organization, its activity and its keys.
+async fn org_show(common: &Common, code: &str) -> anyhow::Result<()> {
+    let client = connect(common, "org show").await?;
+    let summary = tenants::org_summary(&client, code).await?;
+    let keys = tenants::list_keys(&client, &summary.org).await?;
+    tenants::audit_read(
+        &client,
+        Some(summary.org.org_id),
+        "dbx_aviation.organizations",
+        serde_json::json!({"command": "org show", "code": code}),
+    )
+    .await?;
+    if common.json {
+        #[derive(Serialize)]
+        struct Shown<'a> {
+            #[serde(flatten)]
+            summary: &'a tenants::OrgSummary,
+            keys: &'a [KeyInfo],
+        }
+        print_json(&Shown {
+            summary: &summary,
+            keys: &keys,
+        })?;
+    } else {
+        print_org(&summary.org);
+        println!("  aircraft:      {} active", summary.aircraft);
+        println!(
+            "  sessions:      {} ({} in the last 24 h, {} points)",
+            summary.sessions, summary.sessions_24h, summary.points_24h
+        );
+        println!("  active keys:   {}", summary.active_keys);
+        println!();
+        print_keys(&keys);
+    }
+    Ok(())
+}
+
+/// `org update`: changes the given fields.
+async fn org_update(common: &Common, code: &str, update: &OrgUpdate) -> anyhow::Result<()> {
+    let client = connect(common, "org update").await?;
+    let org = tenants::update_org(&client, code, update).await?;
+    if common.json {
+        print_json(&org)?;
+    } else {
+        println!("Updated.");
+        print_org(&org);
+    }
+    Ok(())
 }
 
 async fn set_active(common: &Common, code: &str, active: bool) -> anyhow::Result<()> {

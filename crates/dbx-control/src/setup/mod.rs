@@ -24,14 +24,17 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use dbx_core::apikey::key_hash_hex;
+use dbx_core::apikey::{key_hash_hex, new_api_key, random_token};
 use dbx_pg::{Connector, PgError};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
-use crate::cluster::random_token;
 use crate::migrate;
 use crate::postgis::{PostgisMode, PostgisState};
+
+mod checklist;
+
+pub use checklist::ChecklistItem;
 
 /// The database the seed names.
 pub const DEFAULT_DATABASE: &str = "dbx_aviation";
@@ -284,17 +287,6 @@ pub struct SetupOptions {
     pub postgis: PostgisMode,
 }
 
-/// One item of the seed's success checklist.
-#[derive(Debug, Clone)]
-pub struct ChecklistItem {
-    /// The seed's wording.
-    pub label: &'static str,
-    /// `Some(true)` ticked, `Some(false)` failed, `None` not applicable here.
-    pub ok: Option<bool>,
-    /// What we found.
-    pub detail: String,
-}
-
 /// What setup did.
 #[derive(Debug, Clone)]
 pub struct SetupReport {
@@ -348,12 +340,58 @@ impl fmt::Display for SetupReport {
     }
 }
 
-/// Runs the whole setup.
+/// Runs the whole setup: provisions the database (see the module doc), then verifies the
+/// result item by item ([`checklist`]).
 pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
-    let db = &opts.database;
+    validate_database_name(&opts.database)?;
+    let (server_version, existed) = ensure_database(opts).await?;
+    let mut client = connect_to_database(opts, existed).await?;
+    let applied = migrate::apply_with(&mut client, opts.postgis).await?;
+    let postgis = PostgisState::read(&client)
+        .await
+        .map_err(db_err("reading the PostGIS state"))?;
+    let passwords = login_passwords(&client, &opts.out_dir, opts.rotate).await?;
+    let api_key = if opts.sample_data {
+        Some(sample_data(&client, &opts.out_dir, opts.rotate).await?)
+    } else {
+        None
+    };
+    let urls = login_urls(&opts.superuser, &opts.database, &passwords);
+    let files = write_files(&opts.out_dir, &urls, api_key.as_deref())?;
+    let provisioned = checklist::Provisioned {
+        server_version: &server_version,
+        existed,
+        migrations_applied: applied.len(),
+        postgis: &postgis,
+        urls: &urls,
+        files: &files,
+    };
+    let checklist = checklist::verify(&client, opts, &provisioned).await?;
+    Ok(SetupReport {
+        created_database: !existed,
+        migrations_applied: applied.iter().map(describe_applied).collect(),
+        postgis: postgis.describe(opts.postgis),
+        server_version,
+        passwords,
+        api_key,
+        urls,
+        checklist,
+        files,
+    })
+}
+
+/// A database name PostgreSQL accepts and that we can quote with `"…"` as it is.
+fn validate_database_name(db: &str) -> Result<(), SetupError> {
     if db.is_empty() || db.len() > 63 || db.contains('"') || db.contains('\0') {
         return Err(SetupError::BadUrl(format!("invalid database name {db:?}")));
     }
+    Ok(())
+}
+
+/// Creates the database when it is missing, from the server's maintenance database.
+/// Returns the server's version string and whether the database existed before.
+async fn ensure_database(opts: &SetupOptions) -> Result<(String, bool), SetupError> {
+    let db = &opts.database;
     let mut maint_cfg = opts.superuser.clone();
     let dbname = maint_cfg.pg_config().get_dbname();
     if dbname.is_none() || dbname == Some(db.as_str()) {
@@ -365,7 +403,6 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
         .await
         .map_err(db_err("reading the server version"))?
         .get(0);
-
     let exists = maint
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[db])
         .await
@@ -379,152 +416,29 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
             .await
             .map_err(db_err(format!("creating database {db}")))?;
     }
-    drop(maint);
+    Ok((server_version, exists))
+}
 
+/// The superuser's connection to our database; one that `existed` before must be ours
+/// ([`refuse_foreign_database`]).
+async fn connect_to_database(opts: &SetupOptions, existed: bool) -> Result<Client, SetupError> {
     let mut cfg = opts.superuser.clone();
-    cfg.pg_config_mut().dbname(db);
-    let mut client = connect(&cfg).await?;
-    if exists {
-        refuse_foreign_database(&client, db).await?;
+    cfg.pg_config_mut().dbname(&opts.database);
+    let client = connect(&cfg).await?;
+    if existed {
+        refuse_foreign_database(&client, &opts.database).await?;
     }
-    let applied = migrate::apply_with(&mut client, opts.postgis).await?;
-    let postgis = PostgisState::read(&client)
-        .await
-        .map_err(db_err("reading the PostGIS state"))?;
+    Ok(client)
+}
 
-    let passwords = login_passwords(&client, &opts.out_dir, opts.rotate).await?;
-    let api_key = if opts.sample_data {
-        Some(sample_data(&client, &opts.out_dir, opts.rotate).await?)
-    } else {
-        None
-    };
-
-    let urls = login_urls(&opts.superuser, db, &passwords);
-    let files = write_files(&opts.out_dir, &urls, api_key.as_deref())?;
-
-    // The checklist: verify rather than assume.
-    let mut checklist = vec![ChecklistItem {
-        label: "PostgreSQL installed and running",
-        ok: Some(true),
-        detail: server_version.split(',').next().unwrap_or("").to_string(),
-    }];
-    checklist.push(ChecklistItem {
-        label: "Database `dbx_aviation` created",
-        ok: Some(true),
-        detail: if exists {
-            format!("{db} already existed")
-        } else {
-            format!("{db} created")
-        },
-    });
-    let missing = missing_tables(&client).await?;
-    checklist.push(ChecklistItem {
-        label: "All tables created successfully",
-        ok: Some(missing.is_empty()),
-        detail: if missing.is_empty() {
-            format!("7 tables; {} migration(s) applied now", applied.len())
-        } else {
-            format!("missing: {}", missing.join(", "))
-        },
-    });
-    checklist.push(ChecklistItem {
-        label: "Geospatial data support (with PostGIS)",
-        ok: postgis.endpoints.then_some(true),
-        detail: postgis.describe(opts.postgis),
-    });
-    let mut login_ok = Vec::new();
-    for (user, url) in &urls {
-        let ok = match opts.superuser.sibling(url, "credentials.txt") {
-            Ok(c) => match connect(&c).await {
-                Ok(uc) => missing_tables(&uc)
-                    .await
-                    .map(|m| m.is_empty())
-                    .unwrap_or(false),
-                Err(_) => false,
-            },
-            Err(_) => false,
-        };
-        login_ok.push((user.clone(), ok));
-    }
-    checklist.push(ChecklistItem {
-        label: "Application users created with permissions",
-        ok: Some(login_ok.iter().all(|(_, ok)| *ok)),
-        detail: login_ok
-            .iter()
-            .map(|(u, ok)| format!("{u} {}", if *ok { "logs in" } else { "CANNOT log in" }))
-            .collect::<Vec<_>>()
-            .join(", "),
-    });
-    if opts.sample_data {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM dbx_aviation.aircraft_registry a \
-                 JOIN dbx_aviation.organizations o USING (org_id) WHERE o.org_code = $1",
-                &[&SAMPLE_ORG_CODE],
-            )
-            .await
-            .map_err(db_err("counting sample aircraft"))?
-            .get(0);
-        checklist.push(ChecklistItem {
-            label: "Sample data inserted",
-            ok: Some(n > 0),
-            detail: format!("organization {SAMPLE_ORG_CODE} with {n} aircraft"),
-        });
-    }
-    let checked = match urls
-        .first()
-        .map(|(_, u)| opts.superuser.sibling(u, "credentials.txt"))
-    {
-        Some(Ok(c)) => check(&c).await.ok(),
-        _ => None,
-    };
-    checklist.push(ChecklistItem {
-        label: "Connection test passes",
-        ok: Some(checked.is_some()),
-        detail: "`dbx check` as dbx_api_service".into(),
-    });
-    checklist.push(tls_item(checked.as_ref()));
-    checklist.push(ChecklistItem {
-        label: "API integration works",
-        ok: None,
-        detail: "checked by the running daemon: `dbx serve`, then GET /api/v2/system/status".into(),
-    });
-    let secured = files.iter().all(|p| {
-        fs::metadata(p)
-            .map(|m| m.permissions().mode() & 0o077 == 0)
-            .unwrap_or(false)
-    });
-    checklist.push(ChecklistItem {
-        label: "Credentials files secured",
-        ok: Some(secured),
-        detail: files
-            .iter()
-            .map(|p| format!("{} (0600)", p.display()))
-            .collect::<Vec<_>>()
-            .join(", "),
-    });
-
-    Ok(SetupReport {
-        server_version,
-        created_database: !exists,
-        migrations_applied: applied
-            .iter()
-            .map(|a| {
-                format!(
-                    "{:04}_{} ({} ms)",
-                    a.version,
-                    a.name,
-                    a.duration.as_millis()
-                )
-            })
-            .collect(),
-        postgis: postgis.describe(opts.postgis),
-        passwords,
-        api_key,
-        urls,
-        checklist,
-        files,
-    })
+/// `0001_roles_schemas (12 ms)`.
+fn describe_applied(a: &migrate::Applied) -> String {
+    format!(
+        "{:04}_{} ({} ms)",
+        a.version,
+        a.name,
+        a.duration.as_millis()
+    )
 }
 
 /// The URL of each login user: the superuser's host and port, and the `sslmode` and
@@ -539,10 +453,7 @@ fn login_urls(
     passwords
         .iter()
         .map(|(user, pw)| {
-            let mut url = format!(
-                "postgresql://{user}:{}@{host}:{port}/{db}",
-                crate::cluster::urlencode(pw)
-            );
+            let mut url = dbx_pg::params::url(user, pw, &host, port, db);
             if !tls.is_empty() {
                 url.push('?');
                 url.push_str(&tls);
@@ -550,26 +461,6 @@ fn login_urls(
             (user.clone(), url)
         })
         .collect()
-}
-
-/// The seed's production checklist asks for SSL/TLS connections: ticked when the connection
-/// test's connection was encrypted with a verified server certificate.
-fn tls_item(checked: Option<&CheckReport>) -> ChecklistItem {
-    let (ok, detail) = match checked.map(|c| &c.security) {
-        Some(s) if s.encrypted && s.verification != dbx_pg::Verification::None => {
-            (Some(true), s.summary())
-        }
-        Some(s) => (
-            None,
-            format!("{} — production sets sslmode=verify-full", s.summary()),
-        ),
-        None => (Some(false), "no connection to inspect".into()),
-    };
-    ChecklistItem {
-        label: "SSL/TLS connections",
-        ok,
-        detail,
-    }
 }
 
 /// A database that has tables but no migrations table was made by something else. Tables
@@ -672,11 +563,6 @@ async fn login_passwords(
             .map_err(db_err(format!("setting the password of {user}")))?;
     }
     Ok(out)
-}
-
-/// A new API key: `dbx_` and 40 random alphanumerics (≈238 bits).
-pub fn new_api_key() -> String {
-    format!("dbx_{}", random_token(40))
 }
 
 /// The seed's sample data: a test organization and a few aircraft, and its key.

@@ -16,7 +16,9 @@
 //! the child exits, so spawning from a short-lived test thread would kill the
 //! server as soon as that test ended. The keeper lives as long as the process.
 
+use dbx_core::apikey::random_token;
 use dbx_core::sync::lock;
+use dbx_pg::params::urlencode;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::TcpListener;
@@ -129,7 +131,7 @@ impl ClusterTls {
     /// loopback with SCRAM passwords or, for `cert_users`, a client certificate.
     fn hba(&self) -> String {
         let mut out = String::from(
-            "# Written by the dbx cluster runner (crates/dbx-control/src/cluster.rs).\n\
+            "# Written by the dbx cluster runner (crates/dbx-localpg/src/cluster.rs).\n\
              local all all trust\n",
         );
         for user in &self.cert_users {
@@ -480,13 +482,7 @@ impl LocalCluster {
     }
 
     fn base_url(&self, user: &str, password: &str, db: &str) -> String {
-        format!(
-            "postgresql://{}:{}@127.0.0.1:{}/{}",
-            urlencode(user),
-            urlencode(password),
-            self.port,
-            urlencode(db)
-        )
+        dbx_pg::params::url(user, password, "127.0.0.1", self.port, db)
     }
 
     /// The superuser's connection URL to database `db`.
@@ -512,29 +508,6 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         let _ = self.stop();
     }
-}
-
-/// Percent-encodes the characters that would break a URL's user, password or path.
-pub fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// A random alphanumeric token (passwords, names).
-pub fn random_token(len: usize) -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let mut rng = rand::thread_rng();
-    (0..len)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-        .collect()
 }
 
 /// The uid/gid to run PostgreSQL as when we are root: `postgres` (the package's user).
@@ -619,9 +592,7 @@ pub(crate) fn spawn_kept(cmd: Command) -> io::Result<Child> {
         Mutex::new(tx)
     });
     let (reply_tx, reply_rx) = mpsc::channel();
-    keeper
-        .lock()
-        .expect("keeper lock")
+    lock(keeper)
         .send((cmd, reply_tx))
         .map_err(|_| io::Error::other("keeper thread gone"))?;
     reply_rx
@@ -666,4 +637,42 @@ pub(crate) fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), ClusterEr
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tls_only_hba_rejects_plaintext_and_lets_cert_users_in_first() {
+        let (mut tls, _) = ClusterTls::generate(true).unwrap();
+        tls.cert_users = vec!["dbx_cert".into()];
+        let hba = tls.hba();
+        let lines: Vec<&str> = hba.lines().collect();
+        let cert = lines
+            .iter()
+            .position(|l| *l == "hostssl all dbx_cert 127.0.0.1/32 cert")
+            .expect(&hba);
+        let reject = lines
+            .iter()
+            .position(|l| *l == "hostnossl all all 127.0.0.1/32 reject")
+            .expect(&hba);
+        assert!(cert < reject, "{hba}");
+        assert!(
+            hba.contains("hostssl all all ::1/128 scram-sha-256"),
+            "{hba}"
+        );
+        assert!(!hba.lines().any(|l| l.starts_with("host ")), "{hba}");
+    }
+
+    #[test]
+    fn a_tls_cluster_that_accepts_both_has_no_reject_line() {
+        let (tls, _) = ClusterTls::generate(false).unwrap();
+        let hba = tls.hba();
+        assert!(!hba.contains("reject"), "{hba}");
+        assert!(
+            hba.contains("host all all 127.0.0.1/32 scram-sha-256"),
+            "{hba}"
+        );
+    }
 }

@@ -170,13 +170,7 @@ impl LocalBroker {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return Ok(());
             }
-            if let Some(Ok(Some(status))) = self
-                .child
-                .lock()
-                .expect("broker child lock")
-                .as_mut()
-                .map(Child::try_wait)
-            {
+            if let Some(Ok(Some(status))) = lock(&self.child).as_mut().map(Child::try_wait) {
                 return Err(self.failed(format!("mosquitto exited with {status}")));
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -243,7 +237,7 @@ impl LocalBroker {
 
 impl Drop for LocalBroker {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.lock().ok().and_then(|mut c| c.take()) {
+        if let Some(mut child) = lock(&self.child).take() {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -273,4 +267,33 @@ fn write_passwords(path: &Path, users: &[(String, String)]) -> Result<(), Cluste
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_conf_keeps_the_deployed_rules_and_rewrites_only_host_lines() {
+        let dir = Path::new("/srv/b");
+        let conf = local_conf(
+            dir,
+            1883,
+            Some((8883, Path::new("/c.pem"), Path::new("/k.pem"))),
+            "mosquitto",
+        );
+        for line in DEPLOY_CONF.lines() {
+            let directive = line.split_whitespace().next().unwrap_or("");
+            if !HOST_SPECIFIC.contains(&directive) {
+                assert!(conf.lines().any(|l| l == line), "lost: {line}");
+            }
+        }
+        assert!(conf.contains("listener 1883 127.0.0.1\n"), "{conf}");
+        assert!(
+            conf.contains("listener 8883 127.0.0.1\ncertfile /c.pem\nkeyfile /k.pem\n"),
+            "{conf}"
+        );
+        assert!(conf.contains("password_file /srv/b/passwd\n"), "{conf}");
+        assert!(conf.contains("allow_anonymous false"), "{conf}");
+    }
 }
