@@ -1,4 +1,4 @@
-//! The wire protocol and listener (PROTOCOL.md) against a real daemon.
+//! The wire protocol and listener (docs/protocol.md) against a real daemon.
 
 use std::sync::Arc;
 use std::time::Duration;

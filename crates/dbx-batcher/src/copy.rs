@@ -2,7 +2,7 @@
 //! (FORMAT binary)` stream (signature, flags, header extension, one tuple per point,
 //! the −1 trailer) without going through `ToSql` trait objects.
 //!
-//! Every column type of `flight_telemetry` is fixed (DDL contract), so each field is a
+//! Every column type of `flight_telemetry` is fixed (docs/schema.md, "flight_telemetry"), so each field is a
 //! length word and a big-endian payload written straight into one `BytesMut`. That
 //! buffer is kept by the encoder and reused from flush to flush: [`CopyEncoder::finish`]
 //! hands out the encoded stream as frozen `Bytes`, and once the COPY has consumed and
@@ -16,7 +16,7 @@ use uuid::Uuid;
 /// The binary COPY signature (11 bytes).
 pub const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
 
-/// The column list of every COPY and staging INSERT, in the DDL contract's order.
+/// The column list of every COPY and staging INSERT, in the order of docs/schema.md ("flight_telemetry").
 pub const COLUMNS: &str = "org_id, aircraft_id, session_id, ts, seq, latitude, longitude, \
 altitude_m, ground_speed_mps, vertical_speed_mps, heading_deg, roll_deg, pitch_deg, yaw_deg, \
 airspeed_mps, battery_voltage, battery_current, battery_remaining_pct, motor_rpm, \

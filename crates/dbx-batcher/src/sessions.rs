@@ -1,5 +1,5 @@
 //! Flight session bookkeeping done in the same transaction as the telemetry
-//! (PROTOCOL.md "Precise rules"): departure is the stored point with the smallest
+//! (docs/protocol.md, "Flight sessions"): departure is the stored point with the smallest
 //! `ts`, arrival the largest, the duration their difference, `point_count` the rows
 //! stored, and `total_distance_km` the great-circle sum over consecutive positioned
 //! points in `seq` order.

@@ -1,4 +1,4 @@
-//! The admin HTTP endpoint (PROTOCOL.md: 127.0.0.1:9898 by default):
+//! The admin HTTP endpoint (docs/protocol.md: 127.0.0.1:9898 by default):
 //!
 //! - `/metrics`: every metric of the daemon, Prometheus text format with HELP lines;
 //! - `/healthz`: the process is alive (always 200 while it can answer);

@@ -1,6 +1,6 @@
 //! Versioned SQL migrations embedded in the binary, and the runner that applies them.
 //!
-//! The whole database of SCHEMA.md lives in `crates/dbx-control/migrations/NNNN_<name>.sql`,
+//! The whole database of docs/schema.md lives in `crates/dbx-control/migrations/NNNN_<name>.sql`,
 //! compiled in with `include_str!` and listed in [`MIGRATIONS`] in version order. [`apply`]
 //! records each applied migration in `dbx_aviation.schema_migrations` with the sha256 of its
 //! SQL, applies the pending ones each in its own transaction, and refuses to go on when an

@@ -1,4 +1,4 @@
-//! The optional PostGIS branch of the schema: SCHEMA.md asks for geography columns with GiST
+//! The optional PostGIS branch of the schema: docs/schema.md asks for geography columns with GiST
 //! indexes on the flight session endpoints when PostGIS is there, and for every object to work
 //! without it.
 //!

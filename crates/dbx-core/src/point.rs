@@ -1,6 +1,6 @@
 //! One telemetry point, decoded and validated, ready to be written.
 //!
-//! Field order and meaning follow the point table of PROTOCOL.md; the column each
+//! Field order and meaning follow the point table of docs/protocol.md; the column each
 //! field is stored in is named in its doc comment. Optional fields are `None` when
 //! the gateway left them out or sent `nil`, and become SQL NULL.
 

@@ -1,4 +1,4 @@
-//! The protocol's error and nack codes (PROTOCOL.md, "Codes"), and a rejection that
+//! The protocol's error and nack codes (docs/protocol.md, "Error and nack codes"), and a rejection that
 //! carries one with its human-readable message.
 
 use std::fmt;

@@ -2,7 +2,7 @@
 //! [`ShutdownTrigger`]; every task holds a [`Shutdown`] and selects on
 //! [`Shutdown::recv`] beside its real work.
 //!
-//! Stages stop in order (ARCHITECTURE.md): stop accepting → stop reading → the
+//! Stages stop in order (docs/architecture.md): stop accepting → stop reading → the
 //! batcher writes and acks what it accepted → control stops. The binary gives each
 //! stage its own trigger so it can sequence them.
 

@@ -1,5 +1,5 @@
 //! Every handshake, accepted or refused, recorded in `dbx_aviation.api_requests`
-//! (SCHEMA.md) — in batches, by a background task, never on the hot path. The API key
+//! (docs/schema.md) — in batches, by a background task, never on the hot path. The API key
 //! is never recorded; the label of the key used goes to `api_requests.key_label`
 //! (migration 0020).
 //!

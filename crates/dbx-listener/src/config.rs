@@ -8,11 +8,11 @@ use serde::Deserialize;
 use dbx_core::ConfigError;
 
 /// `[listener]`: binds, limits and timeouts. Every limit has a default a gateway
-/// author can rely on (PROTOCOL.md states the protocol's own defaults).
+/// author can rely on (docs/protocol.md states the protocol's own defaults).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenerConfig {
-    /// Plain TCP bind address (PROTOCOL.md: 0.0.0.0:7070).
+    /// Plain TCP bind address (docs/protocol.md: 0.0.0.0:7070).
     pub tcp_bind: String,
     /// Serve plain TCP on `tcp_bind`; `false` serves TLS only (the plain port is not
     /// opened) and then needs `tls_cert` and `tls_key`.
@@ -26,7 +26,7 @@ pub struct ListenerConfig {
     /// UDP bind address; empty disables UDP.
     pub udp_bind: String,
     /// Accept UDP datagrams that carry the API key in clear (`key`, the v1 form);
-    /// `false` accepts only the `kid`/`mac`/`body` form of PROTOCOL.md 1.1.
+    /// `false` accepts only the `kid`/`mac`/`body` form of docs/protocol.md, 1.1.
     pub udp_plain_key: bool,
     /// Most TCP+TLS connections at once, pending and established; the next one is
     /// refused (plain TCP: `error too_many_connections`; TLS: closed).

@@ -10,14 +10,14 @@
 //! `max_inflight_batches` unanswered batches stops reading; so does one whose
 //! batch is waiting for room in the batcher's queue, one whose organization is
 //! over its rate limit, and one that finds the byte budget spent. That is the TCP
-//! backpressure of PROTOCOL.md.
+//! backpressure of docs/protocol.md.
 //!
 //! An `end` (protocol 1.1) takes its place in that FIFO like a batch, but goes to the
 //! batcher only once every batch before it has its verdict, and nothing after it goes
 //! before its own verdict: so the session's earlier batches are written before it, and
 //! a later batch for the session finds it completed (`session_closed`).
 //!
-//! Hostile peers (PROTOCOL.md 1.1): before `welcome` a frame may be at most
+//! Hostile peers (docs/protocol.md, 1.1): before `welcome` a frame may be at most
 //! `max_hello_bytes` and only its hello keys are decoded ([`dbx_proto::decode_hello`]);
 //! the TLS handshake and the hello share one `handshake_timeout`. After it every frame
 //! is charged against the byte budget before its body is buffered
@@ -60,7 +60,7 @@ use crate::ListenerConfig;
 pub const LOOKAHEAD: usize = 8 * 1024;
 
 /// How long a closing connection drains its peer's input so the peer reads the final
-/// `error` rather than a reset (PROTOCOL.md, "Precise rules").
+/// `error` rather than a reset (docs/protocol.md, "Framing").
 const LINGER: Duration = Duration::from_secs(1);
 
 static WRITE_TIMEOUT_LOG: Throttle = Throttle::new();
@@ -285,7 +285,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Sends a connection-level `error` and closes politely: shut the write side,
     /// then discard input for up to a second so the peer reads the error rather
-    /// than a reset (PROTOCOL.md, "Precise rules").
+    /// than a reset (docs/protocol.md, "Framing").
     pub async fn close_with_error(mut self, code: RejectCode, msg: impl Into<String>) {
         let msg = ServerMessage::Error {
             code,
@@ -604,7 +604,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     ) -> Result<(String, KeyGrant), (RejectCode, String)> {
         let frame = self.read_hello_frame(cfg, deadline).await?;
         metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => self.transport).increment(1);
-        // Only the hello's own keys are decoded before welcome (PROTOCOL.md 1.1).
+        // Only the hello's own keys are decoded before welcome (docs/protocol.md, 1.1).
         let hello = dbx_proto::decode_hello(&frame.body).map_err(|r| (r.code, r.msg))?;
         record.gateway = hello.gateway.clone();
         if hello.v != 1 {
@@ -617,7 +617,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             ));
         }
         let Some((hash, grant)) = self.shared.auth.authenticate(&hello.key) else {
-            // Deliberately vague (PROTOCOL.md): unknown, revoked and inactive look alike.
+            // Deliberately vague (docs/protocol.md): unknown, revoked and inactive look alike.
             return Err((
                 RejectCode::Unauthorized,
                 "the API key was not accepted".into(),

@@ -1,5 +1,5 @@
 //! The UDP server: one datagram, one batch, authenticated by its own `key` (v1) or by
-//! `kid`/`mac`/`body` (PROTOCOL.md 1.1). No answer is ever sent; a datagram that fails
+//! `kid`/`mac`/`body` (docs/protocol.md, 1.1). No answer is ever sent; a datagram that fails
 //! authentication, validation or the rate limit, that finds the byte budget spent or
 //! the batcher's queue full, is dropped and counted by reason. UDP never waits for
 //! room, so it can never hold up TCP.
@@ -23,7 +23,7 @@ use crate::auth::KeyGrant;
 use crate::connection::Shared;
 use dbx_core::now_micros;
 
-/// Largest UDP payload (PROTOCOL.md).
+/// Largest UDP payload (docs/protocol.md).
 pub const MAX_DATAGRAM: usize = 65_507;
 
 fn drop_datagram(reason: &'static str) {

@@ -1,7 +1,7 @@
 //! # dbx-mqtt
 //!
 //! The MQTT input: dbx as a subscriber of the fleet's existing broker. Messages on
-//! `dbx/{org_code}/{aircraft}/telemetry` (configurable) carrying the PROTOCOL.md `batch`
+//! `dbx/{org_code}/{aircraft}/telemetry` (configurable) carrying the docs/protocol.md `batch`
 //! map, in MessagePack or JSON, become the same [`dbx_core::TelemetryBatch`]es the TCP
 //! listener produces, on the same bounded channel; the batcher learns nothing about MQTT.
 //!

@@ -1,4 +1,4 @@
-//! The TCP framing of PROTOCOL.md: a 4-byte unsigned big-endian length `L`, then `L`
+//! The TCP framing of docs/protocol.md: a 4-byte unsigned big-endian length `L`, then `L`
 //! bytes of body.
 //!
 //! [`FrameCodec`] splits frames off the read buffer without copying, refuses `L = 0`
@@ -76,7 +76,7 @@ impl FrameCodec {
     }
 
     /// The codec of a connection before `welcome`: bodies over `max_hello_bytes` are
-    /// refused (PROTOCOL.md 1.1).
+    /// refused (docs/protocol.md, 1.1).
     pub fn for_hello(max_hello_bytes: usize) -> Self {
         FrameCodec {
             max_frame_bytes: max_hello_bytes,

@@ -443,7 +443,7 @@ pub fn encode_datagram(
     out
 }
 
-/// Appends one UDP datagram in the MAC form of PROTOCOL.md 1.1 (no length prefix):
+/// Appends one UDP datagram in the MAC form of docs/protocol.md, 1.1 (no length prefix):
 /// `{kid, mac, body}`, where `body` is the batch map (`t = "batch"`, the optional
 /// `seq`, the batch keys; no `key`) and `mac` authenticates it with `key` — which never
 /// travels. On error nothing is appended.

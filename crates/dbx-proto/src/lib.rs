@@ -1,13 +1,13 @@
 //! # dbx-proto
 //!
-//! The wire protocol of PROTOCOL.md and nothing else: no sockets, no SQL.
+//! The wire protocol of docs/protocol.md and nothing else: no sockets, no SQL.
 //!
 //! - [`codec`]: the 4-byte big-endian length-prefixed frame codec (tokio-util `Decoder`/`Encoder`).
 //! - [`message`]: the client and server messages; [`decode_hello`] for the first TCP
 //!   frame (before `welcome`), [`decode_client`] for TCP frame bodies after it,
 //!   [`open_datagram`] then [`DatagramEnvelope::decode`] for UDP, [`decode_server`] for
 //!   clients.
-//! - [`mac`]: the UDP MAC form (PROTOCOL.md 1.1): key id, HMAC, constant-time check.
+//! - [`mac`]: the UDP MAC form (docs/protocol.md, 1.1): key id, HMAC, constant-time check.
 //! - [`point`]: wire points (map or array form) → validated [`dbx_core::Point`].
 //! - [`encode`]: encoders for every message, for the daemon, the loadgen, tests and
 //!   Rust gateways.
@@ -15,8 +15,8 @@
 //!   payload of an input without connections (MQTT), in MessagePack or JSON, through
 //!   the same decoder, limits and point rules.
 //!
-//! ## Choices where PROTOCOL.md is silent
-//! These belong in the project's protocol doc; each is also stated where it is coded.
+//! ## Choices stated in docs/protocol.md
+//! docs/protocol.md states each of these for gateway authors; each is also stated where it is coded.
 //! - A `batch` whose `seq` is missing or not a u64 is `error protocol` (a nack must
 //!   echo a `seq`).
 //! - `hello`: `v` missing or not an unsigned integer → `unsupported_version` (the
@@ -42,7 +42,7 @@
 //! - `end` (1.1): `seq` follows the batch rules (a bad one is `error protocol`); a
 //!   missing, repeated or malformed `session` is `nack invalid_batch`.
 //!
-//! ## Version 1.1 (PROTOCOL.md, "Version 1.1 additions")
+//! ## Version 1.1 (docs/protocol.md, "Version 1.1 hardening")
 //! - The first frame is decoded by [`decode_hello`] only (its hello keys; other values
 //!   are stepped over without being interpreted); the listener refuses one over
 //!   [`Limits::max_hello_bytes`] at its prefix ([`FrameCodec::for_hello`]).
@@ -93,10 +93,10 @@ pub struct Limits {
     /// Largest frame body, the 4-byte prefix not counted (default 1 MiB).
     pub max_frame_bytes: usize,
     /// Most keys per point that go to `extra`: unknown top-level keys plus entries of
-    /// `x` (default 256, PROTOCOL.md 1.1).
+    /// `x` (default 256, docs/protocol.md, 1.1).
     pub max_extra_keys: usize,
     /// Largest first frame (the `hello`) before `welcome`, the prefix not counted
-    /// (default 4 KiB, PROTOCOL.md 1.1).
+    /// (default 4 KiB, docs/protocol.md, 1.1).
     pub max_hello_bytes: usize,
 }
 

@@ -1,4 +1,4 @@
-//! The UDP MAC form of PROTOCOL.md 1.1: the long-lived API key never travels.
+//! The UDP MAC form of docs/protocol.md, 1.1: the long-lived API key never travels.
 //!
 //! A datagram carries `kid` (the first 16 hex digits of hex(sha256(key))), `mac` (the
 //! first 16 bytes of HMAC-SHA256 over `body`, keyed with the 32 raw bytes of

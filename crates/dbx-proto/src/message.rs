@@ -12,7 +12,7 @@
 //! batch's own `invalid_batch` (in the order `aircraft`, `session`, `points`), then the
 //! first bad point.
 //!
-//! Choices where PROTOCOL.md is silent (mirrored in the crate docs):
+//! Choices stated in docs/protocol.md (mirrored in the crate docs):
 //! - A `batch` whose `seq` is missing or not an unsigned 64-bit integer cannot be
 //!   nacked (a nack echoes `seq`, and `ack` is cumulative), so it is the
 //!   connection-level `error protocol`.
@@ -28,7 +28,7 @@
 //! - UDP: a datagram over 65 507 bytes is `frame_too_large`; `seq` may be absent or
 //!   `nil`; `t`, when present, must be the string `"batch"` (else `protocol`).
 //!
-//! Version 1.1 (PROTOCOL.md, "Version 1.1 additions"):
+//! Version 1.1 (docs/protocol.md, "Version 1.1 hardening"):
 //! - Before `welcome` the listener calls [`decode_hello`], which reads only `t`, `v`,
 //!   `key` and `gateway` and steps over every other value without interpreting it
 //!   (the walk is iterative and linear in the bytes); any `t` but `hello` is
@@ -61,7 +61,7 @@ pub const MAX_GATEWAY_CHARS: usize = 64;
 /// Largest UDP datagram accepted, in bytes.
 pub const MAX_DATAGRAM_BYTES: usize = 65_507;
 
-/// Longest `aircraft` registration number accepted, in characters (PROTOCOL.md 1.1).
+/// Longest `aircraft` registration number accepted, in characters (docs/protocol.md, 1.1).
 pub const MAX_REGISTRATION_CHARS: usize = 20;
 
 /// A message from a gateway.
@@ -454,7 +454,7 @@ fn message_type<'a>(top: &Top<'a>) -> Result<&'a [u8], Rejection> {
     }
 }
 
-/// Decodes the first frame of a connection, before `welcome` (PROTOCOL.md 1.1): only
+/// Decodes the first frame of a connection, before `welcome` (docs/protocol.md, 1.1): only
 /// `t`, `v`, `key` and `gateway` are read; every other value is stepped over without
 /// being interpreted (so `points` in a hello costs a linear walk, nothing more), and a
 /// frame whose `t` is not `hello` is `protocol` without looking at anything else.

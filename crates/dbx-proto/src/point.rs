@@ -2,10 +2,10 @@
 //!
 //! This is the hot path of the daemon: a batch of up to 10 000 points is decoded
 //! straight from the frame body into `Point`s with the token reader, checking every
-//! rule of PROTOCOL.md's point table on the way. Nothing is allocated but the `Point`s
+//! rule of docs/protocol.md's point table on the way. Nothing is allocated but the `Point`s
 //! themselves (their `rpm`/`cs` vectors and `extra` text).
 //!
-//! Choices where PROTOCOL.md is silent (mirrored in the crate docs):
+//! Choices stated in docs/protocol.md (mirrored in the crate docs):
 //! - Integer fields (`ts` as microseconds, `seq`, `fix`, `sats`) take MessagePack
 //!   integers only; a float there, even an integral one, is `invalid_point`.
 //! - A float field whose value is finite but too large for a 32-bit `real` column is

@@ -1,4 +1,4 @@
-//! Every rule of PROTOCOL.md's decoding side: each rejection code with its message and
+//! Every rule of docs/protocol.md's decoding side: each rejection code with its message and
 //! index, each accepted form of each field, and the boundaries.
 
 mod common;
@@ -1013,7 +1013,7 @@ fn long_keys_are_quoted_cut_short() {
     assert!(r.msg.len() < 200, "{}", r.msg);
 }
 
-// ---- the first frame, before welcome (PROTOCOL.md 1.1) -------------------------------
+// ---- the first frame, before welcome (docs/protocol.md, 1.1) -------------------------------
 
 #[test]
 fn decode_hello_reads_only_the_hello_keys() {

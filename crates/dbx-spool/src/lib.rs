@@ -40,7 +40,7 @@
 //! UDP batches (no ack) are forwarded and, while spooling, spooled like TCP ones
 //! (they were accepted; the disk is the cheapest place to keep them), but never wait
 //! for room: at the limit they are dropped and counted
-//! (`dbx_udp_dropped_total{reason="spool_full"}`), as PROTOCOL.md asks of UDP under
+//! (`dbx_udp_dropped_total{reason="spool_full"}`), as docs/protocol.md asks of UDP under
 //! saturation.
 //!
 //! A spooled batch the batcher refuses on replay (e.g. `foreign_session`, decided in

@@ -1,4 +1,4 @@
-//! The migrations against a real PostgreSQL (dbx-testkit): every object of SCHEMA.md is
+//! The migrations against a real PostgreSQL (dbx-testkit): every object of docs/schema.md is
 //! created, and each one is exercised with known data and checked number by number. These
 //! cases run once per branch of the schema, each time in its own test binary: `schema` on the
 //! PostGIS branch, `schema_plain` on the plain one ([`crate::POSTGIS`]).
@@ -302,7 +302,7 @@ async fn the_seven_tables_exist_owned_by_dbx_admin() {
             r.get::<_, String>(0)
         );
     }
-    // Schemas, the four of SCHEMA.md, owned by dbx_admin too.
+    // Schemas, the four of docs/schema.md, owned by dbx_admin too.
     assert_eq!(
         count(
             &c,
@@ -329,7 +329,7 @@ async fn the_seven_tables_exist_owned_by_dbx_admin() {
         .unwrap();
     let flags: Vec<bool> = (0..7).map(|i| row.get(i)).collect();
     assert_eq!(flags, vec![true, false, true, true, true, false, true]);
-    // Every column SCHEMA.md names for organizations.
+    // Every column docs/schema.md names for organizations.
     let cols: Vec<String> = c
         .query(
             "SELECT column_name::text FROM information_schema.columns

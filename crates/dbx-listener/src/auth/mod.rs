@@ -21,7 +21,7 @@
 //! Flight sessions are too many to load; their owners are looked up on first use
 //! and remembered in a bounded two-generation cache.
 //!
-//! UDP datagrams in the MAC form (PROTOCOL.md 1.1) name their key by `kid`, the first
+//! UDP datagrams in the MAC form (docs/protocol.md, 1.1) name their key by `kid`, the first
 //! 8 bytes of its hash: the snapshot indexes the keys by it. Two keys can share a kid
 //! (a 64-bit prefix); the datagram is then checked against each of them, in hash
 //! order, and belongs to the one whose MAC verifies.

@@ -1,5 +1,5 @@
 //! `dbx serve`: the daemon. Wires the stages together and runs the shutdown order
-//! of ARCHITECTURE.md: stop accepting → stop reading → the batcher writes and acks
+//! of docs/architecture.md: stop accepting → stop reading → the batcher writes and acks
 //! what it accepted → control stops. A second SIGINT/SIGTERM exits at once.
 
 use std::path::{Path, PathBuf};
