@@ -25,7 +25,7 @@ use dbx_localpg::cluster::{ClusterError, ClusterOptions, ClusterTls, LocalCluste
 use tokio_postgres::Client;
 
 use crate::cmd::loadgen::{run_with_progress, LoadgenArgs};
-use crate::config::Config;
+use crate::config::{Config, DatabaseConfig};
 
 /// Flags of `dbx demo`.
 #[derive(Debug, Args)]
@@ -126,80 +126,14 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
     };
 
     // 1. PostgreSQL: DATABASE_URL (a superuser) or a private cluster.
-    let mut database = crate::cmd::setup::database_config(config_path)?;
-    database.require_tls |= args.tls;
-    let mut cluster = None;
-    let superuser = match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
-        Some(url) => {
-            println!("▶ Using the PostgreSQL server of DATABASE_URL");
-            database.connector(&url, "DATABASE_URL")?
-        }
-        None => {
-            let mut opts = ClusterOptions::for_tests(args.dir.join("cluster"));
-            if args.tls {
-                opts.tls = Some(ClusterTls::generate(true)?.0);
-            }
-            // A demo shows real behaviour: durable commits, ingest-friendly settings.
-            opts.settings = [
-                ("shared_buffers", "256MB"),
-                ("max_wal_size", "4GB"),
-                ("wal_compression", "on"),
-                ("checkpoint_timeout", "15min"),
-                ("max_connections", "200"),
-                ("log_min_messages", "warning"),
-            ]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-            let c = match tokio::task::spawn_blocking(move || {
-                let c = LocalCluster::init(opts)?;
-                c.start()?;
-                Ok::<_, ClusterError>(c)
-            })
-            .await?
-            {
-                Ok(c) => c,
-                Err(ClusterError::NoServerBinaries) => {
-                    eprintln!("dbx demo needs PostgreSQL's server binaries: `sudo apt-get install postgresql` (Debian/Ubuntu), `brew install postgresql` (macOS), or set DATABASE_URL to a superuser URL");
-                    return Ok(ExitCode::FAILURE);
-                }
-                Err(e) => return Err(e.into()),
-            };
-            println!(
-                "▶ PostgreSQL from {} running on 127.0.0.1:{} (data in {})",
-                c.bindir().display(),
-                c.port(),
-                c.dir().display()
-            );
-            let cfg = database.connector(&c.superuser_url("postgres"), "the demo cluster URL")?;
-            cluster = Some(c);
-            cfg
-        }
+    let Some((database, superuser, cluster)) = start_database(config_path, &args).await? else {
+        return Ok(ExitCode::FAILURE);
     };
 
     // 2. Setup.
-    let report = setup::setup(&SetupOptions {
-        superuser: superuser.clone(),
-        database: setup::DEFAULT_DATABASE.into(),
-        out_dir: args.dir.join("credentials"),
-        rotate: false,
-        sample_data: true,
-        postgis: Default::default(),
-    })
-    .await?;
-    println!(
-        "▶ dbx setup: {} ({} migrations applied now)",
-        if report.all_ok() {
-            "all checks passed"
-        } else {
-            "SOME CHECKS FAILED"
-        },
-        report.migrations_applied.len()
-    );
-    if !report.all_ok() {
-        print!("{report}");
+    let Some(report) = run_setup(&superuser, &args.dir).await? else {
         return Ok(ExitCode::FAILURE);
-    }
+    };
     let mut db_cfg = superuser.clone();
     db_cfg.pg_config_mut().dbname(setup::DEFAULT_DATABASE);
     let admin = setup::connect(&db_cfg).await?;
@@ -210,48 +144,9 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
     let fleet = register_fleet(&admin, args.gateways * args.aircraft_per_gateway).await?;
 
     // 3. The daemon, in this process.
-    let ingest_url = report
-        .url_of("dbx_ingest_service")
-        .context("setup wrote no ingest URL")?
-        .to_string();
-    let mut cfg = Config {
-        database,
-        ..Config::default()
-    };
-    cfg.database.url = ingest_url.clone();
-    cfg.database.admin_url = report
-        .url_of("dbx_maintenance_service")
-        .unwrap_or(&ingest_url)
-        .to_string();
-    cfg.listener.tcp_bind = local_addr(7070);
-    cfg.listener.udp_bind = local_addr(7071);
-    cfg.http.bind = local_addr(9898);
-    if let Some(b) = &broker {
-        cfg.mqtt.url = b.broker.url();
-        cfg.mqtt.username = "dbx".into();
-        cfg.mqtt.password = b.password.clone();
-        cfg.mqtt.client_id = "dbx-demo".into();
-    }
+    let cfg = daemon_config(database, &report, broker.as_ref())?;
     cfg.validate()?;
-    let ready = args.dir.join("ready.json");
-    let _ = std::fs::remove_file(&ready);
-    let (trigger, shutdown) = ShutdownTrigger::new();
-    let daemon = tokio::spawn(crate::cmd::serve::run(
-        cfg,
-        trigger.clone(),
-        shutdown,
-        Some(ready.clone()),
-    ));
-    let addrs = loop {
-        if let Ok(text) = std::fs::read_to_string(&ready) {
-            break serde_json::from_str::<serde_json::Value>(&text)?;
-        }
-        if daemon.is_finished() {
-            daemon.await??;
-            anyhow::bail!("the daemon stopped before it was ready");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (daemon, trigger, addrs) = start_daemon(cfg, &args.dir).await?;
     let tcp = addrs["tcp"].as_str().unwrap_or_default().to_string();
     let http = addrs["http"].as_str().unwrap_or_default().to_string();
     println!("▶ dbx serving gateways on {tcp}, admin on http://{http}");
@@ -272,9 +167,220 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
         args.gateways,
         args.duration
     );
+    let lg = fleet_args(
+        &args,
+        tcp.parse()?,
+        report.api_key.clone(),
+        fleet,
+        broker.as_ref(),
+    );
+    let summary = run_with_progress(lg.to_config()?).await;
+    println!("{summary}");
+    let landed = wait_landed(&admin, rows_before, summary.points_sent).await?;
+    if broker.is_some() {
+        println!("▶ {landed} of {} points published through the broker are committed (each acknowledged to the broker only after its commit)", summary.points_sent);
+    }
+
+    // 5. What landed.
+    analyses_for_new_sessions(&admin).await?;
+    report_landed(&admin).await?;
+    println!("\n▶ Metrics: http://{http}/metrics   status: http://{http}/api/v2/system/status");
+    println!("  credentials: {}", args.dir.join("credentials").display());
+
+    if !args.exit && std::io::stdout().is_terminal() {
+        println!("▶ dbx keeps running: point gateways at {tcp}. Ctrl-C stops it.");
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    stop_all(daemon, trigger, cluster, &args.dir).await?;
+    drop(broker);
+    Ok(
+        if summary.error.is_none() && summary.points_acked > 0 && landed > 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
+
+/// Starts `dbx serve`'s work in this process and waits until it is ready: the task, its
+/// shutdown trigger and the addresses it wrote to its ready file.
+async fn start_daemon(
+    cfg: Config,
+    dir: &Path,
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    ShutdownTrigger,
+    serde_json::Value,
+)> {
+    let ready = dir.join("ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let daemon = tokio::spawn(crate::cmd::serve::run(
+        cfg,
+        trigger.clone(),
+        shutdown,
+        Some(ready.clone()),
+    ));
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&ready) {
+            return Ok((daemon, trigger, serde_json::from_str(&text)?));
+        }
+        if daemon.is_finished() {
+            daemon.await??;
+            anyhow::bail!("the daemon stopped before it was ready");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Stops the daemon, then the private cluster; says how each went.
+async fn stop_all(
+    daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
+    trigger: ShutdownTrigger,
+    cluster: Option<LocalCluster>,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    trigger.fire();
+    match tokio::time::timeout(Duration::from_secs(60), daemon).await {
+        Ok(Ok(Ok(()))) => println!("▶ dbx stopped cleanly"),
+        Ok(Ok(Err(e))) => eprintln!("dbx stopped with an error: {e:#}"),
+        _ => eprintln!("dbx did not stop within 60 s"),
+    }
+    if let Some(c) = cluster {
+        tokio::task::spawn_blocking(move || drop(c)).await?;
+        println!("▶ PostgreSQL stopped (data kept in {})", dir.display());
+    }
+    Ok(())
+}
+
+/// The database the demo runs on: DATABASE_URL (a superuser) when set, else a private
+/// cluster from the machine's server binaries; `None` (after saying why) when there is
+/// neither.
+async fn start_database(
+    config_path: Option<&Path>,
+    args: &DemoArgs,
+) -> anyhow::Result<Option<(DatabaseConfig, dbx_pg::Connector, Option<LocalCluster>)>> {
+    let mut database = crate::cmd::setup::database_config(config_path)?;
+    database.require_tls |= args.tls;
+    if let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
+        println!("▶ Using the PostgreSQL server of DATABASE_URL");
+        let superuser = database.connector(&url, "DATABASE_URL")?;
+        return Ok(Some((database, superuser, None)));
+    }
+    let mut opts = ClusterOptions::for_tests(args.dir.join("cluster"));
+    if args.tls {
+        opts.tls = Some(ClusterTls::generate(true)?.0);
+    }
+    // A demo shows real behaviour: durable commits, ingest-friendly settings.
+    opts.settings = [
+        ("shared_buffers", "256MB"),
+        ("max_wal_size", "4GB"),
+        ("wal_compression", "on"),
+        ("checkpoint_timeout", "15min"),
+        ("max_connections", "200"),
+        ("log_min_messages", "warning"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let c = match tokio::task::spawn_blocking(move || {
+        let c = LocalCluster::init(opts)?;
+        c.start()?;
+        Ok::<_, ClusterError>(c)
+    })
+    .await?
+    {
+        Ok(c) => c,
+        Err(ClusterError::NoServerBinaries) => {
+            eprintln!("dbx demo needs PostgreSQL's server binaries: `sudo apt-get install postgresql` (Debian/Ubuntu), `brew install postgresql` (macOS), or set DATABASE_URL to a superuser URL");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    println!(
+        "▶ PostgreSQL from {} running on 127.0.0.1:{} (data in {})",
+        c.bindir().display(),
+        c.port(),
+        c.dir().display()
+    );
+    let superuser = database.connector(&c.superuser_url("postgres"), "the demo cluster URL")?;
+    Ok(Some((database, superuser, Some(c))))
+}
+
+/// `dbx setup` with the sample data; `None` (after printing the checklist) when a check
+/// failed.
+async fn run_setup(
+    superuser: &dbx_pg::Connector,
+    dir: &Path,
+) -> anyhow::Result<Option<setup::SetupReport>> {
+    let report = setup::setup(&SetupOptions {
+        superuser: superuser.clone(),
+        database: setup::DEFAULT_DATABASE.into(),
+        out_dir: dir.join("credentials"),
+        rotate: false,
+        sample_data: true,
+        postgis: Default::default(),
+    })
+    .await?;
+    println!(
+        "▶ dbx setup: {} ({} migrations applied now)",
+        if report.all_ok() {
+            "all checks passed"
+        } else {
+            "SOME CHECKS FAILED"
+        },
+        report.migrations_applied.len()
+    );
+    if !report.all_ok() {
+        print!("{report}");
+        return Ok(None);
+    }
+    Ok(Some(report))
+}
+
+/// The daemon's configuration: the users setup made, loopback ports (the usual ones when
+/// free), the demo broker when there is one.
+fn daemon_config(
+    database: DatabaseConfig,
+    report: &setup::SetupReport,
+    broker: Option<&DemoBroker>,
+) -> anyhow::Result<Config> {
+    let ingest_url = report
+        .url_of("dbx_ingest_service")
+        .context("setup wrote no ingest URL")?
+        .to_string();
+    let mut cfg = Config {
+        database,
+        ..Config::default()
+    };
+    cfg.database.url = ingest_url.clone();
+    cfg.database.admin_url = report
+        .url_of("dbx_maintenance_service")
+        .unwrap_or(&ingest_url)
+        .to_string();
+    cfg.listener.tcp_bind = local_addr(7070);
+    cfg.listener.udp_bind = local_addr(7071);
+    cfg.http.bind = local_addr(9898);
+    if let Some(b) = broker {
+        cfg.mqtt.url = b.broker.url();
+        cfg.mqtt.username = "dbx".into();
+        cfg.mqtt.password = b.password.clone();
+        cfg.mqtt.client_id = "dbx-demo".into();
+    }
+    Ok(cfg)
+}
+
+/// The simulated fleet: TCP gateways to the daemon, or MQTT clients of the demo broker.
+fn fleet_args(
+    args: &DemoArgs,
+    addr: std::net::SocketAddr,
+    key: Option<String>,
+    fleet: Vec<String>,
+    broker: Option<&DemoBroker>,
+) -> LoadgenArgs {
     let lg = LoadgenArgs {
-        addr: tcp.parse()?,
-        key: report.api_key.clone(),
+        addr,
+        key,
         key_file: PathBuf::new(),
         aircraft: fleet,
         gateways: args.gateways,
@@ -297,7 +403,7 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
         mqtt_password: String::new(),
         topic: "dbx/{org_code}/{aircraft}/telemetry".into(),
     };
-    let lg = match &broker {
+    match broker {
         Some(b) => LoadgenArgs {
             transport: crate::cmd::loadgen::TransportArg::Mqtt,
             broker: Some(b.broker.url()),
@@ -306,42 +412,7 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
             ..lg
         },
         None => lg,
-    };
-    let summary = run_with_progress(lg.to_config()?).await;
-    println!("{summary}");
-    let landed = wait_landed(&admin, rows_before, summary.points_sent).await?;
-    if broker.is_some() {
-        println!("▶ {landed} of {} points published through the broker are committed (each acknowledged to the broker only after its commit)", summary.points_sent);
     }
-
-    // 5. What landed.
-    analyses_for_new_sessions(&admin).await?;
-    report_landed(&admin).await?;
-    println!("\n▶ Metrics: http://{http}/metrics   status: http://{http}/api/v2/system/status");
-    println!("  credentials: {}", args.dir.join("credentials").display());
-
-    if !args.exit && std::io::stdout().is_terminal() {
-        println!("▶ dbx keeps running: point gateways at {tcp}. Ctrl-C stops it.");
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    trigger.fire();
-    match tokio::time::timeout(Duration::from_secs(60), daemon).await {
-        Ok(Ok(Ok(()))) => println!("▶ dbx stopped cleanly"),
-        Ok(Ok(Err(e))) => eprintln!("dbx stopped with an error: {e:#}"),
-        _ => eprintln!("dbx did not stop within 60 s"),
-    }
-    if let Some(c) = cluster {
-        tokio::task::spawn_blocking(move || drop(c)).await?;
-        println!("▶ PostgreSQL stopped (data kept in {})", args.dir.display());
-    }
-    drop(broker);
-    Ok(
-        if summary.error.is_none() && summary.points_acked > 0 && landed > 0 {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
 }
 
 /// Waits (up to 30 s) until the daemon's MQTT input is subscribed.

@@ -19,6 +19,7 @@ use dbx_control::sessions::SessionCompleter;
 use dbx_core::{SharedClock, ShutdownTrigger, SystemClock};
 use dbx_listener::{AuthCache, ByteBudget, HandshakeLog, Listener, OrgMetrics};
 use dbx_spool::Spool;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::{self, Config};
 
@@ -123,27 +124,7 @@ pub async fn run(
     let started = Instant::now();
     let clock: SharedClock = Arc::new(SystemClock);
     let admin_token = cfg.admin.load_token()?.map(Arc::new);
-    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .set_buckets(&[
-            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ])
-        .context("metric buckets")?
-        // One histogram per organization: few buckets, so its series stay few.
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(
-                dbx_listener::metrics::ORG_RATE_LIMIT_WAIT_SECONDS.into(),
-            ),
-            &[0.1, 1.0],
-        )
-        .context("metric buckets")?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    // Each crate registers the HELP text of the metrics it owns.
-    dbx_listener::metrics::describe();
-    dbx_batcher::metrics::describe();
-    dbx_spool::metrics::describe();
-    dbx_control::metrics::describe();
-    dbx_mqtt::metrics::describe();
+    let prometheus = install_metrics()?;
 
     // One connector per URL: the TLS settings of `[database]` apply to every connection.
     let ingest = cfg.database.connector(&cfg.database.url, "database.url")?;
@@ -153,35 +134,10 @@ pub async fn run(
     let service_pool = ingest.pool(4)?;
     let control_pool = admin.pool(2)?;
 
-    // The first connection says plainly what is wrong (TLS, require_tls, password, …), and
-    // the schema must be there: the daemon never migrates on its own.
-    {
-        let client = ingest.connect().await?;
-        report_security(&client, &ingest).await;
-        let missing = dbx_control::setup::missing_tables(&client).await?;
-        if !missing.is_empty() {
-            bail!(
-                "the database lacks {}; run `dbx setup` or `dbx migrate` first",
-                missing.join(", ")
-            );
-        }
-    }
+    check_database(&ingest).await?;
 
     // Partitions first, before the listener opens.
-    let interval = cfg.batcher.partition_interval;
-    let manager = Arc::new(PartitionManager::new(
-        admin.clone(),
-        interval,
-        cfg.partitions.clone(),
-        clock.clone(),
-    ));
-    let made = manager.startup().await?;
-    tracing::info!(
-        created = made.done.len(),
-        skipped = made.skipped.len(),
-        failed = made.failed.len(),
-        "partitions in place"
-    );
+    let manager = partitions_in_place(&cfg, &admin, &clock).await?;
     let (control_trigger, control_shutdown) = ShutdownTrigger::new();
     let maintenance_task = tokio::spawn(manager.clone().run(control_shutdown.clone()));
     let collector = Arc::new(HealthCollector::new(
@@ -212,16 +168,106 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(cfg.batcher.queue_capacity);
     let listener_queue = tx.downgrade();
     let batcher = Batcher::spawn(cfg.batcher.clone(), writer_pool.clone(), rx);
-    // With a spool, a gate sits between the listener's queue and the batcher's.
-    let (tx, spool) = if cfg.spool.enabled() {
-        let (gate_tx, gate_rx) = mpsc::channel(cfg.batcher.queue_capacity);
-        let spool = Spool::start(cfg.spool.clone(), gate_rx, tx)
-            .await
-            .context("starting the disk spool (spool.dir)")?;
-        (gate_tx, Some(spool))
-    } else {
-        (tx, None)
-    };
+    let (tx, spool) = spool_gate(&cfg, tx).await?;
+    let (listener, mqtt) = start_inputs(&cfg, auth, tx, handshakes).await?;
+
+    let accepting = Arc::new(AtomicBool::new(false));
+    let (http_task, http_addr) = start_admin_http(
+        &cfg,
+        AdminParts {
+            prometheus,
+            pool: control_pool.clone(),
+            started,
+            accepting: accepting.clone(),
+            queue: listener_queue.clone(),
+            clock: clock.clone(),
+            health,
+            token: admin_token,
+        },
+        control_shutdown.clone(),
+    )
+    .await?;
+
+    accepting.store(true, Ordering::Relaxed);
+    announce(&cfg, &listener, http_addr, ready_file.as_deref())?;
+
+    // 1–2. Runs until shutdown, then stops accepting and reading, and waits for
+    //      every connection (and the MQTT input) to receive the verdicts on what it sent.
+    let mqtt_task = mqtt.map(|m| tokio::spawn(m.run(shutdown.clone())));
+    listener.run(shutdown).await;
+    if let Some(t) = mqtt_task {
+        let _ = t.await;
+    }
+    accepting.store(false, Ordering::Relaxed);
+    drop(trigger);
+    // 3. Every sender is gone: the batcher writes out what it holds and exits.
+    drain_pipeline(batcher, spool).await;
+    // 4. Control last.
+    control_trigger.fire();
+    let _ = tokio::join!(
+        maintenance_task,
+        collector_task,
+        completer_task,
+        refresher,
+        http_task
+    );
+    tracing::info!("dbx stopped");
+    Ok(())
+}
+
+/// Installs the Prometheus recorder and registers every crate's HELP texts.
+fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
+        .context("metric buckets")?
+        // One histogram per organization: few buckets, so its series stay few.
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                dbx_listener::metrics::ORG_RATE_LIMIT_WAIT_SECONDS.into(),
+            ),
+            &[0.1, 1.0],
+        )
+        .context("metric buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    // Each crate registers the HELP text of the metrics it owns.
+    dbx_listener::metrics::describe();
+    dbx_batcher::metrics::describe();
+    dbx_spool::metrics::describe();
+    dbx_control::metrics::describe();
+    dbx_mqtt::metrics::describe();
+
+    Ok(prometheus)
+}
+
+/// The first connection says plainly what is wrong (TLS, require_tls, password, …), and
+/// the schema must be there: the daemon never migrates on its own.
+async fn check_database(ingest: &dbx_pg::Connector) -> anyhow::Result<()> {
+    {
+        let client = ingest.connect().await?;
+        report_security(&client, ingest).await;
+        let missing = dbx_control::setup::missing_tables(&client).await?;
+        if !missing.is_empty() {
+            bail!(
+                "the database lacks {}; run `dbx setup` or `dbx migrate` first",
+                missing.join(", ")
+            );
+        }
+    }
+
+    Ok(())
+}
+
+/// The gateway inputs: the listener (TCP, TLS, UDP) and, when configured, the MQTT
+/// input, feeding the same queue with one byte budget and one set of org metrics.
+async fn start_inputs(
+    cfg: &Config,
+    auth: Arc<AuthCache>,
+    tx: mpsc::Sender<dbx_core::TelemetryBatch>,
+    handshakes: HandshakeLog,
+) -> anyhow::Result<(Listener, Option<dbx_mqtt::MqttInput>)> {
     let org_metrics = OrgMetrics::new(cfg.metrics.max_org_labels);
     let budget =
         ByteBudget::new(usize::try_from(cfg.limits.max_buffered_bytes).unwrap_or(usize::MAX));
@@ -251,26 +297,49 @@ pub async fn run(
         None
     };
 
-    let accepting = Arc::new(AtomicBool::new(false));
+    Ok((listener, mqtt))
+}
+
+/// What the admin HTTP endpoint shows and needs.
+struct AdminParts {
+    prometheus: PrometheusHandle,
+    pool: deadpool_postgres::Pool,
+    started: Instant,
+    accepting: Arc<AtomicBool>,
+    queue: mpsc::WeakSender<dbx_core::TelemetryBatch>,
+    clock: SharedClock,
+    health: dbx_control::health::HealthHandle,
+    token: Option<Arc<dbx_control::http::AdminToken>>,
+}
+
+/// Binds and serves the admin HTTP endpoint; refuses a non-loopback bind without a token.
+async fn start_admin_http(
+    cfg: &Config,
+    parts: AdminParts,
+    shutdown: dbx_core::Shutdown,
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    std::net::SocketAddr,
+)> {
     let (http_listener, http_addr) = dbx_control::http::bind(&cfg.http.bind)
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
     // Config validation resolved http.bind already; this covers a name that resolved
     // differently at bind time.
-    if admin_token.is_none() && !http_addr.ip().is_loopback() {
+    if parts.token.is_none() && !http_addr.ip().is_loopback() {
         bail!(
             "config key `admin.token_file`: must be set when http.bind ({http_addr}) is not a \
              loopback address"
         );
     }
     // A weak handle: the status endpoint must not keep the batcher's queue open at shutdown.
-    let queue = listener_queue.clone();
+    let queue = parts.queue;
     let queue_capacity = cfg.batcher.queue_capacity;
     let admin = dbx_control::http::AdminState {
-        prometheus,
-        pool: control_pool.clone(),
-        started,
-        listener_accepting: accepting.clone(),
+        prometheus: parts.prometheus,
+        pool: parts.pool,
+        started: parts.started,
+        listener_accepting: parts.accepting,
         status: Arc::new(move || {
             let free = queue.upgrade().map(|q| q.capacity()).unwrap_or(0);
             serde_json::json!({
@@ -278,18 +347,66 @@ pub async fn run(
                 "queue_depth": queue_capacity.saturating_sub(free),
             })
         }),
-        clock: clock.clone(),
-        interval,
-        health,
+        clock: parts.clock,
+        interval: cfg.batcher.partition_interval,
+        health: parts.health,
         rates: Default::default(),
-        token: admin_token,
+        token: parts.token.clone(),
     };
-    let http_task = tokio::spawn(dbx_control::http::serve(
-        http_listener,
-        admin,
-        control_shutdown.clone(),
-    ));
+    let http_task = tokio::spawn(dbx_control::http::serve(http_listener, admin, shutdown));
 
+    Ok((http_task, http_addr))
+}
+
+/// Creates the partitions the configuration wants around now (before the listener opens),
+/// and returns the manager that keeps them so.
+async fn partitions_in_place(
+    cfg: &Config,
+    admin: &dbx_pg::Connector,
+    clock: &SharedClock,
+) -> anyhow::Result<Arc<PartitionManager>> {
+    let manager = Arc::new(PartitionManager::new(
+        admin.clone(),
+        cfg.batcher.partition_interval,
+        cfg.partitions.clone(),
+        clock.clone(),
+    ));
+    let made = manager.startup().await?;
+    tracing::info!(
+        created = made.done.len(),
+        skipped = made.skipped.len(),
+        failed = made.failed.len(),
+        "partitions in place"
+    );
+    Ok(manager)
+}
+
+/// With a spool, a gate sits between the inputs' queue and the batcher's: the sender the
+/// inputs get, and the spool to join at shutdown.
+async fn spool_gate(
+    cfg: &Config,
+    batcher_tx: mpsc::Sender<dbx_core::TelemetryBatch>,
+) -> anyhow::Result<(
+    mpsc::Sender<dbx_core::TelemetryBatch>,
+    Option<dbx_spool::SpoolHandle>,
+)> {
+    if !cfg.spool.enabled() {
+        return Ok((batcher_tx, None));
+    }
+    let (gate_tx, gate_rx) = mpsc::channel(cfg.batcher.queue_capacity);
+    let spool = Spool::start(cfg.spool.clone(), gate_rx, batcher_tx)
+        .await
+        .context("starting the disk spool (spool.dir)")?;
+    Ok((gate_tx, Some(spool)))
+}
+
+/// Logs where dbx listens and writes the ready file.
+fn announce(
+    cfg: &Config,
+    listener: &Listener,
+    http_addr: std::net::SocketAddr,
+    ready_file: Option<&Path>,
+) -> anyhow::Result<()> {
     let addrs = serde_json::json!({
         "tcp": listener.tcp_addr().map(|a| a.to_string()),
         "tls": listener.tls_addr().map(|a| a.to_string()),
@@ -302,23 +419,17 @@ pub async fn run(
         tcp = ?listener.tcp_addr(), tls = ?listener.tls_addr(), udp = ?listener.udp_addr(),
         http = %http_addr, "dbx accepting gateways"
     );
-    accepting.store(true, Ordering::Relaxed);
-    if let Some(path) = &ready_file {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&addrs)?)?;
-        std::fs::rename(&tmp, path)?;
+    if let Some(path) = ready_file {
+        write_ready_file(path, &addrs)?;
     }
+    Ok(())
+}
 
-    // 1–2. Runs until shutdown, then stops accepting and reading, and waits for
-    //      every connection (and the MQTT input) to receive the verdicts on what it sent.
-    let mqtt_task = mqtt.map(|m| tokio::spawn(m.run(shutdown.clone())));
-    listener.run(shutdown).await;
-    if let Some(t) = mqtt_task {
-        let _ = t.await;
-    }
-    accepting.store(false, Ordering::Relaxed);
-    drop(trigger);
-    // 3. Every sender is gone: the batcher writes out what it holds and exits.
+/// Waits for the batcher to write out what it holds, then for the spool to close.
+async fn drain_pipeline(
+    batcher: dbx_batcher::BatcherHandle,
+    spool: Option<dbx_spool::SpoolHandle>,
+) {
     match batcher.join().await {
         Ok(stats) => tracing::info!(?stats, "batcher drained"),
         Err(e) => tracing::error!(error = %e, "batcher did not finish cleanly"),
@@ -327,15 +438,12 @@ pub async fn run(
         let stats = spool.join().await;
         tracing::info!(?stats, "spool closed");
     }
-    // 4. Control last.
-    control_trigger.fire();
-    let _ = tokio::join!(
-        maintenance_task,
-        collector_task,
-        completer_task,
-        refresher,
-        http_task
-    );
-    tracing::info!("dbx stopped");
+}
+
+/// Writes the addresses for whoever waits for readiness (tests, the demo), atomically.
+fn write_ready_file(path: &Path, addrs: &serde_json::Value) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(addrs)?)?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
