@@ -569,42 +569,21 @@ async fn the_loadgen_sends_udp_with_a_mac_or_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_gateway_sends_mac_datagrams() {
     let env = Env::start(&[("DBX_LISTENER__UDP_PLAIN_KEY", "false")]).await;
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python_gateway.py");
-    let out = tokio::process::Command::new(dbx_testkit::prereq::python())
-        .arg(&script)
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &env.daemon.tcp.port().to_string(),
-        ])
-        .args([
-            "--key",
-            &env.org.key,
-            "--aircraft",
-            &env.registration,
+    let udp_port = env.daemon.udp.expect("udp").port().to_string();
+    let report = crate::python_gateway(
+        &env,
+        &[
             "--points",
             "300",
             "--batch",
             "100",
-        ])
-        .args([
             "--udp-port",
-            &env.daemon.udp.expect("udp").port().to_string(),
+            &udp_port,
             "--udp-auth",
             "mac",
-        ])
-        .output()
-        .await
-        .expect("the test Python runs (scripts/test makes it)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        ],
+    )
+    .await;
     assert_eq!(report["datagrams"], 3);
     let session: Uuid = report["session"].as_str().unwrap().parse().unwrap();
     assert_eq!(env.wait_rows(session, 300).await, 300);

@@ -815,39 +815,8 @@ fn _point_is_used(_: Point) {}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_example_gateway_works_against_the_daemon() {
-    // The test environment's Python (scripts/test makes it, with the pinned msgpack).
-    let python = dbx_testkit::prereq::python();
     let env = Env::start(&[]).await;
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python_gateway.py");
-    let out = tokio::process::Command::new(python)
-        .arg(&script)
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &env.daemon.tcp.port().to_string(),
-        ])
-        .args([
-            "--key",
-            &env.org.key,
-            "--aircraft",
-            &env.registration,
-            "--points",
-            "1000",
-            "--batch",
-            "250",
-        ])
-        .output()
-        .await
-        .expect("the test Python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let report = crate::python_gateway(&env, &["--points", "1000", "--batch", "250"]).await;
     assert_eq!(report["acked"], 1000);
     assert_eq!(
         report["ended"], true,

@@ -28,3 +28,30 @@ impl Env {
         dbx_testkit::Env::start_with_rate(dbx_bin(), env, rate).await
     }
 }
+
+/// Runs examples/python_gateway.py (with the test Python, which scripts/test makes)
+/// against `env`'s daemon with `args` after `--host/--port/--key/--aircraft`; its JSON
+/// report. Fails the test, with the script's output, when it does not exit 0.
+pub async fn python_gateway(env: &dbx_testkit::Env, args: &[&str]) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python_gateway.py");
+    let out = tokio::process::Command::new(dbx_testkit::prereq::python())
+        .arg(&script)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &env.daemon.tcp.port().to_string(),
+        ])
+        .args(["--key", &env.org.key, "--aircraft", &env.registration])
+        .args(args)
+        .output()
+        .await
+        .expect("the test Python runs (scripts/test makes it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap()
+}

@@ -247,6 +247,20 @@ fn put_json(b: &mut BytesMut, v: &serde_json::Value) {
     }
 }
 
+/// Runs `body`, and on error takes back what it appended: an encoder either appends a
+/// whole message or nothing.
+fn all_or_nothing<T, E>(
+    b: &mut BytesMut,
+    body: impl FnOnce(&mut BytesMut) -> Result<T, E>,
+) -> Result<T, E> {
+    let start = b.len();
+    let out = body(b);
+    if out.is_err() {
+        b.truncate(start);
+    }
+    out
+}
+
 /// Runs `body` between a placeholder length prefix and its patch-up.
 fn framed<R>(b: &mut BytesMut, body: impl FnOnce(&mut BytesMut) -> R) -> R {
     let start = b.len();
@@ -408,19 +422,16 @@ pub fn encode_batch_with(
     points: &[Point],
     opts: EncodeOptions,
 ) -> Result<(), EncodeError> {
-    let start = b.len();
-    let out = framed(b, |b| {
-        put_map_len(b, 5);
-        put_str(b, "t");
-        put_str(b, "batch");
-        put_str(b, "seq");
-        put_uint(b, seq);
-        batch_tail(b, aircraft, session, points, opts)
-    });
-    if out.is_err() {
-        b.truncate(start);
-    }
-    out
+    all_or_nothing(b, |b| {
+        framed(b, |b| {
+            put_map_len(b, 5);
+            put_str(b, "t");
+            put_str(b, "batch");
+            put_str(b, "seq");
+            put_uint(b, seq);
+            batch_tail(b, aircraft, session, points, opts)
+        })
+    })
 }
 
 /// Appends one UDP datagram (no length prefix): `t = "batch"`, `key`, the optional
@@ -435,12 +446,9 @@ pub fn encode_datagram(
     points: &[Point],
     opts: EncodeOptions,
 ) -> Result<(), EncodeError> {
-    let start = b.len();
-    let out = datagram_batch(b, Some(key), seq, aircraft, session, points, opts);
-    if out.is_err() {
-        b.truncate(start);
-    }
-    out
+    all_or_nothing(b, |b| {
+        datagram_batch(b, Some(key), seq, aircraft, session, points, opts)
+    })
 }
 
 /// Appends one UDP datagram in the MAC form of docs/protocol.md, 1.1 (no length prefix):
@@ -522,17 +530,14 @@ pub fn encode_batch_payload(
     points: &[Point],
     opts: EncodeOptions,
 ) -> Result<(), EncodeError> {
-    let start = b.len();
-    put_map_len(b, if seq.is_some() { 3 } else { 2 });
-    if let Some(s) = seq {
-        put_str(b, "seq");
-        put_uint(b, s);
-    }
-    let out = session_and_points(b, session, points, opts);
-    if out.is_err() {
-        b.truncate(start);
-    }
-    out
+    all_or_nothing(b, |b| {
+        put_map_len(b, if seq.is_some() { 3 } else { 2 });
+        if let Some(s) = seq {
+            put_str(b, "seq");
+            put_uint(b, s);
+        }
+        session_and_points(b, session, points, opts)
+    })
 }
 
 /// `session` and `points` entries.
