@@ -271,7 +271,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 r = &mut write => return r,
                 _ = sleep_until(until) => {
                     if until == timeout_at {
-                        WriteTimedOut { transport: *transport, after: *write_timeout }.emit();
+                        WriteTimedOut { transport, after: *write_timeout }.emit();
                     }
                     return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer does not read what the server writes"));
                 }

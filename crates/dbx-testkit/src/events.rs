@@ -9,10 +9,13 @@ use std::sync::{Arc, Mutex};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use metrics_util::MetricKind;
 
+/// One series as the recorder saw it: kind, name, labels, value.
+type Series = (MetricKind, String, Vec<(String, String)>, DebugValue);
+
 /// The metrics moved and the log written while a closure ran.
 #[derive(Debug)]
 pub struct Captured {
-    metrics: Vec<(MetricKind, String, Vec<(String, String)>, DebugValue)>,
+    metrics: Vec<Series>,
     log: String,
 }
 
