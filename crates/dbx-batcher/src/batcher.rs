@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::metrics as m;
-use dbx_core::TelemetryBatch;
+use dbx_core::{InternalEvent, TelemetryBatch};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -41,6 +41,7 @@ use crate::config::BatcherConfig;
 use crate::dedupe::SessionCache;
 use crate::ends::run_ends;
 use crate::error::BatcherError;
+use crate::events::FlushQueued;
 use crate::partition::{PartitionCache, PartitionKey};
 use crate::stats::{BatcherStats, Counters};
 use crate::ticket::{Part, Ticket};
@@ -126,7 +127,7 @@ async fn run(
     counters: Arc<Counters>,
 ) -> Result<BatcherStats, BatcherError> {
     config.validate().map_err(|e| e.in_section("batcher"))?;
-    metrics::gauge!(m::QUEUE_CAPACITY).set(rx.max_capacity() as f64);
+    m::queue_capacity(rx.max_capacity());
     let age = config.max_batch_age();
     let mut d = Dispatcher::new(config, pool, counters.clone());
     loop {
@@ -145,7 +146,7 @@ async fn run(
                 }
             }
         }
-        metrics::gauge!(m::QUEUE_DEPTH).set(rx.len() as f64);
+        m::queue_depth(rx.len());
         if d.config.flush_when_idle {
             d.flush_idle();
         }
@@ -399,7 +400,11 @@ impl Dispatcher {
         c.add(counter, 1);
         c.largest_flush_rows
             .fetch_max(g.rows as u64, Ordering::Relaxed);
-        metrics::counter!(m::BATCHES_FLUSHED_TOTAL, "trigger" => trigger.as_str()).increment(1);
+        FlushQueued {
+            trigger: trigger.as_str(),
+            rows: g.rows,
+        }
+        .emit();
         self.ready.push((
             FlushJob {
                 key,

@@ -28,14 +28,14 @@
 
 use std::collections::HashMap;
 
-use crate::metrics as m;
-use dbx_core::{RejectCode, Rejection};
-use tracing::{debug, warn};
+use dbx_core::{InternalEvent, RejectCode, Rejection};
+use tracing::debug;
 use uuid::Uuid;
 
 use crate::error::AttemptError;
+use crate::events::{SessionsEnded, WriteRetried};
 use crate::ticket::{Part, Resolved};
-use crate::writer::{count_retry, refuse, Backoff, Shared};
+use crate::writer::{refuse, retried, Backoff, Shared};
 
 /// Locks the ended sessions in id order and reads their owner.
 const LOCK_SQL: &str = "SELECT session_id, org_id FROM dbx_aviation.flight_sessions \
@@ -60,8 +60,6 @@ pub(crate) async fn run_ends(shared: &Shared, parts: Vec<Part>) {
         match err {
             AttemptError::Data(msg) => {
                 for p in &parts {
-                    warn!(org = %p.ticket.org, session = %p.ticket.session, error = %msg,
-                        "session end rejected by the database");
                     let r = Rejection::new(
                         RejectCode::Rejected,
                         format!("the database rejected the end of the session: {msg}"),
@@ -71,10 +69,12 @@ pub(crate) async fn run_ends(shared: &Shared, parts: Vec<Part>) {
                 return;
             }
             other => {
-                let kind = other.kind();
-                warn!(error = ?other, retry_in_ms = backoff.delay().as_millis() as u64,
-                    "transient error ending sessions, retrying");
-                count_retry(shared, kind);
+                let event = WriteRetried::Ends {
+                    kind: other.kind(),
+                    error: &other,
+                    retry_in: backoff.delay(),
+                };
+                retried(shared, event);
             }
         }
         shared.update_pool_gauges();
@@ -118,7 +118,11 @@ async fn attempt(
 fn resolve(shared: &Shared, parts: &[Part], owners: &HashMap<Uuid, Uuid>, completed: u64) {
     let c = &shared.counters;
     c.add(&c.sessions_ended, completed);
-    metrics::counter!(m::SESSIONS_COMPLETED_TOTAL, "reason" => "end").increment(completed);
+    SessionsEnded {
+        completed,
+        ends: parts.len(),
+    }
+    .emit();
     for p in parts {
         let t = &p.ticket;
         match owners.get(&t.session) {

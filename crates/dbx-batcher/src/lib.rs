@@ -10,6 +10,7 @@
 //! - [`dedupe`]: per-session high-water marks and the staging path for possible duplicates.
 //! - [`sessions`]: flight session statistics (departure, arrival, count, distance).
 //! - `ends`: a gateway's `end` of a flight session (protocol 1.1): completes it.
+//! - [`metrics`] / [`events`]: metric names and HELP; the events that log and count together.
 //! - `batcher`: the task that groups batches by partition, applies the flush policy and retries.
 //!
 //! The binary wires it: it creates the channel with `queue_capacity`, gives the
@@ -22,6 +23,7 @@ pub mod copy;
 pub mod dedupe;
 mod ends;
 mod error;
+pub mod events;
 pub mod metrics;
 pub mod partition;
 pub mod sessions;

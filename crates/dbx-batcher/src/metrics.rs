@@ -8,8 +8,16 @@
 //! `table`, and `org` capped by `metrics.max_org_labels`). Names never change: the
 //! dashboard and the alerts in deploy/ depend on them (tests/ops checks every name they
 //! use against these files).
+//!
+//! Below the names: the setters of the gauges describing state and the per-batch
+//! latency. Everything logged as well as counted (flushes, refusals, retries, ends) is
+//! an event of [`crate::events`].
 
-use ::metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
+use std::time::Duration;
+
+use ::metrics::{
+    describe_counter as c, describe_gauge as g, describe_histogram as h, gauge, histogram, Unit,
+};
 
 pub use dbx_core::metrics::{POINTS_WRITTEN_TOTAL, QUEUE_DEPTH, SESSIONS_COMPLETED_TOTAL};
 
@@ -89,4 +97,25 @@ pub fn describe() {
         BATCHES_REJECTED_TOTAL,
         "Batches nacked by the writer, by reason (rejected, foreign_session, session_closed)."
     );
+}
+
+/// `dbx_queue_capacity`.
+pub fn queue_capacity(batches: usize) {
+    gauge!(QUEUE_CAPACITY).set(batches as f64);
+}
+
+/// `dbx_queue_depth`, as the batcher sees it when it receives.
+pub fn queue_depth(batches: usize) {
+    gauge!(QUEUE_DEPTH).set(batches as f64);
+}
+
+/// `dbx_pool_connections_in_use` and `dbx_pool_connections_idle`.
+pub fn pool(in_use: usize, idle: usize) {
+    gauge!(POOL_IN_USE).set(in_use as f64);
+    gauge!(POOL_IDLE).set(idle as f64);
+}
+
+/// Commit to ack handed to the connection, in `dbx_commit_to_ack_seconds`.
+pub fn commit_to_ack(latency: Duration) {
+    histogram!(COMMIT_TO_ACK_SECONDS).record(latency.as_secs_f64());
 }

@@ -44,11 +44,11 @@ use crate::metrics as m;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use dbx_core::sync::lock;
-use dbx_core::{BatchOrigin, Point, RejectCode, Rejection};
+use dbx_core::{BatchOrigin, InternalEvent, Point, RejectCode, Rejection};
 use deadpool_postgres::Transaction;
 use futures::SinkExt;
 use rand::Rng;
-use tracing::{debug, warn};
+use tracing::debug;
 use uuid::Uuid;
 
 use crate::config::BatcherConfig;
@@ -57,6 +57,7 @@ use crate::dedupe::{
     copy_staging_sql, insert_from_staging_sql, InFlushDedupe, SessionCache, CREATE_STAGING_SQL,
 };
 use crate::error::AttemptError;
+use crate::events::{BatchRejected, FlushCompleted, WriteRetried};
 use crate::partition::{PartitionCache, PartitionKey, LIST_CHILDREN_SQL, PARENT};
 use crate::sessions::{
     InsertedRow, SessionState, SessionUpdate, ACTIVE_AIRCRAFT_SQL, RECOMPUTE_SQL,
@@ -125,8 +126,7 @@ impl Shared {
 
     pub(crate) fn update_pool_gauges(&self) {
         let s = self.pool.status();
-        metrics::gauge!(m::POOL_IN_USE).set(s.size.saturating_sub(s.available) as f64);
-        metrics::gauge!(m::POOL_IDLE).set(s.available as f64);
+        m::pool(s.size.saturating_sub(s.available), s.available);
     }
 }
 
@@ -172,11 +172,6 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
             }
             Err(msg) => {
                 let t = &parts[0].ticket;
-                warn!(
-                    org = %t.org, session = %t.session, points = parts[0].points.len(),
-                    waited_ms = t.received_at.elapsed().as_millis() as u64,
-                    error = %msg, "batch rejected by the database"
-                );
                 let r = Rejection::new(
                     RejectCode::Rejected,
                     format!("the database rejected the batch: {msg}"),
@@ -189,16 +184,20 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
     shared.return_encoder(enc);
 }
 
-/// Refuses a batch (once) and counts it: `dbx_batches_rejected_total{reason}`, and for
-/// a UDP datagram, which nobody answers, `dbx_udp_dropped_total{reason}` too.
+/// Refuses a batch (once), and reports it ([`BatchRejected`]) the one time it does.
 pub(crate) fn refuse(shared: &Shared, t: &Ticket, r: Rejection) {
-    let code = r.code.as_str();
+    let (code, msg) = (r.code, r.msg.clone());
     if t.reject(r) == Resolved::Now {
         shared.counters.add(&shared.counters.batches_rejected, 1);
-        metrics::counter!(m::BATCHES_REJECTED_TOTAL, "reason" => code).increment(1);
-        if t.origin == BatchOrigin::Udp {
-            metrics::counter!(dbx_core::metrics::UDP_DROPPED_TOTAL, "reason" => code).increment(1);
+        BatchRejected {
+            org: t.org,
+            session: t.session,
+            origin: t.origin,
+            waited: t.received_at.elapsed(),
+            code,
+            msg: &msg,
         }
+        .emit();
     }
 }
 
@@ -231,6 +230,10 @@ struct Committed {
     /// New high-water marks.
     marks: Vec<(Uuid, Option<i64>)>,
     committed_at: Option<Instant>,
+    /// Bytes of COPY data sent.
+    bytes: u64,
+    /// COPY plus commit of the attempt that committed.
+    duration: Duration,
     /// Parts of completed sessions, settled without being written.
     settled: HashMap<usize, Settled>,
 }
@@ -294,7 +297,7 @@ fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usiz
         } else if t.piece_committed() == Resolved::Now {
             c.add(&c.batches_acked, 1);
             if let Some(at) = done.committed_at {
-                metrics::histogram!(m::COMMIT_TO_ACK_SECONDS).record(at.elapsed().as_secs_f64());
+                m::commit_to_ack(at.elapsed());
             }
         }
     }
@@ -309,9 +312,15 @@ fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usiz
     c.add(&c.points_written, done.inserted);
     c.add(&c.points_deduplicated, dedup);
     c.add(&c.rows_default_partition, done.via_parent);
-    metrics::counter!(m::POINTS_WRITTEN_TOTAL).increment(done.inserted);
-    metrics::counter!(m::POINTS_DEDUPLICATED_TOTAL).increment(dedup);
-    metrics::counter!(m::ROWS_TO_DEFAULT_PARTITION_TOTAL).increment(done.via_parent);
+    FlushCompleted {
+        rows: done.inserted,
+        bytes: done.bytes,
+        duration: done.duration,
+        inserted: done.inserted,
+        deduplicated: dedup,
+        via_parent: done.via_parent,
+    }
+    .emit();
 }
 
 /// Retries one set of parts until it commits or fails for a data reason (the message).
@@ -331,15 +340,13 @@ async fn write_with_retries(
         let started = Instant::now();
         let err = match attempt(shared, enc, key, &prepared, all_staging, &mut plan).await {
             Ok(mut done) => {
-                metrics::histogram!(m::COPY_DURATION_SECONDS)
-                    .record(started.elapsed().as_secs_f64());
+                done.duration = started.elapsed();
                 done.committed_at = Some(Instant::now());
                 done.settled = settled;
                 return Ok(done);
             }
             Err(e) => e,
         };
-        let kind = err.kind();
         match err {
             AttemptError::Settled(found) => {
                 // Sessions are never reopened, so this converges: write the rest now.
@@ -353,26 +360,30 @@ async fn write_with_retries(
                 return Err("duplicate key on the staging path".into())
             }
             AttemptError::UniqueViolation => {
-                debug!("unique violation on the fast path, retrying through staging");
                 all_staging = true;
                 plan = None;
-                count_retry(shared, kind);
+                retried(shared, WriteRetried::UniqueViolation);
                 continue;
             }
             AttemptError::MissingRelation if missing_streak == 0 => {
                 lock(&shared.partitions).invalidate();
                 missing_streak += 1;
-                count_retry(shared, kind);
+                retried(shared, WriteRetried::PartitionMissing);
                 continue;
             }
             AttemptError::MissingRelation => {
                 lock(&shared.partitions).invalidate();
-                warn!("telemetry table missing; retrying (are the migrations applied?)");
-                count_retry(shared, kind);
+                retried(shared, WriteRetried::TableMissing);
             }
             AttemptError::Transient(msg) => {
-                warn!(error = %msg, retry_in_ms = backoff.delay().as_millis() as u64, "transient write error, retrying");
-                count_retry(shared, kind);
+                let retry_in = backoff.delay();
+                retried(
+                    shared,
+                    WriteRetried::Transient {
+                        error: &msg,
+                        retry_in,
+                    },
+                );
             }
         }
         shared.update_pool_gauges();
@@ -411,9 +422,10 @@ impl Backoff {
     }
 }
 
-pub(crate) fn count_retry(shared: &Shared, kind: &'static str) {
+/// Counts a retry in the batcher's statistics and reports it.
+pub(crate) fn retried(shared: &Shared, event: WriteRetried<'_>) {
     shared.counters.add(&shared.counters.retries, 1);
-    metrics::counter!(m::RETRIES_TOTAL, "kind" => kind).increment(1);
+    event.emit();
 }
 
 /// The rows of one session in a flush, deduplicated within the flush.
@@ -853,7 +865,7 @@ async fn recompute_late(
     Ok(())
 }
 
-/// What a committed attempt wrote and refused; records the flush's size.
+/// What a committed attempt wrote and refused.
 fn committed(
     prepared: &Prepared<'_>,
     plan: &Plan,
@@ -869,8 +881,6 @@ fn committed(
         .filter(|s| !refused.contains(&s.session))
         .map(|s| s.offered as u64)
         .sum();
-    metrics::histogram!(m::FLUSH_ROWS).record(total as f64);
-    metrics::histogram!(m::FLUSH_BYTES).record(plan.encoded_bytes() as f64);
     let mut marks: Vec<(Uuid, Option<i64>)> = plan.marks.iter().map(|(s, m)| (*s, *m)).collect();
     marks.extend(updates.iter().map(|u| (u.session_id, Some(u.last_seq))));
     Committed {
@@ -882,6 +892,8 @@ fn committed(
         via_parent: if via_parent { total } else { 0 },
         marks,
         committed_at: None,
+        bytes: plan.encoded_bytes() as u64,
+        duration: Duration::ZERO,
         settled: HashMap::new(),
     }
 }

@@ -150,7 +150,7 @@ impl HealthCollector {
         .await;
         match result {
             Ok(snap) => {
-                export(&snap);
+                m::health(&snap);
                 if snap.default_partition_rows > 0 {
                     tracing::warn!(
                         rows = snap.default_partition_rows,
@@ -164,7 +164,7 @@ impl HealthCollector {
             }
             Err(e) => {
                 *slot = None;
-                metrics::gauge!(m::DB_UP).set(0.0);
+                m::db_down();
                 if let Ok(mut s) = self.snapshot.write() {
                     s.up = false;
                     s.error = Some(e.0.clone());
@@ -311,38 +311,6 @@ async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, Healt
     s.tls = ssl.get(0);
     s.tls_version = ssl.get(1);
     Ok(s)
-}
-
-fn export(s: &HealthSnapshot) {
-    metrics::gauge!(m::DB_UP).set(1.0);
-    let opt = |name: &'static str, v: Option<f64>| {
-        if let Some(v) = v {
-            metrics::gauge!(name).set(v);
-        }
-    };
-    opt(m::DB_SIZE_BYTES, s.database_size_bytes);
-    opt(m::DB_ACTIVE_CONNECTIONS, s.active_connections);
-    opt(m::DB_SLOW_QUERIES, s.slow_queries_count);
-    opt(m::DB_CACHE_HIT_RATIO, s.cache_hit_ratio);
-    opt(m::DB_PARTITION_AHEAD_SECONDS, s.partition_ahead_seconds);
-    for (table, bytes) in &s.table_bloat_bytes {
-        metrics::gauge!(m::DB_TABLE_BLOAT_BYTES, "table" => table.clone()).set(*bytes as f64);
-    }
-    for p in &s.partitions {
-        let schema = p.schema.clone();
-        metrics::gauge!(m::DB_PARTITIONS, "schema" => schema.clone()).set(p.count as f64);
-        if let Some(t) = p.oldest_start {
-            metrics::gauge!(m::DB_PARTITION_OLDEST_START, "schema" => schema.clone())
-                .set(t.timestamp() as f64);
-        }
-        if let Some(t) = p.newest_end {
-            metrics::gauge!(m::DB_PARTITION_NEWEST_END, "schema" => schema)
-                .set(t.timestamp() as f64);
-        }
-    }
-    metrics::gauge!(m::DB_DEFAULT_PARTITION_ROWS).set(s.default_partition_rows as f64);
-    metrics::gauge!(m::DB_INGEST_CONNECTIONS).set(s.ingest_connections as f64);
-    metrics::gauge!(m::DB_TLS).set(if s.tls { 1.0 } else { 0.0 });
 }
 
 #[cfg(test)]

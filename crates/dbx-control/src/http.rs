@@ -38,8 +38,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::events::AdminUnauthorized;
 use crate::metrics as m;
-use dbx_core::{SharedClock, Shutdown};
+use dbx_core::{InternalEvent, SharedClock, Shutdown};
 
 use crate::health::HealthHandle;
 use dbx_core::partition::PartitionInterval;
@@ -206,8 +207,7 @@ async fn require_token(State(s): State<AdminState>, mut req: Request, next: Next
         req.extensions_mut().insert(Authorized(ok));
         return next.run(req).await;
     }
-    metrics::counter!(m::ADMIN_UNAUTHORIZED_TOTAL).increment(1);
-    tracing::debug!(path, "admin request without a valid bearer token refused");
+    AdminUnauthorized { path }.emit();
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer realm=\"dbx admin\"")],
@@ -344,7 +344,7 @@ pub async fn bind(addr: &str) -> Result<(tokio::net::TcpListener, SocketAddr), S
 }
 
 async fn metrics_handler(State(s): State<AdminState>) -> Response {
-    metrics::gauge!(crate::metrics::UPTIME_SECONDS).set(s.started.elapsed().as_secs_f64());
+    m::uptime(s.started.elapsed());
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -12,9 +12,12 @@
 //! - `sessions`: the `SessionCompleter`, which completes flight sessions idle for
 //!   `sessions.idle_timeout_secs` (protocol 1.1).
 //! - `tenants`: organizations, API keys, aircraft and report search behind `dbx org|key|aircraft|analyses`.
+//! - [`metrics`] / [`events`]: metric names and HELP, health gauges; the events that log
+//!   and count together (maintenance runs and failures, idle sessions, refused admin requests).
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
 //!
 //! Every connection to PostgreSQL is made by a `dbx_pg::Connector` (TLS settings included).
+pub mod events;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -8,8 +8,16 @@
 //! `table`, and `org` capped by `metrics.max_org_labels`). Names never change: the
 //! dashboard and the alerts in deploy/ depend on them (tests/ops checks every name they
 //! use against these files).
+//!
+//! Below the names: the setters of the gauges describing state (database health,
+//! uptime). Everything logged as well as counted (maintenance runs and failures, idle
+//! sessions completed, admin requests refused) is an event of [`crate::events`].
 
-use ::metrics::{describe_counter as c, describe_gauge as g, Unit};
+use std::time::Duration;
+
+use ::metrics::{describe_counter as c, describe_gauge as g, gauge, Unit};
+
+use crate::health::HealthSnapshot;
 
 pub use dbx_core::metrics::SESSIONS_COMPLETED_TOTAL;
 
@@ -158,4 +166,45 @@ pub fn describe() {
         "Connections of members of the dbx_ingest role to the database."
     );
     g!(DB_TLS, "1 when the health collector's connection to PostgreSQL is TLS-encrypted (pg_stat_ssl), else 0.");
+}
+
+/// Sets every `dbx_db_*` gauge from a health collection that succeeded (`dbx_db_up` 1).
+pub fn health(s: &HealthSnapshot) {
+    gauge!(DB_UP).set(1.0);
+    let opt = |name: &'static str, v: Option<f64>| {
+        if let Some(v) = v {
+            gauge!(name).set(v);
+        }
+    };
+    opt(DB_SIZE_BYTES, s.database_size_bytes);
+    opt(DB_ACTIVE_CONNECTIONS, s.active_connections);
+    opt(DB_SLOW_QUERIES, s.slow_queries_count);
+    opt(DB_CACHE_HIT_RATIO, s.cache_hit_ratio);
+    opt(DB_PARTITION_AHEAD_SECONDS, s.partition_ahead_seconds);
+    for (table, bytes) in &s.table_bloat_bytes {
+        gauge!(DB_TABLE_BLOAT_BYTES, "table" => table.clone()).set(*bytes as f64);
+    }
+    for p in &s.partitions {
+        let schema = p.schema.clone();
+        gauge!(DB_PARTITIONS, "schema" => schema.clone()).set(p.count as f64);
+        if let Some(t) = p.oldest_start {
+            gauge!(DB_PARTITION_OLDEST_START, "schema" => schema.clone()).set(t.timestamp() as f64);
+        }
+        if let Some(t) = p.newest_end {
+            gauge!(DB_PARTITION_NEWEST_END, "schema" => schema).set(t.timestamp() as f64);
+        }
+    }
+    gauge!(DB_DEFAULT_PARTITION_ROWS).set(s.default_partition_rows as f64);
+    gauge!(DB_INGEST_CONNECTIONS).set(s.ingest_connections as f64);
+    gauge!(DB_TLS).set(if s.tls { 1.0 } else { 0.0 });
+}
+
+/// `dbx_db_up` 0: the database did not answer the health collection.
+pub fn db_down() {
+    gauge!(DB_UP).set(0.0);
+}
+
+/// `dbx_uptime_seconds`.
+pub fn uptime(since_start: Duration) {
+    gauge!(UPTIME_SECONDS).set(since_start.as_secs_f64());
 }

@@ -58,10 +58,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::metrics as m;
+use crate::events::{MaintenanceFailed, MaintenanceRan};
 pub use dbx_core::partition::PartitionInterval;
 use dbx_core::partition::{range_of_child, CHILD_NAME_PATTERN};
-use dbx_core::{ConfigError, SharedClock, Shutdown};
+use dbx_core::{ConfigError, InternalEvent, SharedClock, Shutdown};
 
 /// Key of the session-level advisory lock that guards maintenance (ASCII "dbx_mnt").
 /// Advisory locks are per database: daemons on different databases never wait on each other.
@@ -575,8 +575,11 @@ impl PartitionManager {
         // failure of each of its tasks, as much as a step failing inside it.
         let count_failed = |e: MaintenanceError| {
             for &task in tasks {
-                metrics::counter!(m::MAINTENANCE_FAILURES_TOTAL, "kind" => task.name())
-                    .increment(1);
+                MaintenanceFailed {
+                    kind: task.name(),
+                    error: &e,
+                }
+                .emit();
             }
             e
         };
@@ -590,12 +593,19 @@ impl PartitionManager {
         for &task in tasks {
             match self.run_locked(conn, task).await {
                 Ok(report) => {
-                    record(task, &report);
+                    MaintenanceRan {
+                        task,
+                        report: &report,
+                    }
+                    .emit();
                     out.push((task, report));
                 }
                 Err(e) => {
-                    metrics::counter!(m::MAINTENANCE_FAILURES_TOTAL, "kind" => task.name())
-                        .increment(1);
+                    MaintenanceFailed {
+                        kind: task.name(),
+                        error: &e,
+                    }
+                    .emit();
                     result = Err(e);
                     break;
                 }
@@ -630,7 +640,11 @@ impl PartitionManager {
         let mut slot = self.conn.lock().await;
         let conn = self.ensure_conn(&mut slot).await?;
         let report = self.run_locked(conn, Task::Premake).await?;
-        record(Task::Premake, &report);
+        MaintenanceRan {
+            task: Task::Premake,
+            report: &report,
+        }
+        .emit();
         Ok(report)
     }
 
@@ -1068,18 +1082,14 @@ impl PartitionManager {
                 r = self.run_tasks(&due) => r,
             };
             let retry_soon = match outcome {
-                Ok(Some(reports)) => {
-                    for (task, r) in reports {
-                        log_report(task, &r);
-                    }
-                    false
-                }
+                // Each task's outcome was reported (logged and counted) as it ran.
+                Ok(Some(_)) => false,
                 Ok(None) => {
                     tracing::debug!(tasks = ?due, "another daemon holds the maintenance lock; skipped");
                     false
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "partition maintenance failed; will retry");
+                    tracing::info!(error = %e, "partition maintenance will retry within 30 s");
                     self.close().await;
                     true
                 }
@@ -1098,33 +1108,6 @@ impl PartitionManager {
         }
         // Closing the connection rolls back whatever was cut short and frees the lock.
         self.close().await;
-    }
-}
-
-fn record(task: Task, r: &TaskReport) {
-    metrics::counter!(m::MAINTENANCE_RUNS_TOTAL, "kind" => task.name()).increment(1);
-    if task == Task::RequestLog {
-        metrics::counter!(m::API_REQUESTS_EXPIRED_TOTAL).increment(r.rows);
-    }
-    if !r.skipped.is_empty() {
-        metrics::counter!(m::MAINTENANCE_SKIPPED_TOTAL, "kind" => task.name())
-            .increment(r.skipped.len() as u64);
-    }
-    if !r.failed.is_empty() {
-        metrics::counter!(m::MAINTENANCE_FAILURES_TOTAL, "kind" => task.name())
-            .increment(r.failed.len() as u64);
-    }
-}
-
-fn log_report(task: Task, r: &TaskReport) {
-    if !r.done.is_empty() {
-        tracing::info!(task = %task, steps = r.done.len(), rows = r.rows, done = ?r.done, "maintenance done");
-    }
-    if !r.skipped.is_empty() {
-        tracing::warn!(task = %task, skipped = ?r.skipped, "maintenance steps skipped; the next run retries");
-    }
-    if !r.failed.is_empty() {
-        tracing::warn!(task = %task, failed = ?r.failed, "maintenance steps failed");
     }
 }
 

@@ -26,8 +26,8 @@ use chrono::{DateTime, TimeDelta, Utc};
 use deadpool_postgres::Pool;
 use serde::Deserialize;
 
-use crate::metrics as m;
-use dbx_core::{ConfigError, SharedClock, Shutdown};
+use crate::events::{IdleSessionsCompleted, IdleSweepRan, MaintenanceFailed};
+use dbx_core::{ConfigError, InternalEvent, SharedClock, Shutdown};
 
 /// Sessions completed per call of the database function (one short transaction each).
 const CHUNK: i32 = 1000;
@@ -175,8 +175,10 @@ impl SessionCompleter {
                 .map_err(|e| CompleterError::Db(dbx_pg::describe(&e)))?
                 .get(0);
             sessions += done.max(0) as u64;
-            metrics::counter!(m::SESSIONS_COMPLETED_TOTAL, "reason" => "idle")
-                .increment(done.max(0) as u64);
+            IdleSessionsCompleted {
+                sessions: done.max(0) as u64,
+            }
+            .emit();
             if done < CHUNK {
                 break;
             }
@@ -202,22 +204,21 @@ impl SessionCompleter {
                 _ = shutdown.recv() => return,
                 r = self.run_once() => r,
             };
-            if let Ok(Pass::Completed { .. }) = pass {
-                metrics::counter!(m::MAINTENANCE_RUNS_TOTAL, "kind" => "sessions").increment(1);
-            }
             match pass {
                 Ok(Pass::Completed {
                     sessions,
                     idle_before,
-                }) if sessions > 0 => {
-                    tracing::info!(sessions, %idle_before, "completed flight sessions without a point since");
+                }) => IdleSweepRan {
+                    sessions,
+                    idle_before,
                 }
+                .emit(),
                 Ok(_) => {}
-                Err(e) => {
-                    metrics::counter!(m::MAINTENANCE_FAILURES_TOTAL, "kind" => "sessions")
-                        .increment(1);
-                    tracing::warn!(error = %e, "idle session completion failed; the next pass retries");
+                Err(e) => MaintenanceFailed {
+                    kind: "sessions",
+                    error: &e,
                 }
+                .emit(),
             }
             tokio::select! {
                 _ = shutdown.recv() => return,

@@ -4,7 +4,15 @@
 //! behind a full queue sets the queue depth; the control plane's status reads the
 //! received and written totals), and re-exported by the crate whose
 //! `describe` registers its HELP text. Every other metric is owned by its crate's
-//! `metrics.rs` (`dbx_listener`, `dbx_batcher`, `dbx_control`, `dbx_mqtt`).
+//! `metrics.rs` (`dbx_listener`, `dbx_batcher`, `dbx_spool`, `dbx_control`, `dbx_mqtt`).
+//!
+//! Every stage reports what happens to it the same way, after Vector's internal events:
+//! a small named type per happening (a refused batch, a dropped datagram, a retried
+//! write, a flush), built where it happens and [`InternalEvent::emit`]ted, which writes
+//! its log line and moves its metrics together, in one place (the crate's
+//! `events.rs`). A call site never pairs a bare metric macro with a log line of its own,
+//! so the two cannot drift apart. Per-point and per-frame counters, which have no log
+//! line, stay plain functions or pre-resolved handles in the crate's `metrics.rs`.
 
 /// Flight sessions completed (counter, label `reason` = end | idle): by a gateway's
 /// `end`, or by the control plane after `sessions.idle_timeout_secs` without a point.
@@ -25,3 +33,11 @@ pub const POINTS_WRITTEN_TOTAL: &str = "dbx_points_written_total";
 
 /// Batches waiting in the listener → batcher queue (gauge).
 pub const QUEUE_DEPTH: &str = "dbx_queue_depth";
+
+/// Something that happened inside a stage, reported once: [`emit`](Self::emit) logs it
+/// at its level (rate-limited with a [`crate::Throttle`] when a peer can cause it at
+/// will) and counts it under its metric names, with the same labels every time.
+pub trait InternalEvent: Sized {
+    /// Logs and counts the event.
+    fn emit(self);
+}

@@ -21,7 +21,9 @@ use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use dbx_core::Shutdown;
+use dbx_core::{InternalEvent, Shutdown};
+
+use crate::events::{HandshakeRecordCollapsed, HandshakeRecordsDropped};
 
 /// Records the queue in front of the writer holds.
 const QUEUE_CAPACITY: usize = 10_000;
@@ -187,10 +189,6 @@ pub struct HandshakeLog {
     tx: Option<mpsc::Sender<HandshakeRecord>>,
 }
 
-fn count_dropped(reason: &'static str, n: u64) {
-    metrics::counter!(crate::metrics::API_REQUESTS_DROPPED_TOTAL, "reason" => reason).increment(n);
-}
-
 impl HandshakeLog {
     /// A log that records nothing (tests of the protocol alone).
     pub fn disabled() -> Self {
@@ -224,8 +222,12 @@ impl HandshakeLog {
                     let rows = pending.take();
                     if let Err(e) = write(&pool, &rows).await {
                         let handshakes: i64 = rows.iter().map(|r| i64::from(r.count)).sum();
-                        tracing::warn!(error = %e, rows = rows.len(), handshakes, "could not record handshakes in api_requests");
-                        count_dropped("write_failed", handshakes as u64);
+                        HandshakeRecordsDropped::WriteFailed {
+                            error: &e,
+                            rows: rows.len(),
+                            handshakes: handshakes as u64,
+                        }
+                        .emit();
                     }
                 }
                 if stop {
@@ -240,7 +242,7 @@ impl HandshakeLog {
     pub fn record(&self, rec: HandshakeRecord) {
         if let Some(tx) = &self.tx {
             if tx.try_send(rec).is_err() {
-                count_dropped("queue_full", 1);
+                HandshakeRecordsDropped::QueueFull.emit();
             }
         }
     }
@@ -250,17 +252,12 @@ impl HandshakeLog {
 fn keep(pending: &mut Pending, rec: HandshakeRecord) {
     match pending.add(rec) {
         Ok(Added::NewRow) => {}
-        Ok(Added::Collapsed) => {
-            metrics::counter!(crate::metrics::API_REQUESTS_COLLAPSED_TOTAL).increment(1)
+        Ok(Added::Collapsed) => HandshakeRecordCollapsed.emit(),
+        Err(Dropped::Full) => HandshakeRecordsDropped::PendingFull {
+            rows: pending.len(),
+            bytes: pending.bytes(),
         }
-        Err(Dropped::Full) => {
-            count_dropped("pending_full", 1);
-            tracing::debug!(
-                rows = pending.len(),
-                bytes = pending.bytes(),
-                "handshake record dropped: the api_requests window is full"
-            );
-        }
+        .emit(),
     }
 }
 

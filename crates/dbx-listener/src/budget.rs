@@ -41,8 +41,8 @@ impl ByteBudget {
     /// A budget of `limit` bytes (capped at what the semaphore can count).
     pub fn new(limit: usize) -> Self {
         let limit = limit.clamp(1, Semaphore::MAX_PERMITS);
-        metrics::gauge!(m::BUFFERED_BYTES_LIMIT).set(limit as f64);
-        metrics::gauge!(m::BUFFERED_BYTES).set(0.0);
+        m::buffered_bytes_limit().set(limit as f64);
+        m::buffered_bytes().set(0.0);
         ByteBudget {
             sem: Arc::new(Semaphore::new(limit)),
             limit,
@@ -64,7 +64,7 @@ impl ByteBudget {
     }
 
     fn publish(&self) {
-        metrics::gauge!(m::BUFFERED_BYTES).set(self.in_use() as f64);
+        m::buffered_bytes().set(self.in_use() as f64);
     }
 
     /// Charges `bytes`, waiting for them. Cancel-safe (a cancelled wait holds nothing).
@@ -118,7 +118,7 @@ impl Drop for Charge {
     fn drop(&mut self) {
         // The permit is released right after this body; publish the figure it leaves.
         let after = self.budget.in_use().saturating_sub(self.bytes());
-        metrics::gauge!(m::BUFFERED_BYTES).set(after as f64);
+        m::buffered_bytes().set(after as f64);
     }
 }
 

@@ -42,9 +42,10 @@ use tokio::time::{sleep_until, timeout_at};
 use uuid::Uuid;
 
 use crate::metrics as m;
+use ::metrics::Counter;
 use dbx_core::{
-    now_micros, AckHandle, AckReceiver, BatchOrigin, BatchOutcome, RejectCode, Rejection, Shutdown,
-    TelemetryBatch,
+    now_micros, AckHandle, AckReceiver, BatchOrigin, BatchOutcome, InternalEvent, RejectCode,
+    Rejection, Shutdown, TelemetryBatch,
 };
 use dbx_proto::codec::PREFIX_LEN;
 use dbx_proto::{ClientMessage, DecodeError, FrameCodec, FrameError, Limits, ServerMessage};
@@ -52,10 +53,12 @@ use dbx_proto::{ClientMessage, DecodeError, FrameCodec, FrameError, Limits, Serv
 use crate::audit::{HandshakeLog, HandshakeRecord};
 use crate::auth::{AuthCache, KeyGrant};
 use crate::budget::{ByteBudget, Charge};
+use crate::events::{
+    BatchRefused, BudgetExhausted, ConnectionFailed, HandshakeRefused, KeyRevoked, WriteTimedOut,
+};
 use crate::orgmetrics::{OrgCounters, OrgMetrics};
 use crate::ratelimit::RateLimiter;
 use crate::slots::Admitted;
-use crate::throttle::Throttle;
 use crate::ListenerConfig;
 
 /// Bytes a read may take beyond the frame in hand (the start of the next ones): enough
@@ -65,9 +68,6 @@ pub const LOOKAHEAD: usize = 8 * 1024;
 /// How long a closing connection drains its peer's input so the peer reads the final
 /// `error` rather than a reset (docs/protocol.md, "Framing").
 const LINGER: Duration = Duration::from_secs(1);
-
-static WRITE_TIMEOUT_LOG: Throttle = Throttle::new();
-static HANDSHAKE_LOG: Throttle = Throttle::new();
 
 /// One frame body, with the budget charge that covers it (after `welcome`).
 #[derive(Debug)]
@@ -214,8 +214,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let charge = match session.budget.try_acquire(bytes) {
             Some(c) => c,
             None => {
-                metrics::counter!(m::BUFFERED_BYTES_WAITS_TOTAL, "transport" => self.transport)
-                    .increment(1);
+                BudgetExhausted {
+                    transport: self.transport,
+                }
+                .emit();
                 self.waiting_for_budget = true;
                 session.budget.acquire(bytes).await
             }
@@ -272,10 +274,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 r = &mut write => return r,
                 _ = sleep_until(until) => {
                     if until == timeout_at {
-                        metrics::counter!(m::WRITE_TIMEOUTS_TOTAL, "transport" => *transport).increment(1);
-                        if let Some(n) = WRITE_TIMEOUT_LOG.allow() {
-                            tracing::info!(transport = *transport, suppressed = n, "closing a connection whose peer has not read for {} ms (write_timeout_ms)", write_timeout.as_millis());
-                        }
+                        WriteTimedOut { transport, after: *write_timeout }.emit();
                     }
                     return Err(io::Error::new(io::ErrorKind::TimedOut, "the peer does not read what the server writes"));
                 }
@@ -495,7 +494,7 @@ impl Flow {
     /// The rate limiter asked for a pause of `wait` before the next read.
     fn pause_for(&mut self, wait: Duration) {
         if !wait.is_zero() {
-            metrics::histogram!(m::RATE_LIMIT_WAIT_SECONDS).record(wait.as_secs_f64());
+            m::rate_limit_wait(wait);
             self.resume_reads_at = Some(tokio::time::Instant::now() + wait);
         }
     }
@@ -508,6 +507,10 @@ pub struct Handler<S> {
     peer: SocketAddr,
     transport: &'static str,
     shutdown: Shutdown,
+    /// `dbx_frames_received_total{transport}` and `dbx_points_received_total{transport}`,
+    /// resolved once per connection (they move on every frame).
+    frames: Counter,
+    points: Counter,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
@@ -532,6 +535,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             peer,
             transport,
             shutdown,
+            frames: m::frames_received(transport),
+            points: m::points_received(transport),
         }
     }
 
@@ -543,10 +548,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         let (key_hash, grant) = match self.handshake(started, deadline).await {
             Ok(ok) => ok,
             Err((code, msg)) => {
-                metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => code.as_str()).increment(1);
-                if let Some(n) = HANDSHAKE_LOG.allow() {
-                    tracing::info!(peer = %self.peer, transport = self.transport, code = %code, suppressed = n, "handshake refused: {msg}");
+                HandshakeRefused {
+                    peer: self.peer,
+                    transport: self.transport,
+                    code,
+                    msg: &msg,
                 }
+                .emit();
                 self.conn.close_with_error(code, msg).await;
                 return;
             }
@@ -562,8 +570,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         let end = self.serve(&key_hash, &grant, &org).await;
         match &end {
             End::Error(code, msg) => {
-                metrics::counter!(m::REJECTIONS_TOTAL, "reason" => code.as_str()).increment(1);
-                tracing::info!(peer = %self.peer, org = %grant.org_id, code = %code, "closing connection: {msg}");
+                ConnectionFailed {
+                    peer: self.peer,
+                    org: grant.org_id,
+                    code: *code,
+                    msg,
+                }
+                .emit();
                 let (code, msg) = (*code, msg.clone());
                 self.conn.close_with_error(code, msg).await;
             }
@@ -653,7 +666,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         deadline: tokio::time::Instant,
     ) -> Result<(String, KeyGrant), (RejectCode, String)> {
         let frame = self.read_hello_frame(cfg, deadline).await?;
-        metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => self.transport).increment(1);
+        self.frames.increment(1);
         // Only the hello's own keys are decoded before welcome (docs/protocol.md, 1.1).
         let hello = dbx_proto::decode_hello(&frame.body).map_err(|r| (r.code, r.msg))?;
         record.gateway = hello.gateway.clone();
@@ -737,8 +750,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     }
                     // The batcher only sees the depth when it receives; when it is
                     // stalled behind a slow database, this is the live figure.
-                    metrics::gauge!(dbx_core::metrics::QUEUE_DEPTH)
-                        .set((batches.max_capacity() - batches.capacity()) as f64);
+                    m::queue_depth(batches.max_capacity() - batches.capacity());
                 }
 
                 _ = self.shutdown.recv(), if flow.draining.is_none() => {
@@ -747,7 +759,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
 
                 changed = auth_changes.changed() => {
                     if changed.is_ok() && !self.key_still_valid(key_hash, grant) {
-                        metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => "revoked").increment(1);
+                        KeyRevoked { peer: self.peer, org: grant.org_id }.emit();
                         return End::Error(RejectCode::Unauthorized, "the API key was revoked or its organization deactivated".into());
                     }
                 }
@@ -809,7 +821,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         org: &OrgCounters,
         limits: &Limits,
     ) -> Option<End> {
-        metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => self.transport).increment(1);
+        self.frames.increment(1);
         let received_at = Instant::now();
         let Frame { body, mut charge } = frame;
         org.received_bytes(dbx_proto::codec::PREFIX_LEN + body.len());
@@ -871,9 +883,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 if let Some(end) = check_seq(&mut flow.last_seq, seq) {
                     return Some(end);
                 }
-                metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection.code.as_str())
-                    .increment(1);
-                tracing::debug!(peer = %self.peer, seq, code = %rejection.code, "batch refused: {}", rejection.msg);
+                BatchRefused {
+                    peer: self.peer,
+                    seq,
+                    code: rejection.code,
+                    msg: &rejection.msg,
+                }
+                .emit();
                 charge = None;
                 (
                     seq,
@@ -904,6 +920,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         org: &OrgCounters,
         received_at: Instant,
     ) -> Verdict {
+        let seq = batch.seq;
         match self.accept(grant, batch, received_at).await {
             Ok((tb, rx, wait)) => {
                 org.accepted(tb.points.len());
@@ -915,8 +932,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 Verdict::Waiting(rx)
             }
             Err(rejection) => {
-                metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection.code.as_str())
-                    .increment(1);
+                BatchRefused {
+                    peer: self.peer,
+                    seq,
+                    code: rejection.code,
+                    msg: &rejection.msg,
+                }
+                .emit();
                 Verdict::Known(BatchOutcome::Rejected(rejection))
             }
         }
@@ -944,8 +966,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             .shared
             .limiter
             .acquire(org, grant.points_per_sec, points);
-        metrics::counter!(m::POINTS_RECEIVED_TOTAL, "transport" => self.transport)
-            .increment(points as u64);
+        self.points.increment(points as u64);
         let (ack, rx) = AckHandle::channel();
         Ok((
             TelemetryBatch {
@@ -978,8 +999,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             let p = pending.pop_front().expect("front exists");
             match o {
                 BatchOutcome::Durable => {
-                    metrics::histogram!(m::ACK_LATENCY_SECONDS)
-                        .record(p.received_at.elapsed().as_secs_f64());
+                    m::ack_latency(p.received_at.elapsed());
                     ack_upto = Some((p.seq, p.received_at));
                 }
                 BatchOutcome::Rejected(r) => {

@@ -12,8 +12,9 @@
 //! - [`tcp`] / [`udp`]: the servers.
 //! - [`slots`]: connection, pending-handshake and per-address limits.
 //! - [`budget`]: the byte budget every frame and decoded batch is charged against.
-//! - [`throttle`]: log lines an attacker can cause, at most one a second.
 //! - [`ratelimit`]: per-organization token buckets.
+//! - [`metrics`] / [`events`]: metric names and HELP; the events that log and count
+//!   together (refusals, drops, timeouts).
 //! - [`orgmetrics`]: per-organization metrics and their label policy, for every input.
 //! - [`audit`]: batched `api_requests` rows for every handshake, off the hot path.
 //!
@@ -27,12 +28,12 @@ pub mod auth;
 pub mod budget;
 pub mod config;
 pub mod connection;
+pub mod events;
 pub mod metrics;
 pub mod orgmetrics;
 pub mod ratelimit;
 pub mod slots;
 pub mod tcp;
-pub mod throttle;
 pub mod udp;
 
 use std::net::SocketAddr;
@@ -131,8 +132,7 @@ impl Listener {
         // dashboard shows "none" rather than "no data" until the first one.
         for (open, transport) in [(tcp.is_some(), "tcp"), (tls.is_some(), "tls")] {
             if open {
-                ::metrics::counter!(crate::metrics::WRITE_TIMEOUTS_TOTAL, "transport" => transport)
-                    .increment(0);
+                crate::metrics::zero_write_timeouts(transport);
             }
         }
         let udp = if config.udp_bind.is_empty() {

@@ -10,8 +10,18 @@
 //! `table`, and `org` capped by `metrics.max_org_labels`). Names never change: the
 //! dashboard and the alerts in deploy/ depend on them (tests/ops checks every name they
 //! use against these files).
+//!
+//! Below the names: the handles of the hot-path series (per frame, per point, per
+//! ack, which log nothing) and the setters of the gauges describing state. Everything
+//! that is logged as well as counted (refusals, drops, timeouts, reloads) is an event of
+//! [`crate::events`] instead.
 
-use ::metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
+use std::time::Duration;
+
+use ::metrics::{
+    counter, describe_counter as c, describe_gauge as g, describe_histogram as h, gauge, histogram,
+    Counter, Gauge, Histogram, Unit,
+};
 
 pub use dbx_core::metrics::{POINTS_RECEIVED_TOTAL, UDP_DROPPED_TOTAL};
 
@@ -195,4 +205,76 @@ pub fn describe() {
     g!(ORG_LABELS, "Organizations with a label of their own in the per-organization metrics (at metrics.max_org_labels, others count as other).");
     c!(API_REQUESTS_DROPPED_TOTAL, "Handshake records not written to api_requests, by reason (queue_full, pending_full, write_failed).");
     c!(API_REQUESTS_COLLAPSED_TOTAL, "Refused handshakes counted in an earlier api_requests row of the same flush window (same client IP, status, transport).");
+}
+
+/// `dbx_frames_received_total{transport}` (a frame, datagram or MQTT message).
+pub fn frames_received(transport: &'static str) -> Counter {
+    counter!(FRAMES_RECEIVED_TOTAL, "transport" => transport)
+}
+
+/// `dbx_points_received_total{transport}`.
+pub fn points_received(transport: &'static str) -> Counter {
+    counter!(POINTS_RECEIVED_TOTAL, "transport" => transport)
+}
+
+/// `dbx_connections_total{transport}`: a connection accepted.
+pub fn connections_accepted(transport: &'static str) -> Counter {
+    counter!(CONNECTIONS_TOTAL, "transport" => transport)
+}
+
+/// `dbx_connections_open{transport}`.
+pub fn connections_open(transport: &'static str) -> Gauge {
+    gauge!(CONNECTIONS_OPEN, "transport" => transport)
+}
+
+/// `dbx_pending_handshakes`.
+pub fn pending_handshakes() -> Gauge {
+    gauge!(PENDING_HANDSHAKES)
+}
+
+/// `dbx_buffered_bytes`.
+pub fn buffered_bytes() -> Gauge {
+    gauge!(BUFFERED_BYTES)
+}
+
+/// `dbx_buffered_bytes_limit`.
+pub fn buffered_bytes_limit() -> Gauge {
+    gauge!(BUFFERED_BYTES_LIMIT)
+}
+
+/// `dbx_queue_depth` as a connection sees it while it waits for room (the batcher
+/// sets it when it receives).
+pub fn queue_depth(batches: usize) {
+    gauge!(dbx_core::metrics::QUEUE_DEPTH).set(batches as f64);
+}
+
+/// One pause of reads for a rate limit, in `dbx_rate_limit_wait_seconds` (every input).
+pub fn rate_limit_wait(wait: Duration) {
+    histogram!(RATE_LIMIT_WAIT_SECONDS).record(wait.as_secs_f64());
+}
+
+/// Frame received to ack sent, in `dbx_ack_latency_seconds`.
+pub fn ack_latency(latency: Duration) {
+    histogram!(ACK_LATENCY_SECONDS).record(latency.as_secs_f64());
+}
+
+/// Starts `dbx_write_timeouts_total{transport}` at 0, so that a dashboard shows
+/// "none" rather than "no data" until the first one.
+pub fn zero_write_timeouts(transport: &'static str) {
+    counter!(WRITE_TIMEOUTS_TOTAL, "transport" => transport).increment(0);
+}
+
+/// A per-organization counter (`name{org}`), resolved once per label.
+pub(crate) fn org_counter(name: &'static str, org: &str) -> Counter {
+    counter!(name, "org" => org.to_string())
+}
+
+/// `dbx_org_rate_limit_wait_seconds{org}`, resolved once per label.
+pub(crate) fn org_rate_limit_wait(org: &str) -> Histogram {
+    histogram!(ORG_RATE_LIMIT_WAIT_SECONDS, "org" => org.to_string())
+}
+
+/// `dbx_org_labels`.
+pub(crate) fn org_labels(labelled: usize) {
+    gauge!(ORG_LABELS).set(labelled as f64);
 }

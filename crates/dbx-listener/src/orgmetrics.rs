@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use metrics::{Counter, Histogram};
+use ::metrics::{Counter, Histogram};
 use uuid::Uuid;
 
 use crate::metrics as m;
@@ -39,14 +39,13 @@ pub struct OrgCounters {
 
 impl OrgCounters {
     fn new(label: &str) -> OrgCounters {
-        let org = || label.to_string();
         OrgCounters {
             label: label.to_string(),
-            points: metrics::counter!(m::ORG_POINTS_RECEIVED_TOTAL, "org" => org()),
-            batches: metrics::counter!(m::ORG_BATCHES_RECEIVED_TOTAL, "org" => org()),
-            bytes: metrics::counter!(m::ORG_RECEIVED_BYTES_TOTAL, "org" => org()),
-            rejections: metrics::counter!(m::ORG_REJECTIONS_TOTAL, "org" => org()),
-            rate_limit_wait: metrics::histogram!(m::ORG_RATE_LIMIT_WAIT_SECONDS, "org" => org()),
+            points: m::org_counter(m::ORG_POINTS_RECEIVED_TOTAL, label),
+            batches: m::org_counter(m::ORG_BATCHES_RECEIVED_TOTAL, label),
+            bytes: m::org_counter(m::ORG_RECEIVED_BYTES_TOTAL, label),
+            rejections: m::org_counter(m::ORG_REJECTIONS_TOTAL, label),
+            rate_limit_wait: m::org_rate_limit_wait(label),
         }
     }
 
@@ -130,7 +129,7 @@ impl OrgMetrics {
         }
         let counters = Arc::new(OrgCounters::new(&code));
         labelled.insert(org, counters.clone());
-        metrics::gauge!(m::ORG_LABELS).set(labelled.len() as f64);
+        m::org_labels(labelled.len());
         counters
     }
 }

@@ -111,7 +111,7 @@ impl Drop for PendingSlot {
                 map.remove(&self.source);
             }
         }
-        metrics::gauge!(m::PENDING_HANDSHAKES).decrement(1.0);
+        m::pending_handshakes().decrement(1.0);
     }
 }
 
@@ -125,7 +125,7 @@ impl Admitted {
 impl Slots {
     /// Slots for `max_connections`, `max_pending_handshakes`, `max_pending_per_ip`.
     pub fn new(max_connections: usize, max_pending: usize, max_per_source: usize) -> Self {
-        metrics::gauge!(m::PENDING_HANDSHAKES).set(0.0);
+        m::pending_handshakes().set(0.0);
         Slots {
             connections: Arc::new(Semaphore::new(max_connections)),
             pending: Arc::new(Semaphore::new(max_pending)),
@@ -156,7 +156,7 @@ impl Slots {
             }
             *n += 1;
         }
-        metrics::gauge!(m::PENDING_HANDSHAKES).increment(1.0);
+        m::pending_handshakes().increment(1.0);
         Ok(Admitted {
             _connection: connection,
             pending: Some(PendingSlot {

@@ -21,21 +21,18 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::events::{ConnectionRefused, TlsHandshakeFailed};
 use crate::metrics as m;
 use dbx_core::ConfigError;
-use dbx_core::{RejectCode, Shutdown};
+use dbx_core::{InternalEvent, RejectCode, Shutdown};
 use dbx_proto::ServerMessage;
 
 use crate::connection::{Handler, Shared};
 use crate::slots::{Admitted, Refusal, Slots};
-use crate::throttle::Throttle;
 
 /// Refused plain-TCP sockets drained at once before they are closed; more are closed
 /// straight away.
 pub const LINGERING_REFUSALS: usize = 64;
-
-static REFUSAL_LOG: Throttle = Throttle::new();
-static TLS_LOG: Throttle = Throttle::new();
 
 /// Accepts connections on `listener` until `shutdown`; connection tasks go to `tracker`.
 pub async fn serve(
@@ -69,12 +66,12 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        metrics::counter!(m::CONNECTIONS_TOTAL, "transport" => transport).increment(1);
+        m::connections_accepted(transport).increment(1);
         let shared = shared.clone();
         let tls = tls.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            let gauge = metrics::gauge!(m::CONNECTIONS_OPEN, "transport" => transport);
+            let gauge = m::connections_open(transport);
             gauge.increment(1.0);
             run_one(stream, peer, tls, shared, transport, shutdown, admitted).await;
             gauge.decrement(1.0);
@@ -111,10 +108,7 @@ async fn run_one(
         Ok(Err(_)) => "tls",
         Err(_) => "handshake_timeout",
     };
-    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => reason).increment(1);
-    if let Some(n) = TLS_LOG.allow() {
-        tracing::info!(%peer, reason, suppressed = n, "TLS handshake failed");
-    }
+    TlsHandshakeFailed { peer, reason }.emit();
 }
 
 /// The `error` frame answering a refusal, encoded once per reason.
@@ -154,10 +148,7 @@ fn refuse(
     lingering: &Arc<Semaphore>,
     tracker: &TaskTracker,
 ) {
-    metrics::counter!(m::CONNECTIONS_REFUSED_TOTAL, "reason" => why.as_str()).increment(1);
-    if let Some(n) = REFUSAL_LOG.allow() {
-        tracing::warn!(%peer, reason = why.as_str(), suppressed = n, "refusing a connection: {}", why.message());
-    }
+    ConnectionRefused { peer, why }.emit();
     if tls {
         return;
     }

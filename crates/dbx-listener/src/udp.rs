@@ -10,13 +10,15 @@
 //! (the bound of what the batch can decode to); only then the points. A datagram's
 //! charge lives in its [`AckHandle`] until the batcher resolves it.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::UdpSocket;
 
+use crate::events::{DatagramDropped, DatagramRateLimited};
 use crate::metrics as m;
-use dbx_core::{AckHandle, BatchOrigin, RejectCode, Shutdown, TelemetryBatch};
+use dbx_core::{AckHandle, BatchOrigin, InternalEvent, RejectCode, Shutdown, TelemetryBatch};
 use dbx_proto::{DatagramAuth, DatagramEnvelope};
 
 use crate::auth::KeyGrant;
@@ -26,8 +28,13 @@ use dbx_core::now_micros;
 /// Largest UDP payload (docs/protocol.md).
 pub const MAX_DATAGRAM: usize = 65_507;
 
-fn drop_datagram(reason: &'static str) {
-    metrics::counter!(m::UDP_DROPPED_TOTAL, "reason" => reason).increment(1);
+fn drop_datagram(peer: SocketAddr, reason: &'static str, detail: Option<&str>) {
+    DatagramDropped {
+        peer,
+        reason,
+        detail,
+    }
+    .emit();
 }
 
 /// The sender of a datagram, or the reason to drop it.
@@ -47,6 +54,8 @@ fn authenticate(
 pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdown) {
     let mut buf = vec![0u8; MAX_DATAGRAM + 1];
     let limits = shared.config.limits();
+    let frames = m::frames_received("udp");
+    let points = m::points_received("udp");
     loop {
         let (len, peer) = tokio::select! {
             _ = shutdown.recv() => return,
@@ -59,36 +68,34 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             },
         };
         let received_at = Instant::now();
-        metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => "udp").increment(1);
+        frames.increment(1);
         if len > MAX_DATAGRAM {
-            drop_datagram("too_large");
+            drop_datagram(peer, "too_large", None);
             continue;
         }
         let env = match dbx_proto::open_datagram(&buf[..len]) {
             Ok(env) => env,
             Err(r) => {
-                drop_datagram(r.code.as_str());
-                tracing::trace!(%peer, "udp datagram dropped: {}", r.msg);
+                drop_datagram(peer, r.code.as_str(), Some(&r.msg));
                 continue;
             }
         };
         let (key_hash, grant) = match authenticate(&shared, &env) {
             Ok(ok) => ok,
             Err(reason) => {
-                drop_datagram(reason);
+                drop_datagram(peer, reason, None);
                 continue;
             }
         };
         let bound = dbx_proto::decoded_bytes_bound(env.batch_len(), &limits);
         let Some(mut charge) = shared.budget.try_acquire(bound) else {
-            drop_datagram("budget");
+            drop_datagram(peer, "budget", None);
             continue;
         };
         let dg = match env.decode(&limits, now_micros()) {
             Ok(d) => d,
             Err(r) => {
-                drop_datagram(r.code.as_str());
-                tracing::trace!(%peer, "udp datagram dropped: {}", r.msg);
+                drop_datagram(peer, r.code.as_str(), Some(&r.msg));
                 continue;
             }
         };
@@ -107,7 +114,7 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
         {
             Ok(id) => id,
             Err(r) => {
-                drop_datagram(r.code.as_str());
+                drop_datagram(peer, r.code.as_str(), Some(&r.msg));
                 org.rejected();
                 continue;
             }
@@ -117,8 +124,7 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             .limiter
             .try_acquire(grant.org_id, grant.points_per_sec, n)
         {
-            metrics::counter!(m::RATE_LIMIT_DROPS_TOTAL).increment(n as u64);
-            drop_datagram("rate_limited");
+            DatagramRateLimited { peer, points: n }.emit();
             org.rejected();
             continue;
         }
@@ -134,11 +140,12 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
         };
         match shared.batches.try_send(batch) {
             Ok(()) => {
-                metrics::counter!(m::POINTS_RECEIVED_TOTAL, "transport" => "udp")
-                    .increment(n as u64);
+                points.increment(n as u64);
                 org.accepted(n);
             }
-            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => drop_datagram("saturated"),
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                drop_datagram(peer, "saturated", None)
+            }
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
         }
     }

@@ -34,14 +34,18 @@ use uuid::Uuid;
 
 use crate::metrics as m;
 use dbx_core::{
-    AckHandle, AckReceiver, BatchOrigin, BatchOutcome, RejectCode, Rejection, Shutdown,
-    TelemetryBatch,
+    AckHandle, AckReceiver, BatchOrigin, BatchOutcome, InternalEvent, RejectCode, Rejection,
+    Shutdown, TelemetryBatch,
 };
 use dbx_listener::budget::Charge;
 use dbx_listener::{AuthCache, ByteBudget, OrgCounters, OrgMetrics, RateLimiter};
 use dbx_proto::Limits;
 
 use crate::client::PumpEvent;
+use crate::events::{
+    BrokerSessionLost, BudgetExhausted, ConnectionLost, DeadLetterPublished, MessageDropped,
+    MessageRefused, Subscribed, SubscriptionRefused,
+};
 use crate::notice::{self, About};
 use crate::topic::{DeadLetterTopic, TopicParts, TopicPattern};
 
@@ -174,7 +178,7 @@ impl Processor {
         let batches = self.batches.clone();
         let stop = loop {
             self.flush_outbox();
-            metrics::gauge!(m::MQTT_IN_FLIGHT).set(self.fifo.len() as f64);
+            m::in_flight(self.fifo.len());
             if drain_until.is_some() && self.fifo.is_empty() && self.parked.is_empty() {
                 break Stop::Drained;
             }
@@ -239,8 +243,8 @@ impl Processor {
                 break;
             }
         }
-        metrics::gauge!(m::MQTT_CONNECTED).set(0.0);
-        metrics::gauge!(m::MQTT_IN_FLIGHT).set(0.0);
+        m::disconnected();
+        m::in_flight(0);
         tracing::info!("mqtt input stopped");
     }
 
@@ -276,8 +280,8 @@ impl Processor {
             if sent.is_err() {
                 return;
             }
-            if let Some(Outgoing::Notice { .. }) = self.outbox.pop_front() {
-                metrics::counter!(m::MQTT_DEAD_LETTERS_TOTAL).increment(1);
+            if let Some(Outgoing::Notice { topic, .. }) = self.outbox.pop_front() {
+                DeadLetterPublished { topic: &topic }.emit();
             }
         }
     }
@@ -291,8 +295,7 @@ impl Processor {
             PumpEvent::Message(p) => self.on_message(p).await,
             PumpEvent::Connected { session_present } => {
                 if !session_present && self.connected_once {
-                    metrics::counter!(m::MQTT_SESSIONS_LOST_TOTAL).increment(1);
-                    tracing::warn!("the broker had no session for this client any more; QoS 1 messages it held for it are lost (raise mqtt.session_expiry_secs or the broker's persistence)");
+                    BrokerSessionLost.emit();
                 }
                 tracing::info!(session_present, "connected to the mqtt broker");
                 self.connected_once = true;
@@ -301,24 +304,27 @@ impl Processor {
                 self.outbox.push_front(Outgoing::Subscribe);
             }
             PumpEvent::Subscribed(Ok(())) => {
-                metrics::gauge!(m::MQTT_CONNECTED).set(1.0);
-                tracing::info!(filter = %self.settings.subscription, "subscribed");
+                Subscribed {
+                    filter: &self.settings.subscription,
+                }
+                .emit();
             }
             PumpEvent::Subscribed(Err(reason)) => {
-                metrics::gauge!(m::MQTT_CONNECTED).set(0.0);
-                tracing::error!(filter = %self.settings.subscription, %reason, "the broker refused the subscription (check its ACL for dbx's user)");
+                SubscriptionRefused {
+                    filter: &self.settings.subscription,
+                    reason: &reason,
+                }
+                .emit();
             }
             PumpEvent::Lost { error, hint, reply } => {
                 self.generation += 1;
                 self.outbox.retain(|o| !matches!(o, Outgoing::Ack(_)));
-                metrics::gauge!(m::MQTT_CONNECTED).set(0.0);
-                metrics::counter!(m::MQTT_RECONNECTS_TOTAL).increment(1);
-                match hint {
-                    Some(h) => tracing::error!(%error, "mqtt connection failed: {h}"),
-                    None => {
-                        tracing::warn!(%error, in_flight = self.fifo.len(), "mqtt connection lost; reconnecting (unacknowledged messages will be redelivered)")
-                    }
+                ConnectionLost {
+                    error: &error,
+                    hint,
+                    in_flight: self.fifo.len(),
                 }
+                .emit();
                 let _ = reply.send(());
             }
         }
@@ -358,27 +364,26 @@ impl Processor {
             }
             self.reject(&e.about, r, false);
         }
-        metrics::histogram!(m::MQTT_ACK_LATENCY_SECONDS)
-            .record(e.received_at.elapsed().as_secs_f64());
-        metrics::counter!(m::MQTT_MESSAGES_ACKED_TOTAL).increment(1);
+        m::message_acked(e.received_at.elapsed());
         self.outbox.push_back(Outgoing::Ack(e.pkid));
     }
 
     /// Counts, logs and queues the notice of a refused message. Notices of QoS 0 messages
     /// are dropped when the outbox is full (nothing bounds how many of them arrive).
     fn reject(&mut self, about: &About, r: &Rejection, best_effort: bool) {
-        metrics::counter!(m::MQTT_MESSAGES_REJECTED_TOTAL, "reason" => r.code.as_str())
-            .increment(1);
+        MessageRefused {
+            topic: &about.topic,
+            rejection: r,
+        }
+        .emit();
         if let Some(org) = &about.org {
             org.rejected();
         }
-        tracing::info!(topic = %about.topic, code = %r.code, index = ?r.index, "mqtt message refused: {}", r.msg);
         let Some(topic) = &about.dead_letter else {
             return;
         };
         if best_effort && self.outbox.len() >= 2 * self.settings.max_in_flight {
-            metrics::counter!(m::MQTT_DROPPED_TOTAL, "reason" => "dead_letter_overflow")
-                .increment(1);
+            MessageDropped::DeadLetterOverflow.emit();
             return;
         }
         let payload = notice::render(about, r, &self.settings.client_id);
@@ -390,12 +395,7 @@ impl Processor {
 
     async fn on_message(&mut self, p: Publish) {
         let qos1 = p.qos != QoS::AtMostOnce;
-        metrics::counter!(m::MQTT_MESSAGES_RECEIVED_TOTAL, "kind" => if qos1 { "qos1" } else { "qos0" })
-            .increment(1);
-        metrics::counter!(m::FRAMES_RECEIVED_TOTAL, "transport" => "mqtt").increment(1);
-        if p.dup {
-            metrics::counter!(m::MQTT_REDELIVERED_TOTAL).increment(1);
-        }
+        m::message_received(qos1, p.dup);
         let received_at = Instant::now();
         let admitted = self.admit(&p, qos1, received_at).await;
         if !qos1 {
@@ -445,7 +445,7 @@ impl Processor {
     /// A QoS 0 batch goes to the batcher if there is room now, else it is dropped.
     fn offer_best_effort(&mut self, batch: TelemetryBatch) {
         if self.batches.try_send(batch).is_err() {
-            metrics::counter!(m::MQTT_DROPPED_TOTAL, "reason" => "saturated").increment(1);
+            MessageDropped::Saturated.emit();
         }
     }
 
@@ -480,7 +480,7 @@ impl Processor {
         about.org = Some(counters.clone());
         // Charged before decoding, like a TCP frame: the most the payload can decode to.
         let Some(mut charge) = self.charge_bytes(p.payload.len(), qos1).await else {
-            metrics::counter!(m::MQTT_DROPPED_TOTAL, "reason" => "budget").increment(1);
+            MessageDropped::Budget.emit();
             return Err(Refusal::Dropped);
         };
         let (aircraft, map) = match decode(p, parts, &s.limits) {
@@ -504,12 +504,11 @@ impl Processor {
         };
         let n = map.points.len();
         if !self.charge((org, &counters), rate, n, qos1) {
-            metrics::counter!(m::RATE_LIMIT_DROPS_TOTAL).increment(n as u64);
-            metrics::counter!(m::MQTT_DROPPED_TOTAL, "reason" => "rate_limited").increment(1);
+            MessageDropped::RateLimited { points: n }.emit();
             counters.rejected();
             return Err(Refusal::Dropped);
         }
-        metrics::counter!(m::POINTS_RECEIVED_TOTAL, "transport" => "mqtt").increment(n as u64);
+        m::points_received(n);
         counters.accepted(n);
         let batch = TelemetryBatch {
             org_id: org,
@@ -541,7 +540,7 @@ impl Processor {
         if !qos1 {
             return None;
         }
-        metrics::counter!(m::BUFFERED_BYTES_WAITS_TOTAL).increment(1);
+        BudgetExhausted.emit();
         loop {
             let Some(batch) = self.parked.pop_front() else {
                 return Some(self.budget.acquire(bound).await);
@@ -572,7 +571,7 @@ impl Processor {
         }
         let wait = self.limiter.acquire(org, rate, points);
         if !wait.is_zero() {
-            metrics::histogram!(m::RATE_LIMIT_WAIT_SECONDS).record(wait.as_secs_f64());
+            m::rate_limit_wait(wait);
             counters.rate_limited(wait);
             self.paused_until = Some(tokio::time::Instant::now() + wait);
         }

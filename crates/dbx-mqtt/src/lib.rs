@@ -22,11 +22,13 @@
 //!
 //! - [`config`]: the `[mqtt]` section.
 //! - [`topic`]: topic patterns and dead-letter topics.
+//! - [`metrics`] / [`events`]: metric names and HELP; the events that log and count together.
 //! - `client`: the rumqttc client and the task driving its event loop.
 //! - `input`: messages → batches, verdicts → PUBACKs, in order, bounded.
 //! - `notice`: rejection notices.
 
 pub mod config;
+pub mod events;
 pub mod metrics;
 pub mod topic;
 

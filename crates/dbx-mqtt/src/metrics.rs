@@ -8,12 +8,22 @@
 //! `table`, and `org` capped by `metrics.max_org_labels`). Names never change: the
 //! dashboard and the alerts in deploy/ depend on them (tests/ops checks every name they
 //! use against these files).
+//!
+//! Below the names: the per-message series (received, acknowledged, points), which log
+//! nothing, and the setters of the gauges describing state. Everything logged as well as
+//! counted (refusals, drops, dead letters, connection losses) is an event of
+//! [`crate::events`].
 
-use ::metrics::{describe_counter as c, describe_gauge as g, describe_histogram as h, Unit};
+use std::time::Duration;
+
+use ::metrics::{
+    counter, describe_counter as c, describe_gauge as g, describe_histogram as h, gauge, histogram,
+    Unit,
+};
 
 pub use dbx_core::metrics::MQTT_DROPPED_TOTAL;
 pub use dbx_listener::metrics::{
-    BUFFERED_BYTES_WAITS_TOTAL, FRAMES_RECEIVED_TOTAL, POINTS_RECEIVED_TOTAL,
+    rate_limit_wait, BUFFERED_BYTES_WAITS_TOTAL, FRAMES_RECEIVED_TOTAL, POINTS_RECEIVED_TOTAL,
     RATE_LIMIT_DROPS_TOTAL, RATE_LIMIT_WAIT_SECONDS,
 };
 
@@ -94,4 +104,37 @@ pub fn describe() {
         Unit::Seconds,
         "MQTT message received to PUBACK handed to the client."
     );
+}
+
+/// A message from the broker: `dbx_mqtt_messages_received_total{kind}`,
+/// `dbx_frames_received_total{transport="mqtt"}`, and `dbx_mqtt_redelivered_total` when
+/// the broker sent it again.
+pub fn message_received(qos1: bool, redelivered: bool) {
+    counter!(MQTT_MESSAGES_RECEIVED_TOTAL, "kind" => if qos1 { "qos1" } else { "qos0" })
+        .increment(1);
+    counter!(FRAMES_RECEIVED_TOTAL, "transport" => "mqtt").increment(1);
+    if redelivered {
+        counter!(MQTT_REDELIVERED_TOTAL).increment(1);
+    }
+}
+
+/// `dbx_points_received_total{transport="mqtt"}`.
+pub fn points_received(points: usize) {
+    counter!(POINTS_RECEIVED_TOTAL, "transport" => "mqtt").increment(points as u64);
+}
+
+/// A QoS 1 message acknowledged `latency` after it arrived.
+pub fn message_acked(latency: Duration) {
+    histogram!(MQTT_ACK_LATENCY_SECONDS).record(latency.as_secs_f64());
+    counter!(MQTT_MESSAGES_ACKED_TOTAL).increment(1);
+}
+
+/// `dbx_mqtt_in_flight_messages`.
+pub fn in_flight(messages: usize) {
+    gauge!(MQTT_IN_FLIGHT).set(messages as f64);
+}
+
+/// `dbx_mqtt_connected` 0 (the input stopped).
+pub fn disconnected() {
+    gauge!(MQTT_CONNECTED).set(0.0);
 }

@@ -15,8 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::events::{SpoolAppended, SpoolFull, SpoolingStarted, SpoolingStopped};
 use crate::metrics as m;
-use dbx_core::{AckHandle, BatchOrigin, BatchOutcome, RejectCode, Rejection, TelemetryBatch};
+use dbx_core::{AckHandle, BatchOutcome, InternalEvent, RejectCode, Rejection, TelemetryBatch};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
@@ -177,7 +178,7 @@ pub(crate) async fn run(
         retry_at: None,
         burst_bytes: BURST_BYTES,
     };
-    metrics::gauge!(m::SPOOL_ACTIVE).set(0.0);
+    m::active(false);
     g.shared.publish_gauges();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -239,7 +240,7 @@ pub(crate) async fn run(
     while let Some((id, res)) = g.verdicts.next().await {
         g.on_verdict(id, res);
     }
-    metrics::gauge!(m::SPOOL_ACTIVE).set(0.0);
+    m::active(false);
     g.shared.publish_gauges();
     info!(stats = ?g.shared.stats(), "spool gate finished");
 }
@@ -345,13 +346,12 @@ impl Gate {
                     .map(|h| now.duration_since(h.taken))
                     .unwrap_or_default();
                 if oldest.is_some_and(|o| o >= after) || waiting >= after {
-                    warn!(
-                        after_ms = self.cfg.after_ms,
-                        in_flight = self.forwarded.len(),
-                        "the database has not committed a batch for after_ms; spooling to disk"
-                    );
                     self.mode = Mode::Spooling { since: now };
-                    metrics::gauge!(m::SPOOL_ACTIVE).set(1.0);
+                    SpoolingStarted {
+                        after_ms: self.cfg.after_ms,
+                        in_flight: self.forwarded.len(),
+                    }
+                    .emit();
                 }
             }
             Mode::Spooling { since } => {
@@ -361,12 +361,9 @@ impl Gate {
                 // replay (no commits because nothing is left), not an outage.
                 let caught_up = self.shared.caught_up.load(Ordering::Relaxed);
                 if now.duration_since(since) >= after && young && (commits || caught_up) {
-                    info!(
-                        "the database keeps up again; forwarding directly while the spool drains"
-                    );
                     self.seal();
                     self.mode = Mode::Direct;
-                    metrics::gauge!(m::SPOOL_ACTIVE).set(0.0);
+                    SpoolingStopped.emit();
                 }
             }
         }
@@ -512,12 +509,10 @@ impl Gate {
         let when_full = self.cfg.when_full;
         for mut h in self.held.drain(..) {
             if is_best_effort(&h.batch) {
-                let dropped = match h.batch.origin {
-                    BatchOrigin::Udp => dbx_core::metrics::UDP_DROPPED_TOTAL,
-                    _ => dbx_core::metrics::MQTT_DROPPED_TOTAL,
-                };
-                metrics::counter!(dropped, "reason" => "spool_full").increment(1);
-                metrics::counter!(m::SPOOL_FULL_TOTAL, "kind" => "drop").increment(1);
+                SpoolFull::BestEffortDropped {
+                    origin: h.batch.origin,
+                }
+                .emit();
                 self.shared.full.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
@@ -525,13 +520,16 @@ impl Gate {
                 WhenFull::Block => {
                     if !h.counted_full {
                         h.counted_full = true;
-                        metrics::counter!(m::SPOOL_FULL_TOTAL, "kind" => "block").increment(1);
+                        SpoolFull::Blocked.emit();
                         self.shared.full.fetch_add(1, Ordering::Relaxed);
                     }
                     keep.push_back(h);
                 }
                 WhenFull::DropNewest => {
-                    metrics::counter!(m::SPOOL_FULL_TOTAL, "kind" => "drop").increment(1);
+                    SpoolFull::Refused {
+                        max_bytes: self.cfg.max_bytes,
+                    }
+                    .emit();
                     self.shared.full.fetch_add(1, Ordering::Relaxed);
                     h.batch.ack.reject(Rejection::new(
                         RejectCode::Rejected,
@@ -619,7 +617,7 @@ impl Gate {
             }
         }
         self.shared.spooled.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!(m::SPOOL_WRITTEN_RECORDS_TOTAL).increment(n);
+        SpoolAppended { records: n }.emit();
         self.shared.written.notify_one();
         Ok(())
     }

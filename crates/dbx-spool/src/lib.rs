@@ -64,6 +64,7 @@
 //! - `secure`: a private directory, files never opened through a symbolic link.
 //! - [`metrics`]: the spool's metric names and HELP texts.
 
+pub mod events;
 pub mod gate;
 pub mod metrics;
 pub mod record;

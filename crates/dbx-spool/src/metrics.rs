@@ -6,8 +6,14 @@
 //! text, registered by [`describe`] (the binary calls it once, after installing the
 //! exporter). Names never change: the dashboard and the alerts in deploy/ depend on
 //! them (tests/ops checks every name they use against the `metrics.rs` files).
+//!
+//! Below the names: the setters of the gauges describing the spool's state. Everything
+//! logged as well as counted (spooling, full, corrupt, replayed, refused) is an event of
+//! [`crate::events`].
 
-use ::metrics::{describe_counter as c, describe_gauge as g, Unit};
+use std::time::Duration;
+
+use ::metrics::{describe_counter as c, describe_gauge as g, gauge, Unit};
 
 /// Bytes in segment files (gauge).
 pub const SPOOL_BYTES: &str = "dbx_spool_bytes";
@@ -79,4 +85,34 @@ pub fn describe() {
         Unit::Bytes,
         "Bytes of the dead letters under spool.dir/rejected/."
     );
+}
+
+/// What is on disk, for the `dbx_spool_*` gauges.
+#[derive(Debug, Clone, Copy)]
+pub struct OnDisk {
+    /// Segment files.
+    pub segments: usize,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Records in them.
+    pub records: u64,
+    /// How long the oldest batch not yet in PostgreSQL has waited.
+    pub oldest_waiting: Duration,
+    /// Bytes of the dead letters.
+    pub rejected_bytes: u64,
+}
+
+/// Sets `dbx_spool_segments`, `_bytes`, `_records`, `_oldest_record_age_seconds` and
+/// `_rejected_bytes`.
+pub fn on_disk(d: OnDisk) {
+    gauge!(SPOOL_SEGMENTS).set(d.segments as f64);
+    gauge!(SPOOL_BYTES).set(d.bytes as f64);
+    gauge!(SPOOL_RECORDS).set(d.records as f64);
+    gauge!(SPOOL_OLDEST_RECORD_AGE_SECONDS).set(d.oldest_waiting.as_secs_f64());
+    gauge!(SPOOL_REJECTED_BYTES).set(d.rejected_bytes as f64);
+}
+
+/// `dbx_spool_active`: 1 while the gate spools.
+pub fn active(spooling: bool) {
+    gauge!(SPOOL_ACTIVE).set(if spooling { 1.0 } else { 0.0 });
 }

@@ -26,11 +26,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::metrics as m;
-use dbx_core::{AckHandle, BatchOrigin, BatchOutcome, Rejection, TelemetryBatch};
+use crate::events::{CorruptRecordSkipped, RecordReplayed, ReplayRefused};
+use dbx_core::{AckHandle, BatchOrigin, BatchOutcome, InternalEvent, Rejection, TelemetryBatch};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::record::{decode_batch, SpooledBatch};
 use super::rejected::{DeadLetters, Kept};
@@ -290,13 +290,21 @@ impl Replayer {
             Ok(BatchOutcome::Durable) => {
                 self.shared.committed();
                 self.shared.replayed.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::SPOOL_REPLAYED_RECORDS_TOTAL).increment(1);
+                RecordReplayed {
+                    segment: seg,
+                    refused: false,
+                }
+                .emit();
                 false
             }
             Ok(BatchOutcome::Rejected(r)) => {
                 self.shared.committed();
                 self.shared.replayed.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::SPOOL_REPLAYED_RECORDS_TOTAL).increment(1);
+                RecordReplayed {
+                    segment: seg,
+                    refused: true,
+                }
+                .emit();
                 !self.keep_rejected(sent, &r).await
             }
             Err(_) => true,
@@ -343,21 +351,21 @@ impl Replayer {
         match kept {
             Ok(Kept::Stored) => {
                 self.shared.rejected.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(m::SPOOL_REJECTED_RECORDS_TOTAL).increment(1);
-                warn!(
-                    segment = sent.seg, code, msg = %r.msg,
-                    "the database refused a batch the spool had acked; kept under rejected/ \
-                     in the spool directory (`dbx spool rejected` lists it, `dbx spool requeue` replays it)"
-                );
+                ReplayRefused::Kept {
+                    segment: sent.seg,
+                    code: r.code,
+                    msg: &r.msg,
+                }
+                .emit();
                 true
             }
             Ok(Kept::Full) => {
-                metrics::counter!(m::SPOOL_FULL_TOTAL, "kind" => "rejected").increment(1);
-                error!(
-                    segment = sent.seg, code, msg = %r.msg,
-                    "the database refused a batch the spool had acked and spool.rejected_max_bytes is reached; \
-                     its segment stays in the spool (replayed at the next start)"
-                );
+                ReplayRefused::StoreFull {
+                    segment: sent.seg,
+                    code: r.code,
+                    msg: &r.msg,
+                }
+                .emit();
                 false
             }
             Err(e) => {
@@ -502,12 +510,12 @@ impl Replayer {
             chunk.corrupt.len()
         };
         for (at, reason) in &chunk.corrupt[..counted] {
-            warn!(
-                segment = id,
-                offset = at,
+            CorruptRecordSkipped {
+                segment: id,
+                offset: *at,
                 reason,
-                "skipping a corrupt spool record"
-            );
+            }
+            .emit();
         }
         self.shared.count_corrupt(counted as u64);
     }
@@ -532,7 +540,12 @@ impl Replayer {
                     });
                 }
                 Err(e) => {
-                    warn!(segment = id, offset = at, error = %e, "skipping an undecodable spool record");
+                    CorruptRecordSkipped {
+                        segment: id,
+                        offset: at,
+                        reason: &e,
+                    }
+                    .emit();
                     self.shared.count_corrupt(1);
                 }
             }

@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::events::SegmentHeaderCorrupt;
 use crate::metrics as m;
-use dbx_core::now_micros;
+use dbx_core::{now_micros, InternalEvent};
 use tokio::sync::Notify;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::segment;
 
@@ -154,9 +155,9 @@ impl Shared {
         }
     }
 
+    /// Counts corrupt records in the stats (each one is reported by its event).
     pub fn count_corrupt(&self, n: u64) {
         self.corrupt.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!(m::SPOOL_CORRUPT_RECORDS_TOTAL).increment(n);
     }
 
     pub fn stats(&self) -> SpoolStats {
@@ -184,13 +185,13 @@ impl Shared {
                 st.segments.values().map(|s| s.records).sum::<u64>(),
             )
         };
-        metrics::gauge!(m::SPOOL_SEGMENTS).set(segments as f64);
-        metrics::gauge!(m::SPOOL_BYTES).set(bytes as f64);
-        metrics::gauge!(m::SPOOL_RECORDS).set(records as f64);
-        metrics::gauge!(m::SPOOL_OLDEST_RECORD_AGE_SECONDS)
-            .set(self.oldest_waiting_age().as_secs_f64());
-        metrics::gauge!(m::SPOOL_REJECTED_BYTES)
-            .set(self.rejected_bytes.load(Ordering::Relaxed) as f64);
+        m::on_disk(m::OnDisk {
+            segments,
+            bytes,
+            records,
+            oldest_waiting: self.oldest_waiting_age(),
+            rejected_bytes: self.rejected_bytes.load(Ordering::Relaxed),
+        });
     }
 }
 
@@ -210,9 +211,8 @@ pub(crate) fn recover(dir: &Path) -> std::io::Result<State> {
             continue;
         }
         let Some(created_micros) = segment::read_header(&file, len) else {
-            error!(path = %path.display(), "segment header is not a dbx spool header; renamed to .bad and skipped");
             std::fs::rename(&path, path.with_extension("seg.bad"))?;
-            metrics::counter!(m::SPOOL_CORRUPT_RECORDS_TOTAL).increment(1);
+            SegmentHeaderCorrupt { path: &path }.emit();
             continue;
         };
         let records = segment::count_records(&file, len);

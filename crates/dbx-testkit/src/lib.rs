@@ -40,6 +40,7 @@ pub mod attack;
 pub mod broker;
 pub mod daemon;
 pub mod env;
+pub mod events;
 pub mod fixtures;
 pub mod gateway;
 pub mod prereq;
@@ -47,6 +48,7 @@ pub mod prereq;
 pub use broker::TestBroker;
 pub use daemon::{run_cli, Daemon};
 pub use env::Env;
+pub use events::{capture_events, Captured};
 pub use fixtures::{Fixture, Org};
 pub use gateway::TestGateway;
 

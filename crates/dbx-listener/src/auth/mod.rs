@@ -44,7 +44,7 @@ use uuid::Uuid;
 
 use dbx_core::apikey::key_hash_hex;
 use dbx_core::sync::read;
-use dbx_core::{Clock, SystemClock};
+use dbx_core::{Clock, InternalEvent, SystemClock};
 
 mod owners;
 mod refresh;
@@ -168,13 +168,13 @@ impl AuthCache {
     /// Reloads keys and aircraft from the database and tells subscribers; on failure
     /// the previous snapshot stays in force.
     pub async fn reload(&self) -> Result<(), AuthError> {
-        use crate::metrics as m;
         let snap = self.load_snapshot().await?;
-        metrics::counter!(m::AUTH_RELOADS_TOTAL).increment(1);
-        metrics::gauge!(m::AUTH_LAST_RELOAD_TIMESTAMP_SECONDS)
-            .set(SystemClock.now().timestamp_millis() as f64 / 1000.0);
-        metrics::gauge!(m::AUTH_KEYS).set(snap.keys.len() as f64);
-        metrics::gauge!(m::AUTH_AIRCRAFT).set(snap.aircraft_org.len() as f64);
+        crate::events::AuthReloaded {
+            keys: snap.keys.len(),
+            aircraft: snap.aircraft_org.len(),
+            at_unix_secs: SystemClock.now().timestamp_millis() as f64 / 1000.0,
+        }
+        .emit();
         Ok(())
     }
 }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dbx_core::sync::lock;
-use dbx_core::Shutdown;
+use dbx_core::{InternalEvent, Shutdown};
 use futures::StreamExt;
 use tokio_postgres::AsyncMessage;
 
 use super::{AuthCache, AuthError, AUTH_CHANNEL};
+use crate::events::AuthRefreshFailed;
 
 impl AuthCache {
     /// Keeps the cache fresh until shutdown: LISTEN for changes, full reload on a timer.
@@ -31,8 +32,7 @@ impl AuthCache {
                 _ = shutdown.recv() => return,
                 res = session => {
                     if let Err(e) = res {
-                        metrics::counter!(crate::metrics::AUTH_REFRESH_FAILURES_TOTAL).increment(1);
-                        tracing::warn!(error = %e, retry_in = ?backoff, "auth change listener lost its connection; retrying");
+                        AuthRefreshFailed { error: &e, retry_in: backoff }.emit();
                     }
                 }
             }

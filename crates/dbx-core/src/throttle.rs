@@ -1,7 +1,9 @@
-//! Log throttling for what an attacker can make happen at will (refused connections,
-//! failed handshakes, write timeouts): at most one line a second per call site, with
-//! the number of lines suppressed since. The metrics count every event; the log only
-//! says that it is happening, so a flood of peers cannot flood the log too.
+//! Log throttling for what a peer can make happen at will (refused connections,
+//! failed handshakes, write timeouts, dropped datagrams and messages): at most one line
+//! a second per event type, with the number of lines suppressed since. The metrics
+//! count every event; the log only says that it is happening, so a flood of peers
+//! cannot flood the log too. Each stage's internal events (see
+//! [`crate::InternalEvent`]) hold one `static` throttle per rate-limited type.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
