@@ -883,19 +883,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 if let Some(end) = check_seq(&mut flow.last_seq, seq) {
                     return Some(end);
                 }
-                BatchRefused {
-                    peer: self.peer,
-                    seq,
-                    code: rejection.code,
-                    msg: &rejection.msg,
-                }
-                .emit();
                 charge = None;
-                (
-                    seq,
-                    Uuid::nil(),
-                    Verdict::Known(BatchOutcome::Rejected(rejection)),
-                )
+                (seq, Uuid::nil(), self.refuse(seq, rejection))
             }
             Err(DecodeError::Connection(r)) => return Some(End::Error(r.code, r.msg)),
         };
@@ -931,17 +920,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 flow.pause_for(wait);
                 Verdict::Waiting(rx)
             }
-            Err(rejection) => {
-                BatchRefused {
-                    peer: self.peer,
-                    seq,
-                    code: rejection.code,
-                    msg: &rejection.msg,
-                }
-                .emit();
-                Verdict::Known(BatchOutcome::Rejected(rejection))
-            }
+            Err(rejection) => self.refuse(seq, rejection),
         }
+    }
+
+    /// A batch refused by the listener itself: counted and logged, its nack known now.
+    fn refuse(&self, seq: u64, rejection: Rejection) -> Verdict {
+        BatchRefused {
+            peer: self.peer,
+            seq,
+            code: rejection.code,
+            msg: &rejection.msg,
+        }
+        .emit();
+        Verdict::Known(BatchOutcome::Rejected(rejection))
     }
 
     /// Resolves the batch's aircraft and session within the key's organization,
