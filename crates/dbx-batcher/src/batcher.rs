@@ -22,9 +22,12 @@
 //! `shutdown`) and the task waits for the writers, up to `shutdown_deadline_ms`.
 //!
 //! A session's `end` has no points and no partition: the ends received together go
-//! to a writer as one small job of their own ([`ends`](crate::ends)). Their order
-//! against the session's batches is the producers' doing (see
-//! [`TelemetryBatch::ends_session`]), so the dispatcher does not hold them back.
+//! as one small job of their own ([`ends`](crate::ends)) on a lane of their own, one
+//! job at a time beside the writers (the pool holds a connection for it), so that
+//! ending flights never takes a writer from COPY; ends that come while a job is out
+//! wait for the next one. Their order against the session's batches is the
+//! producers' doing (see [`TelemetryBatch::ends_session`]), so the dispatcher does not
+//! hold them back.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -114,9 +117,12 @@ struct Dispatcher {
     shared: Arc<Shared>,
     groups: BTreeMap<PartitionKey, Group>,
     ready: Vec<(FlushJob, Trigger)>,
-    /// Session ends received since the last dispatch.
+    /// Session ends received and not yet handed to the ends lane.
     ends: Vec<Part>,
+    /// Writers: one permit per flush in flight (`writers`).
     permits: Arc<Semaphore>,
+    /// The ends lane: one permit, held by the ends job in flight.
+    ends_lane: Arc<Semaphore>,
     tasks: JoinSet<()>,
 }
 
@@ -176,6 +182,7 @@ impl Dispatcher {
                 counters,
             }),
             permits: Arc::new(Semaphore::new(config.writers)),
+            ends_lane: Arc::new(Semaphore::new(1)),
             groups: BTreeMap::new(),
             ready: Vec::new(),
             ends: Vec::new(),
@@ -224,6 +231,8 @@ impl Dispatcher {
             self.dispatch_ready().await?;
             while let Some(res) = self.tasks.join_next().await {
                 res.map_err(|e| BatcherError::Task(e.to_string()))?;
+                // Ends that waited for their lane go now.
+                self.dispatch_ready().await?;
             }
             Ok::<(), BatcherError>(())
         })
@@ -422,9 +431,13 @@ impl Dispatcher {
                 .await?;
         }
         if !self.ends.is_empty() {
-            let ends = std::mem::take(&mut self.ends);
-            self.spawn_writer(move |shared| async move { run_ends(&shared, ends).await })
-                .await?;
+            // When the lane is busy, the ends wait for its job to finish (a writer
+            // completion, which wakes the loop and brings us back here).
+            if let Ok(lane) = self.ends_lane.clone().try_acquire_owned() {
+                let ends = std::mem::take(&mut self.ends);
+                let shared = self.shared.clone();
+                self.spawn_holding(lane, async move { run_ends(&shared, ends).await })?;
+            }
         }
         Ok(())
     }
@@ -442,6 +455,18 @@ impl Dispatcher {
             .await
             .map_err(|e| BatcherError::Task(e.to_string()))?;
         let job = work(self.shared.clone());
+        self.spawn_holding(permit, job)
+    }
+
+    /// Runs `job`, holding `permit` until it is done.
+    fn spawn_holding<Fut>(
+        &mut self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        job: Fut,
+    ) -> Result<(), BatcherError>
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         self.tasks.spawn(async move {
             job.await;
             drop(permit);

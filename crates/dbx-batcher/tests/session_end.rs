@@ -222,3 +222,70 @@ async fn ends_of_unknown_and_foreign_sessions_and_several_at_once() {
     let stats = handle.join().await.unwrap();
     assert_eq!(stats.sessions_ended, 2, "{stats:?}");
 }
+
+/// Ends run on a lane of their own, not on a writer: with the only writer held up by a
+/// flush (its session's row locked by the test), the end of another session is written
+/// and answered all the same; then the flush finishes as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_does_not_wait_for_a_writer() {
+    let fx = fixture().await;
+    let config = dbx_batcher::BatcherConfig {
+        writers: 1,
+        ..config()
+    };
+    // As the daemon sizes it: a connection per writer, and one more.
+    let (tx, _handle) = start(config, fx.pool(2));
+    let c = fx.client().await;
+    let t0 = now_micros() - 600_000_000;
+    let (busy, ending) = (Uuid::new_v4(), Uuid::new_v4());
+    for s in [busy, ending] {
+        let (b, rx) = batch(fx.a, s, pts(t0, 0..5));
+        tx.send(b).await.unwrap();
+        assert_eq!(outcome(rx).await, BatchOutcome::Durable);
+    }
+
+    let locker = fx.client().await;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM dbx_aviation.flight_sessions WHERE session_id = '{busy}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let (b, held) = batch(fx.a, busy, pts(t0, 5..10));
+    tx.send(b).await.unwrap();
+    // The writer has taken the flush and waits for the lock.
+    assert!(
+        dbx_testkit::wait_until(std::time::Duration::from_secs(10), || async {
+            let waiting: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            waiting >= 1
+        })
+        .await,
+        "the flush of the locked session never waited for its lock"
+    );
+
+    let (e, rx) = end(fx.a, ending);
+    tx.send(e).await.unwrap();
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(10), outcome(rx)).await;
+    assert_eq!(
+        answered.ok(),
+        Some(BatchOutcome::Durable),
+        "the end waited for the held-up writer"
+    );
+    assert_eq!(
+        session_row(&c, ending).await.unwrap().0,
+        "completed".to_string()
+    );
+    assert_eq!(&session_row(&c, busy).await.unwrap().0, "active");
+
+    locker.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(outcome(held).await, BatchOutcome::Durable);
+    assert_eq!(session_row(&c, busy).await.unwrap().3, 10);
+}
