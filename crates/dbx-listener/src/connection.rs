@@ -477,6 +477,9 @@ impl Flow {
     /// entry of its session before it has its verdict. Verdicts found resolved on the
     /// way are kept ([`Pending::settled`]), so the front of `pending` sees them too.
     fn ready_end(&mut self) -> Option<usize> {
+        if self.parked_ends.is_empty() {
+            return None;
+        }
         let Flow {
             parked_ends,
             pending,
@@ -719,11 +722,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             let paused = flow.paused();
             let can_read = flow.can_read(cfg.max_inflight_batches);
             let drain_deadline = flow.drain_deadline();
-            let ready_end = if flow.parked_ends.is_empty() {
-                None
-            } else {
-                flow.ready_end()
-            };
+            let ready_end = flow.ready_end();
 
             tokio::select! {
                 // Delivering verdicts first keeps ack latency low under load.
