@@ -173,6 +173,7 @@ impl Dispatcher {
                 partitions: Mutex::new(PartitionCache::default()),
                 encoders: Mutex::new(Vec::new()),
                 counters,
+                citus: tokio::sync::OnceCell::new(),
             }),
             permits: Arc::new(Semaphore::new(config.writers)),
             groups: BTreeMap::new(),

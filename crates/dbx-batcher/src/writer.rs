@@ -54,7 +54,8 @@ use uuid::Uuid;
 use crate::config::BatcherConfig;
 use crate::copy::{send_chunks, CopyEncoder, COLUMNS};
 use crate::dedupe::{
-    copy_staging_sql, insert_from_staging_sql, InFlushDedupe, SessionCache, CREATE_STAGING_SQL,
+    copy_staging_sql, insert_from_staging_citus_sql, insert_from_staging_sql, InFlushDedupe,
+    SessionCache, CITUS_SQL, CREATE_STAGING_SQL,
 };
 use crate::error::AttemptError;
 use crate::partition::{PartitionCache, PartitionKey, LIST_CHILDREN_SQL, PARENT};
@@ -109,6 +110,9 @@ pub(crate) struct Shared {
     pub partitions: Mutex<PartitionCache>,
     pub encoders: Mutex<Vec<CopyEncoder>>,
     pub counters: Arc<Counters>,
+    /// Whether the database is a Citus cluster, learnt on the first staging path (see
+    /// [`crate::dedupe::insert_from_staging_citus_sql`]).
+    pub citus: tokio::sync::OnceCell<bool>,
 }
 
 impl Shared {
@@ -634,7 +638,8 @@ async fn attempt(
     );
     let (target, via_parent) = resolve_target(shared, &tx, key).await?;
     let mut inserted = copy_fast_path(&tx, &target, prepared, &claims.refused, plan).await?;
-    let total = plan.fast_rows + copy_staging_path(&tx, &target, plan, &mut inserted).await?;
+    let total = plan.fast_rows
+        + copy_staging_path(shared, &tx, &target, prepared, plan, &mut inserted).await?;
     let updates = write_statistics(&tx, prepared, &claims.states, &mut inserted).await?;
     tx.commit().await?;
     Ok(committed(
@@ -775,8 +780,10 @@ async fn copy_fast_path(
 /// Phase 4. Staging path: rows that may already be stored, inserted where they are
 /// not. Adds the rows written to `inserted`; returns how many.
 async fn copy_staging_path(
+    shared: &Shared,
     tx: &Transaction<'_>,
     target: &str,
+    prepared: &Prepared<'_>,
     plan: &Plan,
     inserted: &mut HashMap<Uuid, Vec<InsertedRow>>,
 ) -> Result<u64, AttemptError> {
@@ -785,7 +792,20 @@ async fn copy_staging_path(
     };
     tx.batch_execute(CREATE_STAGING_SQL).await?;
     copy_in(tx, &copy_staging_sql(), bytes).await?;
-    let rows = tx.query(&insert_from_staging_sql(target), &[]).await?;
+    let citus = *shared
+        .citus
+        .get_or_try_init(|| async {
+            let row = tx.query_one(CITUS_SQL, &[]).await?;
+            Ok::<bool, tokio_postgres::Error>(row.get(0))
+        })
+        .await?;
+    let rows = if citus {
+        let ids: Vec<Uuid> = prepared.sessions.iter().map(|s| s.session).collect();
+        tx.query(&insert_from_staging_citus_sql(target), &[&ids])
+            .await?
+    } else {
+        tx.query(&insert_from_staging_sql(target), &[]).await?
+    };
     for r in &rows {
         let ts: DateTime<Utc> = r.try_get(2)?;
         let session: Uuid = r.try_get(0)?;

@@ -320,6 +320,7 @@ async fn run_setup(
         rotate: false,
         sample_data: true,
         postgis: Default::default(),
+        distributed: false,
     })
     .await?;
     println!(

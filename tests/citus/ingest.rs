@@ -1,0 +1,183 @@
+//! Real daemons writing into the Citus cluster: through the coordinator, and (the scale-out
+//! path) through a worker with synced metadata, with the control plane on the coordinator.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use dbx_core::Point;
+use dbx_testkit::gateway::{now_micros, points, resend_until_acked};
+use dbx_testkit::Daemon;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::{dbx_bin, rows_per_worker, Distributed};
+
+/// `n` batches of 100 points over `sessions`, interleaved, in the accepted past window.
+fn batches(sessions: &[Uuid], n: usize) -> Vec<(Uuid, Vec<Point>)> {
+    let base = now_micros() - 6 * 3600 * 1_000_000;
+    (0..n)
+        .map(|i| {
+            let s = sessions[i % sessions.len()];
+            let k = (i / sessions.len()) as i64;
+            (s, points(100, k * 100, base + k * 10_000_000))
+        })
+        .collect()
+}
+
+/// The environment of a daemon writing through node `node`: ingest on that node, the control
+/// plane (partitions, health, idle sessions) on the coordinator, where DDL and the maintenance
+/// lock live.
+fn daemon_env(d: &Distributed, node: usize) -> (String, Vec<(String, String)>) {
+    (
+        d.url(node, "dbx_ingest_service"),
+        vec![
+            (
+                "DBX_DATABASE__ADMIN_URL".into(),
+                d.url(0, "dbx_maintenance_service"),
+            ),
+            ("DBX_BATCHER__MAX_BATCH_AGE_MS".into(), "20".into()),
+        ],
+    )
+}
+
+async fn start(d: &Distributed, node: usize, extra: &[(&str, &str)]) -> Daemon {
+    let (url, env) = daemon_env(d, node);
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.extend_from_slice(extra);
+    Daemon::start(dbx_bin(), &url, &env).await
+}
+
+/// Sends every batch through `daemon` and waits for all acks.
+async fn send_all(daemon: &Daemon, key: &str, aircraft: Uuid, b: Vec<(Uuid, Vec<Point>)>) {
+    let (tx, _rx) = watch::channel(HashSet::new());
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        resend_until_acked(daemon.tcp, key.to_string(), aircraft, b, Duration::ZERO, tx),
+    )
+    .await
+    .expect("every batch acked within 120 s");
+}
+
+/// (rows, distinct (session, seq), sum of point_count) of `sessions`.
+async fn stored(d: &Distributed, sessions: &[Uuid]) -> (i64, i64, i64) {
+    let r = d
+        .client
+        .query_one(
+            "SELECT (SELECT count(*) FROM dbx_aviation.flight_telemetry WHERE session_id = ANY($1)), \
+                    (SELECT count(DISTINCT (session_id, seq)) FROM dbx_aviation.flight_telemetry \
+                      WHERE session_id = ANY($1)), \
+                    (SELECT COALESCE(sum(point_count), 0)::bigint FROM dbx_aviation.flight_sessions \
+                      WHERE session_id = ANY($1))",
+            &[&sessions.to_vec()],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_through_the_coordinator_and_through_a_worker_store_every_point_once() {
+    let d = Distributed::new().await;
+    let (org, aircraft) = d.org("INGEST").await;
+    let via_coordinator = start(&d, 0, &[]).await;
+    let via_worker = start(&d, 1, &[]).await;
+
+    // Eight sessions spread over the shards of both workers; half through each daemon, and
+    // the first daemon's batches resent through the second (a gateway failing over).
+    let sessions: Vec<Uuid> = (0..8).map(|_| Uuid::new_v4()).collect();
+    let (first, second) = sessions.split_at(4);
+    let b1 = batches(first, 40);
+    let b2 = batches(second, 40);
+    let (r1, r2) = tokio::join!(
+        send_all(&via_coordinator, &org.key, aircraft, b1.clone()),
+        send_all(&via_worker, &org.key, aircraft, b2),
+    );
+    let _ = (r1, r2);
+    send_all(&via_worker, &org.key, aircraft, b1).await;
+
+    let total = 80 * 100;
+    assert_eq!(stored(&d, &sessions).await, (total, total, total));
+    let per_worker = rows_per_worker(&d.client).await;
+    eprintln!("rows per worker: {per_worker:?}");
+    assert_eq!(per_worker.len(), 2, "rows on both workers: {per_worker:?}");
+    assert!(per_worker.iter().all(|(_, n)| *n > 0), "{per_worker:?}");
+    assert_eq!(per_worker.iter().map(|(_, n)| n).sum::<i64>(), total);
+    // The partitions the daemons' start-up premake made are distributed too.
+    let local: i64 = d
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_inherits i \
+              WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass \
+                AND NOT EXISTS (SELECT 1 FROM citus_tables t WHERE t.table_name = i.inhrelid::regclass)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(local, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_daemon_on_a_worker_loses_no_acked_point_and_stores_each_once() {
+    let d = Distributed::new().await;
+    let (org, aircraft) = d.org("CRASH").await;
+    let bind = dbx_testkit::daemon::fixed_loopback_bind();
+    let extra = [("DBX_LISTENER__TCP_BIND", bind.as_str())];
+    let mut daemon = start(&d, 2, &extra).await;
+
+    let sessions: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let n_batches = 200;
+    let all = batches(&sessions, n_batches);
+    let (acked_tx, mut acked_rx) = watch::channel(HashSet::new());
+    let gw = tokio::spawn(resend_until_acked(
+        daemon.tcp,
+        org.key.clone(),
+        aircraft,
+        all.clone(),
+        Duration::from_millis(2),
+        acked_tx,
+    ));
+    let mut effective = 0;
+    for k in 0..2usize {
+        let target = (k + 1) * n_batches / 4;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(60),
+            acked_rx.wait_for(|a| a.len() >= target),
+        )
+        .await;
+        if acked_rx.borrow().len() < n_batches {
+            effective += 1;
+        }
+        daemon.signal(libc::SIGKILL);
+        daemon.wait(Duration::from_secs(10)).await;
+        // Everything acked before the kill is stored, once.
+        let acked: HashSet<usize> = acked_rx.borrow().clone();
+        for &i in &acked {
+            let (session, pts) = &all[i];
+            let n: i64 = d
+                .client
+                .query_one(
+                    "SELECT count(*) FROM dbx_aviation.flight_telemetry \
+                      WHERE session_id = $1 AND seq BETWEEN $2 AND $3",
+                    &[session, &pts[0].seq, &pts[pts.len() - 1].seq],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(n, pts.len() as i64, "acked batch {i} after kill {k}");
+        }
+        daemon = start(&d, 2, &extra).await;
+    }
+    let reconnects = tokio::time::timeout(Duration::from_secs(300), gw)
+        .await
+        .expect("the gateway finishes")
+        .unwrap();
+    assert!(effective >= 1, "a kill landed mid-stream");
+    assert!(
+        reconnects >= effective,
+        "reconnected after each kill ({reconnects})"
+    );
+    let total = (n_batches * 100) as i64;
+    assert_eq!(stored(&d, &sessions).await, (total, total, total));
+    drop(daemon);
+}
