@@ -4,9 +4,12 @@
 //!
 //! - `schema.rs`: `dbx setup --distributed` (placements, idempotence, refusal without Citus),
 //!   RLS through the coordinator with `SET LOCAL`, and the seed's features on Citus.
+//! - `control.rs`: sweep, archival and retention of the distributed table; the maintenance lock
+//!   across daemons on two nodes; the cluster gauges and `/readyz` with a worker down.
 //! - `ingest.rs`: real daemons writing through the coordinator and through a worker, a SIGKILL
 //!   under a resending gateway, rows per worker.
 
+mod control;
 mod ingest;
 mod schema;
 
@@ -37,7 +40,11 @@ struct Distributed {
 impl Distributed {
     /// A fresh Citus database, set up by `dbx setup --distributed` without sample data.
     async fn new() -> Distributed {
-        let db = CitusDb::new().await;
+        Distributed::on(CitusDb::new().await).await
+    }
+
+    /// `db`, set up by `dbx setup --distributed` without sample data.
+    async fn on(db: CitusDb) -> Distributed {
         let dir = tempfile::tempdir().unwrap();
         // Login roles are cluster-wide and the tests' setups share the cluster: every setup
         // finds the same passwords in its credentials.txt and keeps them, so one test's setup

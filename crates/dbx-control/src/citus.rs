@@ -325,3 +325,74 @@ async fn settings(client: &Client) -> Result<(), CitusError> {
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
+
+/// The cluster as the coordinator sees it, for the health gauges and `/readyz`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterView {
+    /// Workers Citus counts as active (`citus_get_active_worker_nodes()`).
+    pub active_workers: i64,
+    /// Workers holding shards or placements that do not answer (`host:port: error`).
+    pub unreachable: Vec<String>,
+    /// Connections to this database per node (`host:port` → count), the coordinator's own
+    /// included; a worker that does not answer is absent.
+    pub connections: Vec<(String, i64)>,
+}
+
+/// The Citus view of the database `client` is connected to, or `None` when it has no `citus`
+/// extension (a single node: one catalog lookup, nothing else). Meant for the coordinator
+/// (`database.admin_url`); on a worker with synced metadata it sees the same nodes.
+pub async fn cluster_view(
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Option<ClusterView>, tokio_postgres::Error> {
+    let has: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !has {
+        return Ok(None);
+    }
+    let active: i64 = client
+        .query_one("SELECT count(*) FROM citus_get_active_worker_nodes()", &[])
+        .await?
+        .get(0);
+    // run_command_on_workers reports a node that does not answer as a failed row instead of
+    // failing; only nodes that hold placements make the data incomplete.
+    let rows = client
+        .query(
+            "SELECT w.nodename || ':' || w.nodeport, w.success, w.result \
+               FROM run_command_on_workers( \
+                      $$SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()$$) w \
+              WHERE EXISTS (SELECT 1 FROM pg_dist_node n JOIN pg_dist_placement p USING (groupid) \
+                             WHERE n.nodename = w.nodename AND n.nodeport = w.nodeport) \
+              ORDER BY 1",
+            &[],
+        )
+        .await?;
+    let mut view = ClusterView {
+        active_workers: active,
+        ..ClusterView::default()
+    };
+    let own: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0);
+    view.connections.push(("coordinator".into(), own));
+    for r in rows {
+        let node: String = r.get(0);
+        let ok: bool = r.get(1);
+        let result: String = r.get(2);
+        if ok {
+            view.connections
+                .push((node, result.trim().parse().unwrap_or_default()));
+        } else {
+            view.unreachable.push(format!("{node}: {result}"));
+        }
+    }
+    Ok(Some(view))
+}

@@ -3,7 +3,8 @@
 //! pg_stat_statements is loaded, cache_hit_ratio), `table_bloat`, the partitions of the live and
 //! archive tables (count and bounds), the rows sitting in the default partition, how far ahead
 //! the newest live partition reaches, the ingest role's connections, and whether its own connection
-//! is TLS-encrypted (`pg_stat_ssl`, the server's view), and exports them as the
+//! is TLS-encrypted (`pg_stat_ssl`, the server's view), on a Citus coordinator the cluster's
+//! workers (active, unreachable, connections per node), and exports them as the
 //! `dbx_db_*` gauges of [`crate::metrics`]. The last snapshot is also kept for
 //! `/api/v2/system/status`. When the database does not answer, `dbx_db_up` drops to 0 and the
 //! other gauges keep their last values.
@@ -41,6 +42,8 @@ pub struct SchemaPartitions {
 /// One collection's results.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HealthSnapshot {
+    /// The Citus cluster as the coordinator sees it; `None` on a single node.
+    pub citus: Option<crate::citus::ClusterView>,
     /// The last collection succeeded.
     pub up: bool,
     /// When the last successful collection ran (collector clock).
@@ -222,6 +225,14 @@ async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, Healt
         collected_at: Some(now),
         ..HealthSnapshot::default()
     };
+    // The cluster first, and exported at once: with a worker down the queries below that
+    // touch distributed tables fail, and the gauges must still say which worker it is.
+    let citus = crate::citus::cluster_view(c)
+        .await
+        .map_err(qerr("reading the Citus cluster"))?;
+    if let Some(v) = &citus {
+        export_citus(v);
+    }
     for r in c
         .query("SELECT metric, value FROM dbx_aviation.system_health", &[])
         .await
@@ -310,6 +321,7 @@ async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, Healt
         .map_err(qerr("reading pg_stat_ssl"))?;
     s.tls = ssl.get(0);
     s.tls_version = ssl.get(1);
+    s.citus = citus;
     Ok(s)
 }
 
@@ -343,6 +355,15 @@ fn export(s: &HealthSnapshot) {
     metrics::gauge!(m::DB_DEFAULT_PARTITION_ROWS).set(s.default_partition_rows as f64);
     metrics::gauge!(m::DB_INGEST_CONNECTIONS).set(s.ingest_connections as f64);
     metrics::gauge!(m::DB_TLS).set(if s.tls { 1.0 } else { 0.0 });
+}
+
+/// The Citus gauges (a coordinator only).
+fn export_citus(c: &crate::citus::ClusterView) {
+    metrics::gauge!(m::DB_CITUS_ACTIVE_WORKERS).set(c.active_workers as f64);
+    metrics::gauge!(m::DB_CITUS_UNREACHABLE_WORKERS).set(c.unreachable.len() as f64);
+    for (node, n) in &c.connections {
+        metrics::gauge!(m::DB_CITUS_NODE_CONNECTIONS, "node" => node.clone()).set(*n as f64);
+    }
 }
 
 #[cfg(test)]

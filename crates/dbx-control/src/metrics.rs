@@ -80,6 +80,13 @@ pub const DB_INGEST_CONNECTIONS: &str = "dbx_db_ingest_connections";
 /// 1 when the health collector's connection to PostgreSQL is TLS-encrypted
 /// (`pg_stat_ssl` of its own backend), 0 when it is plaintext (gauge).
 pub const DB_TLS: &str = "dbx_db_tls";
+/// Gauge, Citus only (`dbx setup --distributed`): workers Citus counts as active.
+pub const DB_CITUS_ACTIVE_WORKERS: &str = "dbx_db_citus_active_workers";
+/// Gauge, Citus only: workers holding placements that do not answer the coordinator.
+pub const DB_CITUS_UNREACHABLE_WORKERS: &str = "dbx_db_citus_unreachable_workers";
+/// Gauge, Citus only, label `node` (`coordinator` or a worker's `host:port`): connections to
+/// the database on that node.
+pub const DB_CITUS_NODE_CONNECTIONS: &str = "dbx_db_citus_node_connections";
 
 /// Registers the HELP text of every metric above; call once, after installing the
 /// recorder.
@@ -158,4 +165,16 @@ pub fn describe() {
         "Connections of members of the dbx_ingest role to the database."
     );
     g!(DB_TLS, "1 when the health collector's connection to PostgreSQL is TLS-encrypted (pg_stat_ssl), else 0.");
+    g!(
+        DB_CITUS_ACTIVE_WORKERS,
+        "Citus only: workers the coordinator counts as active (citus_get_active_worker_nodes)."
+    );
+    g!(
+        DB_CITUS_UNREACHABLE_WORKERS,
+        "Citus only: workers holding shards or placements that do not answer; /readyz fails meanwhile."
+    );
+    g!(
+        DB_CITUS_NODE_CONNECTIONS,
+        "Citus only: connections to the database per node (coordinator, or a worker's host:port)."
+    );
 }

@@ -33,6 +33,8 @@ fn cluster() -> &'static CitusCluster {
 #[derive(Debug, Clone)]
 pub struct CitusDb {
     name: String,
+    /// Port, superuser and password of each node, the coordinator first.
+    nodes: Vec<(u16, String, String)>,
 }
 
 impl CitusDb {
@@ -53,7 +55,26 @@ impl CitusDb {
         })
         .await
         .expect("preparing a Citus database");
-        CitusDb { name }
+        CitusDb::on(cluster(), &name)
+    }
+
+    /// Database `name`, already prepared on `cluster` ([`CitusCluster::create_database`]): for
+    /// a test that runs a cluster of its own (one it stops a node of).
+    pub fn on(cluster: &CitusCluster, name: &str) -> CitusDb {
+        CitusDb {
+            name: name.to_string(),
+            nodes: cluster
+                .nodes()
+                .iter()
+                .map(|n| {
+                    (
+                        n.port(),
+                        n.superuser().to_string(),
+                        n.password().to_string(),
+                    )
+                })
+                .collect(),
+        }
     }
 
     /// The cluster (to stop a worker, or to read its ports).
@@ -66,19 +87,20 @@ impl CitusDb {
         &self.name
     }
 
-    /// Node `i` (0 = the coordinator).
+    /// Node `i` of the shared test cluster (0 = the coordinator).
     pub fn node(i: usize) -> &'static LocalCluster {
         &cluster().nodes()[i]
     }
 
     /// The superuser's URL to this database on node `i` (0 = the coordinator).
     pub fn url(&self, i: usize) -> String {
-        Self::node(i).superuser_url(&self.name)
+        let (_, user, password) = &self.nodes[i];
+        self.url_for(i, user, password)
     }
 
     /// A URL to this database on node `i` as `user` with `password`.
     pub fn url_for(&self, i: usize, user: &str, password: &str) -> String {
-        Self::node(i).url_for(user, password, &self.name)
+        dbx_pg::params::url(user, password, "127.0.0.1", self.nodes[i].0, &self.name)
     }
 
     /// A superuser client of this database on node `i`.
