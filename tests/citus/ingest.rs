@@ -181,3 +181,129 @@ async fn sigkill_of_a_daemon_on_a_worker_loses_no_acked_point_and_stores_each_on
     assert_eq!(stored(&d, &sessions).await, (total, total, total));
     drop(daemon);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_and_idle_timeout_complete_sessions_through_a_worker() {
+    use dbx_core::RejectCode;
+    use dbx_proto::{AircraftRef, PointForm, ServerMessage};
+    use dbx_testkit::TestGateway;
+
+    let d = Distributed::new().await;
+    let (org, aircraft) = d.org("ENDS").await;
+    let daemon = start(
+        &d,
+        1,
+        &[
+            ("DBX_SESSIONS__IDLE_TIMEOUT_SECS", "2"),
+            ("DBX_SESSIONS__CHECK_INTERVAL_SECS", "1"),
+        ],
+    )
+    .await;
+    let (mut g, _) = TestGateway::hello(daemon.tcp, &org.key).await;
+    let t0 = now_micros() - 120_000_000;
+    // Several sessions ended together (their ends share one transaction), and one left idle.
+    let ended: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+    let idle = Uuid::new_v4();
+    let mut seq = 0u64;
+    for s in ended.iter().chain([&idle]) {
+        seq += 1;
+        g.send_batch(
+            seq,
+            &AircraftRef::Id(aircraft),
+            *s,
+            &points(50, 0, t0),
+            PointForm::Map,
+        )
+        .await;
+    }
+    for s in &ended {
+        seq += 1;
+        g.send_end(seq, *s).await;
+    }
+    // A batch after its end is refused.
+    seq += 1;
+    g.send_batch(
+        seq,
+        &AircraftRef::Id(aircraft),
+        ended[0],
+        &points(5, 100, t0 + 10_000_000),
+        PointForm::Map,
+    )
+    .await;
+    let (acked, nacks) = g.await_verdicts(seq).await;
+    assert_eq!(acked, seq - 1, "{nacks:?}");
+    assert!(
+        matches!(
+            nacks.as_slice(),
+            [ServerMessage::Nack {
+                code: RejectCode::SessionClosed,
+                ..
+            }]
+        ),
+        "{nacks:?}"
+    );
+    let reasons = |ids: Vec<Uuid>| {
+        let c = &d.client;
+        async move {
+            c.query(
+                "SELECT completion_reason FROM dbx_aviation.flight_sessions \
+                  WHERE session_id = ANY($1) AND flight_status = 'completed'",
+                &[&ids],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(reasons(ended.clone()).await, vec!["end"; 4]);
+    // The idle one is completed by the control plane (on the coordinator) after its timeout.
+    assert!(
+        dbx_testkit::wait_until(Duration::from_secs(30), || async {
+            reasons(vec![idle]).await == vec!["idle_timeout"]
+        })
+        .await,
+        "the idle session was not completed:\n{}",
+        daemon.log()
+    );
+    assert_eq!(stored(&d, &ended).await.0, 200);
+}
+
+#[test]
+fn dbx_demo_citus_runs_on_three_nodes_and_shows_rows_per_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, out) = dbx_testkit::run_cli(
+        dbx_bin(),
+        &[
+            "demo",
+            "--citus",
+            "--exit",
+            "--duration",
+            "3",
+            "--dir",
+            &dir.path().display().to_string(),
+        ],
+        &[],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("▶ Citus: coordinator on 127.0.0.1:"), "{out}");
+    assert!(
+        out.contains("▶ dbx setup --distributed: 10 tables placed"),
+        "{out}"
+    );
+    let table = out
+        .split("per Citus worker")
+        .nth(1)
+        .expect("the rows-per-worker table");
+    let workers: Vec<i64> = table
+        .lines()
+        .skip(2)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    assert_eq!(workers.len(), 2, "{out}");
+    assert!(workers.iter().all(|n| *n > 0), "{out}");
+    assert!(out.contains("▶ dbx stopped cleanly"), "{out}");
+    assert!(out.contains("▶ PostgreSQL stopped"), "{out}");
+}

@@ -123,25 +123,13 @@ fn setup_distributed(db: &CitusDb, out: &Path) -> String {
     output
 }
 
-/// Rows of `flight_telemetry` per worker (`host:port` → rows), from `citus_shards` and the
-/// shards' own counts.
+/// Rows of `flight_telemetry` per worker (`host:port` → rows), counted on the shards.
 async fn rows_per_worker(client: &Client) -> Vec<(String, i64)> {
     client
-        .query(
-            "SELECT s.nodename || ':' || s.nodeport, sum(c.n)::bigint \
-               FROM citus_shards s \
-               JOIN LATERAL (SELECT result::bigint AS n \
-                               FROM run_command_on_shards(s.table_name, \
-                                    'SELECT count(*) FROM %s') r \
-                              WHERE r.shardid = s.shardid) c ON true \
-              WHERE s.table_name::text LIKE 'dbx_aviation.flight_telemetry_p%' \
-                 OR s.table_name = 'dbx_aviation.flight_telemetry_default'::regclass \
-              GROUP BY 1 ORDER BY 1",
-            &[],
-        )
+        .query(dbx_control::citus::ROWS_PER_WORKER_SQL, &[])
         .await
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(2)))
         .collect()
 }

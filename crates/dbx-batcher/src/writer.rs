@@ -127,6 +127,21 @@ impl Shared {
         lock(&self.encoders).push(e);
     }
 
+    /// Whether the database is a Citus cluster (the `citus` extension), asked once through
+    /// `tx` and remembered: the few statements Citus plans differently pick their form by it.
+    pub(crate) async fn is_citus(
+        &self,
+        tx: &Transaction<'_>,
+    ) -> Result<bool, tokio_postgres::Error> {
+        self.citus
+            .get_or_try_init(|| async {
+                let row = tx.query_one(CITUS_SQL, &[]).await?;
+                Ok::<bool, tokio_postgres::Error>(row.get(0))
+            })
+            .await
+            .copied()
+    }
+
     pub(crate) fn update_pool_gauges(&self) {
         let s = self.pool.status();
         metrics::gauge!(m::POOL_IN_USE).set(s.size.saturating_sub(s.available) as f64);
@@ -792,14 +807,7 @@ async fn copy_staging_path(
     };
     tx.batch_execute(CREATE_STAGING_SQL).await?;
     copy_in(tx, &copy_staging_sql(), bytes).await?;
-    let citus = *shared
-        .citus
-        .get_or_try_init(|| async {
-            let row = tx.query_one(CITUS_SQL, &[]).await?;
-            Ok::<bool, tokio_postgres::Error>(row.get(0))
-        })
-        .await?;
-    let rows = if citus {
+    let rows = if shared.is_citus(tx).await? {
         let ids: Vec<Uuid> = prepared.sessions.iter().map(|s| s.session).collect();
         tx.query(&insert_from_staging_citus_sql(target), &[&ids])
             .await?

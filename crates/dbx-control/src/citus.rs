@@ -121,6 +121,9 @@ pub enum CitusError {
          SELECT citus_add_node('<host>', <port>)"
     )]
     NoWorkers,
+    /// A command run on a worker failed (`run_command_on_workers`).
+    #[error("on a Citus worker: {0}")]
+    Worker(String),
     /// A step failed.
     #[error("distributing {what}: {source}")]
     Step {
@@ -319,7 +322,46 @@ async fn settings(client: &Client) -> Result<(), CitusError> {
         .batch_execute(&alter)
         .await
         .map_err(step("citus.propagate_set_commands"))?;
-    Ok(())
+    // The daemon's flushes write several shards of flight_sessions in one transaction (the
+    // session upsert, then the statistics); by default Citus serializes such multi-shard
+    // UPDATEs with shard-level locks taken statement by statement, so two writers deadlock
+    // on each other's shards (Citus detects it and cancels one; the batcher retries). The
+    // sessions' row locks already serialize what must be (one session's writes), and these
+    // shards have one placement each, so the ingest role's writes are declared commutative.
+    // The setting acts where a query starts, so on every node a daemon may connect to; Citus
+    // does not always forward ALTER ROLE … IN DATABASE, hence once per node.
+    let commutative = format!(
+        "ALTER ROLE dbx_ingest_service IN DATABASE {} SET citus.all_modifications_commutative = on",
+        quote_ident(&db)
+    );
+    client
+        .batch_execute(&commutative)
+        .await
+        .map_err(step("citus.all_modifications_commutative"))?;
+    // Then each worker by itself (the node may not forward it, and must not forward it again).
+    on_every_worker(client, &commutative).await
+}
+
+/// Runs `sql` on every worker by itself (`run_command_on_workers`, with DDL propagation off so
+/// the worker does not forward it again): for what Citus does not forward from the coordinator
+/// in every case (role settings; passwords of roles that existed before this database knew
+/// them). The statement text is visible to the workers as it is to the coordinator.
+pub async fn on_every_worker(client: &Client, sql: &str) -> Result<(), CitusError> {
+    let failed: Vec<String> = client
+        .query(
+            "SELECT nodename || ':' || nodeport || ': ' || result \
+               FROM run_command_on_workers($1) WHERE NOT success",
+            &[&format!("SET citus.enable_ddl_propagation TO off; {sql}")],
+        )
+        .await
+        .map_err(step("a command on the workers"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    match failed.first() {
+        Some(first) => Err(CitusError::Worker(first.clone())),
+        None => Ok(()),
+    }
 }
 
 fn quote_ident(s: &str) -> String {
@@ -396,3 +438,16 @@ pub async fn cluster_view(
     }
     Ok(Some(view))
 }
+
+/// Rows of `flight_telemetry` (every partition) per worker: `node` (`host:port`), `shards`,
+/// `rows`, counted on the shards themselves (`run_command_on_shards`). For `dbx demo --citus`
+/// and the tests' balance report; run on the coordinator.
+pub const ROWS_PER_WORKER_SQL: &str = "\
+    SELECT s.nodename || ':' || s.nodeport AS node, count(*) AS shards, sum(c.n)::bigint AS rows \
+      FROM citus_shards s \
+      JOIN LATERAL (SELECT r.result::bigint AS n \
+                      FROM run_command_on_shards(s.table_name, 'SELECT count(*) FROM %s') r \
+                     WHERE r.shardid = s.shardid) c ON true \
+     WHERE s.table_name IN (SELECT i.inhrelid::regclass FROM pg_inherits i \
+                             WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass) \
+     GROUP BY 1 ORDER BY 1";

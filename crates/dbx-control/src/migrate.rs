@@ -136,6 +136,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "citus_analytics",
         sql: include_str!("../migrations/0043_citus_analytics.sql"),
     },
+    Migration {
+        version: 44,
+        name: "citus_idle_sessions",
+        sql: include_str!("../migrations/0044_citus_idle_sessions.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").
@@ -431,7 +436,7 @@ pub async fn apply_with(
         postgis::before_migration(&tx, m.version, postgis)
             .await
             .map_err(failed)?;
-        if local_ddl_only(&tx, m.version).await? {
+        if local_ddl_only(&tx, m).await? {
             tx.batch_execute("SET LOCAL citus.enable_ddl_propagation = off")
                 .await?;
         }
@@ -460,23 +465,23 @@ pub async fn apply_with(
     Ok(applied)
 }
 
-/// Whether migration `version` must keep its DDL on this node: true on a Citus coordinator
-/// (the `citus` extension in this database) whose schema is not distributed yet, for every
-/// migration after the first.
+/// Whether migration `m` must keep its DDL on this node: true on a Citus coordinator (the
+/// `citus` extension in this database) whose schema is not distributed yet, for the migrations
+/// after the first that work as `dbx_admin` (`SET LOCAL ROLE dbx_admin`).
 ///
-/// Citus sends DDL to the workers as the current user, and migrations run as `dbx_admin`
-/// (`SET LOCAL ROLE`), a NOLOGIN role until `dbx setup --distributed` gives it LOGIN: so before
-/// the distribution step the schema is built on the coordinator alone, and the distribution
-/// step ([`crate::citus`]) sends each table's definition, policies, grants and dependencies to
-/// the workers. Migration 0001 (roles, schemas, extensions, run as the superuser) does
-/// propagate, so the roles and extensions the shards need exist on every node. Once the
-/// schema is distributed, later migrations propagate like any DDL on Citus. On a single node
-/// (no `citus` extension) this is always false and nothing changes.
+/// Citus sends DDL to the workers as the current user, and `dbx_admin` is a NOLOGIN role until
+/// `dbx setup --distributed` gives it LOGIN: so before the distribution step the schema is
+/// built on the coordinator alone, and the distribution step ([`crate::citus`]) sends each
+/// table's definition, policies, grants and dependencies to the workers. The migrations that
+/// run as the superuser (0001: roles, schemas, extensions; 0009: the maintenance user) do
+/// propagate, so every role and extension exists on every node. Once the schema is
+/// distributed, later migrations propagate like any DDL on Citus. On a single node (no `citus`
+/// extension) this is always false and nothing changes.
 async fn local_ddl_only(
     tx: &tokio_postgres::Transaction<'_>,
-    version: i32,
+    m: &Migration,
 ) -> Result<bool, PgError> {
-    if version <= 1 {
+    if m.version <= 1 || !m.sql.contains("SET LOCAL ROLE dbx_admin") {
         return Ok(false);
     }
     let row = tx

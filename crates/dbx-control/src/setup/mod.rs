@@ -369,7 +369,7 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
     let postgis = PostgisState::read(&client)
         .await
         .map_err(db_err("reading the PostGIS state"))?;
-    let passwords = login_passwords(&client, &opts.out_dir, opts.rotate).await?;
+    let passwords = login_passwords(&client, &opts.out_dir, opts.rotate, opts.distributed).await?;
     let api_key = if opts.sample_data {
         Some(sample_data(&client, &opts.out_dir, opts.rotate).await?)
     } else {
@@ -550,11 +550,14 @@ pub fn plain_token_problem(value: &str) -> Option<&'static str> {
 }
 
 /// Passwords for the login users: kept from credentials.txt unless rotating. Each is
-/// sent as a SCRAM-SHA-256 verifier computed here, never in clear.
+/// sent as a SCRAM-SHA-256 verifier computed here, never in clear. On Citus (`distributed`)
+/// each worker gets it too, so daemons may log in to any node: Citus forwards `ALTER ROLE`
+/// only for roles this database created itself.
 async fn login_passwords(
     client: &Client,
     out_dir: &Path,
     rotate: bool,
+    distributed: bool,
 ) -> Result<Vec<(String, String)>, SetupError> {
     let path = out_dir.join("credentials.txt");
     let previous = read_kv(&path);
@@ -575,12 +578,14 @@ async fn login_passwords(
     for (user, pw) in &out {
         // The verifier's alphabet (digits, base64, `$`, `:`, `-`) needs no SQL escaping.
         let verifier = postgres_protocol::password::scram_sha_256(pw.as_bytes());
+        let alter = format!("ALTER ROLE {user} WITH LOGIN PASSWORD '{verifier}'");
         client
-            .batch_execute(&format!(
-                "ALTER ROLE {user} WITH LOGIN PASSWORD '{verifier}'"
-            ))
+            .batch_execute(&alter)
             .await
             .map_err(db_err(format!("setting the password of {user}")))?;
+        if distributed {
+            citus::on_every_worker(client, &alter).await?;
+        }
     }
     Ok(out)
 }
