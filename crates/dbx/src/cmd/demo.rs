@@ -75,7 +75,7 @@ pub struct DemoArgs {
 /// The demo's private PostgreSQL: one cluster, or a Citus cluster of three. Dropping it stops
 /// the servers.
 enum DemoCluster {
-    Single(LocalCluster),
+    Single(Box<LocalCluster>),
     Citus(CitusCluster),
 }
 
@@ -335,7 +335,11 @@ async fn start_database(
         c.dir().display()
     );
     let superuser = database.connector(&c.superuser_url("postgres"), "the demo cluster URL")?;
-    Ok(Some((database, superuser, Some(DemoCluster::Single(c)))))
+    Ok(Some((
+        database,
+        superuser,
+        Some(DemoCluster::Single(Box::new(c))),
+    )))
 }
 
 /// `--citus`: a fresh coordinator and two workers in `<dir>/citus/`, the demo's database on
