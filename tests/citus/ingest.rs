@@ -307,3 +307,87 @@ fn dbx_demo_citus_runs_on_three_nodes_and_shows_rows_per_worker() {
     assert!(out.contains("▶ dbx stopped cleanly"), "{out}");
     assert!(out.contains("▶ PostgreSQL stopped"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_points_resends_after_end_and_foreign_sessions_behave_as_on_one_node() {
+    use dbx_core::RejectCode;
+    use dbx_proto::{AircraftRef, PointForm, ServerMessage};
+    use dbx_testkit::TestGateway;
+
+    let d = Distributed::new().await;
+    let (a, air_a) = d.org("LATEA").await;
+    let (b, air_b) = d.org("LATEB").await;
+    let daemon = start(&d, 2, &[]).await;
+    let t0 = now_micros() - 600_000_000;
+    let s = Uuid::new_v4();
+    let batch = |first: i64| points(50, first, t0 + first * 100_000);
+    let (mut g, _) = TestGateway::hello(daemon.tcp, &a.key).await;
+    let air = AircraftRef::Id(air_a);
+    // Points 100..149, then the late 0..49 (the staging path, distances recomputed), then end.
+    g.send_batch(1, &air, s, &batch(100), PointForm::Map).await;
+    assert_eq!(g.await_verdicts(1).await, (1, vec![]));
+    g.send_batch(2, &air, s, &batch(0), PointForm::Map).await;
+    g.send_end(3, s).await;
+    assert_eq!(g.await_verdicts(3).await, (3, vec![]));
+    let row = d
+        .client
+        .query_one(
+            "SELECT point_count, last_seq, total_distance_km FROM dbx_aviation.flight_sessions \
+              WHERE session_id = $1",
+            &[&s],
+        )
+        .await
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (100, 149));
+    // In seq order the positions are those of batch(0) then those of batch(100): each batch
+    // walks 50 points 1e-5° apart in latitude and longitude, from the same start.
+    let p = |k: f64| (47.0 + k * 1e-5, 8.0 + k * 1e-5);
+    let walk: Vec<(f64, f64)> = (0..50).chain(0..50).map(|k| p(k as f64)).collect();
+    let expected: f64 = walk
+        .windows(2)
+        .map(|w| dbx_batcher::sessions::haversine_km(w[0], w[1]))
+        .sum();
+    let dist: f64 = row.get(2);
+    assert!((dist - expected).abs() < 1e-6, "{dist} vs {expected}");
+
+    // After the end: a resend of stored points is acked, new points are session_closed.
+    let (mut again, _) = TestGateway::hello(daemon.tcp, &a.key).await;
+    again
+        .send_batch(1, &air, s, &batch(0), PointForm::Map)
+        .await;
+    again
+        .send_batch(2, &air, s, &batch(200), PointForm::Map)
+        .await;
+    let (acked, nacks) = again.await_verdicts(2).await;
+    assert_eq!(acked, 1, "{nacks:?}");
+    assert!(
+        matches!(
+            nacks.as_slice(),
+            [ServerMessage::Nack {
+                seq: 2,
+                code: RejectCode::SessionClosed,
+                ..
+            }]
+        ),
+        "{nacks:?}"
+    );
+
+    // Another organization claiming the session: foreign_session.
+    let (mut other, _) = TestGateway::hello(daemon.tcp, &b.key).await;
+    other
+        .send_batch(1, &AircraftRef::Id(air_b), s, &batch(300), PointForm::Map)
+        .await;
+    let (_, nacks) = other.await_verdicts(1).await;
+    assert!(
+        matches!(
+            nacks.as_slice(),
+            [ServerMessage::Nack {
+                seq: 1,
+                code: RejectCode::ForeignSession,
+                ..
+            }]
+        ),
+        "{nacks:?}"
+    );
+    assert_eq!(stored(&d, &[s]).await, (100, 100, 100));
+}

@@ -61,7 +61,7 @@ use crate::error::AttemptError;
 use crate::partition::{PartitionCache, PartitionKey, LIST_CHILDREN_SQL, PARENT};
 use crate::sessions::{
     InsertedRow, SessionState, SessionUpdate, ACTIVE_AIRCRAFT_SQL, RECOMPUTE_SQL,
-    RLS_HIDES_OWNERS_SQL, STORED_SQL, UPDATE_SQL, UPSERT_SQL,
+    RLS_HIDES_OWNERS_SQL, STORED_CITUS_SQL, STORED_SQL, UPDATE_SQL, UPSERT_SQL,
 };
 use crate::stats::Counters;
 use crate::ticket::{Part, Resolved, Ticket};
@@ -502,6 +502,7 @@ impl<'a> Prepared<'a> {
     /// at once; the others are looked up point by point.
     async fn settle_completed(
         &self,
+        shared: &Shared,
         tx: &Transaction<'_>,
         states: &HashMap<Uuid, SessionState>,
     ) -> Result<HashMap<usize, Settled>, AttemptError> {
@@ -536,7 +537,12 @@ impl<'a> Prepared<'a> {
                 p.points.iter().map(move |pt| (p.ticket.session, pt.seq))
             })
             .unzip();
-        let stmt = tx.prepare_cached(STORED_SQL).await?;
+        let sql = if shared.is_citus(tx).await? {
+            STORED_CITUS_SQL
+        } else {
+            STORED_SQL
+        };
+        let stmt = tx.prepare_cached(sql).await?;
         let mut stored = HashSet::with_capacity(ids.len());
         for r in tx.query(&stmt, &[&ids, &seqs]).await? {
             stored.insert((r.try_get::<_, Uuid>(0)?, r.try_get::<_, i64>(1)?));
@@ -642,7 +648,7 @@ async fn attempt(
     }
     let mut client = shared.pool.get().await?;
     let tx = client.transaction().await?;
-    let claims = claim_sessions(&tx, prepared).await?;
+    let claims = claim_sessions(shared, &tx, prepared).await?;
     let plan = replan_if_stale(
         enc,
         prepared,
@@ -701,6 +707,7 @@ fn plan_from_cached_marks(
 /// Phase 1. Sessions: create, check ownership, lock, read marks and statistics. Live
 /// batches of completed sessions end the attempt here ([`AttemptError::Settled`]).
 async fn claim_sessions(
+    shared: &Shared,
     tx: &Transaction<'_>,
     prepared: &Prepared<'_>,
 ) -> Result<Claims, AttemptError> {
@@ -718,7 +725,7 @@ async fn claim_sessions(
         .copied()
         .collect();
     let foreign = foreign_among(tx, prepared, &refused).await?;
-    let closed = prepared.settle_completed(tx, &states).await?;
+    let closed = prepared.settle_completed(shared, tx, &states).await?;
     if !closed.is_empty() {
         return Err(AttemptError::Settled(closed));
     }
