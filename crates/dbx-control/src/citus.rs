@@ -451,3 +451,37 @@ pub const ROWS_PER_WORKER_SQL: &str = "\
      WHERE s.table_name IN (SELECT i.inhrelid::regclass FROM pg_inherits i \
                              WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass) \
      GROUP BY 1 ORDER BY 1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_of_the_schema_has_one_placement() {
+        let placed: Vec<&str> = PLACEMENTS.iter().map(|(t, _, _)| *t).collect();
+        for t in crate::setup::EXPECTED_TABLES {
+            assert_eq!(
+                placed.iter().filter(|p| **p == t).count(),
+                1,
+                "{t} needs exactly one placement"
+            );
+        }
+        for extra in [
+            "dbx_aviation.api_keys",
+            "dbx_archive.flight_telemetry_archive",
+            "dbx_aviation.schema_migrations",
+        ] {
+            assert!(placed.contains(&extra), "{extra} has no placement");
+        }
+        // flight_sessions comes first among the distributed tables: the others colocate with it.
+        let first = PLACEMENTS
+            .iter()
+            .find(|(_, p, _)| *p == Placement::BySession)
+            .map(|(t, _, _)| *t);
+        assert_eq!(first, Some("dbx_aviation.flight_sessions"));
+        // Reference tables come before the distributed ones that reference them.
+        let pos = |t: &str| placed.iter().position(|p| *p == t).unwrap();
+        assert!(pos("dbx_aviation.organizations") < pos("dbx_aviation.flight_sessions"));
+        assert!(pos("dbx_aviation.aircraft_registry") < pos("dbx_aviation.flight_sessions"));
+    }
+}
