@@ -103,7 +103,13 @@ fn test_password(user: &str) -> String {
 }
 
 /// Runs `dbx setup --distributed` on `db`'s coordinator; panics with its output on failure.
+/// One at a time in this process: setup sets the passwords of cluster-wide roles, and two
+/// `ALTER ROLE`s of one role at once fail ("tuple concurrently updated").
 fn setup_distributed(db: &CitusDb, out: &Path) -> String {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let (ok, output) = run_cli(
         dbx_bin(),
         &[
