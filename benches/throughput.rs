@@ -593,6 +593,7 @@ async fn main() {
         rotate: false,
         sample_data: true,
         postgis: Default::default(),
+        distributed: false,
     })
     .await
     .expect("setup");

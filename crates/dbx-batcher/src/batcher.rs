@@ -180,6 +180,7 @@ impl Dispatcher {
                 partitions: Mutex::new(PartitionCache::default()),
                 encoders: Mutex::new(Vec::new()),
                 counters,
+                citus: tokio::sync::OnceCell::new(),
             }),
             permits: Arc::new(Semaphore::new(config.writers)),
             ends_lane: Arc::new(Semaphore::new(1)),

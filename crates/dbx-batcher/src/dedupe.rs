@@ -42,6 +42,27 @@ pub fn insert_from_staging_sql(target: &str) -> String {
     )
 }
 
+/// Whether this database has the `citus` extension (then [`insert_from_staging_citus_sql`] is
+/// used, which also works on tables Citus does not distribute): asked once per batcher, on its
+/// first staging path.
+pub const CITUS_SQL: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')";
+
+/// [`insert_from_staging_sql`] for a Citus cluster (`dbx setup --distributed`): Citus refuses
+/// the correlated `NOT EXISTS` between the local staging table and the distributed telemetry,
+/// so the stored `(session, seq)` of the flush's sessions (`$1`, a `uuid[]`) are read by an
+/// uncorrelated subquery, which Citus runs on the shards of those sessions only; the rest is the
+/// same statement, with the same `ON CONFLICT` backstop.
+pub fn insert_from_staging_citus_sql(target: &str) -> String {
+    format!(
+        "INSERT INTO {target} ({COLUMNS}) SELECT {COLUMNS} FROM pg_temp.dbx_staging s \
+         WHERE (s.session_id, s.seq) NOT IN (SELECT e.session_id, e.seq \
+         FROM dbx_aviation.flight_telemetry e WHERE e.session_id = ANY($1::uuid[])) \
+         ON CONFLICT (session_id, seq, ts) DO NOTHING \
+         RETURNING session_id, seq, ts, latitude, longitude"
+    )
+}
+
 /// A bounded map from session to high-water mark (`None`: the session exists but has
 /// no stored point). Two generations approximate LRU in O(1): inserts go to the young
 /// map; when it is full it becomes the old one and the previous old one is dropped;

@@ -10,7 +10,9 @@
 //! ```
 //!
 //! The rows are locked in session-id order, the order flushes lock them in, so an end
-//! and a flush never deadlock; whichever takes a session's row first commits first.
+//! and a flush never deadlock; whichever takes a session's row first commits first. On
+//! Citus (`dbx setup --distributed`) `FOR UPDATE` must stay on one shard, so the rows are
+//! locked one statement each, in the same order.
 //! Departure, arrival, duration and distance are those of the stored points, kept
 //! current by every flush; completing the session freezes them, as it takes no new
 //! point afterwards (see `writer`).
@@ -40,6 +42,11 @@ use crate::writer::{refuse, retried, Backoff, Shared};
 /// Locks the ended sessions in id order and reads their owner.
 const LOCK_SQL: &str = "SELECT session_id, org_id FROM dbx_aviation.flight_sessions \
 WHERE session_id = ANY($1) ORDER BY session_id FOR UPDATE";
+
+/// [`LOCK_SQL`] for one session: on Citus, where `FOR UPDATE` must stay on one shard, the
+/// sessions are locked one by one, in the same id order.
+const LOCK_ONE_SQL: &str = "SELECT session_id, org_id FROM dbx_aviation.flight_sessions \
+WHERE session_id = $1 FOR UPDATE";
 
 /// Completes the active ones among them (the rest keep their status).
 const COMPLETE_SQL: &str = "UPDATE dbx_aviation.flight_sessions \
@@ -93,9 +100,19 @@ async fn attempt(
     ids.dedup();
     let mut client = shared.pool.get().await?;
     let tx = client.transaction().await?;
-    let lock = tx.prepare_cached(LOCK_SQL).await?;
     let mut owners = HashMap::with_capacity(ids.len());
-    for r in tx.query(&lock, &[&ids]).await? {
+    let rows = if shared.is_citus(&tx).await? {
+        let lock = tx.prepare_cached(LOCK_ONE_SQL).await?;
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in &ids {
+            rows.extend(tx.query(&lock, &[id]).await?);
+        }
+        rows
+    } else {
+        let lock = tx.prepare_cached(LOCK_SQL).await?;
+        tx.query(&lock, &[&ids]).await?
+    };
+    for r in rows {
         owners.insert(r.try_get::<_, Uuid>(0)?, r.try_get::<_, Uuid>(1)?);
     }
     let mut owned: Vec<Uuid> = parts

@@ -59,6 +59,14 @@ FROM unnest($1::uuid[], $2::int8[]) AS u(session_id, seq) \
 WHERE EXISTS (SELECT 1 FROM dbx_aviation.flight_telemetry e \
 WHERE e.session_id = u.session_id AND e.seq = u.seq)";
 
+/// [`STORED_SQL`] for a Citus cluster, where a subquery correlated with `unnest` is refused
+/// ("correlated subqueries are not supported when the FROM clause contains a set returning
+/// function"): the stored rows among the sessions and the seqs (a superset of the pairs asked
+/// for, each one truly stored; the caller looks up only the pairs it asked for).
+pub const STORED_CITUS_SQL: &str = "SELECT e.session_id, e.seq \
+FROM dbx_aviation.flight_telemetry e \
+WHERE e.session_id = ANY($1::uuid[]) AND e.seq = ANY($2::int8[])";
+
 /// Of the claims (session, organization, aircraft) the upsert refused, the sessions whose
 /// aircraft is an active aircraft of an active organization: those were refused because
 /// the session belongs to someone else (`foreign_session`); the others name an aircraft

@@ -54,14 +54,15 @@ use uuid::Uuid;
 use crate::config::BatcherConfig;
 use crate::copy::{send_chunks, CopyEncoder, COLUMNS};
 use crate::dedupe::{
-    copy_staging_sql, insert_from_staging_sql, InFlushDedupe, SessionCache, CREATE_STAGING_SQL,
+    copy_staging_sql, insert_from_staging_citus_sql, insert_from_staging_sql, InFlushDedupe,
+    SessionCache, CITUS_SQL, CREATE_STAGING_SQL,
 };
 use crate::error::AttemptError;
 use crate::events::{BatchRejected, FlushCompleted, WriteRetried};
 use crate::partition::{PartitionCache, PartitionKey, LIST_CHILDREN_SQL, PARENT};
 use crate::sessions::{
     InsertedRow, SessionState, SessionUpdate, ACTIVE_AIRCRAFT_SQL, RECOMPUTE_SQL,
-    RLS_HIDES_OWNERS_SQL, STORED_SQL, UPDATE_SQL, UPSERT_SQL,
+    RLS_HIDES_OWNERS_SQL, STORED_CITUS_SQL, STORED_SQL, UPDATE_SQL, UPSERT_SQL,
 };
 use crate::stats::Counters;
 use crate::ticket::{Part, Resolved, Ticket};
@@ -110,6 +111,9 @@ pub(crate) struct Shared {
     pub partitions: Mutex<PartitionCache>,
     pub encoders: Mutex<Vec<CopyEncoder>>,
     pub counters: Arc<Counters>,
+    /// Whether the database is a Citus cluster, learnt on the first staging path (see
+    /// [`crate::dedupe::insert_from_staging_citus_sql`]).
+    pub citus: tokio::sync::OnceCell<bool>,
 }
 
 impl Shared {
@@ -122,6 +126,21 @@ impl Shared {
 
     fn return_encoder(&self, e: CopyEncoder) {
         lock(&self.encoders).push(e);
+    }
+
+    /// Whether the database is a Citus cluster (the `citus` extension), asked once through
+    /// `tx` and remembered: the few statements Citus plans differently pick their form by it.
+    pub(crate) async fn is_citus(
+        &self,
+        tx: &Transaction<'_>,
+    ) -> Result<bool, tokio_postgres::Error> {
+        self.citus
+            .get_or_try_init(|| async {
+                let row = tx.query_one(CITUS_SQL, &[]).await?;
+                Ok::<bool, tokio_postgres::Error>(row.get(0))
+            })
+            .await
+            .copied()
     }
 
     pub(crate) fn update_pool_gauges(&self) {
@@ -495,6 +514,7 @@ impl<'a> Prepared<'a> {
     /// at once; the others are looked up point by point.
     async fn settle_completed(
         &self,
+        shared: &Shared,
         tx: &Transaction<'_>,
         states: &HashMap<Uuid, SessionState>,
     ) -> Result<HashMap<usize, Settled>, AttemptError> {
@@ -529,7 +549,12 @@ impl<'a> Prepared<'a> {
                 p.points.iter().map(move |pt| (p.ticket.session, pt.seq))
             })
             .unzip();
-        let stmt = tx.prepare_cached(STORED_SQL).await?;
+        let sql = if shared.is_citus(tx).await? {
+            STORED_CITUS_SQL
+        } else {
+            STORED_SQL
+        };
+        let stmt = tx.prepare_cached(sql).await?;
         let mut stored = HashSet::with_capacity(ids.len());
         for r in tx.query(&stmt, &[&ids, &seqs]).await? {
             stored.insert((r.try_get::<_, Uuid>(0)?, r.try_get::<_, i64>(1)?));
@@ -635,7 +660,7 @@ async fn attempt(
     }
     let mut client = shared.pool.get().await?;
     let tx = client.transaction().await?;
-    let claims = claim_sessions(&tx, prepared).await?;
+    let claims = claim_sessions(shared, &tx, prepared).await?;
     let plan = replan_if_stale(
         enc,
         prepared,
@@ -646,7 +671,8 @@ async fn attempt(
     );
     let (target, via_parent) = resolve_target(shared, &tx, key).await?;
     let mut inserted = copy_fast_path(&tx, &target, prepared, &claims.refused, plan).await?;
-    let total = plan.fast_rows + copy_staging_path(&tx, &target, plan, &mut inserted).await?;
+    let total = plan.fast_rows
+        + copy_staging_path(shared, &tx, &target, prepared, plan, &mut inserted).await?;
     let updates = write_statistics(&tx, prepared, &claims.states, &mut inserted).await?;
     tx.commit().await?;
     Ok(committed(
@@ -693,6 +719,7 @@ fn plan_from_cached_marks(
 /// Phase 1. Sessions: create, check ownership, lock, read marks and statistics. Live
 /// batches of completed sessions end the attempt here ([`AttemptError::Settled`]).
 async fn claim_sessions(
+    shared: &Shared,
     tx: &Transaction<'_>,
     prepared: &Prepared<'_>,
 ) -> Result<Claims, AttemptError> {
@@ -710,7 +737,7 @@ async fn claim_sessions(
         .copied()
         .collect();
     let foreign = foreign_among(tx, prepared, &refused).await?;
-    let closed = prepared.settle_completed(tx, &states).await?;
+    let closed = prepared.settle_completed(shared, tx, &states).await?;
     if !closed.is_empty() {
         return Err(AttemptError::Settled(closed));
     }
@@ -787,8 +814,10 @@ async fn copy_fast_path(
 /// Phase 4. Staging path: rows that may already be stored, inserted where they are
 /// not. Adds the rows written to `inserted`; returns how many.
 async fn copy_staging_path(
+    shared: &Shared,
     tx: &Transaction<'_>,
     target: &str,
+    prepared: &Prepared<'_>,
     plan: &Plan,
     inserted: &mut HashMap<Uuid, Vec<InsertedRow>>,
 ) -> Result<u64, AttemptError> {
@@ -797,7 +826,13 @@ async fn copy_staging_path(
     };
     tx.batch_execute(CREATE_STAGING_SQL).await?;
     copy_in(tx, &copy_staging_sql(), bytes).await?;
-    let rows = tx.query(&insert_from_staging_sql(target), &[]).await?;
+    let rows = if shared.is_citus(tx).await? {
+        let ids: Vec<Uuid> = prepared.sessions.iter().map(|s| s.session).collect();
+        tx.query(&insert_from_staging_citus_sql(target), &[&ids])
+            .await?
+    } else {
+        tx.query(&insert_from_staging_sql(target), &[]).await?
+    };
     for r in &rows {
         let ts: DateTime<Utc> = r.try_get(2)?;
         let session: Uuid = r.try_get(0)?;

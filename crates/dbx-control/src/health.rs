@@ -3,7 +3,8 @@
 //! pg_stat_statements is loaded, cache_hit_ratio), `table_bloat`, the partitions of the live and
 //! archive tables (count and bounds), the rows sitting in the default partition, how far ahead
 //! the newest live partition reaches, the ingest role's connections, and whether its own connection
-//! is TLS-encrypted (`pg_stat_ssl`, the server's view), and exports them as the
+//! is TLS-encrypted (`pg_stat_ssl`, the server's view), on a Citus coordinator the cluster's
+//! workers (active, unreachable, connections per node), and exports them as the
 //! `dbx_db_*` gauges of [`crate::metrics`]. The last snapshot is also kept for
 //! `/api/v2/system/status`. When the database does not answer, `dbx_db_up` drops to 0 and the
 //! other gauges keep their last values.
@@ -41,6 +42,8 @@ pub struct SchemaPartitions {
 /// One collection's results.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HealthSnapshot {
+    /// The Citus cluster as the coordinator sees it; `None` on a single node.
+    pub citus: Option<crate::citus::ClusterView>,
     /// The last collection succeeded.
     pub up: bool,
     /// When the last successful collection ran (collector clock).
@@ -222,6 +225,14 @@ async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, Healt
         collected_at: Some(now),
         ..HealthSnapshot::default()
     };
+    // The cluster first, and exported at once: with a worker down the queries below that
+    // touch distributed tables fail, and the gauges must still say which worker it is.
+    let citus = crate::citus::cluster_view(c)
+        .await
+        .map_err(qerr("reading the Citus cluster"))?;
+    if let Some(v) = &citus {
+        m::citus(v);
+    }
     for r in c
         .query("SELECT metric, value FROM dbx_aviation.system_health", &[])
         .await
@@ -310,6 +321,7 @@ async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, Healt
         .map_err(qerr("reading pg_stat_ssl"))?;
     s.tls = ssl.get(0);
     s.tls_version = ssl.get(1);
+    s.citus = citus;
     Ok(s)
 }
 

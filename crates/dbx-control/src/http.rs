@@ -2,7 +2,8 @@
 //!
 //! - `/metrics`: every metric of the daemon, Prometheus text format with HELP lines;
 //! - `/healthz`: the process is alive (always 200 while it can answer);
-//! - `/readyz`: 200 only when the database answers, live partitions cover now and the next
+//! - `/readyz`: 200 only when the database answers (on Citus: every worker holding shards too),
+//!   live partitions cover now and the next
 //!   interval, and the listener is accepting; 503 naming the failing checks otherwise;
 //! - `/api/v2/system/status`: the seed's status endpoint, as JSON: version, uptime, database
 //!   status with the live `system_health` indicators, the health collector's last snapshot
@@ -404,6 +405,28 @@ async fn partitions_ahead(s: &AdminState) -> Result<(bool, bool), String> {
         .unwrap_or_else(|_| Err("timed out after 3 s".into()))
 }
 
+/// On a Citus cluster, the workers holding shards that do not answer (their data is out of
+/// reach, so writes of their sessions fail); nothing on a single node.
+async fn citus_workers(s: &AdminState) -> Result<Vec<String>, String> {
+    let fut = async {
+        let client = s.pool.get().await.map_err(|e| e.to_string())?;
+        let view = crate::citus::cluster_view(&**client)
+            .await
+            .map_err(|e| dbx_pg::describe(&e))?;
+        Ok(view
+            .map(|v| {
+                v.unreachable
+                    .into_iter()
+                    .map(|w| format!("Citus worker unreachable: {w}"))
+                    .collect()
+            })
+            .unwrap_or_default())
+    };
+    tokio::time::timeout(Duration::from_secs(3), fut)
+        .await
+        .unwrap_or_else(|_| Err("timed out after 3 s".into()))
+}
+
 async fn readyz(
     State(s): State<AdminState>,
     authorized: Option<axum::Extension<Authorized>>,
@@ -416,6 +439,10 @@ async fn readyz(
             "no live partition of flight_telemetry for {} (premake has not run?)",
             if now { "the next interval" } else { "now" }
         )),
+        Err(e) => failing.push(format!("database unreachable: {e}")),
+    }
+    match citus_workers(&s).await {
+        Ok(down) => failing.extend(down),
         Err(e) => failing.push(format!("database unreachable: {e}")),
     }
     if !s.listener_accepting.load(Ordering::Relaxed) {

@@ -5,6 +5,7 @@
 //!
 //! - `migrate`: the versioned SQL migrations embedded in the binary, applied once each.
 //! - `postgis`: the optional PostGIS branch of the schema and the operator's choice of it.
+//! - `citus`: the distribution step of `dbx setup --distributed` (tables placed on a Citus cluster).
 //! - `setup`: `dbx setup` (database, migrations, users, sample data, credentials) and `dbx check`.
 //! - `partitions`: the `PartitionManager`: premake, default-partition sweep, archival,
 //!   retention, materialized view refresh, under an advisory lock.
@@ -17,6 +18,7 @@
 //! - `http`: `/metrics`, `/healthz`, `/readyz`, `/api/v2/system/status`.
 //!
 //! Every connection to PostgreSQL is made by a `dbx_pg::Connector` (TLS settings included).
+pub mod citus;
 pub mod events;
 pub mod health;
 pub mod http;

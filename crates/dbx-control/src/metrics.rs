@@ -88,6 +88,13 @@ pub const DB_INGEST_CONNECTIONS: &str = "dbx_db_ingest_connections";
 /// 1 when the health collector's connection to PostgreSQL is TLS-encrypted
 /// (`pg_stat_ssl` of its own backend), 0 when it is plaintext (gauge).
 pub const DB_TLS: &str = "dbx_db_tls";
+/// Gauge, Citus only (`dbx setup --distributed`): workers Citus counts as active.
+pub const DB_CITUS_ACTIVE_WORKERS: &str = "dbx_db_citus_active_workers";
+/// Gauge, Citus only: workers holding placements that do not answer the coordinator.
+pub const DB_CITUS_UNREACHABLE_WORKERS: &str = "dbx_db_citus_unreachable_workers";
+/// Gauge, Citus only, label `node` (`coordinator` or a worker's `host:port`): connections to
+/// the database on that node.
+pub const DB_CITUS_NODE_CONNECTIONS: &str = "dbx_db_citus_node_connections";
 
 /// Registers the HELP text of every metric above; call once, after installing the
 /// recorder.
@@ -166,6 +173,18 @@ pub fn describe() {
         "Connections of members of the dbx_ingest role to the database."
     );
     g!(DB_TLS, "1 when the health collector's connection to PostgreSQL is TLS-encrypted (pg_stat_ssl), else 0.");
+    g!(
+        DB_CITUS_ACTIVE_WORKERS,
+        "Citus only: workers the coordinator counts as active (citus_get_active_worker_nodes)."
+    );
+    g!(
+        DB_CITUS_UNREACHABLE_WORKERS,
+        "Citus only: workers holding shards or placements that do not answer; /readyz fails meanwhile."
+    );
+    g!(
+        DB_CITUS_NODE_CONNECTIONS,
+        "Citus only: connections to the database per node (coordinator, or a worker's host:port)."
+    );
 }
 
 /// Sets every `dbx_db_*` gauge from a health collection that succeeded (`dbx_db_up` 1).
@@ -197,6 +216,16 @@ pub fn health(s: &HealthSnapshot) {
     gauge!(DB_DEFAULT_PARTITION_ROWS).set(s.default_partition_rows as f64);
     gauge!(DB_INGEST_CONNECTIONS).set(s.ingest_connections as f64);
     gauge!(DB_TLS).set(if s.tls { 1.0 } else { 0.0 });
+}
+
+/// The Citus gauges (a coordinator only): active and unreachable workers, connections
+/// per node.
+pub fn citus(c: &crate::citus::ClusterView) {
+    gauge!(DB_CITUS_ACTIVE_WORKERS).set(c.active_workers as f64);
+    gauge!(DB_CITUS_UNREACHABLE_WORKERS).set(c.unreachable.len() as f64);
+    for (node, n) in &c.connections {
+        gauge!(DB_CITUS_NODE_CONNECTIONS, "node" => node.clone()).set(*n as f64);
+    }
 }
 
 /// `dbx_db_up` 0: the database did not answer the health collection.

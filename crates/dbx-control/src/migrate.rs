@@ -121,6 +121,26 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "sessions",
         sql: include_str!("../migrations/0040_sessions.sql"),
     },
+    Migration {
+        version: 41,
+        name: "citus_triggers",
+        sql: include_str!("../migrations/0041_citus_triggers.sql"),
+    },
+    Migration {
+        version: 42,
+        name: "citus_gdpr",
+        sql: include_str!("../migrations/0042_citus_gdpr.sql"),
+    },
+    Migration {
+        version: 43,
+        name: "citus_analytics",
+        sql: include_str!("../migrations/0043_citus_analytics.sql"),
+    },
+    Migration {
+        version: 44,
+        name: "citus_idle_sessions",
+        sql: include_str!("../migrations/0044_citus_idle_sessions.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").
@@ -416,6 +436,10 @@ pub async fn apply_with(
         postgis::before_migration(&tx, m.version, postgis)
             .await
             .map_err(failed)?;
+        if local_ddl_only(&tx, m).await? {
+            tx.batch_execute("SET LOCAL citus.enable_ddl_propagation = off")
+                .await?;
+        }
         tx.batch_execute(m.sql).await.map_err(failed)?;
         // Migrations SET LOCAL ROLE dbx_admin; the bookkeeping row is the runner's.
         tx.batch_execute("RESET ROLE").await?;
@@ -439,6 +463,41 @@ pub async fn apply_with(
         });
     }
     Ok(applied)
+}
+
+/// Whether migration `m` must keep its DDL on this node: true on a Citus coordinator (the
+/// `citus` extension in this database) whose schema is not distributed yet, for the migrations
+/// after the first that work as `dbx_admin` (`SET LOCAL ROLE dbx_admin`).
+///
+/// Citus sends DDL to the workers as the current user, and `dbx_admin` is a NOLOGIN role until
+/// `dbx setup --distributed` gives it LOGIN: so before the distribution step the schema is
+/// built on the coordinator alone, and the distribution step ([`crate::citus`]) sends each
+/// table's definition, policies, grants and dependencies to the workers. The migrations that
+/// run as the superuser (0001: roles, schemas, extensions; 0009: the maintenance user) do
+/// propagate, so every role and extension exists on every node. Once the schema is
+/// distributed, later migrations propagate like any DDL on Citus. On a single node (no `citus`
+/// extension) this is always false and nothing changes.
+async fn local_ddl_only(
+    tx: &tokio_postgres::Transaction<'_>,
+    m: &Migration,
+) -> Result<bool, PgError> {
+    if m.version <= 1 || !m.sql.contains("SET LOCAL ROLE dbx_admin") {
+        return Ok(false);
+    }
+    let row = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Ok(false);
+    }
+    let distributed: bool = tx
+        .query_one(crate::citus::SCHEMA_DISTRIBUTED_SQL, &[])
+        .await?
+        .get(0);
+    Ok(!distributed)
 }
 
 /// Reports each embedded migration as applied or pending (and any migration recorded in the

@@ -1013,6 +1013,16 @@ impl PartitionManager {
             }
         }
         let chunk = self.cfg.retention_chunk_rows.max(1);
+        // On Citus a ctid names a row only within one shard: chunks are chosen by the unique
+        // key there (`dbx setup --distributed`); a single node keeps the TID scan.
+        let citus: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')",
+                &[],
+            )
+            .await
+            .map_err(db_err("looking for the citus extension"))?
+            .get(0);
         for (org, days) in &orgs {
             let cutoff = now - TimeDelta::days(*days as i64);
             for p in parts.iter() {
@@ -1029,11 +1039,19 @@ impl PartitionManager {
                         "delete organization {org}'s rows before {cutoff} ({days} days) from {q}"
                     ),
                     // ctid batches: a bounded transaction each, and a TID scan for the delete.
-                    sql: vec![format!(
-                        "DELETE FROM {q} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {q} \
-                         WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk}))",
-                        ts_lit(cutoff)
-                    )],
+                    sql: vec![if citus {
+                        format!(
+                            "DELETE FROM {q} WHERE (session_id, seq, ts) IN (SELECT session_id, seq, ts \
+                             FROM {q} WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk})",
+                            ts_lit(cutoff)
+                        )
+                    } else {
+                        format!(
+                            "DELETE FROM {q} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {q} \
+                             WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk}))",
+                            ts_lit(cutoff)
+                        )
+                    }],
                     mode: StepMode::Autocommit,
                     repeat_while_at_least: Some(chunk as u64),
                     needs_admin: true,

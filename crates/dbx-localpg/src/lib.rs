@@ -8,10 +8,14 @@
 //!
 //! - [`cluster`]: the [`LocalCluster`](cluster::LocalCluster) runner (`initdb`, `postgres`,
 //!   ports, start/stop, optionally TLS-only with `cert` authentication).
+//! - [`citus`]: a [`CitusCluster`](citus::CitusCluster) of a coordinator and workers, each a
+//!   `LocalCluster` with `shared_preload_libraries = 'citus'` (the Citus test suite, `dbx demo
+//!   --citus`).
 //! - [`pki`]: a private CA making the server and client certificates of a TLS cluster (and of
 //!   `dbx demo --tls`).
 //! - [`broker`]: the [`LocalBroker`](broker::LocalBroker) runner, a Mosquitto with the
 //!   configuration shipped in `deploy/mosquitto/`.
 pub mod broker;
+pub mod citus;
 pub mod cluster;
 pub mod pki;

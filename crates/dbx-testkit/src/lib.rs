@@ -38,6 +38,7 @@ use tokio_postgres::Client;
 
 pub mod attack;
 pub mod broker;
+pub mod citus;
 pub mod daemon;
 pub mod env;
 pub mod events;
@@ -193,7 +194,7 @@ fn external_backend(url: &str) -> Backend {
 
 /// A fresh temporary directory for this process's cluster; directories left by
 /// earlier processes that died without cleaning up are removed first.
-fn temp_cluster_dir() -> PathBuf {
+pub(crate) fn temp_cluster_dir() -> PathBuf {
     let root = std::env::temp_dir();
     let pid = std::process::id();
     if let Ok(entries) = std::fs::read_dir(&root) {

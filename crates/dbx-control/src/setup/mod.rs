@@ -29,6 +29,7 @@ use dbx_pg::{Connector, PgError};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
+use crate::citus;
 use crate::migrate;
 use crate::postgis::{PostgisMode, PostgisState};
 
@@ -141,6 +142,9 @@ pub enum SetupError {
     /// A migration failed.
     #[error(transparent)]
     Migrate(#[from] migrate::MigrateError),
+    /// `--distributed`: the cluster is not ready, or a distribution step failed.
+    #[error(transparent)]
+    Citus(#[from] citus::CitusError),
     /// Tables of the schema are missing.
     #[error("{} of the 7 tables are missing: {}; run `dbx setup` (or `dbx migrate`)", .0.len(), .0.join(", "))]
     MissingTables(Vec<String>),
@@ -285,6 +289,10 @@ pub struct SetupOptions {
     pub sample_data: bool,
     /// Whether the schema uses PostGIS (geography endpoints on flight_sessions).
     pub postgis: PostgisMode,
+    /// Distribute the schema over a Citus cluster after the migrations (`--distributed`): the
+    /// server is its coordinator, with the `citus` extension and at least one worker
+    /// ([`crate::citus`]).
+    pub distributed: bool,
 }
 
 /// What setup did.
@@ -298,6 +306,8 @@ pub struct SetupReport {
     pub migrations_applied: Vec<String>,
     /// Which branch of the schema PostGIS gave, in words.
     pub postgis: String,
+    /// What the distribution step did (`--distributed`), `None` on a single node.
+    pub distributed: Option<citus::DistributeReport>,
     /// Login user → password in effect.
     pub passwords: Vec<(String, String)>,
     /// The sample organization's API key, when sample data was asked for.
@@ -346,11 +356,20 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
     validate_database_name(&opts.database)?;
     let (server_version, existed) = ensure_database(opts).await?;
     let mut client = connect_to_database(opts, existed).await?;
+    if opts.distributed {
+        // Refused before any migration when the cluster is not ready for it.
+        citus::preflight(&client).await?;
+    }
     let applied = migrate::apply_with(&mut client, opts.postgis).await?;
+    let distributed = if opts.distributed {
+        Some(citus::distribute(&client).await?)
+    } else {
+        None
+    };
     let postgis = PostgisState::read(&client)
         .await
         .map_err(db_err("reading the PostGIS state"))?;
-    let passwords = login_passwords(&client, &opts.out_dir, opts.rotate).await?;
+    let passwords = login_passwords(&client, &opts.out_dir, opts.rotate, opts.distributed).await?;
     let api_key = if opts.sample_data {
         Some(sample_data(&client, &opts.out_dir, opts.rotate).await?)
     } else {
@@ -372,6 +391,7 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
         migrations_applied: applied.iter().map(describe_applied).collect(),
         postgis: postgis.describe(opts.postgis),
         server_version,
+        distributed,
         passwords,
         api_key,
         urls,
@@ -530,11 +550,14 @@ pub fn plain_token_problem(value: &str) -> Option<&'static str> {
 }
 
 /// Passwords for the login users: kept from credentials.txt unless rotating. Each is
-/// sent as a SCRAM-SHA-256 verifier computed here, never in clear.
+/// sent as a SCRAM-SHA-256 verifier computed here, never in clear. On Citus (`distributed`)
+/// each worker gets it too, so daemons may log in to any node: Citus forwards `ALTER ROLE`
+/// only for roles this database created itself.
 async fn login_passwords(
     client: &Client,
     out_dir: &Path,
     rotate: bool,
+    distributed: bool,
 ) -> Result<Vec<(String, String)>, SetupError> {
     let path = out_dir.join("credentials.txt");
     let previous = read_kv(&path);
@@ -555,12 +578,14 @@ async fn login_passwords(
     for (user, pw) in &out {
         // The verifier's alphabet (digits, base64, `$`, `:`, `-`) needs no SQL escaping.
         let verifier = postgres_protocol::password::scram_sha_256(pw.as_bytes());
+        let alter = format!("ALTER ROLE {user} WITH LOGIN PASSWORD '{verifier}'");
         client
-            .batch_execute(&format!(
-                "ALTER ROLE {user} WITH LOGIN PASSWORD '{verifier}'"
-            ))
+            .batch_execute(&alter)
             .await
             .map_err(db_err(format!("setting the password of {user}")))?;
+        if distributed {
+            citus::on_every_worker(client, &alter).await?;
+        }
     }
     Ok(out)
 }
@@ -599,6 +624,11 @@ async fn sample_data(client: &Client, out_dir: &Path, rotate: bool) -> Result<St
         )
         .await
         .map_err(db_err("inserting the sample organization"))?;
+    // On Citus the primary-key mirror is this call, not a trigger (migration 0041).
+    client
+        .execute("SELECT dbx_aviation.sync_primary_api_keys()", &[])
+        .await
+        .map_err(db_err("mirroring the sample organization's key"))?;
     client
         .execute(
             "INSERT INTO dbx_aviation.aircraft_registry \

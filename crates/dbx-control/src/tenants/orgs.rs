@@ -217,6 +217,10 @@ pub async fn create_org(client: &mut Client, new: &NewOrg) -> Result<CreatedOrg,
         Err(e) => return Err(e.into()),
     };
     let org = org_from_row(&row);
+    // On Citus the primary-key mirror is this call, not a trigger (migration 0041); a no-op
+    // on a single node.
+    tx.execute("SELECT dbx_aviation.sync_primary_api_keys()", &[])
+        .await?;
     tx.commit().await?;
     Ok(CreatedOrg {
         org,

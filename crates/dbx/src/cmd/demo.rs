@@ -11,6 +11,11 @@
 //! asks for production's setup: `ssl = on` with a certificate from a CA made for the demo,
 //! TCP only over TLS, and every connection of setup and the daemon with
 //! `sslmode=verify-full` and `database.require_tls = true`.
+//!
+//! `--citus` runs the same demo on a private Citus cluster of three nodes (a coordinator and
+//! two workers, in `<dir>/citus/`, made fresh each run) with `dbx setup --distributed`, and
+//! shows the rows per worker. Without Citus in the machine's PostgreSQL it says in one line
+//! how to install it.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -21,6 +26,7 @@ use anyhow::Context;
 use clap::Args;
 use dbx_control::setup::{self, SetupOptions};
 use dbx_core::ShutdownTrigger;
+use dbx_localpg::citus::{CitusCluster, CitusError};
 use dbx_localpg::cluster::{ClusterError, ClusterOptions, ClusterTls, LocalCluster};
 use tokio_postgres::Client;
 
@@ -59,6 +65,18 @@ pub struct DemoArgs {
     /// connect with sslmode=verify-full and database.require_tls = true.
     #[arg(long, env = "DBX_DEMO_TLS", value_parser = clap::builder::BoolishValueParser::new())]
     tls: bool,
+    /// Run on a private Citus cluster (a coordinator and two workers) set up with `dbx setup
+    /// --distributed`, and show the rows per worker. Needs Citus installed into the machine's
+    /// PostgreSQL.
+    #[arg(long, conflicts_with = "tls")]
+    citus: bool,
+}
+
+/// The demo's private PostgreSQL: one cluster, or a Citus cluster of three. Dropping it stops
+/// the servers.
+enum DemoCluster {
+    Single(Box<LocalCluster>),
+    Citus(CitusCluster),
 }
 
 /// The demo's private broker and how the fleet and dbx log in to it.
@@ -131,7 +149,7 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
     };
 
     // 2. Setup.
-    let Some(report) = run_setup(&superuser, &args.dir).await? else {
+    let Some(report) = run_setup(&superuser, &args.dir, args.citus).await? else {
         return Ok(ExitCode::FAILURE);
     };
     let mut db_cfg = superuser.clone();
@@ -182,8 +200,8 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
     }
 
     // 5. What landed.
-    analyses_for_new_sessions(&admin).await?;
-    report_landed(&admin).await?;
+    analyses_for_new_sessions(&admin, args.citus).await?;
+    report_landed(&admin, args.citus).await?;
     println!("\n▶ Metrics: http://{http}/metrics   status: http://{http}/api/v2/system/status");
     println!("  credentials: {}", args.dir.join("credentials").display());
 
@@ -237,7 +255,7 @@ async fn start_daemon(
 async fn stop_all(
     daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
     trigger: ShutdownTrigger,
-    cluster: Option<LocalCluster>,
+    cluster: Option<DemoCluster>,
     dir: &Path,
 ) -> anyhow::Result<()> {
     trigger.fire();
@@ -246,9 +264,19 @@ async fn stop_all(
         Ok(Ok(Err(e))) => eprintln!("dbx stopped with an error: {e:#}"),
         _ => eprintln!("dbx did not stop within 60 s"),
     }
-    if let Some(c) = cluster {
-        tokio::task::spawn_blocking(move || drop(c)).await?;
-        println!("▶ PostgreSQL stopped (data kept in {})", dir.display());
+    match cluster {
+        Some(DemoCluster::Single(c)) => {
+            tokio::task::spawn_blocking(move || drop(c)).await?;
+            println!("▶ PostgreSQL stopped (data kept in {})", dir.display());
+        }
+        Some(DemoCluster::Citus(c)) => {
+            tokio::task::spawn_blocking(move || drop(c)).await?;
+            println!(
+                "▶ PostgreSQL stopped: the Citus coordinator and its workers (data kept in {} until the next run)",
+                dir.join("citus").display()
+            );
+        }
+        None => {}
     }
     Ok(())
 }
@@ -259,9 +287,12 @@ async fn stop_all(
 async fn start_database(
     config_path: Option<&Path>,
     args: &DemoArgs,
-) -> anyhow::Result<Option<(DatabaseConfig, dbx_pg::Connector, Option<LocalCluster>)>> {
+) -> anyhow::Result<Option<(DatabaseConfig, dbx_pg::Connector, Option<DemoCluster>)>> {
     let mut database = crate::cmd::setup::database_config(config_path)?;
     database.require_tls |= args.tls;
+    if args.citus {
+        return start_citus(database, args).await;
+    }
     if let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
         println!("▶ Using the PostgreSQL server of DATABASE_URL");
         let superuser = database.connector(&url, "DATABASE_URL")?;
@@ -304,7 +335,71 @@ async fn start_database(
         c.dir().display()
     );
     let superuser = database.connector(&c.superuser_url("postgres"), "the demo cluster URL")?;
-    Ok(Some((database, superuser, Some(c))))
+    Ok(Some((
+        database,
+        superuser,
+        Some(DemoCluster::Single(Box::new(c))),
+    )))
+}
+
+/// `--citus`: a fresh coordinator and two workers in `<dir>/citus/`, the demo's database on
+/// all three with the extension and the workers registered; `None` (after one line on how to
+/// install it) when the machine's PostgreSQL has no Citus.
+async fn start_citus(
+    database: DatabaseConfig,
+    args: &DemoArgs,
+) -> anyhow::Result<Option<(DatabaseConfig, dbx_pg::Connector, Option<DemoCluster>)>> {
+    if std::env::var("DATABASE_URL").is_ok_and(|u| !u.is_empty()) {
+        anyhow::bail!(
+            "--citus runs its own three-node cluster; unset DATABASE_URL (or drop --citus)"
+        );
+    }
+    let dir = args.dir.join("citus");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut base = ClusterOptions::for_tests(dir.join("base"));
+    // Durable commits, as in the single-node demo; a smaller cache per node (three share it).
+    base.settings = [
+        ("shared_buffers", "128MB"),
+        ("max_wal_size", "2GB"),
+        ("max_connections", "300"),
+        ("log_min_messages", "warning"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let started = tokio::task::spawn_blocking(move || {
+        let c = CitusCluster::start(&dir, 2, &base)?;
+        c.create_database(setup::DEFAULT_DATABASE)?;
+        Ok::<_, CitusError>(c)
+    })
+    .await?;
+    let c = match started {
+        Ok(c) => c,
+        Err(e @ CitusError::NotInstalled { .. }) => {
+            eprintln!("dbx demo --citus: {e}");
+            return Ok(None);
+        }
+        Err(CitusError::Cluster(ClusterError::NoServerBinaries)) => {
+            eprintln!("dbx demo needs PostgreSQL's server binaries: `sudo apt-get install postgresql` (Debian/Ubuntu), `brew install postgresql` (macOS)");
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let co = c.coordinator();
+    println!(
+        "▶ Citus: coordinator on 127.0.0.1:{}, workers on {} (PostgreSQL from {}, data in {})",
+        co.port(),
+        c.workers()
+            .iter()
+            .map(|w| format!("127.0.0.1:{}", w.port()))
+            .collect::<Vec<_>>()
+            .join(" and "),
+        co.bindir().display(),
+        args.dir.join("citus").display()
+    );
+    let superuser =
+        database.connector(&co.superuser_url("postgres"), "the demo coordinator URL")?;
+    Ok(Some((database, superuser, Some(DemoCluster::Citus(c)))))
 }
 
 /// `dbx setup` with the sample data; `None` (after printing the checklist) when a check
@@ -312,6 +407,7 @@ async fn start_database(
 async fn run_setup(
     superuser: &dbx_pg::Connector,
     dir: &Path,
+    distributed: bool,
 ) -> anyhow::Result<Option<setup::SetupReport>> {
     let report = setup::setup(&SetupOptions {
         superuser: superuser.clone(),
@@ -320,6 +416,7 @@ async fn run_setup(
         rotate: false,
         sample_data: true,
         postgis: Default::default(),
+        distributed,
     })
     .await?;
     println!(
@@ -331,6 +428,13 @@ async fn run_setup(
         },
         report.migrations_applied.len()
     );
+    if let Some(d) = &report.distributed {
+        println!(
+            "▶ dbx setup --distributed: {} tables placed on the coordinator and {} worker(s)",
+            d.placed.len() + d.already.len(),
+            d.workers.len()
+        );
+    }
     if !report.all_ok() {
         print!("{report}");
         return Ok(None);
@@ -481,19 +585,27 @@ async fn register_fleet(client: &Client, n: usize) -> anyhow::Result<Vec<String>
 
 /// The analysis side is not part of dbx; give the new flights a plausible analysis
 /// each so the seed's reports have risk figures to show.
-async fn analyses_for_new_sessions(client: &Client) -> anyhow::Result<()> {
+async fn analyses_for_new_sessions(client: &Client, citus: bool) -> anyhow::Result<()> {
+    // On Citus the sessions are distributed and the results stay on the coordinator: Citus
+    // refuses the correlated NOT EXISTS between them, and takes an uncorrelated NOT IN.
+    let unanalysed = if citus {
+        "WHERE s.session_id NOT IN (SELECT m.session_id FROM dbx_aviation.ml_analysis_results m \
+         WHERE m.session_id IS NOT NULL)"
+    } else {
+        "WHERE NOT EXISTS (SELECT 1 FROM dbx_aviation.ml_analysis_results m WHERE m.session_id = s.session_id)"
+    };
     client
         .execute(
-            "INSERT INTO dbx_aviation.ml_analysis_results \
+            &format!("INSERT INTO dbx_aviation.ml_analysis_results \
                (session_id, org_id, model_version, anomaly_detected, anomaly_score, anomalies, risk_score, risk_level) \
              SELECT s.session_id, s.org_id, 'demo-1.0', r > 0.7, round(r::numeric, 4), \
-                    CASE WHEN r > 0.85 THEN '[{\"component\": \"motor\", \"severity\": \"critical\"}]'::jsonb \
-                         WHEN r > 0.7 THEN '[{\"component\": \"battery\", \"severity\": \"warning\"}]'::jsonb \
+                    CASE WHEN r > 0.85 THEN '[{{\"component\": \"motor\", \"severity\": \"critical\"}}]'::jsonb \
+                         WHEN r > 0.7 THEN '[{{\"component\": \"battery\", \"severity\": \"warning\"}}]'::jsonb \
                          ELSE '[]'::jsonb END, \
                     round((r * 0.9)::numeric, 4), \
                     CASE WHEN r > 0.85 THEN 'critical' WHEN r > 0.7 THEN 'high' WHEN r > 0.4 THEN 'medium' ELSE 'low' END \
              FROM (SELECT session_id, org_id, random() AS r FROM dbx_aviation.flight_sessions s \
-                   WHERE NOT EXISTS (SELECT 1 FROM dbx_aviation.ml_analysis_results m WHERE m.session_id = s.session_id)) s",
+                   {unanalysed}) s"),
             &[],
         )
         .await
@@ -562,22 +674,30 @@ fn print_table(title: &str, rows: &[tokio_postgres::Row]) {
     }
 }
 
-async fn report_landed(client: &Client) -> anyhow::Result<()> {
+async fn report_landed(client: &Client, citus: bool) -> anyhow::Result<()> {
     let q = |sql: &'static str| async move {
         client
             .query(sql, &[])
             .await
             .map_err(|e| anyhow::anyhow!("{}", dbx_pg::describe(&e)))
     };
-    let partitions = q("SELECT c.relname AS partition, count(t.*) AS rows, pg_size_pretty(pg_total_relation_size(c.oid)) AS size \
-         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-         LEFT JOIN LATERAL (SELECT 1 FROM dbx_aviation.flight_telemetry t WHERE t.tableoid = c.oid) t ON true \
-         WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass GROUP BY c.relname, c.oid ORDER BY c.relname")
-    .await?;
-    print_table(
-        "Rows per partition of dbx_aviation.flight_telemetry",
-        &partitions,
-    );
+    if citus {
+        let per_worker = q(dbx_control::citus::ROWS_PER_WORKER_SQL).await?;
+        print_table(
+            "Rows of dbx_aviation.flight_telemetry per Citus worker (shards of every partition)",
+            &per_worker,
+        );
+    } else {
+        let partitions = q("SELECT c.relname AS partition, count(t.*) AS rows, pg_size_pretty(pg_total_relation_size(c.oid)) AS size \
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             LEFT JOIN LATERAL (SELECT 1 FROM dbx_aviation.flight_telemetry t WHERE t.tableoid = c.oid) t ON true \
+             WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass GROUP BY c.relname, c.oid ORDER BY c.relname")
+        .await?;
+        print_table(
+            "Rows per partition of dbx_aviation.flight_telemetry",
+            &partitions,
+        );
+    }
     let sessions = q("SELECT count(*) AS sessions, \
          count(*) FILTER (WHERE flight_status = 'completed') AS completed, \
          count(*) FILTER (WHERE flight_status = 'active') AS active, \

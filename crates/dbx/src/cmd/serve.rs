@@ -135,6 +135,7 @@ pub async fn run(
     let control_pool = admin.pool(2)?;
 
     check_database(&ingest).await?;
+    check_admin_node(&admin, admin_origin).await?;
 
     // Partitions first, before the listener opens.
     let manager = partitions_in_place(&cfg, &admin, &clock).await?;
@@ -257,6 +258,35 @@ async fn check_database(ingest: &dbx_pg::Connector) -> anyhow::Result<()> {
         }
     }
 
+    Ok(())
+}
+
+/// On a Citus cluster the control plane must reach the coordinator: partition DDL runs only
+/// there, and the maintenance advisory lock must be one every daemon sees (a lock is per node).
+/// Ingest may go through any node (`database.url`); a single node passes at once.
+async fn check_admin_node(admin: &dbx_pg::Connector, origin: &str) -> anyhow::Result<()> {
+    let client = admin.connect().await?;
+    let citus: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !citus {
+        return Ok(());
+    }
+    let coordinator: bool = client
+        .query_one("SELECT citus_is_coordinator()", &[])
+        .await?
+        .get(0);
+    if !coordinator {
+        bail!(
+            "config key `{origin}`: this node is a Citus worker; the control plane (partitions, \
+             maintenance lock) must connect to the coordinator: set database.admin_url to the \
+             coordinator's dbx_maintenance_service URL (docs/scaling.md)"
+        );
+    }
     Ok(())
 }
 

@@ -35,6 +35,11 @@ pub struct SetupArgs {
     /// it. Chosen when the schema is created.
     #[arg(long, env = "DBX_POSTGIS", default_value_t = PostgisMode::Auto)]
     postgis: PostgisMode,
+    /// Distribute the schema over a Citus cluster after the migrations: the server is the
+    /// coordinator, with the citus extension in the database and at least one worker
+    /// (docs/scaling.md). Idempotent; run it again after adding workers' tables by hand.
+    #[arg(long, env = "DBX_SETUP_DISTRIBUTED")]
+    distributed: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -119,6 +124,7 @@ pub async fn setup(config_path: Option<&Path>, args: SetupArgs) -> anyhow::Resul
         rotate: args.rotate,
         sample_data: !args.no_sample_data,
         postgis: args.postgis,
+        distributed: args.distributed,
     };
     let report = setup::setup(&opts).await?;
     if args.json {
@@ -132,6 +138,11 @@ pub async fn setup(config_path: Option<&Path>, args: SetupArgs) -> anyhow::Resul
             "created_database": report.created_database,
             "migrations_applied": report.migrations_applied,
             "postgis": report.postgis,
+            "distributed": report.distributed.as_ref().map(|d| serde_json::json!({
+                "workers": d.workers,
+                "placed": d.placed.iter().map(|(t, p)| format!("{t}: {p:?}")).collect::<Vec<_>>(),
+                "already": d.already,
+            })),
             "files": report.files,
             "checklist": checklist,
             "ok": report.all_ok(),
@@ -147,6 +158,15 @@ pub async fn setup(config_path: Option<&Path>, args: SetupArgs) -> anyhow::Resul
         }
         if report.migrations_applied.is_empty() {
             println!("  migrations: up to date");
+        }
+        if let Some(d) = &report.distributed {
+            println!("  Citus workers: {}", d.workers.join(", "));
+            for (table, placement) in &d.placed {
+                println!("  distributed {table}: {placement:?}");
+            }
+            if !d.already.is_empty() {
+                println!("  already distributed: {}", d.already.len());
+            }
         }
         for f in &report.files {
             println!("  wrote {}", f.display());
