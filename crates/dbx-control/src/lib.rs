@@ -7,7 +7,7 @@
 //! - `postgis`: the optional PostGIS branch of the schema and the operator's choice of it.
 //! - `setup`: `dbx setup` (database, migrations, users, sample data, credentials) and `dbx check`.
 //! - `partitions`: the `PartitionManager`: premake, default-partition sweep, archival,
-//!   retention, materialized view refresh, under an advisory lock.
+//!   retention, upkeep of the daily telemetry aggregate, under an advisory lock.
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
 //! - `sessions`: the `SessionCompleter`, which completes flight sessions idle for
 //!   `sessions.idle_timeout_secs` (protocol 1.1).

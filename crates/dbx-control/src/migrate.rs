@@ -121,6 +121,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "sessions",
         sql: include_str!("../migrations/0040_sessions.sql"),
     },
+    Migration {
+        version: 41,
+        name: "daily_incremental",
+        sql: include_str!("../migrations/0041_daily_incremental.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").

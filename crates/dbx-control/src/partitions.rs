@@ -23,7 +23,11 @@
 //!   dropped only when it ended before every organization's retention; otherwise only the
 //!   expired organizations' rows are deleted, in transactions of at most `retention_chunk_rows`
 //!   rows; then the seed's `enforce_retention_policy()` (sessions, analysis results);
-//! - **refresh**: `REFRESH MATERIALIZED VIEW CONCURRENTLY` of the daily telemetry view;
+//! - **refresh**: the daily telemetry aggregate `dbx_analytics.telemetry_daily_aircraft` is
+//!   brought up to date by `maintain_telemetry_daily_aircraft` (migration 0041): only the open
+//!   days (from yesterday, UTC, by the injected clock) and the days whose partitions were
+//!   written, archived or dropped since they were last computed are recomputed, so a run costs
+//!   the new data, never the history; the report's `rows` are the days recomputed;
 //! - **api_requests**: rows of `dbx_aviation.api_requests` (one per gateway handshake, refused
 //!   ones aggregated) older than `api_requests_retention_days` are deleted, oldest first,
 //!   `retention_chunk_rows` per transaction through the `created_at` index
@@ -96,7 +100,8 @@ pub struct PartitionsConfig {
     pub retention_interval_secs: u64,
     /// Rows deleted per retention transaction (bounded transactions, bounded bloat).
     pub retention_chunk_rows: u32,
-    /// How often the materialized telemetry view is refreshed (CONCURRENTLY), seconds (0 = never).
+    /// How often the open and changed days of the daily telemetry aggregate are recomputed,
+    /// seconds (0 = never).
     pub refresh_interval_secs: u64,
     /// Rows of `dbx_aviation.api_requests` older than this many days are deleted (0 = kept
     /// forever); runs every `retention_interval_secs`, `retention_chunk_rows` per transaction.
@@ -182,7 +187,7 @@ pub enum Task {
     Archive,
     /// Drop or delete what is past retention.
     Retention,
-    /// Refresh the materialized telemetry view.
+    /// Recompute the open and changed days of the daily telemetry aggregate.
     Refresh,
     /// Delete `api_requests` rows past `api_requests_retention_days`.
     RequestLog,
@@ -419,7 +424,7 @@ struct Conn {
     locked: bool,
 }
 
-/// Partition premake, sweep, archival, retention and view refresh; see the module docs.
+/// Partition premake, sweep, archival, retention and the daily aggregate; see the module docs.
 pub struct PartitionManager {
     pg: Connector,
     interval: PartitionInterval,
@@ -738,12 +743,23 @@ impl PartitionManager {
             Task::Archive => self.plan_archive(client, &parts, now, &mut plan).await?,
             Task::Retention => self.plan_retention(client, &parts, now, &mut plan).await?,
             Task::Refresh => plan.steps.push(Step {
-                what: "refresh dbx_analytics.telemetry_daily_aircraft concurrently".into(),
-                sql: vec!["SELECT dbx_analytics.refresh_telemetry_daily_aircraft(true)".into()],
+                what:
+                    "recompute the open and changed days of dbx_analytics.telemetry_daily_aircraft"
+                        .into(),
+                // The first statement makes this connection's own writes (the sweep's moves,
+                // retention's deletes) count before the function reads the write counters;
+                // the second returns one row per day recomputed: the report's `rows` are days.
+                sql: vec![
+                    "SELECT pg_stat_force_next_flush()".into(),
+                    format!(
+                        "SELECT * FROM dbx_analytics.maintain_telemetry_daily_aircraft({})",
+                        ts_lit(now)
+                    ),
+                ],
                 mode: StepMode::Autocommit,
                 repeat_while_at_least: None,
                 needs_admin: false,
-                counts_rows: false,
+                counts_rows: true,
             }),
             Task::RequestLog => self.plan_request_log(now, &mut plan),
         }
