@@ -123,8 +123,8 @@ pub static MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 41,
-        name: "daily_incremental",
-        sql: include_str!("../migrations/0041_daily_incremental.sql"),
+        name: "incremental_upkeep",
+        sql: include_str!("../migrations/0041_incremental_upkeep.sql"),
     },
 ];
 

@@ -4,7 +4,8 @@
 //! closed day, points through the default partition and the sweep, retention deletes, a dropped
 //! and an archived partition, and a full recompute. And what makes it O(new data): a run with
 //! nothing new recomputes only the open days. A database upgraded from the materialized view
-//! keeps the view's rows.
+//! keeps the view's rows. Retention looks at a partition wholly past an organization's cutoff
+//! only until it found it clean, and again once it was written.
 //!
 //! The second test measures every maintenance task and one health collection on an empty and on
 //! a filled table (`DBX_MAINT_ROWS` rows over seven closed days, default 200 000; the figures in
@@ -23,6 +24,9 @@ use dbx_control::migrate::{self, MIGRATIONS};
 use dbx_control::partitions::{PartitionInterval, PartitionManager, PartitionsConfig, Task};
 use dbx_core::{ManualClock, SharedClock};
 use dbx_testkit::TestDb;
+
+mod common;
+use common::new_org;
 
 const MAINT_PASSWORD: &str = "dbx-maintenance-daily-test-password";
 
@@ -433,6 +437,115 @@ async fn upgrading_keeps_what_the_materialized_view_held() {
         .unwrap()
         .get(0);
     assert!(granted, "grants as before");
+}
+
+/// Retention's delete steps for `org` in the plan it would run now, by partition name.
+async fn retention_deletes(m: &PartitionManager, org: uuid::Uuid) -> BTreeSet<String> {
+    let plan = m.plan(Task::Retention).await.expect("plan");
+    plan.steps
+        .iter()
+        .filter(|s| {
+            s.what
+                .starts_with(&format!("delete organization {org}'s rows"))
+        })
+        .map(|s| {
+            s.what
+                .rsplit(" from ")
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_does_not_scan_partitions_it_found_clean_until_they_are_written() {
+    let (_db, c, url) = setup().await;
+    let short = new_org(&c, "DAILY-SHORT", 3).await;
+    let long = new_org(&c, "DAILY-LONG", 365).await;
+    let now = Utc::now();
+    let d0 = midnight(now);
+    let day = |i: i64| d0 + TimeDelta::days(i);
+    for i in -10..0 {
+        ensure_day(&c, day(i)).await;
+    }
+    for org in [short, long] {
+        c.execute(
+            "INSERT INTO dbx_aviation.flight_telemetry (org_id, aircraft_id, session_id, ts, seq)
+             SELECT $1::uuid, md5($1::uuid::text)::uuid, md5($1::uuid::text || 's')::uuid, $2::timestamptz + g * interval '1 hour', g
+               FROM generate_series(0, 240) g",
+            &[&org, &day(-10)],
+        )
+        .await
+        .unwrap();
+    }
+    flush_stats(&c).await;
+    let clock: SharedClock = ManualClock::new(now);
+    let m = manager(&url, clock, PartitionsConfig::default());
+    let name = |i: i64| {
+        format!(
+            "\"dbx_aviation\".\"flight_telemetry_p{}\"",
+            day(i).format("%Y%m%d")
+        )
+    };
+    let whole: BTreeSet<String> = (-10..=-4).map(name).collect();
+    let mut all = whole.clone();
+    all.insert(name(-3)); // straddles the cutoff: always looked at
+    all.insert("\"dbx_aviation\".\"flight_telemetry_default\"".into());
+
+    assert_eq!(retention_deletes(&m, short).await, all, "first run");
+    let default: BTreeSet<String> =
+        ["\"dbx_aviation\".\"flight_telemetry_default\"".to_string()].into();
+    assert_eq!(
+        retention_deletes(&m, long).await,
+        default,
+        "LONG: only the default partition"
+    );
+    let deleted = run(&m, Task::Retention).await;
+    assert!(deleted >= 7 * 24, "{deleted}");
+    // The deletes themselves changed the counters: one more look, which finds nothing.
+    assert_eq!(retention_deletes(&m, short).await, all, "second run");
+    assert_eq!(run(&m, Task::Retention).await, 0);
+    let mut rest = all.clone();
+    rest.retain(|p| !whole.contains(p));
+    assert_eq!(
+        retention_deletes(&m, short).await,
+        rest,
+        "clean partitions are skipped"
+    );
+    assert_eq!(run(&m, Task::Retention).await, 0);
+
+    // A late point of SHORT into a clean partition: that one is looked at again, and deleted.
+    c.execute(
+        "INSERT INTO dbx_aviation.flight_telemetry (org_id, aircraft_id, session_id, ts, seq)
+         VALUES ($1::uuid, md5($1::uuid::text)::uuid, md5($1::uuid::text || 'late')::uuid, $2::timestamptz, 1)",
+        &[&short, &(day(-6) + TimeDelta::hours(5))],
+    )
+    .await
+    .unwrap();
+    flush_stats(&c).await;
+    let mut expect = rest.clone();
+    expect.insert(name(-6));
+    assert_eq!(retention_deletes(&m, short).await, expect, "written since");
+    assert_eq!(run(&m, Task::Retention).await, 1);
+    let left: i64 = c
+        .query_one(
+            "SELECT count(*) FROM dbx_aviation.flight_telemetry WHERE org_id = $1 AND ts < $2",
+            &[&short, &(now - TimeDelta::days(3))],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "nothing of SHORT's left past its retention");
+    let kept: i64 = c
+        .query_one(
+            "SELECT count(*) FROM dbx_aviation.flight_telemetry WHERE org_id = $1",
+            &[&long],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 241, "LONG's rows untouched");
 }
 
 /// Milliseconds of `f`, awaited.

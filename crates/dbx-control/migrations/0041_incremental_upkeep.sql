@@ -1,4 +1,4 @@
--- 0041 daily_incremental: dbx_analytics.telemetry_daily_aircraft kept per day instead of a
+-- 0041 incremental_upkeep: dbx_analytics.telemetry_daily_aircraft kept per day instead of a
 -- materialized view refreshed from all of flight_telemetry, so that its upkeep grows with the
 -- data that changed, not with history (issue 20, "maintenance is O(new data)").
 --
@@ -33,8 +33,14 @@
 --   * dbx_analytics.refresh_telemetry_daily_aircraft(p_concurrently boolean = true) keeps its
 --     signature and grants: true = the incremental upkeep above at now(), false = the full
 --     recompute (readers are never blocked either way: rows change inside one transaction).
+--   * dbx_aviation.retention_state (relid, org_id, changes, checked_at): per telemetry partition
+--     (live or archived) wholly past an organization's retention cutoff, the partition's write
+--     counter when the control plane's retention last found none of that organization's rows
+--     in it. Retention skips such a pair until the counter changes, instead of scanning every
+--     partition between the shortest and the longest retention every hour. Written and read by
+--     the partition manager (dbx_admin) only.
 --
--- Why the pg_stat write counters mark dirty days: they cost the ingest path nothing (no trigger,
+-- Why the pg_stat write counters mark dirty days (and retention's clean partitions): they cost the ingest path nothing (no trigger,
 -- no extra statement in the batcher's transaction) and count every writer (the daemon, the
 -- sweep, retention, a backfill by hand). They are not transactional, so the function reads them
 -- BEFORE it aggregates: a write committed after the aggregation is counted later and makes its
@@ -247,5 +253,15 @@ END
 $$;
 COMMENT ON FUNCTION dbx_analytics.refresh_telemetry_daily_aircraft(boolean) IS
     'Brings telemetry_daily_aircraft up to date: true = open and changed days only, false = every day (readers are never blocked)';
+
+CREATE TABLE dbx_aviation.retention_state (
+    relid bigint NOT NULL,
+    org_id uuid NOT NULL,
+    changes bigint NOT NULL,
+    checked_at timestamptz NOT NULL,
+    PRIMARY KEY (relid, org_id)
+);
+COMMENT ON TABLE dbx_aviation.retention_state IS
+    'Bookkeeping of the control plane''s retention: telemetry partitions (pg_class oid) wholly past an organization''s cutoff found without its rows, with their pg_stat write counter then';
 
 SELECT count(*) FROM dbx_analytics.maintain_telemetry_daily_aircraft(now(), true);
