@@ -13,7 +13,8 @@
 //! Env: `DBX_BENCH_FLEET_RATE` points/s per gateway (default 10, one batch per second),
 //! `DBX_BENCH_FLEET_SECS` seconds per run (default 30), `DBX_BENCH_FLEET_GATEWAYS` the fleet
 //! sizes (default `2000,10000`), `DBX_BENCH_FLEET_HISTORY` rows of history (default
-//! 20 000 000). The gateways all connect from 127.0.0.1, so the daemon's per-address limit of
+//! 20 000 000), `DBX_BENCH_FLEET_EMPTY=0` skips the runs into the empty table (the 10 000
+//! gateway shape is heavy on a shared machine). The gateways all connect from 127.0.0.1, so the daemon's per-address limit of
 //! pending handshakes is raised for these runs (a real fleet comes from many addresses).
 
 use std::path::Path;
@@ -238,16 +239,9 @@ async fn copy_day(
             p.lon = Some(8.0 + f * 0.5);
             p.alt = Some(100.0 + (k % 300) as f32);
             p.gs = Some(12.0 + (k % 7) as f32);
-            p.vs = Some(0.5);
             p.hdg = Some((k % 360) as f32);
-            p.roll = Some(1.0);
-            p.pitch = Some(-1.0);
-            p.yaw = Some(0.0);
-            p.ias = Some(13.0);
             p.bv = Some(22.2);
-            p.bi = Some(10.5);
             p.bp = Some(100.0 - (k % 100) as f32);
-            p.rpm = Some(vec![5000.0, 5010.0, 4990.0, 5005.0]);
             p.fix = Some(3);
             p.sats = Some(14);
             p.temp = Some(21.5);
@@ -266,9 +260,37 @@ async fn copy_day(
     sink.finish().await.expect("COPY done");
 }
 
+/// Bytes the history takes on disk per row, table and indexes, with room to spare.
+const HISTORY_BYTES_PER_ROW: u64 = 350;
+
+/// Free bytes on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> u64 {
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return 0;
+    };
+    // SAFETY: a NUL-terminated path and a zeroed struct statvfs fills.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut st) != 0 {
+            return 0;
+        }
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
 /// `rows` points over the `HISTORY_DAYS` days before today (two COPY streams at once), and
-/// one completed flight session per aircraft and day for them.
-async fn prefill(su_url: &str, org: Uuid, aircraft: &[Uuid], rows: usize) -> f64 {
+/// one completed flight session per aircraft and day for them. Refuses to start when the
+/// disk could not hold them and 4 GiB more (WAL, the runs): the disk is shared.
+async fn prefill(su_url: &str, org: Uuid, aircraft: &[Uuid], rows: usize, dir: &Path) -> f64 {
+    let needed = rows as u64 * HISTORY_BYTES_PER_ROW + (4 << 30);
+    let free = free_bytes(dir);
+    assert!(
+        free >= needed,
+        "the history of {rows} rows needs about {} GiB free under {}, there are {} GiB: set DBX_BENCH_FLEET_HISTORY lower",
+        needed >> 30,
+        dir.display(),
+        free >> 30
+    );
     let started = Instant::now();
     let d0 = PartitionInterval::Daily.floor(chrono::Utc::now());
     let per_day = rows / HISTORY_DAYS as usize;
@@ -444,7 +466,8 @@ pub async fn fleet_mode(
     let shapes = shapes(&gateways, per_gateway);
     let mut runs = Vec::new();
     let empty_maint = maintenance(&admin_url).await;
-    for (i, shape) in shapes.iter().enumerate() {
+    let empty_runs = env_usize("DBX_BENCH_FLEET_EMPTY", 1) == 1;
+    for (i, shape) in shapes.iter().enumerate().filter(|_| empty_runs) {
         ctx.su
             .batch_execute(
                 "TRUNCATE dbx_aviation.flight_telemetry, dbx_aviation.flight_sessions CASCADE; CHECKPOINT",
@@ -459,7 +482,7 @@ pub async fn fleet_mode(
         )
         .await
         .expect("truncate");
-    let fill_secs = prefill(cluster_su_url, org, &aircraft, history).await;
+    let fill_secs = prefill(cluster_su_url, org, &aircraft, history, dir).await;
     let total: i64 = ctx
         .su
         .query_one("SELECT count(*) FROM dbx_aviation.flight_telemetry", &[])
@@ -529,8 +552,9 @@ fn results(
          127.0.0.1) for {secs} s, the loadgen in the harness process on the same machine; \
          fleet gateways at {per_gateway} points/s each, one batch per second, started spread \
          over that second. \"empty\": a truncated table; \"history\": {total} rows over \
-         {HISTORY_DAYS} daily partitions and one completed session per aircraft and day, \
-         written by the harness with binary COPY in {fill_secs:.0} s. Every point acked and \
+         {HISTORY_DAYS} daily partitions (position, altitude, speed, heading, battery, GPS fix \
+         per point; no arrays) and one completed session per aircraft and day, written by the \
+         harness with binary COPY in {fill_secs:.0} s. Every point acked and \
          counted in the table once. Ack latency is batch written → its ack, at the gateway. RSS \
          is the daemon's peak (VmHWM); CPU per point is user + system time per point acked, of \
          the daemon and of the PostgreSQL backends of the ingest user.\n\n\

@@ -588,6 +588,14 @@ async fn main() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
+    if env_usize("DBX_BENCH_FLEET", 0) == 1 {
+        // Fleet mode writes 20 M rows of history on a shared disk: keep the WAL small.
+        for (k, v) in opts.settings.iter_mut() {
+            if k == "max_wal_size" {
+                *v = "1GB".into();
+            }
+        }
+    }
     if tls {
         // Both plaintext and TLS connections are accepted: the two daemons compare them.
         opts.tls = Some(ClusterTls::generate(false).expect("certificates").0);
