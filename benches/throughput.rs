@@ -28,6 +28,14 @@
 //! Points/s and CPU per point (daemon plus its PostgreSQL backends, from /proc), their
 //! medians and ratios go to the "TLS to PostgreSQL" section of `benches/RESULTS.md` (the
 //! other sections are kept).
+//!
+//! Fleet mode, `DBX_BENCH_FLEET=1` (`benches/fleet.rs`): 2 000 and 10 000 gateways of one
+//! aircraft at a few points/s each, beside today's shape, into an empty table and into one
+//! holding 20 M rows of history; points/s, ack p50/p90/p99/max, daemon RSS and CPU per point,
+//! and every maintenance task timed on both tables, in the "Fleet-shaped load" section of
+//! `benches/RESULTS.md` (the other sections are kept).
+
+mod fleet;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -580,6 +588,14 @@ async fn main() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
+    if env_usize("DBX_BENCH_FLEET", 0) == 1 {
+        // Fleet mode writes 20 M rows of history on a shared disk: keep the WAL small.
+        for (k, v) in opts.settings.iter_mut() {
+            if k == "max_wal_size" {
+                *v = "1GB".into();
+            }
+        }
+    }
     if tls {
         // Both plaintext and TLS connections are accepted: the two daemons compare them.
         opts.tls = Some(ClusterTls::generate(false).expect("certificates").0);
@@ -628,6 +644,19 @@ async fn main() {
         .unwrap()
         .get(0);
 
+    if env_usize("DBX_BENCH_FLEET", 0) == 1 {
+        fleet::fleet_mode(
+            &cluster.superuser_url("dbx_aviation"),
+            &report,
+            &key,
+            fleet.org,
+            work.path(),
+            &server_version,
+        )
+        .await;
+        cluster.stop().ok();
+        return;
+    }
     if tls {
         tls_comparison(&cluster, &report, (&fleet, &key, &su), n, runs, work.path()).await;
         cluster.stop().ok();

@@ -6,7 +6,9 @@
 //! robin. Up to `window` batches are in flight; acks release them and give the ack
 //! latency (batch written → ack covering it received). With a target rate, sends
 //! are paced; without one, the window alone limits the pace ("as fast as acks
-//! allow"). When a connection breaks or the server says `error`, the gateway
+//! allow"); a paced fleet's gateways start spread evenly over one batch interval. One task
+//! per gateway: ten thousand gateways are ten thousand tasks and sockets (the process's
+//! open-files limit must allow them). When a connection breaks or the server says `error`, the gateway
 //! reconnects with backoff and resends every unacked batch first, on new batch
 //! seqs — the daemon drops what it already stored, so the table ends up with each
 //! point exactly once. A `nack` is final: the batch is counted and never resent.
@@ -372,6 +374,16 @@ impl Pacer {
         }
     }
 
+    /// Gateway `index` of `gateways`, sending `batch` points at a time, starts its first
+    /// batch `index / gateways` of a batch interval late: a paced fleet's batches are spread
+    /// evenly over the interval, as a real fleet's are, instead of arriving all at once every
+    /// interval. The instant to start at; `None` unpaced (no wait).
+    fn stagger(&mut self, index: usize, gateways: usize, batch: usize) -> Option<Instant> {
+        let interval = self.per_point? * batch.max(1) as u32;
+        self.next = Instant::now() + interval.mul_f64(index as f64 / gateways.max(1) as f64);
+        Some(self.next)
+    }
+
     fn ready(&self) -> bool {
         self.per_point.is_none() || Instant::now() >= self.next
     }
@@ -511,6 +523,17 @@ async fn tcp_gateway(
         backoff: Duration::from_millis(100),
         stats,
     };
+    // A paced fleet also connects spread over one batch interval: thousands of gateways
+    // would otherwise all handshake in the same millisecond.
+    if let Some(start) = gw
+        .pacer
+        .stagger(index, config.gateways, config.batch_points)
+    {
+        tokio::select! {
+            _ = stop.recv() => return,
+            _ = tokio::time::sleep_until(start.into()) => {}
+        }
+    }
     while !gw.stopped && !gw.all_sent() {
         let client = match Client::connect(config.addr, &config.key, &options).await {
             Ok(client) => client,
@@ -746,5 +769,29 @@ pub async fn progress(stats: Arc<Stats>, every: Duration, mut stop: Shutdown) {
     }
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paced_fleet_is_spread_over_one_batch_interval() {
+        // 4 gateways at 40 points/s in all: 10 points/s each, a batch of 10 every second.
+        let mut p = Pacer::new(Some(40.0), 4);
+        let before = Instant::now();
+        let start = p.stagger(1, 4, 10).expect("paced");
+        let late = start.duration_since(before);
+        assert!(
+            late >= Duration::from_millis(249) && late <= Duration::from_millis(300),
+            "{late:?}"
+        );
+        assert!(!p.ready());
+        let mut first = Pacer::new(Some(40.0), 4);
+        assert!(first.stagger(0, 4, 10).is_some());
+        assert!(first.ready(), "gateway 0 starts at once");
+        // Unpaced: no wait at all.
+        assert!(Pacer::new(None, 4).stagger(3, 4, 10).is_none());
     }
 }

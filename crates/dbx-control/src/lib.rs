@@ -8,7 +8,7 @@
 //! - `citus`: the distribution step of `dbx setup --distributed` (tables placed on a Citus cluster).
 //! - `setup`: `dbx setup` (database, migrations, users, sample data, credentials) and `dbx check`.
 //! - `partitions`: the `PartitionManager`: premake, default-partition sweep, archival,
-//!   retention, materialized view refresh, under an advisory lock.
+//!   retention, upkeep of the daily telemetry aggregate, under an advisory lock.
 //! - `health`: the `system_health` collector exporting `dbx_db_*` gauges.
 //! - `sessions`: the `SessionCompleter`, which completes flight sessions idle for
 //!   `sessions.idle_timeout_secs` (protocol 1.1).

@@ -141,6 +141,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "citus_idle_sessions",
         sql: include_str!("../migrations/0044_citus_idle_sessions.sql"),
     },
+    Migration {
+        version: 45,
+        name: "incremental_upkeep",
+        sql: include_str!("../migrations/0045_incremental_upkeep.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").

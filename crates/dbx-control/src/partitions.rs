@@ -22,8 +22,15 @@
 //! - **retention**: per organization `data_retention_days`; a partition (live or archived) is
 //!   dropped only when it ended before every organization's retention; otherwise only the
 //!   expired organizations' rows are deleted, in transactions of at most `retention_chunk_rows`
-//!   rows; then the seed's `enforce_retention_policy()` (sessions, analysis results);
-//! - **refresh**: `REFRESH MATERIALIZED VIEW CONCURRENTLY` of the daily telemetry view;
+//!   rows; then the seed's `enforce_retention_policy()` (sessions, analysis results). A
+//!   partition wholly past an organization's cutoff that was once found without its rows is
+//!   not scanned again until its write counter (`pg_stat`, migration 0045) changes, so
+//!   hourly runs do not read months of history for nothing;
+//! - **refresh**: the daily telemetry aggregate `dbx_analytics.telemetry_daily_aircraft` is
+//!   brought up to date by `maintain_telemetry_daily_aircraft` (migration 0045): only the open
+//!   days (from yesterday, UTC, by the injected clock) and the days whose partitions were
+//!   written, archived or dropped since they were last computed are recomputed, so a run costs
+//!   the new data, never the history; the report's `rows` are the days recomputed;
 //! - **api_requests**: rows of `dbx_aviation.api_requests` (one per gateway handshake, refused
 //!   ones aggregated) older than `api_requests_retention_days` are deleted, oldest first,
 //!   `retention_chunk_rows` per transaction through the `created_at` index
@@ -96,7 +103,8 @@ pub struct PartitionsConfig {
     pub retention_interval_secs: u64,
     /// Rows deleted per retention transaction (bounded transactions, bounded bloat).
     pub retention_chunk_rows: u32,
-    /// How often the materialized telemetry view is refreshed (CONCURRENTLY), seconds (0 = never).
+    /// How often the open and changed days of the daily telemetry aggregate are recomputed,
+    /// seconds (0 = never).
     pub refresh_interval_secs: u64,
     /// Rows of `dbx_aviation.api_requests` older than this many days are deleted (0 = kept
     /// forever); runs every `retention_interval_secs`, `retention_chunk_rows` per transaction.
@@ -182,7 +190,7 @@ pub enum Task {
     Archive,
     /// Drop or delete what is past retention.
     Retention,
-    /// Refresh the materialized telemetry view.
+    /// Recompute the open and changed days of the daily telemetry aggregate.
     Refresh,
     /// Delete `api_requests` rows past `api_requests_retention_days`.
     RequestLog,
@@ -419,7 +427,7 @@ struct Conn {
     locked: bool,
 }
 
-/// Partition premake, sweep, archival, retention and view refresh; see the module docs.
+/// Partition premake, sweep, archival, retention and the daily aggregate; see the module docs.
 pub struct PartitionManager {
     pg: Connector,
     interval: PartitionInterval,
@@ -752,12 +760,23 @@ impl PartitionManager {
             Task::Archive => self.plan_archive(client, &parts, now, &mut plan).await?,
             Task::Retention => self.plan_retention(client, &parts, now, &mut plan).await?,
             Task::Refresh => plan.steps.push(Step {
-                what: "refresh dbx_analytics.telemetry_daily_aircraft concurrently".into(),
-                sql: vec!["SELECT dbx_analytics.refresh_telemetry_daily_aircraft(true)".into()],
+                what:
+                    "recompute the open and changed days of dbx_analytics.telemetry_daily_aircraft"
+                        .into(),
+                // The first statement makes this connection's own writes (the sweep's moves,
+                // retention's deletes) count before the function reads the write counters;
+                // the second returns one row per day recomputed: the report's `rows` are days.
+                sql: vec![
+                    "SELECT pg_stat_force_next_flush()".into(),
+                    format!(
+                        "SELECT * FROM dbx_analytics.maintain_telemetry_daily_aircraft({})",
+                        ts_lit(now)
+                    ),
+                ],
                 mode: StepMode::Autocommit,
                 repeat_while_at_least: None,
                 needs_admin: false,
-                counts_rows: false,
+                counts_rows: true,
             }),
             Task::RequestLog => self.plan_request_log(now, &mut plan),
         }
@@ -1023,6 +1042,16 @@ impl PartitionManager {
             .await
             .map_err(db_err("looking for the citus extension"))?
             .get(0);
+        // On Citus the coordinator's partitions are shells whose write counters never move
+        // (the rows are written on the workers' shards): there, every expired partition is
+        // looked at every time, as before the bookkeeping existed.
+        let counters = if citus {
+            Default::default()
+        } else {
+            write_counters(client).await?
+        };
+        let clean = retention_clean(client).await?;
+        let mut known_clean = 0;
         for (org, days) in &orgs {
             let cutoff = now - TimeDelta::days(*days as i64);
             for p in parts.iter() {
@@ -1034,6 +1063,16 @@ impl PartitionManager {
                     continue;
                 }
                 let q = p.qualified();
+                // A partition wholly past this organization's cutoff that was found without
+                // its rows, and not written since: nothing to look for (no scan).
+                let whole = !p.is_default && p.to.is_some_and(|t| t <= cutoff);
+                let counter = counters
+                    .get(&(p.schema.clone(), p.name.clone()))
+                    .filter(|_| whole);
+                if counter.is_some_and(|(oid, n)| clean.contains(&(*oid, *org, *n))) {
+                    known_clean += 1;
+                    continue;
+                }
                 plan.steps.push(Step {
                     what: format!(
                         "delete organization {org}'s rows before {cutoff} ({days} days) from {q}"
@@ -1057,8 +1096,24 @@ impl PartitionManager {
                     needs_admin: true,
                     counts_rows: true,
                 });
+                if let Some((oid, n)) = counter {
+                    plan.steps.push(mark_clean_step(&q, *oid, *org, *n));
+                }
             }
         }
+        if known_clean > 0 {
+            plan.notes.push(format!(
+                "{known_clean} (partition, organization) pair(s) wholly expired, already without \
+                 rows and not written since: not scanned"
+            ));
+        }
+        plan.steps.push(Step::admin(
+            StepMode::Autocommit,
+            "forget the retention bookkeeping of partitions that no longer exist".into(),
+            vec!["DELETE FROM dbx_aviation.retention_state s \
+                  WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = s.relid::oid)"
+                .into()],
+        ));
         plan.steps.push(seed_step);
         Ok(())
     }
@@ -1176,6 +1231,70 @@ async fn exec_step(client: &Client, step: &Step) -> Result<u64, tokio_postgres::
         client.batch_execute("COMMIT").await?;
     }
     Ok(last)
+}
+
+/// The write counter (`n_tup_ins + n_tup_upd + n_tup_del`) of every telemetry partition, live
+/// and archived, by (schema, name), with its oid. This connection's own pending counts are
+/// flushed first, so that what the sweep just moved counts.
+async fn write_counters(
+    client: &Client,
+) -> Result<std::collections::HashMap<(String, String), (i64, i64)>, MaintenanceError> {
+    client
+        .batch_execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .map_err(db_err("flushing the write counters"))?;
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text, c.oid::bigint,
+                    pg_stat_get_tuples_inserted(c.oid) + pg_stat_get_tuples_updated(c.oid)
+                      + pg_stat_get_tuples_deleted(c.oid)
+               FROM dbx_aviation.telemetry_partitions() tp
+               JOIN pg_namespace n ON n.nspname = tp.partition_schema
+               JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = tp.partition_name",
+            &[],
+        )
+        .await
+        .map_err(db_err("reading the partitions' write counters"))?;
+    Ok(rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+        .collect())
+}
+
+/// (partition oid, organization, write counter) of every partition found without the
+/// organization's rows once it was wholly past its cutoff (`dbx_aviation.retention_state`).
+async fn retention_clean(
+    client: &Client,
+) -> Result<std::collections::HashSet<(i64, Uuid, i64)>, MaintenanceError> {
+    let rows = client
+        .query(
+            "SELECT relid, org_id, changes FROM dbx_aviation.retention_state",
+            &[],
+        )
+        .await
+        .map_err(db_err("reading the retention bookkeeping"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Records that partition `q` (oid `oid`), wholly past `org`'s cutoff, holds none of its rows,
+/// with the write counter `changes` read before the delete ran: a write after that read
+/// changes the counter, so the next run looks again. Nothing is recorded while a row is left
+/// (the delete was skipped for a lock, or a row arrived meanwhile).
+fn mark_clean_step(q: &str, oid: i64, org: Uuid, changes: i64) -> Step {
+    Step::admin(
+        StepMode::Autocommit,
+        format!("remember that {q} holds no row of organization {org}"),
+        vec![format!(
+            "INSERT INTO dbx_aviation.retention_state (relid, org_id, changes, checked_at) \
+             SELECT {oid}, '{org}'::uuid, {changes}, now() \
+             WHERE NOT EXISTS (SELECT 1 FROM {q} WHERE org_id = '{org}'::uuid) \
+             ON CONFLICT (relid, org_id) DO UPDATE \
+             SET changes = excluded.changes, checked_at = excluded.checked_at"
+        )],
+    )
 }
 
 /// Every partition of the live and the archive table, oldest first, the default last.

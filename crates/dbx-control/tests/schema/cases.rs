@@ -959,7 +959,7 @@ async fn executive_summary_and_maintenance_predictions_on_sample_data() {
 }
 
 #[tokio::test]
-async fn daily_materialized_view_refreshes_concurrently_with_the_right_aggregates() {
+async fn daily_aggregate_refreshes_with_the_right_aggregates() {
     let (_db, c) = migrated().await;
     let org = new_org(&c, "MV", 365).await;
     let a = new_aircraft(&c, org, "M1", "quadcopter", "NULL").await;
@@ -1020,7 +1020,7 @@ async fn daily_materialized_view_refreshes_concurrently_with_the_right_aggregate
     assert_eq!(read(a).await, (5, 2100.0, 250.0, 30.0, 60.0, true, org));
     assert_eq!(read(b).await, (1, 0.0, 999.0, 1.0, 20.0, true, org));
 
-    // More data, and a plain CONCURRENTLY refresh by the owner's superuser works as well.
+    // More data, and the full recompute (the old non-concurrent refresh) works as well.
     c.execute(
         &format!(
             "INSERT INTO dbx_aviation.flight_telemetry (org_id, aircraft_id, session_id, ts, seq, altitude_m)
@@ -1030,8 +1030,9 @@ async fn daily_materialized_view_refreshes_concurrently_with_the_right_aggregate
     )
     .await
     .unwrap();
-    c.batch_execute(
-        "REFRESH MATERIALIZED VIEW CONCURRENTLY dbx_analytics.telemetry_daily_aircraft",
+    c.execute(
+        "SELECT dbx_analytics.refresh_telemetry_daily_aircraft(false)",
+        &[],
     )
     .await
     .unwrap();
@@ -1261,7 +1262,7 @@ async fn rls_shows_the_analytics_service_only_its_organization() {
     assert_eq!(code, "RLS-B");
     analyst.batch_execute("COMMIT").await.unwrap();
 
-    // Readers cannot see key material, write, read the raw materialized view or the audit log.
+    // Readers cannot see key material, write, read the raw daily aggregate or the audit log.
     for sql in [
         "SELECT api_key_hash FROM dbx_aviation.organizations",
         "SELECT count(*) FROM dbx_analytics.telemetry_daily_aircraft",
@@ -2115,7 +2116,8 @@ async fn sessions_migration_upgrades_existing_sessions_and_completes_idle_ones()
             .iter()
             .map(|m| m.version)
             .filter(|v| *v >= 40)
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>(),
+        "0040 and every migration after it"
     );
     let state = |s: Uuid| {
         let c = &c;

@@ -125,6 +125,13 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
         level: "warn".into(),
         ..Default::default()
     });
+    // The daemon and the fleet share this process: room for both.
+    crate::limits::raise_open_files_limit(
+        crate::config::Config::default().listener.max_connections as u64
+            + 256
+            + args.gateways as u64,
+        "listener.max_connections (+ 256) and --gateways",
+    );
 
     // 0. With --mqtt, the broker first: without Mosquitto there is nothing to show.
     let broker = if args.mqtt {

@@ -279,6 +279,13 @@ pub async fn run_with_progress(config: LoadgenConfig) -> loadgen::Summary {
 /// `dbx loadgen`.
 pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     let config = args.to_config()?;
+    // Warnings (a refused key, nacks, too few open files) to stderr; RUST_LOG still wins.
+    crate::logging::init(&crate::config::LogConfig {
+        level: "warn".into(),
+        ..Default::default()
+    });
+    // One socket per gateway, and a few for the runtime.
+    crate::limits::raise_open_files_limit(args.gateways as u64 + 64, "--gateways (+ 64)");
     let summary = run_with_progress(config).await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

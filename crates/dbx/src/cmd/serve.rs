@@ -46,39 +46,6 @@ async fn report_security(client: &tokio_postgres::Client, connector: &dbx_pg::Co
     }
 }
 
-/// Raises the open-files soft limit to the hard limit: every connection is a file, and
-/// the usual soft limit of 1024 would refuse sockets (EMFILE) long before
-/// `listener.max_connections`. Warns when even the hard limit is below `wanted`.
-fn raise_open_files_limit(wanted: u64) {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
-    let soft = unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                lim.rlim_cur = lim.rlim_max;
-            }
-        }
-        lim.rlim_cur
-    };
-    if soft < wanted {
-        tracing::warn!(
-            open_files = soft,
-            wanted,
-            "the open-files limit is below listener.max_connections + 256; raise it (systemd LimitNOFILE, ulimit -n)"
-        );
-    }
-}
-
 /// Waits for SIGINT or SIGTERM.
 async fn signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -99,7 +66,11 @@ pub async fn serve(config_path: Option<&Path>, args: ServeArgs) -> anyhow::Resul
     let cfg: Config = config::load(config_path)?;
     cfg.validate()?;
     crate::logging::init(&cfg.log);
-    raise_open_files_limit(cfg.listener.max_connections as u64 + 256);
+    // Room for every gateway plus the pools, the spool and the admin endpoint.
+    crate::limits::raise_open_files_limit(
+        cfg.listener.max_connections as u64 + 256,
+        "listener.max_connections (+ 256)",
+    );
     let (trigger, shutdown) = ShutdownTrigger::new();
     let stop = trigger.clone();
     tokio::spawn(async move {
