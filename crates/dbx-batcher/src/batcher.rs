@@ -44,7 +44,7 @@ use crate::error::BatcherError;
 use crate::events::FlushQueued;
 use crate::partition::{PartitionCache, PartitionKey};
 use crate::stats::{BatcherStats, Counters};
-use crate::ticket::{Part, Ticket};
+use crate::ticket::{Arrival, Part, Ticket};
 use crate::writer::{run_flush, FlushJob, Shared, Trigger};
 
 /// Starts the batcher.
@@ -174,6 +174,7 @@ impl Dispatcher {
                 partitions: Mutex::new(PartitionCache::default()),
                 encoders: Mutex::new(Vec::new()),
                 counters,
+                stages: m::StageHistograms::new(),
             }),
             permits: Arc::new(Semaphore::new(config.writers)),
             groups: BTreeMap::new(),
@@ -267,16 +268,24 @@ impl Dispatcher {
             points,
             ack,
             received_at,
+            admitted_at,
+            queued_at,
             origin,
             ends_session,
         } = batch;
+        let arrival = Arrival {
+            received: received_at,
+            admitted: admitted_at,
+            queued: queued_at,
+            taken: Instant::now(),
+        };
         let ticket = |ack| {
             Arc::new(Ticket::new(
                 org_id,
                 aircraft_id,
                 session_id,
                 ack,
-                received_at,
+                arrival,
                 origin,
             ))
         };
@@ -409,6 +418,7 @@ impl Dispatcher {
             FlushJob {
                 key,
                 parts: g.parts,
+                closed_at: Instant::now(),
             },
             trigger,
         ));
