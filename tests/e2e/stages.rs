@@ -64,6 +64,13 @@ async fn every_acked_batch_has_each_stage_and_the_stages_add_up_to_the_ack_laten
         body.contains(&format!("# HELP {BATCH_STAGE_SECONDS} ")),
         "no HELP line for {BATCH_STAGE_SECONDS}"
     );
+    // The stages have buckets of their own, finer than the global ones below 100 ms.
+    assert!(
+        body.contains(&format!(
+            "{BATCH_STAGE_SECONDS}_bucket{{stage=\"copy\",le=\"0.0001\"}}"
+        )),
+        "the stage histogram lacks its fine buckets"
+    );
     let ack_count = metric_value(&body, "dbx_ack_latency_seconds_count", "");
     let ack_sum = metric_value(&body, "dbx_ack_latency_seconds_sum", "");
     assert_eq!(ack_count, batches);
