@@ -6,6 +6,7 @@ mod hardening;
 mod listener;
 mod orgs;
 mod sessions;
+mod stages;
 
 use std::path::Path;
 

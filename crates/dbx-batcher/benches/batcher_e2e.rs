@@ -84,6 +84,8 @@ async fn run_once(s: &Setup, flush_rows: usize) -> Duration {
             ack,
             origin: BatchOrigin::Tcp,
             received_at: Instant::now(),
+            admitted_at: Instant::now(),
+            queued_at: Instant::now(),
             ends_session: false,
         })
         .await

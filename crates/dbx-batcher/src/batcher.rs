@@ -47,7 +47,7 @@ use crate::error::BatcherError;
 use crate::events::FlushQueued;
 use crate::partition::{PartitionCache, PartitionKey};
 use crate::stats::{BatcherStats, Counters};
-use crate::ticket::{Part, Ticket};
+use crate::ticket::{Arrival, Part, Ticket};
 use crate::writer::{run_flush, FlushJob, Shared, Trigger};
 
 /// Starts the batcher.
@@ -181,6 +181,7 @@ impl Dispatcher {
                 encoders: Mutex::new(Vec::new()),
                 counters,
                 citus: tokio::sync::OnceCell::new(),
+                stages: m::StageHistograms::new(),
             }),
             permits: Arc::new(Semaphore::new(config.writers)),
             ends_lane: Arc::new(Semaphore::new(1)),
@@ -277,16 +278,24 @@ impl Dispatcher {
             points,
             ack,
             received_at,
+            admitted_at,
+            queued_at,
             origin,
             ends_session,
         } = batch;
+        let arrival = Arrival {
+            received: received_at,
+            admitted: admitted_at,
+            queued: queued_at,
+            taken: Instant::now(),
+        };
         let ticket = |ack| {
             Arc::new(Ticket::new(
                 org_id,
                 aircraft_id,
                 session_id,
                 ack,
-                received_at,
+                arrival,
                 origin,
             ))
         };
@@ -419,6 +428,7 @@ impl Dispatcher {
             FlushJob {
                 key,
                 parts: g.parts,
+                closed_at: Instant::now(),
             },
             trigger,
         ));

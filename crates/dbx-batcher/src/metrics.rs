@@ -13,13 +13,16 @@
 //! latency. Everything logged as well as counted (flushes, refusals, retries, ends) is
 //! an event of [`crate::events`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::metrics::{
-    describe_counter as c, describe_gauge as g, describe_histogram as h, gauge, histogram, Unit,
+    describe_counter as c, describe_gauge as g, describe_histogram as h, gauge, histogram,
+    Histogram, Unit,
 };
 
-pub use dbx_core::metrics::{POINTS_WRITTEN_TOTAL, QUEUE_DEPTH, SESSIONS_COMPLETED_TOTAL};
+pub use dbx_core::metrics::{
+    BATCH_STAGE_SECONDS, POINTS_WRITTEN_TOTAL, QUEUE_DEPTH, SESSIONS_COMPLETED_TOTAL, STAGES,
+};
 
 /// Points dropped as already stored (counter).
 pub const POINTS_DEDUPLICATED_TOTAL: &str = "dbx_points_deduplicated_total";
@@ -93,6 +96,13 @@ pub fn describe() {
         Unit::Seconds,
         "Commit to ack handed to the connection."
     );
+    h!(
+        BATCH_STAGE_SECONDS,
+        Unit::Seconds,
+        "Where each acknowledged batch's time went, by stage: read, send_wait, queued, \
+         grouped, writer_wait, begin, session_upsert, copy, session_stats, commit, verdict, \
+         ack_written (in that order; their sum is the ack latency)."
+    );
     c!(
         BATCHES_REJECTED_TOTAL,
         "Batches nacked by the writer, by reason (rejected, foreign_session, session_closed)."
@@ -118,4 +128,75 @@ pub fn pool(in_use: usize, idle: usize) {
 /// Commit to ack handed to the connection, in `dbx_commit_to_ack_seconds`.
 pub fn commit_to_ack(latency: Duration) {
     histogram!(COMMIT_TO_ACK_SECONDS).record(latency.as_secs_f64());
+}
+
+/// The instants one acknowledged batch passed, from frame received to verdict: the
+/// boundaries of every stage of [`BATCH_STAGE_SECONDS`] but the last (`ack_written`,
+/// which the connection records).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeline {
+    /// Frame received.
+    pub received: Instant,
+    /// Decoded and admitted by the input.
+    pub admitted: Instant,
+    /// Handed to the batcher's channel.
+    pub queued: Instant,
+    /// Taken from the channel by the dispatcher.
+    pub taken: Instant,
+    /// Its partition group closed.
+    pub closed: Instant,
+    /// The writer's first attempt started.
+    pub started: Instant,
+    /// `BEGIN` of the attempt that committed done.
+    pub begun: Instant,
+    /// Sessions upserted.
+    pub claimed: Instant,
+    /// Both COPY paths done.
+    pub copied: Instant,
+    /// Session statistics written.
+    pub stats: Instant,
+    /// Committed.
+    pub committed: Instant,
+    /// Ack handle resolved.
+    pub resolved: Instant,
+}
+
+/// Pre-resolved handles of [`BATCH_STAGE_SECONDS`], one per stage the batcher records
+/// (every stage but `ack_written`): eleven observations per acknowledged batch, none per
+/// point. Built once, after the recorder is installed.
+#[derive(Debug, Clone)]
+pub(crate) struct StageHistograms {
+    stages: Vec<Histogram>,
+}
+
+impl StageHistograms {
+    pub(crate) fn new() -> Self {
+        StageHistograms {
+            stages: STAGES[..STAGES.len() - 1]
+                .iter()
+                .map(|s| histogram!(BATCH_STAGE_SECONDS, "stage" => *s))
+                .collect(),
+        }
+    }
+
+    /// Records each stage of `t` (a stage whose boundaries are out of order counts 0).
+    pub(crate) fn record(&self, t: &Timeline) {
+        let bounds = [
+            t.received,
+            t.admitted,
+            t.queued,
+            t.taken,
+            t.closed,
+            t.started,
+            t.begun,
+            t.claimed,
+            t.copied,
+            t.stats,
+            t.committed,
+            t.resolved,
+        ];
+        for (h, w) in self.stages.iter().zip(bounds.windows(2)) {
+            h.record(w[1].saturating_duration_since(w[0]).as_secs_f64());
+        }
+    }
 }

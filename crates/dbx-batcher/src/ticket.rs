@@ -24,13 +24,27 @@ pub(crate) struct Ticket {
     pub aircraft: Uuid,
     /// Flight session of every row.
     pub session: Uuid,
-    /// Listener receive time, for logs.
-    pub received_at: Instant,
+    /// When it arrived where, for logs and the stage histograms.
+    pub arrival: Arrival,
     /// Where the batch came from: a spooled batch was acked before it is written,
     /// which changes what a completed session means for it (see `writer`).
     pub origin: BatchOrigin,
     ack: Mutex<Option<AckHandle>>,
     remaining: AtomicUsize,
+}
+
+/// When a batch was received, admitted, queued and taken by the dispatcher: the first
+/// boundaries of its [`Timeline`](crate::metrics::Timeline).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrival {
+    /// Frame received by the input.
+    pub received: Instant,
+    /// Decoded and admitted.
+    pub admitted: Instant,
+    /// Handed to the batcher's channel.
+    pub queued: Instant,
+    /// Taken from it by the dispatcher.
+    pub taken: Instant,
 }
 
 /// What resolving a ticket did.
@@ -49,14 +63,14 @@ impl Ticket {
         aircraft: Uuid,
         session: Uuid,
         ack: AckHandle,
-        received_at: Instant,
+        arrival: Arrival,
         origin: BatchOrigin,
     ) -> Self {
         Ticket {
             org,
             aircraft,
             session,
-            received_at,
+            arrival,
             origin,
             ack: Mutex::new(Some(ack)),
             remaining: AtomicUsize::new(0),
@@ -120,7 +134,14 @@ mod tests {
 
     fn ticket(h: AckHandle) -> Ticket {
         let nil = Uuid::nil();
-        Ticket::new(nil, nil, nil, h, Instant::now(), BatchOrigin::Tcp)
+        let now = Instant::now();
+        let arrival = Arrival {
+            received: now,
+            admitted: now,
+            queued: now,
+            taken: now,
+        };
+        Ticket::new(nil, nil, nil, h, arrival, BatchOrigin::Tcp)
     }
 
     #[test]

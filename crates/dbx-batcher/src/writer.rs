@@ -65,7 +65,7 @@ use crate::sessions::{
     RLS_HIDES_OWNERS_SQL, STORED_CITUS_SQL, STORED_SQL, UPDATE_SQL, UPSERT_SQL,
 };
 use crate::stats::Counters;
-use crate::ticket::{Part, Resolved, Ticket};
+use crate::ticket::{Arrival, Part, Resolved, Ticket};
 
 /// Why a flush was started (the `trigger` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +100,8 @@ impl Trigger {
 pub(crate) struct FlushJob {
     pub key: PartitionKey,
     pub parts: Vec<Part>,
+    /// When its group was closed (the end of the `grouped` stage).
+    pub closed_at: Instant,
 }
 
 /// State every writer shares.
@@ -114,6 +116,8 @@ pub(crate) struct Shared {
     /// Whether the database is a Citus cluster, learnt on the first staging path (see
     /// [`crate::dedupe::insert_from_staging_citus_sql`]).
     pub citus: tokio::sync::OnceCell<bool>,
+    /// The per-stage histograms of acknowledged batches, resolved once.
+    pub stages: m::StageHistograms,
 }
 
 impl Shared {
@@ -167,7 +171,7 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
                     .filter(|&i| done.refused(&parts[i].ticket.session))
                     .collect();
                 done.mismatched.retain(|i| !again.contains(i));
-                resolve(shared, &parts, done, &again);
+                resolve(shared, &parts, done, &again, job.closed_at);
                 if !again.is_empty() {
                     debug!(
                         batches = again.len(),
@@ -212,7 +216,7 @@ pub(crate) fn refuse(shared: &Shared, t: &Ticket, r: Rejection) {
             org: t.org,
             session: t.session,
             origin: t.origin,
-            waited: t.received_at.elapsed(),
+            waited: t.arrival.received.elapsed(),
             code,
             msg: &msg,
         }
@@ -249,6 +253,8 @@ struct Committed {
     /// New high-water marks.
     marks: Vec<(Uuid, Option<i64>)>,
     committed_at: Option<Instant>,
+    /// When the phases of the attempt that committed ended (none when nothing was written).
+    phases: Option<Phases>,
     /// Bytes of COPY data sent.
     bytes: u64,
     /// COPY plus commit of the attempt that committed.
@@ -262,6 +268,21 @@ impl Committed {
     fn refused(&self, session: &Uuid) -> bool {
         self.foreign.contains(session) || self.unknown_aircraft.contains(session)
     }
+}
+
+/// When the phases of a flush ended, for the stage histograms.
+#[derive(Debug, Clone, Copy)]
+struct Phases {
+    /// The first attempt started.
+    started: Instant,
+    /// `BEGIN` done (of the attempt that committed).
+    begun: Instant,
+    /// Sessions upserted (and the flush re-planned if the marks were stale).
+    claimed: Instant,
+    /// Both COPY paths done.
+    copied: Instant,
+    /// Session statistics written.
+    stats: Instant,
 }
 
 /// The nack of a part the commit refused: its aircraft, or its session.
@@ -298,7 +319,13 @@ fn refusal(done: &Committed, part: usize, t: &Ticket) -> Option<Rejection> {
 
 /// Resolves the tickets of `parts` after a commit, except those in `skip` (written
 /// again in another flush).
-fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usize>) {
+fn resolve(
+    shared: &Shared,
+    parts: &[Part],
+    done: Committed,
+    skip: &HashSet<usize>,
+    closed: Instant,
+) {
     let c = &shared.counters;
     {
         let mut cache = lock(&shared.sessions);
@@ -317,6 +344,9 @@ fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usiz
             c.add(&c.batches_acked, 1);
             if let Some(at) = done.committed_at {
                 m::commit_to_ack(at.elapsed());
+                if let Some(ph) = done.phases {
+                    shared.stages.record(&timeline(&t.arrival, closed, &ph, at));
+                }
             }
         }
     }
@@ -342,6 +372,24 @@ fn resolve(shared: &Shared, parts: &[Part], done: Committed, skip: &HashSet<usiz
     .emit();
 }
 
+/// The stage boundaries of a batch acknowledged now.
+fn timeline(a: &Arrival, closed: Instant, ph: &Phases, committed: Instant) -> m::Timeline {
+    m::Timeline {
+        received: a.received,
+        admitted: a.admitted,
+        queued: a.queued,
+        taken: a.taken,
+        closed,
+        started: ph.started,
+        begun: ph.begun,
+        claimed: ph.claimed,
+        copied: ph.copied,
+        stats: ph.stats,
+        committed,
+        resolved: Instant::now(),
+    }
+}
+
 /// Retries one set of parts until it commits or fails for a data reason (the message).
 async fn write_with_retries(
     shared: &Shared,
@@ -355,12 +403,16 @@ async fn write_with_retries(
     let mut all_staging = false;
     let mut missing_streak = 0u32;
     let mut backoff = Backoff::new(&shared.config);
+    let first_started = Instant::now();
     loop {
         let started = Instant::now();
         let err = match attempt(shared, enc, key, &prepared, all_staging, &mut plan).await {
             Ok(mut done) => {
                 done.duration = started.elapsed();
                 done.committed_at = Some(Instant::now());
+                if let Some(ph) = &mut done.phases {
+                    ph.started = first_started;
+                }
                 done.settled = settled;
                 return Ok(done);
             }
@@ -660,6 +712,7 @@ async fn attempt(
     }
     let mut client = shared.pool.get().await?;
     let tx = client.transaction().await?;
+    let begun = Instant::now();
     let claims = claim_sessions(shared, &tx, prepared).await?;
     let plan = replan_if_stale(
         enc,
@@ -669,13 +722,16 @@ async fn attempt(
         &claims.refused,
         all_staging,
     );
+    let claimed = Instant::now();
     let (target, via_parent) = resolve_target(shared, &tx, key).await?;
     let mut inserted = copy_fast_path(&tx, &target, prepared, &claims.refused, plan).await?;
     let total = plan.fast_rows
         + copy_staging_path(shared, &tx, &target, prepared, plan, &mut inserted).await?;
+    let copied = Instant::now();
     let updates = write_statistics(&tx, prepared, &claims.states, &mut inserted).await?;
+    let stats = Instant::now();
     tx.commit().await?;
-    Ok(committed(
+    let mut done = committed(
         prepared,
         plan,
         claims.refused,
@@ -683,7 +739,16 @@ async fn attempt(
         &updates,
         total,
         via_parent,
-    ))
+    );
+    done.phases = Some(Phases {
+        // Set to the first attempt's start by the caller.
+        started: begun,
+        begun,
+        claimed,
+        copied,
+        stats,
+    });
+    Ok(done)
 }
 
 /// What the session upsert (phase 1) decided about the flush's sessions.
@@ -927,6 +992,7 @@ fn committed(
         via_parent: if via_parent { total } else { 0 },
         marks,
         committed_at: None,
+        phases: None,
         bytes: plan.encoded_bytes() as u64,
         duration: Duration::ZERO,
         settled: HashMap::new(),

@@ -8,6 +8,15 @@
 //! A handle dropped without an answer (the daemon is dying) resolves its receiver
 //! with an error: the connection then must not ack that batch, and the gateway
 //! resends it — at-least-once on the wire, exactly-once in the table.
+//!
+//! The verdict travels with the instant it was given, so that the connection can
+//! tell the time its batch waited for its verdict from the time the ack took to be
+//! written (the `ack_written` stage of `dbx_batch_stage_seconds`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -24,7 +33,7 @@ pub enum BatchOutcome {
 
 /// The batcher's side: resolve once the batch's fate is known.
 pub struct AckHandle {
-    tx: Option<oneshot::Sender<BatchOutcome>>,
+    tx: Option<oneshot::Sender<(BatchOutcome, Instant)>>,
     /// Held until the handle is resolved or dropped (a UDP datagram's share of the
     /// listener's byte budget).
     _hold: Option<Box<dyn Send + Sync>>,
@@ -40,8 +49,49 @@ impl std::fmt::Debug for AckHandle {
 }
 
 /// The connection's side: resolves to the outcome, or to an error when the handle
-/// was dropped unanswered.
-pub type AckReceiver = oneshot::Receiver<BatchOutcome>;
+/// was dropped unanswered; once resolved, [`resolved_at`](Self::resolved_at) says when
+/// the verdict was given.
+#[derive(Debug)]
+pub struct AckReceiver {
+    rx: oneshot::Receiver<(BatchOutcome, Instant)>,
+    resolved_at: Option<Instant>,
+}
+
+impl AckReceiver {
+    fn new(rx: oneshot::Receiver<(BatchOutcome, Instant)>) -> Self {
+        AckReceiver {
+            rx,
+            resolved_at: None,
+        }
+    }
+
+    /// The outcome if it is in, without waiting (like [`oneshot::Receiver::try_recv`]).
+    pub fn try_recv(&mut self) -> Result<BatchOutcome, oneshot::error::TryRecvError> {
+        let (outcome, at) = self.rx.try_recv()?;
+        self.resolved_at = Some(at);
+        Ok(outcome)
+    }
+
+    /// When the verdict was given, once it has been received.
+    pub fn resolved_at(&self) -> Option<Instant> {
+        self.resolved_at
+    }
+}
+
+impl Future for AckReceiver {
+    type Output = Result<BatchOutcome, oneshot::error::RecvError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(Ok((outcome, at))) => {
+                self.resolved_at = Some(at);
+                Poll::Ready(Ok(outcome))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
 
 impl AckHandle {
     /// A new handle and the receiver the connection keeps.
@@ -52,7 +102,7 @@ impl AckHandle {
                 tx: Some(tx),
                 _hold: None,
             },
-            rx,
+            AckReceiver::new(rx),
         )
     }
 
@@ -85,20 +135,20 @@ impl AckHandle {
     pub fn subscribe(&mut self) -> AckReceiver {
         let (tx, rx) = oneshot::channel();
         self.tx = Some(tx);
-        rx
+        AckReceiver::new(rx)
     }
 
     /// Reports the batch durable.
     pub fn durable(mut self) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(BatchOutcome::Durable);
+            let _ = tx.send((BatchOutcome::Durable, Instant::now()));
         }
     }
 
     /// Reports the batch rejected.
     pub fn reject(mut self, rejection: Rejection) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(BatchOutcome::Rejected(rejection));
+            let _ = tx.send((BatchOutcome::Rejected(rejection), Instant::now()));
         }
     }
 

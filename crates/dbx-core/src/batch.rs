@@ -66,6 +66,13 @@ pub struct TelemetryBatch {
     pub origin: BatchOrigin,
     /// When the listener received the frame (for ack latency).
     pub received_at: Instant,
+    /// When the input had decoded and admitted it (key, aircraft, session, rate limit
+    /// charged): the end of the `read` stage of `dbx_batch_stage_seconds`.
+    pub admitted_at: Instant,
+    /// When the input handed it to the batcher's channel (the end of the `send_wait`
+    /// stage, the start of `queued`). Inputs that never wait for room set it with
+    /// `admitted_at`; a TCP connection sets it again as it sends.
+    pub queued_at: Instant,
     /// True for a gateway's `end`: no points; the batcher completes the session
     /// (`flight_status = 'completed'`) if it belongs to `org_id`. A producer hands an
     /// end to the batcher only once every batch it sent earlier for the same session
@@ -93,6 +100,8 @@ impl TelemetryBatch {
             ack,
             origin,
             received_at,
+            admitted_at: received_at,
+            queued_at: received_at,
             ends_session: true,
         }
     }

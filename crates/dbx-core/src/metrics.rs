@@ -31,6 +31,38 @@ pub const MQTT_DROPPED_TOTAL: &str = "dbx_mqtt_dropped_total";
 /// Points committed (counter).
 pub const POINTS_WRITTEN_TOTAL: &str = "dbx_points_written_total";
 
+/// Where an acknowledged batch's time went (histogram, seconds, label `stage`; one
+/// observation per stage per batch, recorded when its verdict is given, except
+/// `ack_written`, which the connection records when the ack frame is written). The
+/// stages, in order, partition the time from frame received to ack written: see
+/// [`STAGES`].
+pub const BATCH_STAGE_SECONDS: &str = "dbx_batch_stage_seconds";
+
+/// The values of the `stage` label of [`BATCH_STAGE_SECONDS`], in the order a batch
+/// passes them: `read` (frame received → decoded and admitted), `send_wait` (admitted →
+/// handed to the batcher's channel: backpressure, a parked `end`), `queued` (in the
+/// channel, and in the spool gate when there is one, until the dispatcher takes it),
+/// `grouped` (in a partition group until the group is closed), `writer_wait` (closed →
+/// a writer starts on it), `begin` (encoding, a pool connection, `BEGIN`, and any
+/// failed attempts with their backoff), `session_upsert`, `copy` (both paths),
+/// `session_stats`, `commit`, `verdict` (commit → ack handle resolved) and
+/// `ack_written` (verdict → the connection has written the ack frame, including the
+/// wait for earlier batches' verdicts, since acks go in order).
+pub const STAGES: [&str; 12] = [
+    "read",
+    "send_wait",
+    "queued",
+    "grouped",
+    "writer_wait",
+    "begin",
+    "session_upsert",
+    "copy",
+    "session_stats",
+    "commit",
+    "verdict",
+    "ack_written",
+];
+
 /// Batches waiting in the listener → batcher queue (gauge).
 pub const QUEUE_DEPTH: &str = "dbx_queue_depth";
 

@@ -42,7 +42,7 @@ use tokio::time::{sleep_until, timeout_at};
 use uuid::Uuid;
 
 use crate::metrics as m;
-use ::metrics::Counter;
+use ::metrics::{Counter, Histogram};
 use dbx_core::{
     now_micros, AckHandle, AckReceiver, BatchOrigin, BatchOutcome, InternalEvent, RejectCode,
     Rejection, Shutdown, TelemetryBatch,
@@ -350,6 +350,8 @@ struct Pending {
     seq: u64,
     verdict: Verdict,
     received_at: Instant,
+    /// When the verdict was given, once a receiver moved it into `Known`.
+    resolved_at: Option<Instant>,
     session: Uuid,
     /// A session's `end` rather than a batch.
     is_end: bool,
@@ -366,12 +368,21 @@ impl Pending {
             Verdict::Known(_) => true,
             Verdict::Waiting(rx) => match rx.try_recv() {
                 Ok(outcome) => {
+                    self.resolved_at = rx.resolved_at();
                     self.verdict = Verdict::Known(outcome);
                     true
                 }
                 Err(oneshot::error::TryRecvError::Empty) => false,
                 Err(oneshot::error::TryRecvError::Closed) => true,
             },
+        }
+    }
+
+    /// When the batcher gave the verdict (none for one the connection gave itself).
+    fn resolved_at(&self) -> Option<Instant> {
+        match &self.verdict {
+            Verdict::Waiting(rx) => rx.resolved_at(),
+            Verdict::Known(_) => self.resolved_at,
         }
     }
 }
@@ -514,6 +525,12 @@ pub struct Handler<S> {
     /// resolved once per connection (they move on every frame).
     frames: Counter,
     points: Counter,
+    /// `dbx_ack_latency_seconds` and the `ack_written` stage of
+    /// `dbx_batch_stage_seconds`, resolved once per connection (they move on every ack).
+    ack_latency: Histogram,
+    ack_written: Histogram,
+    /// The batches of the ack being written: (received, verdict given), reused.
+    acking: Vec<(Instant, Option<Instant>)>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
@@ -540,6 +557,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             shutdown,
             frames: m::frames_received(transport),
             points: m::points_received(transport),
+            ack_latency: m::ack_latency(),
+            ack_written: m::ack_written_stage(),
+            acking: Vec::new(),
         }
     }
 
@@ -737,14 +757,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
 
                 permit = batches.reserve(), if ready_end.is_some() => {
                     let Ok(permit) = permit else { return End::BatcherGone };
-                    if let Some((_, end)) = ready_end.and_then(|i| flow.parked_ends.remove(i)) {
+                    if let Some((_, mut end)) = ready_end.and_then(|i| flow.parked_ends.remove(i)) {
+                        end.queued_at = Instant::now();
                         permit.send(end);
                     }
                 }
 
                 permit = batches.reserve(), if flow.ready_to_send() => {
                     let Ok(permit) = permit else { return End::BatcherGone };
-                    if let Some(batch) = flow.to_send.take() {
+                    if let Some(mut batch) = flow.to_send.take() {
+                        batch.queued_at = Instant::now();
                         permit.send(batch);
                     }
                     // The batcher only sees the depth when it receives; when it is
@@ -891,6 +913,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             seq,
             verdict,
             received_at,
+            resolved_at: None,
             session,
             is_end,
             _charge: charge,
@@ -959,6 +982,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             .acquire(org, grant.points_per_sec, points);
         self.points.increment(points as u64);
         let (ack, rx) = AckHandle::channel();
+        let admitted_at = Instant::now();
         Ok((
             TelemetryBatch {
                 org_id: org,
@@ -968,6 +992,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 ack,
                 origin: BatchOrigin::Tcp,
                 received_at,
+                admitted_at,
+                queued_at: admitted_at,
                 ends_session: false,
             },
             rx,
@@ -985,17 +1011,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         org: &OrgCounters,
     ) -> io::Result<()> {
         let mut outcome = Some(first);
-        let mut ack_upto: Option<(u64, Instant)> = None;
+        let mut ack_upto: Option<u64> = None;
+        self.acking.clear();
         while let Some(o) = outcome.take() {
             let p = pending.pop_front().expect("front exists");
             match o {
                 BatchOutcome::Durable => {
-                    m::ack_latency(p.received_at.elapsed());
-                    ack_upto = Some((p.seq, p.received_at));
+                    // An end's verdict has no stages of the batcher's: it only counts
+                    // in the ack latency.
+                    let resolved = if p.is_end { None } else { p.resolved_at() };
+                    self.acking.push((p.received_at, resolved));
+                    ack_upto = Some(p.seq);
                 }
                 BatchOutcome::Rejected(r) => {
-                    if let Some((seq, _)) = ack_upto.take() {
-                        self.conn.write_message(&ServerMessage::Ack { seq }).await?;
+                    if let Some(seq) = ack_upto.take() {
+                        self.write_ack(seq).await?;
                     }
                     if r.code == RejectCode::ForeignSession {
                         self.shared.auth.forget_session(p.session);
@@ -1019,8 +1049,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 };
             }
         }
-        if let Some((seq, _)) = ack_upto {
-            self.conn.write_message(&ServerMessage::Ack { seq }).await?;
+        if let Some(seq) = ack_upto {
+            self.write_ack(seq).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes a cumulative ack, then records the ack latency and the `ack_written`
+    /// stage of every batch it answers, with the instant it was written.
+    async fn write_ack(&mut self, seq: u64) -> io::Result<()> {
+        self.conn.write_message(&ServerMessage::Ack { seq }).await?;
+        let written = Instant::now();
+        for (received, resolved) in self.acking.drain(..) {
+            self.ack_latency
+                .record(written.saturating_duration_since(received).as_secs_f64());
+            if let Some(resolved) = resolved {
+                self.ack_written
+                    .record(written.saturating_duration_since(resolved).as_secs_f64());
+            }
         }
         Ok(())
     }

@@ -176,7 +176,7 @@ pub fn describe() {
     h!(
         ACK_LATENCY_SECONDS,
         Unit::Seconds,
-        "Frame received to ack sent."
+        "Frame received to ack written."
     );
     c!(
         AUTH_RELOADS_TOTAL,
@@ -253,9 +253,16 @@ pub fn rate_limit_wait(wait: Duration) {
     histogram!(RATE_LIMIT_WAIT_SECONDS).record(wait.as_secs_f64());
 }
 
-/// Frame received to ack sent, in `dbx_ack_latency_seconds`.
-pub fn ack_latency(latency: Duration) {
-    histogram!(ACK_LATENCY_SECONDS).record(latency.as_secs_f64());
+/// `dbx_ack_latency_seconds`: frame received to ack written, per acknowledged batch.
+pub fn ack_latency() -> Histogram {
+    histogram!(ACK_LATENCY_SECONDS)
+}
+
+/// `dbx_batch_stage_seconds{stage="ack_written"}`: verdict given to ack written, the
+/// last stage of an acknowledged batch (the batcher records the others; HELP text in
+/// `dbx_batcher::metrics`).
+pub fn ack_written_stage() -> Histogram {
+    histogram!(dbx_core::metrics::BATCH_STAGE_SECONDS, "stage" => "ack_written")
 }
 
 /// Starts `dbx_write_timeouts_total{transport}` at 0, so that a dashboard shows

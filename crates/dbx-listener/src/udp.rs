@@ -136,6 +136,8 @@ pub async fn serve(socket: Arc<UdpSocket>, shared: Shared, mut shutdown: Shutdow
             ack: AckHandle::detached_holding(charge),
             origin: BatchOrigin::Udp,
             received_at,
+            admitted_at: Instant::now(),
+            queued_at: Instant::now(),
             ends_session: false,
         };
         match shared.batches.try_send(batch) {

@@ -522,6 +522,8 @@ impl Processor {
                 BatchOrigin::MqttBestEffort
             },
             received_at,
+            admitted_at: Instant::now(),
+            queued_at: Instant::now(),
             ends_session: false,
         };
         Ok((batch, about))

@@ -254,6 +254,7 @@ impl Replayer {
         };
         let (ack, verdict) = AckHandle::channel();
         self.end_in_flight |= sent.end;
+        let now = Instant::now();
         permit.send(TelemetryBatch {
             org_id: b.org_id,
             aircraft_id: b.aircraft_id,
@@ -261,7 +262,9 @@ impl Replayer {
             points: b.points,
             ack,
             origin: BatchOrigin::Spool,
-            received_at: Instant::now(),
+            received_at: now,
+            admitted_at: now,
+            queued_at: now,
             ends_session: b.ends_session,
         });
         *self.in_flight_accepted.entry(sent.accepted).or_default() += 1;

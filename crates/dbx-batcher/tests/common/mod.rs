@@ -126,6 +126,8 @@ pub fn batch(t: Tenant, session: Uuid, points: Vec<Point>) -> (TelemetryBatch, A
             ack,
             origin: BatchOrigin::Tcp,
             received_at: Instant::now(),
+            admitted_at: Instant::now(),
+            queued_at: Instant::now(),
             ends_session: false,
         },
         rx,

@@ -34,6 +34,8 @@ pub fn batch(seq: i64, points: usize) -> (TelemetryBatch, AckReceiver) {
             ack,
             origin: BatchOrigin::Tcp,
             received_at: Instant::now(),
+            admitted_at: Instant::now(),
+            queued_at: Instant::now(),
             ends_session: false,
         },
         rx,

@@ -202,6 +202,17 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
             &[0.1, 1.0],
         )
         .context("metric buckets")?
+        // Stages are short: finer buckets below 100 ms, where the tail is read.
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                dbx_batcher::metrics::BATCH_STAGE_SECONDS.into(),
+            ),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03,
+                0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )
+        .context("metric buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     // Each crate registers the HELP text of the metrics it owns.

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Where an ack's time goes (issue 20 item 2): a release `dbx serve` on a private
+# PostgreSQL cluster, `dbx loadgen` at a fixed rate, and the p50/p99 of every stage of
+# dbx_batch_stage_seconds over the run (from the bucket deltas of two /metrics scrapes,
+# interpolated within buckets like histogram_quantile). Results: benches/RESULTS.md,
+# "Where an ack's time goes".
+#
+#   benches/ack_stages.sh start                 # cluster + setup + fleet of 2000 aircraft
+#   benches/ack_stages.sh serve [key=value ...] # (re)start the daemon; batcher overrides
+#   [WARMUP=s] benches/ack_stages.sh run <loadgen flags>  # one run: loadgen's summary + stages
+#     (a fresh --seed each run: the same seed repeats the same sessions, which are
+#     completed by then, and their batches would be settled as duplicates)
+#   benches/ack_stages.sh stop
+#
+# Needs target/release/dbx (cargo build --release -p dbx --bin dbx) and PostgreSQL's
+# server binaries. Runs as root: the cluster runs as `postgres`.
+set -euo pipefail
+DIR=${DBX_STAGES_DIR:-/tmp/dbx-ack-stages}
+PGPORT=${DBX_STAGES_PGPORT:-55460}
+TCP=127.0.0.1:${DBX_STAGES_TCP:-57070}
+HTTP=127.0.0.1:${DBX_STAGES_HTTP:-59898}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DBX=$ROOT/target/release/dbx
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+FLEET=${DBX_STAGES_FLEET:-2000}
+
+pg() { runuser -u postgres -- "$@"; }
+
+start() {
+  mkdir -p "$DIR/pg"; chmod 755 "$DIR"; chown postgres "$DIR/pg"; chmod 700 "$DIR/pg"
+  pg "$BIN/initdb" -D "$DIR/pg" -A trust -U postgres >/dev/null
+  cat >>"$DIR/pg/postgresql.conf" <<CONF
+port = $PGPORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$DIR/pg'
+shared_buffers = 256MB
+max_wal_size = 4GB
+wal_compression = on
+checkpoint_timeout = 15min
+max_connections = 200
+log_min_messages = warning
+CONF
+  pg "$BIN/pg_ctl" -D "$DIR/pg" -l "$DIR/pg/server.log" -w start >/dev/null
+  DBX_SUPERUSER_URL="postgresql://postgres@127.0.0.1:$PGPORT/postgres" \
+    "$DBX" setup --out-dir "$DIR/credentials" >"$DIR/setup.log"
+  # The fleet: FLEET aircraft of the sample organization (like `dbx demo`).
+  pg "$BIN/psql" -h 127.0.0.1 -p "$PGPORT" -U postgres -d dbx_aviation -qc \
+    "INSERT INTO dbx_aviation.aircraft_registry (org_id, registration_number, aircraft_type, manufacturer, model)
+     SELECT o.org_id, 'S' || lpad(i::text, 5, '0'), 'quadcopter', 'DBX Aerospace', 'Stages'
+     FROM dbx_aviation.organizations o, generate_series(1, $FLEET) i
+     WHERE o.org_code = (SELECT org_code FROM dbx_aviation.organizations ORDER BY created_at LIMIT 1)
+     ON CONFLICT DO NOTHING"
+  echo "cluster on $PGPORT, credentials in $DIR/credentials"
+}
+
+url_of() { grep -o "postgresql://$1[^ ]*" "$DIR/credentials/credentials.txt" | head -1; }
+
+serve() {
+  [ -f "$DIR/dbx.pid" ] && kill "$(cat "$DIR/dbx.pid")" 2>/dev/null && sleep 2 || true
+  # A fresh table each time (the issue's "fresh database"), which also keeps the disk small.
+  pg "$BIN/psql" -h 127.0.0.1 -p "$PGPORT" -U postgres -d dbx_aviation -qc \
+    "TRUNCATE dbx_aviation.flight_telemetry, dbx_aviation.flight_sessions CASCADE" 2>/dev/null
+  {
+    echo "[database]"; echo "url = \"$(url_of dbx_ingest_service)\""
+    echo "admin_url = \"$(url_of dbx_maintenance_service)\""
+    echo "[listener]"; echo "tcp_bind = \"$TCP\""; echo "udp_bind = \"\""
+    echo "[http]"; echo "bind = \"$HTTP\""
+    echo "[log]"; echo "level = \"warn\""
+    echo "[batcher]"
+    for kv in "$@"; do echo "${kv%%=*} = ${kv#*=}"; done
+  } >"$DIR/dbx.toml"
+  ulimit -n "$(ulimit -Hn)"
+  "$DBX" --config "$DIR/dbx.toml" serve >"$DIR/dbx.log" 2>&1 &
+  echo $! >"$DIR/dbx.pid"
+  for _ in $(seq 100); do curl -sf "http://$HTTP/readyz" >/dev/null && break; sleep 0.2; done
+  echo "dbx serving on $TCP (pid $(cat "$DIR/dbx.pid")), batcher: $*"
+}
+
+run() {
+  ulimit -n "$(ulimit -Hn)"
+  local regs; regs=$(seq -f 'S%05g' 1 "$FLEET" | paste -sd,)
+  # The daemon's figures leave out the first WARMUP seconds (connects, first lookups of
+  # every session); loadgen's own percentiles cover the whole run.
+  "$DBX" loadgen --addr "$TCP" --key-file "$DIR/credentials/api_key.txt" --aircraft "$regs" \
+    --seed "${SEED:-$RANDOM$RANDOM}" --json "$@" >"$DIR/loadgen.json" &
+  local lg=$!
+  sleep "${WARMUP:-0}"
+  curl -s "http://$HTTP/metrics" >"$DIR/before.prom"
+  wait $lg || echo "loadgen exited with $?"
+  sleep 1
+  curl -s "http://$HTTP/metrics" >"$DIR/after.prom"
+  python3 "$ROOT/benches/ack_stages.py" "$DIR/before.prom" "$DIR/after.prom" "$DIR/loadgen.json"
+}
+
+stop() {
+  [ -f "$DIR/dbx.pid" ] && kill "$(cat "$DIR/dbx.pid")" 2>/dev/null || true
+  pg "$BIN/pg_ctl" -D "$DIR/pg" -m fast stop >/dev/null || true
+}
+
+cmd=${1:-}; shift || true
+case $cmd in start|serve|run|stop) $cmd "$@" ;; *) sed -n 2,14p "$0"; exit 2 ;; esac
