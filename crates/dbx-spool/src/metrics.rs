@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use ::metrics::{describe_counter as c, describe_gauge as g, gauge, Unit};
+use ::metrics::{counter, describe_counter as c, describe_gauge as g, gauge, Unit};
 
 /// Bytes in segment files (gauge).
 pub const SPOOL_BYTES: &str = "dbx_spool_bytes";
@@ -103,8 +103,10 @@ pub struct OnDisk {
 }
 
 /// Sets `dbx_spool_segments`, `_bytes`, `_records`, `_oldest_record_age_seconds` and
-/// `_rejected_bytes`.
+/// `_rejected_bytes`, and makes `dbx_spool_corrupt_records_total` exist (at 0 until a
+/// corrupt record is found: the dashboard's panel and `increase()` need the series).
 pub fn on_disk(d: OnDisk) {
+    counter!(SPOOL_CORRUPT_RECORDS_TOTAL).increment(0);
     gauge!(SPOOL_SEGMENTS).set(d.segments as f64);
     gauge!(SPOOL_BYTES).set(d.bytes as f64);
     gauge!(SPOOL_RECORDS).set(d.records as f64);
