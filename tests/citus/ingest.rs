@@ -10,7 +10,7 @@ use dbx_testkit::Daemon;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::{dbx_bin, rows_per_worker, Distributed};
+use crate::{dbx_bin, rows_per_worker, undistributed_partitions, Distributed};
 
 /// `n` batches of 100 points over `sessions`, interleaved, in the accepted past window.
 fn batches(sessions: &[Uuid], n: usize) -> Vec<(Uuid, Vec<Point>)> {
@@ -103,17 +103,7 @@ async fn daemons_through_the_coordinator_and_through_a_worker_store_every_point_
     assert!(per_worker.iter().all(|(_, n)| *n > 0), "{per_worker:?}");
     assert_eq!(per_worker.iter().map(|(_, n)| n).sum::<i64>(), total);
     // The partitions the daemons' start-up premake made are distributed too.
-    let local: i64 = d
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_inherits i \
-              WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass \
-                AND NOT EXISTS (SELECT 1 FROM citus_tables t WHERE t.table_name = i.inhrelid::regclass)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let local = undistributed_partitions(&d.client).await;
     assert_eq!(local, 0);
 }
 

@@ -139,3 +139,18 @@ async fn rows_per_worker(client: &Client) -> Vec<(String, i64)> {
         .map(|r| (r.get(0), r.get(2)))
         .collect()
 }
+
+/// Partitions of `flight_telemetry` that Citus does not know (0 once every partition is
+/// distributed with its parent).
+async fn undistributed_partitions(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_inherits i \
+              WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass \
+                AND NOT EXISTS (SELECT 1 FROM citus_tables t WHERE t.table_name = i.inhrelid::regclass)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

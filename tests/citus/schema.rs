@@ -2,7 +2,7 @@
 
 use dbx_testkit::{run_cli, TestDb};
 
-use crate::{dbx_bin, setup_distributed, Distributed};
+use crate::{dbx_bin, setup_distributed, undistributed_partitions, Distributed};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_distributed_places_every_table_and_runs_again_unchanged() {
@@ -53,17 +53,7 @@ async fn setup_distributed_places_every_table_and_runs_again_unchanged() {
         .get(0);
     assert_eq!(groups, 1);
     // Every partition premade by the migrations is distributed with its parent.
-    let local_partitions: i64 = d
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_inherits i \
-              WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass \
-                AND NOT EXISTS (SELECT 1 FROM citus_tables t WHERE t.table_name = i.inhrelid::regclass)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let local_partitions = undistributed_partitions(&d.client).await;
     assert_eq!(local_partitions, 0);
 
     // Idempotent: a second run places nothing and succeeds.

@@ -20,7 +20,7 @@ use tokio::sync::OnceCell;
 use tokio_postgres::Client;
 
 use dbx_control::health::HealthCollector;
-use dbx_control::migrate::{self, MIGRATIONS};
+use dbx_control::migrate;
 use dbx_control::partitions::{PartitionInterval, PartitionManager, PartitionsConfig, Task};
 use dbx_core::{ManualClock, SharedClock};
 use dbx_testkit::TestDb;
@@ -353,27 +353,7 @@ async fn upgrading_keeps_what_the_materialized_view_held() {
     let db = TestDb::new().await;
     let mut c = db.client().await;
     // A database as the release before 0045 left it: the materialized view, refreshed.
-    c.batch_execute(
-        "CREATE SCHEMA IF NOT EXISTS dbx_aviation;
-         CREATE TABLE dbx_aviation.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
-             checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .await
-    .unwrap();
-    for m in MIGRATIONS.iter().filter(|m| m.version < 45) {
-        let tx = c.transaction().await.unwrap();
-        tx.batch_execute(m.sql)
-            .await
-            .unwrap_or_else(|e| panic!("{m}: {e}"));
-        tx.batch_execute("RESET ROLE").await.unwrap();
-        tx.execute(
-            "INSERT INTO dbx_aviation.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-            &[&m.version, &m.name, &m.checksum()],
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-    }
+    dbx_testkit::migrate_before(&mut c, 45).await;
     let now = Utc::now();
     let d0 = midnight(now);
     ensure_day(&c, d0 - TimeDelta::days(2)).await;

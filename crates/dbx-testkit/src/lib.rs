@@ -518,6 +518,37 @@ pub async fn wait_count(
     got.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Brings a fresh database to where a release before migration `version` left it: every
+/// earlier migration applied and recorded, as the runner does, so that a test can then
+/// upgrade it with [`dbx_control::migrate::apply`].
+pub async fn migrate_before(client: &mut Client, version: i32) {
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS dbx_aviation;
+             CREATE TABLE dbx_aviation.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                 checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .expect("creating schema_migrations");
+    let earlier = dbx_control::migrate::MIGRATIONS
+        .iter()
+        .filter(|m| m.version < version);
+    for m in earlier {
+        let tx = client.transaction().await.expect("BEGIN");
+        tx.batch_execute(m.sql)
+            .await
+            .unwrap_or_else(|e| panic!("{m}: {e}"));
+        tx.batch_execute("RESET ROLE").await.expect("RESET ROLE");
+        tx.execute(
+            "INSERT INTO dbx_aviation.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[&m.version, &m.name, &m.checksum()],
+        )
+        .await
+        .expect("recording the migration");
+        tx.commit().await.expect("COMMIT");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2055,27 +2055,7 @@ async fn sessions_migration_upgrades_existing_sessions_and_completes_idle_ones()
     let db = TestDb::new().await;
     let mut c = db.client().await;
     // A database as the release before 0040 left it.
-    c.batch_execute(
-        "CREATE SCHEMA IF NOT EXISTS dbx_aviation;
-         CREATE TABLE dbx_aviation.schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
-             checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .await
-    .unwrap();
-    for m in MIGRATIONS.iter().filter(|m| m.version < 40) {
-        let tx = c.transaction().await.unwrap();
-        tx.batch_execute(m.sql)
-            .await
-            .unwrap_or_else(|e| panic!("{m}: {e}"));
-        tx.batch_execute("RESET ROLE").await.unwrap();
-        tx.execute(
-            "INSERT INTO dbx_aviation.schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-            &[&m.version, &m.name, &m.checksum()],
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-    }
+    dbx_testkit::migrate_before(&mut c, 40).await;
     let org = new_org(&c, "IDLE-A", 365).await;
     let air = new_aircraft(&c, org, "I1", "quadcopter", "NULL").await;
     let (old, recent) = (
