@@ -877,7 +877,19 @@ async fn the_health_collector_exports_plausible_gauges() {
             .await;
     let clock: SharedClock = Arc::new(SystemClock);
     let h = HealthCollector::new(dbx_testkit::connector(&url), clock, Duration::from_secs(1));
-    let s = h.collect_once().await.expect("collect");
+    // A backend reports its reads to the statistics when it goes idle, at most once a second:
+    // on a seconds-old database the hit ratio is still unknown (None) until that happens.
+    c.batch_execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let s = h.collect_once().await.expect("collect");
+        if s.cache_hit_ratio.is_some() || std::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(s.up);
     assert!(s.database_size_bytes.unwrap() > 1_000_000.0, "{s:?}");
     assert!(s.active_connections.unwrap() >= 2.0, "{s:?}");

@@ -75,6 +75,10 @@ pub fn citus_library(bindir: &Path) -> Result<PathBuf, CitusError> {
 #[derive(Debug)]
 pub struct CitusCluster {
     nodes: Vec<LocalCluster>,
+    /// Held while a database is created and its nodes registered: two `citus_add_node` calls
+    /// at once, even in different databases, fail with "tuple concurrently updated" (they
+    /// touch shared catalogs on the workers), and tests create databases in parallel.
+    creating: std::sync::Mutex<()>,
 }
 
 impl CitusCluster {
@@ -95,7 +99,10 @@ impl CitusCluster {
             node.start()?;
             nodes.push(node);
         }
-        Ok(CitusCluster { nodes })
+        Ok(CitusCluster {
+            nodes,
+            creating: std::sync::Mutex::new(()),
+        })
     }
 
     /// The coordinator.
@@ -116,6 +123,7 @@ impl CitusCluster {
     /// Creates database `db` on every node with the `citus` extension and registers the nodes
     /// in the coordinator's copy of it (coordinator host, then each worker).
     pub fn create_database(&self, db: &str) -> Result<(), CitusError> {
+        let _creating = dbx_core::sync::lock(&self.creating);
         for node in &self.nodes {
             psql(
                 node,
