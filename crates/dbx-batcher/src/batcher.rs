@@ -21,15 +21,18 @@
 //! Shutdown: when every sender is dropped, the open groups are flushed (trigger
 //! `shutdown`) and the task waits for the writers, up to `shutdown_deadline_ms`.
 //!
-//! A session's `end` has no points and no partition: the ends received together go
-//! as one small job of their own ([`ends`](crate::ends)) on a lane of their own, one
-//! job at a time beside the writers (the pool holds a connection for it), so that
-//! ending flights never takes a writer from COPY; ends that come while a job is out
-//! wait for the next one. Their order against the session's batches is the
-//! producers' doing (see [`TelemetryBatch::ends_session`]), so the dispatcher does not
-//! hold them back.
+//! A session's `end` has no points and no partition. It rides with the flush of its
+//! session's last batch when it can: when every piece of its session not yet written
+//! sits in one open group, it joins that group and the flush completes the session in
+//! the same transaction ([`ends`](crate::ends)). When none is waiting, it goes with the
+//! ends received together as one small job on a lane of its own, one job at a time
+//! beside the writers (the pool holds a connection for it), so that ending flights
+//! never takes a writer from COPY. When its session's pieces are already on their way
+//! (closed groups, flushes in flight), it waits for those flushes to finish: an end is
+//! never written before a piece of its session that came before it. The dispatcher
+//! counts each session's unwritten pieces for that ([`Dispatcher::unwritten`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -39,6 +42,7 @@ use dbx_core::{InternalEvent, TelemetryBatch};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
+use uuid::Uuid;
 
 use crate::config::BatcherConfig;
 use crate::dedupe::SessionCache;
@@ -96,6 +100,10 @@ impl BatcherHandle {
 #[derive(Debug)]
 struct Group {
     parts: Vec<Part>,
+    /// Pieces in `parts`, by session.
+    sessions: HashMap<Uuid, usize>,
+    /// Ends riding with this group's flush.
+    ends: Vec<Part>,
     rows: usize,
     bytes: usize,
     opened: Instant,
@@ -105,25 +113,46 @@ impl Group {
     fn new() -> Self {
         Group {
             parts: Vec::new(),
+            sessions: HashMap::new(),
+            ends: Vec::new(),
             rows: 0,
             bytes: 0,
             opened: Instant::now(),
         }
     }
+
+    /// Adds `part`, counting it as an unwritten piece of its session in `unwritten` too.
+    fn push(&mut self, part: Part, unwritten: &mut HashMap<Uuid, usize>) {
+        let session = part.ticket.session;
+        *self.sessions.entry(session).or_default() += 1;
+        *unwritten.entry(session).or_default() += 1;
+        self.rows += part.points.len();
+        self.bytes += approx_bytes(&part);
+        self.parts.push(part);
+    }
 }
+
+/// What a finished job hands back to the dispatcher: the session of each part it
+/// wrote (one entry per piece; empty for an ends job).
+type Written = Vec<Uuid>;
 
 struct Dispatcher {
     config: BatcherConfig,
     shared: Arc<Shared>,
     groups: BTreeMap<PartitionKey, Group>,
     ready: Vec<(FlushJob, Trigger)>,
-    /// Session ends received and not yet handed to the ends lane.
+    /// Session ends ready for the ends lane (nothing of their session is unwritten).
     ends: Vec<Part>,
+    /// Session ends waiting for the flushes of their session's pieces to finish.
+    waiting_ends: Vec<Part>,
+    /// Pieces of each session in open groups, ready flushes and flushes in flight: an
+    /// entry per session with at least one, so bounded by the pieces the batcher holds.
+    unwritten: HashMap<Uuid, usize>,
     /// Writers: one permit per flush in flight (`writers`).
     permits: Arc<Semaphore>,
     /// The ends lane: one permit, held by the ends job in flight.
     ends_lane: Arc<Semaphore>,
-    tasks: JoinSet<()>,
+    tasks: JoinSet<Written>,
 }
 
 async fn run(
@@ -147,9 +176,7 @@ async fn run(
                 None => break,
             },
             Some(res) = d.tasks.join_next(), if !d.tasks.is_empty() => {
-                if let Err(e) = res {
-                    return Err(BatcherError::Task(e.to_string()));
-                }
+                d.finished(res)?;
             }
         }
         m::queue_depth(rx.len());
@@ -188,6 +215,8 @@ impl Dispatcher {
             groups: BTreeMap::new(),
             ready: Vec::new(),
             ends: Vec::new(),
+            waiting_ends: Vec::new(),
+            unwritten: HashMap::new(),
             tasks: JoinSet::new(),
             config,
         }
@@ -232,8 +261,8 @@ impl Dispatcher {
         let finished = tokio::time::timeout_at(deadline, async {
             self.dispatch_ready().await?;
             while let Some(res) = self.tasks.join_next().await {
-                res.map_err(|e| BatcherError::Task(e.to_string()))?;
-                // Ends that waited for their lane go now.
+                self.finished(res)?;
+                // Ends that waited for their lane or their session's flushes go now.
                 self.dispatch_ready().await?;
             }
             Ok::<(), BatcherError>(())
@@ -251,6 +280,7 @@ impl Dispatcher {
                 while self.tasks.join_next().await.is_some() {}
                 self.ready.clear();
                 self.ends.clear();
+                self.waiting_ends.clear();
                 let stats = counters.snapshot();
                 let unwritten = stats
                     .batches_received
@@ -302,7 +332,7 @@ impl Dispatcher {
         if ends_session {
             let ticket = ticket(ack);
             ticket.add_piece();
-            self.ends.push(Part { ticket, points });
+            self.add_end(Part { ticket, points });
             return;
         }
         if points.is_empty() {
@@ -353,22 +383,16 @@ impl Dispatcher {
                     ticket: part.ticket.clone(),
                     points: rest,
                 };
-                let bytes = approx_bytes(&part);
-                g.rows += part.points.len();
-                g.bytes += bytes;
-                g.parts.push(part);
+                g.push(part, &mut self.unwritten);
                 self.close_group(key, Trigger::Rows);
                 part = next;
                 continue;
             }
-            let bytes = approx_bytes(&part);
-            if g.rows > 0 && g.bytes + bytes > max_bytes {
+            if g.rows > 0 && g.bytes + approx_bytes(&part) > max_bytes {
                 self.close_group(key, Trigger::Bytes);
                 continue;
             }
-            g.rows += part.points.len();
-            g.bytes += bytes;
-            g.parts.push(part);
+            g.push(part, &mut self.unwritten);
             if g.rows >= max_rows {
                 self.close_group(key, Trigger::Rows);
             } else if g.bytes >= max_bytes {
@@ -376,6 +400,48 @@ impl Dispatcher {
             }
             return;
         }
+    }
+
+    /// Places a session's `end`: with the open group holding every unwritten piece of its
+    /// session, on the ends lane when none is unwritten, else among the ends waiting for
+    /// their session's flushes.
+    fn add_end(&mut self, end: Part) {
+        let session = end.ticket.session;
+        let Some(&unwritten) = self.unwritten.get(&session) else {
+            self.ends.push(end);
+            return;
+        };
+        match self
+            .groups
+            .values_mut()
+            .find(|g| g.sessions.get(&session) == Some(&unwritten))
+        {
+            Some(g) => g.ends.push(end),
+            None => self.waiting_ends.push(end),
+        }
+    }
+
+    /// A job finished: its pieces are written (or refused), and the ends that waited for
+    /// them are placed again.
+    fn finished(
+        &mut self,
+        res: Result<Written, tokio::task::JoinError>,
+    ) -> Result<(), BatcherError> {
+        let written = res.map_err(|e| BatcherError::Task(e.to_string()))?;
+        for session in written {
+            if let Some(n) = self.unwritten.get_mut(&session) {
+                *n -= 1;
+                if *n == 0 {
+                    self.unwritten.remove(&session);
+                }
+            }
+        }
+        if !self.waiting_ends.is_empty() {
+            for end in std::mem::take(&mut self.waiting_ends) {
+                self.add_end(end);
+            }
+        }
+        Ok(())
     }
 
     /// Gives every idle writer the oldest open group: with writers free, waiting
@@ -428,6 +494,7 @@ impl Dispatcher {
             FlushJob {
                 key,
                 parts: g.parts,
+                ends: g.ends,
                 closed_at: Instant::now(),
             },
             trigger,
@@ -438,8 +505,12 @@ impl Dispatcher {
     /// what stops the channel from being read while the database is behind).
     async fn dispatch_ready(&mut self) -> Result<(), BatcherError> {
         for (job, _trigger) in std::mem::take(&mut self.ready) {
-            self.spawn_writer(move |shared| async move { run_flush(&shared, job).await })
-                .await?;
+            let written: Written = job.parts.iter().map(|p| p.ticket.session).collect();
+            self.spawn_writer(move |shared| async move {
+                run_flush(&shared, job).await;
+                written
+            })
+            .await?;
         }
         if !self.ends.is_empty() {
             // When the lane is busy, the ends wait for its job to finish (a writer
@@ -447,7 +518,10 @@ impl Dispatcher {
             if let Ok(lane) = self.ends_lane.clone().try_acquire_owned() {
                 let ends = std::mem::take(&mut self.ends);
                 let shared = self.shared.clone();
-                self.spawn_holding(lane, async move { run_ends(&shared, ends).await })?;
+                self.spawn_holding(lane, async move {
+                    run_ends(&shared, ends).await;
+                    Written::new()
+                })?;
             }
         }
         Ok(())
@@ -457,7 +531,7 @@ impl Dispatcher {
     async fn spawn_writer<F, Fut>(&mut self, work: F) -> Result<(), BatcherError>
     where
         F: FnOnce(Arc<Shared>) -> Fut,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
+        Fut: std::future::Future<Output = Written> + Send + 'static,
     {
         let permit = self
             .permits
@@ -476,15 +550,16 @@ impl Dispatcher {
         job: Fut,
     ) -> Result<(), BatcherError>
     where
-        Fut: std::future::Future<Output = ()> + Send + 'static,
+        Fut: std::future::Future<Output = Written> + Send + 'static,
     {
         self.tasks.spawn(async move {
-            job.await;
+            let written = job.await;
             drop(permit);
+            written
         });
         // Reap finished writers so the set stays small.
         while let Some(res) = self.tasks.try_join_next() {
-            res.map_err(|e| BatcherError::Task(e.to_string()))?;
+            self.finished(res)?;
         }
         Ok(())
     }

@@ -1,5 +1,12 @@
-//! Ending flight sessions (protocol 1.1 `end`): the ends received together are written
-//! in one small transaction of their own.
+//! Ending flight sessions (protocol 1.1 `end`).
+//!
+//! An end rides with its session's last batch when it can: the batcher attaches it to
+//! the open group that holds every unwritten piece of its session, and the flush that
+//! writes them completes the session in the same transaction ([`complete`] before its
+//! `COMMIT`), so ending a flight costs no commit of its own and its ack comes with the
+//! batch's. The others (no piece of the session is waiting, or its pieces are spread
+//! over several flushes, or the flush had to be split) are written by [`run_ends`], in
+//! one small transaction of their own, after those pieces:
 //!
 //! ```text
 //! BEGIN
@@ -10,9 +17,10 @@
 //! ```
 //!
 //! The rows are locked in session-id order, the order flushes lock them in, so an end
-//! and a flush never deadlock; whichever takes a session's row first commits first. On
-//! Citus (`dbx setup --distributed`) `FOR UPDATE` must stay on one shard, so the rows are
-//! locked one statement each, in the same order.
+//! and a flush never deadlock; whichever takes a session's row first commits first
+//! (inside a flush the rows are the flush's own, locked by its session upsert already).
+//! On Citus (`dbx setup --distributed`) `FOR UPDATE` must stay on one shard, so the rows
+//! are locked one statement each, in the same order.
 //! Departure, arrival, duration and distance are those of the stored points, kept
 //! current by every flush; completing the session freezes them, as it takes no new
 //! point afterwards (see `writer`).
@@ -31,6 +39,7 @@
 use std::collections::HashMap;
 
 use dbx_core::{InternalEvent, RejectCode, Rejection};
+use deadpool_postgres::Transaction;
 use tracing::debug;
 use uuid::Uuid;
 
@@ -55,11 +64,14 @@ WHERE session_id = ANY($1) AND flight_status = 'active'";
 
 /// Writes the ends of `parts` (one per end, no points) and resolves them.
 pub(crate) async fn run_ends(shared: &Shared, parts: Vec<Part>) {
+    if parts.is_empty() {
+        return;
+    }
     let mut backoff = Backoff::new(&shared.config);
     loop {
         let err = match attempt(shared, &parts).await {
             Ok((owners, completed)) => {
-                resolve(shared, &parts, &owners, completed);
+                resolve(shared, &parts, &owners, completed, false);
                 return;
             }
             Err(e) => e,
@@ -91,17 +103,30 @@ pub(crate) async fn run_ends(shared: &Shared, parts: Vec<Part>) {
 
 /// One try: returns the owner of every session the database knows, and how many
 /// sessions it completed.
-async fn attempt(
+async fn attempt(shared: &Shared, parts: &[Part]) -> Result<Ended, AttemptError> {
+    let mut client = shared.pool.get().await?;
+    let tx = client.transaction().await?;
+    let ended = complete(shared, &tx, parts).await?;
+    tx.commit().await?;
+    Ok(ended)
+}
+
+/// What [`complete`] found: the owner of every session the database knows, and how many
+/// sessions it completed.
+pub(crate) type Ended = (HashMap<Uuid, Uuid>, u64);
+
+/// Completes, within `tx`, the sessions the ends of `parts` name that belong to the
+/// end's organization (the rest of the verdicts come from the owners, in [`resolve`]).
+pub(crate) async fn complete(
     shared: &Shared,
+    tx: &Transaction<'_>,
     parts: &[Part],
-) -> Result<(HashMap<Uuid, Uuid>, u64), AttemptError> {
+) -> Result<Ended, AttemptError> {
     let mut ids: Vec<Uuid> = parts.iter().map(|p| p.ticket.session).collect();
     ids.sort_unstable();
     ids.dedup();
-    let mut client = shared.pool.get().await?;
-    let tx = client.transaction().await?;
     let mut owners = HashMap::with_capacity(ids.len());
-    let rows = if shared.is_citus(&tx).await? {
+    let rows = if shared.is_citus(tx).await? {
         let lock = tx.prepare_cached(LOCK_ONE_SQL).await?;
         let mut rows = Vec::with_capacity(ids.len());
         for id in &ids {
@@ -128,16 +153,27 @@ async fn attempt(
         let complete = tx.prepare_cached(COMPLETE_SQL).await?;
         tx.execute(&complete, &[&owned]).await?
     };
-    tx.commit().await?;
     Ok((owners, completed))
 }
 
-fn resolve(shared: &Shared, parts: &[Part], owners: &HashMap<Uuid, Uuid>, completed: u64) {
+/// Gives every end of `parts` its verdict, after the transaction that ran [`complete`]
+/// for them committed.
+pub(crate) fn resolve(
+    shared: &Shared,
+    parts: &[Part],
+    owners: &HashMap<Uuid, Uuid>,
+    completed: u64,
+    with_flush: bool,
+) {
     let c = &shared.counters;
     c.add(&c.sessions_ended, completed);
+    if with_flush {
+        c.add(&c.ends_with_flush, parts.len() as u64);
+    }
     SessionsEnded {
         completed,
         ends: parts.len(),
+        with_flush,
     }
     .emit();
     for p in parts {

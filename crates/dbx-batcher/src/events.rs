@@ -180,8 +180,10 @@ impl InternalEvent for WriteRetried<'_> {
 pub struct SessionsEnded {
     /// Sessions this commit completed.
     pub completed: u64,
-    /// Ends in the flush.
+    /// Ends in the transaction.
     pub ends: usize,
+    /// Whether they rode with a flush of their sessions' batches.
+    pub with_flush: bool,
 }
 
 impl InternalEvent for SessionsEnded {
@@ -190,6 +192,7 @@ impl InternalEvent for SessionsEnded {
         tracing::debug!(
             completed = self.completed,
             ends = self.ends,
+            with_flush = self.with_flush,
             "session ends committed"
         );
     }

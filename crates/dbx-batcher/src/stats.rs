@@ -37,6 +37,9 @@ pub struct BatcherStats {
     pub largest_flush_rows: u64,
     /// Flight sessions completed by a gateway's `end`.
     pub sessions_ended: u64,
+    /// Ends written in the flush transaction of their session's last batch (the rest had
+    /// a transaction of their own).
+    pub ends_with_flush: u64,
 }
 
 /// The live counters behind [`BatcherStats`].
@@ -57,6 +60,7 @@ pub(crate) struct Counters {
     pub retries: AtomicU64,
     pub largest_flush_rows: AtomicU64,
     pub sessions_ended: AtomicU64,
+    pub ends_with_flush: AtomicU64,
 }
 
 impl Counters {
@@ -82,6 +86,7 @@ impl Counters {
             retries: g(&self.retries),
             largest_flush_rows: g(&self.largest_flush_rows),
             sessions_ended: g(&self.sessions_ended),
+            ends_with_flush: g(&self.ends_with_flush),
         }
     }
 }

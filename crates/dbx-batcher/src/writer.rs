@@ -8,7 +8,9 @@
 //!   COPY rows at or below the mark into the TEMP staging table,
 //!     INSERT … SELECT … WHERE NOT EXISTS … ON CONFLICT DO NOTHING RETURNING …
 //!   UPDATE the sessions' statistics (recomputing distance when a late point landed)
-//! COMMIT  -> resolve the ack handles of every batch whose pieces are all committed
+//!   complete the sessions whose `end` rides with the flush (see `ends`)
+//! COMMIT  -> resolve the ack handles of every batch whose pieces are all committed,
+//!            then the ends'
 //! ```
 //!
 //! Failures: transient errors retry the same flush forever with capped, jittered
@@ -100,6 +102,9 @@ impl Trigger {
 pub(crate) struct FlushJob {
     pub key: PartitionKey,
     pub parts: Vec<Part>,
+    /// Session ends that ride with the flush: every unwritten piece of their sessions is
+    /// among `parts` (see [`crate::ends`]).
+    pub ends: Vec<Part>,
     /// When its group was closed (the end of the `grouped` stage).
     pub closed_at: Instant,
 }
@@ -154,11 +159,17 @@ impl Shared {
 }
 
 /// Writes one job, bisecting on data errors, and resolves its tickets.
+///
+/// The job's ends are completed in the transaction that writes all of its parts, when
+/// that is how the job commits; when the job must be split (a data error, two aircraft
+/// claiming a session) they are written on their own once every part has its verdict.
 pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
     let mut enc = shared.take_encoder();
+    let (mut riding, mut after) = split_ends(&job.parts, job.ends);
     let mut stack = vec![job.parts];
     while let Some(mut parts) = stack.pop() {
-        match write_with_retries(shared, &mut enc, job.key, &parts).await {
+        let ends = std::mem::take(&mut riding);
+        match write_with_retries(shared, &mut enc, job.key, &parts, &ends).await {
             Ok(mut done) => {
                 // A session two aircraft claimed within this flush went to the database
                 // under its first claimant. When the database said it belongs to someone
@@ -171,7 +182,14 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
                     .filter(|&i| done.refused(&parts[i].ticket.session))
                     .collect();
                 done.mismatched.retain(|i| !again.contains(i));
+                let ended = done.ended.take();
                 resolve(shared, &parts, done, &again, job.closed_at);
+                match ended {
+                    Some((owners, completed)) => {
+                        crate::ends::resolve(shared, &ends, &owners, completed, true)
+                    }
+                    None => after.extend(ends),
+                }
                 if !again.is_empty() {
                     debug!(
                         batches = again.len(),
@@ -189,11 +207,13 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
             }
             Err(msg) if parts.len() > 1 => {
                 debug!(parts = parts.len(), error = %msg, "data error, bisecting flush");
+                after.extend(ends);
                 let right = parts.split_off(parts.len() / 2);
                 stack.push(right);
                 stack.push(parts);
             }
             Err(msg) => {
+                after.extend(ends);
                 let t = &parts[0].ticket;
                 let r = Rejection::new(
                     RejectCode::Rejected,
@@ -205,6 +225,29 @@ pub(crate) async fn run_flush(shared: &Shared, job: FlushJob) {
         shared.update_pool_gauges();
     }
     shared.return_encoder(enc);
+    // Every part has its verdict: the ends that could not ride go now, after them.
+    crate::ends::run_ends(shared, after).await;
+}
+
+/// Splits a job's ends into those that may ride with its first transaction and those
+/// written after it: an end whose session two aircraft (or organizations) claim within
+/// the flush waits, as some of those claims may be written again after the first commit
+/// and must not find the session completed.
+fn split_ends(parts: &[Part], ends: Vec<Part>) -> (Vec<Part>, Vec<Part>) {
+    if ends.is_empty() {
+        return (ends, Vec::new());
+    }
+    let mut claims: HashMap<Uuid, (Uuid, Uuid)> = HashMap::new();
+    let mut contested: HashSet<Uuid> = HashSet::new();
+    for p in parts {
+        let t = &p.ticket;
+        let claim = *claims.entry(t.session).or_insert((t.org, t.aircraft));
+        if claim != (t.org, t.aircraft) {
+            contested.insert(t.session);
+        }
+    }
+    ends.into_iter()
+        .partition(|e| !contested.contains(&e.ticket.session))
 }
 
 /// Refuses a batch (once), and reports it ([`BatchRejected`]) the one time it does.
@@ -261,6 +304,8 @@ struct Committed {
     duration: Duration,
     /// Parts of completed sessions, settled without being written.
     settled: HashMap<usize, Settled>,
+    /// What completing the riding ends found, when they were completed in this commit.
+    ended: Option<crate::ends::Ended>,
 }
 
 impl Committed {
@@ -396,6 +441,7 @@ async fn write_with_retries(
     enc: &mut CopyEncoder,
     key: PartitionKey,
     parts: &[Part],
+    ends: &[Part],
 ) -> Result<Committed, String> {
     let mut settled: HashMap<usize, Settled> = HashMap::new();
     let mut prepared = Prepared::new(parts, &settled);
@@ -406,7 +452,7 @@ async fn write_with_retries(
     let first_started = Instant::now();
     loop {
         let started = Instant::now();
-        let err = match attempt(shared, enc, key, &prepared, all_staging, &mut plan).await {
+        let err = match attempt(shared, enc, key, &prepared, ends, all_staging, &mut plan).await {
             Ok(mut done) => {
                 done.duration = started.elapsed();
                 done.committed_at = Some(Instant::now());
@@ -699,11 +745,13 @@ async fn attempt(
     enc: &mut CopyEncoder,
     key: PartitionKey,
     prepared: &Prepared<'_>,
+    ends: &[Part],
     all_staging: bool,
     plan: &mut Option<Plan>,
 ) -> Result<Committed, AttemptError> {
     if prepared.sessions.is_empty() {
-        // Every batch was settled (completed sessions): nothing to write.
+        // Every batch was settled (completed sessions): nothing to write; the ends, if
+        // any, are written on their own.
         return Ok(Committed::default());
     }
     // Plan and encode before taking a connection, with the cached marks as hints.
@@ -730,6 +778,11 @@ async fn attempt(
     let copied = Instant::now();
     let updates = write_statistics(&tx, prepared, &claims.states, &mut inserted).await?;
     let stats = Instant::now();
+    let ended = if ends.is_empty() {
+        None
+    } else {
+        Some(crate::ends::complete(shared, &tx, ends).await?)
+    };
     tx.commit().await?;
     let mut done = committed(
         prepared,
@@ -740,6 +793,7 @@ async fn attempt(
         total,
         via_parent,
     );
+    done.ended = ended;
     done.phases = Some(Phases {
         // Set to the first attempt's start by the caller.
         started: begun,
@@ -996,6 +1050,7 @@ fn committed(
         bytes: plan.encoded_bytes() as u64,
         duration: Duration::ZERO,
         settled: HashMap::new(),
+        ended: None,
     }
 }
 

@@ -289,3 +289,146 @@ async fn an_end_does_not_wait_for_a_writer() {
     assert_eq!(outcome(held).await, BatchOutcome::Durable);
     assert_eq!(session_row(&c, busy).await.unwrap().3, 10);
 }
+
+/// An end sent right behind its session's last batch rides with that batch's flush: one
+/// transaction writes the points and completes the session, and both are answered by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_behind_its_last_batch_is_written_in_the_same_flush() {
+    let fx = fixture().await;
+    let config = dbx_batcher::BatcherConfig {
+        // The group waits for its age, so the end finds the batch still in it.
+        flush_when_idle: false,
+        max_batch_age_ms: 300,
+        ..config()
+    };
+    let (tx, handle) = start(config, fx.pool(3));
+    let c = fx.client().await;
+    let s = Uuid::new_v4();
+    let t0 = now_micros() - 600_000_000;
+    let (b, batch_rx) = batch(fx.a, s, pts(t0, 0..5));
+    let (e, end_rx) = end(fx.a, s);
+    tx.send(b).await.unwrap();
+    tx.send(e).await.unwrap();
+    assert_eq!(outcome(batch_rx).await, BatchOutcome::Durable);
+    assert_eq!(outcome(end_rx).await, BatchOutcome::Durable);
+    let row = session_row(&c, s).await.unwrap();
+    assert_eq!(
+        (row.0.as_str(), row.1.as_deref(), row.3),
+        ("completed", Some("end"), 5)
+    );
+    drop(tx);
+    let stats = handle.join().await.unwrap();
+    assert_eq!(
+        (stats.sessions_ended, stats.ends_with_flush),
+        (1, 1),
+        "{stats:?}"
+    );
+}
+
+/// An end whose session's batch is already being written waits for that flush: it
+/// takes no connection and no lock meanwhile, and is written after it, so the batch is
+/// stored (not refused `session_closed`) and counted in the completed session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_waits_for_the_flush_of_its_session_in_flight() {
+    let fx = fixture().await;
+    let (tx, handle) = start(config(), fx.pool(3));
+    let c = fx.client().await;
+    let t0 = now_micros() - 600_000_000;
+    let s = Uuid::new_v4();
+    let (b, rx) = batch(fx.a, s, pts(t0, 0..5));
+    tx.send(b).await.unwrap();
+    assert_eq!(outcome(rx).await, BatchOutcome::Durable);
+
+    let locker = fx.client().await;
+    locker
+        .batch_execute(&format!(
+            "BEGIN; SELECT 1 FROM dbx_aviation.flight_sessions WHERE session_id = '{s}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    let lock_waits = || async {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let (b, held) = batch(fx.a, s, pts(t0, 5..10));
+    tx.send(b).await.unwrap();
+    assert!(
+        dbx_testkit::wait_until(std::time::Duration::from_secs(10), || async {
+            lock_waits().await >= 1
+        })
+        .await,
+        "the flush of the locked session never waited for its lock"
+    );
+    let (e, mut end_rx) = end(fx.a, s);
+    tx.send(e).await.unwrap();
+    // Given time to run, the end stays unanswered and out of the database: only the
+    // flush waits for the row.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        end_rx.try_recv().is_err(),
+        "the end overtook its session's flush"
+    );
+    assert_eq!(lock_waits().await, 1);
+
+    locker.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(outcome(held).await, BatchOutcome::Durable);
+    assert_eq!(outcome(end_rx).await, BatchOutcome::Durable);
+    let row = session_row(&c, s).await.unwrap();
+    assert_eq!((row.0.as_str(), row.3), ("completed", 10));
+    drop(tx);
+    let stats = handle.join().await.unwrap();
+    assert_eq!(stats.ends_with_flush, 0, "{stats:?}");
+}
+
+/// Many flights, each sent as a few batches and its end back to back, never waiting for
+/// an ack (as a gateway with a window does): whatever path each end takes (with its
+/// last batch's flush, after flushes in flight, or alone), no batch finds its session
+/// completed, and every session is completed with all its points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ends_sent_behind_their_batches_never_overtake_them() {
+    use rand::Rng;
+    let fx = fixture().await;
+    let config = dbx_batcher::BatcherConfig {
+        // Small groups: batches are cut across flushes and several are in flight.
+        max_batch_rows: 7,
+        ..config()
+    };
+    let (tx, handle) = start(config, fx.pool(3));
+    let c = fx.client().await;
+    let t0 = now_micros() - 600_000_000;
+    let mut rng = rand::thread_rng();
+    let mut flights = Vec::new();
+    let mut answers = Vec::new();
+    for _ in 0..150 {
+        let s = Uuid::new_v4();
+        let mut next = 0i64;
+        for _ in 0..rng.gen_range(1..=3) {
+            let n = rng.gen_range(1..=10);
+            let (b, rx) = batch(fx.a, s, pts(t0, next..next + n));
+            next += n;
+            tx.send(b).await.unwrap();
+            answers.push(rx);
+        }
+        let (e, rx) = end(fx.a, s);
+        tx.send(e).await.unwrap();
+        answers.push(rx);
+        flights.push((s, next));
+    }
+    for rx in answers {
+        assert_eq!(outcome(rx).await, BatchOutcome::Durable);
+    }
+    for (s, points) in flights {
+        let row = session_row(&c, s).await.unwrap();
+        assert_eq!((row.0.as_str(), row.3), ("completed", points), "{s}");
+    }
+    drop(tx);
+    let stats = handle.join().await.unwrap();
+    assert_eq!(stats.sessions_ended, 150, "{stats:?}");
+    assert_eq!(stats.batches_rejected, 0, "{stats:?}");
+}

@@ -74,11 +74,11 @@ pub struct TelemetryBatch {
     /// `admitted_at`; a TCP connection sets it again as it sends.
     pub queued_at: Instant,
     /// True for a gateway's `end`: no points; the batcher completes the session
-    /// (`flight_status = 'completed'`) if it belongs to `org_id`. A producer hands an
-    /// end to the batcher only once every batch it sent earlier for the same session
-    /// has a verdict, and sends no later batch of that session before the end's own
-    /// verdict, so that the end is written after the session's batches sent before it
-    /// and before those sent after (other sessions need no such order).
+    /// (`flight_status = 'completed'`) if it belongs to `org_id`. The batcher writes an
+    /// end with or after every piece of its session it received before the end; a
+    /// producer sends no later batch of that session before the end's own verdict, so
+    /// that the end is written after the session's batches sent before it and before
+    /// those sent after (other sessions need no such order).
     pub ends_session: bool,
 }
 

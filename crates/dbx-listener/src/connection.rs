@@ -12,13 +12,14 @@
 //! over its rate limit, and one that finds the byte budget spent. That is the TCP
 //! backpressure of docs/protocol.md.
 //!
-//! An `end` (protocol 1.1) takes its place in that FIFO like a batch, but it is parked
-//! until every earlier entry of its session has its verdict, and no later batch of that
-//! session goes before the end's own verdict: so the session's earlier batches are
-//! written before it, and a later batch for the session finds it completed
-//! (`session_closed`). Only its own session waits: reading and the other sessions'
-//! batches go on, so a gateway ending one flight does not stall its others (a whole-
-//! connection barrier here cost the daemon about 17 % of its throughput).
+//! An `end` (protocol 1.1) takes its place in that FIFO like a batch and goes to the
+//! batcher at once, behind its session's earlier batches; the batcher writes it with or
+//! after them (see dbx-batcher's `ends`), so its ack usually comes with the last
+//! batch's. No later batch of that session goes before the end's own verdict, so such a
+//! batch finds the session completed (`session_closed`). Only its own session waits:
+//! reading and the other sessions' batches go on, so a gateway ending one flight does
+//! not stall its others (a whole-connection barrier here cost the daemon about 17 % of
+//! its throughput).
 //!
 //! Hostile peers (docs/protocol.md, 1.1): before `welcome` a frame may be at most
 //! `max_hello_bytes` and only its hello keys are decoded ([`dbx_proto::decode_hello`]);
@@ -37,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout_at};
 use uuid::Uuid;
 
@@ -350,8 +351,6 @@ struct Pending {
     seq: u64,
     verdict: Verdict,
     received_at: Instant,
-    /// When the verdict was given, once a receiver moved it into `Known`.
-    resolved_at: Option<Instant>,
     session: Uuid,
     /// A session's `end` rather than a batch.
     is_end: bool,
@@ -360,29 +359,11 @@ struct Pending {
 }
 
 impl Pending {
-    /// Whether the verdict is in. A verdict that arrived is moved into `Known` (it is
-    /// delivered from there); a receiver whose handle was dropped counts as settled: the
-    /// connection ends (`BatcherGone`) when it reaches the front.
-    fn settled(&mut self) -> bool {
-        match &mut self.verdict {
-            Verdict::Known(_) => true,
-            Verdict::Waiting(rx) => match rx.try_recv() {
-                Ok(outcome) => {
-                    self.resolved_at = rx.resolved_at();
-                    self.verdict = Verdict::Known(outcome);
-                    true
-                }
-                Err(oneshot::error::TryRecvError::Empty) => false,
-                Err(oneshot::error::TryRecvError::Closed) => true,
-            },
-        }
-    }
-
     /// When the batcher gave the verdict (none for one the connection gave itself).
     fn resolved_at(&self) -> Option<Instant> {
         match &self.verdict {
             Verdict::Waiting(rx) => rx.resolved_at(),
-            Verdict::Known(_) => self.resolved_at,
+            Verdict::Known(_) => None,
         }
     }
 }
@@ -413,13 +394,9 @@ enum End {
 /// The state of the batch loop of one connection.
 struct Flow {
     pending: VecDeque<Pending>,
-    /// A batch accepted but not yet in the batcher's queue (waiting for room, or for
-    /// an `end` of its session to be answered).
+    /// A batch (or `end`) accepted but not yet in the batcher's queue (waiting for
+    /// room, or, for a batch, for an `end` of its session to be answered).
     to_send: Option<TelemetryBatch>,
-    /// `end`s read and not yet handed on, each waiting for the verdicts of its
-    /// session's earlier entries (see [`Flow::ready_end`]). Each is also an entry of
-    /// `pending`, so there are at most `max_inflight_batches` of them.
-    parked_ends: VecDeque<(u64, TelemetryBatch)>,
     last_seq: Option<u64>,
     idle_deadline: tokio::time::Instant,
     /// Reads pause until then (rate limit).
@@ -433,7 +410,6 @@ impl Flow {
         Flow {
             pending: VecDeque::new(),
             to_send: None,
-            parked_ends: VecDeque::new(),
             last_seq: None,
             idle_deadline: tokio::time::Instant::now() + idle_timeout,
             resume_reads_at: None,
@@ -472,36 +448,17 @@ impl Flow {
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600))
     }
 
-    /// Whether the batch waiting for the queue may go now: not while an `end` of its
-    /// session is unanswered (every unanswered entry is in `pending`, and sending is in
-    /// `seq` order, so such an end came before it).
+    /// Whether the batch waiting for the queue may go now: an `end` always (its own
+    /// entry is in `pending`), a batch not while an `end` of its session is unanswered
+    /// (every unanswered entry is in `pending`, and sending is in `seq` order, so such
+    /// an end came before it).
     fn ready_to_send(&self) -> bool {
         self.to_send.as_ref().is_some_and(|b| {
-            !self
-                .pending
-                .iter()
-                .any(|p| p.is_end && p.session == b.session_id)
-        })
-    }
-
-    /// The position in `parked_ends` of an `end` that may go to the batcher now: every
-    /// entry of its session before it has its verdict. Verdicts found resolved on the
-    /// way are kept ([`Pending::settled`]), so the front of `pending` sees them too.
-    fn ready_end(&mut self) -> Option<usize> {
-        if self.parked_ends.is_empty() {
-            return None;
-        }
-        let Flow {
-            parked_ends,
-            pending,
-            ..
-        } = self;
-        parked_ends.iter().position(|(seq, end)| {
-            pending
-                .iter_mut()
-                .take_while(|p| p.seq < *seq)
-                .filter(|p| p.session == end.session_id)
-                .all(Pending::settled)
+            b.ends_session
+                || !self
+                    .pending
+                    .iter()
+                    .any(|p| p.is_end && p.session == b.session_id)
         })
     }
 
@@ -742,7 +699,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             let paused = flow.paused();
             let can_read = flow.can_read(cfg.max_inflight_batches);
             let drain_deadline = flow.drain_deadline();
-            let ready_end = flow.ready_end();
 
             tokio::select! {
                 // Delivering verdicts first keeps ack latency low under load.
@@ -752,14 +708,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     let Some(o) = outcome else { return End::BatcherGone };
                     if let Err(e) = self.deliver(&mut flow.pending, o, org).await {
                         return End::Io(e);
-                    }
-                }
-
-                permit = batches.reserve(), if ready_end.is_some() => {
-                    let Ok(permit) = permit else { return End::BatcherGone };
-                    if let Some((_, mut end)) = ready_end.and_then(|i| flow.parked_ends.remove(i)) {
-                        end.queued_at = Instant::now();
-                        permit.send(end);
                     }
                 }
 
@@ -879,7 +827,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                     BatchOrigin::Tcp,
                     received_at,
                 );
-                flow.parked_ends.push_back((e.seq, end));
+                flow.to_send = Some(end);
                 is_end = true;
                 (e.seq, e.session, Verdict::Waiting(rx))
             }
@@ -913,7 +861,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             seq,
             verdict,
             received_at,
-            resolved_at: None,
             session,
             is_end,
             _charge: charge,
