@@ -30,7 +30,7 @@
 //! never takes a writer from COPY. When its session's pieces are already on their way
 //! (closed groups, flushes in flight), it waits for those flushes to finish: an end is
 //! never written before a piece of its session that came before it. The dispatcher
-//! counts each session's unwritten pieces for that ([`Dispatcher::unwritten`]).
+//! counts each session's unwritten pieces for that.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
