@@ -438,7 +438,28 @@ async fn single_node_retention_rewrites_or_drops_columnar_partitions_and_gdpr_de
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn columnar_without_the_extension_fails_naming_the_key_and_setup_creates_it() {
-    let (db, c) = single_node(false).await;
+    let (db, ingest) = TestDb::migrated().await;
+    let c = db.client().await;
+    // The daemon refuses to start, naming the key and the fix.
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        run_cli(
+            dbx_bin(),
+            &["serve"],
+            &[
+                ("DATABASE_URL", ingest.as_str()),
+                ("DBX_PARTITIONS__ARCHIVE_ACCESS_METHOD", "columnar"),
+                ("DBX_LISTENER__TCP_BIND", "127.0.0.1:0"),
+                ("DBX_LISTENER__UDP_BIND", "127.0.0.1:0"),
+                ("DBX_HTTP__BIND", "127.0.0.1:0"),
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "{out}");
+    assert!(out.contains("partitions.archive_access_method"), "{out}");
+    assert!(out.contains("CREATE EXTENSION citus_columnar"), "{out}");
+    // So does the archive task (`dbx partitions archive`, or a daemon whose database lost it).
     ensure_day(&c, utc(2026, 3, 1)).await;
     let m = manager(&db, ArchiveAccessMethod::Columnar);
     let e = m.run_task(Task::Archive).await.unwrap_err();

@@ -1536,6 +1536,31 @@ async fn plan_archive_detached(
     Ok(())
 }
 
+/// Checks that the database has the access method `am` archived partitions are to get:
+/// [`MaintenanceError::NoColumnar`] for `columnar` without citus_columnar. `dbx serve` calls
+/// it at start; the archive task's plan calls it too (`dbx partitions archive`).
+pub async fn check_access_method(
+    client: &Client,
+    am: ArchiveAccessMethod,
+) -> Result<(), MaintenanceError> {
+    if am == ArchiveAccessMethod::Heap {
+        return Ok(());
+    }
+    let has: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_am WHERE amname = $1)",
+            &[&am.name()],
+        )
+        .await
+        .map_err(db_err("looking for the columnar access method"))?
+        .get(0);
+    if has {
+        Ok(())
+    } else {
+        Err(MaintenanceError::NoColumnar)
+    }
+}
+
 /// True when this database has the `citus` extension (a Citus coordinator after `dbx setup
 /// --distributed`).
 async fn has_citus(client: &Client) -> Result<bool, MaintenanceError> {
@@ -1580,17 +1605,7 @@ async fn plan_columnar(
     names: &[String],
     plan: &mut Plan,
 ) -> Result<(), MaintenanceError> {
-    let has_am: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_am WHERE amname = 'columnar')",
-            &[],
-        )
-        .await
-        .map_err(db_err("looking for the columnar access method"))?
-        .get(0);
-    if !has_am {
-        return Err(MaintenanceError::NoColumnar);
-    }
+    check_access_method(client, ArchiveAccessMethod::Columnar).await?;
     if names.is_empty() {
         return Ok(());
     }
