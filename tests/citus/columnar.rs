@@ -625,6 +625,12 @@ async fn on_citus_archival_turns_every_shard_columnar_and_retention_rewrites_it(
     assert_eq!(storage(&d.client, &rel).await.0, "columnar");
     assert_eq!(shard_access_methods(&d.client, &rel).await, ["columnar"]);
     assert_eq!(answers(&d.client, &qs).await, heap);
+    let list = partitions(&d, &["list"], &[]);
+    let line = list
+        .lines()
+        .find(|l| l.starts_with(rel.trim_start_matches("dbx_archive.")))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(line.ends_with("(columnar)"), "{list}");
     assert_eq!(undistributed(&d.client).await, 0);
 
     // Retention: the 15-day organization's rows go, by a rewrite (heap, delete, columnar) on
