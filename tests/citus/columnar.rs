@@ -11,6 +11,7 @@
 //! - retention rewrites a columnar partition without the expired rows (heap, delete, columnar),
 //!   drops one whose rows are all expired, leaves one with nothing expired untouched, and a
 //!   second run does nothing; GDPR delete works with columnar archives;
+//! - the SQL lifecycle function `enforce_telemetry_retention()` does the same (0046);
 //! - columnar asked for without the extension fails naming the key and the fix; `dbx setup`
 //!   creates the extension when the configuration asks for it;
 //! - on Citus, the same through `dbx partitions` on the distributed table, every shard columnar.
@@ -434,6 +435,56 @@ async fn single_node_retention_rewrites_or_drops_columnar_partitions_and_gdpr_de
         .await,
         300
     );
+}
+
+/// The SQL lifecycle function `enforce_telemetry_retention()` (migration 0046) rewrites a
+/// columnar partition without the expired rows too (server clock: days relative to now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sql_retention_function_rewrites_columnar_partitions_too() {
+    let (_db, c) = single_node(true).await;
+    let short = Fixture::org(&c, "SQL-SHORT", None).await;
+    let long = Fixture::org(&c, "SQL-LONG", None).await;
+    for (org, days) in [(short.id, 30), (long.id, 120)] {
+        c.execute(
+            "UPDATE dbx_aviation.organizations SET data_retention_days = $2 WHERE org_id = $1",
+            &[&org, &days],
+        )
+        .await
+        .unwrap();
+    }
+    let air_s = Fixture::aircraft(&c, short.id, "NSQLS").await;
+    let air_l = Fixture::aircraft(&c, long.id, "NSQLL").await;
+    let day = Utc::now()
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc()
+        - TimeDelta::days(40);
+    ensure_day(&c, day).await;
+    flight(&c, short.id, air_s, day, 300).await;
+    flight(&c, long.id, air_l, day, 200).await;
+    let rel = format!("dbx_aviation.flight_telemetry_p{}", day.format("%Y%m%d"));
+    c.batch_execute(&format!("ALTER TABLE {rel} SET ACCESS METHOD columnar"))
+        .await
+        .unwrap();
+    let run = |max: i32| {
+        let c = &c;
+        async move {
+            let r = c
+                .query_one(
+                    "SELECT deleted_rows, more_pending FROM dbx_aviation.enforce_telemetry_retention($1)",
+                    &[&max],
+                )
+                .await
+                .unwrap();
+            (r.get::<_, i64>(0), r.get::<_, bool>(1))
+        }
+    };
+    // All 300 expired rows at once (a rewrite is not chunked), past the budget of 100.
+    assert_eq!(run(100).await, (300, true));
+    assert_eq!(run(100).await, (0, false));
+    assert_eq!(storage(&c, &rel).await, ("columnar".into(), 2, 1));
+    assert_eq!(count(&c, &format!("SELECT count(*) FROM {rel}")).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
