@@ -1048,7 +1048,9 @@ impl PartitionManager {
         }
         plan_archive_detached(client, cutoff, &archived, plan).await?;
         if self.cfg.archive_access_method == ArchiveAccessMethod::Columnar {
-            // The tables this run moves under dbx_archive, then those already there.
+            // The tables this run moves under dbx_archive (read back from the first statement
+            // of archive_move_sql, the one place that moves a table there), then the heap
+            // tables already there.
             let mut moving: Vec<String> = plan.steps[before..]
                 .iter()
                 .flat_map(|s| s.sql.iter())
