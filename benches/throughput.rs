@@ -610,6 +610,7 @@ async fn main() {
         sample_data: true,
         postgis: Default::default(),
         distributed: false,
+        columnar: false,
     })
     .await
     .expect("setup");

@@ -6,9 +6,13 @@
 //!   RLS through the coordinator with `SET LOCAL`, and the seed's features on Citus.
 //! - `control.rs`: sweep, archival and retention of the distributed table; the maintenance lock
 //!   across daemons on two nodes; the cluster gauges and `/readyz` with a worker down.
+//! - `columnar.rs`: columnar archives (`partitions.archive_access_method = "columnar"`) on a
+//!   single node with `citus_columnar` and on the cluster: conversion, unchanged answers,
+//!   retention by rewrite or drop, GDPR delete, the missing-extension error, `dbx setup`.
 //! - `ingest.rs`: real daemons writing through the coordinator and through a worker, a SIGKILL
 //!   under a resending gateway, rows per worker.
 
+mod columnar;
 mod control;
 mod ingest;
 mod schema;
@@ -45,6 +49,16 @@ impl Distributed {
 
     /// `db`, set up by `dbx setup --distributed` without sample data.
     async fn on(db: CitusDb) -> Distributed {
+        Distributed::on_with(db, &[]).await
+    }
+
+    /// A fresh Citus database set up by `dbx setup --distributed` with the environment `env`
+    /// (configuration overrides, e.g. `DBX_PARTITIONS__ARCHIVE_ACCESS_METHOD`).
+    async fn with_env(env: &[(&str, &str)]) -> Distributed {
+        Distributed::on_with(CitusDb::new().await, env).await
+    }
+
+    async fn on_with(db: CitusDb, env: &[(&str, &str)]) -> Distributed {
         let dir = tempfile::tempdir().unwrap();
         // Login roles are cluster-wide and the tests' setups share the cluster: every setup
         // finds the same passwords in its credentials.txt and keeps them, so one test's setup
@@ -54,7 +68,7 @@ impl Distributed {
             .map(|u| format!("{u}_password = {}\n", test_password(u)))
             .collect();
         std::fs::write(dir.path().join("credentials.txt"), seeded).unwrap();
-        let output = setup_distributed(&db, dir.path());
+        let output = setup_distributed(&db, dir.path(), env);
         let text = std::fs::read_to_string(dir.path().join("credentials.txt")).unwrap();
         let passwords = text
             .lines()
@@ -105,7 +119,7 @@ fn test_password(user: &str) -> String {
 /// Runs `dbx setup --distributed` on `db`'s coordinator; panics with its output on failure.
 /// One at a time in this process: setup sets the passwords of cluster-wide roles, and two
 /// `ALTER ROLE`s of one role at once fail ("tuple concurrently updated").
-fn setup_distributed(db: &CitusDb, out: &Path) -> String {
+fn setup_distributed(db: &CitusDb, out: &Path, env: &[(&str, &str)]) -> String {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_AT_A_TIME
         .lock()
@@ -123,7 +137,7 @@ fn setup_distributed(db: &CitusDb, out: &Path) -> String {
             "--out-dir",
             &out.display().to_string(),
         ],
-        &[],
+        env,
     );
     assert!(ok, "dbx setup --distributed failed:\n{output}");
     output

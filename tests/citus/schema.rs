@@ -58,7 +58,7 @@ async fn setup_distributed_places_every_table_and_runs_again_unchanged() {
 
     // Idempotent: a second run places nothing and succeeds.
     let dir = tempfile::tempdir().unwrap();
-    let again = setup_distributed(&d.db, dir.path());
+    let again = setup_distributed(&d.db, dir.path(), &[]);
     assert!(again.contains("already distributed: 10"), "{again}");
     assert!(!again.contains("  distributed dbx_"), "{again}");
 }

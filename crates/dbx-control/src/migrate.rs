@@ -146,6 +146,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "incremental_upkeep",
         sql: include_str!("../migrations/0045_incremental_upkeep.sql"),
     },
+    Migration {
+        version: 46,
+        name: "columnar_retention",
+        sql: include_str!("../migrations/0046_columnar_retention.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").

@@ -18,11 +18,17 @@
 //!   never for the live table: it refuses CONCURRENTLY while the parent has a DEFAULT partition
 //!   (and inside a transaction block). With the default partition, the plain DETACH runs in a
 //!   transaction that first locks the old partition itself (nobody writes there, so that wait
-//!   never holds up ingest) and only then the parent, under `lock_timeout`;
+//!   never holds up ingest) and only then the parent, under `lock_timeout`. With
+//!   `archive_access_method = "columnar"` each archived heap partition is then rewritten
+//!   columnar (citus_columnar), one step per partition that locks only that partition
+//!   ([`plan_columnar`] says why and how, on a single node and on Citus);
 //! - **retention**: per organization `data_retention_days`; a partition (live or archived) is
 //!   dropped only when it ended before every organization's retention; otherwise only the
 //!   expired organizations' rows are deleted, in transactions of at most `retention_chunk_rows`
 //!   rows; then the seed's `enforce_retention_policy()` (sessions, analysis results). A
+//!   columnar partition refuses DELETE: it is dropped when every row in it is expired, else
+//!   turned heap, deleted from and turned columnar again in one transaction
+//!   ([`plan_columnar_retention`]). A
 //!   partition wholly past an organization's cutoff that was once found without its rows is
 //!   not scanned again until its write counter (`pg_stat`, migration 0045) changes, so
 //!   hourly runs do not read months of history for nothing;
@@ -109,6 +115,31 @@ pub struct PartitionsConfig {
     /// Rows of `dbx_aviation.api_requests` older than this many days are deleted (0 = kept
     /// forever); runs every `retention_interval_secs`, `retention_chunk_rows` per transaction.
     pub api_requests_retention_days: u32,
+    /// The table access method archived partitions are given: `heap` (as written) or
+    /// `columnar` (citus_columnar, rewritten once when archived; see [`ArchiveAccessMethod`]).
+    pub archive_access_method: ArchiveAccessMethod,
+}
+
+/// `partitions.archive_access_method`: how archived telemetry partitions are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveAccessMethod {
+    /// Left as written (PostgreSQL's heap): no rewrite.
+    #[default]
+    Heap,
+    /// Rewritten by citus_columnar's `columnar` access method once archived: compressed,
+    /// read column by column, but append-only (no DELETE or UPDATE: retention rewrites).
+    Columnar,
+}
+
+impl ArchiveAccessMethod {
+    /// The access method's name in `pg_am`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ArchiveAccessMethod::Heap => "heap",
+            ArchiveAccessMethod::Columnar => "columnar",
+        }
+    }
 }
 
 impl Default for PartitionsConfig {
@@ -126,6 +157,7 @@ impl Default for PartitionsConfig {
             retention_chunk_rows: 10_000,
             refresh_interval_secs: 900,
             api_requests_retention_days: 30,
+            archive_access_method: ArchiveAccessMethod::Heap,
         }
     }
 }
@@ -250,6 +282,9 @@ pub struct Step {
     pub needs_admin: bool,
     /// The last statement's row count is rows moved or deleted (added to the report's `rows`).
     pub counts_rows: bool,
+    /// Which statement's row count [`Step::counts_rows`] and [`Step::repeat_while_at_least`]
+    /// read, when not the last (a DELETE between two access-method rewrites).
+    pub rows_of: Option<usize>,
 }
 
 impl Step {
@@ -263,6 +298,7 @@ impl Step {
             repeat_while_at_least: None,
             needs_admin: true,
             counts_rows: false,
+            rows_of: None,
         }
     }
 }
@@ -337,12 +373,20 @@ pub struct PartitionInfo {
     pub total_bytes: i64,
     /// A `DETACH … CONCURRENTLY` was interrupted (finalized by the next archival).
     pub detach_pending: bool,
+    /// Its table access method (`pg_am.amname`): `heap`, or `columnar` once archived with
+    /// `partitions.archive_access_method = "columnar"`.
+    pub access_method: String,
 }
 
 impl PartitionInfo {
     /// True in the live table (not archived).
     pub fn is_live(&self) -> bool {
         self.schema == "dbx_aviation"
+    }
+
+    /// True when stored by citus_columnar (append-only: no DELETE, no UPDATE).
+    pub fn is_columnar(&self) -> bool {
+        self.access_method == "columnar"
     }
 
     fn qualified(&self) -> String {
@@ -371,6 +415,16 @@ pub enum MaintenanceError {
         /// The server's message.
         reason: String,
     },
+    /// `partitions.archive_access_method = "columnar"` on a database without the `columnar`
+    /// access method.
+    #[error(
+        "partitions.archive_access_method = \"columnar\" needs the citus_columnar extension in \
+         this database: install Citus 13 (its citus_columnar library) into the server and run \
+         CREATE EXTENSION citus_columnar as a superuser (`dbx setup` does it when the server has \
+         it; on a Citus cluster on the coordinator, which creates it on the workers), or set \
+         partitions.archive_access_method = \"heap\""
+    )]
+    NoColumnar,
 }
 
 fn db_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> MaintenanceError {
@@ -405,6 +459,14 @@ fn ts_lit(t: DateTime<Utc>) -> String {
 
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The inverse of [`quote_ident`].
+fn unquote_ident(s: &str) -> String {
+    s.strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(s)
+        .replace("\"\"", "\"")
 }
 
 fn retryable(e: &tokio_postgres::Error) -> bool {
@@ -777,6 +839,7 @@ impl PartitionManager {
                 repeat_while_at_least: None,
                 needs_admin: false,
                 counts_rows: true,
+                rows_of: None,
             }),
             Task::RequestLog => self.plan_request_log(now, &mut plan),
         }
@@ -808,6 +871,7 @@ impl PartitionManager {
             repeat_while_at_least: Some(chunk as u64),
             needs_admin: true,
             counts_rows: true,
+            rows_of: None,
         });
     }
 
@@ -823,6 +887,7 @@ impl PartitionManager {
             repeat_while_at_least: None,
             needs_admin: false,
             counts_rows: false,
+            rows_of: None,
         }
     }
 
@@ -915,6 +980,7 @@ impl PartitionManager {
                     repeat_while_at_least: None,
                     needs_admin: true,
                     counts_rows: true,
+                    rows_of: None,
                 });
                 continue;
             }
@@ -976,10 +1042,33 @@ impl PartitionManager {
             .filter(|p| !p.is_live())
             .map(|p| p.name.as_str())
             .collect();
+        let before = plan.steps.len();
         for p in parts.iter().filter(|p| p.is_live() && !p.is_default) {
             plan_archive_partition(p, cutoff, has_default, &archived, plan);
         }
-        plan_archive_detached(client, cutoff, &archived, plan).await
+        plan_archive_detached(client, cutoff, &archived, plan).await?;
+        if self.cfg.archive_access_method == ArchiveAccessMethod::Columnar {
+            // The tables this run moves under dbx_archive (read back from the first statement
+            // of archive_move_sql, the one place that moves a table there), then the heap
+            // tables already there.
+            let mut moving: Vec<String> = plan.steps[before..]
+                .iter()
+                .flat_map(|s| s.sql.iter())
+                .filter_map(|sql| {
+                    sql.strip_prefix("ALTER TABLE dbx_aviation.")
+                        .and_then(|r| r.strip_suffix(" SET SCHEMA dbx_archive"))
+                        .map(unquote_ident)
+                })
+                .collect();
+            moving.extend(
+                parts
+                    .iter()
+                    .filter(|p| !p.is_live() && !p.is_default && !p.is_columnar())
+                    .map(|p| p.name.clone()),
+            );
+            plan_columnar(client, &moving, plan).await?;
+        }
+        Ok(())
     }
 
     async fn plan_retention(
@@ -1034,14 +1123,7 @@ impl PartitionManager {
         let chunk = self.cfg.retention_chunk_rows.max(1);
         // On Citus a ctid names a row only within one shard: chunks are chosen by the unique
         // key there (`dbx setup --distributed`); a single node keeps the TID scan.
-        let citus: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')",
-                &[],
-            )
-            .await
-            .map_err(db_err("looking for the citus extension"))?
-            .get(0);
+        let citus = has_citus(client).await?;
         // On Citus the coordinator's partitions are shells whose write counters never move
         // (the rows are written on the workers' shards): there, every expired partition is
         // looked at every time, as before the bookkeeping existed.
@@ -1055,7 +1137,8 @@ impl PartitionManager {
         for (org, days) in &orgs {
             let cutoff = now - TimeDelta::days(*days as i64);
             for p in parts.iter() {
-                if dropped.contains(&p.qualified()) {
+                // Columnar partitions refuse DELETE: planned apart, below.
+                if dropped.contains(&p.qualified()) || p.is_columnar() {
                     continue;
                 }
                 let expired = p.is_default || p.from.is_some_and(|f| f < cutoff);
@@ -1095,10 +1178,24 @@ impl PartitionManager {
                     repeat_while_at_least: Some(chunk as u64),
                     needs_admin: true,
                     counts_rows: true,
+                    rows_of: None,
                 });
                 if let Some((oid, n)) = counter {
                     plan.steps.push(mark_clean_step(&q, *oid, *org, *n));
                 }
+            }
+        }
+        for p in parts.iter().filter(|p| p.is_columnar()) {
+            if dropped.contains(&p.qualified()) {
+                continue;
+            }
+            let expired: Vec<(Uuid, DateTime<Utc>)> = orgs
+                .iter()
+                .map(|(org, days)| (*org, now - TimeDelta::days(*days as i64)))
+                .filter(|(_, cutoff)| p.from.is_some_and(|f| f < *cutoff))
+                .collect();
+            if !expired.is_empty() {
+                plan_columnar_retention(client, p, &expired, citus, plan).await?;
             }
         }
         if known_clean > 0 {
@@ -1209,16 +1306,18 @@ async fn release(conn: &mut Conn) -> Result<(), MaintenanceError> {
     Ok(())
 }
 
-/// Runs a step once; returns the rows affected by its last statement.
+/// Runs a step once; returns the rows affected by its last statement (or by statement
+/// [`Step::rows_of`]).
 async fn exec_step(client: &Client, step: &Step) -> Result<u64, tokio_postgres::Error> {
     let tx = step.mode == StepMode::Transaction;
     if tx {
         client.batch_execute("BEGIN").await?;
     }
     let mut last = 0;
-    for sql in &step.sql {
+    for (i, sql) in step.sql.iter().enumerate() {
         match client.execute(sql.as_str(), &[]).await {
-            Ok(n) => last = n,
+            Ok(n) if step.rows_of.is_none_or(|k| k == i) => last = n,
+            Ok(_) => {}
             Err(e) => {
                 if tx && !client.is_closed() {
                     let _ = client.batch_execute("ROLLBACK").await;
@@ -1304,10 +1403,12 @@ pub async fn list_partitions(client: &Client) -> Result<Vec<PartitionInfo>, Main
             "SELECT tp.partition_schema, tp.partition_name, tp.is_default, tp.range_start, tp.range_end,
                     CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END,
                     pg_total_relation_size(c.oid),
-                    coalesce(i.inhdetachpending, false)
+                    coalesce(i.inhdetachpending, false),
+                    coalesce(am.amname::text, 'heap')
                FROM dbx_aviation.telemetry_partitions() tp
                JOIN pg_namespace n ON n.nspname = tp.partition_schema
                JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = tp.partition_name
+               LEFT JOIN pg_am am ON am.oid = c.relam
                LEFT JOIN pg_inherits i ON i.inhrelid = c.oid
               ORDER BY tp.range_start NULLS LAST, tp.partition_schema, tp.partition_name",
             &[],
@@ -1325,6 +1426,7 @@ pub async fn list_partitions(client: &Client) -> Result<Vec<PartitionInfo>, Main
             rows_estimate: r.get(5),
             total_bytes: r.get(6),
             detach_pending: r.get(7),
+            access_method: r.get(8),
         })
         .collect())
 }
@@ -1436,6 +1538,209 @@ async fn plan_archive_detached(
     Ok(())
 }
 
+/// Checks that the database has the access method `am` archived partitions are to get:
+/// [`MaintenanceError::NoColumnar`] for `columnar` without citus_columnar. `dbx serve` calls
+/// it at start; the archive task's plan calls it too (`dbx partitions archive`).
+pub async fn check_access_method(
+    client: &Client,
+    am: ArchiveAccessMethod,
+) -> Result<(), MaintenanceError> {
+    if am == ArchiveAccessMethod::Heap {
+        return Ok(());
+    }
+    let has: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_am WHERE amname = $1)",
+            &[&am.name()],
+        )
+        .await
+        .map_err(db_err("looking for the columnar access method"))?
+        .get(0);
+    if has {
+        Ok(())
+    } else {
+        Err(MaintenanceError::NoColumnar)
+    }
+}
+
+/// True when this database has the `citus` extension (a Citus coordinator after `dbx setup
+/// --distributed`).
+async fn has_citus(client: &Client) -> Result<bool, MaintenanceError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await
+        .map_err(db_err("looking for the citus extension"))?
+        .get(0))
+}
+
+/// The steps turning the archived heap tables `names` (in `dbx_archive`) columnar, one step
+/// each. Fails with [`MaintenanceError::NoColumnar`] when the access method is missing.
+///
+/// Why a rewrite of its own, after the move, not inside the archival transaction: that one
+/// holds the live parent's ACCESS EXCLUSIVE lock (a DETACH without CONCURRENTLY, forced by
+/// the DEFAULT partition), and a rewrite there would stall ingest for as long as it copies a
+/// day of rows. Converted on its own, the partition is already attached to the archive
+/// parent (its rows never disappear from queries); the rewrite locks that one partition and
+/// nothing else, so only readers of that archived day wait for it, and it runs under
+/// `lock_timeout` like every step (a busy partition is retried, then left for the next run,
+/// which finds it still heap and converts it then: the step is idempotent by construction).
+///
+/// - Single node: PostgreSQL 15's `ALTER TABLE … SET ACCESS METHOD columnar` (one rewrite,
+///   same oid, indexes rebuilt). `IF EXISTS`: a table whose move was skipped this run is not
+///   under dbx_archive yet and is converted by the run that moves it.
+/// - Citus: `alter_table_set_access_method(partition, 'columnar')`, Citus's own conversion of
+///   a distributed table's partition on every shard (plain `ALTER TABLE … SET ACCESS
+///   METHOD` is not propagated to the shards). It is what `alter_old_partitions_set_access_method`
+///   runs per partition; that procedure commits between partitions (no transaction block, no
+///   per-partition retry), so dbx calls the function itself, one step per partition, guarded
+///   by a catalog lookup so that a missing or already columnar table is a no-op.
+///
+/// Indexes: both are kept. citus_columnar (Citus 10.2+) supports btree indexes: the dedupe key
+/// `(session_id, seq, ts)` must stay because the archive parent's partitioned unique index
+/// requires it on every partition (and it keeps the sweep's moves into archived days
+/// unique), and `(aircraft_id, ts)` serves the per-aircraft queries of the API and analytics.
+async fn plan_columnar(
+    client: &Client,
+    names: &[String],
+    plan: &mut Plan,
+) -> Result<(), MaintenanceError> {
+    check_access_method(client, ArchiveAccessMethod::Columnar).await?;
+    if names.is_empty() {
+        return Ok(());
+    }
+    let citus = has_citus(client).await?;
+    plan.notes.push(format!(
+        "archive_access_method = columnar: {} archived heap partition(s) rewritten columnar, one \
+         at a time, each locking only itself ({})",
+        names.len(),
+        if citus {
+            "Citus: alter_table_set_access_method"
+        } else {
+            "ALTER TABLE … SET ACCESS METHOD columnar"
+        }
+    ));
+    for name in names {
+        let q = format!("dbx_archive.{}", quote_ident(name));
+        let sql = if citus {
+            format!(
+                "SELECT alter_table_set_access_method(c.oid::regclass, 'columnar') \
+                   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_am am ON am.oid = c.relam \
+                  WHERE c.oid = to_regclass('{}') AND am.amname = 'heap'",
+                q.replace('\'', "''")
+            )
+        } else {
+            format!("ALTER TABLE IF EXISTS {q} SET ACCESS METHOD columnar")
+        };
+        plan.steps.push(Step::admin(
+            StepMode::Autocommit,
+            format!("turn {q} columnar"),
+            vec![sql],
+        ));
+    }
+    Ok(())
+}
+
+/// Retention of one columnar partition `p`, where `expired` holds every organization whose
+/// cutoff falls after the partition's start, with that cutoff.
+///
+/// citus_columnar refuses DELETE and UPDATE ("UPDATE and CTID scans not supported for
+/// ColumnarScan"), so the heap path's chunked deletes cannot run. One read-only look at the
+/// partition (two `EXISTS`, which read only the `org_id` and `ts` columns; columnar skips the
+/// rest) decides between:
+///
+/// - nothing expired: nothing to do (no step);
+/// - every row expired: the partition is dropped whole (LOCK, then DROP, as above);
+/// - some rows expired: **turn it heap, delete, turn it columnar again**, in one transaction
+///   under the partition's ACCESS EXCLUSIVE lock. Chosen over copying the kept rows into a new
+///   columnar table and swapping it in because it is the same three statements on a single node
+///   (`ALTER TABLE … SET ACCESS METHOD`, which keeps the table's oid, grants and index names)
+///   and on Citus (`alter_table_set_access_method` on every shard, where a swapped-in table
+///   would have to be distributed and colocated by hand), and because a failure anywhere rolls
+///   the whole of it back: the partition is never left heap or half-deleted. The price is two
+///   rewrites of that one partition, once per retention change of an organization with rows in
+///   it (a day's partition is past an organization's cutoff only once); readers of that day wait
+///   for them, ingest never does (archived partitions take no writes).
+///
+/// Columnar partitions are not in the write-counter bookkeeping of the heap path
+/// (`retention_state`): citus_columnar does not report its inserts to PostgreSQL's statistics
+/// (its `n_tup_ins` stays 0 whatever the sweep moves in), so a counter could not tell that a
+/// row arrived. They are looked at every run instead, at the cost of reading two columns.
+async fn plan_columnar_retention(
+    client: &Client,
+    p: &PartitionInfo,
+    expired: &[(Uuid, DateTime<Utc>)],
+    citus: bool,
+    plan: &mut Plan,
+) -> Result<(), MaintenanceError> {
+    let q = p.qualified();
+    let cond = expired
+        .iter()
+        .map(|(org, cutoff)| format!("(org_id = '{org}'::uuid AND ts < {})", ts_lit(*cutoff)))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM {q} WHERE {cond}), \
+                        EXISTS (SELECT 1 FROM {q} WHERE NOT ({cond}))"
+            ),
+            &[],
+        )
+        .await
+        .map_err(db_err(format!("reading the expired rows of {q}")))?;
+    let (some_expired, some_kept): (bool, bool) = (row.get(0), row.get(1));
+    if !some_expired {
+        return Ok(());
+    }
+    let orgs = expired
+        .iter()
+        .map(|(org, cutoff)| format!("{org} before {cutoff}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !some_kept {
+        plan.steps.push(Step::admin(
+            StepMode::Transaction,
+            format!("drop the columnar {q}: every row in it is expired ({orgs})"),
+            vec![
+                format!("LOCK TABLE {q} IN ACCESS EXCLUSIVE MODE"),
+                format!("DROP TABLE {q}"),
+            ],
+        ));
+        return Ok(());
+    }
+    let lit = q.replace('\'', "''");
+    let sql = if citus {
+        vec![
+            format!("SELECT alter_table_set_access_method('{lit}', 'heap')"),
+            format!("DELETE FROM {q} WHERE {cond}"),
+            format!("SELECT alter_table_set_access_method('{lit}', 'columnar')"),
+        ]
+    } else {
+        vec![
+            format!("LOCK TABLE {q} IN ACCESS EXCLUSIVE MODE"),
+            format!("ALTER TABLE {q} SET ACCESS METHOD heap"),
+            format!("DELETE FROM {q} WHERE {cond}"),
+            format!("ALTER TABLE {q} SET ACCESS METHOD columnar"),
+        ]
+    };
+    let delete_at = sql.len() - 2;
+    plan.steps.push(Step {
+        what: format!(
+            "rewrite the columnar {q} without its expired rows ({orgs}): heap, delete, columnar"
+        ),
+        sql,
+        mode: StepMode::Transaction,
+        repeat_while_at_least: None,
+        needs_admin: true,
+        counts_rows: true,
+        rows_of: Some(delete_at),
+    });
+    Ok(())
+}
+
 /// Moves the detached table `name` under `dbx_archive`, read-only for the daemon, and attaches
 /// it to the archive's parent for `[from, to)`.
 fn archive_move_sql(name: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<String> {
@@ -1503,6 +1808,7 @@ mod tests {
                 repeat_while_at_least: None,
                 needs_admin: true,
                 counts_rows: false,
+                rows_of: None,
             }],
             notes: vec!["n".into()],
         };

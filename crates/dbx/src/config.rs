@@ -563,6 +563,21 @@ mod tests {
         assert!(e.contains("database.connect_timeout_secs"), "{e}");
         assert!(e.contains("DBX_DATABASE__CONNECT_TIMEOUT_SECS"), "{e}");
 
+        std::fs::write(&p, "[partitions]\narchive_access_method = \"parquet\"\n").unwrap();
+        let e = load_with_env::<Config>(Some(&p), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("partitions.archive_access_method"), "{e}");
+        let c = load_with_env::<Config>(
+            None,
+            &env(&[("DBX_PARTITIONS__ARCHIVE_ACCESS_METHOD", "columnar")]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.partitions.archive_access_method,
+            dbx_control::partitions::ArchiveAccessMethod::Columnar
+        );
+
         std::fs::write(&p, "[http\n").unwrap();
         let e = load_with_env::<Config>(Some(&p), &[])
             .unwrap_err()

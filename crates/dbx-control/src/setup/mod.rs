@@ -145,6 +145,15 @@ pub enum SetupError {
     /// `--distributed`: the cluster is not ready, or a distribution step failed.
     #[error(transparent)]
     Citus(#[from] citus::CitusError),
+    /// Columnar archives asked for, but the server has no `citus_columnar` extension.
+    #[error(
+        "partitions.archive_access_method = \"columnar\" needs the citus_columnar extension, \
+         which this server does not have (pg_available_extensions): install Citus 13 for this \
+         PostgreSQL (it ships citus_columnar; no shared_preload_libraries needed for columnar \
+         alone), then run `dbx setup` again or CREATE EXTENSION citus_columnar in the database \
+         as a superuser; or set partitions.archive_access_method = \"heap\""
+    )]
+    NoColumnar,
     /// Tables of the schema are missing.
     #[error("{} of the 7 tables are missing: {}; run `dbx setup` (or `dbx migrate`)", .0.len(), .0.join(", "))]
     MissingTables(Vec<String>),
@@ -293,6 +302,9 @@ pub struct SetupOptions {
     /// server is its coordinator, with the `citus` extension and at least one worker
     /// ([`crate::citus`]).
     pub distributed: bool,
+    /// The configuration asks for columnar archives (`partitions.archive_access_method =
+    /// "columnar"`): create the `citus_columnar` extension, or fail saying how to get it.
+    pub columnar: bool,
 }
 
 /// What setup did.
@@ -308,6 +320,9 @@ pub struct SetupReport {
     pub postgis: String,
     /// What the distribution step did (`--distributed`), `None` on a single node.
     pub distributed: Option<citus::DistributeReport>,
+    /// The columnar access method, when asked for ([`SetupOptions::columnar`]): `Some(true)`
+    /// when this run created `citus_columnar`, `Some(false)` when it was there already.
+    pub columnar: Option<bool>,
     /// Login user → password in effect.
     pub passwords: Vec<(String, String)>,
     /// The sample organization's API key, when sample data was asked for.
@@ -366,6 +381,11 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
     } else {
         None
     };
+    let columnar = if opts.columnar {
+        Some(ensure_columnar(&client).await?)
+    } else {
+        None
+    };
     let postgis = PostgisState::read(&client)
         .await
         .map_err(db_err("reading the PostGIS state"))?;
@@ -392,12 +412,40 @@ pub async fn setup(opts: &SetupOptions) -> Result<SetupReport, SetupError> {
         postgis: postgis.describe(opts.postgis),
         server_version,
         distributed,
+        columnar,
         passwords,
         api_key,
         urls,
         checklist,
         files,
     })
+}
+
+/// Creates `citus_columnar` in the database when missing (on a Citus coordinator `CREATE
+/// EXTENSION citus` has made it already); `Ok(true)` when created now. The columnar access
+/// method needs no `shared_preload_libraries`: its library loads on first use.
+async fn ensure_columnar(client: &Client) -> Result<bool, SetupError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_am WHERE amname = 'columnar'), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_available_extensions \
+                             WHERE name = 'citus_columnar')",
+            &[],
+        )
+        .await
+        .map_err(db_err("looking for the columnar access method"))?;
+    let (present, available): (bool, bool) = (row.get(0), row.get(1));
+    if present {
+        return Ok(false);
+    }
+    if !available {
+        return Err(SetupError::NoColumnar);
+    }
+    client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS citus_columnar")
+        .await
+        .map_err(db_err("CREATE EXTENSION citus_columnar"))?;
+    Ok(true)
 }
 
 /// A database name PostgreSQL accepts and that we can quote with `"…"` as it is.

@@ -424,6 +424,7 @@ async fn run_setup(
         sample_data: true,
         postgis: Default::default(),
         distributed,
+        columnar: false,
     })
     .await?;
     println!(

@@ -154,7 +154,7 @@ async fn list(manager: &PartitionManager) -> anyhow::Result<()> {
             (fmt_ts(p.from), fmt_ts(p.to))
         };
         println!(
-            "{:<32} {:<8} {:<18} {:<18} {:>12} {:>10}{}",
+            "{:<32} {:<8} {:<18} {:<18} {:>12} {:>10}{}{}",
             p.name,
             if p.is_live() { "live" } else { "archive" },
             from,
@@ -167,7 +167,9 @@ async fn list(manager: &PartitionManager) -> anyhow::Result<()> {
                 "  (detach pending)"
             } else {
                 ""
-            }
+            },
+            // Archived with partitions.archive_access_method = "columnar".
+            if p.is_columnar() { "  (columnar)" } else { "" }
         );
     }
     let live = parts

@@ -105,7 +105,7 @@ pub async fn run(
     let service_pool = ingest.pool(4)?;
     let control_pool = admin.pool(2)?;
 
-    check_database(&ingest).await?;
+    check_database(&ingest, cfg.partitions.archive_access_method).await?;
     check_admin_node(&admin, admin_origin).await?;
 
     // Partitions first, before the listener opens.
@@ -226,8 +226,13 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// The first connection says plainly what is wrong (TLS, require_tls, password, …), and
-/// the schema must be there: the daemon never migrates on its own.
-async fn check_database(ingest: &dbx_pg::Connector) -> anyhow::Result<()> {
+/// the schema must be there: the daemon never migrates on its own; and columnar archives,
+/// when configured, need their access method (refused here, at start, rather than at every
+/// archive run, where the failure would also hold up the tasks that run after archival).
+async fn check_database(
+    ingest: &dbx_pg::Connector,
+    archive_am: dbx_control::partitions::ArchiveAccessMethod,
+) -> anyhow::Result<()> {
     {
         let client = ingest.connect().await?;
         report_security(&client, ingest).await;
@@ -238,6 +243,7 @@ async fn check_database(ingest: &dbx_pg::Connector) -> anyhow::Result<()> {
                 missing.join(", ")
             );
         }
+        dbx_control::partitions::check_access_method(&client, archive_am).await?;
     }
 
     Ok(())

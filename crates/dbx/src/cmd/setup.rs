@@ -115,6 +115,14 @@ fn superuser(config_path: Option<&Path>, args: &SetupArgs) -> anyhow::Result<Con
     Ok(db.connector_for(cfg, "DB_HOST/DB_PORT/DB_USER/DB_PASSWORD")?)
 }
 
+/// True when the configuration asks for columnar archives (`partitions.archive_access_method`),
+/// which setup then prepares (`citus_columnar`).
+fn columnar_archives(config_path: Option<&Path>) -> anyhow::Result<bool> {
+    let cfg: Config = config::load(config_path)?;
+    Ok(cfg.partitions.archive_access_method
+        == dbx_control::partitions::ArchiveAccessMethod::Columnar)
+}
+
 /// `dbx setup`.
 pub async fn setup(config_path: Option<&Path>, args: SetupArgs) -> anyhow::Result<ExitCode> {
     let opts = setup::SetupOptions {
@@ -125,6 +133,7 @@ pub async fn setup(config_path: Option<&Path>, args: SetupArgs) -> anyhow::Resul
         sample_data: !args.no_sample_data,
         postgis: args.postgis,
         distributed: args.distributed,
+        columnar: columnar_archives(config_path)?,
     };
     let report = setup::setup(&opts).await?;
     if args.json {
@@ -138,6 +147,7 @@ pub async fn setup(config_path: Option<&Path>, args: SetupArgs) -> anyhow::Resul
             "created_database": report.created_database,
             "migrations_applied": report.migrations_applied,
             "postgis": report.postgis,
+            "columnar": report.columnar,
             "distributed": report.distributed.as_ref().map(|d| serde_json::json!({
                 "workers": d.workers,
                 "placed": d.placed.iter().map(|(t, p)| format!("{t}: {p:?}")).collect::<Vec<_>>(),
@@ -158,6 +168,11 @@ pub async fn setup(config_path: Option<&Path>, args: SetupArgs) -> anyhow::Resul
         }
         if report.migrations_applied.is_empty() {
             println!("  migrations: up to date");
+        }
+        match report.columnar {
+            Some(true) => println!("  created extension citus_columnar (columnar archives)"),
+            Some(false) => println!("  columnar archives: citus_columnar present"),
+            None => {}
         }
         if let Some(d) = &report.distributed {
             println!("  Citus workers: {}", d.workers.join(", "));
