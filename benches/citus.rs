@@ -500,20 +500,23 @@ pub(crate) async fn citus_mode(
          - dbx through the coordinator / Citus ceiling: **{:.2}×**; two daemons through two nodes / one \
            daemon: **{:.2}×**.\n{single_line}\n\
          What this does and does not show. All three nodes share the same two cores with the daemons \
-         and the load generators, so this measures what Citus costs per point, not what it scales to: \
-         the coordinator parses every row of every COPY and forwards it to the shard's worker, each \
-         flush touching shards on both workers commits with two-phase commit, and the session upsert \
-         and statistics are multi-shard statements. A second daemon through a worker moves that routing \
-         work to the worker's backends, but here those backends run on the same two cores, so it can \
-         only win back time the first path spent waiting (commits, round trips), not CPU. On real \
-         machines, each worker with its own cores and disks: each worker writes only its shards, with \
-         its own WAL disk, so the storage side grows with the workers; the coordinator's routing (one \
-         backend per COPY stream, parsing every row) becomes the limit of a single ingest path, which \
-         is why daemons should write through several nodes (each node's backends route their own \
-         streams); and the bottleneck moves to the routing nodes' CPU and to the network between the \
-         nodes (every point crosses it once more than on a single node). Expect the one-daemon ratio \
-         to stay near the figure here (the same work per point, minus CPU contention) and the \
-         two-daemon sum to grow with the nodes writing, which this machine cannot show.\n\n\
+         and the load generators, so this measures what Citus costs per point here, not what it scales \
+         to. One COPY stream into the coordinator comes close to the single node's (the coordinator's \
+         backend parses and routes every row, the workers' backends write: three processes on two \
+         cores), but dbx through the coordinator does not: every flush is a distributed transaction \
+         (the session upsert and statistics are multi-shard statements, and a flush touching shards on \
+         both workers commits with two-phase commit), so each of the daemon's writers \
+         (`batcher.writers`, 2) waits several times longer per flush than on one node (compare the ack \
+         latencies), and the daemon is bound by that latency more than by CPU. A second daemon through \
+         a worker brings two more writers and the worker's backends to the routing, which is why it \
+         adds throughput even on the same two cores. On real machines, each worker with its own cores \
+         and disks: each worker writes only its shards to its own WAL disk, so the storage side grows \
+         with the workers; the routing (a node's backend parses every row of each COPY stream) and the \
+         round trips of each distributed commit become the limits of one ingest path, so daemons should \
+         write through several nodes (each node routes its own streams), and the sum should grow with \
+         the nodes that write until the network between the nodes (every point crosses it once more \
+         than on one node) or commit latency limits it. This machine cannot show that growth; more \
+         writers per daemon on Citus were not measured.\n\n\
          Every run of this mode, newest last (points/s; the ratios are to the same run's Citus ceiling):\n\n\
          | run | points × rounds | load average before → after | single-node ceiling | single-node dbx | Citus ceiling | one daemon | two daemons |\n\
          |---|---|---|---:|---:|---:|---:|---:|\n{}\n",
