@@ -34,7 +34,16 @@
 //! holding 20 M rows of history; points/s, ack p50/p90/p99/max, daemon RSS and CPU per point,
 //! and every maintenance task timed on both tables, in the "Fleet-shaped load" section of
 //! `benches/RESULTS.md` (the other sections are kept).
+//!
+//! Citus mode, `DBX_BENCH_CITUS=1` (`benches/citus.rs`): a private coordinator and two workers
+//! (Citus installed into the machine's PostgreSQL), `dbx setup --distributed`; per round one
+//! `psql \copy (FORMAT binary)` stream into the coordinator (the Citus ceiling), dbx end to end
+//! through the coordinator, two daemons at once through the coordinator and through a worker,
+//! and the single-node ceiling and dbx beside them (`DBX_BENCH_CITUS_SINGLE=0` skips those);
+//! points/s, ratios to the Citus ceiling, ack p50/p99, rows per worker, every acked point
+//! checked stored once; the "Citus: three nodes on one machine" section of `benches/RESULTS.md`.
 
+mod citus;
 mod fleet;
 
 use std::path::{Path, PathBuf};
@@ -211,6 +220,55 @@ fn generate(fleet: &Fleet, n: usize) -> Vec<(Uuid, Uuid, Vec<Point>)> {
     out
 }
 
+/// The sample organization's fleet: `AIRCRAFT` aircraft registered (or re-activated) in the
+/// database `su` is connected to.
+async fn register_fleet(su: &Client) -> Fleet {
+    let org: Uuid = su
+        .query_one(
+            "SELECT org_id FROM dbx_aviation.organizations WHERE org_code = $1",
+            &[&setup::SAMPLE_ORG_CODE],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut aircraft = Vec::new();
+    for i in 0..AIRCRAFT {
+        let reg = format!("N{:03}BX", i + 1);
+        let id: Uuid = su
+            .query_one(
+                "INSERT INTO dbx_aviation.aircraft_registry (org_id, registration_number, aircraft_type) VALUES ($1, $2, 'quadcopter') \
+                 ON CONFLICT (org_id, registration_number) DO UPDATE SET is_active = true RETURNING aircraft_id",
+                &[&org, &reg],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        aircraft.push((reg, id));
+    }
+    Fleet { org, aircraft }
+}
+
+/// Writes `batches` as one binary COPY file at `file`, readable by the `postgres` user; its
+/// size in MB.
+fn encode(fleet: &Fleet, batches: &[(Uuid, Uuid, Vec<Point>)], file: &Path) -> f64 {
+    let mut enc = CopyEncoder::new(64 << 20);
+    enc.begin();
+    for (a, s, pts) in batches {
+        for p in pts {
+            enc.push(&fleet.org, a, s, p);
+        }
+    }
+    std::fs::write(file, enc.finish()).expect("write copy file");
+    // psql runs as the postgres user when we are root: let it read the file and enter its
+    // directory (a temporary directory right under the world-readable temp dir).
+    let _ = Command::new("chmod").arg("a+r").arg(file).status();
+    let _ = Command::new("chmod")
+        .arg("a+rx")
+        .arg(file.parent().expect("the file's directory"))
+        .status();
+    std::fs::metadata(file).map(|m| m.len()).unwrap_or(0) as f64 / 1e6
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -307,7 +365,9 @@ async fn loadgen_run(
         tls: None,
         key: key.to_string(),
         aircraft: fleet.aircraft.iter().map(|(r, _)| r.clone()).collect(),
-        gateways: GATEWAYS,
+        // The whole fleet is GATEWAYS gateways; a part of it (Citus mode's two daemons) as
+        // many gateways as its aircraft fill.
+        gateways: (fleet.aircraft.len() / (AIRCRAFT / GATEWAYS)).max(1),
         aircraft_per_gateway: AIRCRAFT / GATEWAYS,
         batch_points: BATCH,
         window: 8,
@@ -616,29 +676,7 @@ async fn main() {
     .expect("setup");
     let key = report.api_key.clone().expect("api key");
     let su = connect(&cluster.superuser_url("dbx_aviation")).await;
-    let org: Uuid = su
-        .query_one(
-            "SELECT org_id FROM dbx_aviation.organizations WHERE org_code = $1",
-            &[&setup::SAMPLE_ORG_CODE],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let mut aircraft = Vec::new();
-    for i in 0..AIRCRAFT {
-        let reg = format!("N{:03}BX", i + 1);
-        let id: Uuid = su
-            .query_one(
-                "INSERT INTO dbx_aviation.aircraft_registry (org_id, registration_number, aircraft_type) VALUES ($1, $2, 'quadcopter') \
-                 ON CONFLICT (org_id, registration_number) DO UPDATE SET is_active = true RETURNING aircraft_id",
-                &[&org, &reg],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        aircraft.push((reg, id));
-    }
-    let fleet = Fleet { org, aircraft };
+    let fleet = register_fleet(&su).await;
     let server_version: String = su
         .query_one("SHOW server_version", &[])
         .await
@@ -658,6 +696,18 @@ async fn main() {
         cluster.stop().ok();
         return;
     }
+    if env_usize("DBX_BENCH_CITUS", 0) == 1 {
+        let single = citus::Single {
+            cluster: &cluster,
+            report: &report,
+            fleet: &fleet,
+            key: &key,
+            su: &su,
+        };
+        citus::citus_mode(single, n, runs, work.path(), &server_version).await;
+        cluster.stop().ok();
+        return;
+    }
     if tls {
         tls_comparison(&cluster, &report, (&fleet, &key, &su), n, runs, work.path()).await;
         cluster.stop().ok();
@@ -667,20 +717,7 @@ async fn main() {
     // Pre-encode the ceiling's file.
     let batches = generate(&fleet, n);
     let file: PathBuf = work.path().join("points.pgcopy");
-    let mut enc = CopyEncoder::new(64 << 20);
-    enc.begin();
-    for (a, s, pts) in &batches {
-        for p in pts {
-            enc.push(&fleet.org, a, s, p);
-        }
-    }
-    std::fs::write(&file, enc.finish()).expect("write copy file");
-    // psql runs as the postgres user when we are root: let it read the file.
-    let _ = Command::new("chmod")
-        .args(["-R", "a+rX"])
-        .arg(work.path())
-        .status();
-    let file_mb = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) as f64 / 1e6;
+    let file_mb = encode(&fleet, &batches, &file);
 
     println!(
         "dbx throughput harness: {n} points, {runs} run(s) each, PostgreSQL {server_version}, {}",
