@@ -66,21 +66,9 @@ struct TwoRun {
     p99: [f64; 2],
 }
 
-/// Rows of `flight_telemetry` per worker, counted on the shards: one `run_command_on_shards`
-/// per partition. (`dbx_control::citus::ROWS_PER_WORKER_SQL`, which the demo prints, calls it
-/// once per shard and counts every shard each time: about a minute on a million rows here.)
-const ROWS_PER_WORKER: &str = "\
-    SELECT s.nodename || ':' || s.nodeport AS node, count(*) AS shards, \
-           sum(r.result::bigint)::bigint AS rows \
-      FROM (SELECT i.inhrelid::regclass AS part FROM pg_inherits i \
-             WHERE i.inhparent = 'dbx_aviation.flight_telemetry'::regclass) p \
-     CROSS JOIN LATERAL run_command_on_shards(p.part, 'SELECT count(*) FROM %s') r \
-      JOIN citus_shards s ON s.shardid = r.shardid \
-     GROUP BY 1 ORDER BY 1";
-
 /// Rows of `flight_telemetry` per worker (`nodeN:port` → rows).
 async fn rows_per_worker(su: &Client) -> Vec<(String, i64)> {
-    su.query(ROWS_PER_WORKER, &[])
+    su.query(dbx_control::citus::ROWS_PER_WORKER_SQL, &[])
         .await
         .expect("rows per worker")
         .iter()
@@ -257,6 +245,7 @@ pub(crate) async fn citus_mode(
         sample_data: true,
         postgis: Default::default(),
         distributed: true,
+        columnar: false,
     })
     .await
     .expect("dbx setup --distributed");
