@@ -26,7 +26,7 @@ use dbx_testkit::{run_cli, Fixture, TestDb};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::{dbx_bin, Distributed};
+use crate::{dbx_bin, partitions, Distributed};
 
 fn utc(y: i32, mo: u32, d: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(y, mo, d, 0, 0, 0).unwrap()
@@ -583,16 +583,6 @@ async fn undistributed(c: &Client) -> i64 {
             AND NOT EXISTS (SELECT 1 FROM citus_tables t WHERE t.table_name = i.inhrelid::regclass)",
     )
     .await
-}
-
-fn partitions(d: &Distributed, args: &[&str], env: &[(&str, &str)]) -> String {
-    let url = d.url(0, "dbx_maintenance_service");
-    let mut all = vec!["partitions", "--database-url", url.as_str()];
-    all.extend_from_slice(args);
-    let (ok, out) = run_cli(dbx_bin(), &all, env);
-    assert!(ok, "dbx {all:?} failed:\n{out}");
-    assert!(!out.contains("FAILED"), "dbx {all:?}:\n{out}");
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

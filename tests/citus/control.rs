@@ -13,7 +13,7 @@ use dbx_testkit::{run_cli, wait_until, Daemon};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use crate::{dbx_bin, Distributed};
+use crate::{dbx_bin, partitions, Distributed};
 
 /// Plants `n` rows of `org`'s aircraft `days_ago` days back (a day no partition covers: they go
 /// to the default partition); returns their session.
@@ -56,16 +56,6 @@ async fn undistributed_partitions(c: &Client) -> i64 {
     .await
     .unwrap()
     .get(0)
-}
-
-fn partitions(d: &Distributed, args: &[&str], env: &[(&str, &str)]) -> String {
-    let url = d.url(0, "dbx_maintenance_service");
-    let mut all = vec!["partitions", "--database-url", url.as_str()];
-    all.extend_from_slice(args);
-    let (ok, out) = run_cli(dbx_bin(), &all, env);
-    assert!(ok, "dbx {all:?} failed:\n{out}");
-    assert!(!out.contains("FAILED"), "dbx {all:?}:\n{out}");
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,6 +143,18 @@ fn setup_distributed(db: &CitusDb, out: &Path, env: &[(&str, &str)]) -> String {
     output
 }
 
+/// Runs `dbx partitions <args>` as the maintenance role against the coordinator; fails the
+/// test unless every step succeeded. Its output.
+fn partitions(d: &Distributed, args: &[&str], env: &[(&str, &str)]) -> String {
+    let url = d.url(0, "dbx_maintenance_service");
+    let mut all = vec!["partitions", "--database-url", url.as_str()];
+    all.extend_from_slice(args);
+    let (ok, out) = run_cli(dbx_bin(), &all, env);
+    assert!(ok, "dbx {all:?} failed:\n{out}");
+    assert!(!out.contains("FAILED"), "dbx {all:?}:\n{out}");
+    out
+}
+
 /// Rows of `flight_telemetry` per worker (`host:port` → rows), counted on the shards.
 async fn rows_per_worker(client: &Client) -> Vec<(String, i64)> {
     client

@@ -62,6 +62,18 @@ async fn session_row(
     .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
 }
 
+/// Backends of this database waiting for a lock.
+async fn lock_waiters(c: &tokio_postgres::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE wait_event_type = 'Lock' AND datname = current_database()",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
 /// When the session was completed, and how many audit rows it has.
 async fn completion_and_audits(c: &tokio_postgres::Client, s: Uuid) -> (DateTime<Utc>, i64) {
     let r = c
@@ -256,16 +268,7 @@ async fn an_end_does_not_wait_for_a_writer() {
     // The writer has taken the flush and waits for the lock.
     assert!(
         dbx_testkit::wait_until(std::time::Duration::from_secs(10), || async {
-            let waiting: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE wait_event_type = 'Lock' AND datname = current_database()",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            waiting >= 1
+            lock_waiters(&c).await >= 1
         })
         .await,
         "the flush of the locked session never waited for its lock"
@@ -346,21 +349,11 @@ async fn an_end_waits_for_the_flush_of_its_session_in_flight() {
         ))
         .await
         .unwrap();
-    let lock_waits = || async {
-        c.query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE wait_event_type = 'Lock' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0)
-    };
     let (b, held) = batch(fx.a, s, pts(t0, 5..10));
     tx.send(b).await.unwrap();
     assert!(
         dbx_testkit::wait_until(std::time::Duration::from_secs(10), || async {
-            lock_waits().await >= 1
+            lock_waiters(&c).await >= 1
         })
         .await,
         "the flush of the locked session never waited for its lock"
@@ -374,7 +367,7 @@ async fn an_end_waits_for_the_flush_of_its_session_in_flight() {
         end_rx.try_recv().is_err(),
         "the end overtook its session's flush"
     );
-    assert_eq!(lock_waits().await, 1);
+    assert_eq!(lock_waiters(&c).await, 1);
 
     locker.batch_execute("COMMIT").await.unwrap();
     assert_eq!(outcome(held).await, BatchOutcome::Durable);
