@@ -473,8 +473,7 @@ async fn idle_sessions_are_completed_after_the_timeout_with_the_clock_under_cont
         .collect();
     env.client.batch_execute("COMMIT").await.unwrap();
     assert!(
-        plan.iter()
-            .any(|l| l.contains("flight_sessions_active_last_point")),
+        plan.iter().any(|l| l.contains("flight_sessions_active")),
         "{plan:#?}"
     );
 }

@@ -75,8 +75,10 @@ async fn ingested_flights_answer_distance_and_radius_queries_on_postgis() {
     let around_points = flight_points(&loop_positions, t0);
     g.send_batch(2, &aircraft, around, &around_points, PointForm::Array)
         .await;
-    let (acked, nacks) = g.await_verdicts(2).await;
-    assert_eq!((acked, nacks.len()), (2, 0), "{nacks:?}\n{}", daemon.log());
+    // The hop lands: its arrival location is set when the flight is completed.
+    g.send_end(3, hop).await;
+    let (acked, nacks) = g.await_verdicts(3).await;
+    assert_eq!((acked, nacks.len()), (3, 0), "{nacks:?}\n{}", daemon.log());
 
     // The endpoints PostGIS derives from what the daemon stored, and the distance between
     // them measured by PostGIS, agree with the daemon's total_distance_km.

@@ -151,6 +151,11 @@ pub static MIGRATIONS: &[Migration] = &[
         name: "columnar_retention",
         sql: include_str!("../migrations/0046_columnar_retention.sql"),
     },
+    Migration {
+        version: 47,
+        name: "hot_session_updates",
+        sql: include_str!("../migrations/0047_hot_session_updates.sql"),
+    },
 ];
 
 /// Key of the transaction-level advisory lock every runner transaction takes (ASCII "dbx_mig").

@@ -35,8 +35,8 @@ async fn flight(
     c.query_one(
         "INSERT INTO dbx_aviation.flight_sessions
            (org_id, aircraft_id, actual_departure, departure_latitude, departure_longitude,
-            arrival_latitude, arrival_longitude)
-         VALUES ($1, $2, now(), $3, $4, $5, $6) RETURNING session_id",
+            arrival_latitude, arrival_longitude, flight_status)
+         VALUES ($1, $2, now(), $3, $4, $5, $6, 'completed') RETURNING session_id",
         &[
             &org,
             &aircraft,
@@ -109,11 +109,30 @@ async fn endpoints_are_generated_from_the_coordinates_and_radius_queries_use_gis
         (true, true)
     );
 
-    // The daemon moves the arrival as points come in: the generated column follows.
+    // While a flight is active its arrival coordinates move with every flush but it has no
+    // arrival location (so the daemon's updates stay HOT, migration 0047); completing it
+    // fills the location in from the coordinates.
     c.execute(
-        "UPDATE dbx_aviation.flight_sessions SET arrival_latitude = $2, arrival_longitude = $3
+        "UPDATE dbx_aviation.flight_sessions
+            SET arrival_latitude = $2, arrival_longitude = $3, flight_status = 'active'
           WHERE session_id = $1",
         &[&ber, &ZURICH.0, &ZURICH.1],
+    )
+    .await
+    .unwrap();
+    let located: bool = c
+        .query_one(
+            "SELECT arrival_location IS NOT NULL FROM dbx_aviation.flight_sessions
+              WHERE session_id = $1",
+            &[&ber],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!located, "an active flight has no arrival location");
+    c.execute(
+        "UPDATE dbx_aviation.flight_sessions SET flight_status = 'completed' WHERE session_id = $1",
+        &[&ber],
     )
     .await
     .unwrap();
