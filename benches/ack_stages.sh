@@ -7,6 +7,7 @@
 #
 #   benches/ack_stages.sh start                 # cluster + setup + fleet of 2000 aircraft
 #   benches/ack_stages.sh serve [key=value ...] # (re)start the daemon; batcher overrides
+#     (listener.key=value for the listener's, e.g. listener.max_pending_per_ip=4096)
 #   [WARMUP=s] benches/ack_stages.sh run <loadgen flags>  # one run: loadgen's summary + stages
 #     (a fresh --seed each run: the same seed repeats the same sessions, which are
 #     completed by then, and their batches would be settled as duplicates)
@@ -35,6 +36,7 @@ listen_addresses = '127.0.0.1'
 unix_socket_directories = '$DIR/pg'
 shared_buffers = 256MB
 max_wal_size = 4GB
+min_wal_size = 1GB
 wal_compression = on
 checkpoint_timeout = 15min
 max_connections = 200
@@ -50,6 +52,13 @@ CONF
      FROM dbx_aviation.organizations o, generate_series(1, $FLEET) i
      WHERE o.org_code = (SELECT org_code FROM dbx_aviation.organizations ORDER BY created_at LIMIT 1)
      ON CONFLICT DO NOTHING"
+  # A server in service recycles its WAL segments at each checkpoint; a fresh cluster creates
+  # (zero-fills and fsyncs) every new 16 MB segment in the foreground of the commit that
+  # needs it, a stall of tens to hundreds of ms every second or so at these rates. Write
+  # 1 GB of WAL once and checkpoint, so the runs meet the WAL of a server in service.
+  pg "$BIN/psql" -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -qc \
+    "CREATE TABLE wal_warmup AS SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 4000000) g" \
+    -c "DROP TABLE wal_warmup" -c "CHECKPOINT"
   echo "cluster on $PGPORT, credentials in $DIR/credentials"
 }
 
@@ -64,10 +73,11 @@ serve() {
     echo "[database]"; echo "url = \"$(url_of dbx_ingest_service)\""
     echo "admin_url = \"$(url_of dbx_maintenance_service)\""
     echo "[listener]"; echo "tcp_bind = \"$TCP\""; echo "udp_bind = \"\""
+    for kv in "$@"; do case $kv in listener.*) kv=${kv#listener.}; echo "${kv%%=*} = ${kv#*=}" ;; esac; done
     echo "[http]"; echo "bind = \"$HTTP\""
     echo "[log]"; echo "level = \"warn\""
     echo "[batcher]"
-    for kv in "$@"; do echo "${kv%%=*} = ${kv#*=}"; done
+    for kv in "$@"; do case $kv in listener.*) ;; *) echo "${kv%%=*} = ${kv#*=}" ;; esac; done
   } >"$DIR/dbx.toml"
   ulimit -n "$(ulimit -Hn)"
   "$DBX" --config "$DIR/dbx.toml" serve >"$DIR/dbx.log" 2>&1 &

@@ -241,66 +241,9 @@ async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, Healt
     if let Some(v) = &citus {
         m::citus(v);
     }
-    for r in c
-        .query("SELECT metric, value FROM dbx_aviation.system_health", &[])
-        .await
-        .map_err(qerr("reading system_health"))?
-    {
-        let v: Option<f64> = r.get(1);
-        match r.get::<_, &str>(0) {
-            "database_size" => s.database_size_bytes = v,
-            "active_connections" => s.active_connections = v,
-            "slow_queries_count" => s.slow_queries_count = v,
-            "cache_hit_ratio" => s.cache_hit_ratio = v.map(|p| p / 100.0),
-            _ => {}
-        }
-    }
-    // Every dbx table has a bloat figure, 0 until ANALYZE gave the estimate something to go on.
-    for t in EXPECTED_TABLES {
-        s.table_bloat_bytes.insert(t.to_string(), 0);
-    }
-    s.table_bloat_bytes
-        .insert("dbx_archive.flight_telemetry_archive".into(), 0);
-    for r in c
-        .query(
-            "SELECT schemaname, tablename, bloat_bytes FROM dbx_aviation.table_bloat",
-            &[],
-        )
-        .await
-        .map_err(qerr("reading table_bloat"))?
-    {
-        let key = bloat_table(r.get(0), r.get(1));
-        *s.table_bloat_bytes.entry(key).or_insert(0) += r.get::<_, i64>(2);
-    }
-    let mut live = SchemaPartitions {
-        schema: "live".into(),
-        ..SchemaPartitions::default()
-    };
-    let mut archive = SchemaPartitions {
-        schema: "archive".into(),
-        ..SchemaPartitions::default()
-    };
-    for r in c
-        .query(
-            "SELECT partition_schema, count(*), min(range_start), max(range_end)
-               FROM dbx_aviation.telemetry_partitions() WHERE NOT is_default GROUP BY 1",
-            &[],
-        )
-        .await
-        .map_err(qerr("reading the partitions"))?
-    {
-        let target = match r.get::<_, &str>(0) {
-            "dbx_archive" => &mut archive,
-            _ => &mut live,
-        };
-        target.count = r.get(1);
-        target.oldest_start = r.get(2);
-        target.newest_end = r.get(3);
-    }
-    s.partition_ahead_seconds = live
-        .newest_end
-        .map(|end| (end - now).num_milliseconds() as f64 / 1000.0);
-    s.partitions = vec![live, archive];
+    read_system_health(c, &mut s).await?;
+    read_bloat(c, &mut s).await?;
+    read_partitions(c, now, &mut s).await?;
     // The figure is an alarm, not an inventory, and must stay cheap however much a skewed
     // clock put there: exact up to DEFAULT_ROWS_EXACT rows (reading at most that many), the
     // planner's estimate beyond.
@@ -338,6 +281,86 @@ async fn collect(c: &Client, now: DateTime<Utc>) -> Result<HealthSnapshot, Healt
     s.tls_version = ssl.get(1);
     s.citus = citus;
     Ok(s)
+}
+
+/// The `dbx_aviation.system_health` figures.
+async fn read_system_health(c: &Client, s: &mut HealthSnapshot) -> Result<(), HealthError> {
+    for r in c
+        .query("SELECT metric, value FROM dbx_aviation.system_health", &[])
+        .await
+        .map_err(qerr("reading system_health"))?
+    {
+        let v: Option<f64> = r.get(1);
+        match r.get::<_, &str>(0) {
+            "database_size" => s.database_size_bytes = v,
+            "active_connections" => s.active_connections = v,
+            "slow_queries_count" => s.slow_queries_count = v,
+            "cache_hit_ratio" => s.cache_hit_ratio = v.map(|p| p / 100.0),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Bloat per dbx table (`dbx_aviation.table_bloat`), partitions summed into their parent.
+async fn read_bloat(c: &Client, s: &mut HealthSnapshot) -> Result<(), HealthError> {
+    // Every dbx table has a bloat figure, 0 until ANALYZE gave the estimate something to go on.
+    for t in EXPECTED_TABLES {
+        s.table_bloat_bytes.insert(t.to_string(), 0);
+    }
+    s.table_bloat_bytes
+        .insert("dbx_archive.flight_telemetry_archive".into(), 0);
+    for r in c
+        .query(
+            "SELECT schemaname, tablename, bloat_bytes FROM dbx_aviation.table_bloat",
+            &[],
+        )
+        .await
+        .map_err(qerr("reading table_bloat"))?
+    {
+        let key = bloat_table(r.get(0), r.get(1));
+        *s.table_bloat_bytes.entry(key).or_insert(0) += r.get::<_, i64>(2);
+    }
+    Ok(())
+}
+
+/// Live and archive partitions: count, oldest start, newest end; how far ahead the live
+/// ones reach.
+async fn read_partitions(
+    c: &Client,
+    now: DateTime<Utc>,
+    s: &mut HealthSnapshot,
+) -> Result<(), HealthError> {
+    let mut live = SchemaPartitions {
+        schema: "live".into(),
+        ..SchemaPartitions::default()
+    };
+    let mut archive = SchemaPartitions {
+        schema: "archive".into(),
+        ..SchemaPartitions::default()
+    };
+    for r in c
+        .query(
+            "SELECT partition_schema, count(*), min(range_start), max(range_end)
+               FROM dbx_aviation.telemetry_partitions() WHERE NOT is_default GROUP BY 1",
+            &[],
+        )
+        .await
+        .map_err(qerr("reading the partitions"))?
+    {
+        let target = match r.get::<_, &str>(0) {
+            "dbx_archive" => &mut archive,
+            _ => &mut live,
+        };
+        target.count = r.get(1);
+        target.oldest_start = r.get(2);
+        target.newest_end = r.get(3);
+    }
+    s.partition_ahead_seconds = live
+        .newest_end
+        .map(|end| (end - now).num_milliseconds() as f64 / 1000.0);
+    s.partitions = vec![live, archive];
+    Ok(())
 }
 
 #[cfg(test)]

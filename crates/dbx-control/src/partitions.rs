@@ -1101,90 +1101,19 @@ impl PartitionManager {
             plan.steps.push(seed_step);
             return Ok(());
         };
-        let drop_before = now - TimeDelta::days(max_days as i64);
-        let mut dropped = Vec::new();
-        for p in parts.iter().filter(|p| !p.is_default) {
-            if p.to.is_some_and(|t| t <= drop_before) {
-                dropped.push(p.qualified());
-                plan.steps.push(Step::admin(
-                    StepMode::Transaction,
-                    format!(
-                        "drop {} (ended before every organization's retention, {max_days} days)",
-                        p.qualified()
-                    ),
-                    // The partition first, the parent (taken by DROP) last: see archival.
-                    vec![
-                        format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", p.qualified()),
-                        format!("DROP TABLE {}", p.qualified()),
-                    ],
-                ));
-            }
-        }
-        let chunk = self.cfg.retention_chunk_rows.max(1);
+        let dropped = plan_expired_drops(parts, now, max_days, plan);
         // On Citus a ctid names a row only within one shard: chunks are chosen by the unique
         // key there (`dbx setup --distributed`); a single node keeps the TID scan.
         let citus = has_citus(client).await?;
-        // On Citus the coordinator's partitions are shells whose write counters never move
-        // (the rows are written on the workers' shards): there, every expired partition is
-        // looked at every time, as before the bookkeeping existed.
-        let counters = if citus {
-            Default::default()
-        } else {
-            write_counters(client).await?
+        let chunk = self.cfg.retention_chunk_rows.max(1);
+        let deletes = ExpiredDeletes {
+            orgs: &orgs,
+            dropped: &dropped,
+            citus,
+            chunk,
+            now,
         };
-        let clean = retention_clean(client).await?;
-        let mut known_clean = 0;
-        for (org, days) in &orgs {
-            let cutoff = now - TimeDelta::days(*days as i64);
-            for p in parts.iter() {
-                // Columnar partitions refuse DELETE: planned apart, below.
-                if dropped.contains(&p.qualified()) || p.is_columnar() {
-                    continue;
-                }
-                let expired = p.is_default || p.from.is_some_and(|f| f < cutoff);
-                if !expired {
-                    continue;
-                }
-                let q = p.qualified();
-                // A partition wholly past this organization's cutoff that was found without
-                // its rows, and not written since: nothing to look for (no scan).
-                let whole = !p.is_default && p.to.is_some_and(|t| t <= cutoff);
-                let counter = counters
-                    .get(&(p.schema.clone(), p.name.clone()))
-                    .filter(|_| whole);
-                if counter.is_some_and(|(oid, n)| clean.contains(&(*oid, *org, *n))) {
-                    known_clean += 1;
-                    continue;
-                }
-                plan.steps.push(Step {
-                    what: format!(
-                        "delete organization {org}'s rows before {cutoff} ({days} days) from {q}"
-                    ),
-                    // ctid batches: a bounded transaction each, and a TID scan for the delete.
-                    sql: vec![if citus {
-                        format!(
-                            "DELETE FROM {q} WHERE (session_id, seq, ts) IN (SELECT session_id, seq, ts \
-                             FROM {q} WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk})",
-                            ts_lit(cutoff)
-                        )
-                    } else {
-                        format!(
-                            "DELETE FROM {q} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {q} \
-                             WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk}))",
-                            ts_lit(cutoff)
-                        )
-                    }],
-                    mode: StepMode::Autocommit,
-                    repeat_while_at_least: Some(chunk as u64),
-                    needs_admin: true,
-                    counts_rows: true,
-                    rows_of: None,
-                });
-                if let Some((oid, n)) = counter {
-                    plan.steps.push(mark_clean_step(&q, *oid, *org, *n));
-                }
-            }
-        }
+        deletes.plan(client, parts, plan).await?;
         for p in parts.iter().filter(|p| p.is_columnar()) {
             if dropped.contains(&p.qualified()) {
                 continue;
@@ -1197,12 +1126,6 @@ impl PartitionManager {
             if !expired.is_empty() {
                 plan_columnar_retention(client, p, &expired, citus, plan).await?;
             }
-        }
-        if known_clean > 0 {
-            plan.notes.push(format!(
-                "{known_clean} (partition, organization) pair(s) wholly expired, already without \
-                 rows and not written since: not scanned"
-            ));
         }
         plan.steps.push(Step::admin(
             StepMode::Autocommit,
@@ -1755,6 +1678,125 @@ fn archive_move_sql(name: &str, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<S
             ts_lit(to)
         ),
     ]
+}
+
+/// Retention's drops: a partition that ended before every organization's retention
+/// (`max_days`, the longest) is dropped whole. Returns the partitions dropped.
+fn plan_expired_drops(
+    parts: &[PartitionInfo],
+    now: DateTime<Utc>,
+    max_days: i32,
+    plan: &mut Plan,
+) -> Vec<String> {
+    let drop_before = now - TimeDelta::days(max_days as i64);
+    let mut dropped = Vec::new();
+    for p in parts.iter().filter(|p| !p.is_default) {
+        if p.to.is_some_and(|t| t <= drop_before) {
+            dropped.push(p.qualified());
+            plan.steps.push(Step::admin(
+                StepMode::Transaction,
+                format!(
+                    "drop {} (ended before every organization's retention, {max_days} days)",
+                    p.qualified()
+                ),
+                // The partition first, the parent (taken by DROP) last: see archival.
+                vec![
+                    format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", p.qualified()),
+                    format!("DROP TABLE {}", p.qualified()),
+                ],
+            ));
+        }
+    }
+    dropped
+}
+
+/// Retention's deletes: each organization's expired rows, in chunks, from the heap
+/// partitions not dropped (columnar ones are planned apart).
+struct ExpiredDeletes<'a> {
+    orgs: &'a [(Uuid, i32)],
+    dropped: &'a [String],
+    citus: bool,
+    chunk: u32,
+    now: DateTime<Utc>,
+}
+
+impl ExpiredDeletes<'_> {
+    async fn plan(
+        &self,
+        client: &Client,
+        parts: &[PartitionInfo],
+        plan: &mut Plan,
+    ) -> Result<(), MaintenanceError> {
+        let (citus, chunk, now) = (self.citus, self.chunk, self.now);
+        // On Citus the coordinator's partitions are shells whose write counters never move
+        // (the rows are written on the workers' shards): there, every expired partition is
+        // looked at every time, as before the bookkeeping existed.
+        let counters = if citus {
+            Default::default()
+        } else {
+            write_counters(client).await?
+        };
+        let clean = retention_clean(client).await?;
+        let mut known_clean = 0;
+        for (org, days) in self.orgs {
+            let cutoff = now - TimeDelta::days(*days as i64);
+            for p in parts.iter() {
+                // Columnar partitions refuse DELETE: planned apart, below.
+                if self.dropped.contains(&p.qualified()) || p.is_columnar() {
+                    continue;
+                }
+                let expired = p.is_default || p.from.is_some_and(|f| f < cutoff);
+                if !expired {
+                    continue;
+                }
+                let q = p.qualified();
+                // A partition wholly past this organization's cutoff that was found without
+                // its rows, and not written since: nothing to look for (no scan).
+                let whole = !p.is_default && p.to.is_some_and(|t| t <= cutoff);
+                let counter = counters
+                    .get(&(p.schema.clone(), p.name.clone()))
+                    .filter(|_| whole);
+                if counter.is_some_and(|(oid, n)| clean.contains(&(*oid, *org, *n))) {
+                    known_clean += 1;
+                    continue;
+                }
+                plan.steps.push(Step {
+                    what: format!(
+                        "delete organization {org}'s rows before {cutoff} ({days} days) from {q}"
+                    ),
+                    // ctid batches: a bounded transaction each, and a TID scan for the delete.
+                    sql: vec![if citus {
+                        format!(
+                            "DELETE FROM {q} WHERE (session_id, seq, ts) IN (SELECT session_id, seq, ts \
+                             FROM {q} WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk})",
+                            ts_lit(cutoff)
+                        )
+                    } else {
+                        format!(
+                            "DELETE FROM {q} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {q} \
+                             WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk}))",
+                            ts_lit(cutoff)
+                        )
+                    }],
+                    mode: StepMode::Autocommit,
+                    repeat_while_at_least: Some(chunk as u64),
+                    needs_admin: true,
+                    counts_rows: true,
+                    rows_of: None,
+                });
+                if let Some((oid, n)) = counter {
+                    plan.steps.push(mark_clean_step(&q, *oid, *org, *n));
+                }
+            }
+        }
+        if known_clean > 0 {
+            plan.notes.push(format!(
+                "{known_clean} (partition, organization) pair(s) wholly expired, already without \
+                 rows and not written since: not scanned"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -85,8 +85,8 @@ struct DemoBroker {
     password: String,
 }
 
-/// Starts the demo's broker with users for dbx and the sample organization, or says in
-/// one line how to install Mosquitto.
+/// Starts the demo's broker with users for dbx and the sample organization and says where
+/// it runs, or says in one line how to install Mosquitto.
 fn start_broker(dir: &std::path::Path) -> anyhow::Result<Option<DemoBroker>> {
     use dbx_localpg::broker::{BrokerOptions, LocalBroker};
     let password = dbx_core::apikey::random_token(24);
@@ -101,7 +101,14 @@ fn start_broker(dir: &std::path::Path) -> anyhow::Result<Option<DemoBroker>> {
         users,
         tls: None,
     }) {
-        Ok(broker) => Ok(Some(DemoBroker { broker, password })),
+        Ok(broker) => {
+            println!(
+                "▶ Mosquitto (deploy/mosquitto/ configuration) on {} (data in {})",
+                broker.url(),
+                broker.dir().display()
+            );
+            Ok(Some(DemoBroker { broker, password }))
+        }
         Err(e) if e.to_string().contains("mosquitto not found") => {
             eprintln!("dbx demo --mqtt needs Mosquitto: `sudo apt-get install mosquitto mosquitto-clients` (Debian/Ubuntu), `brew install mosquitto` (macOS)");
             Ok(None)
@@ -136,14 +143,7 @@ pub async fn demo(config_path: Option<&Path>, args: DemoArgs) -> anyhow::Result<
     // 0. With --mqtt, the broker first: without Mosquitto there is nothing to show.
     let broker = if args.mqtt {
         match start_broker(&args.dir)? {
-            Some(b) => {
-                println!(
-                    "▶ Mosquitto (deploy/mosquitto/ configuration) on {} (data in {})",
-                    b.broker.url(),
-                    b.broker.dir().display()
-                );
-                Some(b)
-            }
+            Some(b) => Some(b),
             None => return Ok(ExitCode::FAILURE),
         }
     } else {
