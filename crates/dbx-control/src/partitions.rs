@@ -301,6 +301,20 @@ impl Step {
             rows_of: None,
         }
     }
+
+    /// A delete of at most `chunk` rows per transaction, run again while a run deletes
+    /// `chunk`: a bounded transaction each, its rows counted.
+    fn chunked_delete(what: String, sql: String, chunk: u32) -> Step {
+        Step {
+            what,
+            sql: vec![sql],
+            mode: StepMode::Autocommit,
+            repeat_while_at_least: Some(chunk as u64),
+            needs_admin: true,
+            counts_rows: true,
+            rows_of: None,
+        }
+    }
 }
 
 /// What a task would do now: computed read-only; [`fmt::Display`] prints it as SQL.
@@ -859,20 +873,16 @@ impl PartitionManager {
         }
         let cutoff = now - TimeDelta::days(days as i64);
         let chunk = self.cfg.retention_chunk_rows.max(1);
-        plan.steps.push(Step {
-            what: format!("delete api_requests rows before {cutoff} ({days} days)"),
-            sql: vec![format!(
+        plan.steps.push(Step::chunked_delete(
+            format!("delete api_requests rows before {cutoff} ({days} days)"),
+            format!(
                 "DELETE FROM dbx_aviation.api_requests WHERE ctid = ANY (ARRAY(\
                  SELECT ctid FROM dbx_aviation.api_requests WHERE created_at < {} \
                  ORDER BY created_at LIMIT {chunk}))",
                 ts_lit(cutoff)
-            )],
-            mode: StepMode::Autocommit,
-            repeat_while_at_least: Some(chunk as u64),
-            needs_admin: true,
-            counts_rows: true,
-            rows_of: None,
-        });
+            ),
+            chunk,
+        ));
     }
 
     fn ensure_step(from: DateTime<Utc>, to: DateTime<Utc>, what: String) -> Step {
@@ -1760,30 +1770,27 @@ impl ExpiredDeletes<'_> {
                     known_clean += 1;
                     continue;
                 }
-                plan.steps.push(Step {
-                    what: format!(
+                // ctid batches: a bounded transaction each, and a TID scan for the delete.
+                let sql = if citus {
+                    format!(
+                        "DELETE FROM {q} WHERE (session_id, seq, ts) IN (SELECT session_id, seq, ts \
+                         FROM {q} WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk})",
+                        ts_lit(cutoff)
+                    )
+                } else {
+                    format!(
+                        "DELETE FROM {q} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {q} \
+                         WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk}))",
+                        ts_lit(cutoff)
+                    )
+                };
+                plan.steps.push(Step::chunked_delete(
+                    format!(
                         "delete organization {org}'s rows before {cutoff} ({days} days) from {q}"
                     ),
-                    // ctid batches: a bounded transaction each, and a TID scan for the delete.
-                    sql: vec![if citus {
-                        format!(
-                            "DELETE FROM {q} WHERE (session_id, seq, ts) IN (SELECT session_id, seq, ts \
-                             FROM {q} WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk})",
-                            ts_lit(cutoff)
-                        )
-                    } else {
-                        format!(
-                            "DELETE FROM {q} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {q} \
-                             WHERE org_id = '{org}'::uuid AND ts < {} LIMIT {chunk}))",
-                            ts_lit(cutoff)
-                        )
-                    }],
-                    mode: StepMode::Autocommit,
-                    repeat_while_at_least: Some(chunk as u64),
-                    needs_admin: true,
-                    counts_rows: true,
-                    rows_of: None,
-                });
+                    sql,
+                    chunk,
+                ));
                 if let Some((oid, n)) = counter {
                     plan.steps.push(mark_clean_step(&q, *oid, *org, *n));
                 }
