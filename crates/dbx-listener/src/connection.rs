@@ -26,7 +26,7 @@
 //! the TLS handshake and the hello share one `handshake_timeout`. After it every frame
 //! is charged against the byte budget before its body is buffered
 //! ([`crate::budget`]). Reads never take more than the frame in hand plus
-//! [`LOOKAHEAD`] bytes, so an idle connection holds a few KiB. Every write gives up
+//! [`LOOKAHEAD`] bytes, and an idle connection holds [`IDLE_READ`] bytes. Every write gives up
 //! after `write_timeout`, and once shutdown has begun at the drain deadline, so a peer
 //! that does not read can hold neither its connection nor the daemon's shutdown.
 
@@ -65,6 +65,13 @@ use crate::ListenerConfig;
 /// Bytes a read may take beyond the frame in hand (the start of the next ones): enough
 /// for many small frames per read, little enough to hold per idle connection.
 pub const LOOKAHEAD: usize = 8 * 1024;
+
+/// What a read may take when nothing of a frame is buffered yet: a quiet connection
+/// waits for its next frame holding this much, not a frame's worth plus [`LOOKAHEAD`]
+/// (10 000 slow gateways held about 74 MiB of read buffers waiting for data). Enough
+/// for a fleet gateway's small frames in one read; a large frame's prefix tells the
+/// next read how much to take.
+pub const IDLE_READ: usize = 512;
 
 /// How long a closing connection drains its peer's input so the peer reads the final
 /// `error` rather than a reset (docs/protocol.md, "Framing").
@@ -190,9 +197,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 None => PREFIX_LEN - self.read_buf.len(),
             };
             // Never more than this frame and a little lookahead: what is buffered is
-            // what was charged, plus at most LOOKAHEAD bytes.
-            self.read_buf.reserve(want + self.lookahead);
-            let mut limited = (&mut self.read_buf).limit(want + self.lookahead);
+            // what was charged, plus at most LOOKAHEAD bytes. Between frames, a small
+            // read: an idle connection holds IDLE_READ bytes while it waits.
+            let take = if self.read_buf.is_empty() {
+                (want + self.lookahead).min(IDLE_READ)
+            } else {
+                want + self.lookahead
+            };
+            self.read_buf.reserve(take);
+            let mut limited = (&mut self.read_buf).limit(take);
             if self.stream.read_buf(&mut limited).await? == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
@@ -236,7 +249,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn take_frame(&mut self, total: usize) -> Frame {
         let mut body = self.read_buf.split_to(total);
         let _ = body.split_to(PREFIX_LEN);
-        if total > 2 * LOOKAHEAD {
+        if self.read_buf.is_empty() {
+            // Nothing of the next frame yet: the allocation goes with this frame, and the
+            // next read takes a small one of its own (IDLE_READ).
+            self.read_buf = BytesMut::new();
+        } else if total > 2 * LOOKAHEAD {
             // What is left (at most LOOKAHEAD bytes) would pin the large frame's
             // allocation for as long as the connection lives: copy it out.
             self.read_buf = BytesMut::from(&self.read_buf[..]);
@@ -1047,5 +1064,49 @@ fn read_error_code(e: ReadError) -> (RejectCode, String) {
             RejectCode::BadFrame,
             format!("connection closed inside a frame ({n} bytes)"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_quiet_connection_holds_a_small_read_buffer() {
+        let (server, mut peer) = tokio::io::duplex(64 * 1024);
+        let (_trigger, shutdown) = dbx_core::ShutdownTrigger::new();
+        let mut conn = Connection::new(
+            server,
+            4096,
+            WriteLimits {
+                write_timeout: Duration::from_secs(5),
+                shutdown,
+                drain_for: Duration::from_secs(1),
+                transport: "tcp",
+            },
+        );
+        conn.enter_session(crate::budget::ByteBudget::new(1 << 20), Limits::default());
+        // A frame larger than a quiet read, then a small one, in one write: both read
+        // whole, in order.
+        let big = vec![7u8; 3 * IDLE_READ];
+        let mut wire = Vec::new();
+        for body in [&big[..], &b"second"[..]] {
+            wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            wire.extend_from_slice(body);
+        }
+        peer.write_all(&wire).await.unwrap();
+        let first = conn.read_frame().await.unwrap().unwrap();
+        assert_eq!(&first.body[..], &big[..]);
+        let second = conn.read_frame().await.unwrap().unwrap();
+        assert_eq!(&second.body[..], b"second");
+        assert_eq!(conn.read_buf.capacity(), 0, "nothing held between frames");
+        // Waiting for the next frame holds a small buffer, not a frame plus LOOKAHEAD.
+        let waiting = tokio::time::timeout(Duration::from_millis(20), conn.read_frame()).await;
+        assert!(waiting.is_err(), "no frame was sent");
+        assert!(
+            conn.read_buf.capacity() <= 2 * IDLE_READ,
+            "{} bytes held by a quiet connection",
+            conn.read_buf.capacity()
+        );
     }
 }

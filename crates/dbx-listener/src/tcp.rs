@@ -85,7 +85,7 @@ async fn run_one(
     tls: Option<TlsAcceptor>,
     shared: Shared,
     transport: &'static str,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     admitted: Admitted,
 ) {
     // One deadline for the TLS handshake and the hello together.
@@ -95,6 +95,27 @@ async fn run_one(
             .run(deadline, admitted)
             .await;
     };
+    // The TLS path lives in a box of its own: a task's future is as large as its largest
+    // path, and the handshake and TLS stream state would otherwise be paid by every
+    // plaintext connection too.
+    Box::pin(run_tls(
+        stream, peer, acceptor, shared, transport, shutdown, admitted, deadline,
+    ))
+    .await
+}
+
+/// [`run_one`] over TLS: the handshake, within the hello's deadline, then the session.
+#[allow(clippy::too_many_arguments)]
+async fn run_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Shared,
+    transport: &'static str,
+    mut shutdown: Shutdown,
+    admitted: Admitted,
+    deadline: tokio::time::Instant,
+) {
     let accepted = tokio::select! {
         r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
         _ = shutdown.recv() => return,
