@@ -1731,6 +1731,8 @@ struct ExpiredDeletes<'a> {
 }
 
 impl ExpiredDeletes<'_> {
+    /// Pushes the deletes (and the bookkeeping of partitions found clean) onto `plan`;
+    /// a pair already known clean and not written since is skipped, with a note.
     async fn plan(
         &self,
         client: &Client,
@@ -1751,7 +1753,7 @@ impl ExpiredDeletes<'_> {
         for (org, days) in self.orgs {
             let cutoff = now - TimeDelta::days(*days as i64);
             for p in parts.iter() {
-                // Columnar partitions refuse DELETE: planned apart, below.
+                // Columnar partitions refuse DELETE: plan_retention plans them apart.
                 if self.dropped.contains(&p.qualified()) || p.is_columnar() {
                     continue;
                 }
