@@ -34,18 +34,6 @@ fn batch_from(
     (b, rx)
 }
 
-/// Points `seqs` one second apart from `t0`, positioned.
-fn pts(t0: i64, seqs: impl IntoIterator<Item = i64>) -> Vec<Point> {
-    seqs.into_iter()
-        .map(|s| {
-            let mut p = Point::new(t0 + s * 1_000_000, s);
-            p.lat = Some(47.0 + s as f64 * 1e-3);
-            p.lon = Some(8.0);
-            p
-        })
-        .collect()
-}
-
 /// (status, completion_reason, completed_at set, point_count, arrival µs, duration s).
 async fn session_row(
     c: &tokio_postgres::Client,

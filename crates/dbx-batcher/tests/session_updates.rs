@@ -8,20 +8,8 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-use dbx_core::{BatchOutcome, Point};
+use dbx_core::BatchOutcome;
 use uuid::Uuid;
-
-/// `n` positioned points from `seq`, one second apart, moving north.
-fn moving(t0: i64, seq: i64, n: i64) -> Vec<Point> {
-    (seq..seq + n)
-        .map(|s| {
-            let mut p = Point::new(t0 + s * 1_000_000, s);
-            p.lat = Some(47.0 + s as f64 * 1e-3);
-            p.lon = Some(8.0);
-            p
-        })
-        .collect()
-}
 
 /// (updates, HOT updates) of flight_sessions once the counters include `at_least` updates.
 async fn update_counters(c: &tokio_postgres::Client, at_least: i64) -> (i64, i64) {
@@ -65,7 +53,7 @@ async fn per_flush_session_updates_are_hot_and_arrival_location_waits_for_comple
     // One batch per flush: each is acknowledged before the next is sent.
     let flushes = 30;
     for i in 0..flushes {
-        let (b, rx) = batch(fx.a, s, moving(t0, i * 5, 5));
+        let (b, rx) = batch(fx.a, s, pts(t0, i * 5..i * 5 + 5));
         tx.send(b).await.unwrap();
         assert_eq!(outcome(rx).await, BatchOutcome::Durable);
     }

@@ -98,38 +98,24 @@ async fn run_one(
     // The TLS path lives in a box of its own: a task's future is as large as its largest
     // path, and the handshake and TLS stream state would otherwise be paid by every
     // plaintext connection too.
-    Box::pin(run_tls(
-        stream, peer, acceptor, shared, transport, shutdown, admitted, deadline,
-    ))
+    Box::pin(async move {
+        let mut shutdown = shutdown;
+        let accepted = tokio::select! {
+            r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
+            _ = shutdown.recv() => return,
+        };
+        let reason = match accepted {
+            Ok(Ok(s)) => {
+                return Handler::new(s, shared, peer, transport, shutdown)
+                    .run(deadline, admitted)
+                    .await
+            }
+            Ok(Err(_)) => "tls",
+            Err(_) => "handshake_timeout",
+        };
+        TlsHandshakeFailed { peer, reason }.emit();
+    })
     .await
-}
-
-/// [`run_one`] over TLS: the handshake, within the hello's deadline, then the session.
-#[allow(clippy::too_many_arguments)]
-async fn run_tls(
-    stream: TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    shared: Shared,
-    transport: &'static str,
-    mut shutdown: Shutdown,
-    admitted: Admitted,
-    deadline: tokio::time::Instant,
-) {
-    let accepted = tokio::select! {
-        r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
-        _ = shutdown.recv() => return,
-    };
-    let reason = match accepted {
-        Ok(Ok(s)) => {
-            return Handler::new(s, shared, peer, transport, shutdown)
-                .run(deadline, admitted)
-                .await
-        }
-        Ok(Err(_)) => "tls",
-        Err(_) => "handshake_timeout",
-    };
-    TlsHandshakeFailed { peer, reason }.emit();
 }
 
 /// The `error` frame answering a refusal, encoded once per reason.

@@ -295,3 +295,15 @@ pub fn point_from_row(r: &tokio_postgres::Row) -> Point {
         extra: extra.map(|v| v.to_string()),
     }
 }
+
+/// Points `seqs` one second apart from `t0`, positioned (moving north by 0.001° a point).
+pub fn pts(t0: i64, seqs: impl IntoIterator<Item = i64>) -> Vec<Point> {
+    seqs.into_iter()
+        .map(|s| {
+            let mut p = Point::new(t0 + s * 1_000_000, s);
+            p.lat = Some(47.0 + s as f64 * 1e-3);
+            p.lon = Some(8.0);
+            p
+        })
+        .collect()
+}
