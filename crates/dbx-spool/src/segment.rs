@@ -72,8 +72,13 @@ pub fn list(dir: &Path) -> io::Result<Vec<SegmentFile>> {
     for entry in entries {
         let entry = entry?;
         if let Some(id) = entry.file_name().to_str().and_then(parse_name) {
-            // DirEntry::metadata does not follow symbolic links.
-            let meta = entry.metadata()?;
+            // DirEntry::metadata does not follow symbolic links. A segment gone since
+            // read_dir was drained and deleted by the replayer meanwhile: not listed.
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             if !meta.is_file() {
                 tracing::warn!(path = %entry.path().display(), "not a regular file; ignored (a spool segment never is a link)");
                 continue;
