@@ -7,7 +7,8 @@
 #
 #   benches/ack_stages.sh start                 # cluster + setup + fleet of 2000 aircraft
 #   benches/ack_stages.sh serve [key=value ...] # (re)start the daemon; batcher overrides
-#     (listener.key=value for the listener's, e.g. listener.max_pending_per_ip=4096)
+#     (listener.key=value and limits.key=value for those sections, e.g.
+#     listener.max_pending_per_ip=4096 limits.max_buffered_bytes=67108864)
 #   [WARMUP=s] benches/ack_stages.sh run <loadgen flags>  # one run: loadgen's summary + stages
 #     (a fresh --seed each run: the same seed repeats the same sessions, which are
 #     completed by then, and their batches would be settled as duplicates)
@@ -74,10 +75,12 @@ serve() {
     echo "admin_url = \"$(url_of dbx_maintenance_service)\""
     echo "[listener]"; echo "tcp_bind = \"$TCP\""; echo "udp_bind = \"\""
     for kv in "$@"; do case $kv in listener.*) kv=${kv#listener.}; echo "${kv%%=*} = ${kv#*=}" ;; esac; done
+    echo "[limits]"
+    for kv in "$@"; do case $kv in limits.*) kv=${kv#limits.}; echo "${kv%%=*} = ${kv#*=}" ;; esac; done
     echo "[http]"; echo "bind = \"$HTTP\""
     echo "[log]"; echo "level = \"warn\""
     echo "[batcher]"
-    for kv in "$@"; do case $kv in listener.*) ;; *) echo "${kv%%=*} = ${kv#*=}" ;; esac; done
+    for kv in "$@"; do case $kv in listener.*|limits.*) ;; *) echo "${kv%%=*} = ${kv#*=}" ;; esac; done
   } >"$DIR/dbx.toml"
   ulimit -n "$(ulimit -Hn)"
   "$DBX" --config "$DIR/dbx.toml" serve >"$DIR/dbx.log" 2>&1 &
@@ -89,10 +92,10 @@ serve() {
 run() {
   ulimit -n "$(ulimit -Hn)"
   local regs; regs=$(seq -f 'S%05g' 1 "$FLEET" | paste -sd,)
-  # The daemon's figures leave out the first WARMUP seconds (connects, first lookups of
-  # every session); loadgen's own percentiles cover the whole run.
+  # Both the daemon's figures and loadgen's percentiles leave out the first WARMUP seconds
+  # (connects, first lookups of every session); loadgen still counts those acks.
   "$DBX" loadgen --addr "$TCP" --key-file "$DIR/credentials/api_key.txt" --aircraft "$regs" \
-    --seed "${SEED:-$RANDOM$RANDOM}" --json "$@" >"$DIR/loadgen.json" &
+    --seed "${SEED:-$RANDOM$RANDOM}" --warmup-secs "${WARMUP:-0}" --json "$@" >"$DIR/loadgen.json" &
   local lg=$!
   sleep "${WARMUP:-0}"
   curl -s "http://$HTTP/metrics" >"$DIR/before.prom"

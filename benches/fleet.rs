@@ -148,6 +148,7 @@ async fn run_shape(ctx: &Ctx<'_>, shape: &Shape, table: &'static str, seed: u64)
         window: 8,
         rate: shape.rate,
         duration: Duration::from_secs_f64(ctx.secs),
+        warmup: Duration::ZERO,
         total_points: None,
         form: dbx_proto::PointForm::Map,
         udp_auth: dbx_client::loadgen::UdpAuth::Mac,

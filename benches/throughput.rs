@@ -373,6 +373,7 @@ async fn loadgen_run(
         window: 8,
         rate,
         duration: Duration::from_secs_f64(secs),
+        warmup: Duration::ZERO,
         total_points: total,
         form: dbx_proto::PointForm::Map,
         udp_auth: dbx_client::loadgen::UdpAuth::Mac,

@@ -495,6 +495,7 @@ async fn the_loadgen_ends_every_flight_it_flies() {
         window: 8,
         rate: None,
         duration: Duration::from_secs(120),
+        warmup: Duration::ZERO,
         // Round robin over two aircraft, 7 500 points each: one landed flight of 6 000
         // (ended when it lands) and one in the air when the run is over (ended then).
         total_points: Some(15_000),

@@ -359,6 +359,7 @@ fn fleet(
         window: 8,
         rate: (rate > 0.0).then_some(rate),
         duration: Duration::from_secs(600),
+        warmup: Duration::ZERO,
         total_points: None,
         form: PointForm::Map,
         seed,

@@ -93,6 +93,7 @@ async fn soak_at_a_fixed_rate_keeps_memory_flat_and_loses_nothing() {
         window: 8,
         rate: Some(rate),
         duration: Duration::from_secs_f64(minutes * 60.0),
+        warmup: Duration::ZERO,
         total_points: None,
         form: dbx_proto::PointForm::Map,
         udp_auth: dbx_client::loadgen::UdpAuth::Mac,

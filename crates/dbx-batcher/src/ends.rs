@@ -39,13 +39,13 @@
 use std::collections::HashMap;
 
 use dbx_core::{InternalEvent, RejectCode, Rejection};
-use deadpool_postgres::Transaction;
 use tracing::debug;
 use uuid::Uuid;
 
 use crate::error::AttemptError;
 use crate::events::{SessionsEnded, WriteRetried};
 use crate::ticket::{Part, Resolved};
+use crate::txn::FlushTx;
 use crate::writer::{refuse, retried, Backoff, Shared};
 
 /// Locks the ended sessions in id order and reads their owner.
@@ -104,11 +104,15 @@ pub(crate) async fn run_ends(shared: &Shared, parts: Vec<Part>) {
 /// One try: returns the owner of every session the database knows, and how many
 /// sessions it completed.
 async fn attempt(shared: &Shared, parts: &[Part]) -> Result<Ended, AttemptError> {
-    let mut client = shared.pool.get().await?;
-    let tx = client.transaction().await?;
-    let ended = complete(shared, &tx, parts).await?;
-    tx.commit().await?;
-    Ok(ended)
+    let tx = FlushTx::new(shared.pool.get().await?);
+    let ended = async {
+        tx.begin().await?;
+        let ended = complete(shared, &tx, parts).await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+    .await;
+    tx.finish(ended).await
 }
 
 /// What [`complete`] found: the owner of every session the database knows, and how many
@@ -119,7 +123,7 @@ pub(crate) type Ended = (HashMap<Uuid, Uuid>, u64);
 /// end's organization (the rest of the verdicts come from the owners, in [`resolve`]).
 pub(crate) async fn complete(
     shared: &Shared,
-    tx: &Transaction<'_>,
+    tx: &FlushTx,
     parts: &[Part],
 ) -> Result<Ended, AttemptError> {
     let mut ids: Vec<Uuid> = parts.iter().map(|p| p.ticket.session).collect();

@@ -7,6 +7,7 @@
 //! - [`copy`]: [`CopyEncoder`], the binary COPY writer (PGCOPY header, rows, trailer) into a reused `BytesMut`.
 //! - [`partition`]: which child partition a timestamp belongs to, and which children exist.
 //! - `writer`: one flush: session upserts, COPY into the partition, staging path, statistics, commit.
+//! - `txn`: the transaction of a flush, `BEGIN` and `COMMIT` pipelined with their neighbours.
 //! - [`dedupe`]: per-session high-water marks and the staging path for possible duplicates.
 //! - [`sessions`]: flight session statistics (departure, arrival, count, distance).
 //! - `ends`: a gateway's `end` of a flight session (protocol 1.1): completes it.
@@ -29,6 +30,7 @@ pub mod partition;
 pub mod sessions;
 mod stats;
 mod ticket;
+mod txn;
 mod writer;
 
 pub(crate) use dbx_core::Point;

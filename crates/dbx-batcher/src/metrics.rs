@@ -147,13 +147,13 @@ pub(crate) struct Timeline {
     pub closed: Instant,
     /// The writer's first attempt started.
     pub started: Instant,
-    /// `BEGIN` of the attempt that committed done.
+    /// The attempt that committed has its connection and COPY target (`BEGIN` is next).
     pub begun: Instant,
-    /// Sessions upserted.
+    /// `BEGIN` and the sessions' upsert answered.
     pub claimed: Instant,
     /// Both COPY paths done.
     pub copied: Instant,
-    /// Session statistics written.
+    /// Session statistics computed; their update goes with `COMMIT`.
     pub stats: Instant,
     /// Committed.
     pub committed: Instant,

@@ -47,9 +47,11 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use dbx_core::sync::lock;
 use dbx_core::{BatchOrigin, InternalEvent, Point, RejectCode, Rejection};
-use deadpool_postgres::Transaction;
+use deadpool_postgres::ClientWrapper;
 use futures::SinkExt;
 use rand::Rng;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Statement, ToStatement};
 use tracing::debug;
 use uuid::Uuid;
 
@@ -68,6 +70,7 @@ use crate::sessions::{
 };
 use crate::stats::Counters;
 use crate::ticket::{Arrival, Part, Resolved, Ticket};
+use crate::txn::FlushTx;
 
 /// Why a flush was started (the `trigger` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,10 +142,7 @@ impl Shared {
 
     /// Whether the database is a Citus cluster (the `citus` extension), asked once through
     /// `tx` and remembered: the few statements Citus plans differently pick their form by it.
-    pub(crate) async fn is_citus(
-        &self,
-        tx: &Transaction<'_>,
-    ) -> Result<bool, tokio_postgres::Error> {
+    pub(crate) async fn is_citus(&self, tx: &ClientWrapper) -> Result<bool, tokio_postgres::Error> {
         self.citus
             .get_or_try_init(|| async {
                 let row = tx.query_one(CITUS_SQL, &[]).await?;
@@ -320,13 +320,16 @@ impl Committed {
 struct Phases {
     /// The first attempt started.
     started: Instant,
-    /// `BEGIN` done (of the attempt that committed).
+    /// The attempt that committed has its connection and its COPY target; `BEGIN` is
+    /// about to go with the session upsert.
     begun: Instant,
-    /// Sessions upserted (and the flush re-planned if the marks were stale).
+    /// `BEGIN` and the sessions' upsert answered (and the flush re-planned if the marks
+    /// were stale).
     claimed: Instant,
     /// Both COPY paths done.
     copied: Instant,
-    /// Session statistics written.
+    /// Session statistics computed (and written, with the ends, when ends ride); the
+    /// round trip that remains is the statistics update with `COMMIT`.
     stats: Instant,
 }
 
@@ -613,7 +616,7 @@ impl<'a> Prepared<'a> {
     async fn settle_completed(
         &self,
         shared: &Shared,
-        tx: &Transaction<'_>,
+        tx: &FlushTx,
         states: &HashMap<Uuid, SessionState>,
     ) -> Result<HashMap<usize, Settled>, AttemptError> {
         let mut settled = HashMap::new();
@@ -758,51 +761,64 @@ async fn attempt(
     if plan.is_none() {
         *plan = Some(plan_from_cached_marks(shared, enc, prepared, all_staging));
     }
-    let mut client = shared.pool.get().await?;
-    let tx = client.transaction().await?;
+    let client = shared.pool.get().await?;
+    // A catalog read, outside the transaction (and only when the cache is stale).
+    let (target, via_parent) = resolve_target(shared, &client, key).await?;
     let begun = Instant::now();
-    let claims = claim_sessions(shared, &tx, prepared).await?;
-    let plan = replan_if_stale(
-        enc,
-        prepared,
-        plan,
-        claims.marks,
-        &claims.refused,
-        all_staging,
-    );
-    let claimed = Instant::now();
-    let (target, via_parent) = resolve_target(shared, &tx, key).await?;
-    let mut inserted = copy_fast_path(&tx, &target, prepared, &claims.refused, plan).await?;
-    let total = plan.fast_rows
-        + copy_staging_path(shared, &tx, &target, prepared, plan, &mut inserted).await?;
-    let copied = Instant::now();
-    let updates = write_statistics(&tx, prepared, &claims.states, &mut inserted).await?;
-    let stats = Instant::now();
-    let ended = if ends.is_empty() {
-        None
-    } else {
-        Some(crate::ends::complete(shared, &tx, ends).await?)
-    };
-    tx.commit().await?;
-    let mut done = committed(
-        prepared,
-        plan,
-        claims.refused,
-        claims.foreign,
-        &updates,
-        total,
-        via_parent,
-    );
-    done.ended = ended;
-    done.phases = Some(Phases {
-        // Set to the first attempt's start by the caller.
-        started: begun,
-        begun,
-        claimed,
-        copied,
-        stats,
-    });
-    Ok(done)
+    let tx = FlushTx::new(client);
+    let written = async {
+        let claims = claim_sessions(shared, &tx, prepared, &target, plan).await?;
+        let plan = replan_if_stale(
+            enc,
+            prepared,
+            plan,
+            claims.marks,
+            &claims.refused,
+            all_staging,
+        );
+        let claimed = Instant::now();
+        let fast = (claims.copy.as_ref(), target.as_str());
+        let mut inserted = copy_fast_path(&tx, fast, prepared, &claims.refused, plan).await?;
+        let total = plan.fast_rows
+            + copy_staging_path(shared, &tx, &target, prepared, plan, &mut inserted).await?;
+        let copied = Instant::now();
+        let updates = compute_statistics(&tx, prepared, &claims.states, &mut inserted).await?;
+        // The statistics UPDATE travels with COMMIT, unless ends ride: they complete
+        // their sessions after it, then COMMIT goes alone.
+        let ended = if ends.is_empty() {
+            None
+        } else {
+            write_updates(&tx, &updates, Commit::Later).await?;
+            Some(crate::ends::complete(shared, &tx, ends).await?)
+        };
+        let stats = Instant::now();
+        if ended.is_none() {
+            write_updates(&tx, &updates, Commit::Now).await?;
+        } else {
+            tx.commit().await?;
+        }
+        let mut done = committed(
+            prepared,
+            plan,
+            claims.refused,
+            claims.foreign,
+            &updates,
+            total,
+            via_parent,
+        );
+        done.ended = ended;
+        done.phases = Some(Phases {
+            // Set to the first attempt's start by the caller.
+            started: begun,
+            begun,
+            claimed,
+            copied,
+            stats,
+        });
+        Ok(done)
+    }
+    .await;
+    tx.finish(written).await
 }
 
 /// What the session upsert (phase 1) decided about the flush's sessions.
@@ -815,6 +831,9 @@ struct Claims {
     foreign: HashSet<Uuid>,
     /// Each accepted session's stored high-water mark.
     marks: HashMap<Uuid, Option<i64>>,
+    /// The fast path's COPY statement, prepared in the same round trip when the plan
+    /// made with the cached marks had fast rows.
+    copy: Option<Statement>,
 }
 
 /// The plan made before the transaction, with the session cache's marks as hints.
@@ -835,16 +854,26 @@ fn plan_from_cached_marks(
     Plan::build(enc, prepared, hints, HashSet::new(), all_staging)
 }
 
-/// Phase 1. Sessions: create, check ownership, lock, read marks and statistics. Live
-/// batches of completed sessions end the attempt here ([`AttemptError::Settled`]).
+/// Phase 1, with `BEGIN`. Sessions: create, check ownership, lock, read marks and
+/// statistics; the fast path's COPY into `target` is parsed in the same round trip when
+/// `plan` has fast rows. Live batches of completed sessions end the attempt here
+/// ([`AttemptError::Settled`]).
 async fn claim_sessions(
     shared: &Shared,
-    tx: &Transaction<'_>,
+    tx: &FlushTx,
     prepared: &Prepared<'_>,
+    target: &str,
+    plan: &Option<Plan>,
 ) -> Result<Claims, AttemptError> {
     let (ids, orgs, airs) = claim_columns(&prepared.sessions);
     let upsert = tx.prepare_cached(UPSERT_SQL).await?;
-    let rows = tx.query(&upsert, &[&ids, &orgs, &airs]).await?;
+    let copy_sql = plan
+        .as_ref()
+        .and_then(|p| p.fast.as_ref())
+        .map(|_| fast_copy_sql(target));
+    let (rows, copy) = tx
+        .begin_query(&upsert, &[&ids, &orgs, &airs], copy_sql.as_deref())
+        .await?;
     let mut states: HashMap<Uuid, SessionState> = HashMap::with_capacity(rows.len());
     for r in &rows {
         let st = SessionState::from_row(r)?;
@@ -870,6 +899,7 @@ async fn claim_sessions(
         refused,
         foreign,
         marks,
+        copy,
     })
 }
 
@@ -896,11 +926,17 @@ fn replan_if_stale<'p>(
     ))
 }
 
-/// Phase 3. Fast path: rows above the mark, straight into the partition. Returns the
-/// rows written, by session, for the statistics.
+/// The fast path's COPY into `target`.
+fn fast_copy_sql(target: &str) -> String {
+    format!("COPY {target} ({COLUMNS}) FROM STDIN (FORMAT binary)")
+}
+
+/// Phase 3. Fast path: rows above the mark, straight into the partition: `fast` is the
+/// COPY statement prepared with `BEGIN` (none when the first plan had no fast rows) and
+/// the target. Returns the rows written, by session, for the statistics.
 async fn copy_fast_path(
-    tx: &Transaction<'_>,
-    target: &str,
+    tx: &FlushTx,
+    fast: (Option<&Statement>, &str),
     prepared: &Prepared<'_>,
     refused: &HashSet<Uuid>,
     plan: &Plan,
@@ -909,8 +945,11 @@ async fn copy_fast_path(
     let Some(bytes) = plan.fast.clone() else {
         return Ok(inserted);
     };
-    let sql = format!("COPY {target} ({COLUMNS}) FROM STDIN (FORMAT binary)");
-    copy_in(tx, &sql, bytes).await?;
+    match fast {
+        (Some(stmt), _) => copy_in(tx, stmt, bytes).await?,
+        // The plan was rebuilt with the stored marks and has fast rows the first had not.
+        (None, target) => copy_in(tx, fast_copy_sql(target).as_str(), bytes).await?,
+    };
     for s in prepared
         .sessions
         .iter()
@@ -934,7 +973,7 @@ async fn copy_fast_path(
 /// not. Adds the rows written to `inserted`; returns how many.
 async fn copy_staging_path(
     shared: &Shared,
-    tx: &Transaction<'_>,
+    tx: &FlushTx,
     target: &str,
     prepared: &Prepared<'_>,
     plan: &Plan,
@@ -944,7 +983,7 @@ async fn copy_staging_path(
         return Ok(0);
     };
     tx.batch_execute(CREATE_STAGING_SQL).await?;
-    copy_in(tx, &copy_staging_sql(), bytes).await?;
+    copy_in(tx, copy_staging_sql().as_str(), bytes).await?;
     let rows = if shared.is_citus(tx).await? {
         let ids: Vec<Uuid> = prepared.sessions.iter().map(|s| s.session).collect();
         tx.query(&insert_from_staging_citus_sql(target), &[&ids])
@@ -966,9 +1005,9 @@ async fn copy_staging_path(
 }
 
 /// Phase 5. Statistics: each session's update from the rows written, distances
-/// recomputed where a late point landed. Returns the updates written.
-async fn write_statistics(
-    tx: &Transaction<'_>,
+/// recomputed where a late point landed. Returns the updates to write.
+async fn compute_statistics(
+    tx: &FlushTx,
     prepared: &Prepared<'_>,
     states: &HashMap<Uuid, SessionState>,
     inserted: &mut HashMap<Uuid, Vec<InsertedRow>>,
@@ -983,18 +1022,12 @@ async fn write_statistics(
         }
     }
     recompute_late(tx, &mut updates).await?;
-    if !updates.is_empty() {
-        write_updates(tx, &updates).await?;
-    }
     Ok(updates)
 }
 
 /// The distance and last position of the sessions where a point landed before the
 /// last one, recomputed from the stored rows.
-async fn recompute_late(
-    tx: &Transaction<'_>,
-    updates: &mut [SessionUpdate],
-) -> Result<(), AttemptError> {
+async fn recompute_late(tx: &FlushTx, updates: &mut [SessionUpdate]) -> Result<(), AttemptError> {
     let late: Vec<Uuid> = updates
         .iter()
         .filter(|u| u.recompute)
@@ -1073,7 +1106,7 @@ fn claim_columns<'r, 'p: 'r>(
 /// aircraft the organization does not (or no longer) have. A role that row-level security
 /// confines cannot tell: that is a transient error (retried, never nacked).
 async fn foreign_among(
-    tx: &Transaction<'_>,
+    tx: &FlushTx,
     prepared: &Prepared<'_>,
     refused: &HashSet<Uuid>,
 ) -> Result<HashSet<Uuid>, AttemptError> {
@@ -1106,7 +1139,7 @@ async fn foreign_among(
 /// The COPY target for `key`: the child when it is known to exist, else the parent.
 async fn resolve_target(
     shared: &Shared,
-    tx: &Transaction<'_>,
+    tx: &ClientWrapper,
     key: PartitionKey,
 ) -> Result<(String, bool), AttemptError> {
     let parent = || (PARENT.to_string(), true);
@@ -1136,8 +1169,12 @@ async fn resolve_target(
     }
 }
 
-async fn copy_in(tx: &Transaction<'_>, sql: &str, data: Bytes) -> Result<u64, AttemptError> {
-    let sink = tx.copy_in::<_, Bytes>(sql).await?;
+async fn copy_in<S: ?Sized + ToStatement>(
+    tx: &FlushTx,
+    stmt: &S,
+    data: Bytes,
+) -> Result<u64, AttemptError> {
+    let sink = tx.copy_in::<_, Bytes>(stmt).await?;
     futures::pin_mut!(sink);
     for piece in send_chunks(&data) {
         sink.feed(piece).await?;
@@ -1145,10 +1182,28 @@ async fn copy_in(tx: &Transaction<'_>, sql: &str, data: Bytes) -> Result<u64, At
     Ok(sink.finish().await?)
 }
 
+/// Whether [`write_updates`] ends the transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// The statistics `UPDATE` and `COMMIT` in one round trip (`COMMIT` alone when there
+    /// is nothing to update).
+    Now,
+    /// Only the `UPDATE`: more statements follow.
+    Later,
+}
+
+/// Writes the statistics of `updates` (phase 5), and commits when asked.
 async fn write_updates(
-    tx: &Transaction<'_>,
+    tx: &FlushTx,
     updates: &[SessionUpdate],
+    commit: Commit,
 ) -> Result<(), AttemptError> {
+    if updates.is_empty() {
+        if commit == Commit::Now {
+            tx.commit().await?;
+        }
+        return Ok(());
+    }
     let ts = |t: i64| DateTime::<Utc>::from_timestamp_micros(t);
     let ids: Vec<Uuid> = updates.iter().map(|u| u.session_id).collect();
     let dep_ts: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| ts(u.departure.0)).collect();
@@ -1163,14 +1218,14 @@ async fn write_updates(
     let last_lat: Vec<Option<f64>> = updates.iter().map(|u| u.last_pos.map(|p| p.0)).collect();
     let last_lon: Vec<Option<f64>> = updates.iter().map(|u| u.last_pos.map(|p| p.1)).collect();
     let dist: Vec<f64> = updates.iter().map(|u| u.distance_km).collect();
+    let params: [&(dyn ToSql + Sync); 13] = [
+        &ids, &dep_ts, &dep_lat, &dep_lon, &arr_ts, &arr_lat, &arr_lon, &dur, &cnt, &last_seq,
+        &last_lat, &last_lon, &dist,
+    ];
     let stmt = tx.prepare_cached(UPDATE_SQL).await?;
-    tx.execute(
-        &stmt,
-        &[
-            &ids, &dep_ts, &dep_lat, &dep_lon, &arr_ts, &arr_lat, &arr_lon, &dur, &cnt, &last_seq,
-            &last_lat, &last_lon, &dist,
-        ],
-    )
-    .await?;
+    match commit {
+        Commit::Now => tx.execute_and_commit(&stmt, &params).await?,
+        Commit::Later => tx.execute(&stmt, &params).await?,
+    };
     Ok(())
 }

@@ -77,6 +77,10 @@ pub struct LoadgenConfig {
     pub rate: Option<f64>,
     /// How long to generate.
     pub duration: Duration,
+    /// Acks of batches sent in the first `warmup` of the run are counted but left out of
+    /// the latency percentiles: a fleet starting at once spends its first seconds
+    /// connecting and having every session looked up, which is not its steady state.
+    pub warmup: Duration,
     /// Stop after this many points in total (exact, across the fleet), if set.
     pub total_points: Option<u64>,
     /// Map or array points.
@@ -107,6 +111,8 @@ pub struct Stats {
     /// Flight sessions ended with an acknowledged `end`.
     pub sessions_ended: AtomicU64,
     latency: Mutex<Option<Histogram<u64>>>,
+    /// Batches sent before this instant are left out of `latency` (the warm-up).
+    latency_from: std::sync::OnceLock<Instant>,
     /// First fatal error (e.g. the key was refused).
     pub fatal: Mutex<Option<String>>,
 }
@@ -131,7 +137,13 @@ impl Stats {
                     }
                     let n = s.msg.points().len() as u64;
                     self.acked.fetch_add(n, Ordering::Relaxed);
-                    self.record_latency(s.sent_at.elapsed());
+                    if self
+                        .latency_from
+                        .get()
+                        .is_none_or(|from| s.sent_at >= *from)
+                    {
+                        self.record_latency(s.sent_at.elapsed());
+                    }
                 }
             }
             Answer::Nacked {
@@ -174,6 +186,8 @@ pub struct Summary {
     pub target_rate: Option<f64>,
     /// Wall time from the first send to the last verdict, seconds.
     pub duration_secs: f64,
+    /// The first seconds of the run left out of `latency_ms` (see [`LoadgenConfig::warmup`]).
+    pub warmup_secs: f64,
     /// Points generated and sent.
     pub points_sent: u64,
     /// Points acknowledged (TCP/TLS).
@@ -240,6 +254,13 @@ impl std::fmt::Display for Summary {
             "  ack latency    p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
             self.latency_ms.p50, self.latency_ms.p90, self.latency_ms.p99, self.latency_ms.max
         )?;
+        if self.warmup_secs > 0.0 {
+            write!(
+                f,
+                " (batches sent after the first {:.0} s)",
+                self.warmup_secs
+            )?;
+        }
         if let Some(e) = &self.error {
             write!(f, "\n  stopped on     {e}")?;
         }
@@ -283,6 +304,9 @@ fn share(total: u64, parts: usize, i: usize) -> u64 {
 pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Summary {
     let config = Arc::new(config);
     let started = Instant::now();
+    if !config.warmup.is_zero() {
+        let _ = stats.latency_from.set(started + config.warmup);
+    }
     let tls = match (&config.transport, &config.tls) {
         (Transport::Tls, Some((name, ca))) => match Tls::from_ca_file(ca, name) {
             Ok(tls) => Some(tls),
@@ -336,6 +360,7 @@ pub async fn run(config: LoadgenConfig, stats: Arc<Stats>, stop: Shutdown) -> Su
         window: config.window,
         target_rate: config.rate,
         duration_secs: secs,
+        warmup_secs: config.warmup.as_secs_f64(),
         points_sent: sent,
         points_acked: acked,
         points_nacked: stats.nacked.load(Ordering::Relaxed),
@@ -775,6 +800,7 @@ pub async fn progress(stats: Arc<Stats>, every: Duration, mut stop: Shutdown) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::Sent;
 
     #[test]
     fn a_paced_fleet_is_spread_over_one_batch_interval() {
@@ -793,5 +819,32 @@ mod tests {
         assert!(first.ready(), "gateway 0 starts at once");
         // Unpaced: no wait at all.
         assert!(Pacer::new(None, 4).stagger(3, 4, 10).is_none());
+    }
+
+    #[test]
+    fn acks_of_the_warm_up_count_but_stay_out_of_the_percentiles() {
+        let stats = Stats::default();
+        let start = Instant::now();
+        stats.latency_from.set(start).expect("set once");
+        let batch = |sent_at: Instant| Sent {
+            seq: 1,
+            sent_at,
+            msg: Outgoing::Batch {
+                aircraft: AircraftRef::Registration("N1".into()),
+                session: uuid::Uuid::nil(),
+                points: (0..10).map(|i| Point::new(now_micros(), i)).collect(),
+            },
+            tag: (),
+        };
+        // Sent 5 s before the warm-up ended, acked now: counted, not timed.
+        let early = start - Duration::from_secs(5);
+        stats.count(Answer::Acked(vec![batch(early)]));
+        assert_eq!(stats.acked.load(Ordering::Relaxed), 10);
+        assert_eq!(stats.latency_ms(1.0), 0.0, "a warm-up batch was timed");
+        // Sent after it: counted and timed (well under the 5 s of the early one).
+        stats.count(Answer::Acked(vec![batch(Instant::now())]));
+        assert_eq!(stats.acked.load(Ordering::Relaxed), 20);
+        let max = stats.latency_ms(1.0);
+        assert!(max > 0.0 && max < 1000.0, "{max}");
     }
 }

@@ -501,6 +501,7 @@ fn fleet_args(
         window: 8,
         rate: args.rate,
         duration: args.duration,
+        warmup_secs: 0.0,
         points: None,
         transport: crate::cmd::loadgen::TransportArg::Tcp,
         tls_ca: None,

@@ -80,6 +80,10 @@ pub struct LoadgenArgs {
     /// How long to run, seconds.
     #[arg(long, default_value_t = 30.0)]
     pub duration: f64,
+    /// Leave the acks of batches sent in the first this many seconds out of the latency
+    /// percentiles (they are still counted): the fleet's connects and first lookups.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_secs: f64,
     /// Stop after exactly this many points in total.
     #[arg(long)]
     pub points: Option<u64>,
@@ -164,6 +168,7 @@ impl LoadgenArgs {
             window: self.window,
             rate: (self.rate > 0.0).then_some(self.rate),
             duration: Duration::from_secs_f64(self.duration),
+            warmup: Duration::from_secs_f64(self.warmup_secs),
             total_points: self.points,
             form: match self.form {
                 FormArg::Map => PointForm::Map,
@@ -218,6 +223,9 @@ impl LoadgenArgs {
         }
         if !(self.duration > 0.0 && self.duration.is_finite()) {
             bail!("--duration must be a positive number of seconds");
+        }
+        if !(self.warmup_secs >= 0.0 && self.warmup_secs < self.duration) {
+            bail!("--warmup-secs must be at least 0 and less than --duration");
         }
         if self.rate < 0.0 || !self.rate.is_finite() {
             bail!("--rate must be 0 (unlimited) or a positive number of points per second");
@@ -297,4 +305,32 @@ pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: LoadgenArgs,
+    }
+
+    fn args(extra: &[&str]) -> LoadgenArgs {
+        let base = ["loadgen", "--key", "dbx_test", "--duration", "10"];
+        Cmd::parse_from(base.iter().chain(extra)).args
+    }
+
+    #[test]
+    fn a_warm_up_is_refused_naming_its_flag_unless_shorter_than_the_run() {
+        for bad in ["--warmup-secs=10", "--warmup-secs=-1", "--warmup-secs=NaN"] {
+            let e = args(&[bad]).check_numbers().unwrap_err();
+            assert!(e.to_string().contains("--warmup-secs"), "{bad}: {e}");
+        }
+        let config = args(&["--warmup-secs", "2.5"]).to_config().unwrap();
+        assert_eq!(config.warmup, Duration::from_millis(2500));
+        assert_eq!(args(&[]).to_config().unwrap().warmup, Duration::ZERO);
+    }
 }
