@@ -156,25 +156,24 @@ impl Drop for FlushTx {
 mod tests {
     use super::*;
     use dbx_testkit::TestDb;
+    use tokio_postgres::types::FromSqlOwned;
 
-    async fn backend(tx: &FlushTx) -> i32 {
-        tx.query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0)
+    /// A database with table `t` made by `ddl`, and a pool of one connection (so a
+    /// connection that came back to the pool is the one the next `get` hands out).
+    async fn one_connection(ddl: &str) -> (TestDb, deadpool_postgres::Pool) {
+        let db = TestDb::new().await;
+        let pool = dbx_testkit::pool(&db.url(), 1);
+        pool.get().await.unwrap().batch_execute(ddl).await.unwrap();
+        (db, pool)
+    }
+
+    async fn one<T: FromSqlOwned>(c: &ClientWrapper, sql: &str) -> T {
+        c.query_one(sql, &[]).await.unwrap().get(0)
     }
 
     #[tokio::test]
     async fn pipelined_statements_run_inside_the_transaction() {
-        let db = TestDb::new().await;
-        let pool = dbx_testkit::pool(&db.url(), 1);
-        pool.get()
-            .await
-            .unwrap()
-            .batch_execute("CREATE TABLE t (v int)")
-            .await
-            .unwrap();
-
+        let (_db, pool) = one_connection("CREATE TABLE t (v int)").await;
         // The statement sent with BEGIN runs in the transaction: the transaction id it
         // sees is the one a later statement sees (outside one, each statement would get
         // its own).
@@ -201,26 +200,14 @@ mod tests {
         assert!(!tx.open.load(Ordering::Relaxed));
         drop(tx);
         let c = pool.get().await.unwrap();
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM t", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 2);
+        assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t").await, 2);
     }
 
     #[tokio::test]
     async fn a_failed_statement_sent_with_commit_rolls_everything_back() {
-        let db = TestDb::new().await;
-        let pool = dbx_testkit::pool(&db.url(), 1);
-        pool.get()
-            .await
-            .unwrap()
-            .batch_execute("CREATE TABLE t (v int CHECK (v > 0))")
-            .await
-            .unwrap();
+        let (_db, pool) = one_connection("CREATE TABLE t (v int CHECK (v > 0))").await;
         let tx = FlushTx::new(pool.get().await.unwrap());
-        let pid = backend(&tx).await;
+        let pid: i32 = one(&tx, "SELECT pg_backend_pid()").await;
         let insert = tx.prepare("INSERT INTO t VALUES ($1)").await.unwrap();
         tx.begin_query(&insert, &[&1i32], None).await.unwrap();
         let err = tx
@@ -235,28 +222,10 @@ mod tests {
         // Nothing of the transaction is stored, and the connection came back to the pool
         // outside a transaction (the same backend: it was not closed).
         let c = pool.get().await.unwrap();
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM t", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 0);
-        let same: i32 = c
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(same, pid);
-        let xa: i64 = c
-            .query_one("SELECT txid_current()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let xb: i64 = c
-            .query_one("SELECT txid_current()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t").await, 0);
+        assert_eq!(one::<i32>(&c, "SELECT pg_backend_pid()").await, pid);
+        let xa: i64 = one(&c, "SELECT txid_current()").await;
+        let xb: i64 = one(&c, "SELECT txid_current()").await;
         assert_ne!(
             xa, xb,
             "the pooled connection is still inside a transaction"
@@ -265,34 +234,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_dropped_open_closes_its_connection() {
-        let db = TestDb::new().await;
-        let pool = dbx_testkit::pool(&db.url(), 1);
-        pool.get()
-            .await
-            .unwrap()
-            .batch_execute("CREATE TABLE t (v int)")
-            .await
-            .unwrap();
+        let (_db, pool) = one_connection("CREATE TABLE t (v int)").await;
         let tx = FlushTx::new(pool.get().await.unwrap());
-        let pid = backend(&tx).await;
+        let pid: i32 = one(&tx, "SELECT pg_backend_pid()").await;
         let insert = tx.prepare("INSERT INTO t VALUES (1)").await.unwrap();
         tx.begin_query(&insert, &[], None).await.unwrap();
         drop(tx); // as when the attempt's future is dropped half-way
         let c = pool.get().await.unwrap();
-        let other: i32 = c
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let other: i32 = one(&c, "SELECT pg_backend_pid()").await;
         assert_ne!(
             other, pid,
             "a connection inside a transaction went back to the pool"
         );
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM t", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(n, 0);
+        assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t").await, 0);
     }
 }

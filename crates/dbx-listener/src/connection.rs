@@ -1076,10 +1076,18 @@ fn read_error_code(e: ReadError) -> (RejectCode, String) {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn frames_read_back_to_back_leave_only_what_follows_them_held() {
-        let (server, mut peer) = tokio::io::duplex(256 * 1024);
-        let (_trigger, shutdown) = dbx_core::ShutdownTrigger::new();
+    /// A connection past `welcome` over an in-memory pipe of `pipe` bytes, with a byte
+    /// budget of `budget`; the peer's end, and the trigger its shutdown signal hangs on.
+    fn in_session(
+        pipe: usize,
+        budget: usize,
+    ) -> (
+        Connection<tokio::io::DuplexStream>,
+        tokio::io::DuplexStream,
+        dbx_core::ShutdownTrigger,
+    ) {
+        let (server, peer) = tokio::io::duplex(pipe);
+        let (trigger, shutdown) = dbx_core::ShutdownTrigger::new();
         let mut conn = Connection::new(
             server,
             4096,
@@ -1090,7 +1098,13 @@ mod tests {
                 transport: "tcp",
             },
         );
-        conn.enter_session(crate::budget::ByteBudget::new(1 << 30), Limits::default());
+        conn.enter_session(crate::budget::ByteBudget::new(budget), Limits::default());
+        (conn, peer, trigger)
+    }
+
+    #[tokio::test]
+    async fn frames_read_back_to_back_leave_only_what_follows_them_held() {
+        let (mut conn, mut peer, _trigger) = in_session(256 * 1024, 1 << 30);
         // A busy gateway: small frames back to back, so every read ends inside the next
         // frame and the buffer is never empty between frames.
         let body = vec![3u8; 700];
@@ -1126,19 +1140,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_quiet_connection_holds_a_small_read_buffer() {
-        let (server, mut peer) = tokio::io::duplex(64 * 1024);
-        let (_trigger, shutdown) = dbx_core::ShutdownTrigger::new();
-        let mut conn = Connection::new(
-            server,
-            4096,
-            WriteLimits {
-                write_timeout: Duration::from_secs(5),
-                shutdown,
-                drain_for: Duration::from_secs(1),
-                transport: "tcp",
-            },
-        );
-        conn.enter_session(crate::budget::ByteBudget::new(1 << 20), Limits::default());
+        let (mut conn, mut peer, _trigger) = in_session(64 * 1024, 1 << 20);
         // A frame larger than a quiet read, then a small one, in one write: both read
         // whole, in order.
         let big = vec![7u8; 3 * IDLE_READ];
