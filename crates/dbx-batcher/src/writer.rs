@@ -13,6 +13,11 @@
 //!            then the ends'
 //! ```
 //!
+//! `BEGIN` leaves with the upsert and the parse of the fast COPY, and `COMMIT` with the
+//! statistics `UPDATE` when no end rides ([`crate::txn`]): a flush on the fast path
+//! waits for PostgreSQL four times (that round trip, the COPY's start, its data, the
+//! last one).
+//!
 //! Failures: transient errors retry the same flush forever with capped, jittered
 //! exponential backoff (the batcher stops reading its channel meanwhile: that is the
 //! backpressure); a unique violation on the fast path retries everything through the
