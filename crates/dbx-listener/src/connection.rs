@@ -26,18 +26,21 @@
 //! the TLS handshake and the hello share one `handshake_timeout`. After it every frame
 //! is charged against the byte budget before its body is buffered
 //! ([`crate::budget`]). Reads never take more than the frame in hand plus
-//! [`LOOKAHEAD`] bytes, and an idle connection holds [`IDLE_READ`] bytes. Every write gives up
+//! [`LOOKAHEAD`] bytes, and a connection waiting for data holds no room for it. Every write gives up
 //! after `write_timeout`, and once shutdown has begun at the drain deadline, so a peer
 //! that does not read can hold neither its connection nor the daemon's shutdown.
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, timeout_at};
 use uuid::Uuid;
@@ -62,16 +65,13 @@ use crate::ratelimit::RateLimiter;
 use crate::slots::Admitted;
 use crate::ListenerConfig;
 
-/// Bytes a read may take beyond the frame in hand (the start of the next ones): enough
-/// for many small frames per read, little enough to hold per idle connection.
-pub const LOOKAHEAD: usize = 8 * 1024;
-
-/// What a read may take when nothing of a frame is buffered yet: a quiet connection
-/// waits for its next frame holding this much, not a frame's worth plus [`LOOKAHEAD`]
-/// (10 000 slow gateways held about 74 MiB of read buffers waiting for data). Enough
-/// for a fleet gateway's small frames in one read; a large frame's prefix tells the
-/// next read how much to take.
-pub const IDLE_READ: usize = 512;
+/// Bytes a read may take beyond the frame in hand (the start of the next ones): a few
+/// small frames per read. They are not charged to the byte budget until their turn, and
+/// a connection that stops reading (for budget, for room in the batcher's queue, for
+/// acks) holds them meanwhile, so this is per connection what the budget does not
+/// bound: at 8 KiB it was 78 MiB of 10 000 gateways' peak under overload (heaptrack,
+/// benches/RESULTS.md "Width").
+pub const LOOKAHEAD: usize = 2 * 1024;
 
 /// How long a closing connection drains its peer's input so the peer reads the final
 /// `error` rather than a reset (docs/protocol.md, "Framing").
@@ -99,6 +99,8 @@ pub struct Connection<S> {
     stream: S,
     codec: FrameCodec,
     read_buf: BytesMut,
+    /// `read_buf` is the allocation a read filled, no frame taken from it yet.
+    fresh_read: bool,
     write_buf: BytesMut,
     /// The charge of the frame being read, kept across cancelled reads.
     charge: Option<Charge>,
@@ -152,6 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             stream,
             codec: FrameCodec::for_hello(max_hello_bytes),
             read_buf: BytesMut::new(),
+            fresh_read: false,
             write_buf: BytesMut::new(),
             charge: None,
             waiting_for_budget: false,
@@ -196,17 +199,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 None => PREFIX_LEN - self.read_buf.len(),
             };
-            // Never more than this frame and a little lookahead: what is buffered is
-            // what was charged, plus at most LOOKAHEAD bytes. Between frames, a small
-            // read: an idle connection holds IDLE_READ bytes while it waits.
-            let take = if self.read_buf.is_empty() {
-                (want + self.lookahead).min(IDLE_READ)
+            let n = if want > LOOKAHEAD {
+                // The rest of a large frame (charged above) goes straight into its own
+                // room, without lookahead: what is buffered is what was charged.
+                self.read_buf.reserve(want);
+                let mut limited = (&mut self.read_buf).limit(want);
+                self.stream.read_buf(&mut limited).await?
             } else {
-                want + self.lookahead
+                self.read_some(want + self.lookahead).await?
             };
-            self.read_buf.reserve(take);
-            let mut limited = (&mut self.read_buf).limit(take);
-            if self.stream.read_buf(&mut limited).await? == 0 {
+            self.fresh_read = true;
+            if n == 0 {
                 return if self.read_buf.is_empty() {
                     Ok(None)
                 } else {
@@ -214,6 +217,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 };
             }
         }
+    }
+
+    /// Reads up to `take` bytes (at most 2 × [`LOOKAHEAD`]) and appends what came.
+    ///
+    /// The read goes into a buffer on the stack of the poll that completes it, and only
+    /// what arrived is appended: a connection waiting for data holds none of the room a
+    /// read may fill. Reserved in `read_buf` before the wait, that room was held by
+    /// every quiet gateway (a 512-byte read) and by every one whose frame had arrived
+    /// in part (the frame's rest plus LOOKAHEAD). Cancel-safe: a poll either appends
+    /// what it read or reads nothing.
+    async fn read_some(&mut self, take: usize) -> io::Result<usize> {
+        let Connection {
+            stream, read_buf, ..
+        } = self;
+        std::future::poll_fn(|cx| {
+            let mut room = [MaybeUninit::<u8>::uninit(); 2 * LOOKAHEAD];
+            let mut buf = ReadBuf::uninit(&mut room[..take.min(2 * LOOKAHEAD)]);
+            ready!(Pin::new(&mut *stream).poll_read(cx, &mut buf))?;
+            read_buf.extend_from_slice(buf.filled());
+            Poll::Ready(Ok(buf.filled().len()))
+        })
+        .await
     }
 
     /// Charges a frame of `len` body bytes (once per frame), waiting for budget.
@@ -246,23 +271,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.waiting_for_budget
     }
 
+    /// Splits the next frame off the buffer, and moves what follows it out of the
+    /// allocation the read filled: after the first frame of a read, and again once no
+    /// whole frame is left (at most twice per read, never once per frame).
+    ///
+    /// Left in place, the rest of a read would keep the whole read's allocation alive
+    /// while the connection waits between frames (for room in the batcher's queue, for
+    /// budget or for acks), and the next read, finding the buffer shared, would
+    /// allocate anew at its original size: before 92212c4, when the rest stayed with
+    /// the frame, each connection under load held about 21 KiB outside the byte budget
+    /// (207 MiB of 10 000 gateways' peak; heaptrack, benches/RESULTS.md "Width").
+    /// Moved, it holds what is left of the read and no more. Not after every frame: a
+    /// peer packing thousands of tiny frames into one read would have the rest copied
+    /// once per frame; the frames after the first are split off the copy instead.
     fn take_frame(&mut self, total: usize) -> Frame {
         let mut body = self.read_buf.split_to(total);
         let _ = body.split_to(PREFIX_LEN);
-        // The allocation goes with this frame. What is left of the read (at most
-        // LOOKAHEAD bytes, the start of the next frames) is copied out: left in place it
-        // would pin the frame's allocation, and every later read that found the buffer
-        // shared would allocate anew at its original size (frame + LOOKAHEAD, doubled). A
-        // gateway whose frames arrive back to back never empties its buffer, so each
-        // connection under load held about 21 KiB outside the byte budget (207 MiB of
-        // 10 000 gateways' peak; heaptrack, benches/RESULTS.md "Width"). Copied, it
-        // holds what is left, and a frame's room only while that frame is being read.
-        self.read_buf = if self.read_buf.is_empty() {
-            // Nothing of the next frame yet: the next read takes IDLE_READ of its own.
-            BytesMut::new()
-        } else {
-            BytesMut::from(&self.read_buf[..])
-        };
+        let whole_frame_next = matches!(
+            self.codec.announced(&self.read_buf),
+            Ok(Some(len)) if self.read_buf.len() >= PREFIX_LEN + len
+        );
+        if std::mem::take(&mut self.fresh_read) || !whole_frame_next {
+            self.read_buf = if self.read_buf.is_empty() {
+                BytesMut::new()
+            } else {
+                BytesMut::from(&self.read_buf[..])
+            };
+        }
         Frame {
             body,
             charge: self.charge.take(),
@@ -331,7 +366,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let stream = &mut self.stream;
         let _ = timeout_at(deadline, async {
             let _ = stream.shutdown().await;
-            let mut sink = [0u8; 4096];
+            // On the heap, for the moment it is needed: an array here would be part of
+            // every connection task's future, lingering or not (4 KiB of each of
+            // 10 000 idle gateways).
+            let mut sink = vec![0u8; 4096];
             while let Ok(n) = stream.read(&mut sink).await {
                 if n == 0 {
                     break;
@@ -936,13 +974,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         received_at: Instant,
     ) -> Result<(TelemetryBatch, AckReceiver, Duration), Rejection> {
         let org = grant.org_id;
-        let aircraft_id = crate::admit::resolve_target(
+        // Boxed: the lookups it may make (a cache miss asks the database) would make
+        // its future about 1.9 KiB of every connection task's, held for the
+        // connection's life; boxed it is held only while it runs.
+        let aircraft_id = Box::pin(crate::admit::resolve_target(
             &self.shared.auth,
             org,
             &batch.aircraft,
             batch.session,
             self.shared.config.auto_register_aircraft,
-        )
+        ))
         .await?;
         let points = batch.points.len();
         let wait = self
@@ -1119,9 +1160,19 @@ mod tests {
             let f = conn.read_frame().await.unwrap().unwrap();
             assert_eq!(f.body.len(), 700);
             // Between frames the connection holds what it read beyond this one, at most
-            // LOOKAHEAD bytes, in an allocation of its own: not the frame's (which the
-            // batch keeps until its verdict), nor a frame's room.
-            if !conn.read_buf.is_empty() {
+            // LOOKAHEAD bytes: never the read's allocation (a frame's room, pinned while
+            // the batch waits for its verdict). Once no whole frame is left, that rest is
+            // in an allocation of its own, not one frames were split from.
+            assert!(
+                conn.read_buf.capacity() <= LOOKAHEAD,
+                "{} bytes held between frames",
+                conn.read_buf.capacity()
+            );
+            let whole_frame_next = conn.read_buf.len() >= PREFIX_LEN
+                && conn.read_buf.len()
+                    >= PREFIX_LEN
+                        + u32::from_be_bytes(conn.read_buf[..4].try_into().unwrap()) as usize;
+            if !whole_frame_next && !conn.read_buf.is_empty() {
                 let after_frame = f.body.as_ptr().wrapping_add(f.body.len());
                 assert_ne!(
                     conn.read_buf.as_ptr(),
@@ -1129,21 +1180,49 @@ mod tests {
                     "the rest of the read still shares the frame's allocation"
                 );
             }
-            assert!(
-                conn.read_buf.capacity() <= LOOKAHEAD,
-                "{} bytes held between frames",
-                conn.read_buf.capacity()
-            );
             frames.push(f); // frames kept (as in the batcher) do not grow the buffer
         }
     }
 
     #[tokio::test]
+    async fn the_frames_of_one_read_cost_no_copy_each() {
+        let (mut conn, mut peer, _trigger) = in_session(256 * 1024, 1 << 30);
+        // A hostile peer: thousands of tiny frames packed into each read. Moving the
+        // rest of the read after every frame would copy up to LOOKAHEAD bytes per
+        // 5-byte frame; the rest moves at most twice per read.
+        let frames = 4000;
+        let mut wire = Vec::new();
+        for i in 0..frames {
+            wire.extend_from_slice(&1u32.to_be_bytes());
+            wire.push(i as u8);
+        }
+        peer.write_all(&wire).await.unwrap();
+        let mut moved = 0;
+        let mut prev_end: Option<*const u8> = None;
+        for i in 0..frames {
+            let f = conn.read_frame().await.unwrap().unwrap();
+            assert_eq!(&f.body[..], &[i as u8]);
+            // A frame taken from the same buffer as the one before starts right after
+            // that one's end and this frame's prefix.
+            if prev_end.map(|end| end.wrapping_add(PREFIX_LEN)) != Some(f.body.as_ptr()) {
+                moved += 1;
+            }
+            prev_end = Some(f.body.as_ptr().wrapping_add(f.body.len()));
+        }
+        // 20 000 bytes: one 512-byte read, then reads of up to LOOKAHEAD + a frame;
+        // the rest of each moves at most twice.
+        assert!(
+            moved <= 2 * (2 + wire.len() / LOOKAHEAD),
+            "{moved} of {frames} frames found the buffer moved"
+        );
+    }
+
+    #[tokio::test]
     async fn a_quiet_connection_holds_a_small_read_buffer() {
-        let (mut conn, mut peer, _trigger) = in_session(64 * 1024, 1 << 20);
-        // A frame larger than a quiet read, then a small one, in one write: both read
-        // whole, in order.
-        let big = vec![7u8; 3 * IDLE_READ];
+        let (mut conn, mut peer, _trigger) = in_session(64 * 1024, 1 << 26);
+        // A frame larger than a read's lookahead, then a small one, in one write: both
+        // read whole, in order.
+        let big = vec![7u8; 3 * LOOKAHEAD];
         let mut wire = Vec::new();
         for body in [&big[..], &b"second"[..]] {
             wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -1159,12 +1238,22 @@ mod tests {
             first.body.len() == big.len() && second.body.len() == 6,
             "the frames are their own"
         );
-        // Waiting for the next frame holds a small buffer, not a frame plus LOOKAHEAD.
+        // Waiting for the next frame holds no room for it.
         let waiting = tokio::time::timeout(Duration::from_millis(20), conn.read_frame()).await;
         assert!(waiting.is_err(), "no frame was sent");
+        assert_eq!(
+            conn.read_buf.capacity(),
+            0,
+            "room held by a quiet connection"
+        );
+        // Nor does waiting for the rest of a small frame: what arrived, and no more.
+        peer.write_all(&[0, 0, 2, 188, 1, 2, 3]).await.unwrap(); // a 700-byte frame, begun
+        let waiting = tokio::time::timeout(Duration::from_millis(20), conn.read_frame()).await;
+        assert!(waiting.is_err(), "the frame is not whole");
+        assert_eq!(conn.read_buf.len(), 7);
         assert!(
-            conn.read_buf.capacity() <= 2 * IDLE_READ,
-            "{} bytes held by a quiet connection",
+            conn.read_buf.capacity() < 64,
+            "{} bytes held waiting for the rest of a frame",
             conn.read_buf.capacity()
         );
     }
