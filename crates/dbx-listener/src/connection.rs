@@ -287,11 +287,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     fn take_frame(&mut self, total: usize) -> Frame {
         let mut body = self.read_buf.split_to(total);
         let _ = body.split_to(PREFIX_LEN);
-        let whole_frame_next = matches!(
-            self.codec.announced(&self.read_buf),
-            Ok(Some(len)) if self.read_buf.len() >= PREFIX_LEN + len
-        );
-        if std::mem::take(&mut self.fresh_read) || !whole_frame_next {
+        if std::mem::take(&mut self.fresh_read) || !self.holds_whole_frame() {
             self.read_buf = if self.read_buf.is_empty() {
                 BytesMut::new()
             } else {
@@ -302,6 +298,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             body,
             charge: self.charge.take(),
         }
+    }
+
+    /// Whether the buffer holds a whole frame: the next [`Connection::read_frame`] takes
+    /// it without reading.
+    fn holds_whole_frame(&self) -> bool {
+        matches!(
+            self.codec.announced(&self.read_buf),
+            Ok(Some(len)) if self.read_buf.len() >= PREFIX_LEN + len
+        )
     }
 
     /// Writes one message and flushes it, within `write_timeout` (and the drain
@@ -1168,11 +1173,7 @@ mod tests {
                 "{} bytes held between frames",
                 conn.read_buf.capacity()
             );
-            let whole_frame_next = conn.read_buf.len() >= PREFIX_LEN
-                && conn.read_buf.len()
-                    >= PREFIX_LEN
-                        + u32::from_be_bytes(conn.read_buf[..4].try_into().unwrap()) as usize;
-            if !whole_frame_next && !conn.read_buf.is_empty() {
+            if !conn.holds_whole_frame() && !conn.read_buf.is_empty() {
                 let after_frame = f.body.as_ptr().wrapping_add(f.body.len());
                 assert_ne!(
                     conn.read_buf.as_ptr(),
