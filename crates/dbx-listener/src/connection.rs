@@ -404,6 +404,29 @@ pub struct Shared {
     pub budget: ByteBudget,
 }
 
+#[cfg(test)]
+impl Shared {
+    /// Shared state for unit tests: `config`, no key, a pool that never connects
+    /// (nothing in the handshake asks the database), a batcher queue nobody reads.
+    pub(crate) fn for_test(config: ListenerConfig) -> Shared {
+        let pg: tokio_postgres::Config = "host=127.0.0.1 user=dbx".parse().expect("config");
+        let manager = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .build()
+            .expect("pool");
+        let (batches, _) = mpsc::channel(1);
+        Shared {
+            config: Arc::new(config),
+            auth: AuthCache::new(pool, 16),
+            limiter: Arc::new(RateLimiter::new()),
+            batches,
+            handshakes: HandshakeLog::disabled(),
+            org_metrics: OrgMetrics::new(16),
+            budget: ByteBudget::new(1 << 20),
+        }
+    }
+}
+
 /// One batch waiting for its verdict.
 #[derive(Debug)]
 enum Verdict {
@@ -586,11 +609,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
     }
 
     /// Handshake (to be done by `deadline`), then the batch loop. The connection's
-    /// pending-handshake slots are given back once it is welcomed, or once a refused
-    /// handshake has been answered.
+    /// pending-handshake slots are given back once its key is accepted, before its
+    /// `welcome` is written, or once a refused handshake has been answered.
     pub async fn run(mut self, deadline: tokio::time::Instant, mut slots: Admitted) {
         let started = Instant::now();
-        let (key_hash, grant) = match self.handshake(started, deadline).await {
+        let (key_hash, grant) = match self.handshake(started, deadline, &mut slots).await {
             Ok(ok) => ok,
             Err((code, msg)) => {
                 HandshakeRefused {
@@ -604,7 +627,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
                 return;
             }
         };
-        slots.established();
         tracing::debug!(peer = %self.peer, org = %grant.org_id, key = %grant.label, "gateway connected");
         // Keeps api_keys.last_used_at current while the connection lives.
         let _in_use = self.shared.auth.track_use(&key_hash);
@@ -654,6 +676,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         &mut self,
         started: Instant,
         deadline: tokio::time::Instant,
+        slots: &mut Admitted,
     ) -> Result<(String, KeyGrant), (RejectCode, String)> {
         let cfg = self.shared.config.clone();
         let mut record = HandshakeRecord {
@@ -665,7 +688,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
             gateway: None,
             key_label: None,
         };
-        let result = self.handshake_inner(&cfg, &mut record, deadline).await;
+        let result = self
+            .handshake_inner(&cfg, &mut record, deadline, slots)
+            .await;
         record.response_time_ms = started.elapsed().as_millis().min(i32::MAX as u128) as i32;
         record.status_code = match &result {
             Ok(_) => 200,
@@ -709,6 +734,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         cfg: &ListenerConfig,
         record: &mut HandshakeRecord,
         deadline: tokio::time::Instant,
+        slots: &mut Admitted,
     ) -> Result<(String, KeyGrant), (RejectCode, String)> {
         let frame = self.read_hello_frame(cfg, deadline).await?;
         self.frames.increment(1);
@@ -733,6 +759,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Handler<S> {
         };
         record.org_id = Some(grant.org_id);
         record.key_label = Some(grant.label.clone());
+        // Given back before the welcome is written: a gateway that reads its welcome
+        // and at once opens its next connection must not find this one still counted
+        // against its address (the welcome's write is bounded by the write timeout).
+        slots.established();
         let welcome = ServerMessage::Welcome {
             v: 1,
             org: grant.org_id,
@@ -1146,6 +1176,58 @@ mod tests {
         );
         conn.enter_session(crate::budget::ByteBudget::new(budget), Limits::default());
         (conn, peer, trigger)
+    }
+
+    /// A gateway that reads its welcome and at once opens its next connection from the
+    /// same address must find the first one no longer pending: the slots go back
+    /// before the welcome is written, not after (CI once refused such a connection
+    /// for `max_pending_per_ip` in the window between the two).
+    #[tokio::test]
+    async fn an_accepted_key_gives_its_pending_slots_back_before_the_welcome_is_written() {
+        let shared = Shared::for_test(ListenerConfig::default());
+        let grant = KeyGrant {
+            org_id: Uuid::nil(),
+            label: "primary".into(),
+            points_per_sec: None,
+        };
+        shared.auth.insert_key_for_test("dbx_test_key", grant);
+        // A pipe too small for the welcome: its write waits until the peer reads.
+        let (server, mut peer) = tokio::io::duplex(8);
+        let from: SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let slots = crate::slots::Slots::new(4, 4, 1);
+        let admitted = slots.admit(from.ip()).unwrap();
+        let (_trigger, shutdown) = dbx_core::ShutdownTrigger::new();
+        let handler = Handler::new(server, shared, from, "tcp", shutdown);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let task = tokio::spawn(handler.run(deadline, admitted));
+        let mut hello = BytesMut::new();
+        dbx_proto::encode_hello(&mut hello, "dbx_test_key", None);
+        peer.write_all(&hello).await.unwrap();
+        let given_back = tokio::time::timeout(Duration::from_secs(5), async {
+            while slots.pending() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            given_back.is_ok(),
+            "the slot is held while the welcome waits"
+        );
+        assert!(
+            slots.admit(from.ip()).is_ok(),
+            "the address has its slot back"
+        );
+        // The welcome itself, once read.
+        let mut prefix = [0u8; PREFIX_LEN];
+        peer.read_exact(&mut prefix).await.unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        peer.read_exact(&mut body).await.unwrap();
+        let welcome = dbx_proto::decode_server(&body).unwrap();
+        assert!(
+            matches!(welcome, ServerMessage::Welcome { .. }),
+            "{welcome:?}"
+        );
+        task.abort();
     }
 
     #[tokio::test]

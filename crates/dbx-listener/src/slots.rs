@@ -2,11 +2,11 @@
 //! handshake, and how many of those may come from one source address.
 //!
 //! Every accepted socket takes a slot of `max_connections` for its lifetime and, until
-//! its `welcome` (or refusal) is written, a slot of `max_pending_handshakes` and one of
-//! the `max_pending_per_ip` slots of its address. A socket that finds any of them full
+//! its key is accepted (or its refusal is written), a slot of `max_pending_handshakes`
+//! and one of the `max_pending_per_ip` slots of its address. A socket that finds any of them full
 //! is refused at once by the accept loop: no task, no TLS handshake, no read (see
-//! [`crate::tcp`]). Pending slots are held for at most the handshake timeout, the
-//! welcome's write timeout and the one-second linger of a refusal, so an address that
+//! [`crate::tcp`]). Pending slots are held for at most the handshake timeout, then
+//! a refusal's write timeout and its one-second linger, so an address that
 //! opens sockets and says nothing can hold at most `max_pending_per_ip` of them, and
 //! everybody together at most `max_pending_handshakes`.
 //!

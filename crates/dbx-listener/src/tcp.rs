@@ -231,10 +231,6 @@ pub fn tls_acceptor(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::HandshakeLog;
-    use crate::auth::AuthCache;
-    use crate::budget::ByteBudget;
-    use crate::orgmetrics::OrgMetrics;
     use crate::ListenerConfig;
 
     /// A connection's task lives as long as the connection, so 10 000 gateways hold
@@ -243,20 +239,7 @@ mod tests {
     /// rare path awaited inline makes it grow without a sound; this bounds it.
     #[tokio::test]
     async fn a_connection_task_stays_small() {
-        // Never connected: the pool connects on first use.
-        let pg: tokio_postgres::Config = "host=127.0.0.1 user=dbx".parse().unwrap();
-        let manager = deadpool_postgres::Manager::new(pg, tokio_postgres::NoTls);
-        let pool = deadpool_postgres::Pool::builder(manager).build().unwrap();
-        let (batches, _rx) = tokio::sync::mpsc::channel(1);
-        let shared = Shared {
-            config: Arc::new(ListenerConfig::default()),
-            auth: AuthCache::new(pool, 16),
-            limiter: Arc::new(crate::ratelimit::RateLimiter::new()),
-            batches,
-            handshakes: HandshakeLog::disabled(),
-            org_metrics: OrgMetrics::new(16),
-            budget: ByteBudget::new(1 << 20),
-        };
+        let shared = Shared::for_test(ListenerConfig::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await

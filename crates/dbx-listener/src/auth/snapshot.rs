@@ -181,6 +181,14 @@ impl AuthCache {
         self.changes.send_modify(|g| *g += 1);
         Ok(snap)
     }
+
+    /// Makes `key` known with `grant`, without a database (unit tests of the listener).
+    #[cfg(test)]
+    pub(crate) fn insert_key_for_test(&self, key: &str, grant: KeyGrant) {
+        let mut snap = (*self.snapshot()).clone();
+        snap.insert_key(dbx_core::apikey::key_hash_hex(key), grant);
+        *write(&self.snapshot) = Arc::new(snap);
+    }
 }
 
 #[cfg(test)]
