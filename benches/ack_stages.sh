@@ -12,6 +12,8 @@
 #   [WARMUP=s] benches/ack_stages.sh run <loadgen flags>  # one run: loadgen's summary + stages
 #     (a fresh --seed each run: the same seed repeats the same sessions, which are
 #     completed by then, and their batches would be settled as duplicates)
+#   [ROWS=n] benches/ack_stages.sh history     # n points (20 M) over the 8 days before today;
+#     then KEEP_TABLES=1 benches/ack_stages.sh serve … runs on them instead of a fresh table
 #   benches/ack_stages.sh stop
 #
 # Needs target/release/dbx (cargo build --release -p dbx --bin dbx) and PostgreSQL's
@@ -67,8 +69,9 @@ url_of() { grep -o "postgresql://$1[^ ]*" "$DIR/credentials/credentials.txt" | h
 
 serve() {
   [ -f "$DIR/dbx.pid" ] && kill "$(cat "$DIR/dbx.pid")" 2>/dev/null && sleep 2 || true
-  # A fresh table each time (the issue's "fresh database"), which also keeps the disk small.
-  pg "$BIN/psql" -h 127.0.0.1 -p "$PGPORT" -U postgres -d dbx_aviation -qc \
+  # A fresh table each time (the issue's "fresh database"), which also keeps the disk small;
+  # KEEP_TABLES=1 keeps what is there (runs on a history written with `history`).
+  [ "${KEEP_TABLES:-0}" = 1 ] || pg "$BIN/psql" -h 127.0.0.1 -p "$PGPORT" -U postgres -d dbx_aviation -qc \
     "TRUNCATE dbx_aviation.flight_telemetry, dbx_aviation.flight_sessions CASCADE" 2>/dev/null
   {
     echo "[database]"; echo "url = \"$(url_of dbx_ingest_service)\""
@@ -105,10 +108,38 @@ run() {
   python3 "$ROOT/benches/ack_stages.py" "$DIR/before.prom" "$DIR/after.prom" "$DIR/loadgen.json"
 }
 
+# ROWS points (default 20 M) over the 8 days before today, in sessions of 500 points of
+# 2000 aircraft not in the fleet, then VACUUM (FREEZE, ANALYZE), as a history under the runs.
+history() {
+  local rows=${ROWS:-20000000}
+  pg "$BIN/psql" -h 127.0.0.1 -p "$PGPORT" -U postgres -d dbx_aviation -v ON_ERROR_STOP=1 -q <<SQL
+DO \$\$
+DECLARE p text;
+BEGIN
+  -- Written anew each time: the days' partitions are emptied first.
+  FOR p IN SELECT dbx_aviation.ensure_telemetry_partition(d, d + interval '1 day')
+             FROM generate_series(date_trunc('day', now()) - interval '8 days',
+                                  date_trunc('day', now()) - interval '1 day', interval '1 day') d
+  LOOP
+    EXECUTE 'TRUNCATE ' || p;
+  END LOOP;
+END \$\$;
+INSERT INTO dbx_aviation.flight_telemetry
+  (org_id, aircraft_id, session_id, ts, seq, altitude_m, ground_speed_mps, battery_remaining_pct)
+SELECT md5('org' || (g % 3))::uuid, md5('ac' || (g % 2000))::uuid,
+       md5('ac' || (g % 2000) || ':' || (g / 1000000))::uuid,
+       date_trunc('day', now()) - interval '8 days' + interval '8 days' * (g::float8 / $rows),
+       g, (g % 500)::real, (g % 37)::real, (100 - g % 100)::real
+  FROM generate_series(0::bigint, $rows - 1) g;
+VACUUM (FREEZE, ANALYZE) dbx_aviation.flight_telemetry;
+SQL
+  echo "history: $rows rows over 8 days"
+}
+
 stop() {
   [ -f "$DIR/dbx.pid" ] && kill "$(cat "$DIR/dbx.pid")" 2>/dev/null || true
   pg "$BIN/pg_ctl" -D "$DIR/pg" -m fast stop >/dev/null || true
 }
 
 cmd=${1:-}; shift || true
-case $cmd in start|serve|run|stop) $cmd "$@" ;; *) sed -n 2,14p "$0"; exit 2 ;; esac
+case $cmd in start|serve|run|history|stop) $cmd "$@" ;; *) sed -n 2,19p "$0"; exit 2 ;; esac

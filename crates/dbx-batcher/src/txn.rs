@@ -9,9 +9,10 @@
 //! `COMMIT`, and on a busy machine every wait is a chance to be descheduled: the stage
 //! histograms showed each of them in the ack tail (benches/RESULTS.md, "Where an ack's
 //! time goes"). [`FlushTx::begin_query`] sends `BEGIN`, the first query and the parse of
-//! the COPY statement together, and [`FlushTx::execute_and_commit`] sends the last
-//! statement with `COMMIT`. The server runs the same statements in the same order as
-//! before; only the client waits less.
+//! the COPY statement together, [`FlushTx::execute_and_commit`] sends the last
+//! statement with `COMMIT`, and [`FlushTx::copy_execute_commit`] sends both behind the
+//! COPY's data. The server runs the same statements in the same order as before; only
+//! the client waits less.
 //!
 //! Why the order holds: each request is queued on the connection when its future is
 //! first polled (tokio-postgres encodes and sends before its first await), and
@@ -29,10 +30,22 @@
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
+use bytes::Bytes;
 use deadpool_postgres::{ClientWrapper, Object};
+use futures::SinkExt;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Error, Row, Statement};
+
+/// When the statements of [`FlushTx::copy_execute_commit`] were answered.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Answered {
+    /// The COPY.
+    pub(crate) copy: Instant,
+    /// The statement after it.
+    pub(crate) execute: Instant,
+}
 
 /// A transaction on a pooled connection (see the module doc).
 pub(crate) struct FlushTx {
@@ -103,6 +116,42 @@ impl FlushTx {
         let affected = affected?;
         committed?;
         Ok(affected)
+    }
+
+    /// The COPY of `copy` with `data`, then `stmt` with `params`, then `COMMIT`. The
+    /// COPY's start is one round trip (tokio-postgres returns its sink only once the
+    /// server is in COPY mode); the data, `stmt` and `COMMIT` then leave together and
+    /// are answered in one more, instead of one for the data and one for the rest.
+    /// Returns when the COPY and `stmt` were answered. Errors are reported in the order
+    /// the statements ran; behind a failed COPY, `stmt` fails and `COMMIT` rolls back.
+    ///
+    /// Why the order holds beyond `join!`'s: while a COPY's data is being sent, the
+    /// connection task sends nothing else; requests queued meanwhile leave after the
+    /// COPY's end.
+    pub(crate) async fn copy_execute_commit(
+        &self,
+        copy: &Statement,
+        data: impl IntoIterator<Item = Bytes>,
+        stmt: &Statement,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Answered, Error> {
+        let c = self.client();
+        let sink = c.copy_in::<_, Bytes>(copy).await?;
+        futures::pin_mut!(sink);
+        for piece in data {
+            sink.feed(piece).await?;
+        }
+        let copied = async { (sink.finish().await, Instant::now()) };
+        let executed = async { (c.execute(stmt, params).await, Instant::now()) };
+        let ((copied, copy), (executed, execute), committed) =
+            futures::join!(copied, executed, c.batch_execute("COMMIT"));
+        if committed.is_ok() {
+            self.open.store(false, Ordering::Relaxed);
+        }
+        copied?;
+        executed?;
+        committed?;
+        Ok(Answered { copy, execute })
     }
 
     /// `COMMIT` alone.
@@ -223,13 +272,230 @@ mod tests {
         // outside a transaction (the same backend: it was not closed).
         let c = pool.get().await.unwrap();
         assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t").await, 0);
-        assert_eq!(one::<i32>(&c, "SELECT pg_backend_pid()").await, pid);
-        let xa: i64 = one(&c, "SELECT txid_current()").await;
-        let xb: i64 = one(&c, "SELECT txid_current()").await;
+        assert_same_backend_outside_a_transaction(&c, pid).await;
+    }
+
+    /// `c` is backend `pid` (it was not closed) and outside a transaction.
+    async fn assert_same_backend_outside_a_transaction(c: &ClientWrapper, pid: i32) {
+        assert_eq!(one::<i32>(c, "SELECT pg_backend_pid()").await, pid);
+        let xa: i64 = one(c, "SELECT txid_current()").await;
+        let xb: i64 = one(c, "SELECT txid_current()").await;
         assert_ne!(
             xa, xb,
             "the pooled connection is still inside a transaction"
         );
+    }
+
+    /// `COPY t (v)` of `values`, as text.
+    fn copy_rows(values: &[i32]) -> Vec<Bytes> {
+        let text: String = values.iter().map(|v| format!("{v}\n")).collect();
+        vec![Bytes::from(text)]
+    }
+
+    #[tokio::test]
+    async fn a_copy_sent_with_its_update_and_commit_is_committed_whole() {
+        let (_db, pool) = one_connection(
+            "CREATE TABLE t (v int); CREATE TABLE s (n int); INSERT INTO s VALUES (0)",
+        )
+        .await;
+        let tx = FlushTx::new(pool.get().await.unwrap());
+        let copy = tx.prepare("COPY t (v) FROM STDIN").await.unwrap();
+        let bump = tx.prepare("UPDATE s SET n = n + $1").await.unwrap();
+        tx.begin().await.unwrap();
+        let answered = tx
+            .copy_execute_commit(&copy, copy_rows(&[1, 2, 3]), &bump, &[&3i32])
+            .await
+            .unwrap();
+        assert!(answered.copy <= answered.execute, "answers come in order");
+        assert!(!tx.open.load(Ordering::Relaxed));
+        drop(tx);
+        let c = pool.get().await.unwrap();
+        assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t").await, 3);
+        assert_eq!(one::<i32>(&c, "SELECT n FROM s").await, 3);
+    }
+
+    #[tokio::test]
+    async fn a_failed_copy_rolls_back_the_update_and_commit_sent_behind_it() {
+        let (_db, pool) = one_connection(
+            "CREATE TABLE t (v int CHECK (v > 0)); CREATE TABLE s (n int); \
+             INSERT INTO s VALUES (0)",
+        )
+        .await;
+        let tx = FlushTx::new(pool.get().await.unwrap());
+        let pid: i32 = one(&tx, "SELECT pg_backend_pid()").await;
+        let copy = tx.prepare("COPY t (v) FROM STDIN").await.unwrap();
+        let bump = tx.prepare("UPDATE s SET n = n + $1").await.unwrap();
+        tx.begin().await.unwrap();
+        let err = tx
+            .copy_execute_commit(&copy, copy_rows(&[1, -1]), &bump, &[&1i32])
+            .await
+            .expect_err("the CHECK refuses -1");
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+            "the COPY's own error comes first: {err}"
+        );
+        tx.rollback().await;
+        let c = pool.get().await.unwrap();
+        assert_eq!(one::<i64>(&c, "SELECT count(*) FROM t").await, 0);
+        assert_eq!(
+            one::<i32>(&c, "SELECT n FROM s").await,
+            0,
+            "the UPDATE behind it stuck"
+        );
+        assert_same_backend_outside_a_transaction(&c, pid).await;
+    }
+
+    /// The round trip saved: the `UPDATE` and `COMMIT` leave before the COPY is
+    /// answered. A proxy in front of the server holds the server's answers from the
+    /// COPY's end (`CopyDone`) until the client sends a simple query (the `COMMIT`), or
+    /// for 5 s; a client that waited for the COPY's answer first would only send it
+    /// after those 5 s.
+    #[tokio::test]
+    async fn the_update_and_commit_leave_before_the_copy_is_answered() {
+        let db = TestDb::new().await;
+        let direct: tokio_postgres::Config = db.url().parse().unwrap();
+        let upstream = match (&direct.get_hosts()[0], direct.get_ports()) {
+            (tokio_postgres::config::Host::Tcp(h), ports) => format!("{h}:{}", ports[0]),
+            (other, _) => panic!("the test server is not on TCP: {other:?}"),
+        };
+        let (proxy, held) = answer_holding_proxy(upstream).await;
+        let mut via = tokio_postgres::Config::new();
+        via.host("127.0.0.1")
+            .port(proxy.port())
+            .user(direct.get_user().unwrap())
+            .password(direct.get_password().unwrap_or_default())
+            .dbname(direct.get_dbname().unwrap())
+            .ssl_mode(tokio_postgres::config::SslMode::Disable);
+        let manager = deadpool_postgres::Manager::new(via, tokio_postgres::NoTls);
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(1)
+            .build()
+            .unwrap();
+        let c = pool.get().await.unwrap();
+        c.batch_execute("CREATE TABLE t (v int); CREATE TABLE s (n int); INSERT INTO s VALUES (0)")
+            .await
+            .unwrap();
+        let tx = FlushTx::new(c);
+        let copy = tx.prepare("COPY t (v) FROM STDIN").await.unwrap();
+        let bump = tx.prepare("UPDATE s SET n = n + $1").await.unwrap();
+        tx.begin().await.unwrap();
+        tx.copy_execute_commit(&copy, copy_rows(&[1, 2]), &bump, &[&1i32])
+            .await
+            .unwrap();
+        assert!(
+            held.await.unwrap(),
+            "the client waited for the COPY's answer before sending COMMIT"
+        );
+    }
+
+    /// A proxy for one connection to `upstream` (see the test above): its address, and
+    /// whether a simple query followed the first `CopyDone` while the answers were held.
+    async fn answer_holding_proxy(
+        upstream: String,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<bool>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::sync::watch;
+        const PASS: u8 = 0;
+        const HOLD: u8 = 1;
+        const RELEASED: u8 = 2;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (verdict, held) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (client, _) = listener.accept().await.unwrap();
+            let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_server, mut to_server) = server.into_split();
+            let (state, mut seen) = watch::channel(PASS);
+            tokio::spawn(async move {
+                let mut messages = FrontendMessages::default();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = from_client.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    // Decided before the bytes go on, so the answer cannot come first.
+                    messages.feed(&buf[..n], |kind| {
+                        let now = *state.borrow();
+                        match (kind, now) {
+                            (b'c', PASS) => state.send_replace(HOLD),
+                            (b'Q', HOLD) => state.send_replace(RELEASED),
+                            _ => now,
+                        };
+                    });
+                    if to_server.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut verdict = Some(verdict);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = from_server.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                let now = *seen.borrow();
+                if now == HOLD {
+                    let released = tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        seen.wait_for(|s| *s == RELEASED),
+                    )
+                    .await
+                    .is_ok();
+                    if let Some(v) = verdict.take() {
+                        let _ = v.send(released);
+                    }
+                } else if now == RELEASED {
+                    if let Some(v) = verdict.take() {
+                        let _ = v.send(true);
+                    }
+                }
+                if to_client.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        (addr, held)
+    }
+
+    /// The kinds of the frontend messages in a byte stream: a startup message (length,
+    /// no kind), then kind byte and length each.
+    #[derive(Default)]
+    struct FrontendMessages {
+        started: bool,
+        header: Vec<u8>,
+        skip: usize,
+    }
+
+    impl FrontendMessages {
+        fn feed(&mut self, mut data: &[u8], mut kind: impl FnMut(u8)) {
+            while !data.is_empty() {
+                if self.skip > 0 {
+                    let n = self.skip.min(data.len());
+                    data = &data[n..];
+                    self.skip -= n;
+                    continue;
+                }
+                let need = if self.started { 5 } else { 4 };
+                let n = (need - self.header.len()).min(data.len());
+                self.header.extend_from_slice(&data[..n]);
+                data = &data[n..];
+                if self.header.len() < need {
+                    continue;
+                }
+                let len = &self.header[need - 4..];
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                if self.started {
+                    kind(self.header[0]);
+                }
+                self.started = true;
+                self.skip = len - 4;
+                self.header.clear();
+            }
+        }
     }
 
     #[tokio::test]

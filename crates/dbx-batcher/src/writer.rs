@@ -13,10 +13,11 @@
 //!            then the ends'
 //! ```
 //!
-//! `BEGIN` leaves with the upsert and the parse of the fast COPY, and `COMMIT` with the
-//! statistics `UPDATE` when no end rides ([`crate::txn`]): a flush on the fast path
-//! waits for PostgreSQL four times (that round trip, the COPY's start, its data, the
-//! last one).
+//! `BEGIN` leaves with the upsert and the parse of the fast COPY ([`crate::txn`]). A
+//! flush on the fast path alone (no staging rows, no end riding) then sends the COPY's
+//! data, the statistics `UPDATE` and `COMMIT` together: it waits for PostgreSQL three
+//! times (that round trip, the COPY's start, the rest). Any other flush goes step by
+//! step, with the `UPDATE` sent with `COMMIT` when no end rides.
 //!
 //! Failures: transient errors retry the same flush forever with capped, jittered
 //! exponential backoff (the batcher stops reading its channel meanwhile: that is the
@@ -331,10 +332,11 @@ struct Phases {
     /// `BEGIN` and the sessions' upsert answered (and the flush re-planned if the marks
     /// were stale).
     claimed: Instant,
-    /// Both COPY paths done.
+    /// Both COPY paths done (on the pipelined fast path: the COPY answered).
     copied: Instant,
-    /// Session statistics computed (and written, with the ends, when ends ride); the
-    /// round trip that remains is the statistics update with `COMMIT`.
+    /// Session statistics computed (and written, with the ends, when ends ride; on
+    /// the pipelined fast path: the statistics `UPDATE` answered); what remains is
+    /// `COMMIT`, with the statistics `UPDATE` when it was not sent yet.
     stats: Instant,
 }
 
@@ -782,48 +784,140 @@ async fn attempt(
             all_staging,
         );
         let claimed = Instant::now();
+        let mut inserted = rows_above_marks(prepared, &claims.refused, plan);
         let fast = (claims.copy.as_ref(), target.as_str());
-        let mut inserted = copy_fast_path(&tx, fast, prepared, &claims.refused, plan).await?;
-        let total = plan.fast_rows
-            + copy_staging_path(shared, &tx, &target, prepared, plan, &mut inserted).await?;
-        let copied = Instant::now();
-        let updates = compute_statistics(&tx, prepared, &claims.states, &mut inserted).await?;
-        // The statistics UPDATE travels with COMMIT, unless ends ride: they complete
-        // their sessions after it, then COMMIT goes alone.
-        let ended = if ends.is_empty() {
-            None
-        } else {
-            write_updates(&tx, &updates, Commit::Later).await?;
-            Some(crate::ends::complete(shared, &tx, ends).await?)
+        let written = match pipelined_updates(plan, ends, prepared, &claims.states, &mut inserted) {
+            Some(updates) => copy_update_commit(&tx, fast, plan, updates).await?,
+            None => {
+                let copy = (fast, prepared, plan);
+                write_step_by_step(shared, &tx, copy, &claims.states, inserted, ends).await?
+            }
         };
-        let stats = Instant::now();
-        if ended.is_none() {
-            write_updates(&tx, &updates, Commit::Now).await?;
-        } else {
-            tx.commit().await?;
-        }
         let mut done = committed(
             prepared,
             plan,
             claims.refused,
             claims.foreign,
-            &updates,
-            total,
+            &written.updates,
+            written.total,
             via_parent,
         );
-        done.ended = ended;
+        done.ended = written.ended;
         done.phases = Some(Phases {
             // Set to the first attempt's start by the caller.
             started: begun,
             begun,
             claimed,
-            copied,
-            stats,
+            copied: written.copied,
+            stats: written.stats,
         });
         Ok(done)
     }
     .await;
     tx.finish(written).await
+}
+
+/// What an attempt wrote after the session upsert, and when its phases ended.
+struct Written {
+    /// The sessions' statistics updates.
+    updates: Vec<SessionUpdate>,
+    /// Rows inserted, both paths.
+    total: u64,
+    /// The ends that rode with the flush, completed.
+    ended: Option<crate::ends::Ended>,
+    /// Both COPY paths answered.
+    copied: Instant,
+    /// The statistics written (with the ends when they ride), or sent with `COMMIT`.
+    stats: Instant,
+}
+
+/// The statistics of a flush that can go in two round trips after the upsert, the
+/// COPY's start and then its data with the statistics `UPDATE` and `COMMIT`: rows on
+/// the fast path only (nothing to read back from a staging insert or to recompute
+/// from stored rows), no end riding (ends complete their sessions after the
+/// `UPDATE`). `None` for any other flush, which goes step by step.
+fn pipelined_updates(
+    plan: &Plan,
+    ends: &[Part],
+    prepared: &Prepared<'_>,
+    states: &HashMap<Uuid, SessionState>,
+    inserted: &mut HashMap<Uuid, Vec<InsertedRow>>,
+) -> Option<Vec<SessionUpdate>> {
+    if plan.fast.is_none() || plan.staging.is_some() || !ends.is_empty() {
+        return None;
+    }
+    let updates = statistics_of(prepared, states, inserted);
+    // Rows above the marks never make a late point; checked all the same, as a
+    // recompute must read the rows this COPY writes.
+    (!updates.is_empty() && !updates.iter().any(|u| u.recompute)).then_some(updates)
+}
+
+/// The common flush after the upsert: the fast path's COPY, then its data with the
+/// statistics `UPDATE` and `COMMIT` in one round trip ([`FlushTx::copy_execute_commit`]).
+async fn copy_update_commit(
+    tx: &FlushTx,
+    fast: (Option<&Statement>, &str),
+    plan: &Plan,
+    updates: Vec<SessionUpdate>,
+) -> Result<Written, AttemptError> {
+    let bytes = plan.fast.clone().expect("pipelined flushes have fast rows");
+    let copy = match fast {
+        (Some(stmt), _) => stmt.clone(),
+        // The plan was rebuilt with the stored marks and has fast rows the first had not.
+        (None, target) => tx.prepare(&fast_copy_sql(target)).await?,
+    };
+    let columns = StatisticsColumns::of(&updates);
+    let update = tx.prepare_cached(UPDATE_SQL).await?;
+    let answered = tx
+        .copy_execute_commit(&copy, send_chunks(&bytes), &update, &columns.params())
+        .await?;
+    Ok(Written {
+        updates,
+        total: plan.fast_rows,
+        ended: None,
+        copied: answered.copy,
+        stats: answered.execute,
+    })
+}
+
+/// Any other flush after the upsert: each COPY path, the statistics (recomputed from
+/// stored rows where a late point landed), the ends that ride, then `COMMIT` with the
+/// statistics `UPDATE` (or alone after the ends).
+async fn write_step_by_step(
+    shared: &Shared,
+    tx: &FlushTx,
+    (fast, prepared, plan): ((Option<&Statement>, &str), &Prepared<'_>, &Plan),
+    states: &HashMap<Uuid, SessionState>,
+    mut inserted: HashMap<Uuid, Vec<InsertedRow>>,
+    ends: &[Part],
+) -> Result<Written, AttemptError> {
+    copy_fast_path(tx, fast, plan).await?;
+    let total = plan.fast_rows
+        + copy_staging_path(shared, tx, fast.1, prepared, plan, &mut inserted).await?;
+    let copied = Instant::now();
+    let mut updates = statistics_of(prepared, states, &mut inserted);
+    recompute_late(tx, &mut updates).await?;
+    // The statistics UPDATE travels with COMMIT, unless ends ride: they complete
+    // their sessions after it, then COMMIT goes alone.
+    let ended = if ends.is_empty() {
+        None
+    } else {
+        write_updates(tx, &updates, Commit::Later).await?;
+        Some(crate::ends::complete(shared, tx, ends).await?)
+    };
+    let stats = Instant::now();
+    if ended.is_none() {
+        write_updates(tx, &updates, Commit::Now).await?;
+    } else {
+        tx.commit().await?;
+    }
+    Ok(Written {
+        updates,
+        total,
+        ended,
+        copied,
+        stats,
+    })
 }
 
 /// What the session upsert (phase 1) decided about the flush's sessions.
@@ -938,23 +1032,34 @@ fn fast_copy_sql(target: &str) -> String {
 
 /// Phase 3. Fast path: rows above the mark, straight into the partition: `fast` is the
 /// COPY statement prepared with `BEGIN` (none when the first plan had no fast rows) and
-/// the target. Returns the rows written, by session, for the statistics.
+/// the target.
 async fn copy_fast_path(
     tx: &FlushTx,
     fast: (Option<&Statement>, &str),
-    prepared: &Prepared<'_>,
-    refused: &HashSet<Uuid>,
     plan: &Plan,
-) -> Result<HashMap<Uuid, Vec<InsertedRow>>, AttemptError> {
-    let mut inserted: HashMap<Uuid, Vec<InsertedRow>> = HashMap::new();
+) -> Result<(), AttemptError> {
     let Some(bytes) = plan.fast.clone() else {
-        return Ok(inserted);
+        return Ok(());
     };
     match fast {
         (Some(stmt), _) => copy_in(tx, stmt, bytes).await?,
         // The plan was rebuilt with the stored marks and has fast rows the first had not.
         (None, target) => copy_in(tx, fast_copy_sql(target).as_str(), bytes).await?,
     };
+    Ok(())
+}
+
+/// The rows the fast path writes (those above their session's mark), by session, for
+/// the statistics.
+fn rows_above_marks(
+    prepared: &Prepared<'_>,
+    refused: &HashSet<Uuid>,
+    plan: &Plan,
+) -> HashMap<Uuid, Vec<InsertedRow>> {
+    let mut inserted: HashMap<Uuid, Vec<InsertedRow>> = HashMap::new();
+    if plan.fast.is_none() {
+        return inserted;
+    }
     for s in prepared
         .sessions
         .iter()
@@ -971,7 +1076,7 @@ async fn copy_fast_path(
             });
         }
     }
-    Ok(inserted)
+    inserted
 }
 
 /// Phase 4. Staging path: rows that may already be stored, inserted where they are
@@ -1009,14 +1114,13 @@ async fn copy_staging_path(
     Ok(rows.len() as u64)
 }
 
-/// Phase 5. Statistics: each session's update from the rows written, distances
-/// recomputed where a late point landed. Returns the updates to write.
-async fn compute_statistics(
-    tx: &FlushTx,
+/// Phase 5. Statistics: each session's update from the rows written (distances of
+/// sessions where a late point landed are left to [`recompute_late`]).
+fn statistics_of(
     prepared: &Prepared<'_>,
     states: &HashMap<Uuid, SessionState>,
     inserted: &mut HashMap<Uuid, Vec<InsertedRow>>,
-) -> Result<Vec<SessionUpdate>, AttemptError> {
+) -> Vec<SessionUpdate> {
     let mut updates: Vec<SessionUpdate> = Vec::with_capacity(inserted.len());
     for s in &prepared.sessions {
         let (Some(st), Some(rows)) = (states.get(&s.session), inserted.get_mut(&s.session)) else {
@@ -1026,8 +1130,7 @@ async fn compute_statistics(
             updates.push(u);
         }
     }
-    recompute_late(tx, &mut updates).await?;
-    Ok(updates)
+    updates
 }
 
 /// The distance and last position of the sessions where a point landed before the
@@ -1197,6 +1300,63 @@ enum Commit {
     Later,
 }
 
+/// The statistics `UPDATE`'s parameters: one array per column, a row per session.
+struct StatisticsColumns {
+    ids: Vec<Uuid>,
+    dep_ts: Vec<Option<DateTime<Utc>>>,
+    dep_lat: Vec<Option<f64>>,
+    dep_lon: Vec<Option<f64>>,
+    arr_ts: Vec<Option<DateTime<Utc>>>,
+    arr_lat: Vec<Option<f64>>,
+    arr_lon: Vec<Option<f64>>,
+    dur: Vec<i32>,
+    cnt: Vec<i64>,
+    last_seq: Vec<i64>,
+    last_lat: Vec<Option<f64>>,
+    last_lon: Vec<Option<f64>>,
+    dist: Vec<f64>,
+}
+
+impl StatisticsColumns {
+    fn of(updates: &[SessionUpdate]) -> Self {
+        let ts = |t: i64| DateTime::<Utc>::from_timestamp_micros(t);
+        StatisticsColumns {
+            ids: updates.iter().map(|u| u.session_id).collect(),
+            dep_ts: updates.iter().map(|u| ts(u.departure.0)).collect(),
+            dep_lat: updates.iter().map(|u| u.departure.1).collect(),
+            dep_lon: updates.iter().map(|u| u.departure.2).collect(),
+            arr_ts: updates.iter().map(|u| ts(u.arrival.0)).collect(),
+            arr_lat: updates.iter().map(|u| u.arrival.1).collect(),
+            arr_lon: updates.iter().map(|u| u.arrival.2).collect(),
+            dur: updates.iter().map(|u| u.duration_s).collect(),
+            cnt: updates.iter().map(|u| u.point_count).collect(),
+            last_seq: updates.iter().map(|u| u.last_seq).collect(),
+            last_lat: updates.iter().map(|u| u.last_pos.map(|p| p.0)).collect(),
+            last_lon: updates.iter().map(|u| u.last_pos.map(|p| p.1)).collect(),
+            dist: updates.iter().map(|u| u.distance_km).collect(),
+        }
+    }
+
+    /// In `UPDATE_SQL`'s parameter order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 13] {
+        [
+            &self.ids,
+            &self.dep_ts,
+            &self.dep_lat,
+            &self.dep_lon,
+            &self.arr_ts,
+            &self.arr_lat,
+            &self.arr_lon,
+            &self.dur,
+            &self.cnt,
+            &self.last_seq,
+            &self.last_lat,
+            &self.last_lon,
+            &self.dist,
+        ]
+    }
+}
+
 /// Writes the statistics of `updates` (phase 5), and commits when asked.
 async fn write_updates(
     tx: &FlushTx,
@@ -1209,24 +1369,8 @@ async fn write_updates(
         }
         return Ok(());
     }
-    let ts = |t: i64| DateTime::<Utc>::from_timestamp_micros(t);
-    let ids: Vec<Uuid> = updates.iter().map(|u| u.session_id).collect();
-    let dep_ts: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| ts(u.departure.0)).collect();
-    let dep_lat: Vec<Option<f64>> = updates.iter().map(|u| u.departure.1).collect();
-    let dep_lon: Vec<Option<f64>> = updates.iter().map(|u| u.departure.2).collect();
-    let arr_ts: Vec<Option<DateTime<Utc>>> = updates.iter().map(|u| ts(u.arrival.0)).collect();
-    let arr_lat: Vec<Option<f64>> = updates.iter().map(|u| u.arrival.1).collect();
-    let arr_lon: Vec<Option<f64>> = updates.iter().map(|u| u.arrival.2).collect();
-    let dur: Vec<i32> = updates.iter().map(|u| u.duration_s).collect();
-    let cnt: Vec<i64> = updates.iter().map(|u| u.point_count).collect();
-    let last_seq: Vec<i64> = updates.iter().map(|u| u.last_seq).collect();
-    let last_lat: Vec<Option<f64>> = updates.iter().map(|u| u.last_pos.map(|p| p.0)).collect();
-    let last_lon: Vec<Option<f64>> = updates.iter().map(|u| u.last_pos.map(|p| p.1)).collect();
-    let dist: Vec<f64> = updates.iter().map(|u| u.distance_km).collect();
-    let params: [&(dyn ToSql + Sync); 13] = [
-        &ids, &dep_ts, &dep_lat, &dep_lon, &arr_ts, &arr_lat, &arr_lon, &dur, &cnt, &last_seq,
-        &last_lat, &last_lon, &dist,
-    ];
+    let columns = StatisticsColumns::of(updates);
+    let params = columns.params();
     let stmt = tx.prepare_cached(UPDATE_SQL).await?;
     match commit {
         Commit::Now => tx.execute_and_commit(&stmt, &params).await?,
