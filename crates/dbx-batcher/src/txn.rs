@@ -418,12 +418,15 @@ mod tests {
                     }
                     // Decided before the bytes go on, so the answer cannot come first.
                     messages.feed(&buf[..n], |kind| {
-                        let now = *state.borrow();
-                        match (kind, now) {
-                            (b'c', PASS) => state.send_replace(HOLD),
-                            (b'Q', HOLD) => state.send_replace(RELEASED),
-                            _ => now,
-                        };
+                        state.send_if_modified(|s| {
+                            let next = match (kind, *s) {
+                                (b'c', PASS) => HOLD,
+                                (b'Q', HOLD) => RELEASED,
+                                _ => return false,
+                            };
+                            *s = next;
+                            true
+                        });
                     });
                     if to_server.write_all(&buf[..n]).await.is_err() {
                         return;
@@ -437,21 +440,17 @@ mod tests {
                 if n == 0 {
                     return;
                 }
-                let now = *seen.borrow();
-                if now == HOLD {
+                // The first answer after the COPY's end waits for COMMIT (at once when
+                // it already came).
+                let copy_ended = *seen.borrow() != PASS;
+                if let Some(v) = verdict.take_if(|_| copy_ended) {
                     let released = tokio::time::timeout(
                         std::time::Duration::from_secs(5),
                         seen.wait_for(|s| *s == RELEASED),
                     )
                     .await
                     .is_ok();
-                    if let Some(v) = verdict.take() {
-                        let _ = v.send(released);
-                    }
-                } else if now == RELEASED {
-                    if let Some(v) = verdict.take() {
-                        let _ = v.send(true);
-                    }
+                    let _ = v.send(released);
                 }
                 if to_client.write_all(&buf[..n]).await.is_err() {
                     return;

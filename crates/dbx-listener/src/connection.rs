@@ -1292,8 +1292,8 @@ mod tests {
             }
             prev_end = Some(f.body.as_ptr().wrapping_add(f.body.len()));
         }
-        // 20 000 bytes: one 512-byte read, then reads of up to LOOKAHEAD + a frame;
-        // the rest of each moves at most twice.
+        // 20 000 bytes in reads of up to LOOKAHEAD + a frame; the rest of each moves at
+        // most twice.
         assert!(
             moved <= 2 * (2 + wire.len() / LOOKAHEAD),
             "{moved} of {frames} frames found the buffer moved"
